@@ -9,6 +9,7 @@
 
 pub mod error;
 pub mod format;
+pub mod read;
 pub mod types;
 pub mod write;
 

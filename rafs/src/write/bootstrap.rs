@@ -139,7 +139,7 @@ struct Placed {
     off: u64,
     xattrs: Vec<u8>,
     layout: u16,
-    /// First data block (relative), for directories and symlinks.
+    /// First data block relative to `meta_addr`, for directories and symlinks.
     blk: u64,
     data_size: u64,
     ino: u32,
@@ -369,11 +369,15 @@ pub fn write_bootstrap(
                     .filter(|(_, c)| tree.node(*c).is_dir())
                     .count();
                 write_data(&mut img, meta_addr, p, &data);
-                (p.data_size, p.blk as u32, 2 + subdirs as u32)
+                (
+                    p.data_size,
+                    (meta_addr / b + p.blk) as u32,
+                    2 + subdirs as u32,
+                )
             }
             NodeKind::Symlink(target) => {
                 write_data(&mut img, meta_addr, p, target);
-                (p.data_size, p.blk as u32, 1)
+                (p.data_size, (meta_addr / b + p.blk) as u32, 1)
             }
             NodeKind::Regular(f) => {
                 let mut at_idx = (at + 64 + p.xattrs.len() as u64).next_multiple_of(8);
