@@ -269,10 +269,20 @@ pub fn read_inline_bootstrap(blob: &(impl ReadAt + ?Sized)) -> Result<Vec<u8>> {
         if name == TOC_NAME_BOOTSTRAP {
             let data = read_vec(blob, off, size, "inline bootstrap")?;
             if data.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-                return zstd::stream::decode_all(&data[..]).map_err(|e| Error::Decompress {
+                use std::io::Read;
+                let fail = |reason: String| Error::Decompress {
                     what: "inline bootstrap".into(),
-                    reason: e.to_string(),
-                });
+                    reason,
+                };
+                let dec = zstd::stream::Decoder::new(&data[..]).map_err(|e| fail(e.to_string()))?;
+                let mut out = Vec::new();
+                dec.take(MAX_METADATA_SIZE + 1)
+                    .read_to_end(&mut out)
+                    .map_err(|e| fail(e.to_string()))?;
+                if out.len() as u64 > MAX_METADATA_SIZE {
+                    return Err(fail("larger than 2 GiB".into()));
+                }
+                return Ok(out);
             }
             return Ok(data);
         }

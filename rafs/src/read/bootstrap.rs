@@ -692,4 +692,50 @@ impl Bootstrap {
             _ => Ok(None),
         }
     }
+
+    /// Visits every entry below the root in pre-order (a directory before its children,
+    /// children in name order), calling `f(path, entry, inode)`; `path` is absolute. `.`
+    /// and `..` are skipped. A directory reached twice (a loop or a directory hard link in
+    /// a corrupt image) is an error, so the walk always ends.
+    pub fn walk(&self, mut f: impl FnMut(&[u8], &DirEntry, &Inode) -> Result<()>) -> Result<()> {
+        let root = self.root()?;
+        let mut seen_dirs = std::collections::HashSet::new();
+        seen_dirs.insert(root.nid);
+        let mut stack: Vec<(Vec<u8>, Inode)> = vec![(Vec::new(), root)];
+        while let Some((path, dir)) = stack.pop() {
+            let mut subdirs = Vec::new();
+            for e in self.read_dir(&dir)? {
+                if e.name == b"." || e.name == b".." {
+                    continue;
+                }
+                let inode = self.inode(e.nid)?;
+                let mut child = path.clone();
+                child.push(b'/');
+                child.extend_from_slice(&e.name);
+                f(&child, &e, &inode)?;
+                if inode.is_dir() {
+                    if !seen_dirs.insert(inode.nid) {
+                        return Err(inode_err(
+                            inode.nid,
+                            "directory reached twice (loop in the tree)",
+                        ));
+                    }
+                    subdirs.push((child, inode));
+                }
+            }
+            stack.extend(subdirs.into_iter().rev());
+        }
+        Ok(())
+    }
+
+    /// Maps every nid reachable from the root to its first path (root = `/`).
+    pub fn paths(&self) -> Result<std::collections::HashMap<u64, Vec<u8>>> {
+        let mut out = std::collections::HashMap::new();
+        out.insert(self.sb.root_nid, b"/".to_vec());
+        self.walk(|path, e, _| {
+            out.entry(e.nid).or_insert_with(|| path.to_vec());
+            Ok(())
+        })?;
+        Ok(out)
+    }
 }
