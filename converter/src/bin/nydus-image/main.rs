@@ -1,0 +1,110 @@
+//! `nydus-image`: build RAFS v6 (nydus) filesystem images.
+//!
+//! Each subcommand lives in its own module with a clap `Args` struct and a `run`
+//! function; the work is done by the `converter` library.
+
+#![forbid(unsafe_code)]
+
+mod create;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Build RAFS v6 filesystem images (nydus accelerated container images) from
+/// directories and OCI layer tars.
+#[derive(Debug, Parser)]
+#[command(name = "nydus-image", version, propagate_version = true)]
+struct Cli {
+    /// How much to log on stderr.
+    #[arg(
+        short = 'l',
+        long,
+        global = true,
+        value_enum,
+        default_value_t = LogLevel::Info
+    )]
+    log_level: LogLevel,
+
+    /// Write the log to this file instead of stderr.
+    #[arg(short = 'L', long, global = true, value_name = "FILE")]
+    log_file: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build one RAFS layer (data blob + bootstrap) from a directory or a tar file.
+    #[command(after_help = create::EXAMPLES)]
+    Create(create::CreateArgs),
+}
+
+/// Log verbosity.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogLevel {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+impl From<LogLevel> for tracing::Level {
+    fn from(l: LogLevel) -> Self {
+        match l {
+            LogLevel::Trace => tracing::Level::TRACE,
+            LogLevel::Debug => tracing::Level::DEBUG,
+            LogLevel::Info => tracing::Level::INFO,
+            LogLevel::Warn => tracing::Level::WARN,
+            LogLevel::Error => tracing::Level::ERROR,
+        }
+    }
+}
+
+fn init_logging(level: LogLevel, file: Option<&PathBuf>) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let builder = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::from(level))
+        .with_target(false);
+    match file {
+        Some(path) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("Opening log file {}", path.display()))?;
+            builder
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(f))
+                .init();
+        }
+        None => {
+            use std::io::IsTerminal as _;
+            builder
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr)
+                .init()
+        }
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    init_logging(cli.log_level, cli.log_file.as_ref())?;
+    match cli.command {
+        Command::Create(args) => create::run(args),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! Turning directories and OCI layer tars into RAFS v6 images: one data blob plus the
+//! bootstrap (metadata) that describes it.
+//!
+//! * [`source`]: reading a directory ([`source::dir`]) or a layer tar ([`source::tar`])
+//!   into a [`rafs::write::Tree`], streaming file contents into the blob writer.
+//! * [`whiteout`]: what happens to overlay whiteout markers in a single-layer build.
+//! * [`prefetch`]: prefetch patterns (absolute paths) and how they resolve to nodes.
+//! * [`mod@create`]: `nydus-image create`, orchestrating the above and writing the outputs.
+//!
+//! The `nydus-image` binary only parses flags and calls [`create::create`].
+
+#![forbid(unsafe_code)]
+
+pub mod create;
+pub mod error;
+pub mod prefetch;
+pub mod source;
+pub mod whiteout;
+
+pub use create::{create, BlobOutput, CreateOptions, CreateOutput, SourceType};
+pub use error::{Error, Result};
+pub use whiteout::WhiteoutSpec;

@@ -1,0 +1,11 @@
+//! Integration tests of the converter: library builds read back with `rafs::read`, and the
+//! `nydus-image` binary end to end.
+
+mod bad_input;
+mod cli;
+mod common;
+mod determinism;
+mod dir_source;
+mod erofs;
+mod tar_source;
+mod whiteouts;
