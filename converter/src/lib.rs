@@ -11,12 +11,17 @@
 
 #![forbid(unsafe_code)]
 
+pub mod blobs;
+pub mod check;
 pub mod create;
 pub mod error;
+pub mod inspect;
 pub mod prefetch;
 pub mod source;
+pub mod unpack;
 pub mod whiteout;
 
+pub use blobs::BlobLocator;
 pub use create::{create, BlobOutput, CreateOptions, CreateOutput, SourceType};
 pub use error::{Error, Result};
 pub use whiteout::WhiteoutSpec;

@@ -416,6 +416,7 @@ pub fn expand_blob<W: Write + Seek>(
     out: &mut W,
 ) -> Result<()> {
     let info = &bs.blobs()[blob_index as usize];
+    let mut end = 0u64;
     for (chunk, known) in blob_chunks(bs, blob_index, blob)? {
         if !known {
             continue;
@@ -425,8 +426,18 @@ pub fn expand_blob<W: Write + Seek>(
             .map_err(|e| Error::io("Seeking output", e))?;
         out.write_all(&data)
             .map_err(|e| Error::io("Writing expanded blob", e))?;
+        end = end.max(chunk.uncompressed_offset + data.len() as u64);
     }
-    out.seek(SeekFrom::Start(info.uncompressed_size))
+    // Zero-fill up to the full uncompressed size so the result is a whole block device.
+    out.seek(SeekFrom::Start(end))
         .map_err(|e| Error::io("Seeking output", e))?;
+    let mut left = info.uncompressed_size.saturating_sub(end);
+    let zeros = vec![0u8; left.min(1 << 20) as usize];
+    while left > 0 {
+        let n = left.min(zeros.len() as u64) as usize;
+        out.write_all(&zeros[..n])
+            .map_err(|e| Error::io("Writing expanded blob", e))?;
+        left -= n as u64;
+    }
     Ok(())
 }

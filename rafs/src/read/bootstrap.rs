@@ -9,12 +9,15 @@ use crate::types::{BlobInfo, ChunkInfo};
 use std::path::Path;
 use std::sync::OnceLock;
 
+/// `(blob_index, ci_index, chunk table record)`, sorted: the lookup index of the chunk table.
+type ChunkKey = (u32, u32, u32);
+
 /// An opened, validated bootstrap.
 pub struct Bootstrap {
     data: Data,
     sb: SuperInfo,
     blobs: Vec<BlobInfo>,
-    chunk_index: OnceLock<Result<Vec<(u32, u32, u32)>, String>>,
+    chunk_index: OnceLock<Result<Vec<ChunkKey>, String>>,
 }
 
 /// A decoded inode.

@@ -94,7 +94,7 @@ pub fn read_vec(r: &(impl ReadAt + ?Sized), offset: u64, len: u64, what: &str) -
     let size = r
         .size()
         .map_err(|e| Error::io(format!("Reading {what}"), e))?;
-    let end = offset.checked_add(len).unwrap_or(u64::MAX);
+    let end = offset.saturating_add(len);
     if end > size {
         return Err(Error::Truncated {
             what: what.to_string(),

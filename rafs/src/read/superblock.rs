@@ -61,7 +61,7 @@ fn check(cond: bool, field: &str, reason: impl FnOnce() -> String) -> Result<()>
 
 pub(crate) fn read_struct<T: FromBytes>(data: &[u8], off: u64, what: &str) -> Result<T> {
     let size = core::mem::size_of::<T>() as u64;
-    let end = off.checked_add(size).unwrap_or(u64::MAX);
+    let end = off.saturating_add(size);
     data.get(off as usize..end.min(usize::MAX as u64) as usize)
         .and_then(|b| T::read_from_bytes(b).ok())
         .ok_or_else(|| Error::Truncated {

@@ -464,6 +464,12 @@ pub fn write_bootstrap(
             )));
         }
         let blocks = blob.uncompressed_size / b;
+        if blocks == 0 || blob.chunk_count == 0 {
+            return Err(Error::Tree(format!(
+                "blob {} has no chunks; leave it out of the blob table",
+                blob.id
+            )));
+        }
         let mapped = pos.next_multiple_of(BLOCK_SEG_ALIGNMENT) / b;
         pos = (mapped + blocks) * b;
         sum_blocks += blocks;

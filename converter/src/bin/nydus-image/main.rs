@@ -5,7 +5,11 @@
 
 #![forbid(unsafe_code)]
 
+mod check;
 mod create;
+mod image_args;
+mod inspect;
+mod unpack;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -39,6 +43,12 @@ enum Command {
     /// Build one RAFS layer (data blob + bootstrap) from a directory or a tar file.
     #[command(after_help = create::EXAMPLES)]
     Create(create::CreateArgs),
+    /// Validate a bootstrap; with -D/--blob also read and verify every chunk of its blobs.
+    Check(check::CheckArgs),
+    /// Answer one question about a bootstrap (stats, blobs, prefetch, stat PATH, ls DIR).
+    Inspect(inspect::InspectArgs),
+    /// Write the filesystem of a bootstrap and its blobs out as a tar archive.
+    Unpack(unpack::UnpackArgs),
 }
 
 /// Log verbosity.
@@ -95,6 +105,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     init_logging(cli.log_level, cli.log_file.as_ref())?;
     match cli.command {
         Command::Create(args) => create::run(args),
+        Command::Check(args) => check::run(args),
+        Command::Inspect(args) => inspect::run(args),
+        Command::Unpack(args) => unpack::run(args),
     }
 }
 

@@ -1,0 +1,318 @@
+//! Builder throughput benchmark (`cargo bench -p converter --bench create`).
+//!
+//! Builds a deterministic ~1 GiB mixed tree (many small files, a few large ones; half of
+//! each file compressible) once into `$RAFS_BENCH_DIR` (default `/var/tmp/rafs-bench`),
+//! then prints, in the same run:
+//! * the limit: a minimal loop that only reads, blake3-digests and zstd-3-compresses the
+//!   same bytes in 1 MiB chunks, on one thread and spread over all cores;
+//! * `nydus-image create` (this project): MiB/s of source, ratio to the limit, peak RSS,
+//!   and whether two runs gave identical output;
+//! * upstream `nydus-image create` 2.2 when installed (`$NYDUS_UPSTREAM_BIN`).
+//!
+//! Environment: `RAFS_BENCH_GIB` (tree size, default 1), `RAFS_BENCH_RUNS` (default 3,
+//! median reported).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Fills `buf` with data that zstd compresses to roughly half.
+fn fill(rng: &mut Rng, buf: &mut [u8]) {
+    for (i, block) in buf.chunks_mut(4096).enumerate() {
+        if i % 2 == 0 {
+            let v = rng.next();
+            for (j, b) in block.iter_mut().enumerate() {
+                *b = ((v >> (j % 8 * 8)) as u8).wrapping_add((j / 64) as u8);
+            }
+        } else {
+            for chunk in block.chunks_mut(8) {
+                let v = rng.next().to_le_bytes();
+                chunk.copy_from_slice(&v[..chunk.len()]);
+            }
+        }
+    }
+}
+
+fn make_tree(root: &Path, gib: u64) -> u64 {
+    let stamp = root.join(".complete");
+    if stamp.exists() {
+        return std::fs::read_to_string(&stamp)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+    }
+    let _ = std::fs::remove_dir_all(root);
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let total_target = gib << 30;
+    let small_budget = total_target * 35 / 100;
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 8 << 20];
+    let mut i = 0u64;
+    while total < small_budget {
+        let dir = root.join(format!("small/d{:03}", i / 500));
+        std::fs::create_dir_all(&dir).unwrap();
+        let size = (rng.next() % (64 << 10)) as usize + 1;
+        fill(&mut rng, &mut buf[..size]);
+        std::fs::write(dir.join(format!("f{i:06}")), &buf[..size]).unwrap();
+        total += size as u64;
+        i += 1;
+    }
+    let large = root.join("large");
+    std::fs::create_dir_all(&large).unwrap();
+    let mut j = 0;
+    while total < total_target {
+        let size = ((total_target - total).min(160 << 20)) as usize;
+        let mut f = std::fs::File::create(large.join(format!("blob{j}"))).unwrap();
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(buf.len());
+            fill(&mut rng, &mut buf[..n]);
+            std::io::Write::write_all(&mut f, &buf[..n]).unwrap();
+            left -= n;
+        }
+        total += size as u64;
+        j += 1;
+    }
+    std::fs::write(&stamp, total.to_string()).unwrap();
+    total
+}
+
+fn list_files(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        entries.sort();
+        for p in entries {
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.file_name().unwrap() != ".complete" {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Reads, digests and compresses every file on `threads` threads; returns seconds.
+fn limit_loop(files: &[PathBuf], threads: usize) -> f64 {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                let mut z = zstd::bulk::Compressor::new(3).unwrap();
+                let mut buf = vec![0u8; 1 << 20];
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(p) = files.get(i) else { break };
+                    let mut f = std::fs::File::open(p).unwrap();
+                    loop {
+                        let mut n = 0;
+                        while n < buf.len() {
+                            let r = f.read(&mut buf[n..]).unwrap();
+                            if r == 0 {
+                                break;
+                            }
+                            n += r;
+                        }
+                        if n == 0 {
+                            break;
+                        }
+                        std::hint::black_box(blake3::hash(&buf[..n]));
+                        std::hint::black_box(z.compress(&buf[..n]).unwrap());
+                        if n < buf.len() {
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    start.elapsed().as_secs_f64()
+}
+
+struct Run {
+    secs: f64,
+    max_rss_kib: i64,
+}
+
+/// Runs a command, returning wall time and the child's peak RSS.
+// The child is reaped by `wait4`, which also reports its resource usage.
+#[allow(clippy::zombie_processes)]
+fn run(cmd: &mut Command) -> Run {
+    let start = Instant::now();
+    let child = cmd.spawn().expect("spawn builder");
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    let mut usage: libc::rusage = rusage_zeroed();
+    #[allow(unsafe_code)]
+    // SAFETY:
+    // - `pid` is our own child, not yet waited for (we never call `child.wait`);
+    // - `status` and `usage` are valid, writable locals of the right types.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(r, pid, "wait4 failed");
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "builder failed: {cmd:?}"
+    );
+    Run {
+        secs,
+        max_rss_kib: usage.ru_maxrss,
+    }
+}
+
+fn rusage_zeroed() -> libc::rusage {
+    #[allow(unsafe_code)]
+    // SAFETY: `rusage` is a plain C struct of integers; all-zero bytes are a valid value.
+    unsafe {
+        std::mem::zeroed()
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn sha256_file(p: &Path) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    let mut f = std::fs::File::open(p).unwrap();
+    std::io::copy(&mut f, &mut h).unwrap();
+    hex::encode(h.finalize())
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let gib: u64 = std::env::var("RAFS_BENCH_GIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let runs: usize = std::env::var("RAFS_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let base = PathBuf::from(
+        std::env::var("RAFS_BENCH_DIR").unwrap_or_else(|_| "/var/tmp/rafs-bench".into()),
+    );
+    let tree = base.join(format!("tree-{gib}g"));
+    let t = Instant::now();
+    let total = make_tree(&tree, gib);
+    let files = list_files(&tree);
+    let mib = total as f64 / MIB;
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    println!(
+        "tree: {} files, {:.0} MiB ({:.1}s to prepare)",
+        files.len(),
+        mib,
+        t.elapsed().as_secs_f64()
+    );
+
+    // Warm the page cache so every contender reads from memory.
+    limit_loop(&files, cores);
+    let one = median((0..runs).map(|_| limit_loop(&files, 1)).collect());
+    let all = median((0..runs).map(|_| limit_loop(&files, cores)).collect());
+    println!("limit (read+blake3+zstd-3, 1 MiB chunks): 1 thread {:.0} MiB/s, {cores} threads {:.0} MiB/s", mib / one, mib / all);
+
+    let ours = env!("CARGO_BIN_EXE_nydus-image");
+    let out = base.join("out");
+    let mut times = Vec::new();
+    let mut rss = 0;
+    let mut digests = Vec::new();
+    for _ in 0..runs {
+        let _ = std::fs::remove_dir_all(&out);
+        std::fs::create_dir_all(out.join("blobs")).unwrap();
+        let r = run(Command::new(ours)
+            .args(["create", "-t", "dir-rafs", "--features", "blob-toc", "-B"])
+            .arg(out.join("image.boot"))
+            .arg("-D")
+            .arg(out.join("blobs"))
+            .arg(&tree));
+        times.push(r.secs);
+        rss = rss.max(r.max_rss_kib);
+        digests.push(sha256_file(&out.join("image.boot")));
+    }
+    let ours_t = median(times);
+    let same = digests.windows(2).all(|w| w[0] == w[1]);
+    let blob_bytes: u64 = std::fs::read_dir(out.join("blobs"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    println!(
+        "ours  nydus-image create: {:.0} MiB/s, {:.2}x of the {cores}-thread limit, {:.2}x of 1 thread, peak RSS {:.1} MiB, output {:.0} MiB, deterministic: {}",
+        mib / ours_t,
+        all / ours_t,
+        one / ours_t,
+        rss as f64 / 1024.0,
+        blob_bytes as f64 / MIB,
+        if same { "yes" } else { "NO" }
+    );
+
+    let upstream = PathBuf::from(
+        std::env::var("NYDUS_UPSTREAM_BIN")
+            .unwrap_or_else(|_| "/var/cache/nydus-upstream-2.2/bin".into()),
+    )
+    .join("nydus-image");
+    if upstream.exists() {
+        let mut times = Vec::new();
+        let mut rss = 0;
+        for _ in 0..runs {
+            let _ = std::fs::remove_dir_all(&out);
+            std::fs::create_dir_all(out.join("blobs")).unwrap();
+            let r = run(Command::new(&upstream)
+                .args([
+                    "create",
+                    "-t",
+                    "dir-rafs",
+                    "--features",
+                    "blob-toc",
+                    "--compressor",
+                    "zstd",
+                    "--log-level",
+                    "warn",
+                    "-B",
+                ])
+                .arg(out.join("image.boot"))
+                .arg("-D")
+                .arg(out.join("blobs"))
+                .arg(&tree));
+            times.push(r.secs);
+            rss = rss.max(r.max_rss_kib);
+        }
+        let t = median(times);
+        println!(
+            "upstream nydus-image 2.2 create: {:.0} MiB/s, {:.2}x of the {cores}-thread limit, peak RSS {:.1} MiB; ours/upstream = {:.2}x",
+            mib / t,
+            all / t,
+            rss as f64 / 1024.0,
+            t / ours_t
+        );
+    } else {
+        println!(
+            "upstream nydus-image not found at {}; skipped",
+            upstream.display()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
