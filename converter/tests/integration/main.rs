@@ -7,5 +7,6 @@ mod common;
 mod determinism;
 mod dir_source;
 mod erofs;
+mod golden;
 mod tar_source;
 mod whiteouts;
