@@ -1,0 +1,32 @@
+//! Helpers for the project's end-to-end tests.
+//!
+//! The end-to-end tests run the real components — the workspace binaries, upstream
+//! Nydus 2.2 as a judge, the kernel's EROFS and FUSE, loop devices — and compare what
+//! a filesystem shows with the tree it was built from. This crate holds what those
+//! tests share:
+//!
+//! - [`bin`] and [`upstream_bin`] find the binaries under test and the judge;
+//! - [`require_root_tools`] makes a test fail loudly (never skip) when it is not root
+//!   or a tool is missing: `bash tests/run.sh` installs them;
+//! - [`LoopDevice`], [`Mount`] and [`ChildGuard`] undo a loop attach, a mount or a
+//!   daemon when dropped, also when the test panics;
+//! - [`make_varied_tree`] writes a deterministic source tree with every file type and
+//!   the awkward cases of the format (hard links, long names and symlinks, xattrs,
+//!   big uids, nanosecond mtimes, 5,000 entries in one directory, ...);
+//! - [`compare_trees`] reports every difference between two trees as text lines.
+//!
+//! Most helpers need root, as do the tests that use them; `bash tests/run.sh` runs
+//! everything as CI does.
+
+mod bins;
+mod compare;
+mod guards;
+mod tree;
+
+pub use bins::{bin, require_root_tools, upstream_bin, UPSTREAM_BIN_DEFAULT};
+pub use compare::{compare_trees, compare_trees_with, sha256_file, CompareOptions};
+pub use guards::{is_mounted, wait_until, ChildGuard, LoopDevice, Mount};
+pub use tree::{
+    long_name_path, make_varied_tree, DEEP_LEVELS, HARD_LINK_NAMES, MULTI_CHUNK_FILE, WIDE_DIR,
+    WIDE_DIR_ENTRIES,
+};

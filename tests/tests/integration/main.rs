@@ -1,0 +1,4 @@
+//! End-to-end tests, one binary with a module per area (run as root: `bash tests/run.sh`).
+
+mod guards;
+mod varied_tree;
