@@ -122,11 +122,11 @@ fn write_tar<W: Write>(bs: &Bootstrap, blobs: &[File], out: W) -> Result<UnpackR
     let mut first_name: HashMap<u64, Vec<u8>> = HashMap::new();
     let io = |e: std::io::Error| Error::output("tar stream", e);
     let root = bs.root()?;
-    let mut entries: Vec<(Vec<u8>, Inode)> = vec![(b".".to_vec(), root)];
+    let mut entries: Vec<(Vec<u8>, Inode)> = vec![(b"./".to_vec(), root)];
+    // Depth first, so that each directory is directly followed by its contents: tar
+    // extractors restore a directory's mtime when they leave it.
     bs.walk(|path, _, inode| {
-        let mut p = b".".to_vec();
-        p.extend_from_slice(path);
-        entries.push((p, inode.clone()));
+        entries.push((path[1..].to_vec(), inode.clone()));
         Ok(())
     })?;
     for (path, inode) in entries {

@@ -696,39 +696,51 @@ impl Bootstrap {
         }
     }
 
-    /// Visits every entry below the root in pre-order (a directory before its children,
-    /// children in name order), calling `f(path, entry, inode)`; `path` is absolute. `.`
-    /// and `..` are skipped. A directory reached twice (a loop or a directory hard link in
-    /// a corrupt image) is an error, so the walk always ends.
+    /// Visits every entry below the root depth first, in pre-order: each entry, and for a
+    /// directory everything below it, before its next sibling; siblings in name order.
+    /// Calls `f(path, entry, inode)` with `path` absolute; `.` and `..` are skipped. A
+    /// directory reached twice (a loop or a directory hard link in a corrupt image) is an
+    /// error, so the walk always ends.
     pub fn walk(&self, mut f: impl FnMut(&[u8], &DirEntry, &Inode) -> Result<()>) -> Result<()> {
         let root = self.root()?;
         let mut seen_dirs = std::collections::HashSet::new();
         seen_dirs.insert(root.nid);
-        let mut stack: Vec<(Vec<u8>, Inode)> = vec![(Vec::new(), root)];
-        while let Some((path, dir)) = stack.pop() {
-            let mut subdirs = Vec::new();
-            for e in self.read_dir(&dir)? {
-                if e.name == b"." || e.name == b".." {
-                    continue;
+        // Each level: the directory's path and its remaining entries, reversed so that
+        // `pop` yields them in name order.
+        let mut stack: Vec<(Vec<u8>, Vec<DirEntry>)> = vec![(Vec::new(), self.children(&root)?)];
+        while let Some((path, entries)) = stack.last_mut() {
+            let Some(e) = entries.pop() else {
+                stack.pop();
+                continue;
+            };
+            let mut child = path.clone();
+            child.push(b'/');
+            child.extend_from_slice(&e.name);
+            let inode = self.inode(e.nid)?;
+            f(&child, &e, &inode)?;
+            if inode.is_dir() {
+                if !seen_dirs.insert(inode.nid) {
+                    return Err(inode_err(
+                        inode.nid,
+                        "directory reached twice (loop in the tree)",
+                    ));
                 }
-                let inode = self.inode(e.nid)?;
-                let mut child = path.clone();
-                child.push(b'/');
-                child.extend_from_slice(&e.name);
-                f(&child, &e, &inode)?;
-                if inode.is_dir() {
-                    if !seen_dirs.insert(inode.nid) {
-                        return Err(inode_err(
-                            inode.nid,
-                            "directory reached twice (loop in the tree)",
-                        ));
-                    }
-                    subdirs.push((child, inode));
-                }
+                let entries = self.children(&inode)?;
+                stack.push((child, entries));
             }
-            stack.extend(subdirs.into_iter().rev());
         }
         Ok(())
+    }
+
+    /// Entries of a directory without `.` and `..`, in reverse name order.
+    fn children(&self, dir: &Inode) -> Result<Vec<DirEntry>> {
+        let mut v: Vec<DirEntry> = self
+            .read_dir(dir)?
+            .into_iter()
+            .filter(|e| e.name != b"." && e.name != b"..")
+            .collect();
+        v.reverse();
+        Ok(v)
     }
 
     /// Maps every nid reachable from the root to its first path (root = `/`).

@@ -1,4 +1,5 @@
 //! End-to-end tests, one binary with a module per area (run as root: `bash tests/run.sh`).
 
 mod guards;
+mod judges;
 mod varied_tree;

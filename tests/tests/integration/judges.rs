@@ -1,0 +1,447 @@
+//! The format judged by real components: `fsck.erofs`, the kernel's EROFS driver and
+//! upstream nydus 2.2 (`nydus-image check`, `nydusd`), in both directions, on the varied
+//! tree. Needs root (device nodes, loop devices, mounts, FUSE).
+
+use rafs::read::{self, Bootstrap};
+use rafs_e2e::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+/// Runs a command; panics with its output when it fails.
+fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+struct Image {
+    boot: PathBuf,
+    blobs: PathBuf,
+}
+
+/// Builds `src` with our `nydus-image create` and extra flags into `out`.
+fn build_ours(src: &Path, out: &Path, flags: &[&str]) -> Image {
+    let blobs = out.join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let boot = out.join("image.boot");
+    run_ok(
+        Command::new(bin("nydus-image"))
+            .arg("create")
+            .args(flags)
+            .arg("-B")
+            .arg(&boot)
+            .arg("-D")
+            .arg(&blobs)
+            .arg(src),
+    );
+    Image { boot, blobs }
+}
+
+/// Expands every blob of `img` into its uncompressed layout (one file per blob).
+fn expand(img: &Image, dir: &Path) -> Vec<PathBuf> {
+    let bs = Bootstrap::open(&img.boot).unwrap();
+    let mut out = Vec::new();
+    for (i, info) in bs.blobs().iter().enumerate() {
+        let blob = std::fs::File::open(img.blobs.join(&info.id)).unwrap();
+        let path = dir.join(format!("{}.expanded", info.id));
+        let mut f = std::fs::File::create(&path).unwrap();
+        read::expand_blob(&bs, i as u32, &blob, &mut f).unwrap();
+        assert_eq!(f.metadata().unwrap().len(), info.uncompressed_size);
+        out.push(path);
+    }
+    out
+}
+
+fn varied_tree(dir: &Path) -> PathBuf {
+    let src = dir.join("src");
+    make_varied_tree(&src).unwrap();
+    src
+}
+
+fn assert_same(src: &Path, actual: &Path, opts: &CompareOptions, what: &str) {
+    let diffs = compare_trees_with(src, actual, opts);
+    assert!(
+        diffs.is_empty(),
+        "{what}: {} differences:\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
+}
+
+#[test]
+fn fsck_erofs_accepts_bootstraps_of_the_varied_tree() {
+    require_root_tools(&["fsck.erofs"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = varied_tree(tmp.path());
+    for (name, flags) in [
+        ("zstd", &["--features", "blob-toc"][..]),
+        (
+            "lz4",
+            &["--compressor", "lz4_block", "--digester", "sha256"][..],
+        ),
+        (
+            "4k",
+            &["--compressor", "none", "--chunk-size", "0x1000"][..],
+        ),
+    ] {
+        let out = tmp.path().join(name);
+        let img = build_ours(&src, &out, flags);
+        let devs = expand(&img, &out);
+        let mut cmd = Command::new("fsck.erofs");
+        for d in &devs {
+            cmd.arg(format!("--device={}", d.display()));
+        }
+        let extract = out.join("extracted");
+        cmd.arg(format!("--extract={}", extract.display()))
+            .arg(&img.boot);
+        let res = run_ok(&mut cmd);
+        let text = String::from_utf8_lossy(&res.stderr).to_lowercase()
+            + &String::from_utf8_lossy(&res.stdout).to_lowercase();
+        assert!(
+            !text.contains("error") && !text.contains("corrupt"),
+            "{name}: fsck.erofs reported: {text}"
+        );
+        // fsck.erofs extracts contents; owners/times/xattrs are not its job here.
+        let diffs: Vec<String> = compare_trees_with(
+            &src,
+            &extract,
+            &CompareOptions {
+                ignore_nsec: true,
+                ignore_root_mtime: true,
+                ignore_xattrs: true,
+            },
+        )
+        .into_iter()
+        .filter(|d| d.contains("content") || d.contains("missing") || d.contains("size"))
+        .collect();
+        assert!(
+            diffs.is_empty(),
+            "{name}: fsck.erofs extraction differs:\n{}",
+            diffs.join("\n")
+        );
+    }
+}
+
+#[test]
+fn kernel_erofs_mount_shows_the_source_tree_exactly() {
+    require_root_tools(&["losetup", "mount", "umount"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = varied_tree(tmp.path());
+    for (name, flags) in [
+        ("zstd", &["--features", "blob-toc"][..]),
+        (
+            "lz4-64k",
+            &["--compressor", "lz4_block", "--chunk-size", "0x10000"][..],
+        ),
+    ] {
+        let out = tmp.path().join(name);
+        let img = build_ours(&src, &out, flags);
+        let devs = expand(&img, &out);
+        let loops: Vec<LoopDevice> = devs
+            .iter()
+            .map(|d| LoopDevice::attach_read_only(d).unwrap())
+            .collect();
+        let boot_loop = LoopDevice::attach_read_only(&img.boot).unwrap();
+        let options = loops
+            .iter()
+            .map(|l| format!("device={}", l.path().display()))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mnt = out.join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let m = Mount::kernel("erofs", boot_loop.path(), &mnt, &format!("ro,{options}")).unwrap();
+        assert_same(
+            &src,
+            &mnt,
+            &CompareOptions::default(),
+            &format!("kernel mount ({name})"),
+        );
+        drop(m);
+    }
+}
+
+#[test]
+fn upstream_nydus_image_check_accepts_our_bootstraps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = varied_tree(tmp.path());
+    for (name, flags) in [
+        ("default", &[][..]),
+        ("toc", &["--features", "blob-toc"][..]),
+        (
+            "lz4-sha256",
+            &["--compressor", "lz4_block", "--digester", "sha256"][..],
+        ),
+        (
+            "none-4k",
+            &["--compressor", "none", "--chunk-size", "0x1000"][..],
+        ),
+    ] {
+        let img = build_ours(&src, &tmp.path().join(name), flags);
+        let out = run_ok(
+            Command::new(upstream_bin("nydus-image"))
+                .args(["check", "-B"])
+                .arg(&img.boot)
+                .args(["--log-level", "warn"]),
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("RAFS filesystem metadata is valid"),
+            "{name}: {text}"
+        );
+    }
+}
+
+/// Mounts `img` with upstream nydusd (localfs backend, blobcache) and compares with `src`.
+fn upstream_nydusd_shows(img: &Image, src: &Path, work: &Path) {
+    let mnt = work.join("mnt");
+    let cache = work.join("cache");
+    std::fs::create_dir_all(&mnt).unwrap();
+    std::fs::create_dir_all(&cache).unwrap();
+    let cfg = work.join("nydusd.json");
+    let json = format!(
+        r#"{{"device":{{"backend":{{"type":"localfs","config":{{"dir":"{}"}}}},"cache":{{"type":"blobcache","config":{{"work_dir":"{}"}}}}}},"mode":"direct","digest_validate":false,"enable_xattr":true}}"#,
+        img.blobs.display(),
+        cache.display()
+    );
+    std::fs::write(&cfg, json).unwrap();
+    let log = std::fs::File::create(work.join("nydusd.log")).unwrap();
+    let daemon = ChildGuard::spawn(
+        Command::new(upstream_bin("nydusd"))
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--bootstrap")
+            .arg(&img.boot)
+            .arg("--mountpoint")
+            .arg(&mnt)
+            .args(["--rlimit-nofile", "0", "--log-level", "warn"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log),
+    )
+    .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || is_mounted(&mnt)),
+        "upstream nydusd did not mount; log: {}",
+        std::fs::read_to_string(work.join("nydusd.log")).unwrap_or_default()
+    );
+    let m = Mount::adopt(&mnt);
+    assert_same(
+        src,
+        &mnt,
+        &CompareOptions {
+            ignore_root_mtime: true,
+            ..Default::default()
+        },
+        "upstream nydusd mount",
+    );
+    drop(m);
+    drop(daemon);
+}
+
+#[test]
+fn upstream_nydusd_mounts_our_images() {
+    require_root_tools(&["fusermount3"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = varied_tree(tmp.path());
+    for (name, flags) in [
+        ("toc", &["--features", "blob-toc"][..]),
+        ("lz4", &["--compressor", "lz4_block"][..]),
+    ] {
+        let work = tmp.path().join(name);
+        let img = build_ours(&src, &work, flags);
+        upstream_nydusd_shows(&img, &src, &work);
+    }
+}
+
+/// Extracts a tar made by `nydus-image unpack` with GNU tar, keeping everything.
+fn extract_tar(tar: &Path, into: &Path) {
+    std::fs::create_dir_all(into).unwrap();
+    run_ok(
+        Command::new("tar")
+            .args([
+                "--xattrs",
+                "--xattrs-include=*",
+                "--same-owner",
+                "--numeric-owner",
+                "-xpf",
+            ])
+            .arg(tar)
+            .arg("-C")
+            .arg(into),
+    );
+}
+
+fn unpack_and_compare(img: &Image, src: &Path, work: &Path, what: &str) {
+    run_ok(
+        Command::new(bin("nydus-image"))
+            .arg("check")
+            .arg(&img.boot)
+            .arg("-D")
+            .arg(&img.blobs),
+    );
+    let tar = work.join("unpacked.tar");
+    run_ok(
+        Command::new(bin("nydus-image"))
+            .arg("unpack")
+            .arg(&img.boot)
+            .arg("-D")
+            .arg(&img.blobs)
+            .arg("--output")
+            .arg(&tar),
+    );
+    let x = work.join("extracted");
+    extract_tar(&tar, &x);
+    let diffs: Vec<String> = compare_trees_with(
+        src,
+        &x,
+        &CompareOptions {
+            ignore_root_mtime: true,
+            ..Default::default()
+        },
+    )
+    .into_iter()
+    // tar cannot hold sockets; unpack skips them and says so.
+    .filter(|d| !d.contains("sock"))
+    .collect();
+    assert!(
+        diffs.is_empty(),
+        "{what}: {} differences:\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
+}
+
+#[test]
+fn create_then_unpack_gives_back_the_same_tree() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = varied_tree(tmp.path());
+    let work = tmp.path().join("ours");
+    let img = build_ours(&src, &work, &["--features", "blob-toc"]);
+    unpack_and_compare(&img, &src, &work, "create -> unpack");
+}
+
+#[test]
+fn we_read_images_built_by_upstream() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = varied_tree(tmp.path());
+    for (name, flags) in [
+        ("zstd-toc", &["--features", "blob-toc"][..]),
+        (
+            "lz4-sha256",
+            &["--compressor", "lz4_block", "--digester", "sha256"][..],
+        ),
+        (
+            "none-4k",
+            &["--compressor", "none", "--chunk-size", "0x1000"][..],
+        ),
+    ] {
+        let work = tmp.path().join(name);
+        let blobs = work.join("blobs");
+        std::fs::create_dir_all(&blobs).unwrap();
+        let boot = work.join("image.boot");
+        run_ok(
+            Command::new(upstream_bin("nydus-image"))
+                .args(["create", "-t", "dir-rafs", "--log-level", "warn"])
+                .args(flags)
+                .arg("-B")
+                .arg(&boot)
+                .arg("-D")
+                .arg(&blobs)
+                .arg(&src),
+        );
+        unpack_and_compare(
+            &Image { boot, blobs },
+            &src,
+            &work,
+            &format!("upstream {name} read by us"),
+        );
+    }
+}
+
+#[test]
+fn we_read_upstream_inline_meta_layer_blobs() {
+    // The per-layer form nydusify produces: one tar layer, bootstrap inlined in the blob.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = varied_tree(tmp.path());
+    let layer = tmp.path().join("layer.tar");
+    run_ok(
+        Command::new("tar")
+            .args(["--xattrs", "--xattrs-include=*", "--numeric-owner", "-C"])
+            .arg(&src)
+            .arg("-cf")
+            .arg(&layer)
+            .arg("."),
+    );
+    let blob = tmp.path().join("layer.blob");
+    run_ok(
+        Command::new(upstream_bin("nydus-image"))
+            .args([
+                "create",
+                "-t",
+                "tar-rafs",
+                "--blob-inline-meta",
+                "--features",
+                "blob-toc",
+                "--whiteout-spec",
+                "none",
+                "--log-level",
+                "warn",
+                "--blob",
+            ])
+            .arg(&blob)
+            .arg(&layer),
+    );
+    let file = std::fs::File::open(&blob).unwrap();
+    let boot_bytes = read::read_inline_bootstrap(&file).unwrap();
+    let bs = Bootstrap::from_bytes(boot_bytes.clone()).unwrap();
+    assert_eq!(bs.blobs().len(), 1);
+    let boot = tmp.path().join("inline.boot");
+    std::fs::write(&boot, boot_bytes).unwrap();
+    let work = tmp.path().join("w");
+    std::fs::create_dir_all(&work).unwrap();
+    let tar = work.join("unpacked.tar");
+    run_ok(
+        Command::new(bin("nydus-image"))
+            .arg("check")
+            .arg(&boot)
+            .arg("--blob")
+            .arg(&blob),
+    );
+    run_ok(
+        Command::new(bin("nydus-image"))
+            .arg("unpack")
+            .arg(&boot)
+            .arg("--blob")
+            .arg(&blob)
+            .arg("--output")
+            .arg(&tar),
+    );
+    let x = work.join("extracted");
+    extract_tar(&tar, &x);
+    let diffs: Vec<String> = compare_trees_with(
+        &src,
+        &x,
+        &CompareOptions {
+            ignore_root_mtime: true,
+            ignore_nsec: true,
+            ..Default::default()
+        },
+    )
+    .into_iter()
+    .filter(|d| !d.contains("sock"))
+    .collect();
+    assert!(
+        diffs.is_empty(),
+        "{} differences:\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
+}
