@@ -1,0 +1,69 @@
+//! All network (and network-like) access to blobs.
+//!
+//! * [`BlobBackend`]: the one interface nydusd reads chunks through — ranged reads by blob
+//!   id. Implementations: [`localfs::LocalFs`] (a directory of blobs named by id); the
+//!   registry backend and the p2p backend implement the same trait.
+//!
+//! Backends return raw stored bytes; verifying chunk digests is the caller's job (the
+//! bootstrap is the root of trust), so a backend never needs to know the format.
+#![forbid(unsafe_code)]
+
+pub mod localfs;
+
+use std::io;
+
+/// Errors of blob backends.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The blob does not exist in this backend.
+    #[error("Blob {0} not found")]
+    NotFound(String),
+    /// The requested range lies outside the blob.
+    #[error("Range {offset}+{len} is outside blob {blob_id} of {size} bytes")]
+    OutOfRange {
+        /// Blob id.
+        blob_id: String,
+        /// Requested offset.
+        offset: u64,
+        /// Requested length.
+        len: u64,
+        /// Blob size.
+        size: u64,
+    },
+    /// Local I/O failed.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A remote request failed (after retries, where the backend retries).
+    #[error("{what}: {reason}")]
+    Remote {
+        /// What was being requested.
+        what: String,
+        /// Why it failed.
+        reason: String,
+    },
+    /// The backend configuration is invalid.
+    #[error("Invalid backend configuration: {0}")]
+    Config(String),
+}
+
+/// Result alias for backends.
+pub type Result<T, E = BackendError> = std::result::Result<T, E>;
+
+/// Ranged reads of blobs by id. Implementations are shared between threads.
+pub trait BlobBackend: Send + Sync {
+    /// Fills `buf` with the bytes of blob `blob_id` starting at `offset`. Reading past the
+    /// end of the blob is an error, never a short read.
+    fn read_at(&self, blob_id: &str, offset: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// Size of blob `blob_id` in bytes.
+    fn blob_size(&self, blob_id: &str) -> Result<u64>;
+
+    /// A short name for logs and metrics (`localfs`, `registry`, ...).
+    fn kind(&self) -> &'static str;
+}
