@@ -61,30 +61,7 @@ pub fn check(bootstrap: &Path, blobs: &BlobLocator, verbose: bool) -> Result<Che
             report.files += 1;
             report.file_bytes += inode.size;
             for i in 0..bs.chunk_count(inode) {
-                let addr = bs.chunk(inode, i)?;
-                let info = bs.chunk_info(&addr)?.ok_or_else(|| {
-                    rafs::Error::invalid(
-                        format!("inode {}", inode.nid),
-                        format!(
-                            "chunk {i} (blob {}, ci {}) is missing from the chunk table",
-                            addr.blob_index, addr.ci_index
-                        ),
-                    )
-                })?;
-                let expected = if (i + 1) * bs.superblock().chunk_size as u64 > inode.size {
-                    inode.size - i * bs.superblock().chunk_size as u64
-                } else {
-                    bs.superblock().chunk_size as u64
-                };
-                if info.uncompressed_size as u64 != expected {
-                    return Err(rafs::Error::invalid(
-                        format!("inode {}", inode.nid),
-                        format!(
-                            "chunk {i} holds {} bytes, the file needs {expected}",
-                            info.uncompressed_size
-                        ),
-                    ));
-                }
+                bs.file_chunk(inode, i)?;
             }
         }
         Ok(())

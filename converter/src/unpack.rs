@@ -44,15 +44,9 @@ impl Read for FileReader<'_> {
             }
             let to_io = |e: rafs::Error| std::io::Error::other(e.to_string());
             let i = self.pos / self.bs.superblock().chunk_size as u64;
-            let addr = self.bs.chunk(&self.inode, i).map_err(to_io)?;
-            let chunk = self.bs.chunk_info(&addr).map_err(to_io)?.ok_or_else(|| {
-                std::io::Error::other(format!(
-                    "chunk {i} of inode {} is missing from the chunk table",
-                    self.inode.nid
-                ))
-            })?;
-            let info = &self.bs.blobs()[addr.blob_index as usize];
-            self.buf = read::read_chunk(&self.blobs[addr.blob_index as usize], info, &chunk)
+            let chunk = self.bs.file_chunk(&self.inode, i).map_err(to_io)?;
+            let info = &self.bs.blobs()[chunk.blob_index as usize];
+            self.buf = read::read_chunk(&self.blobs[chunk.blob_index as usize], info, &chunk)
                 .map_err(to_io)?;
             self.buf_pos = 0;
             self.pos += self.buf.len() as u64;

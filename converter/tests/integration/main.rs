@@ -1,6 +1,7 @@
 //! Integration tests of the converter: library builds read back with `rafs::read`, and the
 //! `nydus-image` binary end to end.
 
+mod bad_images;
 mod bad_input;
 mod cli;
 mod common;

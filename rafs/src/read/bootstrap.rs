@@ -558,6 +558,35 @@ impl Bootstrap {
         })
     }
 
+    /// The chunk-table record of the `i`-th chunk of a regular file, checked against the
+    /// file: it must exist, sit at the chunk index's offset, and hold exactly the bytes the
+    /// file's size implies for chunk `i` (full chunk size, or the remainder for the last).
+    /// Use this, not [`Self::chunk_info`], whenever file data is served.
+    pub fn file_chunk(&self, inode: &Inode, i: u64) -> Result<ChunkInfo> {
+        let addr = self.chunk(inode, i)?;
+        let info = self.chunk_info(&addr)?.ok_or_else(|| {
+            inode_err(
+                inode.nid,
+                format!(
+                    "chunk {i} (blob {}, ci {}) is missing from the chunk table",
+                    addr.blob_index, addr.ci_index
+                ),
+            )
+        })?;
+        let cs = self.sb.chunk_size as u64;
+        let expected = (inode.size - i * cs).min(cs);
+        if info.uncompressed_size as u64 != expected {
+            return Err(inode_err(
+                inode.nid,
+                format!(
+                    "chunk {i} holds {} bytes but the file size implies {expected}",
+                    info.uncompressed_size
+                ),
+            ));
+        }
+        Ok(info)
+    }
+
     /// Splits the byte range `offset..offset+len` of a regular file (clamped to its size)
     /// into per-chunk slices.
     pub fn map_range(&self, inode: &Inode, offset: u64, len: u64) -> Result<Vec<ChunkSlice>> {
