@@ -29,18 +29,57 @@ impl Rng {
     }
 }
 
-/// Fills `buf` with data that zstd compresses to roughly half.
+/// Fills `buf` with a mix resembling real image content, in 4 KiB blocks: 40% text
+/// (words from a fixed vocabulary), 30% low-entropy "binary" (small values with repeats,
+/// like code and tables), 30% incompressible (already-compressed assets).
 fn fill(rng: &mut Rng, buf: &mut [u8]) {
-    for (i, block) in buf.chunks_mut(4096).enumerate() {
-        if i % 2 == 0 {
-            let v = rng.next();
-            for (j, b) in block.iter_mut().enumerate() {
-                *b = ((v >> (j % 8 * 8)) as u8).wrapping_add((j / 64) as u8);
+    const VOCAB: usize = 2048;
+    thread_local! {
+        static WORDS: Vec<Vec<u8>> = {
+            let mut r = Rng(0x1234_5678_9ABC_DEF1);
+            (0..VOCAB)
+                .map(|_| {
+                    let len = 2 + (r.next() % 9) as usize;
+                    (0..len).map(|_| b'a' + (r.next() % 26) as u8).collect()
+                })
+                .collect()
+        };
+    }
+    for block in buf.chunks_mut(4096) {
+        match rng.next() % 10 {
+            0..=3 => WORDS.with(|w| {
+                let mut i = 0;
+                while i < block.len() {
+                    let v = rng.next();
+                    // Zipf-like: frequent words are picked far more often.
+                    let word = &w
+                        [((v % VOCAB as u64) * ((v >> 32) % VOCAB as u64) / VOCAB as u64) as usize];
+                    for &c in word.iter().chain(if v & 0xF == 0 { b"\n" } else { b" " }) {
+                        if i < block.len() {
+                            block[i] = c;
+                            i += 1;
+                        }
+                    }
+                }
+            }),
+            4..=6 => {
+                let mut v = rng.next();
+                for (j, b) in block.iter_mut().enumerate() {
+                    if j % 16 == 0 {
+                        v = rng.next();
+                    }
+                    *b = if (v >> (j % 16)) & 3 == 0 {
+                        (v >> 20) as u8
+                    } else {
+                        ((v >> (j % 13 * 4)) & 0x0F) as u8
+                    };
+                }
             }
-        } else {
-            for chunk in block.chunks_mut(8) {
-                let v = rng.next().to_le_bytes();
-                chunk.copy_from_slice(&v[..chunk.len()]);
+            _ => {
+                for chunk in block.chunks_mut(8) {
+                    let v = rng.next().to_le_bytes();
+                    chunk.copy_from_slice(&v[..chunk.len()]);
+                }
             }
         }
     }
@@ -216,7 +255,7 @@ fn main() {
     let base = PathBuf::from(
         std::env::var("RAFS_BENCH_DIR").unwrap_or_else(|_| "/var/tmp/rafs-bench".into()),
     );
-    let tree = base.join(format!("tree-{gib}g"));
+    let tree = base.join(format!("tree-v2-{gib}g"));
     let t = Instant::now();
     let total = make_tree(&tree, gib);
     let files = list_files(&tree);

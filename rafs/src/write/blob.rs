@@ -223,8 +223,8 @@ where
     for c in arena.iter() {
         dedup.entry(c.digest).or_insert(*c);
     }
-    let (work_tx, work_rx) = bounded::<Work>(threads * 2);
-    let (done_tx, done_rx) = bounded::<Processed>(threads * 2 + 2);
+    let (work_tx, work_rx) = bounded::<Work>(threads * 4);
+    let (done_tx, done_rx) = bounded::<Processed>(threads * 8);
     let (recycle_tx, recycle_rx) = bounded::<Vec<u8>>(threads * 4 + 4);
     let mut body = BlobBody {
         out,
