@@ -100,6 +100,20 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// A layer bootstrap given to a merge could not be read.
+    #[error("Layer {layer}")]
+    Layer {
+        /// The layer (its source path).
+        layer: String,
+        /// What was wrong with it.
+        #[source]
+        source: rafs::Error,
+    },
+
+    /// Layers given to a merge do not fit together (chunk size, algorithms, blob ids).
+    #[error("Inconsistent layers: {0}")]
+    Inconsistent(String),
+
     /// The RAFS writer failed.
     #[error(transparent)]
     Rafs(#[from] rafs::Error),

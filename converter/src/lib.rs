@@ -6,6 +6,7 @@
 //! * [`whiteout`]: what happens to overlay whiteout markers in a single-layer build.
 //! * [`prefetch`]: prefetch patterns (absolute paths) and how they resolve to nodes.
 //! * [`mod@create`]: `nydus-image create`, orchestrating the above and writing the outputs.
+//! * [`mod@merge`]: `nydus-image merge`, stacking layer bootstraps with OCI whiteout rules.
 //!
 //! The `nydus-image` binary only parses flags and calls [`create::create`].
 
@@ -16,6 +17,7 @@ pub mod check;
 pub mod create;
 pub mod error;
 pub mod inspect;
+pub mod merge;
 pub mod prefetch;
 pub mod source;
 pub mod unpack;

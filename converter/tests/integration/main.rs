@@ -9,5 +9,6 @@ mod determinism;
 mod dir_source;
 mod erofs;
 mod golden;
+mod merge;
 mod tar_source;
 mod whiteouts;

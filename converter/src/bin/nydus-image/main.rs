@@ -9,6 +9,7 @@ mod check;
 mod create;
 mod image_args;
 mod inspect;
+mod merge;
 mod unpack;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -43,6 +44,9 @@ enum Command {
     /// Build one RAFS layer (data blob + bootstrap) from a directory or a tar file.
     #[command(after_help = create::EXAMPLES)]
     Create(create::CreateArgs),
+    /// Stack per-layer bootstraps (lowest first) into one, applying OCI whiteouts.
+    #[command(after_help = merge::EXAMPLES)]
+    Merge(merge::MergeArgs),
     /// Validate a bootstrap; with -D/--blob also read and verify every chunk of its blobs.
     Check(check::CheckArgs),
     /// Answer one question about a bootstrap (stats, blobs, prefetch, stat PATH, ls DIR).
@@ -105,6 +109,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     init_logging(cli.log_level, cli.log_file.as_ref())?;
     match cli.command {
         Command::Create(args) => create::run(args),
+        Command::Merge(args) => merge::run(args),
         Command::Check(args) => check::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Unpack(args) => unpack::run(args),
@@ -117,7 +122,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("Error: {e:#}");
-            ExitCode::FAILURE
+            // As upstream: 2 means the layers do not form a consistent filesystem.
+            match e.downcast_ref::<converter::Error>() {
+                Some(converter::Error::Inconsistent(_)) => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -1,0 +1,407 @@
+//! `nydus-image merge` (spec §14, issue 3): layers built like nydusify builds them
+//! (`--blob-inline-meta --features blob-toc --whiteout-spec none`) stacked with OCI
+//! whiteout rules, read back with `rafs::read` and every file's data verified.
+
+use crate::common::{chain, noise, TarMaker};
+use converter::merge::{merge, MergeOptions};
+use converter::{create, CreateOptions, SourceType, WhiteoutSpec};
+use rafs::read::{blob_chunks, read_chunk, Bootstrap};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Builds one layer blob from `tar` as nydusify does; returns the blob path.
+fn layer(dir: &Path, name: &str, tar: Vec<u8>, chunk_size: u32) -> PathBuf {
+    let src = dir.join(format!("{name}.tar"));
+    fs::write(&src, tar).unwrap();
+    let mut o = CreateOptions::new(&src, SourceType::Tar);
+    o.blob = Some(dir.join(format!("{name}.blob")));
+    o.inline_meta = true;
+    o.blob_toc = true;
+    o.whiteout = WhiteoutSpec::None;
+    o.chunk_size = chunk_size;
+    o.threads = 2;
+    create(&o).unwrap();
+    dir.join(format!("{name}.blob"))
+}
+
+/// Merges `blobs` into `<dir>/merged.boot`.
+fn merge_blobs(dir: &Path, blobs: &[PathBuf]) -> Merged {
+    let out = dir.join("merged.boot");
+    merge(&MergeOptions {
+        sources: blobs.to_vec(),
+        bootstrap: out.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+    Merged::open(&out, blobs)
+}
+
+/// A merged image opened with its blob files (found by the ids the merge gave them).
+struct Merged {
+    bs: Bootstrap,
+    blobs: HashMap<String, PathBuf>,
+}
+
+impl Merged {
+    fn open(boot: &Path, blobs: &[PathBuf]) -> Merged {
+        let mut by_id = HashMap::new();
+        for b in blobs {
+            let layer = converter::merge::open_layer(b).unwrap();
+            by_id.insert(layer.blob.id.unwrap(), b.clone());
+        }
+        Merged {
+            bs: Bootstrap::open(boot).unwrap(),
+            blobs: by_id,
+        }
+    }
+
+    /// Every path with a short description: `d 755`, `f 644 <content>`, `l -> target`.
+    fn listing(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        self.bs
+            .walk(|path, _, inode| {
+                let p = String::from_utf8_lossy(path).into_owned();
+                let perm = inode.mode & 0o7777;
+                let desc = if inode.is_dir() {
+                    format!("d {perm:o}")
+                } else if inode.is_reg() {
+                    let data = self.read(&p);
+                    format!("f {perm:o} {}", String::from_utf8_lossy(&data))
+                } else if inode.is_symlink() {
+                    format!(
+                        "l -> {}",
+                        String::from_utf8_lossy(&self.bs.readlink(inode)?)
+                    )
+                } else {
+                    format!("other {:o}", inode.mode)
+                };
+                out.insert(p, desc);
+                Ok(())
+            })
+            .unwrap();
+        out
+    }
+
+    fn read(&self, path: &str) -> Vec<u8> {
+        let inode = self.bs.lookup_path(path).unwrap();
+        let mut out = Vec::new();
+        for i in 0..self.bs.chunk_count(&inode) {
+            let addr = self.bs.chunk(&inode, i).unwrap();
+            let info = &self.bs.blobs()[addr.blob_index as usize];
+            let file = File::open(&self.blobs[&info.id]).unwrap();
+            let chunks = blob_chunks(&self.bs, addr.blob_index, &file).unwrap();
+            let (chunk, _) = chunks[addr.ci_index as usize];
+            out.extend(read_chunk(&file, info, &chunk).unwrap());
+        }
+        out.truncate(inode.size as usize);
+        out
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.listing().into_keys().collect()
+    }
+}
+
+fn lower() -> Vec<u8> {
+    let mut m = TarMaker::default();
+    m.dir("etc", 0o755)
+        .file("etc/passwd", 0o644, b"root")
+        .file("etc/shadow", 0o600, b"secret")
+        .dir("opt", 0o755)
+        .dir("opt/app", 0o755)
+        .file("opt/app/old", 0o644, b"old")
+        .dir("opt/app/sub", 0o755)
+        .file("opt/app/sub/deep", 0o644, b"deep")
+        .dir("var", 0o755)
+        .file("var/file-to-dir", 0o644, b"was a file")
+        .dir("var/dir-to-file", 0o755)
+        .file("var/dir-to-file/inner", 0o644, b"inner")
+        .dir("gone", 0o755)
+        .file("gone/x", 0o644, b"x");
+    m.finish()
+}
+
+fn upper() -> Vec<u8> {
+    let mut m = TarMaker::default();
+    m.dir("etc", 0o700)
+        .file("etc/.wh.shadow", 0o644, b"")
+        .file("etc/hostname", 0o644, b"box")
+        .dir("opt/app", 0o750)
+        .file("opt/app/.wh..wh..opq", 0o644, b"")
+        .file("opt/app/new", 0o644, b"new")
+        .file(".wh.gone", 0o644, b"")
+        .dir("var/file-to-dir", 0o755)
+        .file("var/file-to-dir/now", 0o644, b"now a dir")
+        .file("var/dir-to-file", 0o644, b"now a file")
+        .file(".wh.never-existed", 0o644, b"");
+    m.finish()
+}
+
+#[test]
+fn whiteouts_opaque_dirs_and_type_changes_follow_oci_rules() {
+    let t = tempfile::tempdir().unwrap();
+    let l1 = layer(t.path(), "l1", lower(), 0x100000);
+    let l2 = layer(t.path(), "l2", upper(), 0x100000);
+    let m = merge_blobs(t.path(), &[l1, l2]);
+    let got = m.listing();
+    let want: BTreeMap<String, String> = [
+        ("/etc", "d 700"),
+        ("/etc/hostname", "f 644 box"),
+        ("/etc/passwd", "f 644 root"),
+        ("/opt", "d 755"),
+        ("/opt/app", "d 750"),
+        ("/opt/app/new", "f 644 new"),
+        ("/var", "d 755"),
+        ("/var/dir-to-file", "f 644 now a file"),
+        ("/var/file-to-dir", "d 755"),
+        ("/var/file-to-dir/now", "f 644 now a dir"),
+    ]
+    .into_iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn a_whiteout_then_recreation_in_the_same_layer_replaces_the_directory() {
+    let t = tempfile::tempdir().unwrap();
+    let l1 = layer(t.path(), "l1", lower(), 0x100000);
+    let mut m = TarMaker::default();
+    m.file("opt/.wh.app", 0o644, b"")
+        .dir("opt/app", 0o711)
+        .file("opt/app/fresh", 0o644, b"fresh");
+    let l2 = layer(t.path(), "l2", m.finish(), 0x100000);
+    let m = merge_blobs(t.path(), &[l1, l2]);
+    let names = m.names();
+    assert!(names.contains(&"/opt/app/fresh".to_string()), "{names:?}");
+    assert!(!names.contains(&"/opt/app/old".to_string()), "{names:?}");
+    assert!(!names.contains(&"/opt/app/sub".to_string()), "{names:?}");
+    assert_eq!(m.listing()["/opt/app"], "d 711");
+}
+
+#[test]
+fn whiteout_markers_of_the_lowest_layer_are_not_kept() {
+    let t = tempfile::tempdir().unwrap();
+    let mut m = TarMaker::default();
+    m.file(".wh.foo", 0o644, b"")
+        .dir("d", 0o755)
+        .file("d/.wh..wh..opq", 0o644, b"")
+        .file("d/f", 0o644, b"f");
+    let l1 = layer(t.path(), "l1", m.finish(), 0x100000);
+    let m = merge_blobs(t.path(), &[l1]);
+    assert_eq!(m.names(), ["/d", "/d/f"]);
+}
+
+#[test]
+fn hard_links_stay_one_inode_and_copy_up_breaks_them() {
+    let t = tempfile::tempdir().unwrap();
+    let mut m = TarMaker::default();
+    m.file("a", 0o644, b"shared")
+        .hardlink("b", "a")
+        .hardlink("c", "a");
+    let l1 = layer(t.path(), "l1", m.finish(), 0x100000);
+    let mut m = TarMaker::default();
+    m.file("a", 0o644, b"changed").file(".wh.c", 0o644, b"");
+    m.file("x", 0o644, b"linked").hardlink("y", "x");
+    let l2 = layer(t.path(), "l2", m.finish(), 0x100000);
+    let merged = merge_blobs(t.path(), std::slice::from_ref(&l1));
+    let a = merged.bs.lookup_path("/a").unwrap();
+    assert_eq!(merged.bs.lookup_path("/c").unwrap().nid, a.nid);
+    assert_eq!(a.nlink, 3);
+
+    let merged = merge_blobs(t.path(), &[l1, l2]);
+    let got = merged.listing();
+    assert_eq!(got["/a"], "f 644 changed");
+    assert_eq!(got["/b"], "f 644 shared");
+    assert!(!got.contains_key("/c"));
+    let (a, b) = (
+        merged.bs.lookup_path("/a").unwrap(),
+        merged.bs.lookup_path("/b").unwrap(),
+    );
+    assert_ne!(a.nid, b.nid);
+    assert_eq!(b.nlink, 1, "the deleted name no longer counts");
+    let (x, y) = (
+        merged.bs.lookup_path("/x").unwrap(),
+        merged.bs.lookup_path("/y").unwrap(),
+    );
+    assert_eq!(x.nid, y.nid);
+    assert_eq!(x.nlink, 2);
+}
+
+#[test]
+fn blob_table_keeps_only_referenced_blobs_renumbered_with_given_ids() {
+    let t = tempfile::tempdir().unwrap();
+    let mut m = TarMaker::default();
+    m.file("big", 0o644, &noise(300_000, 1));
+    let l1 = layer(t.path(), "l1", m.finish(), 0x10000);
+    let mut m = TarMaker::default();
+    m.file(".wh.big", 0o644, b"").dir("empty", 0o755);
+    let l2 = layer(t.path(), "l2", m.finish(), 0x10000);
+    let mut m = TarMaker::default();
+    m.file("data", 0o644, &noise(200_000, 2))
+        .file("copy-of-lower", 0o644, &noise(300_000, 1));
+    let l3 = layer(t.path(), "l3", m.finish(), 0x10000);
+    let ids: Vec<String> = (1..=3).map(|i| format!("{i}").repeat(64)).collect();
+    let sizes: Vec<u64> = [&l1, &l2, &l3]
+        .iter()
+        .map(|p| fs::metadata(p).unwrap().len())
+        .collect();
+    let out = t.path().join("merged.boot");
+    let res = merge(&MergeOptions {
+        sources: vec![l1.clone(), l2, l3.clone()],
+        bootstrap: out.clone(),
+        blob_digests: ids.clone(),
+        blob_sizes: sizes.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(
+        res.blobs,
+        [ids[2].clone()],
+        "only layer 3's blob is referenced"
+    );
+    let bs = Bootstrap::open(&out).unwrap();
+    assert_eq!(bs.blobs().len(), 1);
+    let info = &bs.blobs()[0];
+    assert_eq!(info.id, ids[2]);
+    assert_eq!(info.compressed_size, sizes[2]);
+    assert!(info.toc_size > 0, "TOC size is taken from the blob file");
+    assert_ne!(info.toc_digest, [0; 32]);
+    // TOC digest and size agree with the blob's own TOC.
+    let toc = rafs::read::read_toc(&File::open(&l3).unwrap(), info).unwrap();
+    assert!(toc.iter().any(|e| e.name == "image.boot"));
+    let f = bs.lookup_path("/copy-of-lower").unwrap();
+    assert_eq!(bs.chunk(&f, 0).unwrap().blob_index, 0);
+}
+
+#[test]
+fn layers_with_different_chunk_sizes_are_inconsistent() {
+    let t = tempfile::tempdir().unwrap();
+    let mut m = TarMaker::default();
+    m.file("a", 0o644, b"a");
+    let l1 = layer(t.path(), "l1", m.finish(), 0x100000);
+    let mut m = TarMaker::default();
+    m.file("b", 0o644, b"b");
+    let l2 = layer(t.path(), "l2", m.finish(), 0x10000);
+    let e = merge(&MergeOptions {
+        sources: vec![l1, l2],
+        bootstrap: t.path().join("m.boot"),
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert!(matches!(e, converter::Error::Inconsistent(_)), "{e}");
+    assert!(chain(&e).contains("chunk size"), "{}", chain(&e));
+    assert!(!t.path().join("m.boot").exists());
+}
+
+#[test]
+fn prefetch_patterns_fill_the_merged_prefetch_table() {
+    let t = tempfile::tempdir().unwrap();
+    let l1 = layer(t.path(), "l1", lower(), 0x100000);
+    let l2 = layer(t.path(), "l2", upper(), 0x100000);
+    let out = t.path().join("merged.boot");
+    merge(&MergeOptions {
+        sources: vec![l1, l2],
+        bootstrap: out.clone(),
+        prefetch: vec!["/etc/passwd".into(), "/opt".into(), "/gone".into()],
+        ..Default::default()
+    })
+    .unwrap();
+    let bs = Bootstrap::open(&out).unwrap();
+    let want = vec![
+        bs.lookup_path("/etc/passwd").unwrap().nid,
+        bs.lookup_path("/opt").unwrap().nid,
+    ];
+    assert_eq!(bs.prefetch_table().unwrap(), want);
+}
+
+#[test]
+fn cli_merge_takes_upstream_flags_and_rejects_miscounted_lists() {
+    let t = tempfile::tempdir().unwrap();
+    let l1 = layer(t.path(), "l1", lower(), 0x100000);
+    let l2 = layer(t.path(), "l2", upper(), 0x100000);
+    let out = t.path().join("merged.boot");
+    let (d1, d2) = ("a".repeat(64), "b".repeat(64));
+    let st = Command::new(env!("CARGO_BIN_EXE_nydus-image"))
+        .arg("merge")
+        .arg("-B")
+        .arg(&out)
+        .arg(format!("--blob-digests=sha256:{d1},{d2}"))
+        .arg(&l1)
+        .arg(&l2)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let bs = Bootstrap::open(&out).unwrap();
+    let ids: Vec<_> = bs.blobs().iter().map(|b| b.id.clone()).collect();
+    assert_eq!(ids, [d1.clone(), d2]);
+
+    let st = Command::new(env!("CARGO_BIN_EXE_nydus-image"))
+        .arg("merge")
+        .arg("-B")
+        .arg(t.path().join("bad.boot"))
+        .arg(format!("--blob-digests={d1}"))
+        .arg(&l1)
+        .arg(&l2)
+        .output()
+        .unwrap();
+    assert_eq!(st.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&st.stderr);
+    assert!(
+        err.contains("--blob-digests has 1 values for 2 sources"),
+        "{err}"
+    );
+    assert!(!t.path().join("bad.boot").exists());
+}
+
+#[test]
+fn merged_bootstrap_passes_upstream_check() {
+    let upstream = Path::new("/var/cache/nydus-upstream-2.2/bin/nydus-image");
+    let upstream = std::env::var_os("NYDUS_UPSTREAM_BIN")
+        .map(|d| PathBuf::from(d).join("nydus-image"))
+        .unwrap_or_else(|| upstream.to_path_buf());
+    if !upstream.exists() {
+        // tests/run.sh installs the judge; without it this crate's tests still run.
+        eprintln!("skipping: {} not installed", upstream.display());
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let l1 = layer(t.path(), "l1", lower(), 0x100000);
+    let l2 = layer(t.path(), "l2", upper(), 0x100000);
+    let blobs = t.path().join("blobs");
+    fs::create_dir(&blobs).unwrap();
+    let out = t.path().join("merged.boot");
+    let mut ids = Vec::new();
+    for l in [&l1, &l2] {
+        let id = converter::merge::sha256_file(l).unwrap();
+        fs::copy(l, blobs.join(&id)).unwrap();
+        ids.push(id);
+    }
+    merge(&MergeOptions {
+        sources: vec![l1, l2],
+        bootstrap: out.clone(),
+        blob_digests: ids,
+        ..Default::default()
+    })
+    .unwrap();
+    let st = Command::new(&upstream)
+        .arg("check")
+        .arg("-B")
+        .arg(&out)
+        .arg("-D")
+        .arg(&blobs)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&st.stdout),
+        String::from_utf8_lossy(&st.stderr)
+    );
+}
