@@ -161,6 +161,19 @@ if [[ -d fuzz/fuzz_targets ]]; then
         cargo install cargo-fuzz --locked </dev/null || fail "cargo install cargo-fuzz failed"
     fi
     shopt -s nullglob
+    # Seed corpora with real inputs so the fuzzers start past the magic numbers: the
+    # golden image's bootstrap and blob, and the golden layer tar.
+    seed=$(mktemp -d)
+    target/release/nydus-image create -l warn -t tar-rafs --chunk-size 0x1000 --features blob-toc \
+        -B "$seed/image.boot" -D "$seed" fixtures/golden/golden.tar </dev/null ||
+        fail "building the fuzz seed image failed"
+    mkdir -p fuzz/corpus/bootstrap fuzz/corpus/blob_meta fuzz/corpus/tar_layer
+    cp "$seed/image.boot" fuzz/corpus/bootstrap/golden.boot
+    for b in "$seed"/*; do
+        [[ "$b" == */image.boot ]] || { printf '\x04\x00\x00\x00\x80\x00\x00\x00' | cat - "$b" >fuzz/corpus/blob_meta/golden.blob; }
+    done
+    cp fixtures/golden/golden.tar fuzz/corpus/tar_layer/golden.tar
+    rm -rf "$seed"
     for source in fuzz/fuzz_targets/*.rs; do
         target=$(basename "$source" .rs)
         echo "--- fuzz target $target"
