@@ -8,6 +8,7 @@ use crate::format::*;
 use crate::types::{BlobInfo, ChunkInfo};
 use std::path::Path;
 use std::sync::OnceLock;
+use zerocopy::FromBytes;
 
 /// `(blob_index, ci_index, chunk table record)`, sorted: the lookup index of the chunk table.
 type ChunkKey = (u32, u32, u32);
@@ -106,6 +107,43 @@ pub struct DirEntry {
     pub nid: u64,
     /// EROFS file type.
     pub file_type: u8,
+}
+
+/// A validated directory block: `count` dirents followed by their names.
+struct DirBlock<'a> {
+    block: &'a [u8],
+    count: usize,
+}
+
+impl DirBlock<'_> {
+    fn dirent(&self, k: usize) -> Dirent {
+        Dirent::read_from_prefix(&self.block[k * 12..])
+            .expect("validated")
+            .0
+    }
+    /// Byte range of name `k` (not yet validated when called from `dir_block`).
+    fn name_range(&self, k: usize) -> (usize, usize) {
+        let start = self.dirent(k).nameoff.get() as usize;
+        let end = if k + 1 < self.count {
+            self.dirent(k + 1).nameoff.get() as usize
+        } else {
+            let rest = self.block.get(start..).unwrap_or_default();
+            start + rest.iter().position(|c| *c == 0).unwrap_or(rest.len())
+        };
+        (start, end)
+    }
+    fn name(&self, k: usize) -> &[u8] {
+        let (start, end) = self.name_range(k);
+        &self.block[start..end]
+    }
+    fn entry(&self, k: usize) -> DirEntry {
+        let d = self.dirent(k);
+        DirEntry {
+            name: self.name(k).to_vec(),
+            nid: d.nid.get(),
+            file_type: d.file_type,
+        }
+    }
 }
 
 /// Where one chunk of a file lives: the bootstrap's view (chunk index entry).
@@ -365,7 +403,8 @@ impl Bootstrap {
     }
 
     /// Entries of one directory block, validated.
-    fn block_entries(&self, dir: &Inode, i: u64) -> Result<Vec<DirEntry>> {
+    /// A validated view of directory block `i`: entry `k` is `(name, nid, file type)`.
+    fn dir_block(&self, dir: &Inode, i: u64) -> Result<DirBlock<'_>> {
         let block = self.data_block(dir, i);
         let bad = |what: &str| inode_err(dir.nid, format!("directory block {i}: {what}"));
         let first: Dirent = read_struct(block, 0, "dirent").map_err(|_| bad("too short"))?;
@@ -373,28 +412,25 @@ impl Bootstrap {
         if nameoff0 < 12 || nameoff0 % 12 != 0 || nameoff0 >= block.len() {
             return Err(bad("invalid first name offset"));
         }
-        let count = nameoff0 / 12;
-        let mut out = Vec::with_capacity(count);
-        for k in 0..count {
-            let d: Dirent = read_struct(block, k as u64 * 12, "dirent")?;
-            let start = d.nameoff.get() as usize;
-            let end = if k + 1 < count {
-                let next: Dirent = read_struct(block, (k as u64 + 1) * 12, "dirent")?;
-                next.nameoff.get() as usize
-            } else {
-                let rest = block.get(start..).unwrap_or_default();
-                start + rest.iter().position(|c| *c == 0).unwrap_or(rest.len())
-            };
-            if start < nameoff0 || end <= start || end > block.len() || end - start > 255 {
+        let view = DirBlock {
+            block,
+            count: nameoff0 / 12,
+        };
+        // Validate every name range once, so accessors cannot go out of bounds.
+        let mut prev_end = nameoff0;
+        for k in 0..view.count {
+            let (start, end) = view.name_range(k);
+            if start != prev_end || end <= start || end > block.len() || end - start > 255 {
                 return Err(bad("invalid name offset"));
             }
-            out.push(DirEntry {
-                name: block[start..end].to_vec(),
-                nid: d.nid.get(),
-                file_type: d.file_type,
-            });
+            prev_end = end;
         }
-        Ok(out)
+        Ok(view)
+    }
+
+    fn block_entries(&self, dir: &Inode, i: u64) -> Result<Vec<DirEntry>> {
+        let view = self.dir_block(dir, i)?;
+        Ok((0..view.count).map(|k| view.entry(k)).collect())
     }
 
     /// All entries of a directory, including `.` and `..`, in on-disk (sorted) order.
@@ -417,20 +453,22 @@ impl Bootstrap {
         let (mut lo, mut hi) = (0u64, dir.size.div_ceil(self.sb.block_size));
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            let entries = self.block_entries(dir, mid)?;
-            let (first, last) = match (entries.first(), entries.last()) {
-                (Some(f), Some(l)) => (f, l),
-                _ => return Ok(None),
-            };
-            if name < first.name.as_slice() {
+            let view = self.dir_block(dir, mid)?;
+            if name < view.name(0) {
                 hi = mid;
-            } else if name > last.name.as_slice() {
+            } else if name > view.name(view.count - 1) {
                 lo = mid + 1;
             } else {
-                return Ok(entries
-                    .binary_search_by(|e| e.name.as_slice().cmp(name))
-                    .ok()
-                    .map(|k| entries[k].clone()));
+                let (mut a, mut b) = (0, view.count);
+                while a < b {
+                    let m = a + (b - a) / 2;
+                    match view.name(m).cmp(name) {
+                        std::cmp::Ordering::Less => a = m + 1,
+                        std::cmp::Ordering::Greater => b = m,
+                        std::cmp::Ordering::Equal => return Ok(Some(view.entry(m))),
+                    }
+                }
+                return Ok(None);
             }
         }
         Ok(None)
