@@ -61,6 +61,20 @@ fn expand(img: &Image, dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Build variants every judge sees: TOC + zstd + blake3 (the converter's per-layer form),
+/// lz4 + sha256, and uncompressed 4 KiB chunks.
+const VARIANTS: [(&str, &[&str]); 3] = [
+    ("zstd-toc", &["--features", "blob-toc"]),
+    (
+        "lz4-sha256",
+        &["--compressor", "lz4_block", "--digester", "sha256"],
+    ),
+    (
+        "none-4k",
+        &["--compressor", "none", "--chunk-size", "0x1000"],
+    ),
+];
+
 fn varied_tree(dir: &Path) -> PathBuf {
     let src = dir.join("src");
     make_varied_tree(&src).unwrap();
@@ -82,17 +96,7 @@ fn fsck_erofs_accepts_bootstraps_of_the_varied_tree() {
     require_root_tools(&["fsck.erofs"]);
     let tmp = tempfile::tempdir().unwrap();
     let src = varied_tree(tmp.path());
-    for (name, flags) in [
-        ("zstd", &["--features", "blob-toc"][..]),
-        (
-            "lz4",
-            &["--compressor", "lz4_block", "--digester", "sha256"][..],
-        ),
-        (
-            "4k",
-            &["--compressor", "none", "--chunk-size", "0x1000"][..],
-        ),
-    ] {
+    for (name, flags) in VARIANTS {
         let out = tmp.path().join(name);
         let img = build_ours(&src, &out, flags);
         let devs = expand(&img, &out);
@@ -173,18 +177,8 @@ fn kernel_erofs_mount_shows_the_source_tree_exactly() {
 fn upstream_nydus_image_check_accepts_our_bootstraps() {
     let tmp = tempfile::tempdir().unwrap();
     let src = varied_tree(tmp.path());
-    for (name, flags) in [
-        ("default", &[][..]),
-        ("toc", &["--features", "blob-toc"][..]),
-        (
-            "lz4-sha256",
-            &["--compressor", "lz4_block", "--digester", "sha256"][..],
-        ),
-        (
-            "none-4k",
-            &["--compressor", "none", "--chunk-size", "0x1000"][..],
-        ),
-    ] {
+    let default: (&str, &[&str]) = ("default", &[]);
+    for (name, flags) in std::iter::once(default).chain(VARIANTS) {
         let img = build_ours(&src, &tmp.path().join(name), flags);
         let out = run_ok(
             Command::new(upstream_bin("nydus-image"))
@@ -332,17 +326,7 @@ fn create_then_unpack_gives_back_the_same_tree() {
 fn we_read_images_built_by_upstream() {
     let tmp = tempfile::tempdir().unwrap();
     let src = varied_tree(tmp.path());
-    for (name, flags) in [
-        ("zstd-toc", &["--features", "blob-toc"][..]),
-        (
-            "lz4-sha256",
-            &["--compressor", "lz4_block", "--digester", "sha256"][..],
-        ),
-        (
-            "none-4k",
-            &["--compressor", "none", "--chunk-size", "0x1000"][..],
-        ),
-    ] {
+    for (name, flags) in VARIANTS {
         let work = tmp.path().join(name);
         let blobs = work.join("blobs");
         std::fs::create_dir_all(&blobs).unwrap();
