@@ -1,0 +1,272 @@
+//! nydusd read-path benchmark (`cargo bench -p rafs-e2e --bench nydusd`, as root).
+//!
+//! For each daemon — this project's `nydusd` and upstream nydusd 2.2 when installed — and
+//! next to native reads of the source files in the same run, prints:
+//! 1. sequential 128 KiB reads of a 256 MiB file with the page cache dropped, the daemon
+//!    serving from its (already filled) chunk cache;
+//! 2. 4 KiB random reads, same conditions (IOPS);
+//! 3. a walk + lstat of a 100k-file image, warm (stat/s);
+//! 4. the daemon's RSS after that walk.
+//!
+//! Ours runs with digest validation on (its default); upstream 2.2 cannot validate RAFS v6
+//! and runs with it off. `RAFS_BENCH_DIR` (default `/var/tmp/rafs-bench`) holds the
+//! generated sources and images between runs.
+
+use rafs_e2e::*;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+const BIG: u64 = 256 * MIB;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn drop_caches() {
+    let _ = Command::new("sync").status();
+    std::fs::write("/proc/sys/vm/drop_caches", "3").expect("dropping caches needs root");
+}
+
+/// The sources: one 256 MiB file (mixed compressibility) and 100k small files.
+fn prepare(base: &Path) -> (PathBuf, PathBuf) {
+    let big = base.join("nydusd-big");
+    let many = base.join("nydusd-many");
+    if !big.join(".complete").exists() {
+        let _ = std::fs::remove_dir_all(&big);
+        std::fs::create_dir_all(&big).unwrap();
+        let mut rng = Rng(0xA076_1D64_78BD_642F);
+        let mut f = std::io::BufWriter::new(File::create(big.join("file.bin")).unwrap());
+        let mut block = vec![0u8; 4096];
+        for i in 0..BIG / 4096 {
+            for (j, c) in block.chunks_mut(8).enumerate() {
+                let v = if i % 3 == 0 {
+                    rng.next()
+                } else {
+                    (i * 31 + j as u64 % 97) * 0x0101_0101
+                };
+                c.copy_from_slice(&v.to_le_bytes());
+            }
+            std::io::Write::write_all(&mut f, &block).unwrap();
+        }
+        drop(f);
+        std::fs::write(big.join(".complete"), "").unwrap();
+    }
+    if !many.join(".complete").exists() {
+        let _ = std::fs::remove_dir_all(&many);
+        for d in 0..1000 {
+            let dir = many.join(format!("d{d:04}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            for f in 0..100 {
+                std::fs::write(dir.join(format!("f{f:03}")), format!("{d}/{f}\n")).unwrap();
+            }
+        }
+        std::fs::write(many.join(".complete"), "").unwrap();
+    }
+    (big, many)
+}
+
+fn build(src: &Path, out: &Path) {
+    if out.join("image.boot").exists() {
+        return;
+    }
+    std::fs::create_dir_all(out.join("blobs")).unwrap();
+    let st = Command::new(bin("nydus-image"))
+        .args(["create", "-l", "warn", "-t", "dir-rafs", "-B"])
+        .arg(out.join("image.boot"))
+        .arg("-D")
+        .arg(out.join("blobs"))
+        .arg(src)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+struct Daemon {
+    _child: ChildGuard,
+    _mount: Mount,
+    pid: u32,
+    mnt: PathBuf,
+}
+
+fn mount(daemon: &Path, image: &Path, work: &Path, validate: bool) -> Daemon {
+    let mnt = work.join("mnt");
+    let cache = work.join("cache");
+    let _ = std::fs::remove_dir_all(&cache);
+    std::fs::create_dir_all(&mnt).unwrap();
+    std::fs::create_dir_all(&cache).unwrap();
+    let cfg = work.join("config.json");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"{{"device":{{"backend":{{"type":"localfs","config":{{"dir":"{}"}}}},"cache":{{"type":"blobcache","config":{{"work_dir":"{}"}}}}}},"mode":"direct","digest_validate":{validate},"enable_xattr":true}}"#,
+            image.join("blobs").display(),
+            cache.display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(daemon);
+    cmd.arg("--config")
+        .arg(&cfg)
+        .arg("--bootstrap")
+        .arg(image.join("image.boot"))
+        .arg("--mountpoint")
+        .arg(&mnt);
+    cmd.args(["--log-level", "warn"]);
+    if daemon.starts_with(UPSTREAM_BIN_DEFAULT)
+        || std::env::var_os("NYDUS_UPSTREAM_BIN").is_some_and(|d| daemon.starts_with(d))
+    {
+        cmd.args(["--rlimit-nofile", "0"]);
+    }
+    let child = ChildGuard::spawn(cmd.stdout(std::process::Stdio::null())).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || is_mounted(&mnt)),
+        "{} did not mount",
+        daemon.display()
+    );
+    let pid = child.id();
+    Daemon {
+        _child: child,
+        _mount: Mount::adopt(&mnt),
+        pid,
+        mnt,
+    }
+}
+
+fn seq_read(path: &Path) -> f64 {
+    let mut f = File::open(path).unwrap();
+    let mut buf = vec![0u8; 128 << 10];
+    let t = Instant::now();
+    let mut total = 0u64;
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    assert_eq!(total, BIG);
+    total as f64 / MIB as f64 / t.elapsed().as_secs_f64()
+}
+
+fn random_reads(path: &Path, n: usize) -> f64 {
+    let f = File::open(path).unwrap();
+    let mut rng = Rng(42);
+    let mut buf = [0u8; 4096];
+    let t = Instant::now();
+    for _ in 0..n {
+        let off = rng.next() % (BIG / 4096) * 4096;
+        f.read_exact_at(&mut buf, off).unwrap();
+    }
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+fn walk(root: &Path) -> u64 {
+    let mut count = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            count += 1;
+            if m.is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    count
+}
+
+fn stat_rate(root: &Path) -> f64 {
+    walk(root);
+    let t = Instant::now();
+    let n = walk(root);
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    require_root_tools(&["fusermount3"]);
+    let base = PathBuf::from(
+        std::env::var("RAFS_BENCH_DIR").unwrap_or_else(|_| "/var/tmp/rafs-bench".into()),
+    );
+    let (big, many) = prepare(&base);
+    let big_img = base.join("nydusd-big-img");
+    let many_img = base.join("nydusd-many-img");
+    build(&big, &big_img);
+    build(&many, &many_img);
+
+    drop_caches();
+    let native_seq = seq_read(&big.join("file.bin"));
+    drop_caches();
+    let native_iops = random_reads(&big.join("file.bin"), 20_000);
+    let native_stat = stat_rate(&many);
+    println!("native: sequential {native_seq:.0} MiB/s, random 4K {native_iops:.0} IOPS, walk+lstat {native_stat:.0} stat/s");
+
+    let mut daemons: Vec<(&str, PathBuf, bool)> = Vec::new();
+    let ours = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("nydusd");
+    if ours.exists() {
+        daemons.push(("ours (digest validation on)", ours, true));
+    } else {
+        println!("ours: target/release/nydusd not built; skipped");
+    }
+    let up = PathBuf::from(
+        std::env::var("NYDUS_UPSTREAM_BIN").unwrap_or_else(|_| UPSTREAM_BIN_DEFAULT.into()),
+    )
+    .join("nydusd");
+    if up.exists() {
+        daemons.push(("upstream nydusd 2.2 (validation off)", up, false));
+    }
+    for (name, daemon, validate) in daemons {
+        let work = base.join("nydusd-work");
+        let _ = std::fs::remove_dir_all(&work);
+        let d = mount(&daemon, &big_img, &work, validate);
+        let file = d.mnt.join("file.bin");
+        // Fill the chunk cache, then drop the page cache: reads are served from the cache.
+        seq_read(&file);
+        drop_caches();
+        let seq = seq_read(&file);
+        drop_caches();
+        let iops = random_reads(&file, 20_000);
+        drop(d);
+        let d = mount(&daemon, &many_img, &work.join("many"), validate);
+        let stat = stat_rate(&d.mnt);
+        let rss = rss_mib(d.pid);
+        drop(d);
+        println!(
+            "{name}: sequential {seq:.0} MiB/s ({:.2}x native), random 4K {iops:.0} IOPS ({:.2}x), walk+lstat {stat:.0} stat/s ({:.2}x), RSS after walk {rss:.1} MiB",
+            seq / native_seq,
+            iops / native_iops,
+            stat / native_stat
+        );
+    }
+}
