@@ -92,6 +92,10 @@ for line in "${REQUIRED[@]}"; do
         fi
     done
 done
+# The registry client (oci-client with native-tls) links against OpenSSL.
+if ! dpkg-query -W -f='${Status}' libssl-dev 2>/dev/null | grep -q "ok installed"; then
+    missing+=(libssl-dev)
+fi
 # The initramfs of the VM tests needs the *static* busybox, not just any busybox.
 if ! dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "ok installed"; then
     [[ " ${missing[*]} " == *" busybox-static "* ]] || missing+=(busybox-static)

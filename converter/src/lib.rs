@@ -6,6 +6,7 @@
 //! * [`whiteout`]: what happens to overlay whiteout markers in a single-layer build.
 //! * [`prefetch`]: prefetch patterns (absolute paths) and how they resolve to nodes.
 //! * [`mod@create`]: `nydus-image create`, orchestrating the above and writing the outputs.
+//! * [`oci`]: OCI images (layouts, archives, registries) and `nydusify convert|check`.
 //! * [`mod@merge`]: `nydus-image merge`, stacking layer bootstraps with OCI whiteout rules.
 //!
 //! The `nydus-image` binary only parses flags and calls [`create::create`].
@@ -18,6 +19,7 @@ pub mod create;
 pub mod error;
 pub mod inspect;
 pub mod merge;
+pub mod oci;
 pub mod prefetch;
 pub mod source;
 pub mod unpack;

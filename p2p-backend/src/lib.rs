@@ -2,13 +2,16 @@
 //!
 //! * [`BlobBackend`]: the one interface nydusd reads chunks through — ranged reads by blob
 //!   id. Implementations: [`localfs::LocalFs`] (a directory of blobs named by id); the
-//!   registry backend and the p2p backend implement the same trait.
+//!   registry backend ([`registry::RegistryBackend`]) and the p2p backend implement the
+//!   same trait.
+//! * [`registry::Registry`]: the OCI registry client (pull, push, ranged reads, auth).
 //!
 //! Backends return raw stored bytes; verifying chunk digests is the caller's job (the
 //! bootstrap is the root of trust), so a backend never needs to know the format.
 #![forbid(unsafe_code)]
 
 pub mod localfs;
+pub mod registry;
 
 use std::io;
 
@@ -66,4 +69,16 @@ pub trait BlobBackend: Send + Sync {
 
     /// A short name for logs and metrics (`localfs`, `registry`, ...).
     fn kind(&self) -> &'static str;
+}
+
+/// An error and its sources, `: `-separated (for messages that cross crate lines).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }

@@ -2,4 +2,5 @@
 
 mod guards;
 mod judges;
+mod nydusify;
 mod varied_tree;

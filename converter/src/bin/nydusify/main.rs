@@ -1,0 +1,220 @@
+//! `nydusify`: convert OCI images into nydus images (and check the result).
+//!
+//! Image syntax (source and target):
+//!   `HOST[:PORT]/NAME[:TAG]` or `docker://...`  a registry repository;
+//!   `oci:DIR[:TAG]`                               an OCI image layout directory;
+//!   `docker-archive:FILE`                         a `docker save` tar (source only).
+
+#![forbid(unsafe_code)]
+
+use anyhow::{Context as _, Result};
+use clap::{Args, Parser, Subcommand};
+use converter::oci::convert::{convert, ConvertOptions};
+use converter::oci::store::ImageRef;
+use p2p_backend::registry::{Credentials, RegistryOptions};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+const IMAGES: &str = "\
+Images:
+  HOST[:PORT]/NAME[:TAG], docker://...   a registry repository (loopback registries
+                                          are reached over plain HTTP)
+  oci:DIR[:TAG]                           an OCI image layout directory
+  docker-archive:FILE                     a `docker save` tar (source only)
+
+Credentials come from --*-username/--*-password or the docker config
+($DOCKER_CONFIG/config.json or ~/.docker/config.json).
+
+Example:
+  nydusify convert --source 127.0.0.1:5000/busybox:1 --target 127.0.0.1:5000/busybox:1-nydus";
+
+/// Convert OCI container images into nydus (RAFS v6) images.
+#[derive(Debug, Parser)]
+#[command(name = "nydusify", version, after_help = IMAGES)]
+struct Cli {
+    /// Log level (trace, debug, info, warn, error).
+    #[arg(long, global = true, default_value = "info")]
+    log_level: tracing::Level,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Convert an OCI image into a nydus image and write or push it.
+    #[command(after_help = IMAGES)]
+    Convert(ConvertArgs),
+}
+
+/// Registry access flags of one side.
+#[derive(Debug, Args, Clone, Default)]
+struct Access {
+    /// Reach the source registry over plain HTTP.
+    #[arg(long)]
+    source_insecure: bool,
+    /// Reach the target registry over plain HTTP.
+    #[arg(long)]
+    target_insecure: bool,
+    /// User name for the source registry.
+    #[arg(long, requires = "source_password")]
+    source_username: Option<String>,
+    /// Password for the source registry.
+    #[arg(long, requires = "source_username")]
+    source_password: Option<String>,
+    /// User name for the target registry.
+    #[arg(long, requires = "target_password")]
+    target_username: Option<String>,
+    /// Password for the target registry.
+    #[arg(long, requires = "target_username")]
+    target_password: Option<String>,
+    /// Attempts for transient registry failures.
+    #[arg(long, default_value_t = 3)]
+    push_retry_count: u32,
+}
+
+fn creds(u: &Option<String>, p: &Option<String>) -> Option<Credentials> {
+    match (u, p) {
+        (Some(u), Some(p)) => Some(Credentials {
+            username: u.clone(),
+            password: p.clone(),
+        }),
+        _ => None,
+    }
+}
+
+impl Access {
+    fn source(&self) -> RegistryOptions {
+        RegistryOptions {
+            insecure: self.source_insecure,
+            credentials: creds(&self.source_username, &self.source_password),
+            retries: self.push_retry_count,
+            ..Default::default()
+        }
+    }
+    fn target(&self) -> RegistryOptions {
+        RegistryOptions {
+            insecure: self.target_insecure,
+            credentials: creds(&self.target_username, &self.target_password),
+            retries: self.push_retry_count,
+            ..Default::default()
+        }
+    }
+}
+
+/// Flags of `nydusify convert`.
+#[derive(Debug, Args)]
+struct ConvertArgs {
+    /// The OCI image to convert.
+    #[arg(long, value_name = "IMAGE")]
+    source: String,
+
+    /// Where to put the nydus image.
+    #[arg(long, value_name = "IMAGE")]
+    target: String,
+
+    #[command(flatten)]
+    access: Access,
+
+    /// Platform to convert from an image index (os/arch[/variant]).
+    #[arg(long, default_value = "linux/amd64")]
+    platform: String,
+
+    /// Convert every platform of an image index.
+    #[arg(long, conflicts_with = "platform")]
+    all_platforms: bool,
+
+    /// Chunk compressor: none, lz4_block or zstd.
+    #[arg(long, default_value = "zstd")]
+    compressor: rafs::Compressor,
+
+    /// Chunk size: a power of two from 0x1000 to 0x1000000.
+    #[arg(long, alias = "fs-chunk-size", default_value = "0x100000", value_parser = parse_chunk_size)]
+    chunk_size: u32,
+
+    /// Read prefetch patterns (absolute paths, one per line) from stdin.
+    #[arg(long)]
+    prefetch_patterns: bool,
+
+    /// Directory for temporary files.
+    #[arg(long, default_value = "./tmp")]
+    work_dir: PathBuf,
+
+    /// Layers converted at the same time (0: one per CPU).
+    #[arg(long, default_value_t = 0)]
+    jobs: usize,
+
+    /// Write a JSON report (digests, sizes, timings) to this file.
+    #[arg(long, value_name = "FILE")]
+    output_json: Option<PathBuf>,
+}
+
+fn parse_chunk_size(s: &str) -> Result<u32, String> {
+    let v = match s.strip_prefix("0x") {
+        Some(h) => u32::from_str_radix(h, 16),
+        None => s.parse(),
+    }
+    .map_err(|_| format!("'{s}' is not a number"))?;
+    if !v.is_power_of_two() || !(0x1000..=0x100_0000).contains(&v) {
+        return Err(format!(
+            "{v:#x} is not a power of two between 0x1000 and 0x1000000"
+        ));
+    }
+    Ok(v)
+}
+
+fn run_convert(a: ConvertArgs) -> Result<()> {
+    let source: ImageRef = a.source.parse()?;
+    let target: ImageRef = a.target.parse()?;
+    let prefetch = if a.prefetch_patterns {
+        converter::prefetch::read_patterns(std::io::stdin().lock())
+            .context("Reading prefetch patterns from stdin")?
+    } else {
+        Vec::new()
+    };
+    std::fs::create_dir_all(&a.work_dir)
+        .with_context(|| format!("Creating work directory {}", a.work_dir.display()))?;
+    let mut opts = ConvertOptions::new(source, target);
+    opts.source_registry = a.access.source();
+    opts.target_registry = a.access.target();
+    opts.platform = a.platform;
+    opts.all_platforms = a.all_platforms;
+    opts.compressor = a.compressor;
+    opts.chunk_size = a.chunk_size;
+    opts.prefetch = prefetch;
+    opts.work_dir = a.work_dir;
+    opts.jobs = a.jobs;
+    let report = convert(&opts).with_context(|| format!("Converting {}", a.source))?;
+    tracing::info!(
+        "converted {} -> {} ({}) in {:.2}s + {:.2}s upload",
+        report.source,
+        report.target,
+        report.digest,
+        report.convert_seconds,
+        report.push_seconds
+    );
+    if let Some(path) = a.output_json {
+        let json = serde_json::to_vec_pretty(&report)?;
+        std::fs::write(&path, json).with_context(|| format!("Writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_max_level(cli.log_level)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .init();
+    let r = match cli.command {
+        Command::Convert(a) => run_convert(a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

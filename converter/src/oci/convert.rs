@@ -1,0 +1,661 @@
+//! `nydusify convert`: an OCI image into a nydus image.
+//!
+//! Per image manifest: every layer is streamed (tar, tar+gzip or tar+zstd, its digest
+//! checked as it is read) into one data blob with its own inline bootstrap and TOC
+//! (`create --blob-inline-meta --features blob-toc --whiteout-spec none`), several layers
+//! at a time; the layer bootstraps are merged with OCI whiteout rules ([`crate::merge`])
+//! using the blobs' sha256 as blob ids; the result is packaged as upstream does (§6):
+//! one `nydus.blob.v1` layer per referenced blob, then a `tar+gzip` bootstrap layer with
+//! `image/image.boot`, a config with new diff ids (history kept) and a manifest.
+//!
+//! Nothing is written to the target until every layer of every image is converted and
+//! verified; the tag is set last. The output depends only on the input and options.
+
+use super::store::{open_source, open_target, verify, ImageRef, Source};
+use super::*;
+use crate::merge::{merge_layers, open_layer};
+use crate::source::tar::{read_tar, LayerCompression};
+use crate::whiteout::WhiteoutSpec;
+use p2p_backend::registry::RegistryOptions;
+use rafs::write::{write_bootstrap, write_chunks, BlobOptions, BootstrapOptions, ChunkArena};
+use rafs::{BlobInfo, Compressor, Digester};
+use sha2::Digest as _;
+use std::io::{self, BufRead, BufReader, BufWriter, Read};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// What to convert and how.
+#[derive(Clone, Debug)]
+pub struct ConvertOptions {
+    /// The OCI image.
+    pub source: ImageRef,
+    /// Where the nydus image goes.
+    pub target: ImageRef,
+    /// How to reach the source registry.
+    pub source_registry: RegistryOptions,
+    /// How to reach the target registry.
+    pub target_registry: RegistryOptions,
+    /// `os/arch[/variant]` chosen from an index.
+    pub platform: String,
+    /// Convert every platform of an index.
+    pub all_platforms: bool,
+    /// Chunk compressor.
+    pub compressor: Compressor,
+    /// Chunk size.
+    pub chunk_size: u32,
+    /// Prefetch patterns for the merged bootstrap.
+    pub prefetch: Vec<String>,
+    /// Directory for temporary blobs (a fresh temporary directory inside it is used).
+    pub work_dir: PathBuf,
+    /// Layers converted at the same time (0: number of CPUs).
+    pub jobs: usize,
+}
+
+impl ConvertOptions {
+    /// Upstream's defaults (linux/amd64, zstd, 1 MiB chunks) for `source` → `target`.
+    pub fn new(source: ImageRef, target: ImageRef) -> Self {
+        ConvertOptions {
+            source,
+            target,
+            source_registry: RegistryOptions::default(),
+            target_registry: RegistryOptions::default(),
+            platform: "linux/amd64".into(),
+            all_platforms: false,
+            compressor: Compressor::Zstd,
+            chunk_size: rafs::format::DEFAULT_CHUNK_SIZE,
+            prefetch: Vec::new(),
+            work_dir: std::env::temp_dir(),
+            jobs: 0,
+        }
+    }
+}
+
+/// One converted layer in the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerReport {
+    /// Digest of the source layer.
+    pub source_digest: String,
+    /// Size of the source layer.
+    pub source_size: u64,
+    /// Digest of the nydus blob built from it.
+    pub blob_digest: String,
+    /// Size of that blob.
+    pub blob_size: u64,
+    /// Chunks in the blob.
+    pub chunks: u32,
+    /// Whether the merged bootstrap references the blob (else it is left out).
+    pub referenced: bool,
+}
+
+/// One converted image (platform).
+#[derive(Clone, Debug, Serialize)]
+pub struct ImageReport {
+    /// Platform, when the source was an index.
+    pub platform: Option<String>,
+    /// Digest of the nydus manifest.
+    pub manifest_digest: String,
+    /// Digest of the bootstrap layer.
+    pub bootstrap_digest: String,
+    /// Size of the merged bootstrap.
+    pub bootstrap_size: u64,
+    /// The layers.
+    pub layers: Vec<LayerReport>,
+}
+
+/// What `convert` did (`--output-json`).
+#[derive(Clone, Debug, Serialize)]
+pub struct ConvertReport {
+    /// The source.
+    pub source: String,
+    /// The target.
+    pub target: String,
+    /// Digest of the top-level manifest or index written.
+    pub digest: String,
+    /// Media type of it.
+    pub media_type: String,
+    /// Per image.
+    pub images: Vec<ImageReport>,
+    /// Bytes of source layers read.
+    pub source_bytes: u64,
+    /// Bytes of nydus layers produced.
+    pub target_bytes: u64,
+    /// Wall time of the conversion, seconds.
+    pub convert_seconds: f64,
+    /// Wall time of the upload, seconds.
+    pub push_seconds: f64,
+}
+
+/// A reader that hashes and counts what passes through.
+struct Hashing<R> {
+    inner: R,
+    hasher: sha2::Sha256,
+    size: u64,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+}
+
+/// A blob built from one layer, waiting in the work directory.
+struct BuiltLayer {
+    path: PathBuf,
+    digest: String,
+    size: u64,
+    chunks: u32,
+}
+
+fn sha256_path(path: &Path) -> Result<(String, u64)> {
+    let mut f = std::fs::File::open(path)
+        .map_err(|e| OciError::io(format!("Reading {}", path.display()), e))?;
+    let mut h = Hashing {
+        inner: &mut f,
+        hasher: sha2::Sha256::new(),
+        size: 0,
+    };
+    io::copy(&mut h, &mut io::sink())
+        .map_err(|e| OciError::io(format!("Reading {}", path.display()), e))?;
+    Ok((
+        format!("sha256:{}", hex::encode(h.hasher.finalize())),
+        h.size,
+    ))
+}
+
+/// Streams one layer into an inline-meta blob in `dir`.
+fn build_layer(
+    source: &dyn Source,
+    desc: &Descriptor,
+    opts: &ConvertOptions,
+    threads: usize,
+    dir: &Path,
+) -> Result<BuiltLayer> {
+    let layer_err = |source: crate::Error| OciError::Layer {
+        layer: desc.digest.clone(),
+        source: Box::new(source),
+    };
+    let io_err = |e| OciError::io(format!("Reading layer {}", desc.digest), e);
+    let mut raw = Hashing {
+        inner: source.open_blob(desc)?,
+        hasher: sha2::Sha256::new(),
+        size: 0,
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix("layer-")
+        .tempfile_in(dir)
+        .map_err(|e| OciError::io(format!("Creating a temporary blob in {}", dir.display()), e))?;
+    let file = tmp
+        .reopen()
+        .map_err(|e| OciError::io("Opening the temporary blob", e))?;
+    let blob_opts = BlobOptions {
+        chunk_size: opts.chunk_size,
+        compressor: opts.compressor,
+        digester: Digester::Blake3,
+        blob_index: 0,
+        toc: true,
+        inline_meta: true,
+        threads,
+    };
+    let mut arena = ChunkArena::default();
+    let (tree, body) = write_chunks(
+        BufWriter::with_capacity(1 << 20, file),
+        &blob_opts,
+        &mut arena,
+        |sink| {
+            let mut buffered = BufReader::with_capacity(256 * 1024, &mut raw);
+            let head = buffered
+                .fill_buf()
+                .map_err(|e| rafs::Error::io("Reading layer", e))?;
+            let mut stream: Box<dyn Read + '_> = match LayerCompression::detect(head) {
+                LayerCompression::None => Box::new(buffered),
+                LayerCompression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(buffered)),
+                LayerCompression::Zstd => Box::new(
+                    zstd::stream::read::Decoder::with_buffer(buffered)
+                        .map_err(|e| rafs::Error::io("Reading layer", e))?,
+                ),
+            };
+            let tree = read_tar(&mut stream, WhiteoutSpec::None, sink);
+            if tree.is_ok() {
+                // The rest of the stream (tar padding, compression trailer) is hashed too.
+                io::copy(&mut stream, &mut io::sink())
+                    .map_err(|e| rafs::Error::io("Reading layer", e))?;
+            }
+            Ok(tree)
+        },
+    )
+    .map_err(|e| layer_err(e.into()))?;
+    let tree = tree.map_err(layer_err)?;
+    io::copy(&mut raw, &mut io::sink()).map_err(io_err)?;
+    let actual = format!("sha256:{}", hex::encode(raw.hasher.clone().finalize()));
+    if actual != desc.digest || raw.size != desc.size {
+        return Err(OciError::DigestMismatch {
+            what: "layer".into(),
+            digest: desc.digest.clone(),
+            actual,
+            size: raw.size,
+        });
+    }
+    let boot_opts = BootstrapOptions {
+        chunk_size: opts.chunk_size,
+        compressor: opts.compressor,
+        digester: Digester::Blake3,
+        explicit_uidgid: true,
+        prefetch: Vec::new(),
+    };
+    let with_meta = body.write_meta().map_err(|e| layer_err(e.into()))?;
+    let provisional = with_meta.provisional_info();
+    let table: &[BlobInfo] = if provisional.chunk_count == 0 {
+        &[]
+    } else {
+        std::slice::from_ref(&provisional)
+    };
+    let boot =
+        write_bootstrap(&tree, &arena, table, &boot_opts).map_err(|e| layer_err(e.into()))?;
+    let (info, _) = with_meta
+        .finish(Some(&boot))
+        .map_err(|e| layer_err(e.into()))?;
+    let path = tmp
+        .into_temp_path()
+        .keep()
+        .map_err(|e| OciError::io("Keeping the temporary blob", e.error))?;
+    let (digest, size) = sha256_path(&path)?;
+    Ok(BuiltLayer {
+        path,
+        digest,
+        size,
+        chunks: info.chunk_count,
+    })
+}
+
+/// Converts the layers of one manifest, `jobs` at a time, keeping their order.
+fn build_layers(
+    source: &dyn Source,
+    layers: &[Descriptor],
+    opts: &ConvertOptions,
+    dir: &Path,
+) -> Result<Vec<BuiltLayer>> {
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let jobs = if opts.jobs == 0 { cpus } else { opts.jobs }.clamp(1, layers.len().max(1));
+    let threads = (cpus / jobs).max(1);
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<Result<BuiltLayer>>>> =
+        Mutex::new((0..layers.len()).map(|_| None).collect());
+    std::thread::scope(|s| {
+        for _ in 0..jobs {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= layers.len() {
+                    break;
+                }
+                let started = Instant::now();
+                let r = build_layer(source, &layers[i], opts, threads, dir);
+                if let Ok(b) = &r {
+                    tracing::info!(
+                        "layer {}/{} {} -> blob {} ({} bytes, {} chunks) in {:.2}s",
+                        i + 1,
+                        layers.len(),
+                        layers[i].digest,
+                        b.digest,
+                        b.size,
+                        b.chunks,
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                let failed = r.is_err();
+                if let Ok(mut v) = results.lock() {
+                    v[i] = Some(r);
+                }
+                if failed {
+                    // Stop handing out work; running layers finish.
+                    next.store(layers.len(), Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    let mut out = Vec::with_capacity(layers.len());
+    for r in results
+        .into_inner()
+        .unwrap_or_default()
+        .into_iter()
+        .flatten()
+    {
+        out.push(r?);
+    }
+    if out.len() != layers.len() {
+        return Err(OciError::invalid("conversion", "a layer was not converted"));
+    }
+    Ok(out)
+}
+
+/// A converted image, ready to be written.
+struct Converted {
+    platform: Option<Platform>,
+    manifest: Vec<u8>,
+    manifest_desc: Descriptor,
+    config: (Descriptor, Vec<u8>),
+    blobs: Vec<(Descriptor, PathBuf)>,
+    bootstrap_layer: (Descriptor, Vec<u8>),
+    report: ImageReport,
+}
+
+/// The bootstrap layer: a deterministic tar.gz holding `image/image.boot`; returns the
+/// compressed bytes and the diff id.
+pub fn bootstrap_layer(bootstrap: &[u8]) -> Result<(Vec<u8>, String)> {
+    let mut b = tar::Builder::new(Vec::new());
+    b.mode(tar::HeaderMode::Deterministic);
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_mode(0o755);
+    h.set_size(0);
+    h.set_mtime(0);
+    let io = |e| OciError::io("Packing the bootstrap layer", e);
+    b.append_data(&mut h, "image", &[][..]).map_err(io)?;
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_size(bootstrap.len() as u64);
+    h.set_mtime(0);
+    b.append_data(&mut h, BOOTSTRAP_PATH, bootstrap)
+        .map_err(io)?;
+    let tar = b.into_inner().map_err(io)?;
+    let diff_id = digest_of(&tar);
+    let mut gz = flate2::GzBuilder::new()
+        .mtime(0)
+        .write(Vec::new(), flate2::Compression::default());
+    io::Write::write_all(&mut gz, &tar).map_err(io)?;
+    Ok((gz.finish().map_err(io)?, diff_id))
+}
+
+fn descriptor(media_type: &str, digest: String, size: u64) -> Descriptor {
+    Descriptor {
+        media_type: media_type.into(),
+        digest,
+        size,
+        annotations: Default::default(),
+        platform: None,
+        extra: Default::default(),
+    }
+}
+
+fn convert_image(
+    source: &dyn Source,
+    manifest: &Manifest,
+    platform: Option<Platform>,
+    opts: &ConvertOptions,
+    dir: &Path,
+) -> Result<Converted> {
+    for l in &manifest.layers {
+        if LayerMedia::of(&l.media_type).is_none() {
+            return Err(OciError::MediaType {
+                digest: l.digest.clone(),
+                media_type: l.media_type.clone(),
+            });
+        }
+    }
+    let config_bytes = source.read_blob(&manifest.config, "config")?;
+    let mut config: Value =
+        serde_json::from_slice(&config_bytes).map_err(|source| OciError::Document {
+            what: format!("config {}", manifest.config.digest),
+            source,
+        })?;
+    let built = build_layers(source, &manifest.layers, opts, dir)?;
+    let mut merge_inputs = Vec::with_capacity(built.len());
+    for b in &built {
+        let mut layer = open_layer(&b.path)?;
+        layer.blob.id = Some(digest_hex(&b.digest)?.to_string());
+        layer.blob.size = Some(b.size);
+        layer.name = b.digest.clone();
+        merge_inputs.push(layer);
+    }
+    let merged = merge_layers(&merge_inputs, &opts.prefetch)?;
+    let referenced: Vec<String> = merged
+        .blobs
+        .iter()
+        .map(|b| format!("sha256:{}", b.id))
+        .collect();
+    let mut blobs = Vec::new();
+    let mut layers_report = Vec::new();
+    for (src, b) in manifest.layers.iter().zip(&built) {
+        let used = referenced.contains(&b.digest);
+        layers_report.push(LayerReport {
+            source_digest: src.digest.clone(),
+            source_size: src.size,
+            blob_digest: b.digest.clone(),
+            blob_size: b.size,
+            chunks: b.chunks,
+            referenced: used,
+        });
+    }
+    // Blob layers in the merged blob table's order (a blob shared by layers is listed once).
+    for id in &referenced {
+        let b = built
+            .iter()
+            .find(|b| &b.digest == id)
+            .expect("merged blobs come from layers");
+        let mut d = descriptor(MEDIA_NYDUS_BLOB, b.digest.clone(), b.size);
+        d.annotations
+            .insert(ANNOTATION_NYDUS_BLOB.into(), "true".into());
+        blobs.push((d, b.path.clone()));
+    }
+    let (boot_gz, diff_id) = bootstrap_layer(&merged.bootstrap)?;
+    let mut boot_desc = descriptor(MEDIA_LAYER_GZIP, digest_of(&boot_gz), boot_gz.len() as u64);
+    boot_desc
+        .annotations
+        .insert(ANNOTATION_NYDUS_BOOTSTRAP.into(), "true".into());
+    boot_desc
+        .annotations
+        .insert(ANNOTATION_NYDUS_FS_VERSION.into(), "6".into());
+    boot_desc
+        .annotations
+        .insert(ANNOTATION_UNCOMPRESSED.into(), diff_id.clone());
+
+    let mut diff_ids: Vec<Value> = blobs
+        .iter()
+        .map(|(d, _)| Value::String(d.digest.clone()))
+        .collect();
+    diff_ids.push(Value::String(diff_id));
+    match config.as_object_mut() {
+        Some(obj) => {
+            obj.insert(
+                "rootfs".into(),
+                serde_json::json!({"type": "layers", "diff_ids": diff_ids}),
+            );
+        }
+        None => {
+            return Err(OciError::invalid(
+                format!("config {}", manifest.config.digest),
+                "not a JSON object",
+            ))
+        }
+    }
+    let config_out = serde_json::to_vec(&config).expect("config serializes");
+    let config_desc = descriptor(
+        MEDIA_OCI_CONFIG,
+        digest_of(&config_out),
+        config_out.len() as u64,
+    );
+    let mut layers: Vec<Descriptor> = blobs.iter().map(|(d, _)| d.clone()).collect();
+    layers.push(boot_desc.clone());
+    let out = Manifest {
+        schema_version: 2,
+        media_type: Some(MEDIA_OCI_MANIFEST.into()),
+        config: config_desc.clone(),
+        layers,
+        annotations: Default::default(),
+        extra: Default::default(),
+    };
+    let manifest_bytes = serde_json::to_vec(&out).expect("manifest serializes");
+    let mut manifest_desc = descriptor(
+        MEDIA_OCI_MANIFEST,
+        digest_of(&manifest_bytes),
+        manifest_bytes.len() as u64,
+    );
+    manifest_desc.platform = platform.clone();
+    Ok(Converted {
+        report: ImageReport {
+            platform: platform.as_ref().map(Platform::name),
+            manifest_digest: manifest_desc.digest.clone(),
+            bootstrap_digest: boot_desc.digest.clone(),
+            bootstrap_size: merged.bootstrap.len() as u64,
+            layers: layers_report,
+        },
+        platform,
+        manifest: manifest_bytes,
+        manifest_desc,
+        config: (config_desc, config_out),
+        blobs,
+        bootstrap_layer: (boot_desc, boot_gz),
+    })
+}
+
+/// Picks the manifests to convert from an index.
+fn select(index: &Index, opts: &ConvertOptions) -> Result<Vec<Descriptor>> {
+    let wanted: Vec<Descriptor> = index
+        .manifests
+        .iter()
+        .filter(|d| {
+            // Skip attestation manifests and existing nydus manifests.
+            let p = d.platform.as_ref();
+            let is_nydus =
+                p.is_some_and(|p| p.os_features.iter().any(|f| f == "nydus.remoteimage.v1"));
+            let unknown = p.is_some_and(|p| p.os == "unknown");
+            !is_nydus && !unknown
+        })
+        .filter(|d| {
+            opts.all_platforms
+                || d.platform.as_ref().is_some_and(|p| {
+                    let name = p.name();
+                    name == opts.platform || format!("{}/{}", p.os, p.architecture) == opts.platform
+                })
+        })
+        .cloned()
+        .collect();
+    if wanted.is_empty() {
+        return Err(OciError::Platform(if opts.all_platforms {
+            "any".into()
+        } else {
+            opts.platform.clone()
+        }));
+    }
+    Ok(if opts.all_platforms {
+        wanted
+    } else {
+        wanted.into_iter().take(1).collect()
+    })
+}
+
+/// Converts `opts.source` into a nydus image at `opts.target`.
+pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
+    let started = Instant::now();
+    let source = open_source(&opts.source, &opts.source_registry)?;
+    let (top, _) = source.top()?;
+    let work = tempfile::Builder::new()
+        .prefix("nydusify-")
+        .tempdir_in(&opts.work_dir)
+        .map_err(|e| {
+            OciError::io(
+                format!("Creating a work directory in {}", opts.work_dir.display()),
+                e,
+            )
+        })?;
+    let (images, is_index) = match parse_top_level(&top, "source manifest")? {
+        TopLevel::Manifest(m) => (
+            vec![convert_image(source.as_ref(), &m, None, opts, work.path())?],
+            false,
+        ),
+        TopLevel::Index(idx) => {
+            let mut out = Vec::new();
+            for d in select(&idx, opts)? {
+                let bytes = source.manifest(&d.digest)?;
+                let m = match parse_top_level(&bytes, &format!("manifest {}", d.digest))? {
+                    TopLevel::Manifest(m) => m,
+                    TopLevel::Index(_) => {
+                        return Err(OciError::invalid(
+                            format!("manifest {}", d.digest),
+                            "nested indexes are not supported",
+                        ))
+                    }
+                };
+                out.push(convert_image(
+                    source.as_ref(),
+                    &m,
+                    d.platform.clone(),
+                    opts,
+                    work.path(),
+                )?);
+            }
+            (out, true)
+        }
+    };
+    let convert_seconds = started.elapsed().as_secs_f64();
+
+    // Everything is converted and verified: now write, tag last.
+    let pushed = Instant::now();
+    let target = open_target(&opts.target, &opts.target_registry)?;
+    for img in &images {
+        for (d, path) in &img.blobs {
+            target.put_blob_file(d, path)?;
+        }
+        target.put_blob_bytes(&img.bootstrap_layer.0, &img.bootstrap_layer.1)?;
+        target.put_blob_bytes(&img.config.0, &img.config.1)?;
+    }
+    let (top_desc, top_bytes) = if is_index {
+        for img in &images {
+            target.put_manifest(&img.manifest_desc, &img.manifest)?;
+        }
+        let index = Index {
+            schema_version: 2,
+            media_type: Some(MEDIA_OCI_INDEX.into()),
+            manifests: images
+                .iter()
+                .map(|i| {
+                    let mut d = i.manifest_desc.clone();
+                    d.platform = i.platform.clone();
+                    d
+                })
+                .collect(),
+            annotations: Default::default(),
+            extra: Default::default(),
+        };
+        let bytes = serde_json::to_vec(&index).expect("index serializes");
+        (
+            descriptor(MEDIA_OCI_INDEX, digest_of(&bytes), bytes.len() as u64),
+            bytes,
+        )
+    } else {
+        let mut d = images[0].manifest_desc.clone();
+        d.platform = None;
+        (d, images[0].manifest.clone())
+    };
+    target.tag(&top_desc, &top_bytes)?;
+    let source_bytes = images
+        .iter()
+        .flat_map(|i| &i.report.layers)
+        .map(|l| l.source_size)
+        .sum();
+    let target_bytes = images
+        .iter()
+        .map(|i| i.blobs.iter().map(|(d, _)| d.size).sum::<u64>() + i.bootstrap_layer.0.size)
+        .sum();
+    Ok(ConvertReport {
+        source: opts.source.to_string(),
+        target: opts.target.to_string(),
+        digest: top_desc.digest,
+        media_type: top_desc.media_type,
+        images: images.into_iter().map(|i| i.report).collect(),
+        source_bytes,
+        target_bytes,
+        convert_seconds,
+        push_seconds: pushed.elapsed().as_secs_f64(),
+    })
+}
+
+/// Verifies bytes of a small document against a descriptor (re-exported for checks).
+pub fn verify_document(what: &str, desc: &Descriptor, data: &[u8]) -> Result<()> {
+    verify(what, desc, data)
+}

@@ -1,0 +1,451 @@
+//! The OCI registry client (on the `oci-client` crate) and the `registry` blob backend.
+//!
+//! [`Registry`] is a blocking facade over the async client: it owns a small tokio runtime
+//! and may be shared between threads (each call blocks the calling thread only). It pulls
+//! manifests and blobs (streamed, digest-checked), checks for blobs with HEAD, pushes
+//! blobs in chunks and manifests, and reads blob ranges. Credentials come from flags or
+//! from a docker `config.json`; token (bearer) auth is negotiated by `oci-client`.
+//! Loopback registries and `insecure` ones are spoken to over plain HTTP.
+//!
+//! Transient failures (connection errors, 5xx, 429) are retried with exponential
+//! backoff; everything else fails at once with the registry's message.
+
+mod auth;
+mod backend;
+
+pub use auth::{credentials_from_docker_config, Credentials};
+pub use backend::RegistryBackend;
+
+use futures_util::StreamExt as _;
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference, RegistryOperation};
+use sha2::Digest as _;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::Duration;
+
+/// Errors of the registry client.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The image reference cannot be parsed.
+    #[error("Invalid image reference '{reference}': {reason}")]
+    Reference {
+        /// The reference as given.
+        reference: String,
+        /// Why it is invalid.
+        reason: String,
+    },
+    /// The manifest, tag or blob does not exist.
+    #[error("{0} not found in the registry")]
+    NotFound(String),
+    /// The registry refused the credentials.
+    #[error("Not authorized for {0} (check the credentials in the docker config or flags)")]
+    Unauthorized(String),
+    /// A request failed (after retries for transient failures).
+    #[error("{what}")]
+    Request {
+        /// What was being done.
+        what: String,
+        /// The client's error.
+        #[source]
+        source: OciDistributionError,
+    },
+    /// Downloaded bytes do not match their digest.
+    #[error("Blob {digest}: content has digest {actual}")]
+    DigestMismatch {
+        /// The expected digest.
+        digest: String,
+        /// The digest of what arrived.
+        actual: String,
+    },
+    /// A local file could not be read or written.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The docker config file is unreadable or malformed.
+    #[error("Docker config {path}: {reason}")]
+    Config {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Result alias of the registry client.
+pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
+
+/// How to reach a registry.
+#[derive(Clone, Debug, Default)]
+pub struct RegistryOptions {
+    /// Use plain HTTP (loopback registries always do).
+    pub insecure: bool,
+    /// Explicit credentials; otherwise the docker config is consulted.
+    pub credentials: Option<Credentials>,
+    /// Attempts for transient failures (0 means the default, 3).
+    pub retries: u32,
+    /// First backoff delay (0 means the default, 200 ms); doubled on every retry.
+    pub backoff: Duration,
+}
+
+/// A repository in a registry, reached through a blocking client.
+pub struct Registry {
+    rt: tokio::runtime::Runtime,
+    client: Client,
+    auth: RegistryAuth,
+    reference: Reference,
+    retries: u32,
+    backoff: Duration,
+}
+
+fn is_loopback(host: &str) -> bool {
+    let h = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    h == "localhost" || h == "[::1]" || h.starts_with("127.")
+}
+
+fn transient(e: &OciDistributionError) -> bool {
+    match e {
+        OciDistributionError::RequestError(_) | OciDistributionError::IoError(_) => true,
+        OciDistributionError::ServerError { code, .. } => *code >= 500 || *code == 429,
+        _ => false,
+    }
+}
+
+/// The 64 hex digits of a `sha256:` digest, or an error.
+pub fn sha256_hex(digest: &str) -> Option<&str> {
+    let hex = digest.strip_prefix("sha256:")?;
+    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then_some(hex)
+}
+
+impl Registry {
+    /// A client for the repository of `reference` (`host[:port]/name[:tag|@digest]`).
+    pub fn new(reference: &str, opts: &RegistryOptions) -> Result<Self> {
+        let parsed: Reference = reference.parse().map_err(|e| RegistryError::Reference {
+            reference: reference.to_string(),
+            reason: format!("{e}"),
+        })?;
+        let host = parsed.resolve_registry().to_string();
+        let protocol = if opts.insecure || is_loopback(&host) {
+            ClientProtocol::HttpsExcept(vec![host.clone(), parsed.registry().to_string()])
+        } else {
+            ClientProtocol::Https
+        };
+        let config = ClientConfig {
+            protocol,
+            connect_timeout: Some(Duration::from_secs(10)),
+            read_timeout: Some(Duration::from_secs(60)),
+            ..Default::default()
+        };
+        let credentials = match &opts.credentials {
+            Some(c) => Some(c.clone()),
+            None => credentials_from_docker_config(&host)?,
+        };
+        let auth = match credentials {
+            Some(c) => RegistryAuth::Basic(c.username, c.password),
+            None => RegistryAuth::Anonymous,
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|source| RegistryError::Io {
+                what: "Starting the registry client runtime".into(),
+                source,
+            })?;
+        Ok(Registry {
+            rt,
+            client: Client::new(config),
+            auth,
+            reference: parsed,
+            retries: if opts.retries == 0 { 3 } else { opts.retries },
+            backoff: if opts.backoff.is_zero() {
+                Duration::from_millis(200)
+            } else {
+                opts.backoff
+            },
+        })
+    }
+
+    /// The parsed reference.
+    pub fn reference(&self) -> &Reference {
+        &self.reference
+    }
+
+    /// Runs `op` up to `retries` times while it fails transiently.
+    fn retry<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, OciDistributionError>>,
+    {
+        let mut delay = self.backoff;
+        let mut attempt = 1;
+        loop {
+            match self.rt.block_on(op()) {
+                Ok(v) => return Ok(v),
+                Err(e) if attempt < self.retries && transient(&e) => {
+                    tracing::warn!("{what}: {e}; retrying in {delay:?}");
+                    std::thread::sleep(delay);
+                    delay *= 2;
+                    attempt += 1;
+                }
+                Err(e) => return Err(classify(what, e)),
+            }
+        }
+    }
+
+    fn auth_for(&self, op: RegistryOperation) -> Result<()> {
+        let what = format!("Authenticating to {}", self.reference.resolve_registry());
+        self.retry(&what, || self.client.auth(&self.reference, &self.auth, op))?;
+        Ok(())
+    }
+
+    /// Fetches a manifest or index by tag or digest (`None`: the reference's own).
+    /// Returns its bytes and digest.
+    pub fn pull_manifest(&self, tag_or_digest: Option<&str>) -> Result<(Vec<u8>, String)> {
+        let r = match tag_or_digest {
+            Some(t) => self.with(t),
+            None => self.reference.clone(),
+        };
+        let accepted = [
+            "application/vnd.oci.image.index.v1+json",
+            "application/vnd.oci.image.manifest.v1+json",
+            "application/vnd.docker.distribution.manifest.list.v2+json",
+            "application/vnd.docker.distribution.manifest.v2+json",
+        ];
+        let what = format!("Fetching manifest {}", r.whole());
+        let (bytes, digest) = self.retry(&what, || {
+            self.client.pull_manifest_raw(&r, &self.auth, &accepted)
+        })?;
+        Ok((bytes.to_vec(), digest))
+    }
+
+    /// This repository with another tag (`name`) or digest (`sha256:...`).
+    fn with(&self, tag_or_digest: &str) -> Reference {
+        let r = &self.reference;
+        if tag_or_digest.contains(':') {
+            Reference::with_digest(
+                r.registry().to_string(),
+                r.repository().to_string(),
+                tag_or_digest.to_string(),
+            )
+        } else {
+            Reference::with_tag(
+                r.registry().to_string(),
+                r.repository().to_string(),
+                tag_or_digest.to_string(),
+            )
+        }
+    }
+
+    /// Streams blob `digest` into `out`, checking its size (when known) and sha256.
+    pub fn pull_blob(&self, digest: &str, size: Option<u64>, out: &mut dyn Write) -> Result<u64> {
+        let mut reader = self.open_blob(digest)?;
+        let mut hasher = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            let n = reader.read(&mut buf).map_err(|source| RegistryError::Io {
+                what: format!("Downloading blob {digest}"),
+                source,
+            })?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            total += n as u64;
+            out.write_all(&buf[..n])
+                .map_err(|source| RegistryError::Io {
+                    what: format!("Writing blob {digest}"),
+                    source,
+                })?;
+        }
+        let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
+        if actual != digest || size.is_some_and(|s| s != total) {
+            return Err(RegistryError::DigestMismatch {
+                digest: digest.to_string(),
+                actual: format!("{actual} ({total} bytes)"),
+            });
+        }
+        Ok(total)
+    }
+
+    /// A reader of blob `digest`'s bytes as they arrive. The client checks the digest at
+    /// the end of the stream (an error from the last read); callers that must be sure
+    /// hash what they read, as [`Registry::pull_blob`] does.
+    pub fn open_blob(&self, digest: &str) -> Result<BlobReader<'_>> {
+        let what = format!("Fetching blob {digest}");
+        self.auth_for(RegistryOperation::Pull)?;
+        // A ranged request from 0: the client's own digest check of full responses
+        // is skipped (callers check, see above).
+        let resp = self.retry(&what, || {
+            self.client
+                .pull_blob_stream_partial(&self.reference, digest, 0, None)
+        })?;
+        let stream = match resp {
+            oci_client::client::BlobResponse::Full(s)
+            | oci_client::client::BlobResponse::Partial(s) => s,
+        };
+        Ok(BlobReader {
+            registry: self,
+            stream: stream.stream,
+            pending: bytes::Bytes::new(),
+        })
+    }
+
+    /// Reads `len` bytes of blob `digest` at `offset` (an HTTP range request).
+    pub fn read_range(&self, digest: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let what = format!("Reading {len} bytes at {offset} of blob {digest}");
+        self.auth_for(RegistryOperation::Pull)?;
+        self.retry(&what, || async {
+            use oci_client::client::BlobResponse;
+            let resp = self
+                .client
+                .pull_blob_stream_partial(&self.reference, digest, offset, Some(len))
+                .await?;
+            let (mut stream, skip) = match resp {
+                BlobResponse::Partial(s) => (s.stream, 0),
+                // A registry that ignores ranges sends everything: skip to the offset.
+                BlobResponse::Full(s) => (s.stream, offset),
+            };
+            let mut out = Vec::with_capacity(len as usize);
+            let mut skipped = 0u64;
+            while let Some(chunk) = stream.next().await {
+                let mut chunk = chunk?;
+                if skipped < skip {
+                    let n = (skip - skipped).min(chunk.len() as u64) as usize;
+                    skipped += n as u64;
+                    let _ = chunk.split_to(n);
+                }
+                let want = len as usize - out.len();
+                out.extend_from_slice(&chunk[..chunk.len().min(want)]);
+                if out.len() == len as usize {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Whether blob `digest` exists (HEAD).
+    pub fn blob_exists(&self, digest: &str) -> Result<bool> {
+        let what = format!("Checking for blob {digest}");
+        self.auth_for(RegistryOperation::Push)?;
+        self.retry(&what, || self.client.blob_exists(&self.reference, digest))
+    }
+
+    /// Uploads the file at `path` as blob `digest` in chunks, unless the registry has it
+    /// already. Returns whether it was uploaded.
+    pub fn push_blob_file(&self, digest: &str, path: &Path) -> Result<bool> {
+        if self.blob_exists(digest)? {
+            return Ok(false);
+        }
+        let what = format!("Uploading blob {digest} from {}", path.display());
+        let size = std::fs::metadata(path)
+            .map_err(|source| RegistryError::Io {
+                what: what.clone(),
+                source,
+            })?
+            .len();
+        self.retry(&what, || async {
+            let file = tokio::fs::File::open(path).await?;
+            let stream = tokio_util::io::ReaderStream::with_capacity(file, 4 << 20)
+                .map(|r| r.map_err(OciDistributionError::IoError));
+            self.client
+                .push_blob_stream(&self.reference, stream, digest, Some(size))
+                .await
+        })?;
+        Ok(true)
+    }
+
+    /// Uploads a small blob from memory (a config), unless it exists already.
+    pub fn push_blob_bytes(&self, digest: &str, data: &[u8]) -> Result<bool> {
+        if self.blob_exists(digest)? {
+            return Ok(false);
+        }
+        let what = format!("Uploading blob {digest}");
+        let data = bytes::Bytes::copy_from_slice(data);
+        self.retry(&what, || {
+            self.client.push_blob(&self.reference, data.clone(), digest)
+        })?;
+        Ok(true)
+    }
+
+    /// Uploads a manifest (or index) under `tag_or_digest`; returns its URL.
+    pub fn push_manifest(
+        &self,
+        tag_or_digest: &str,
+        body: &[u8],
+        media_type: &str,
+    ) -> Result<String> {
+        let r = self.with(tag_or_digest);
+        let what = format!("Uploading manifest {}", r.whole());
+        let ct = reqwest_header(media_type);
+        let body = bytes::Bytes::copy_from_slice(body);
+        self.auth_for(RegistryOperation::Push)?;
+        self.retry(&what, || {
+            self.client.push_manifest_raw(&r, body.clone(), ct.clone())
+        })
+    }
+}
+
+fn reqwest_header(media_type: &str) -> http::HeaderValue {
+    http::HeaderValue::from_str(media_type)
+        .unwrap_or_else(|_| http::HeaderValue::from_static("application/json"))
+}
+
+fn classify(what: &str, e: OciDistributionError) -> RegistryError {
+    match &e {
+        OciDistributionError::ImageManifestNotFoundError(_) => {
+            RegistryError::NotFound(what.to_string())
+        }
+        OciDistributionError::ServerError { code: 404, .. } => {
+            RegistryError::NotFound(what.to_string())
+        }
+        OciDistributionError::UnauthorizedError { .. }
+        | OciDistributionError::AuthenticationFailure(_)
+        | OciDistributionError::ServerError {
+            code: 401 | 403, ..
+        } => RegistryError::Unauthorized(what.to_string()),
+        OciDistributionError::RegistryError { envelope, .. }
+            if envelope
+                .errors
+                .iter()
+                .any(|e| format!("{:?}", e.code).contains("Unknown")) =>
+        {
+            RegistryError::NotFound(what.to_string())
+        }
+        _ => RegistryError::Request {
+            what: what.to_string(),
+            source: e,
+        },
+    }
+}
+
+/// A blocking reader of a blob stream; see [`Registry::open_blob`].
+pub struct BlobReader<'a> {
+    registry: &'a Registry,
+    stream:
+        futures_util::stream::BoxStream<'static, std::result::Result<bytes::Bytes, std::io::Error>>,
+    pending: bytes::Bytes,
+}
+
+impl Read for BlobReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.pending.is_empty() {
+            match self.registry.rt.block_on(self.stream.next()) {
+                Some(chunk) => self.pending = chunk?,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.pending.len());
+        buf[..n].copy_from_slice(&self.pending.split_to(n));
+        Ok(n)
+    }
+}

@@ -1,0 +1,317 @@
+//! `nydusify convert` with real components (issue 3): a multi-layer busybox image built
+//! by `fixtures/make-busybox-image.sh` (umoci), pushed with skopeo to Debian's
+//! docker-registry on 127.0.0.1, converted registry → registry, inspected with
+//! `skopeo inspect --raw`, and its merged bootstrap read back.
+
+use rafs::read::Bootstrap;
+use rafs_e2e::{bin, require_root_tools, wait_until, ChildGuard};
+use std::fs;
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+/// A private docker-registry on a free loopback port, stopped on drop.
+struct Registry {
+    _child: ChildGuard,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    fn start() -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.path().join("config.yml");
+        fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+                 http:\n  addr: {addr}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let child = ChildGuard::spawn(
+            Command::new("docker-registry")
+                .arg("serve")
+                .arg(&config)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .unwrap();
+        assert!(
+            wait_until(Duration::from_secs(10), || TcpStream::connect(&addr)
+                .is_ok()),
+            "docker-registry did not listen on {addr}"
+        );
+        Registry {
+            _child: child,
+            addr,
+            _dir: dir,
+        }
+    }
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn fixture_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/make-busybox-image.sh")
+}
+
+fn nydusify(args: &[&str], work: &Path) -> Output {
+    Command::new(bin("nydusify"))
+        .args(args)
+        .arg("--work-dir")
+        .arg(work)
+        .output()
+        .unwrap()
+}
+
+fn inspect_raw(reference: &str) -> String {
+    let out = run(Command::new("skopeo").args([
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{reference}"),
+    ]));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn busybox_image_converts_registry_to_registry_deterministically() {
+    require_root_tools(&["docker-registry", "skopeo", "umoci", "busybox", "tar"]);
+    let t = tempfile::tempdir().unwrap();
+    let layout = t.path().join("oci");
+    run(Command::new("bash")
+        .arg(fixture_script())
+        .arg(&layout)
+        .arg("v1"));
+    let reg = Registry::start();
+    let src = format!("{}/busybox:v1", reg.addr);
+    run(Command::new("skopeo").args([
+        "copy",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:v1", layout.display()),
+        &format!("docker://{src}"),
+    ]));
+
+    let work = t.path().join("work");
+    fs::create_dir_all(&work).unwrap();
+    let json1 = t.path().join("r1.json");
+    let out = nydusify(
+        &[
+            "convert",
+            "--source",
+            &src,
+            "--target",
+            &format!("{}/busybox:v1-nydus", reg.addr),
+            "--output-json",
+            json1.to_str().unwrap(),
+        ],
+        &work,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let m = inspect_raw(&format!("{}/busybox:v1-nydus", reg.addr));
+    assert!(
+        m.contains("application/vnd.oci.image.manifest.v1+json"),
+        "{m}"
+    );
+    assert_eq!(
+        m.matches("application/vnd.oci.image.layer.nydus.blob.v1")
+            .count(),
+        3,
+        "{m}"
+    );
+    assert!(
+        m.contains(r#""containerd.io/snapshot/nydus-blob":"true""#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#""containerd.io/snapshot/nydus-bootstrap":"true""#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#""containerd.io/snapshot/nydus-fs-version":"6""#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#""containerd.io/uncompressed":"sha256:"#),
+        "{m}"
+    );
+    // The bootstrap layer is last.
+    let boot_at = m.find("nydus-bootstrap").unwrap();
+    assert!(m.rfind("nydus.blob.v1").unwrap() < boot_at, "{m}");
+
+    // Converting again gives the same digests.
+    let json2 = t.path().join("r2.json");
+    let out = nydusify(
+        &[
+            "convert",
+            "--source",
+            &src,
+            "--target",
+            &format!("{}/busybox:v1-nydus-again", reg.addr),
+            "--output-json",
+            json2.to_str().unwrap(),
+        ],
+        &work,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let digest = |p: &Path| {
+        let s = fs::read_to_string(p).unwrap();
+        let at = s.find("\"digest\": \"").unwrap() + 11;
+        s[at..at + 71].to_string()
+    };
+    assert_eq!(digest(&json1), digest(&json2));
+
+    // The merged bootstrap applies the whiteouts: convert into a layout and read it.
+    let out_layout = t.path().join("nydus-layout");
+    let out = nydusify(
+        &[
+            "convert",
+            "--source",
+            &src,
+            "--target",
+            &format!("oci:{}:nydus", out_layout.display()),
+        ],
+        &work,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bs = bootstrap_of_layout(&out_layout);
+    let exists = |p: &str| bs.lookup_path(p).is_ok();
+    assert!(!exists("/etc/motd"), "whiteout applied");
+    assert!(!exists("/etc/link-b"));
+    assert!(exists("/etc/link-a"));
+    assert!(exists("/etc/issue/README"), "file replaced by a directory");
+    assert!(
+        exists("/opt/app/main") && !exists("/opt/app/sub"),
+        "dir → file → dir"
+    );
+    assert!(exists("/var/lib/fresh") && !exists("/var/lib/db") && !exists("/var/lib/state"));
+    assert!(exists("/bin/busybox") && exists("/bin/sh"));
+    assert_eq!(
+        fs::read_dir(t.path().join("work")).unwrap().count(),
+        0,
+        "the work directory is cleaned up"
+    );
+}
+
+/// The merged bootstrap of the single image in an OCI layout written by nydusify.
+fn bootstrap_of_layout(dir: &Path) -> Bootstrap {
+    let index = fs::read_to_string(dir.join("index.json")).unwrap();
+    let at = index.find("sha256:").unwrap() + 7;
+    let manifest = fs::read_to_string(dir.join("blobs/sha256").join(&index[at..at + 64])).unwrap();
+    // The bootstrap layer is the one with the tar+gzip media type.
+    let layer_start = manifest
+        .rfind("application/vnd.oci.image.layer.v1.tar+gzip")
+        .unwrap();
+    let d = manifest[layer_start..].find("sha256:").unwrap() + layer_start + 7;
+    let gz = fs::File::open(dir.join("blobs/sha256").join(&manifest[d..d + 64])).unwrap();
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(gz));
+    for e in tar.entries().unwrap() {
+        let mut e = e.unwrap();
+        if e.path().unwrap().to_str() == Some("image/image.boot") {
+            let mut b = Vec::new();
+            e.read_to_end(&mut b).unwrap();
+            return Bootstrap::from_bytes(b).unwrap();
+        }
+    }
+    panic!("no image/image.boot in the bootstrap layer");
+}
+
+#[test]
+fn bad_sources_fail_clearly_and_push_nothing() {
+    require_root_tools(&["docker-registry", "skopeo", "umoci", "busybox", "tar"]);
+    let t = tempfile::tempdir().unwrap();
+    let layout = t.path().join("oci");
+    run(Command::new("bash")
+        .arg(fixture_script())
+        .arg(&layout)
+        .arg("v1"));
+    let reg = Registry::start();
+    let work = t.path().join("work");
+    fs::create_dir_all(&work).unwrap();
+
+    // A missing tag.
+    let out = nydusify(
+        &[
+            "convert",
+            "--source",
+            &format!("{}/busybox:nope", reg.addr),
+            "--target",
+            &format!("{}/busybox:x", reg.addr),
+        ],
+        &work,
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not found"), "{err}");
+
+    // A layer whose bytes do not match the manifest digest.
+    let index = fs::read_to_string(layout.join("index.json")).unwrap();
+    let at = index.find("sha256:").unwrap() + 7;
+    let manifest =
+        fs::read_to_string(layout.join("blobs/sha256").join(&index[at..at + 64])).unwrap();
+    let l = manifest.find("layer.v1.tar+gzip").unwrap();
+    let d = manifest[l..].find("sha256:").unwrap() + l + 7;
+    let layer = layout.join("blobs/sha256").join(&manifest[d..d + 64]);
+    let mut bytes = fs::read(&layer).unwrap();
+    let n = bytes.len();
+    bytes[n - 20] ^= 0xff;
+    fs::write(&layer, bytes).unwrap();
+    let out = nydusify(
+        &[
+            "convert",
+            "--source",
+            &format!("oci:{}:v1", layout.display()),
+            "--target",
+            &format!("{}/busybox:corrupt", reg.addr),
+        ],
+        &work,
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&manifest[d - 7..d + 64]),
+        "the error names the layer: {err}"
+    );
+    let probe = Command::new("skopeo")
+        .args([
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            &format!("docker://{}/busybox:corrupt", reg.addr),
+        ])
+        .output()
+        .unwrap();
+    assert!(!probe.status.success(), "nothing is tagged at the target");
+}
