@@ -167,23 +167,62 @@ pub struct BlobBody<W: Write> {
     unique: Vec<ChunkInfo>,
 }
 
-fn compress_worker(opts: &BlobOptions, rx: Receiver<Work>, tx: Sender<Processed>) {
+/// Compresses `data` into `out` (a pooled buffer); true when the result is smaller. The
+/// output space is capped at `data.len() - 1`, so an incompressible chunk fails fast and
+/// no compression bound needs allocating.
+fn compress_into(
+    zstd: Option<&mut zstd::bulk::Compressor<'_>>,
+    compressor: Compressor,
+    data: &[u8],
+    out: &mut Vec<u8>,
+) -> bool {
+    let room = data.len().saturating_sub(1);
+    out.clear();
+    match (zstd, compressor) {
+        (Some(z), _) => {
+            out.reserve(room);
+            match z.compress_to_buffer(data, out) {
+                Ok(n) => n < data.len(),
+                Err(_) => false,
+            }
+        }
+        (None, Compressor::Lz4Block) => {
+            if out.len() < room {
+                out.resize(room, 0);
+            }
+            match lz4_flex::block::compress_into(data, &mut out[..room]) {
+                Ok(n) => {
+                    out.truncate(n);
+                    true
+                }
+                Err(_) => false,
+            }
+        }
+        _ => false,
+    }
+}
+
+fn compress_worker(
+    opts: &BlobOptions,
+    rx: Receiver<Work>,
+    tx: Sender<Processed>,
+    pool: (Sender<Vec<u8>>, Receiver<Vec<u8>>),
+) {
     let mut zstd = match opts.compressor {
         Compressor::Zstd => zstd::bulk::Compressor::new(3).ok(),
         _ => None,
     };
     for w in rx {
         let digest = opts.digester.digest(&w.data);
-        let packed = match (&mut zstd, opts.compressor) {
-            (Some(z), _) => z.compress(&w.data).ok(),
-            (None, Compressor::Lz4Block) => Some(lz4_flex::block::compress(&w.data)),
-            _ => None,
-        };
+        let mut out = pool.1.try_recv().unwrap_or_default();
         let size = w.data.len() as u32;
-        let (stored, compressed) = match packed {
-            Some(p) if p.len() < w.data.len() => (p, true),
-            _ => (w.data, false),
+        let compressed = compress_into(zstd.as_mut(), opts.compressor, &w.data, &mut out);
+        let (stored, spare) = if compressed {
+            (out, w.data)
+        } else {
+            (w.data, out)
         };
+        let _ = pool.0.try_send(spare);
         let msg = Processed {
             seq: w.seq,
             digest,
@@ -225,7 +264,7 @@ where
     }
     let (work_tx, work_rx) = bounded::<Work>(threads * 4);
     let (done_tx, done_rx) = bounded::<Processed>(threads * 8);
-    let (recycle_tx, recycle_rx) = bounded::<Vec<u8>>(threads * 4 + 4);
+    let (recycle_tx, recycle_rx) = bounded::<Vec<u8>>(threads * 8 + 8);
     let mut body = BlobBody {
         out,
         opts: opts.clone(),
@@ -239,7 +278,8 @@ where
         for _ in 0..threads {
             let rx = work_rx.clone();
             let tx = done_tx.clone();
-            s.spawn(move || compress_worker(opts, rx, tx));
+            let pool = (recycle_tx.clone(), recycle_rx.clone());
+            s.spawn(move || compress_worker(opts, rx, tx, pool));
         }
         drop(work_rx);
         drop(done_tx);
