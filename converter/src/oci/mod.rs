@@ -1,11 +1,14 @@
 //! OCI images: the manifest, index and config documents, where images live
 //! ([`store`]: OCI layout directories, docker archives, registries), converting an OCI
-//! image into a nydus image ([`convert`], `nydusify convert`).
+//! image into a nydus image ([`convert`], `nydusify convert`) and checking the result
+//! against its source ([`check`] on the independent [`flat`] model, `nydusify check`).
 //!
 //! Media types and annotations are those of `spec/upstream-interfaces.md` §6, so that the
 //! rest of the nydus ecosystem recognises the images made here.
 
+pub mod check;
 pub mod convert;
+pub mod flat;
 pub mod store;
 
 use serde::{Deserialize, Serialize};
@@ -76,6 +79,18 @@ pub enum OciError {
         #[source]
         source: Box<crate::Error>,
     },
+    /// Applying a source layer failed (`nydusify check`).
+    #[error("Applying source layer {layer}")]
+    SourceLayer {
+        /// The layer digest.
+        layer: String,
+        /// What went wrong.
+        #[source]
+        source: Box<OciError>,
+    },
+    /// The nydus image's bootstrap or blobs are unreadable or corrupt.
+    #[error("Reading the nydus image")]
+    Nydus(#[from] rafs::Error),
     /// Other converter failures (merge, options).
     #[error(transparent)]
     Converter(Box<crate::Error>),

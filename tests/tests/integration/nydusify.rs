@@ -315,3 +315,138 @@ fn bad_sources_fail_clearly_and_push_nothing() {
         .unwrap();
     assert!(!probe.status.success(), "nothing is tagged at the target");
 }
+
+/// Pushes the busybox fixture to `reg` as `busybox:TAG` and returns the OCI layout.
+fn push_busybox(reg: &Registry, dir: &Path, tag: &str) -> PathBuf {
+    let layout = dir.join(format!("oci-{tag}"));
+    run(Command::new("bash")
+        .arg(fixture_script())
+        .arg(&layout)
+        .arg(tag));
+    run(Command::new("skopeo").args([
+        "copy",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:{tag}", layout.display()),
+        &format!("docker://{}/busybox:{tag}", reg.addr),
+    ]));
+    layout
+}
+
+/// Rewrites layer `n` (0-based) of the single image in an OCI layout with `edit`
+/// applied to each tar entry (header, data), fixing the manifest and index digests.
+fn rewrite_layer(layout: &Path, n: usize, edit: impl Fn(&str, &mut tar::Header, &mut Vec<u8>)) {
+    use sha2::Digest as _;
+    let blobs = layout.join("blobs/sha256");
+    let sha = |b: &[u8]| hex::encode(sha2::Sha256::digest(b));
+    let index_path = layout.join("index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&fs::read(&index_path).unwrap()).unwrap();
+    let mdesc = &mut index["manifests"][0];
+    let mdigest = mdesc["digest"].as_str().unwrap()[7..].to_string();
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(blobs.join(&mdigest)).unwrap()).unwrap();
+    let ldigest = manifest["layers"][n]["digest"].as_str().unwrap()[7..].to_string();
+    let gz = fs::read(blobs.join(&ldigest)).unwrap();
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&gz[..]));
+    let mut out = tar::Builder::new(Vec::new());
+    for e in archive.entries().unwrap() {
+        let mut e = e.unwrap();
+        let path = e.path().unwrap().to_string_lossy().into_owned();
+        let mut h = e.header().clone();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).unwrap();
+        edit(&path, &mut h, &mut data);
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        out.append(&h, &data[..]).unwrap();
+    }
+    let tar = out.into_inner().unwrap();
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut enc, &tar).unwrap();
+    let gz = enc.finish().unwrap();
+    fs::write(blobs.join(sha(&gz)), &gz).unwrap();
+    manifest["layers"][n]["digest"] = format!("sha256:{}", sha(&gz)).into();
+    manifest["layers"][n]["size"] = gz.len().into();
+    let mbytes = serde_json::to_vec(&manifest).unwrap();
+    fs::write(blobs.join(sha(&mbytes)), &mbytes).unwrap();
+    mdesc["digest"] = format!("sha256:{}", sha(&mbytes)).into();
+    mdesc["size"] = mbytes.len().into();
+    fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+}
+
+#[test]
+fn nydusify_check_passes_on_a_conversion_and_lists_each_file_of_a_tampered_one() {
+    require_root_tools(&["docker-registry", "skopeo", "umoci", "busybox", "tar"]);
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::start();
+    let layout = push_busybox(&reg, t.path(), "v1");
+    let work = t.path().join("work");
+    fs::create_dir_all(&work).unwrap();
+    let src = format!("{}/busybox:v1", reg.addr);
+    let target = format!("{}/busybox:v1-nydus", reg.addr);
+    let out = nydusify(&["convert", "--source", &src, "--target", &target], &work);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = nydusify(&["check", "--source", &src, "--target", &target], &work);
+    assert!(
+        out.status.success(),
+        "check of a faithful conversion failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("OK: "), "{stdout}");
+
+    // A nydus image built from a modified top layer: same-size new content of one
+    // file and new permission bits of another.
+    let tampered = t.path().join("tampered");
+    run(Command::new("cp").arg("-a").arg(&layout).arg(&tampered));
+    rewrite_layer(&tampered, 2, |path, h, data| {
+        if path.ends_with("etc/hostname") {
+            data.iter_mut().take(3).for_each(|b| *b = b'X');
+        }
+        if path.ends_with("opt/app/main") {
+            h.set_mode(0o700);
+        }
+    });
+    let bad = format!("{}/busybox:tampered-nydus", reg.addr);
+    let out = nydusify(
+        &[
+            "convert",
+            "--source",
+            &format!("oci:{}:v1", tampered.display()),
+            "--target",
+            &bad,
+        ],
+        &work,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = nydusify(&["check", "--source", &src, "--target", &bad], &work);
+    assert!(
+        !out.status.success(),
+        "check accepted a nydus image of a modified layer"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("/etc/hostname: content sha256: source "),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("/opt/app/main: mode: source 0644, nydus 0700"),
+        "{stdout}"
+    );
+    assert_eq!(
+        stdout.lines().count(),
+        2,
+        "exactly the two changes: {stdout}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("2 place(s)"), "{stderr}");
+}

@@ -1,4 +1,5 @@
-//! `nydusify`: convert OCI images into nydus images (and check the result).
+//! `nydusify`: convert OCI images into nydus images and check the result against
+//! the source.
 //!
 //! Image syntax (source and target):
 //!   `HOST[:PORT]/NAME[:TAG]` or `docker://...`  a registry repository;
@@ -45,6 +46,43 @@ enum Command {
     /// Convert an OCI image into a nydus image and write or push it.
     #[command(after_help = IMAGES)]
     Convert(ConvertArgs),
+    /// Check that a nydus image shows exactly the files of its source image: every
+    /// blob and chunk is verified, then every path is compared (type, mode, owner,
+    /// size, mtime, xattrs, symlink target, device number, hard links, content).
+    /// Exits non-zero listing each difference.
+    #[command(after_help = IMAGES)]
+    Check(CheckArgs),
+}
+
+/// Flags of `nydusify check`.
+#[derive(Debug, Args)]
+struct CheckArgs {
+    /// The OCI image the nydus image was converted from.
+    #[arg(long, value_name = "IMAGE", required_unless_present = "source_dir")]
+    source: Option<String>,
+
+    /// Compare with this directory instead (images made by `nydusify build`).
+    #[arg(long, value_name = "DIR", conflicts_with = "source")]
+    source_dir: Option<PathBuf>,
+
+    /// The nydus image.
+    #[arg(long, value_name = "IMAGE")]
+    target: String,
+
+    #[command(flatten)]
+    access: Access,
+
+    /// Platform to check from image indexes (os/arch[/variant]).
+    #[arg(long, default_value = "linux/amd64")]
+    platform: String,
+
+    /// Directory for downloaded blobs.
+    #[arg(long, default_value = "./tmp")]
+    work_dir: PathBuf,
+
+    /// Write a JSON report (entries, files, bytes, chunks verified) to this file.
+    #[arg(long, value_name = "FILE")]
+    output_json: Option<PathBuf>,
 }
 
 /// Registry access flags of one side.
@@ -200,6 +238,49 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_check(a: CheckArgs) -> Result<()> {
+    use converter::oci::check::{check, CheckOptions, CheckSource};
+    let source = match (&a.source, &a.source_dir) {
+        (_, Some(d)) => CheckSource::Dir(d.clone()),
+        (Some(s), None) => CheckSource::Image(s.parse()?),
+        (None, None) => anyhow::bail!("give --source or --source-dir"),
+    };
+    std::fs::create_dir_all(&a.work_dir)
+        .with_context(|| format!("Creating work directory {}", a.work_dir.display()))?;
+    let opts = CheckOptions {
+        source,
+        target: a.target.parse()?,
+        source_registry: a.access.source(),
+        target_registry: a.access.target(),
+        platform: a.platform,
+        work_dir: a.work_dir,
+    };
+    match check(&opts) {
+        Ok(report) => {
+            println!(
+                "OK: {} entries, {} files ({} bytes), {} chunks in {} blobs verified",
+                report.entries, report.files, report.file_bytes, report.chunks, report.blobs
+            );
+            if let Some(path) = a.output_json {
+                std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+                    .with_context(|| format!("Writing {}", path.display()))?;
+            }
+            Ok(())
+        }
+        Err(converter::oci::OciError::Differs(diffs)) => {
+            for d in &diffs {
+                println!("{d}");
+            }
+            anyhow::bail!(
+                "{} differs from its source in {} place(s) (listed above)",
+                a.target,
+                diffs.len()
+            )
+        }
+        Err(e) => Err(e).with_context(|| format!("Checking {}", a.target)),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -209,6 +290,7 @@ fn main() -> ExitCode {
         .init();
     let r = match cli.command {
         Command::Convert(a) => run_convert(a),
+        Command::Check(a) => run_check(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
