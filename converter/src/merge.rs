@@ -220,6 +220,11 @@ impl Stack {
                 )));
             }
             info.mapped_blkaddr = 0;
+            // A merged bootstrap is not inlined in any of its blobs. Upstream loaders
+            // replace the id of every `INLINED_FS_META` blob with the bootstrap's file
+            // name (spec §13.5), so nydusd 2.2 would fetch blob "image" for
+            // `image.boot`; upstream's merge clears the flag for the same reason.
+            info.features &= !rafs::format::blob_features::INLINED_FS_META;
             let idx = match self.blobs.iter().position(|(id, _)| *id == info.id) {
                 Some(p) => p,
                 None => {

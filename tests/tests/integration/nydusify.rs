@@ -4,7 +4,10 @@
 //! `skopeo inspect --raw`, and its merged bootstrap read back.
 
 use rafs::read::Bootstrap;
-use rafs_e2e::{bin, require_root_tools, wait_until, ChildGuard};
+use rafs_e2e::{
+    bin, compare_trees_with, is_mounted, require_root_tools, upstream_bin, wait_until, ChildGuard,
+    CompareOptions, LoopDevice, Mount,
+};
 use std::fs;
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
@@ -449,4 +452,160 @@ fn nydusify_check_passes_on_a_conversion_and_lists_each_file_of_a_tampered_one()
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("2 place(s)"), "{stderr}");
+}
+
+/// The rootfs of `oci:LAYOUT:TAG` as `umoci unpack` (run as root, so owners are kept)
+/// produces it, in `dir/bundle/rootfs`.
+fn umoci_rootfs(layout: &Path, tag: &str, dir: &Path) -> PathBuf {
+    let bundle = dir.join("bundle");
+    run(Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:{tag}", layout.display()))
+        .arg(&bundle));
+    bundle.join("rootfs")
+}
+
+/// What `umoci unpack` cannot reproduce: the rootfs directory is created by umoci
+/// itself (its mtime is the time of the unpack, since no fixture layer has a `./`
+/// entry), so the two roots' mtimes are skipped. Everything else is compared,
+/// nanoseconds and xattrs included.
+fn umoci_compare() -> CompareOptions {
+    CompareOptions {
+        ignore_root_mtime: true,
+        ..Default::default()
+    }
+}
+
+fn assert_no_diffs(diffs: Vec<String>, what: &str) {
+    assert!(
+        diffs.is_empty(),
+        "{what}: {} differences:\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
+}
+
+#[test]
+fn converted_busybox_equals_umoci_unpack_on_kernel_erofs_and_upstream_nydusd() {
+    require_root_tools(&[
+        "docker-registry",
+        "skopeo",
+        "umoci",
+        "busybox",
+        "tar",
+        "losetup",
+        "mount",
+        "fusermount3",
+    ]);
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::start();
+    let layout = push_busybox(&reg, t.path(), "v1");
+    let rootfs = umoci_rootfs(&layout, "v1", t.path());
+    let work = t.path().join("work");
+    fs::create_dir_all(&work).unwrap();
+    let target = format!("{}/busybox:v1-nydus", reg.addr);
+    let out = nydusify(
+        &[
+            "convert",
+            "--source",
+            &format!("{}/busybox:v1", reg.addr),
+            "--target",
+            &target,
+        ],
+        &work,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // What the registry holds, copied back out by skopeo (not by our client).
+    let pulled = t.path().join("pulled");
+    run(Command::new("skopeo").args([
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{target}"),
+        &format!("oci:{}:nydus", pulled.display()),
+    ]));
+    let bs = bootstrap_of_layout(&pulled);
+    let boot = t.path().join("image.boot");
+    fs::write(&boot, bs.bytes()).unwrap();
+
+    // 1. The kernel: the merged bootstrap with each blob expanded as a loop device.
+    let mut loops = Vec::new();
+    for (i, info) in bs.blobs().iter().enumerate() {
+        let blob = fs::File::open(pulled.join("blobs/sha256").join(&info.id)).unwrap();
+        let path = t.path().join(format!("{}.expanded", info.id));
+        let mut f = fs::File::create(&path).unwrap();
+        rafs::read::expand_blob(&bs, i as u32, &blob, &mut f).unwrap();
+        loops.push(LoopDevice::attach_read_only(&path).unwrap());
+    }
+    assert!(!loops.is_empty());
+    let boot_loop = LoopDevice::attach_read_only(&boot).unwrap();
+    let devices: Vec<String> = loops
+        .iter()
+        .map(|l| format!("device={}", l.path().display()))
+        .collect();
+    let mnt = t.path().join("erofs");
+    fs::create_dir_all(&mnt).unwrap();
+    let m = Mount::kernel(
+        "erofs",
+        boot_loop.path(),
+        &mnt,
+        &format!("ro,{}", devices.join(",")),
+    )
+    .unwrap();
+    assert_no_diffs(
+        compare_trees_with(&rootfs, &mnt, &umoci_compare()),
+        "kernel EROFS mount vs umoci unpack",
+    );
+    drop(m);
+
+    // 2. Upstream nydusd 2.2, reading the blobs straight from the registry.
+    let port = reg.addr.rsplit_once(':').unwrap().1;
+    let cache = t.path().join("cache");
+    let fuse = t.path().join("fuse");
+    fs::create_dir_all(&cache).unwrap();
+    fs::create_dir_all(&fuse).unwrap();
+    let cfg = t.path().join("nydusd.json");
+    fs::write(
+        &cfg,
+        format!(
+            r#"{{"device":{{"backend":{{"type":"registry","config":{{"scheme":"http","host":"127.0.0.1:{port}","repo":"busybox","timeout":10,"connect_timeout":5,"retry_limit":2}}}},"cache":{{"type":"blobcache","config":{{"work_dir":"{}"}}}}}},"mode":"direct","digest_validate":false,"enable_xattr":true}}"#,
+            cache.display()
+        ),
+    )
+    .unwrap();
+    let log_path = t.path().join("nydusd.log");
+    let log = fs::File::create(&log_path).unwrap();
+    let daemon = ChildGuard::spawn(
+        Command::new(upstream_bin("nydusd"))
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--bootstrap")
+            .arg(&boot)
+            .arg("--mountpoint")
+            .arg(&fuse)
+            .args(["--rlimit-nofile", "0", "--log-level", "warn"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log),
+    )
+    .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || is_mounted(&fuse)),
+        "upstream nydusd did not mount; log: {}",
+        fs::read_to_string(&log_path).unwrap_or_default()
+    );
+    let m = Mount::adopt(&fuse);
+    let diffs = compare_trees_with(&rootfs, &fuse, &umoci_compare());
+    drop(m);
+    drop(daemon);
+    assert_no_diffs(
+        diffs,
+        &format!(
+            "upstream nydusd (registry backend) vs umoci unpack; nydusd log:\n{}",
+            fs::read_to_string(&log_path).unwrap_or_default()
+        ),
+    );
 }
