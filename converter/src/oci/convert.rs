@@ -22,8 +22,6 @@ use rafs::{BlobInfo, Compressor, Digester};
 use sha2::Digest as _;
 use std::io::{self, BufRead, BufReader, BufWriter, Read};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 use std::time::Instant;
 
 /// What to convert and how.
@@ -49,8 +47,12 @@ pub struct ConvertOptions {
     pub prefetch: Vec<String>,
     /// Directory for temporary blobs (a fresh temporary directory inside it is used).
     pub work_dir: PathBuf,
-    /// Layers converted at the same time (0: number of CPUs).
+    /// Threads compressing chunks (0: number of CPUs). Layers are converted one after
+    /// the other (see [`build_layers`]).
     pub jobs: usize,
+    /// A bootstrap whose chunks the new image may reference instead of storing them
+    /// again (`--chunk-dict bootstrap=PATH`); its blobs must be in the target already.
+    pub chunk_dict: Option<PathBuf>,
 }
 
 impl ConvertOptions {
@@ -68,6 +70,7 @@ impl ConvertOptions {
             prefetch: Vec::new(),
             work_dir: std::env::temp_dir(),
             jobs: 0,
+            chunk_dict: None,
         }
     }
 }
@@ -85,6 +88,15 @@ pub struct LayerReport {
     pub blob_size: u64,
     /// Chunks in the blob.
     pub chunks: u32,
+    /// Chunks of the layer's files (before deduplication).
+    pub file_chunks: u32,
+    /// Chunks not written because an identical one was already stored: earlier in this
+    /// layer, in a lower layer or in the chunk dictionary.
+    pub dedup_chunks: u32,
+    /// Of those, chunks found in lower layers' blobs or the chunk dictionary.
+    pub dedup_chunks_other_blobs: u32,
+    /// Uncompressed bytes of the deduplicated chunks.
+    pub dedup_bytes: u64,
     /// Whether the merged bootstrap references the blob (else it is left out).
     pub referenced: bool,
 }
@@ -102,6 +114,8 @@ pub struct ImageReport {
     pub bootstrap_size: u64,
     /// The layers.
     pub layers: Vec<LayerReport>,
+    /// Blobs of the chunk dictionary the image references (`sha256:` digests).
+    pub reference_blobs: Vec<String>,
 }
 
 /// What `convert` did (`--output-json`).
@@ -121,6 +135,10 @@ pub struct ConvertReport {
     pub source_bytes: u64,
     /// Bytes of nydus layers produced.
     pub target_bytes: u64,
+    /// Chunks deduplicated over all layers (see [`LayerReport::dedup_chunks`]).
+    pub dedup_chunks: u64,
+    /// Uncompressed bytes those chunks hold.
+    pub dedup_bytes: u64,
     /// Wall time of the conversion, seconds.
     pub convert_seconds: f64,
     /// Wall time of the upload, seconds.
@@ -149,6 +167,53 @@ struct BuiltLayer {
     digest: String,
     size: u64,
     chunks: u32,
+    file_chunks: u32,
+    dedup_chunks: u32,
+    dedup_chunks_other_blobs: u32,
+    dedup_bytes: u64,
+}
+
+/// Chunks the next layer deduplicates against: those of the chunk dictionary and of
+/// every lower layer, with the blob table they index (final ids, lowest first).
+#[derive(Clone, Default)]
+struct Known {
+    arena: ChunkArena,
+    table: Vec<BlobInfo>,
+}
+
+impl Known {
+    /// The chunks and blobs of a chunk-dictionary bootstrap.
+    fn from_dict(path: &Path, opts: &ConvertOptions) -> Result<Known> {
+        let what = format!("chunk dict {}", path.display());
+        let bs = rafs::read::Bootstrap::open(path)?;
+        let sb = bs.superblock();
+        if sb.chunk_size != opts.chunk_size || sb.digester != Digester::Blake3 {
+            return Err(OciError::invalid(
+                what,
+                format!(
+                    "its chunks ({:#x}, {}) cannot be shared with this conversion ({:#x}, blake3)",
+                    sb.chunk_size, sb.digester, opts.chunk_size
+                ),
+            ));
+        }
+        let mut known = Known::default();
+        for b in bs.blobs() {
+            if !crate::merge::is_blob_id(&b.id) {
+                return Err(OciError::invalid(
+                    what,
+                    format!("blob id '{}' is not a digest", b.id),
+                ));
+            }
+            let mut b = b.clone();
+            b.features &= !rafs::format::blob_features::INLINED_FS_META;
+            b.mapped_blkaddr = 0;
+            known.table.push(b);
+        }
+        for i in 0..bs.chunk_table_len() {
+            known.arena.push(bs.chunk_record(i)?);
+        }
+        Ok(known)
+    }
 }
 
 fn sha256_path(path: &Path) -> Result<(String, u64)> {
@@ -174,6 +239,7 @@ fn build_layer(
     opts: &ConvertOptions,
     threads: usize,
     dir: &Path,
+    known: &mut Known,
 ) -> Result<BuiltLayer> {
     let layer_err = |source: crate::Error| OciError::Layer {
         layer: desc.digest.clone(),
@@ -196,12 +262,13 @@ fn build_layer(
         chunk_size: opts.chunk_size,
         compressor: opts.compressor,
         digester: Digester::Blake3,
-        blob_index: 0,
+        blob_index: known.table.len() as u32,
         toc: true,
         inline_meta: true,
         threads,
     };
-    let mut arena = ChunkArena::default();
+    let mut arena = known.arena.clone();
+    let base = arena.len();
     let (tree, body) = write_chunks(
         BufWriter::with_capacity(1 << 20, file),
         &blob_opts,
@@ -249,14 +316,13 @@ fn build_layer(
     };
     let with_meta = body.write_meta().map_err(|e| layer_err(e.into()))?;
     let provisional = with_meta.provisional_info();
-    let table: &[BlobInfo] = if provisional.chunk_count == 0 {
-        &[]
-    } else {
-        std::slice::from_ref(&provisional)
-    };
+    let mut table = known.table.clone();
+    if provisional.chunk_count > 0 {
+        table.push(provisional);
+    }
     let boot =
-        write_bootstrap(&tree, &arena, table, &boot_opts).map_err(|e| layer_err(e.into()))?;
-    let (info, _) = with_meta
+        write_bootstrap(&tree, &arena, &table, &boot_opts).map_err(|e| layer_err(e.into()))?;
+    let (mut info, _) = with_meta
         .finish(Some(&boot))
         .map_err(|e| layer_err(e.into()))?;
     let path = tmp
@@ -264,72 +330,82 @@ fn build_layer(
         .keep()
         .map_err(|e| OciError::io("Keeping the temporary blob", e.error))?;
     let (digest, size) = sha256_path(&path)?;
+
+    // What deduplication saved, and what the next layers may reuse.
+    let own = blob_opts.blob_index;
+    let mut stored = std::collections::HashSet::new();
+    let (mut dedup_chunks, mut other, mut dedup_bytes) = (0u32, 0u32, 0u64);
+    for c in arena.iter().skip(base) {
+        if c.blob_index != own || !stored.insert(c.ci_index) {
+            dedup_chunks += 1;
+            dedup_bytes += c.uncompressed_size as u64;
+            other += u32::from(c.blob_index != own);
+        }
+    }
+    let file_chunks = (arena.len() - base) as u32;
+    if info.chunk_count > 0 {
+        info.id = digest_hex(&digest)?.to_string();
+        info.compressed_size = size;
+        info.features &= !rafs::format::blob_features::INLINED_FS_META;
+        info.mapped_blkaddr = 0;
+        known.table.push(info.clone());
+    }
+    known.arena = arena;
     Ok(BuiltLayer {
         path,
         digest,
         size,
         chunks: info.chunk_count,
+        file_chunks,
+        dedup_chunks,
+        dedup_chunks_other_blobs: other,
+        dedup_bytes,
     })
 }
 
-/// Converts the layers of one manifest, `jobs` at a time, keeping their order.
+/// Converts the layers of one manifest, lowest first.
+///
+/// Deduplication decides the order of work. A chunk already stored by a lower layer (or
+/// the chunk dictionary) is referenced, never written again, so layer N can only be
+/// built once layers 0..N-1 are known: layers are converted one after the other, and
+/// each uses every CPU where the work is (digesting and compressing chunks, in
+/// parallel inside `write_chunks`, whose output order is the input order). Building
+/// layers concurrently and deduplicating in a second pass would either make the
+/// result depend on which layer finished first or write (and hash) every duplicated
+/// chunk twice; this order is deterministic (same input, same digests) and does the
+/// work once.
 fn build_layers(
     source: &dyn Source,
     layers: &[Descriptor],
     opts: &ConvertOptions,
     dir: &Path,
-) -> Result<Vec<BuiltLayer>> {
+) -> Result<(Vec<BuiltLayer>, Known)> {
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let jobs = if opts.jobs == 0 { cpus } else { opts.jobs }.clamp(1, layers.len().max(1));
-    let threads = (cpus / jobs).max(1);
-    let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<Result<BuiltLayer>>>> =
-        Mutex::new((0..layers.len()).map(|_| None).collect());
-    std::thread::scope(|s| {
-        for _ in 0..jobs {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::SeqCst);
-                if i >= layers.len() {
-                    break;
-                }
-                let started = Instant::now();
-                let r = build_layer(source, &layers[i], opts, threads, dir);
-                if let Ok(b) = &r {
-                    tracing::info!(
-                        "layer {}/{} {} -> blob {} ({} bytes, {} chunks) in {:.2}s",
-                        i + 1,
-                        layers.len(),
-                        layers[i].digest,
-                        b.digest,
-                        b.size,
-                        b.chunks,
-                        started.elapsed().as_secs_f64()
-                    );
-                }
-                let failed = r.is_err();
-                if let Ok(mut v) = results.lock() {
-                    v[i] = Some(r);
-                }
-                if failed {
-                    // Stop handing out work; running layers finish.
-                    next.store(layers.len(), Ordering::SeqCst);
-                }
-            });
-        }
-    });
+    let threads = if opts.jobs == 0 { cpus } else { opts.jobs }.max(1);
+    let mut known = match &opts.chunk_dict {
+        Some(p) => Known::from_dict(p, opts)?,
+        None => Known::default(),
+    };
+    let dict_blobs = known.table.len();
     let mut out = Vec::with_capacity(layers.len());
-    for r in results
-        .into_inner()
-        .unwrap_or_default()
-        .into_iter()
-        .flatten()
-    {
-        out.push(r?);
+    for (i, layer) in layers.iter().enumerate() {
+        let started = Instant::now();
+        let b = build_layer(source, layer, opts, threads, dir, &mut known)?;
+        tracing::info!(
+            "layer {}/{} {} -> blob {} ({} bytes, {} chunks, {} deduplicated) in {:.2}s",
+            i + 1,
+            layers.len(),
+            layer.digest,
+            b.digest,
+            b.size,
+            b.chunks,
+            b.dedup_chunks,
+            started.elapsed().as_secs_f64()
+        );
+        out.push(b);
     }
-    if out.len() != layers.len() {
-        return Err(OciError::invalid("conversion", "a layer was not converted"));
-    }
-    Ok(out)
+    known.table.truncate(dict_blobs);
+    Ok((out, known))
 }
 
 /// A converted image, ready to be written.
@@ -338,7 +414,8 @@ struct Converted {
     manifest: Vec<u8>,
     manifest_desc: Descriptor,
     config: (Descriptor, Vec<u8>),
-    blobs: Vec<(Descriptor, PathBuf)>,
+    /// Blob layers; those without a file are referenced chunk-dictionary blobs.
+    blobs: Vec<(Descriptor, Option<PathBuf>)>,
     bootstrap_layer: (Descriptor, Vec<u8>),
     report: ImageReport,
 }
@@ -403,12 +480,16 @@ fn convert_image(
             what: format!("config {}", manifest.config.digest),
             source,
         })?;
-    let built = build_layers(source, &manifest.layers, opts, dir)?;
+    let (built, dict) = build_layers(source, &manifest.layers, opts, dir)?;
     let mut merge_inputs = Vec::with_capacity(built.len());
     for b in &built {
         let mut layer = open_layer(&b.path)?;
-        layer.blob.id = Some(digest_hex(&b.digest)?.to_string());
-        layer.blob.size = Some(b.size);
+        // A layer whose chunks were all deduplicated has no blob of its own: every blob
+        // in its table is a lower one, already named.
+        if b.chunks > 0 {
+            layer.blob.id = Some(digest_hex(&b.digest)?.to_string());
+            layer.blob.size = Some(b.size);
+        }
         layer.name = b.digest.clone();
         merge_inputs.push(layer);
     }
@@ -428,19 +509,35 @@ fn convert_image(
             blob_digest: b.digest.clone(),
             blob_size: b.size,
             chunks: b.chunks,
+            file_chunks: b.file_chunks,
+            dedup_chunks: b.dedup_chunks,
+            dedup_chunks_other_blobs: b.dedup_chunks_other_blobs,
+            dedup_bytes: b.dedup_bytes,
             referenced: used,
         });
     }
-    // Blob layers in the merged blob table's order (a blob shared by layers is listed once).
-    for id in &referenced {
-        let b = built
-            .iter()
-            .find(|b| &b.digest == id)
-            .expect("merged blobs come from layers");
-        let mut d = descriptor(MEDIA_NYDUS_BLOB, b.digest.clone(), b.size);
+    // Blob layers in the merged blob table's order (a blob shared by layers is listed
+    // once). Blobs of the chunk dictionary have no local file: they must be in the
+    // target already (checked before anything is pushed).
+    let mut reference_blobs = Vec::new();
+    for (id, info) in referenced.iter().zip(&merged.blobs) {
+        let (size, path) = match built.iter().find(|b| &b.digest == id) {
+            Some(b) => (b.size, Some(b.path.clone())),
+            None if dict.table.iter().any(|d| d.id == info.id) => {
+                reference_blobs.push(id.clone());
+                (info.compressed_size, None)
+            }
+            None => {
+                return Err(OciError::invalid(
+                    "merged bootstrap",
+                    format!("blob {id} comes from no layer and no chunk dict"),
+                ))
+            }
+        };
+        let mut d = descriptor(MEDIA_NYDUS_BLOB, id.clone(), size);
         d.annotations
             .insert(ANNOTATION_NYDUS_BLOB.into(), "true".into());
-        blobs.push((d, b.path.clone()));
+        blobs.push((d, path));
     }
     let (boot_gz, diff_id) = bootstrap_layer(&merged.bootstrap)?;
     let mut boot_desc = descriptor(MEDIA_LAYER_GZIP, digest_of(&boot_gz), boot_gz.len() as u64);
@@ -453,6 +550,13 @@ fn convert_image(
     boot_desc
         .annotations
         .insert(ANNOTATION_UNCOMPRESSED.into(), diff_id.clone());
+    if !reference_blobs.is_empty() {
+        let ids: Vec<&str> = reference_blobs.iter().map(|d| &d[7..]).collect();
+        boot_desc.annotations.insert(
+            ANNOTATION_NYDUS_REFERENCE_BLOB_IDS.into(),
+            serde_json::to_string(&ids).expect("ids serialize"),
+        );
+    }
 
     let mut diff_ids: Vec<Value> = blobs
         .iter()
@@ -503,6 +607,7 @@ fn convert_image(
             bootstrap_digest: boot_desc.digest.clone(),
             bootstrap_size: merged.bootstrap.len() as u64,
             layers: layers_report,
+            reference_blobs,
         },
         platform,
         manifest: manifest_bytes,
@@ -599,7 +704,22 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
     let target = open_target(&opts.target, &opts.target_registry)?;
     for img in &images {
         for (d, path) in &img.blobs {
-            target.put_blob_file(d, path)?;
+            if path.is_none() && !target.has_blob(d)? {
+                return Err(OciError::invalid(
+                    format!("chunk dict blob {}", d.digest),
+                    format!(
+                        "not in {}: push the chunk-dict image to the target repository first",
+                        opts.target
+                    ),
+                ));
+            }
+        }
+    }
+    for img in &images {
+        for (d, path) in &img.blobs {
+            if let Some(path) = path {
+                target.put_blob_file(d, path)?;
+            }
         }
         target.put_blob_bytes(&img.bootstrap_layer.0, &img.bootstrap_layer.1)?;
         target.put_blob_bytes(&img.config.0, &img.config.1)?;
@@ -640,8 +760,18 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
         .sum();
     let target_bytes = images
         .iter()
-        .map(|i| i.blobs.iter().map(|(d, _)| d.size).sum::<u64>() + i.bootstrap_layer.0.size)
+        .map(|i| {
+            i.blobs
+                .iter()
+                .filter(|(_, p)| p.is_some())
+                .map(|(d, _)| d.size)
+                .sum::<u64>()
+                + i.bootstrap_layer.0.size
+        })
         .sum();
+    let layers = || images.iter().flat_map(|i| &i.report.layers);
+    let dedup_chunks = layers().map(|l| l.dedup_chunks as u64).sum();
+    let dedup_bytes = layers().map(|l| l.dedup_bytes).sum();
     Ok(ConvertReport {
         source: opts.source.to_string(),
         target: opts.target.to_string(),
@@ -650,6 +780,8 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
         images: images.into_iter().map(|i| i.report).collect(),
         source_bytes,
         target_bytes,
+        dedup_chunks,
+        dedup_bytes,
         convert_seconds,
         push_seconds: pushed.elapsed().as_secs_f64(),
     })

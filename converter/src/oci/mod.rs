@@ -149,6 +149,10 @@ pub const ANNOTATION_NYDUS_BLOB: &str = "containerd.io/snapshot/nydus-blob";
 pub const ANNOTATION_NYDUS_BOOTSTRAP: &str = "containerd.io/snapshot/nydus-bootstrap";
 /// RAFS version of the bootstrap layer.
 pub const ANNOTATION_NYDUS_FS_VERSION: &str = "containerd.io/snapshot/nydus-fs-version";
+/// Blobs of a chunk dictionary referenced by the image (JSON list of ids), on the
+/// bootstrap layer.
+pub const ANNOTATION_NYDUS_REFERENCE_BLOB_IDS: &str =
+    "containerd.io/snapshot/nydus-reference-blob-ids";
 /// Diff id of a compressed layer.
 pub const ANNOTATION_UNCOMPRESSED: &str = "containerd.io/uncompressed";
 /// The tag of a manifest in an OCI layout's index.

@@ -111,6 +111,8 @@ pub fn verify(what: &str, desc: &Descriptor, data: &[u8]) -> Result<()> {
 
 /// Where an image is written.
 pub trait Target: Sync {
+    /// Whether the target holds the blob already.
+    fn has_blob(&self, desc: &Descriptor) -> Result<bool>;
     /// Stores a blob from a file (a no-op when the target has it).
     fn put_blob_file(&self, desc: &Descriptor, path: &Path) -> Result<()>;
     /// Stores a blob from memory.
@@ -260,6 +262,10 @@ impl Source for Layout {
 }
 
 impl Target for Layout {
+    fn has_blob(&self, desc: &Descriptor) -> Result<bool> {
+        Ok(self.blob_path(&desc.digest)?.is_file())
+    }
+
     fn put_blob_file(&self, desc: &Descriptor, path: &Path) -> Result<()> {
         let dest = self.blob_path(&desc.digest)?;
         if dest.exists() {
@@ -508,6 +514,10 @@ impl Source for RegistryStore {
 }
 
 impl Target for RegistryStore {
+    fn has_blob(&self, desc: &Descriptor) -> Result<bool> {
+        Ok(self.registry.blob_exists(&desc.digest)?)
+    }
+
     fn put_blob_file(&self, desc: &Descriptor, path: &Path) -> Result<()> {
         let pushed = self.registry.push_blob_file(&desc.digest, path)?;
         tracing::info!(

@@ -609,3 +609,211 @@ fn converted_busybox_equals_umoci_unpack_on_kernel_erofs_and_upstream_nydusd() {
         ),
     );
 }
+
+/// Adds a layer holding `files` (path, content, mode) to `oci:LAYOUT:TAG` with umoci.
+fn add_layer(layout: &Path, tag: &str, files: &[(&str, &[u8], u32)], work: &Path) {
+    let tar_path = work.join(format!("layer-{}.tar", files.len()));
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, data, mode) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(*mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, path, *data).unwrap();
+    }
+    fs::write(&tar_path, b.into_inner().unwrap()).unwrap();
+    run(Command::new("umoci")
+        .args(["raw", "add-layer", "--image"])
+        .arg(format!("{}:{tag}", layout.display()))
+        .arg(&tar_path));
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&fs::read(path).unwrap()).unwrap()
+}
+
+#[test]
+fn chunks_of_lower_layers_and_of_a_chunk_dict_are_referenced_not_stored_again() {
+    require_root_tools(&["docker-registry", "skopeo", "umoci", "busybox", "tar"]);
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::start();
+    let work = t.path().join("work");
+    fs::create_dir_all(&work).unwrap();
+    let busybox = fs::read(fs::canonicalize(which("busybox")).unwrap()).unwrap();
+
+    // The busybox fixture plus a top layer with a copy of /bin/busybox: the copy's
+    // chunks are all in layer 1's blob.
+    let layout = t.path().join("oci");
+    run(Command::new("bash")
+        .arg(fixture_script())
+        .arg(&layout)
+        .arg("v1"));
+    add_layer(
+        &layout,
+        "v1",
+        &[("usr/bin/busybox-copy", &busybox, 0o755)],
+        &work,
+    );
+    let src = format!("{}/dedup:v1", reg.addr);
+    run(Command::new("skopeo").args([
+        "copy",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:v1", layout.display()),
+        &format!("docker://{src}"),
+    ]));
+    let target = format!("{}/dedup:v1-nydus", reg.addr);
+    let report = t.path().join("r.json");
+    let out = nydusify(
+        &[
+            "convert",
+            "--source",
+            &src,
+            "--target",
+            &target,
+            "--output-json",
+            report.to_str().unwrap(),
+        ],
+        &work,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = json(&report);
+    let layers = r["images"][0]["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 4);
+    let top = &layers[3];
+    let copy_chunks = busybox.len().div_ceil(1 << 20) as u64;
+    assert_eq!(top["file_chunks"], copy_chunks, "{top}");
+    assert_eq!(top["dedup_chunks_other_blobs"], copy_chunks, "{top}");
+    assert_eq!(top["chunks"], 0, "nothing new is stored: {top}");
+    assert_eq!(
+        top["referenced"], false,
+        "an empty blob is not a layer: {top}"
+    );
+    assert!(r["dedup_chunks"].as_u64().unwrap() >= copy_chunks, "{r}");
+    assert_eq!(
+        r["dedup_bytes"].as_u64().unwrap(),
+        busybox.len() as u64,
+        "{r}"
+    );
+    let out = nydusify(&["check", "--source", &src, "--target", &target], &work);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A different image holding busybox again, converted with the first nydus image as
+    // chunk dict: busybox's blob becomes a referenced blob layer of it.
+    let other = t.path().join("other");
+    run(Command::new("umoci").args(["init", "--layout"]).arg(&other));
+    run(Command::new("umoci")
+        .args(["new", "--image"])
+        .arg(format!("{}:v1", other.display())));
+    add_layer(
+        &other,
+        "v1",
+        &[
+            ("bin/busybox", &busybox, 0o755),
+            ("etc/other", b"a file only this image has\n", 0o644),
+        ],
+        &work,
+    );
+    let src2 = format!("{}/dedup:other", reg.addr);
+    run(Command::new("skopeo").args([
+        "copy",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:v1", other.display()),
+        &format!("docker://{src2}"),
+    ]));
+    let dict = t.path().join("dict.boot");
+    let pulled = t.path().join("pulled");
+    run(Command::new("skopeo").args([
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{target}"),
+        &format!("oci:{}:n", pulled.display()),
+    ]));
+    let dict_bs = bootstrap_of_layout(&pulled);
+    fs::write(&dict, dict_bs.bytes()).unwrap();
+    let busybox_blob = &layers[0]["blob_digest"];
+    let target2 = format!("{}/dedup:other-nydus", reg.addr);
+    let report2 = t.path().join("r2.json");
+    let out = nydusify(
+        &[
+            "convert",
+            "--source",
+            &src2,
+            "--target",
+            &target2,
+            "--chunk-dict",
+            &format!("bootstrap={}", dict.display()),
+            "--output-json",
+            report2.to_str().unwrap(),
+        ],
+        &work,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r2 = json(&report2);
+    assert_eq!(
+        r2["images"][0]["reference_blobs"],
+        serde_json::json!([busybox_blob]),
+        "{r2}"
+    );
+    assert_eq!(
+        r2["images"][0]["layers"][0]["dedup_chunks_other_blobs"], copy_chunks,
+        "{r2}"
+    );
+    let m = inspect_raw(&target2);
+    let id = &busybox_blob.as_str().unwrap()[7..];
+    assert!(
+        m.contains(&format!(
+            r#""containerd.io/snapshot/nydus-reference-blob-ids":"[\"{id}\"]""#
+        )),
+        "{m}"
+    );
+    assert_eq!(
+        m.matches("nydus.blob.v1").count(),
+        2,
+        "dict blob + own blob: {m}"
+    );
+    let out = nydusify(&["check", "--source", &src2, "--target", &target2], &work);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Into a repository that lacks the dict's blob: refused, nothing tagged.
+    let out = nydusify(
+        &[
+            "convert",
+            "--source",
+            &src2,
+            "--target",
+            &format!("{}/elsewhere:x", reg.addr),
+            "--chunk-dict",
+            &format!("bootstrap={}", dict.display()),
+        ],
+        &work,
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("push the chunk-dict image"), "{err}");
+}
+
+fn which(tool: &str) -> PathBuf {
+    let out = run(Command::new("sh").args(["-c", &format!("command -v {tool}")]));
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}

@@ -178,9 +178,18 @@ struct ConvertArgs {
     #[arg(long, default_value = "./tmp")]
     work_dir: PathBuf,
 
-    /// Layers converted at the same time (0: one per CPU).
+    /// Threads compressing chunks (0: one per CPU). Layers are converted lowest
+    /// first, so that each one deduplicates against the layers below it.
     #[arg(long, default_value_t = 0)]
     jobs: usize,
+
+    /// Reference chunks of an earlier nydus image instead of storing them again:
+    /// `bootstrap=PATH` names its merged bootstrap. Its blobs used by the new image
+    /// become blob layers of it (listed in the bootstrap layer's
+    /// containerd.io/snapshot/nydus-reference-blob-ids) and must already be in the
+    /// target repository.
+    #[arg(long, value_name = "bootstrap=PATH", value_parser = parse_chunk_dict)]
+    chunk_dict: Option<PathBuf>,
 
     /// Write a JSON report (digests, sizes, timings) to this file.
     #[arg(long, value_name = "FILE")]
@@ -199,6 +208,15 @@ fn parse_chunk_size(s: &str) -> Result<u32, String> {
         ));
     }
     Ok(v)
+}
+
+fn parse_chunk_dict(s: &str) -> Result<PathBuf, String> {
+    match s.split_once('=') {
+        Some(("bootstrap", p)) if !p.is_empty() => Ok(PathBuf::from(p)),
+        _ => Err(format!(
+            "'{s}' is not bootstrap=PATH (the only chunk dict form supported)"
+        )),
+    }
 }
 
 fn run_convert(a: ConvertArgs) -> Result<()> {
@@ -222,14 +240,17 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
     opts.prefetch = prefetch;
     opts.work_dir = a.work_dir;
     opts.jobs = a.jobs;
+    opts.chunk_dict = a.chunk_dict;
     let report = convert(&opts).with_context(|| format!("Converting {}", a.source))?;
     tracing::info!(
-        "converted {} -> {} ({}) in {:.2}s + {:.2}s upload",
+        "converted {} -> {} ({}) in {:.2}s + {:.2}s upload; {} chunks ({} bytes) deduplicated",
         report.source,
         report.target,
         report.digest,
         report.convert_seconds,
-        report.push_seconds
+        report.push_seconds,
+        report.dedup_chunks,
+        report.dedup_bytes
     );
     if let Some(path) = a.output_json {
         let json = serde_json::to_vec_pretty(&report)?;
