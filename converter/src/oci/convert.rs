@@ -448,7 +448,7 @@ pub fn bootstrap_layer(bootstrap: &[u8]) -> Result<(Vec<u8>, String)> {
     Ok((gz.finish().map_err(io)?, diff_id))
 }
 
-fn descriptor(media_type: &str, digest: String, size: u64) -> Descriptor {
+pub(crate) fn descriptor(media_type: &str, digest: String, size: u64) -> Descriptor {
     Descriptor {
         media_type: media_type.into(),
         digest,

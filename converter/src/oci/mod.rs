@@ -6,6 +6,7 @@
 //! Media types and annotations are those of `spec/upstream-interfaces.md` §6, so that the
 //! rest of the nydus ecosystem recognises the images made here.
 
+pub mod build;
 pub mod check;
 pub mod convert;
 pub mod flat;

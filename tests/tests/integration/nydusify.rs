@@ -817,3 +817,116 @@ fn which(tool: &str) -> PathBuf {
     let out = run(Command::new("sh").args(["-c", &format!("command -v {tool}")]));
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
+
+/// `n` pseudo-random bytes (xorshift), incompressible like model weights.
+fn weights(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn model_folder_builds_into_a_nydus_image_that_checks_against_the_folder() {
+    require_root_tools(&["docker-registry"]);
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::start();
+    let work = t.path().join("work");
+    fs::create_dir_all(&work).unwrap();
+    let model = t.path().join("model");
+    fs::create_dir_all(model.join("tokenizer")).unwrap();
+    let shard = weights(9 << 20, 7);
+    fs::write(model.join("model-00001-of-00003.safetensors"), &shard).unwrap();
+    fs::write(
+        model.join("model-00002-of-00003.safetensors"),
+        weights((6 << 20) + 12345, 11),
+    )
+    .unwrap();
+    // A third shard identical to the first: its chunks are stored once.
+    fs::write(model.join("model-00003-of-00003.safetensors"), &shard).unwrap();
+    fs::write(
+        model.join("config.json"),
+        br#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 4096}"#,
+    )
+    .unwrap();
+    fs::write(
+        model.join("tokenizer/tokenizer_config.json"),
+        br#"{"model_max_length": 4096}"#,
+    )
+    .unwrap();
+    fs::write(model.join("generation_config.json"), b"{}").unwrap();
+
+    let target = format!("{}/models/llama:v1", reg.addr);
+    let out_dir = t.path().join("out");
+    let report = t.path().join("build.json");
+    let out = Command::new(bin("nydusify"))
+        .args(["build", "--source-dir"])
+        .arg(&model)
+        .args(["--target", &target, "--output-dir"])
+        .arg(&out_dir)
+        .arg("--output-json")
+        .arg(&report)
+        .arg("--work-dir")
+        .arg(&work)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = json(&report);
+    // 9 MiB + 6 MiB (+ a tail) of unique weights in 1 MiB chunks, plus the JSON files;
+    // the identical third shard adds none.
+    assert_eq!(r["chunks"], 9 + 7 + 3, "{r}");
+    assert!(r["blob_size"].as_u64().unwrap() > 15 << 20, "{r}");
+    assert!(r["blob_size"].as_u64().unwrap() < 17 << 20, "{r}");
+    let id = &r["blob_digest"].as_str().unwrap()[7..];
+    assert!(out_dir.join("image.boot").is_file() && out_dir.join(id).is_file());
+
+    let m = inspect_raw(&target);
+    assert_eq!(m.matches("nydus.blob.v1").count(), 1, "{m}");
+    assert!(m.contains("nydus-bootstrap"), "{m}");
+    let out = nydusify(
+        &[
+            "check",
+            "--source-dir",
+            model.to_str().unwrap(),
+            "--target",
+            &target,
+        ],
+        &work,
+    );
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A changed weight file is caught.
+    let mut changed = shard.clone();
+    changed[5 << 20] ^= 1;
+    fs::write(model.join("model-00003-of-00003.safetensors"), &changed).unwrap();
+    let out = nydusify(
+        &[
+            "check",
+            "--source-dir",
+            model.to_str().unwrap(),
+            "--target",
+            &target,
+        ],
+        &work,
+    );
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("/model-00003-of-00003.safetensors: content sha256"),
+        "{stdout}"
+    );
+}

@@ -52,6 +52,59 @@ enum Command {
     /// Exits non-zero listing each difference.
     #[command(after_help = IMAGES)]
     Check(CheckArgs),
+    /// Build a one-layer nydus image from a plain directory (for example an AI model
+    /// folder) and push it (--target) and/or write its bootstrap and blob
+    /// (--output-dir). Check it with `nydusify check --source-dir DIR --target IMAGE`.
+    #[command(visible_alias = "pack", after_help = IMAGES)]
+    Build(BuildArgs),
+}
+
+/// Flags of `nydusify build`.
+#[derive(Debug, Args)]
+struct BuildArgs {
+    /// The directory to pack.
+    #[arg(long, value_name = "DIR")]
+    source_dir: PathBuf,
+
+    /// Push the image here (registry reference or oci:DIR:TAG).
+    #[arg(long, value_name = "IMAGE", required_unless_present = "output_dir")]
+    target: Option<String>,
+
+    /// Write `image.boot` and the blob (named by its sha256) into this directory.
+    #[arg(long, value_name = "DIR")]
+    output_dir: Option<PathBuf>,
+
+    #[command(flatten)]
+    access: Access,
+
+    /// Platform recorded in the image config (os/arch).
+    #[arg(long, default_value = "linux/amd64")]
+    platform: String,
+
+    /// Chunk compressor: none, lz4_block or zstd.
+    #[arg(long, default_value = "zstd")]
+    compressor: rafs::Compressor,
+
+    /// Chunk size: a power of two from 0x1000 to 0x1000000.
+    #[arg(long, alias = "fs-chunk-size", default_value = "0x100000", value_parser = parse_chunk_size)]
+    chunk_size: u32,
+
+    /// Read prefetch patterns (absolute paths, one per line) from stdin; their files
+    /// are laid out first in the blob.
+    #[arg(long)]
+    prefetch_patterns: bool,
+
+    /// Directory for temporary files.
+    #[arg(long, default_value = "./tmp")]
+    work_dir: PathBuf,
+
+    /// Threads compressing chunks (0: one per CPU).
+    #[arg(long, default_value_t = 0)]
+    jobs: usize,
+
+    /// Write a JSON report (digests, sizes, timings) to this file.
+    #[arg(long, value_name = "FILE")]
+    output_json: Option<PathBuf>,
 }
 
 /// Flags of `nydusify check`.
@@ -302,6 +355,45 @@ fn run_check(a: CheckArgs) -> Result<()> {
     }
 }
 
+fn run_build(a: BuildArgs) -> Result<()> {
+    use converter::oci::build::{build, BuildOptions};
+    let prefetch = if a.prefetch_patterns {
+        converter::prefetch::read_patterns(std::io::stdin().lock())
+            .context("Reading prefetch patterns from stdin")?
+    } else {
+        Vec::new()
+    };
+    std::fs::create_dir_all(&a.work_dir)
+        .with_context(|| format!("Creating work directory {}", a.work_dir.display()))?;
+    let opts = BuildOptions {
+        source_dir: a.source_dir.clone(),
+        target: a.target.as_deref().map(str::parse).transpose()?,
+        output_dir: a.output_dir,
+        target_registry: a.access.target(),
+        platform: a.platform,
+        compressor: a.compressor,
+        chunk_size: a.chunk_size,
+        prefetch,
+        work_dir: a.work_dir,
+        jobs: a.jobs,
+    };
+    let report = build(&opts).with_context(|| format!("Building {}", a.source_dir.display()))?;
+    tracing::info!(
+        "built {}: blob {} ({} bytes, {} chunks), bootstrap {} bytes, in {:.2}s",
+        a.source_dir.display(),
+        report.blob_digest.as_deref().unwrap_or("(none)"),
+        report.blob_size,
+        report.chunks,
+        report.bootstrap_size,
+        report.seconds
+    );
+    if let Some(path) = a.output_json {
+        std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("Writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -312,6 +404,7 @@ fn main() -> ExitCode {
     let r = match cli.command {
         Command::Convert(a) => run_convert(a),
         Command::Check(a) => run_check(a),
+        Command::Build(a) => run_build(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
