@@ -75,6 +75,7 @@ REQUIRED=(
     "docker-registry docker-registry"
     "skopeo skopeo"
     "umoci umoci"
+    "debootstrap debootstrap"
     "cmake cmake"
     "protobuf-compiler protoc"
     "pkg-config pkg-config"
