@@ -2,5 +2,6 @@
 
 mod guards;
 mod judges;
+mod nydusd;
 mod nydusify;
 mod varied_tree;

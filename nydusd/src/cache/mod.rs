@@ -1,0 +1,674 @@
+//! The chunk cache: per blob a sparse file of *uncompressed* chunks at their uncompressed
+//! offsets (`<blob_id>.blob.data`, as upstream nydusd 2.2 names it) plus a ready bitmap
+//! (`<blob_id>.chunk_map`, [`chunk_map`]) in `work_dir`.
+//!
+//! # Reads
+//! A file range maps to chunks; each chunk is looked up in the bootstrap's chunk table
+//! (the root of trust for offsets, sizes and digests). Chunks that are ready are read from
+//! the data file. Missing chunks are *claimed* (one in-flight set per blob, so concurrent
+//! readers of one chunk wait for a single fetch), merged with adjacent missing chunks into
+//! one backend request up to a bound (`amplify_io`; small reads are extended with the
+//! following chunks of the blob), decompressed, verified, written to the data file and
+//! only then marked ready.
+//!
+//! # When cached chunks are verified
+//! Each chunk is verified **once per daemon lifetime**: a chunk fetched by this process is
+//! verified before it is written; a chunk found ready in the bitmap at start-up (written
+//! by an earlier process, which may have crashed, or left on a disk that may have been
+//! tampered with while no daemon ran) is read back and verified on first use. A chunk that
+//! fails is cleared from the bitmap and fetched again, never served. Verifying on every
+//! read would hash a whole chunk (1 MiB by default) for every 4–128 KiB the kernel asks
+//! for, costing the warm-read throughput this cache exists for; while the daemon runs the
+//! data file is only written by it.
+
+pub mod chunk_map;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use chunk_map::ChunkMap;
+use p2p_backend::BlobBackend;
+use rafs::read::{Bootstrap, ChunkAddr, Inode};
+use rafs::{BlobInfo, ChunkInfo};
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+use tracing::{error, info, warn};
+
+/// No chunk-table record for this ci index.
+const NO_RECORD: u32 = u32::MAX;
+/// How often a reader re-examines a chunk whose fetches keep failing before giving up.
+const MAX_ROUNDS: usize = 4;
+
+/// Who is asking for chunks: on-demand reads go ahead of prefetch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Priority {
+    /// A FUSE read waiting for the bytes.
+    OnDemand,
+    /// Background prefetch.
+    Prefetch,
+}
+
+/// The cache state of one blob.
+struct BlobCache {
+    info: BlobInfo,
+    data: File,
+    data_path: PathBuf,
+    map: ChunkMap,
+    /// One bit per ci: verified by this process (see the module docs).
+    verified: Vec<AtomicU8>,
+    /// ci index → chunk-table record index ([`NO_RECORD`] if absent).
+    records: Vec<u32>,
+    inflight: Mutex<HashSet<u32>>,
+    done: Condvar,
+}
+
+/// Releases claimed chunks (and wakes waiters) when dropped, also on panic.
+struct Claims<'a> {
+    blob: &'a BlobCache,
+    cis: Vec<u32>,
+}
+
+impl Drop for Claims<'_> {
+    fn drop(&mut self) {
+        let mut inflight = self.blob.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        for ci in &self.cis {
+            inflight.remove(ci);
+        }
+        drop(inflight);
+        self.blob.done.notify_all();
+    }
+}
+
+impl BlobCache {
+    fn is_verified(&self, ci: u32) -> bool {
+        self.verified[(ci / 8) as usize].load(Ordering::Acquire) & (0x80 >> (ci & 7)) != 0
+    }
+
+    fn set_verified(&self, ci: u32, on: bool) {
+        let slot = &self.verified[(ci / 8) as usize];
+        if on {
+            slot.fetch_or(0x80 >> (ci & 7), Ordering::AcqRel);
+        } else {
+            slot.fetch_and(!(0x80 >> (ci & 7)), Ordering::AcqRel);
+        }
+    }
+
+    fn io(&self, source: std::io::Error) -> Error {
+        Error::CacheIo {
+            path: self.data_path.display().to_string(),
+            source,
+        }
+    }
+}
+
+/// Per-blob chunk caches in front of one backend.
+pub struct ChunkCache {
+    bs: Arc<Bootstrap>,
+    backend: Arc<dyn BlobBackend>,
+    blobs: Vec<BlobCache>,
+    validate: bool,
+    amplify_io: u64,
+    metrics: Arc<Metrics>,
+    /// On-demand fetches in progress (prefetch backs off while non-zero).
+    ondemand: AtomicU64,
+}
+
+/// A blob id is used as a file name in the work directory.
+fn check_blob_id(id: &str) -> Result<()> {
+    let ok =
+        !id.is_empty() && id != "." && id != ".." && id.len() <= 200 && !id.contains(['/', '\0']);
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Metadata(rafs::Error::invalid(
+            "blob table",
+            format!("blob id {id:?} cannot name a cache file"),
+        )))
+    }
+}
+
+impl ChunkCache {
+    /// Opens (or creates) the cache files of every blob of `bs` in `config.cache.work_dir`
+    /// and indexes the bootstrap's chunk table, rejecting an invalid record.
+    pub fn new(
+        bs: Arc<Bootstrap>,
+        backend: Arc<dyn BlobBackend>,
+        config: &Config,
+        metrics: Arc<Metrics>,
+    ) -> Result<ChunkCache> {
+        let work = &config.cache.work_dir;
+        std::fs::create_dir_all(work).map_err(|source| Error::CacheIo {
+            path: work.display().to_string(),
+            source,
+        })?;
+        let mut records: Vec<Vec<u32>> = bs
+            .blobs()
+            .iter()
+            .map(|b| vec![NO_RECORD; b.chunk_count as usize])
+            .collect();
+        for i in 0..bs.chunk_table_len() {
+            let r = bs.chunk_record(i).map_err(Error::Metadata)?;
+            let slot = &mut records[r.blob_index as usize][r.ci_index as usize];
+            if *slot != NO_RECORD {
+                return Err(Error::Metadata(rafs::Error::invalid(
+                    format!("chunk table record {i}"),
+                    format!(
+                        "duplicates record {} for chunk {} of blob {}",
+                        *slot, r.ci_index, r.blob_index
+                    ),
+                )));
+            }
+            *slot = i as u32;
+        }
+        let mut blobs = Vec::new();
+        for (info, records) in bs.blobs().iter().zip(records) {
+            check_blob_id(&info.id)?;
+            blobs.push(open_blob(work, info, records)?);
+        }
+        Ok(ChunkCache {
+            bs,
+            backend,
+            blobs,
+            validate: config.digest_validate,
+            amplify_io: config.amplify_io,
+            metrics,
+            ondemand: AtomicU64::new(0),
+        })
+    }
+
+    /// The bootstrap served.
+    pub fn bootstrap(&self) -> &Arc<Bootstrap> {
+        &self.bs
+    }
+
+    /// The daemon's counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The backend's short name.
+    pub fn backend_kind(&self) -> &'static str {
+        self.backend.kind()
+    }
+
+    /// The cache data files, for the metrics API.
+    pub fn underlying_files(&self) -> Vec<String> {
+        self.blobs
+            .iter()
+            .map(|b| b.data_path.display().to_string())
+            .collect()
+    }
+
+    /// (ready, total) chunks over all blobs.
+    pub fn ready_chunks(&self) -> (u64, u64) {
+        self.blobs.iter().fold((0, 0), |(r, t), b| {
+            (r + b.map.ready_count() as u64, t + b.map.count() as u64)
+        })
+    }
+
+    /// Whether on-demand fetches are running (prefetch yields to them).
+    pub fn ondemand_busy(&self) -> bool {
+        self.ondemand.load(Ordering::Acquire) > 0
+    }
+
+    /// The trusted description of a chunk a file refers to.
+    pub fn chunk_info(&self, addr: &ChunkAddr) -> Result<ChunkInfo> {
+        let blob = &self.blobs[addr.blob_index as usize];
+        let unknown = || Error::UnknownChunk {
+            blob_id: blob.info.id.clone(),
+            ci_index: addr.ci_index,
+        };
+        let rec = *blob
+            .records
+            .get(addr.ci_index as usize)
+            .ok_or_else(unknown)?;
+        if rec == NO_RECORD {
+            return Err(unknown());
+        }
+        let info = self
+            .bs
+            .chunk_record(rec as usize)
+            .map_err(Error::Metadata)?;
+        if info.uncompressed_offset != addr.uncompressed_offset {
+            return Err(Error::Metadata(rafs::Error::invalid(
+                format!("chunk table record {rec}"),
+                format!(
+                    "uncompressed offset {} differs from the chunk index's {}",
+                    info.uncompressed_offset, addr.uncompressed_offset
+                ),
+            )));
+        }
+        Ok(info)
+    }
+
+    /// The chunk `ci` of blob `blob_index`, if the chunk table knows it.
+    pub fn chunk_by_ci(&self, blob_index: u32, ci: u32) -> Option<ChunkInfo> {
+        let rec = *self.blobs[blob_index as usize].records.get(ci as usize)?;
+        (rec != NO_RECORD)
+            .then(|| self.bs.chunk_record(rec as usize).ok())
+            .flatten()
+    }
+
+    /// Number of chunks of blob `blob_index`.
+    pub fn chunk_count(&self, blob_index: u32) -> u32 {
+        self.blobs[blob_index as usize].map.count()
+    }
+
+    /// Whether chunk `ci` of blob `blob_index` is ready in the cache.
+    pub fn is_ready(&self, blob_index: u32, ci: u32) -> bool {
+        self.blobs[blob_index as usize].map.is_ready(ci)
+    }
+
+    /// Reads `size` bytes at `offset` of a regular file (clamped to its size), appending
+    /// them to `out`. Every byte comes from a verified chunk (unless validation is off).
+    pub fn read(&self, inode: &Inode, offset: u64, size: u64, out: &mut Vec<u8>) -> Result<()> {
+        let slices = self
+            .bs
+            .map_range(inode, offset, size)
+            .map_err(Error::Metadata)?;
+        let mut wanted: Vec<Vec<ChunkInfo>> = vec![Vec::new(); self.blobs.len()];
+        let mut infos = Vec::with_capacity(slices.len());
+        for s in &slices {
+            let c = self.chunk_info(&s.chunk)?;
+            wanted[s.chunk.blob_index as usize].push(c);
+            infos.push(c);
+        }
+        for (blob_index, chunks) in wanted.iter().enumerate() {
+            if !chunks.is_empty() {
+                self.ensure(blob_index as u32, chunks, Priority::OnDemand)?;
+            }
+        }
+        let start = out.len();
+        let total: usize = slices.iter().map(|s| s.len as usize).sum();
+        out.resize(start + total, 0);
+        let mut at = start;
+        for (s, c) in slices.iter().zip(&infos) {
+            let blob = &self.blobs[s.chunk.blob_index as usize];
+            let end = at + s.len as usize;
+            if s.offset as u64 + s.len as u64 > c.uncompressed_size as u64 {
+                return Err(Error::Metadata(rafs::Error::invalid(
+                    format!("inode {}", inode.nid),
+                    format!(
+                        "chunk {} of the file is shorter ({} bytes) than the file needs",
+                        s.file_chunk, c.uncompressed_size
+                    ),
+                )));
+            }
+            blob.data
+                .read_exact_at(&mut out[at..end], c.uncompressed_offset + s.offset as u64)
+                .map_err(|e| blob.io(e))?;
+            at = end;
+        }
+        Ok(())
+    }
+
+    /// Makes `chunks` (all of blob `blob_index`) ready and verified, fetching what is
+    /// missing (one fetch per chunk however many readers wait for it).
+    pub fn ensure(&self, blob_index: u32, chunks: &[ChunkInfo], prio: Priority) -> Result<()> {
+        let blob = &self.blobs[blob_index as usize];
+        let mut pending: Vec<ChunkInfo> = chunks.to_vec();
+        pending.sort_by_key(|c| c.ci_index);
+        pending.dedup_by_key(|c| c.ci_index);
+        for round in 0..MAX_ROUNDS {
+            // Chunks ready and verified are done; ready but unverified ones are checked.
+            let mut missing = Vec::new();
+            let asked = pending.len();
+            for c in pending {
+                if !self.usable(blob, &c)? {
+                    missing.push(c);
+                }
+            }
+            if round == 0 && prio == Priority::OnDemand {
+                Metrics::add(&self.metrics.cache.hits, (asked - missing.len()) as u64);
+            }
+            if missing.is_empty() {
+                return Ok(());
+            }
+            // Claim what nobody fetches; wait for the rest.
+            let (mine, theirs) = self.claim(blob, &missing, prio);
+            if !mine.cis.is_empty() {
+                let requested: HashSet<u32> = missing.iter().map(|c| c.ci_index).collect();
+                self.fetch(blob_index, &mine, &requested, prio)?;
+                drop(mine);
+            }
+            if !theirs.is_empty() {
+                let mut inflight = blob.inflight.lock().unwrap_or_else(|e| e.into_inner());
+                while theirs.iter().any(|ci| inflight.contains(ci)) {
+                    inflight = blob.done.wait(inflight).unwrap_or_else(|e| e.into_inner());
+                }
+            }
+            pending = missing;
+        }
+        // Someone else's fetches kept failing; a last check says which chunk is missing.
+        for c in &pending {
+            if !self.usable(blob, c)? {
+                return Err(Error::Integrity {
+                    blob_id: blob.info.id.clone(),
+                    ci_index: c.ci_index,
+                    source: rafs::Error::invalid("chunk", "could not be fetched"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a chunk can be served now; verifies a ready chunk not yet verified by this
+    /// process and clears it when it is corrupt.
+    fn usable(&self, blob: &BlobCache, c: &ChunkInfo) -> Result<bool> {
+        if !blob.map.is_ready(c.ci_index) {
+            return Ok(false);
+        }
+        if !self.validate || blob.is_verified(c.ci_index) {
+            return Ok(true);
+        }
+        let mut data = vec![0u8; c.uncompressed_size as usize];
+        blob.data
+            .read_exact_at(&mut data, c.uncompressed_offset)
+            .map_err(|e| blob.io(e))?;
+        match rafs::read::verify_chunk(&blob.info, c, &data) {
+            Ok(()) => {
+                blob.set_verified(c.ci_index, true);
+                Ok(true)
+            }
+            Err(e) => {
+                Metrics::add(&self.metrics.cache.cache_corruptions, 1);
+                warn!(
+                    "cached chunk {} of blob {} is corrupt ({e}); fetching it again",
+                    c.ci_index, blob.info.id
+                );
+                blob.map.clear(c.ci_index)?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Claims the missing chunks nobody is fetching, plus (for on-demand reads) the
+    /// following chunks of the blob up to `amplify_io`. Returns the claims and the ci
+    /// indexes others are fetching.
+    fn claim<'a>(
+        &self,
+        blob: &'a BlobCache,
+        missing: &[ChunkInfo],
+        prio: Priority,
+    ) -> (Claims<'a>, Vec<u32>) {
+        let mut inflight = blob.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        let mut mine = Vec::new();
+        let mut theirs = Vec::new();
+        for c in missing {
+            if blob.map.is_ready(c.ci_index) {
+                // Became ready meanwhile: the next round verifies it.
+                continue;
+            }
+            if inflight.insert(c.ci_index) {
+                mine.push(c.ci_index);
+            } else {
+                theirs.push(c.ci_index);
+            }
+        }
+        if prio == Priority::OnDemand && self.amplify_io > 0 && !mine.is_empty() {
+            let last = missing
+                .iter()
+                .max_by_key(|c| c.ci_index)
+                .expect("non-empty");
+            let mut end = last.compressed_offset + last.compressed_size as u64;
+            let first = missing
+                .iter()
+                .map(|c| c.compressed_offset)
+                .min()
+                .unwrap_or(end);
+            let mut ci = last.ci_index + 1;
+            while ci < blob.map.count() {
+                let Some(next) = self.chunk_by_ci_in(blob, ci) else {
+                    break;
+                };
+                let next_end = next.compressed_offset + next.compressed_size as u64;
+                if next.compressed_offset != end
+                    || next_end - first > self.amplify_io
+                    || blob.map.is_ready(ci)
+                    || !inflight.insert(ci)
+                {
+                    break;
+                }
+                mine.push(ci);
+                end = next_end;
+                ci += 1;
+            }
+        }
+        (Claims { blob, cis: mine }, theirs)
+    }
+
+    fn chunk_by_ci_in(&self, blob: &BlobCache, ci: u32) -> Option<ChunkInfo> {
+        let rec = *blob.records.get(ci as usize)?;
+        (rec != NO_RECORD)
+            .then(|| self.bs.chunk_record(rec as usize).ok())
+            .flatten()
+    }
+
+    /// Fetches the claimed chunks in merged requests, verifies and caches them. Fails when
+    /// a chunk in `requested` could not be made ready.
+    fn fetch(
+        &self,
+        blob_index: u32,
+        claims: &Claims<'_>,
+        requested: &HashSet<u32>,
+        prio: Priority,
+    ) -> Result<()> {
+        let blob = claims.blob;
+        let mut chunks: Vec<ChunkInfo> = claims
+            .cis
+            .iter()
+            .filter_map(|ci| self.chunk_by_ci_in(blob, *ci))
+            .collect();
+        chunks.sort_by_key(|c| c.compressed_offset);
+        let bound = match prio {
+            Priority::OnDemand => self.amplify_io,
+            Priority::Prefetch => u64::MAX,
+        };
+        let _busy = (prio == Priority::OnDemand).then(|| OnDemandGuard::new(&self.ondemand));
+        let mut first_err = None;
+        let mut i = 0;
+        while i < chunks.len() {
+            // One run: compressed-contiguous chunks, at most `bound` bytes (at least one).
+            let start = chunks[i].compressed_offset;
+            let mut end = start + chunks[i].compressed_size as u64;
+            let mut j = i + 1;
+            while j < chunks.len()
+                && chunks[j].compressed_offset == end
+                && end + chunks[j].compressed_size as u64 - start <= bound
+            {
+                end += chunks[j].compressed_size as u64;
+                j += 1;
+            }
+            let run = &chunks[i..j];
+            i = j;
+            if let Err(e) = self.fetch_run(blob_index, blob, run, prio) {
+                if run.iter().any(|c| requested.contains(&c.ci_index)) && first_err.is_none() {
+                    first_err = Some(e);
+                }
+            }
+        }
+        // A requested chunk that failed alone (digest) is reported by the check below.
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        for ci in requested {
+            if claims.cis.contains(ci) && !blob.map.is_ready(*ci) {
+                return Err(Error::Integrity {
+                    blob_id: blob.info.id.clone(),
+                    ci_index: *ci,
+                    source: rafs::Error::invalid("chunk", "failed verification"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// One backend request for compressed-contiguous chunks; each chunk is decoded,
+    /// verified and cached on its own. Returns the backend error if the request failed.
+    fn fetch_run(
+        &self,
+        _blob_index: u32,
+        blob: &BlobCache,
+        run: &[ChunkInfo],
+        prio: Priority,
+    ) -> Result<()> {
+        let start = run[0].compressed_offset;
+        let last = run.last().expect("non-empty run");
+        let len = last.compressed_offset + last.compressed_size as u64 - start;
+        let mut buf = vec![0u8; len as usize];
+        let m = &self.metrics;
+        let t = Instant::now();
+        Metrics::add(&m.backend.read_count, 1);
+        if prio == Priority::Prefetch {
+            Metrics::add(&m.cache.prefetch_requests, 1);
+        }
+        let res = self.backend.read_at(&blob.info.id, start, &mut buf);
+        Metrics::add(
+            &m.backend.read_latency_us_total,
+            t.elapsed().as_micros() as u64,
+        );
+        if let Err(source) = res {
+            Metrics::add(&m.backend.read_errors, 1);
+            error!(
+                "blob {}: {} backend read of {len} bytes at offset {start} failed: {source}",
+                blob.info.id,
+                self.backend.kind()
+            );
+            return Err(Error::Backend {
+                blob_id: blob.info.id.clone(),
+                offset: start,
+                len,
+                source,
+            });
+        }
+        Metrics::add(&m.backend.read_amount_total, len);
+        for c in run {
+            let off = (c.compressed_offset - start) as usize;
+            let stored = &buf[off..off + c.compressed_size as usize];
+            let decoded = if self.validate {
+                rafs::read::decode_chunk(&blob.info, c, stored)
+            } else {
+                decode_unverified(&blob.info, c, stored)
+            };
+            let data = match decoded {
+                Ok(d) => d,
+                Err(e) => {
+                    Metrics::add(&m.cache.digest_errors, 1);
+                    error!(
+                        "blob {}: chunk {} from the {} backend is corrupt: {e}",
+                        blob.info.id,
+                        c.ci_index,
+                        self.backend.kind()
+                    );
+                    continue;
+                }
+            };
+            blob.data
+                .write_all_at(&data, c.uncompressed_offset)
+                .map_err(|e| blob.io(e))?;
+            blob.set_verified(c.ci_index, true);
+            blob.map.set_ready(c.ci_index)?;
+            match prio {
+                Priority::OnDemand => Metrics::add(&m.cache.misses, 1),
+                Priority::Prefetch => {
+                    Metrics::add(&m.cache.prefetch_chunks, 1);
+                    Metrics::add(&m.cache.prefetch_bytes, data.len() as u64);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Counts an on-demand fetch in progress for its lifetime.
+struct OnDemandGuard<'a>(&'a AtomicU64);
+
+impl<'a> OnDemandGuard<'a> {
+    fn new(c: &'a AtomicU64) -> Self {
+        c.fetch_add(1, Ordering::AcqRel);
+        OnDemandGuard(c)
+    }
+}
+
+impl Drop for OnDemandGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Decompresses without checking the digest (`"digest_validate": false`).
+fn decode_unverified(info: &BlobInfo, c: &ChunkInfo, stored: &[u8]) -> rafs::Result<Vec<u8>> {
+    let what = format!("chunk {} of blob {}", c.ci_index, info.id);
+    if c.compressed {
+        info.compressor
+            .decompress(stored, c.uncompressed_size as usize, &what)
+    } else if stored.len() == c.uncompressed_size as usize {
+        Ok(stored.to_vec())
+    } else {
+        Err(rafs::Error::Decompress {
+            what,
+            reason: "stored size differs from uncompressed size".into(),
+        })
+    }
+}
+
+/// Opens the data file and chunk map of one blob, resetting the map when the data file
+/// does not have the blob's uncompressed size (it cannot be trusted then).
+fn open_blob(work: &Path, info: &BlobInfo, records: Vec<u32>) -> Result<BlobCache> {
+    let data_path = work.join(format!("{}.blob.data", info.id));
+    let map_path = work.join(format!("{}.chunk_map", info.id));
+    let io = |p: &Path, source| Error::CacheIo {
+        path: p.display().to_string(),
+        source,
+    };
+    let data = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&data_path)
+        .map_err(|e| io(&data_path, e))?;
+    let len = data.metadata().map_err(|e| io(&data_path, e))?.len();
+    if len != info.uncompressed_size {
+        if len != 0 {
+            warn!(
+                "cache file {} has {len} bytes, expected {}: discarding its chunk map",
+                data_path.display(),
+                info.uncompressed_size
+            );
+            let _ = std::fs::remove_file(&map_path);
+        }
+        data.set_len(info.uncompressed_size)
+            .map_err(|e| io(&data_path, e))?;
+    }
+    let (map, reset) = ChunkMap::open(&map_path, info.chunk_count)?;
+    if reset {
+        warn!("chunk map {} was malformed: reset", map_path.display());
+    }
+    if map.ready_count() > 0 {
+        info!(
+            "blob {}: {} of {} chunks already cached",
+            info.id,
+            map.ready_count(),
+            map.count()
+        );
+    }
+    let verified = (0..info.chunk_count.div_ceil(8))
+        .map(|_| AtomicU8::new(0))
+        .collect();
+    Ok(BlobCache {
+        info: info.clone(),
+        data,
+        data_path,
+        map,
+        verified,
+        records,
+        inflight: Mutex::new(HashSet::new()),
+        done: Condvar::new(),
+    })
+}

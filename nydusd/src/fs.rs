@@ -1,0 +1,558 @@
+//! The read-only filesystem over one bootstrap, written once against fuse-backend-rs'
+//! [`FileSystem`] trait so that FUSE and (later) virtio-fs are two transports over the
+//! same code.
+//!
+//! Inodes are plain data decoded from the bootstrap on every request (nothing is kept per
+//! inode, so `forget` has nothing to release). Inode numbers are nids — hard links share
+//! one — mapped by [`InodeMap`]. File data comes from the verified [`ChunkCache`]; any
+//! metadata or integrity failure is `EIO`, never wrong bytes.
+
+use crate::cache::ChunkCache;
+use crate::metrics::Metrics;
+use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, Attr, FsOptions, OpenOptions};
+use fuse_backend_rs::api::filesystem::{
+    Context, DirEntry, Entry, FileSystem, GetxattrReply, ListxattrReply, ZeroCopyWriter,
+};
+use rafs::read::{Bootstrap, DirEntry as RafsDirEntry, Inode};
+use std::collections::HashMap;
+use std::ffi::CStr;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tracing::error;
+
+/// How long the kernel may cache attributes and names: the image never changes.
+pub const TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Bits of a FUSE inode number below the per-mount index.
+pub const MOUNT_SHIFT: u32 = 48;
+const NID_MASK: u64 = (1 << MOUNT_SHIFT) - 1;
+/// The FUSE root inode number.
+pub const ROOT_ID: u64 = 1;
+
+/// Maps the nids of one bootstrap to FUSE inode numbers and back:
+/// `(mount_index << MOUNT_SHIFT) | nid`, with the root nid and nid 1 swapped so that the
+/// root of mount 0 is FUSE's root inode 1. The mount index leaves room for several
+/// bootstraps under a pseudo-root in one daemon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InodeMap {
+    root_nid: u64,
+    index: u64,
+}
+
+impl InodeMap {
+    /// The map of mount `index` whose bootstrap's root is `root_nid`.
+    pub fn new(root_nid: u64, index: u16) -> Self {
+        InodeMap {
+            root_nid,
+            index: index as u64,
+        }
+    }
+
+    fn swap(&self, n: u64) -> u64 {
+        if n == self.root_nid {
+            ROOT_ID
+        } else if n == ROOT_ID {
+            self.root_nid
+        } else {
+            n
+        }
+    }
+
+    /// FUSE inode number of `nid`.
+    pub fn to_fuse(&self, nid: u64) -> u64 {
+        (self.index << MOUNT_SHIFT) | self.swap(nid & NID_MASK)
+    }
+
+    /// nid of a FUSE inode number, if it belongs to this mount.
+    pub fn to_nid(&self, ino: u64) -> Option<u64> {
+        (ino >> MOUNT_SHIFT == self.index).then(|| self.swap(ino & NID_MASK))
+    }
+}
+
+/// The filesystem of one bootstrap.
+pub struct RafsFs {
+    bs: Arc<Bootstrap>,
+    cache: Arc<ChunkCache>,
+    map: InodeMap,
+    enable_xattr: bool,
+    metrics: Arc<Metrics>,
+    dirs: Mutex<HashMap<u64, Arc<Vec<RafsDirEntry>>>>,
+    next_handle: AtomicU64,
+}
+
+fn eio() -> io::Error {
+    io::Error::from_raw_os_error(libc::EIO)
+}
+
+fn errno(e: i32) -> io::Error {
+    io::Error::from_raw_os_error(e)
+}
+
+/// `DT_*` of a mode.
+fn dtype(mode: u32) -> u32 {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => libc::DT_DIR,
+        libc::S_IFREG => libc::DT_REG,
+        libc::S_IFLNK => libc::DT_LNK,
+        libc::S_IFCHR => libc::DT_CHR,
+        libc::S_IFBLK => libc::DT_BLK,
+        libc::S_IFIFO => libc::DT_FIFO,
+        libc::S_IFSOCK => libc::DT_SOCK,
+        _ => libc::DT_UNKNOWN,
+    }
+    .into()
+}
+
+/// Zero-initialised `statvfs64` without unsafe code: the trait's default `statfs` of a
+/// filesystem that implements nothing.
+fn empty_statvfs() -> statvfs64 {
+    struct Nothing;
+    impl FileSystem for Nothing {
+        type Inode = u64;
+        type Handle = u64;
+    }
+    Nothing
+        .statfs(&Context::default(), 0)
+        .expect("the default statfs cannot fail")
+}
+
+impl RafsFs {
+    /// The filesystem of `cache`'s bootstrap as mount `index`.
+    pub fn new(
+        cache: Arc<ChunkCache>,
+        enable_xattr: bool,
+        metrics: Arc<Metrics>,
+        index: u16,
+    ) -> Self {
+        let bs = cache.bootstrap().clone();
+        let map = InodeMap::new(bs.superblock().root_nid, index);
+        RafsFs {
+            bs,
+            cache,
+            map,
+            enable_xattr,
+            metrics,
+            dirs: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+        }
+    }
+
+    /// The inode map.
+    pub fn inode_map(&self) -> InodeMap {
+        self.map
+    }
+
+    /// The chunk cache.
+    pub fn cache(&self) -> &Arc<ChunkCache> {
+        &self.cache
+    }
+
+    fn fail(&self, what: &str, e: impl std::fmt::Display) -> io::Error {
+        Metrics::add(&self.metrics.fs.fop_errors, 1);
+        error!("{what}: {e}");
+        eio()
+    }
+
+    fn inode(&self, ino: u64) -> io::Result<Inode> {
+        let nid = self.map.to_nid(ino).ok_or_else(|| errno(libc::ENOENT))?;
+        self.bs
+            .inode(nid)
+            .map_err(|e| self.fail(&format!("inode {ino}"), e))
+    }
+
+    fn attr(&self, inode: &Inode) -> stat64 {
+        let rdev = if inode.is_device() { inode.u } else { 0 };
+        Attr {
+            ino: self.map.to_fuse(inode.nid),
+            size: inode.size,
+            blocks: inode.size.div_ceil(512),
+            atime: inode.mtime,
+            mtime: inode.mtime,
+            ctime: inode.mtime,
+            atimensec: inode.mtime_nsec,
+            mtimensec: inode.mtime_nsec,
+            ctimensec: inode.mtime_nsec,
+            mode: inode.mode,
+            nlink: inode.nlink,
+            uid: inode.uid,
+            gid: inode.gid,
+            rdev,
+            blksize: 4096,
+            flags: 0,
+        }
+        .into()
+    }
+
+    fn entry(&self, inode: &Inode) -> Entry {
+        Entry {
+            inode: self.map.to_fuse(inode.nid),
+            generation: 0,
+            attr: self.attr(inode),
+            attr_flags: 0,
+            attr_timeout: TIMEOUT,
+            entry_timeout: TIMEOUT,
+        }
+    }
+
+    fn dir_entries(&self, ino: u64, handle: u64) -> io::Result<Arc<Vec<RafsDirEntry>>> {
+        if let Some(e) = self
+            .dirs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&handle)
+        {
+            return Ok(e.clone());
+        }
+        // No handle (or an unknown one): decode the directory for this call.
+        let dir = self.inode(ino)?;
+        if !dir.is_dir() {
+            return Err(errno(libc::ENOTDIR));
+        }
+        let entries = self
+            .bs
+            .read_dir(&dir)
+            .map_err(|e| self.fail(&format!("directory {ino}"), e))?;
+        Ok(Arc::new(entries))
+    }
+
+    fn xattrs(&self, inode: &Inode) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        if !self.enable_xattr {
+            return Ok(Vec::new());
+        }
+        self.bs
+            .xattrs(inode)
+            .map_err(|e| self.fail(&format!("xattrs of inode {}", inode.nid), e))
+    }
+}
+
+impl FileSystem for RafsFs {
+    type Inode = u64;
+    type Handle = u64;
+
+    fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
+        let want = FsOptions::ASYNC_READ
+            | FsOptions::PARALLEL_DIROPS
+            | FsOptions::DO_READDIRPLUS
+            | FsOptions::READDIRPLUS_AUTO
+            | FsOptions::MAX_PAGES
+            | FsOptions::CACHE_SYMLINKS
+            | FsOptions::BIG_WRITES;
+        Ok(want & capable)
+    }
+
+    fn lookup(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+        let dir = self.inode(parent)?;
+        if !dir.is_dir() {
+            return Err(errno(libc::ENOTDIR));
+        }
+        let found = self
+            .bs
+            .lookup(&dir, name.to_bytes())
+            .map_err(|e| self.fail(&format!("lookup in directory {parent}"), e))?;
+        match found {
+            Some(e) => {
+                let inode = self
+                    .bs
+                    .inode(e.nid)
+                    .map_err(|err| self.fail(&format!("inode {}", e.nid), err))?;
+                Ok(self.entry(&inode))
+            }
+            // A negative entry the kernel may cache as long as positive ones.
+            None => Ok(Entry {
+                inode: 0,
+                generation: 0,
+                attr: Attr::default().into(),
+                attr_flags: 0,
+                attr_timeout: TIMEOUT,
+                entry_timeout: TIMEOUT,
+            }),
+        }
+    }
+
+    fn forget(&self, _ctx: &Context, _inode: u64, _count: u64) {}
+
+    fn batch_forget(&self, _ctx: &Context, _requests: Vec<(u64, u64)>) {}
+
+    fn getattr(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        _handle: Option<u64>,
+    ) -> io::Result<(stat64, Duration)> {
+        let i = self.inode(inode)?;
+        Ok((self.attr(&i), TIMEOUT))
+    }
+
+    fn readlink(&self, _ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
+        let i = self.inode(inode)?;
+        if !i.is_symlink() {
+            return Err(errno(libc::EINVAL));
+        }
+        self.bs
+            .readlink(&i)
+            .map_err(|e| self.fail(&format!("symlink {inode}"), e))
+    }
+
+    fn open(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        flags: u32,
+        _fuse_flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
+        if flags as i32 & libc::O_ACCMODE != libc::O_RDONLY {
+            return Err(errno(libc::EROFS));
+        }
+        let i = self.inode(inode)?;
+        if i.is_dir() {
+            return Err(errno(libc::EISDIR));
+        }
+        Metrics::add(&self.metrics.fs.nr_opens, 1);
+        Ok((None, OpenOptions::KEEP_CACHE, None))
+    }
+
+    fn read(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        _handle: u64,
+        w: &mut dyn ZeroCopyWriter,
+        size: u32,
+        offset: u64,
+        _lock_owner: Option<u64>,
+        _flags: u32,
+    ) -> io::Result<usize> {
+        let i = self.inode(inode)?;
+        if !i.is_reg() {
+            return Err(errno(libc::EINVAL));
+        }
+        Metrics::add(&self.metrics.fs.reads, 1);
+        if offset >= i.size || size == 0 {
+            return Ok(0);
+        }
+        let mut buf = Vec::with_capacity(size.min((i.size - offset) as u32) as usize);
+        self.cache
+            .read(&i, offset, size as u64, &mut buf)
+            .map_err(|e| {
+                self.fail(
+                    &format!("read of inode {inode} at {offset}+{size}"),
+                    crate::error::Chain(&e),
+                )
+            })?;
+        w.write_all(&buf)?;
+        Metrics::add(&self.metrics.fs.data_read, buf.len() as u64);
+        Ok(buf.len())
+    }
+
+    fn release(
+        &self,
+        _ctx: &Context,
+        _inode: u64,
+        _flags: u32,
+        _handle: u64,
+        _flush: bool,
+        _flock_release: bool,
+        _lock_owner: Option<u64>,
+    ) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn statfs(&self, _ctx: &Context, _inode: u64) -> io::Result<statvfs64> {
+        let mut st = empty_statvfs();
+        let sb = self.bs.superblock();
+        let blocks: u64 = self
+            .bs
+            .blobs()
+            .iter()
+            .map(|b| b.uncompressed_size.div_ceil(4096))
+            .sum();
+        st.f_bsize = 4096;
+        st.f_frsize = 4096;
+        st.f_blocks = blocks.max(sb.blocks as u64);
+        st.f_bfree = 0;
+        st.f_bavail = 0;
+        st.f_files = sb.inodes;
+        st.f_ffree = 0;
+        st.f_favail = 0;
+        st.f_namemax = 255;
+        st.f_flag = libc::ST_RDONLY;
+        Ok(st)
+    }
+
+    fn getxattr(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        name: &CStr,
+        size: u32,
+    ) -> io::Result<GetxattrReply> {
+        let i = self.inode(inode)?;
+        let value = self
+            .xattrs(&i)?
+            .into_iter()
+            .find(|(n, _)| n == name.to_bytes())
+            .map(|(_, v)| v)
+            .ok_or_else(|| errno(libc::ENODATA))?;
+        if size == 0 {
+            Ok(GetxattrReply::Count(value.len() as u32))
+        } else if (size as usize) < value.len() {
+            Err(errno(libc::ERANGE))
+        } else {
+            Ok(GetxattrReply::Value(value))
+        }
+    }
+
+    fn listxattr(&self, _ctx: &Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
+        let i = self.inode(inode)?;
+        let mut names = Vec::new();
+        for (n, _) in self.xattrs(&i)? {
+            names.extend_from_slice(&n);
+            names.push(0);
+        }
+        if size == 0 {
+            Ok(ListxattrReply::Count(names.len() as u32))
+        } else if (size as usize) < names.len() {
+            Err(errno(libc::ERANGE))
+        } else {
+            Ok(ListxattrReply::Names(names))
+        }
+    }
+
+    fn opendir(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        _flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions)> {
+        let entries = self.dir_entries(inode, 0)?;
+        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.dirs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(handle, entries);
+        Ok((
+            Some(handle),
+            OpenOptions::KEEP_CACHE | OpenOptions::CACHE_DIR,
+        ))
+    }
+
+    fn readdir(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        handle: u64,
+        _size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        let entries = self.dir_entries(inode, handle)?;
+        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+            let mode = self
+                .bs
+                .inode(e.nid)
+                .map(|i| i.mode)
+                .map_err(|err| self.fail(&format!("inode {}", e.nid), err))?;
+            let n = add_entry(DirEntry {
+                ino: self.map.to_fuse(e.nid),
+                offset: i as u64 + 1,
+                type_: dtype(mode),
+                name: &e.name,
+            })?;
+            if n == 0 {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn readdirplus(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        handle: u64,
+        _size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        let entries = self.dir_entries(inode, handle)?;
+        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+            let child = self
+                .bs
+                .inode(e.nid)
+                .map_err(|err| self.fail(&format!("inode {}", e.nid), err))?;
+            let n = add_entry(
+                DirEntry {
+                    ino: self.map.to_fuse(e.nid),
+                    offset: i as u64 + 1,
+                    type_: dtype(child.mode),
+                    name: &e.name,
+                },
+                self.entry(&child),
+            )?;
+            if n == 0 {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn releasedir(&self, _ctx: &Context, _inode: u64, _flags: u32, handle: u64) -> io::Result<()> {
+        self.dirs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&handle);
+        Ok(())
+    }
+
+    fn access(&self, ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {
+        let i = self.inode(inode)?;
+        let mask = mask as i32;
+        if mask == libc::F_OK {
+            return Ok(());
+        }
+        if mask & libc::W_OK != 0 {
+            return Err(errno(libc::EROFS));
+        }
+        let mode = i.mode;
+        if ctx.uid == 0 {
+            // Root may read anything and execute what anyone may execute.
+            if mask & libc::X_OK != 0 && !i.is_dir() && mode & 0o111 == 0 {
+                return Err(errno(libc::EACCES));
+            }
+            return Ok(());
+        }
+        let bits = if ctx.uid == i.uid {
+            (mode >> 6) & 7
+        } else if ctx.gid == i.gid {
+            (mode >> 3) & 7
+        } else {
+            mode & 7
+        };
+        if (mask as u32) & !bits & 7 != 0 {
+            return Err(errno(libc::EACCES));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inode_map_puts_the_root_at_one_and_is_a_bijection() {
+        let m = InodeMap::new(128, 0);
+        assert_eq!(m.to_fuse(128), ROOT_ID);
+        assert_eq!(m.to_fuse(1), 128);
+        assert_eq!(m.to_fuse(500), 500);
+        for nid in [0, 1, 2, 127, 128, 129, 1 << 40] {
+            assert_eq!(m.to_nid(m.to_fuse(nid)), Some(nid));
+        }
+        let m2 = InodeMap::new(128, 3);
+        assert_eq!(m2.to_fuse(500), (3 << MOUNT_SHIFT) | 500);
+        assert_eq!(m2.to_nid(500), None, "another mount's inode");
+        assert_eq!(m.to_nid(m2.to_fuse(500)), None);
+    }
+}

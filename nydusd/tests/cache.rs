@@ -1,0 +1,424 @@
+//! The chunk cache without FUSE: exact bytes, no backend traffic when warm or after a
+//! restart, single-flight fetches, merging, and corruption from the backend or in the
+//! cache file never served.
+
+use nydusd::cache::ChunkCache;
+use nydusd::config::Config;
+use nydusd::metrics::Metrics;
+use p2p_backend::localfs::LocalFs;
+use p2p_backend::{BackendError, BlobBackend};
+use rafs::read::Bootstrap;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// A localfs backend that counts requests and can corrupt or refuse them.
+struct Counting {
+    inner: LocalFs,
+    reads: AtomicU64,
+    bytes: AtomicU64,
+    corrupt_at: Mutex<Option<u64>>,
+    down: AtomicBool,
+}
+
+impl Counting {
+    fn new(dir: &Path) -> Arc<Self> {
+        Arc::new(Counting {
+            inner: LocalFs::new(dir),
+            reads: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            corrupt_at: Mutex::new(None),
+            down: AtomicBool::new(false),
+        })
+    }
+    fn reads(&self) -> u64 {
+        self.reads.load(Ordering::SeqCst)
+    }
+}
+
+impl BlobBackend for Counting {
+    fn read_at(&self, blob_id: &str, offset: u64, buf: &mut [u8]) -> p2p_backend::Result<()> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        self.bytes.fetch_add(buf.len() as u64, Ordering::SeqCst);
+        if self.down.load(Ordering::SeqCst) {
+            return Err(BackendError::Remote {
+                what: blob_id.into(),
+                reason: "backend down".into(),
+            });
+        }
+        self.inner.read_at(blob_id, offset, buf)?;
+        if let Some(at) = *self.corrupt_at.lock().unwrap() {
+            if at >= offset && at < offset + buf.len() as u64 {
+                buf[(at - offset) as usize] ^= 0x5a;
+            }
+        }
+        Ok(())
+    }
+    fn blob_size(&self, blob_id: &str) -> p2p_backend::Result<u64> {
+        self.inner.blob_size(blob_id)
+    }
+    fn kind(&self) -> &'static str {
+        "counting"
+    }
+}
+
+struct Image {
+    _tmp: tempfile::TempDir,
+    src: PathBuf,
+    boot: PathBuf,
+    blobs: PathBuf,
+    work: PathBuf,
+}
+
+/// Pseudo-random bytes (xorshift), compressible enough to exercise zstd a little.
+fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if i % 3 == 0 {
+                b'a'
+            } else {
+                x as u8
+            }
+        })
+        .collect()
+}
+
+/// Files: 3 big ones (several 64 KiB chunks each) and 40 small ones.
+fn image() -> Image {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(src.join("small")).unwrap();
+    for i in 0..3u64 {
+        std::fs::write(
+            src.join(format!("big{i}")),
+            bytes(i + 1, 300_000 + i as usize * 7),
+        )
+        .unwrap();
+    }
+    for i in 0..40u64 {
+        std::fs::write(
+            src.join(format!("small/f{i:02}")),
+            bytes(100 + i, 1000 + i as usize),
+        )
+        .unwrap();
+    }
+    let boot = tmp.path().join("image.boot");
+    let blobs = tmp.path().join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let mut o = converter::CreateOptions::new(&src, converter::SourceType::Directory);
+    o.bootstrap = Some(boot.clone());
+    o.blob_dir = Some(blobs.clone());
+    o.chunk_size = 0x10000;
+    converter::create(&o).unwrap();
+    let work = tmp.path().join("cache");
+    Image {
+        _tmp: tmp,
+        src,
+        boot,
+        blobs,
+        work,
+    }
+}
+
+fn config(img: &Image, amplify_io: u64) -> Config {
+    let mut c = Config::localfs(img.blobs.clone(), img.work.clone());
+    c.amplify_io = amplify_io;
+    c
+}
+
+fn open(img: &Image, backend: Arc<Counting>, cfg: &Config) -> (ChunkCache, Arc<Metrics>) {
+    let bs = Arc::new(Bootstrap::open(&img.boot).unwrap());
+    let metrics = Arc::new(Metrics::default());
+    (
+        ChunkCache::new(bs, backend, cfg, metrics.clone()).unwrap(),
+        metrics,
+    )
+}
+
+fn read_file(cache: &ChunkCache, path: &str) -> nydusd::Result<Vec<u8>> {
+    let inode = cache.bootstrap().lookup_path(path).unwrap();
+    let mut out = Vec::new();
+    cache.read(&inode, 0, inode.size, &mut out)?;
+    Ok(out)
+}
+
+fn all_files(img: &Image) -> Vec<(String, Vec<u8>)> {
+    let mut v = Vec::new();
+    for i in 0..3 {
+        let p = format!("/big{i}");
+        v.push((p.clone(), std::fs::read(img.src.join(&p[1..])).unwrap()));
+    }
+    for i in 0..40 {
+        let p = format!("/small/f{i:02}");
+        v.push((p.clone(), std::fs::read(img.src.join(&p[1..])).unwrap()));
+    }
+    v
+}
+
+#[test]
+fn warm_reads_and_restarts_cause_no_backend_reads() {
+    let img = image();
+    let backend = Counting::new(&img.blobs);
+    let cfg = config(&img, 1 << 20);
+    let (cache, _) = open(&img, backend.clone(), &cfg);
+    for (p, want) in all_files(&img) {
+        assert_eq!(read_file(&cache, &p).unwrap(), want, "{p}");
+    }
+    let cold = backend.reads();
+    assert!(cold > 0);
+    for (p, want) in all_files(&img) {
+        assert_eq!(read_file(&cache, &p).unwrap(), want, "{p} warm");
+    }
+    assert_eq!(
+        backend.reads(),
+        cold,
+        "warm reads must not reach the backend"
+    );
+    drop(cache);
+    // A new daemon on the same cache: verifies cached chunks, fetches nothing.
+    let (cache, metrics) = open(&img, backend.clone(), &cfg);
+    for (p, want) in all_files(&img) {
+        assert_eq!(read_file(&cache, &p).unwrap(), want, "{p} after restart");
+    }
+    assert_eq!(backend.reads(), cold, "a restart must reuse the cache");
+    assert_eq!(metrics.cache.cache_corruptions.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn adjacent_missing_chunks_are_merged_up_to_amplify_io() {
+    let img = image();
+    let backend = Counting::new(&img.blobs);
+    // 1 MiB bound: a big file's chunks come in one request.
+    let (cache, _) = open(&img, backend.clone(), &config(&img, 1 << 20));
+    read_file(&cache, "/big1").unwrap();
+    assert_eq!(backend.reads(), 1);
+
+    // Reading one small file amplifies to its neighbours: the next ones cost nothing.
+    let img = image();
+    let backend = Counting::new(&img.blobs);
+    let (cache, _) = open(&img, backend.clone(), &config(&img, 1 << 20));
+    for i in 0..40 {
+        read_file(&cache, &format!("/small/f{i:02}")).unwrap();
+    }
+    assert_eq!(backend.reads(), 1, "small reads are amplified");
+
+    // Without amplification each chunk is its own request.
+    let img = image();
+    let backend = Counting::new(&img.blobs);
+    let (cache, _) = open(&img, backend.clone(), &config(&img, 0));
+    read_file(&cache, "/big0").unwrap();
+    let chunks = 300_000u64.div_ceil(0x10000);
+    assert_eq!(backend.reads(), chunks);
+}
+
+#[test]
+fn concurrent_readers_of_missing_chunks_share_one_fetch() {
+    let img = image();
+    let backend = Counting::new(&img.blobs);
+    let (cache, metrics) = open(&img, backend.clone(), &config(&img, 0));
+    let cache = Arc::new(cache);
+    let want = std::fs::read(img.src.join("big2")).unwrap();
+    std::thread::scope(|s| {
+        for _ in 0..16 {
+            let cache = cache.clone();
+            let want = &want;
+            s.spawn(move || assert_eq!(&read_file(&cache, "/big2").unwrap(), want));
+        }
+    });
+    let chunks = want.len().div_ceil(0x10000) as u64;
+    assert_eq!(backend.reads(), chunks, "each chunk fetched exactly once");
+    assert_eq!(metrics.cache.misses.load(Ordering::SeqCst), chunks);
+}
+
+#[test]
+fn a_corrupt_chunk_from_the_backend_is_an_error_until_the_backend_heals() {
+    let img = image();
+    let backend = Counting::new(&img.blobs);
+    let (cache, metrics) = open(&img, backend.clone(), &config(&img, 1 << 20));
+    let inode = cache.bootstrap().lookup_path("/big0").unwrap();
+    let addr = cache.bootstrap().chunk(&inode, 1).unwrap();
+    let c = cache.chunk_info(&addr).unwrap();
+    *backend.corrupt_at.lock().unwrap() = Some(c.compressed_offset + 10);
+    let err = read_file(&cache, "/big0").unwrap_err();
+    assert!(
+        matches!(err, nydusd::Error::Integrity { ci_index, .. } if ci_index == c.ci_index),
+        "{err:?}"
+    );
+    assert_eq!(metrics.cache.digest_errors.load(Ordering::SeqCst), 1);
+    // Chunk 0 was fine and is cached; chunk 1 is not marked ready.
+    assert!(cache.is_ready(addr.blob_index, c.ci_index - 1));
+    assert!(!cache.is_ready(addr.blob_index, c.ci_index));
+    *backend.corrupt_at.lock().unwrap() = None;
+    assert_eq!(
+        read_file(&cache, "/big0").unwrap(),
+        std::fs::read(img.src.join("big0")).unwrap()
+    );
+}
+
+#[test]
+fn a_backend_that_is_down_fails_reads_and_recovers() {
+    let img = image();
+    let backend = Counting::new(&img.blobs);
+    let (cache, metrics) = open(&img, backend.clone(), &config(&img, 1 << 20));
+    backend.down.store(true, Ordering::SeqCst);
+    assert!(matches!(
+        read_file(&cache, "/big1"),
+        Err(nydusd::Error::Backend { .. })
+    ));
+    assert_eq!(metrics.backend.read_errors.load(Ordering::SeqCst), 1);
+    backend.down.store(false, Ordering::SeqCst);
+    assert_eq!(
+        read_file(&cache, "/big1").unwrap(),
+        std::fs::read(img.src.join("big1")).unwrap()
+    );
+}
+
+#[test]
+fn a_corrupt_cache_file_is_detected_after_restart_and_refetched() {
+    let img = image();
+    let backend = Counting::new(&img.blobs);
+    let cfg = config(&img, 0);
+    let (cache, _) = open(&img, backend.clone(), &cfg);
+    let want = read_file(&cache, "/big2").unwrap();
+    let inode = cache.bootstrap().lookup_path("/big2").unwrap();
+    let c = cache
+        .chunk_info(&cache.bootstrap().chunk(&inode, 2).unwrap())
+        .unwrap();
+    let blob_id = cache.bootstrap().blobs()[0].id.clone();
+    drop(cache);
+    // Flip a byte of chunk 2 in the cache file while no daemon runs.
+    let data = img.work.join(format!("{blob_id}.blob.data"));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&data)
+        .unwrap();
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, c.uncompressed_offset + 5).unwrap();
+    f.write_all_at(&[b[0] ^ 1], c.uncompressed_offset + 5)
+        .unwrap();
+    let before = backend.reads();
+    let (cache, metrics) = open(&img, backend.clone(), &cfg);
+    assert_eq!(read_file(&cache, "/big2").unwrap(), want);
+    assert_eq!(metrics.cache.cache_corruptions.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        backend.reads() - before,
+        1,
+        "only the corrupt chunk is fetched again"
+    );
+}
+
+#[test]
+fn without_validation_chunks_are_served_unchecked() {
+    // The explicit opt-out: a corrupt backend chunk is served (upstream's default).
+    let img = image();
+    let backend = Counting::new(&img.blobs);
+    let mut cfg = config(&img, 0);
+    cfg.digest_validate = false;
+    let (cache, _) = open(&img, backend.clone(), &cfg);
+    let inode = cache.bootstrap().lookup_path("/small/f03").unwrap();
+    let c = cache
+        .chunk_info(&cache.bootstrap().chunk(&inode, 0).unwrap())
+        .unwrap();
+    if c.compressed {
+        // Corrupting compressed bytes may break decompression; that is still an error.
+        return;
+    }
+    *backend.corrupt_at.lock().unwrap() = Some(c.compressed_offset);
+    let got = read_file(&cache, "/small/f03").unwrap();
+    assert_ne!(got, std::fs::read(img.src.join("small/f03")).unwrap());
+}
+
+fn prefetch_cfg(all: bool, rate: u64) -> nydusd::config::PrefetchConfig {
+    nydusd::config::PrefetchConfig {
+        enable: true,
+        threads_count: 3,
+        merging_size: 256 << 10,
+        bandwidth_rate: rate,
+        prefetch_all: all,
+    }
+}
+
+#[test]
+fn prefetch_all_fills_the_cache_in_merged_requests() {
+    use nydusd::prefetch::{Prefetch, PrefetchList};
+    let img = image();
+    let backend = Counting::new(&img.blobs);
+    let (cache, metrics) = open(&img, backend.clone(), &config(&img, 1 << 20));
+    let cache = Arc::new(cache);
+    let list = PrefetchList::from_paths(&cache, "/small/f05\n/nonexistent\n");
+    Prefetch::start(cache.clone(), list, prefetch_cfg(true, 0)).wait();
+    let (ready, total) = cache.ready_chunks();
+    assert_eq!(ready, total, "prefetch_all caches every chunk");
+    let blob_bytes = std::fs::metadata(img.blobs.join(&cache.bootstrap().blobs()[0].id))
+        .unwrap()
+        .len();
+    let requests = backend.reads();
+    assert!(
+        requests <= 2 + blob_bytes / (256 << 10) + 1,
+        "{requests} requests: not merged"
+    );
+    assert_eq!(metrics.cache.prefetch_done.load(Ordering::SeqCst), 1);
+    for (p, want) in all_files(&img) {
+        assert_eq!(read_file(&cache, &p).unwrap(), want, "{p}");
+    }
+    assert_eq!(
+        backend.reads(),
+        requests,
+        "reads after prefetch hit the cache"
+    );
+}
+
+#[test]
+fn prefetch_of_listed_files_only_fetches_their_chunks() {
+    use nydusd::prefetch::{Prefetch, PrefetchList};
+    let img = image();
+    let backend = Counting::new(&img.blobs);
+    let (cache, _) = open(&img, backend.clone(), &config(&img, 1 << 20));
+    let cache = Arc::new(cache);
+    let list = PrefetchList::from_paths(&cache, "/big1\n");
+    Prefetch::start(cache.clone(), list, prefetch_cfg(false, 0)).wait();
+    let bs = cache.bootstrap().clone();
+    let want: HashSet<u32> = {
+        let inode = bs.lookup_path("/big1").unwrap();
+        (0..bs.chunk_count(&inode))
+            .map(|i| bs.chunk(&inode, i).unwrap().ci_index)
+            .collect()
+    };
+    for ci in 0..cache.chunk_count(0) {
+        assert_eq!(cache.is_ready(0, ci), want.contains(&ci), "chunk {ci}");
+    }
+}
+
+#[test]
+fn prefetch_is_paced_to_the_bandwidth_limit() {
+    use nydusd::prefetch::{Prefetch, PrefetchList};
+    let img = image();
+    let backend = Counting::new(&img.blobs);
+    let (cache, _) = open(&img, backend.clone(), &config(&img, 1 << 20));
+    let cache = Arc::new(cache);
+    let blob_bytes = std::fs::metadata(img.blobs.join(&cache.bootstrap().blobs()[0].id))
+        .unwrap()
+        .len();
+    // About 0.5 s worth of data at this rate.
+    let rate = blob_bytes * 2;
+    let t = std::time::Instant::now();
+    Prefetch::start(
+        cache.clone(),
+        PrefetchList::default(),
+        prefetch_cfg(true, rate),
+    )
+    .wait();
+    let took = t.elapsed().as_secs_f64();
+    assert!(
+        took >= 0.3,
+        "prefetch took {took:.2}s, faster than the limit allows"
+    );
+    assert_eq!(cache.ready_chunks().0, cache.ready_chunks().1);
+}
