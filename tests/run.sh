@@ -74,6 +74,7 @@ REQUIRED=(
     "busybox-static busybox"
     "docker-registry docker-registry"
     "skopeo skopeo"
+    "curl curl"
     "umoci umoci"
     "debootstrap debootstrap"
     "cmake cmake"

@@ -690,3 +690,198 @@ fn api_exit_unmounts_and_prefetch_fills_the_cache_in_the_background() {
     assert!(!is_mounted(&d.mnt), "still mounted after exit");
     std::mem::forget(d.mount.take());
 }
+
+/// A docker-registry on a loopback port that can be stopped and started again on the
+/// same port and storage.
+struct LocalRegistry {
+    child: Option<ChildGuard>,
+    config: PathBuf,
+    addr: String,
+}
+
+impl LocalRegistry {
+    fn start(dir: &Path) -> LocalRegistry {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+                 http:\n  addr: {addr}\n",
+                dir.join("registry-data").display()
+            ),
+        )
+        .unwrap();
+        let mut r = LocalRegistry {
+            child: None,
+            config,
+            addr,
+        };
+        r.up();
+        r
+    }
+
+    fn up(&mut self) {
+        self.child = Some(
+            ChildGuard::spawn(
+                Command::new("docker-registry")
+                    .arg("serve")
+                    .arg(&self.config)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null()),
+            )
+            .unwrap(),
+        );
+        let addr = self.addr.clone();
+        assert!(
+            wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(
+                &addr
+            )
+            .is_ok()),
+            "docker-registry did not listen on {addr}"
+        );
+    }
+
+    fn down(&mut self) {
+        drop(self.child.take());
+    }
+
+    /// Uploads `file` as blob `sha256:<hex>` of `repo` (POST for a session, then one PUT).
+    fn push_blob(&self, repo: &str, hex: &str, file: &Path) {
+        let out = Command::new("curl")
+            .args(["-fsS", "-X", "POST", "-D", "-", "-o", "/dev/null"])
+            .arg(format!("http://{}/v2/{repo}/blobs/uploads/", self.addr))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let headers = String::from_utf8_lossy(&out.stdout);
+        let location = headers
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("location")
+                    .then(|| v.trim().to_string())
+            })
+            .unwrap_or_else(|| panic!("no Location in {headers}"));
+        let url = if location.starts_with("http") {
+            location
+        } else {
+            format!("http://{}{location}", self.addr)
+        };
+        let sep = if url.contains('?') { '&' } else { '?' };
+        run_ok(
+            Command::new("curl")
+                .args([
+                    "-fsS",
+                    "-X",
+                    "PUT",
+                    "-H",
+                    "Content-Type: application/octet-stream",
+                ])
+                .arg("--data-binary")
+                .arg(format!("@{}", file.display()))
+                .arg(format!("{url}{sep}digest=sha256:{hex}")),
+        );
+    }
+}
+
+#[test]
+fn registry_backend_reads_lazily_and_survives_a_registry_outage() {
+    require_root_tools(&["umount", "docker-registry", "curl"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..4u64 {
+        std::fs::write(src.join(format!("f{i}")), noise(i + 90, 1_500_000)).unwrap();
+    }
+    let img = build(&src, &tmp.path().join("img"), &["--compressor", "none"]);
+    let blob = img.blob_path();
+    let id = blob.file_name().unwrap().to_str().unwrap().to_string();
+    assert_eq!(
+        sha256_file(&blob).unwrap(),
+        id,
+        "blob id is the blob's sha256"
+    );
+    let mut reg = LocalRegistry::start(tmp.path());
+    reg.push_blob("test/lazy", &id, &blob);
+
+    let cfg = img.work.join("registry.json");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"{{"device":{{"backend":{{"type":"registry","config":{{"scheme":"http",
+            "host":"{}","repo":"test/lazy","retry_limit":2}}}},
+            "cache":{{"type":"blobcache","config":{{"work_dir":"{}"}}}}}},"amplify_io":0}}"#,
+            reg.addr,
+            img.cache.display()
+        ),
+    )
+    .unwrap();
+    let mnt = img.work.join("mnt-registry");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let sock = img.work.join("api-registry.sock");
+    let log = img.work.join("nydusd-registry.log");
+    let logf = std::fs::File::create(&log).unwrap();
+    let child = ChildGuard::spawn(
+        Command::new(bin("nydusd"))
+            .arg("--bootstrap")
+            .arg(&img.boot)
+            .arg("--mountpoint")
+            .arg(&mnt)
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--apisock")
+            .arg(&sock)
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf),
+    )
+    .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || is_mounted(&mnt)),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let mut d = Daemon {
+        mount: Some(Mount::adopt(&mnt)),
+        child: Some(child),
+        mnt,
+        sock,
+        log,
+    };
+    // Lazy: one file read fetches only its chunks.
+    assert_eq!(
+        std::fs::read(d.path("f1")).unwrap_or_else(|e| panic!("{e}:\n{}", d.log_text())),
+        std::fs::read(src.join("f1")).unwrap()
+    );
+    let fetched = d.metric("/api/v1/metrics/backend", "read_amount_total");
+    assert!(
+        (1_500_000..3_000_000).contains(&fetched),
+        "{fetched} bytes fetched for one 1.5 MB file"
+    );
+    // Registry down: EIO after the retries, a log line, the daemon stays up.
+    reg.down();
+    let err = std::fs::read(d.path("f2")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(EIO), "{err}");
+    assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none());
+    assert!(
+        d.log_text().contains("registry backend read"),
+        "{}",
+        d.log_text()
+    );
+    // Back up: the same daemon recovers.
+    reg.up();
+    let diffs = compare_trees_with(
+        &src,
+        &d.mnt,
+        &CompareOptions {
+            ignore_root_mtime: true,
+            ..Default::default()
+        },
+    );
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+}
