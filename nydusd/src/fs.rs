@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tracing::error;
 
@@ -71,6 +71,9 @@ impl InodeMap {
     }
 }
 
+/// The entries of an open directory, decoded on first use.
+type DirCell = OnceLock<Arc<Vec<RafsDirEntry>>>;
+
 /// The filesystem of one bootstrap.
 pub struct RafsFs {
     bs: Arc<Bootstrap>,
@@ -78,7 +81,9 @@ pub struct RafsFs {
     map: InodeMap,
     enable_xattr: bool,
     metrics: Arc<Metrics>,
-    dirs: Mutex<HashMap<u64, Arc<Vec<RafsDirEntry>>>>,
+    /// Open directories: entries decoded on the first readdir (the kernel often serves
+    /// readdir from its cache, so opendir itself stays cheap).
+    dirs: Mutex<HashMap<u64, Arc<DirCell>>>,
     next_handle: AtomicU64,
 }
 
@@ -197,24 +202,29 @@ impl RafsFs {
     }
 
     fn dir_entries(&self, ino: u64, handle: u64) -> io::Result<Arc<Vec<RafsDirEntry>>> {
-        if let Some(e) = self
+        let cell = self
             .dirs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&handle)
-        {
-            return Ok(e.clone());
+            .cloned();
+        if let Some(entries) = cell.as_ref().and_then(|c| c.get()) {
+            return Ok(entries.clone());
         }
-        // No handle (or an unknown one): decode the directory for this call.
         let dir = self.inode(ino)?;
         if !dir.is_dir() {
             return Err(errno(libc::ENOTDIR));
         }
-        let entries = self
-            .bs
-            .read_dir(&dir)
-            .map_err(|e| self.fail(&format!("directory {ino}"), e))?;
-        Ok(Arc::new(entries))
+        let entries = Arc::new(
+            self.bs
+                .read_dir(&dir)
+                .map_err(|e| self.fail(&format!("directory {ino}"), e))?,
+        );
+        // With a handle, keep them for the next calls (no handle: decode per call).
+        if let Some(c) = cell {
+            let _ = c.set(entries.clone());
+        }
+        Ok(entries)
     }
 
     fn xattrs(&self, inode: &Inode) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
@@ -426,12 +436,14 @@ impl FileSystem for RafsFs {
         inode: u64,
         _flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
-        let entries = self.dir_entries(inode, 0)?;
+        if !self.inode(inode)?.is_dir() {
+            return Err(errno(libc::ENOTDIR));
+        }
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
         self.dirs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(handle, entries);
+            .insert(handle, Arc::new(OnceLock::new()));
         Ok((
             Some(handle),
             OpenOptions::KEEP_CACHE | OpenOptions::CACHE_DIR,
