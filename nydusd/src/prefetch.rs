@@ -180,15 +180,11 @@ fn run(cache: Arc<ChunkCache>, list: PrefetchList, cfg: PrefetchConfig, stop: Ar
     for w in workers {
         let _ = w.join();
     }
-    Metrics::add(&cache_metrics(&cache).cache.prefetch_done, 1);
+    Metrics::add(&cache.metrics().cache.prefetch_done, 1);
     info!(
         "prefetch finished: {planned} chunks planned in {:.2}s",
         started.elapsed().as_secs_f64()
     );
-}
-
-fn cache_metrics(cache: &ChunkCache) -> Arc<Metrics> {
-    cache.metrics().clone()
 }
 
 struct Planner<'a> {

@@ -333,7 +333,7 @@ impl ChunkCache {
             let (mine, theirs) = self.claim(blob, &missing, prio);
             if !mine.cis.is_empty() {
                 let requested: HashSet<u32> = missing.iter().map(|c| c.ci_index).collect();
-                self.fetch(blob_index, &mine, &requested, prio)?;
+                self.fetch(&mine, &requested, prio)?;
                 drop(mine);
             }
             if !theirs.is_empty() {
@@ -451,13 +451,7 @@ impl ChunkCache {
 
     /// Fetches the claimed chunks in merged requests, verifies and caches them. Fails when
     /// a chunk in `requested` could not be made ready.
-    fn fetch(
-        &self,
-        blob_index: u32,
-        claims: &Claims<'_>,
-        requested: &HashSet<u32>,
-        prio: Priority,
-    ) -> Result<()> {
+    fn fetch(&self, claims: &Claims<'_>, requested: &HashSet<u32>, prio: Priority) -> Result<()> {
         let blob = claims.blob;
         let mut chunks: Vec<ChunkInfo> = claims
             .cis
@@ -486,7 +480,7 @@ impl ChunkCache {
             }
             let run = &chunks[i..j];
             i = j;
-            if let Err(e) = self.fetch_run(blob_index, blob, run, prio) {
+            if let Err(e) = self.fetch_run(blob, run, prio) {
                 if run.iter().any(|c| requested.contains(&c.ci_index)) && first_err.is_none() {
                     first_err = Some(e);
                 }
@@ -510,13 +504,7 @@ impl ChunkCache {
 
     /// One backend request for compressed-contiguous chunks; each chunk is decoded,
     /// verified and cached on its own. Returns the backend error if the request failed.
-    fn fetch_run(
-        &self,
-        _blob_index: u32,
-        blob: &BlobCache,
-        run: &[ChunkInfo],
-        prio: Priority,
-    ) -> Result<()> {
+    fn fetch_run(&self, blob: &BlobCache, run: &[ChunkInfo], prio: Priority) -> Result<()> {
         let start = run[0].compressed_offset;
         let last = run.last().expect("non-empty run");
         let len = last.compressed_offset + last.compressed_size as u64 - start;
