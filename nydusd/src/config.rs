@@ -2,7 +2,7 @@
 //! §3.1) for the parts implemented here.
 //!
 //! Parsing is two-staged: serde reads the raw JSON (wrong types and unknown fields are
-//! errors naming the field, e.g. `fs_prefetch.threads_count`), then [`Config::validate`]
+//! errors naming the field, e.g. `fs_prefetch.threads_count`), then validation
 //! turns it into a checked [`Config`]. Unlike upstream, `digest_validate` defaults to
 //! **true**: every chunk is verified against the bootstrap before it is served, and only
 //! an explicit `"digest_validate": false` turns that off.
