@@ -10,6 +10,7 @@ pub mod build;
 pub mod check;
 pub mod convert;
 pub mod flat;
+pub mod mount;
 pub mod store;
 
 use serde::{Deserialize, Serialize};

@@ -484,6 +484,11 @@ impl RegistryStore {
         })
     }
 
+    /// The underlying registry client.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     fn tag_name(&self) -> String {
         let r = self.registry.reference();
         r.tag().unwrap_or("latest").to_string()

@@ -989,3 +989,87 @@ fn python_image_converts_and_checks_registry_to_registry() {
     );
     eprintln!("python fixture: {stdout}");
 }
+
+#[test]
+fn nydusify_mount_serves_the_image_lazily_from_the_registry() {
+    require_root_tools(&[
+        "docker-registry",
+        "skopeo",
+        "umoci",
+        "busybox",
+        "tar",
+        "fusermount3",
+    ]);
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::start();
+    let layout = push_busybox(&reg, t.path(), "v1");
+    let rootfs = umoci_rootfs(&layout, "v1", t.path());
+    let work = t.path().join("work");
+    fs::create_dir_all(&work).unwrap();
+    let target = format!("{}/busybox:v1-nydus", reg.addr);
+    let out = nydusify(
+        &[
+            "convert",
+            "--source",
+            &format!("{}/busybox:v1", reg.addr),
+            "--target",
+            &target,
+        ],
+        &work,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mnt = t.path().join("mnt");
+    let mwork = t.path().join("mount-work");
+    let log = fs::File::create(t.path().join("mount.log")).unwrap();
+    let daemon = ChildGuard::spawn(
+        Command::new(bin("nydusify"))
+            .args(["mount", "--target", &target, "--mount-path"])
+            .arg(&mnt)
+            .arg("--work-dir")
+            .arg(&mwork)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log),
+    )
+    .unwrap();
+    let mounted = wait_until(Duration::from_secs(30), || is_mounted(&mnt));
+    assert!(
+        mounted,
+        "nydusify mount did not mount: {}",
+        fs::read_to_string(t.path().join("mount.log")).unwrap_or_default()
+    );
+    let m = Mount::adopt(&mnt);
+    // Only the bootstrap was downloaded: the chunk cache starts empty of data.
+    let cached = |dir: &Path| -> u64 {
+        fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".blob.data"))
+                    .map(|e| {
+                        use std::os::unix::fs::MetadataExt;
+                        e.metadata().unwrap().blocks() * 512
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        cached(&mwork.join("cache")),
+        0,
+        "data was fetched before any read"
+    );
+    assert_no_diffs(
+        compare_trees_with(&rootfs, &mnt, &umoci_compare()),
+        "nydusify mount",
+    );
+    assert!(
+        cached(&mwork.join("cache")) > 0,
+        "reads did not go through the chunk cache"
+    );
+    drop(m);
+    drop(daemon);
+}

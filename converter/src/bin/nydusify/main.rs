@@ -57,6 +57,51 @@ enum Command {
     /// (--output-dir). Check it with `nydusify check --source-dir DIR --target IMAGE`.
     #[command(visible_alias = "pack", after_help = IMAGES)]
     Build(BuildArgs),
+    /// Mount a nydus image from its registry, lazily: only the bootstrap is downloaded,
+    /// nydusd fetches (and verifies) file data chunk by chunk when it is read. Runs in the
+    /// foreground until nydusd exits (Ctrl-C or `umount` of the mount path).
+    #[command(visible_alias = "view")]
+    Mount(MountArgs),
+}
+
+/// Flags of `nydusify mount`.
+#[derive(Debug, Args)]
+struct MountArgs {
+    /// The nydus image in a registry (HOST[:PORT]/NAME:TAG).
+    #[arg(long, value_name = "IMAGE")]
+    target: String,
+
+    /// Where to mount it.
+    #[arg(long, default_value = "./image-fs", value_name = "DIR")]
+    mount_path: PathBuf,
+
+    /// Reach the registry over plain HTTP.
+    #[arg(long)]
+    target_insecure: bool,
+
+    /// User name for the registry.
+    #[arg(long, requires = "target_password")]
+    target_username: Option<String>,
+
+    /// Password for the registry.
+    #[arg(long, requires = "target_username")]
+    target_password: Option<String>,
+
+    /// Platform to mount from image indexes (os/arch[/variant]).
+    #[arg(long, default_value = "linux/amd64")]
+    platform: String,
+
+    /// Prefetch the whole image in the background after mounting.
+    #[arg(long)]
+    prefetch: bool,
+
+    /// Directory for the bootstrap, nydusd config and chunk cache.
+    #[arg(long, default_value = "./tmp", value_name = "DIR")]
+    work_dir: PathBuf,
+
+    /// The nydusd binary (default: next to nydusify, else from PATH).
+    #[arg(long, value_name = "FILE")]
+    nydusd: Option<PathBuf>,
 }
 
 /// Flags of `nydusify build`.
@@ -394,6 +439,49 @@ fn run_build(a: BuildArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_mount(a: MountArgs) -> Result<()> {
+    use converter::oci::mount::{prepare, MountOptions};
+    let opts = MountOptions {
+        target: a.target.clone(),
+        insecure: a.target_insecure,
+        credentials: creds(&a.target_username, &a.target_password),
+        platform: a.platform,
+        work_dir: a.work_dir,
+        prefetch: a.prefetch,
+    };
+    let prepared = prepare(&opts).with_context(|| format!("Preparing {}", a.target))?;
+    std::fs::create_dir_all(&a.mount_path)
+        .with_context(|| format!("Creating mount path {}", a.mount_path.display()))?;
+    let nydusd = a.nydusd.unwrap_or_else(|| {
+        let sibling = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("nydusd")));
+        match sibling {
+            Some(p) if p.exists() => p,
+            _ => PathBuf::from("nydusd"),
+        }
+    });
+    tracing::info!(
+        "mounting {} at {} (blobs from {}/{}, cache in {})",
+        a.target,
+        a.mount_path.display(),
+        prepared.host,
+        prepared.repo,
+        opts.work_dir.join("cache").display()
+    );
+    let status = std::process::Command::new(&nydusd)
+        .arg("--bootstrap")
+        .arg(&prepared.bootstrap)
+        .arg("--config")
+        .arg(&prepared.config)
+        .arg("--mountpoint")
+        .arg(&a.mount_path)
+        .status()
+        .with_context(|| format!("Starting {}", nydusd.display()))?;
+    anyhow::ensure!(status.success(), "nydusd exited with {status}");
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -405,6 +493,7 @@ fn main() -> ExitCode {
         Command::Convert(a) => run_convert(a),
         Command::Check(a) => run_check(a),
         Command::Build(a) => run_build(a),
+        Command::Mount(a) => run_mount(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

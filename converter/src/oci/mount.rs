@@ -1,0 +1,110 @@
+//! `nydusify mount`: lazily mount a nydus image straight from its registry.
+//!
+//! Only the bootstrap layer is downloaded; nydusd is started with the `registry` backend
+//! for the same repository, so file data is fetched chunk by chunk when read (and every
+//! chunk is verified against the bootstrap).
+
+use super::check::{pick_manifest, read_bootstrap_layer};
+use super::store::RegistryStore;
+use super::{OciError, Result, ANNOTATION_NYDUS_BOOTSTRAP};
+use base64::Engine as _;
+use p2p_backend::registry::{Credentials, RegistryOptions};
+use std::path::{Path, PathBuf};
+
+/// What to mount and where the daemon's files go.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// Registry reference of the nydus image (`host[:port]/name:tag`).
+    pub target: String,
+    /// Plain HTTP (loopback registries always use it).
+    pub insecure: bool,
+    /// Explicit credentials; otherwise the docker config is consulted.
+    pub credentials: Option<Credentials>,
+    /// Platform to pick from an index (`os/arch`).
+    pub platform: String,
+    /// Directory for the bootstrap, the nydusd config and the chunk cache.
+    pub work_dir: PathBuf,
+    /// Prefetch the whole image in the background after mounting.
+    pub prefetch: bool,
+}
+
+/// Files written by [`prepare`] for nydusd.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    /// The image's bootstrap.
+    pub bootstrap: PathBuf,
+    /// nydusd configuration (upstream v1 JSON) with the registry backend.
+    pub config: PathBuf,
+    /// The registry host.
+    pub host: String,
+    /// The repository.
+    pub repo: String,
+}
+
+/// Downloads the bootstrap of `opts.target` into `opts.work_dir` and writes a nydusd
+/// config that reads blobs from the same repository.
+pub fn prepare(opts: &MountOptions) -> Result<Prepared> {
+    let ropts = RegistryOptions {
+        insecure: opts.insecure,
+        credentials: opts.credentials.clone(),
+        ..Default::default()
+    };
+    let store = RegistryStore::new(&opts.target, &ropts)?;
+    let manifest = pick_manifest(&store, &opts.platform, "target")?;
+    let desc = manifest
+        .layers
+        .iter()
+        .find(|l| {
+            l.annotations
+                .get(ANNOTATION_NYDUS_BOOTSTRAP)
+                .map(String::as_str)
+                == Some("true")
+        })
+        .ok_or_else(|| {
+            OciError::invalid(
+                format!("image {}", opts.target),
+                format!("no layer annotated {ANNOTATION_NYDUS_BOOTSTRAP}: not a nydus image"),
+            )
+        })?;
+    let bootstrap = read_bootstrap_layer(&store, desc)?;
+    // Refuse a bad bootstrap here, with the reason, rather than in the daemon.
+    rafs::read::Bootstrap::from_bytes(bootstrap.clone())?;
+    let io = |what: &Path, e| OciError::io(format!("Writing {}", what.display()), e);
+    std::fs::create_dir_all(opts.work_dir.join("cache")).map_err(|e| io(&opts.work_dir, e))?;
+    let boot_path = opts.work_dir.join("image.boot");
+    std::fs::write(&boot_path, &bootstrap).map_err(|e| io(&boot_path, e))?;
+
+    let reference = store.registry().reference();
+    let host = reference.resolve_registry().to_string();
+    let repo = reference.repository().to_string();
+    let loopback = host.starts_with("127.") || host.starts_with("localhost");
+    let mut registry = serde_json::json!({
+        "scheme": if opts.insecure || loopback { "http" } else { "https" },
+        "host": host,
+        "repo": repo,
+    });
+    if let Some(c) = &opts.credentials {
+        let auth = base64::engine::general_purpose::STANDARD
+            .encode(format!("{}:{}", c.username, c.password));
+        registry["auth"] = auth.into();
+    }
+    let config = serde_json::json!({
+        "device": {
+            "backend": {"type": "registry", "config": registry},
+            "cache": {"type": "blobcache", "config": {"work_dir": opts.work_dir.join("cache")}},
+        },
+        "mode": "direct",
+        "digest_validate": true,
+        "enable_xattr": true,
+        "fs_prefetch": {"enable": opts.prefetch, "prefetch_all": opts.prefetch},
+    });
+    let config_path = opts.work_dir.join("nydusd.json");
+    let text = serde_json::to_vec_pretty(&config).expect("JSON value serializes");
+    std::fs::write(&config_path, text).map_err(|e| io(&config_path, e))?;
+    Ok(Prepared {
+        bootstrap: boot_path,
+        config: config_path,
+        host,
+        repo,
+    })
+}
