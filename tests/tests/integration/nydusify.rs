@@ -485,6 +485,29 @@ fn assert_no_diffs(diffs: Vec<String>, what: &str) {
     );
 }
 
+/// Pushes the busybox fixture as `busybox:v1` to a new registry, converts it to
+/// `busybox:v1-nydus` there, and unpacks the source with umoci: (registry, source rootfs,
+/// nydus image reference).
+fn converted_busybox(dir: &Path) -> (Registry, PathBuf, String) {
+    let reg = Registry::start();
+    let layout = push_busybox(&reg, dir, "v1");
+    let rootfs = umoci_rootfs(&layout, "v1", dir);
+    let work = dir.join("work");
+    fs::create_dir_all(&work).unwrap();
+    let target = format!("{}/busybox:v1-nydus", reg.addr);
+    let source = format!("{}/busybox:v1", reg.addr);
+    let out = nydusify(
+        &["convert", "--source", &source, "--target", &target],
+        &work,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (reg, rootfs, target)
+}
+
 #[test]
 fn converted_busybox_equals_umoci_unpack_on_kernel_erofs_and_upstream_nydusd() {
     require_root_tools(&[
@@ -498,27 +521,7 @@ fn converted_busybox_equals_umoci_unpack_on_kernel_erofs_and_upstream_nydusd() {
         "fusermount3",
     ]);
     let t = tempfile::tempdir().unwrap();
-    let reg = Registry::start();
-    let layout = push_busybox(&reg, t.path(), "v1");
-    let rootfs = umoci_rootfs(&layout, "v1", t.path());
-    let work = t.path().join("work");
-    fs::create_dir_all(&work).unwrap();
-    let target = format!("{}/busybox:v1-nydus", reg.addr);
-    let out = nydusify(
-        &[
-            "convert",
-            "--source",
-            &format!("{}/busybox:v1", reg.addr),
-            "--target",
-            &target,
-        ],
-        &work,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (reg, rootfs, target) = converted_busybox(t.path());
 
     // What the registry holds, copied back out by skopeo (not by our client).
     let pulled = t.path().join("pulled");
@@ -1001,27 +1004,7 @@ fn nydusify_mount_serves_the_image_lazily_from_the_registry() {
         "fusermount3",
     ]);
     let t = tempfile::tempdir().unwrap();
-    let reg = Registry::start();
-    let layout = push_busybox(&reg, t.path(), "v1");
-    let rootfs = umoci_rootfs(&layout, "v1", t.path());
-    let work = t.path().join("work");
-    fs::create_dir_all(&work).unwrap();
-    let target = format!("{}/busybox:v1-nydus", reg.addr);
-    let out = nydusify(
-        &[
-            "convert",
-            "--source",
-            &format!("{}/busybox:v1", reg.addr),
-            "--target",
-            &target,
-        ],
-        &work,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (_registry, rootfs, target) = converted_busybox(t.path());
 
     let mnt = t.path().join("mnt");
     let mwork = t.path().join("mount-work");
