@@ -86,6 +86,19 @@ fn nydusify(args: &[&str], work: &Path) -> Output {
         .unwrap()
 }
 
+/// Runs nydusify like [`nydusify`] and fails the test, showing both output streams,
+/// unless it succeeded.
+fn nydusify_ok(args: &[&str], work: &Path) -> Output {
+    let out = nydusify(args, work);
+    assert!(
+        out.status.success(),
+        "nydusify {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 fn inspect_raw(reference: &str) -> String {
     let out = run(Command::new("skopeo").args([
         "inspect",
@@ -117,7 +130,7 @@ fn busybox_image_converts_registry_to_registry_deterministically() {
     let work = t.path().join("work");
     fs::create_dir_all(&work).unwrap();
     let json1 = t.path().join("r1.json");
-    let out = nydusify(
+    nydusify_ok(
         &[
             "convert",
             "--source",
@@ -128,11 +141,6 @@ fn busybox_image_converts_registry_to_registry_deterministically() {
             json1.to_str().unwrap(),
         ],
         &work,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
 
     let m = inspect_raw(&format!("{}/busybox:v1-nydus", reg.addr));
@@ -168,7 +176,7 @@ fn busybox_image_converts_registry_to_registry_deterministically() {
 
     // Converting again gives the same digests.
     let json2 = t.path().join("r2.json");
-    let out = nydusify(
+    nydusify_ok(
         &[
             "convert",
             "--source",
@@ -180,11 +188,6 @@ fn busybox_image_converts_registry_to_registry_deterministically() {
         ],
         &work,
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let digest = |p: &Path| {
         let s = fs::read_to_string(p).unwrap();
         let at = s.find("\"digest\": \"").unwrap() + 11;
@@ -194,7 +197,7 @@ fn busybox_image_converts_registry_to_registry_deterministically() {
 
     // The merged bootstrap applies the whiteouts: convert into a layout and read it.
     let out_layout = t.path().join("nydus-layout");
-    let out = nydusify(
+    nydusify_ok(
         &[
             "convert",
             "--source",
@@ -203,11 +206,6 @@ fn busybox_image_converts_registry_to_registry_deterministically() {
             &format!("oci:{}:nydus", out_layout.display()),
         ],
         &work,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     let bs = bootstrap_of_layout(&out_layout);
     let exists = |p: &str| bs.lookup_path(p).is_ok();
@@ -387,19 +385,8 @@ fn nydusify_check_passes_on_a_conversion_and_lists_each_file_of_a_tampered_one()
     fs::create_dir_all(&work).unwrap();
     let src = format!("{}/busybox:v1", reg.addr);
     let target = format!("{}/busybox:v1-nydus", reg.addr);
-    let out = nydusify(&["convert", "--source", &src, "--target", &target], &work);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = nydusify(&["check", "--source", &src, "--target", &target], &work);
-    assert!(
-        out.status.success(),
-        "check of a faithful conversion failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    nydusify_ok(&["convert", "--source", &src, "--target", &target], &work);
+    let out = nydusify_ok(&["check", "--source", &src, "--target", &target], &work);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.starts_with("OK: "), "{stdout}");
 
@@ -416,7 +403,7 @@ fn nydusify_check_passes_on_a_conversion_and_lists_each_file_of_a_tampered_one()
         }
     });
     let bad = format!("{}/busybox:tampered-nydus", reg.addr);
-    let out = nydusify(
+    nydusify_ok(
         &[
             "convert",
             "--source",
@@ -425,11 +412,6 @@ fn nydusify_check_passes_on_a_conversion_and_lists_each_file_of_a_tampered_one()
             &bad,
         ],
         &work,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     let out = nydusify(&["check", "--source", &src, "--target", &bad], &work);
     assert!(
@@ -496,14 +478,9 @@ fn converted_busybox(dir: &Path) -> (Registry, PathBuf, String) {
     fs::create_dir_all(&work).unwrap();
     let target = format!("{}/busybox:v1-nydus", reg.addr);
     let source = format!("{}/busybox:v1", reg.addr);
-    let out = nydusify(
+    nydusify_ok(
         &["convert", "--source", &source, "--target", &target],
         &work,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     (reg, rootfs, target)
 }
@@ -669,7 +646,7 @@ fn chunks_of_lower_layers_and_of_a_chunk_dict_are_referenced_not_stored_again() 
     ]));
     let target = format!("{}/dedup:v1-nydus", reg.addr);
     let report = t.path().join("r.json");
-    let out = nydusify(
+    nydusify_ok(
         &[
             "convert",
             "--source",
@@ -680,11 +657,6 @@ fn chunks_of_lower_layers_and_of_a_chunk_dict_are_referenced_not_stored_again() 
             report.to_str().unwrap(),
         ],
         &work,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     let r = json(&report);
     let layers = r["images"][0]["layers"].as_array().unwrap();
@@ -704,13 +676,7 @@ fn chunks_of_lower_layers_and_of_a_chunk_dict_are_referenced_not_stored_again() 
         busybox.len() as u64,
         "{r}"
     );
-    let out = nydusify(&["check", "--source", &src, "--target", &target], &work);
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    nydusify_ok(&["check", "--source", &src, "--target", &target], &work);
 
     // A different image holding busybox again, converted with the first nydus image as
     // chunk dict: busybox's blob becomes a referenced blob layer of it.
@@ -748,7 +714,7 @@ fn chunks_of_lower_layers_and_of_a_chunk_dict_are_referenced_not_stored_again() 
     let busybox_blob = &layers[0]["blob_digest"];
     let target2 = format!("{}/dedup:other-nydus", reg.addr);
     let report2 = t.path().join("r2.json");
-    let out = nydusify(
+    nydusify_ok(
         &[
             "convert",
             "--source",
@@ -761,11 +727,6 @@ fn chunks_of_lower_layers_and_of_a_chunk_dict_are_referenced_not_stored_again() 
             report2.to_str().unwrap(),
         ],
         &work,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     let r2 = json(&report2);
     assert_eq!(
@@ -790,13 +751,7 @@ fn chunks_of_lower_layers_and_of_a_chunk_dict_are_referenced_not_stored_again() 
         2,
         "dict blob + own blob: {m}"
     );
-    let out = nydusify(&["check", "--source", &src2, "--target", &target2], &work);
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    nydusify_ok(&["check", "--source", &src2, "--target", &target2], &work);
 
     // Into a repository that lacks the dict's blob: refused, nothing tagged.
     let out = nydusify(
@@ -867,7 +822,7 @@ fn model_folder_builds_into_a_nydus_image_that_checks_against_the_folder() {
     let target = format!("{}/models/llama:v1", reg.addr);
     let out_dir = t.path().join("out");
     let report = t.path().join("build.json");
-    let out = Command::new(bin("nydusify"))
+    run(Command::new(bin("nydusify"))
         .args(["build", "--source-dir"])
         .arg(&model)
         .args(["--target", &target, "--output-dir"])
@@ -875,14 +830,7 @@ fn model_folder_builds_into_a_nydus_image_that_checks_against_the_folder() {
         .arg("--output-json")
         .arg(&report)
         .arg("--work-dir")
-        .arg(&work)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .arg(&work));
     let r = json(&report);
     // 9 MiB + 6 MiB (+ a tail) of unique weights in 1 MiB chunks, plus the JSON files;
     // the identical third shard adds none.
@@ -895,7 +843,7 @@ fn model_folder_builds_into_a_nydus_image_that_checks_against_the_folder() {
     let m = inspect_raw(&target);
     assert_eq!(m.matches("nydus.blob.v1").count(), 1, "{m}");
     assert!(m.contains("nydus-bootstrap"), "{m}");
-    let out = nydusify(
+    nydusify_ok(
         &[
             "check",
             "--source-dir",
@@ -904,12 +852,6 @@ fn model_folder_builds_into_a_nydus_image_that_checks_against_the_folder() {
             &target,
         ],
         &work,
-    );
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
     );
 
     // A changed weight file is caught.
@@ -957,7 +899,7 @@ fn python_image_converts_and_checks_registry_to_registry() {
     ]));
     let target = format!("{}/python:v1-nydus", reg.addr);
     let report = t.path().join("r.json");
-    let out = nydusify(
+    nydusify_ok(
         &[
             "convert",
             "--source",
@@ -969,11 +911,6 @@ fn python_image_converts_and_checks_registry_to_registry() {
         ],
         &work,
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let r = json(&report);
     let layers = r["images"][0]["layers"].as_array().unwrap();
     assert_eq!(layers.len(), 4, "{r}");
@@ -983,14 +920,8 @@ fn python_image_converts_and_checks_registry_to_registry() {
         "{r}"
     );
     assert_eq!(layers[3]["chunks"], 0, "{r}");
-    let out = nydusify(&["check", "--source", &src, "--target", &target], &work);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("python fixture: {stdout}");
+    let out = nydusify_ok(&["check", "--source", &src, "--target", &target], &work);
+    eprintln!("python fixture: {}", String::from_utf8_lossy(&out.stdout));
 }
 
 #[test]
