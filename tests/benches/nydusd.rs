@@ -18,7 +18,7 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 const MIB: u64 = 1 << 20;
 const BIG: u64 = 256 * MIB;
@@ -92,55 +92,32 @@ fn build(src: &Path, out: &Path) {
     assert!(st.success());
 }
 
-struct Daemon {
-    _child: ChildGuard,
-    _mount: Mount,
-    pid: u32,
-    mnt: PathBuf,
-}
-
-fn mount(daemon: &Path, image: &Path, work: &Path, validate: bool) -> Daemon {
-    let mnt = work.join("mnt");
+fn mount(daemon: &Path, image: &Path, work: &Path, validate: bool) -> FuseDaemon {
     let cache = work.join("cache");
     let _ = std::fs::remove_dir_all(&cache);
-    std::fs::create_dir_all(&mnt).unwrap();
     std::fs::create_dir_all(&cache).unwrap();
     let cfg = work.join("config.json");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"{{"device":{{"backend":{{"type":"localfs","config":{{"dir":"{}"}}}},"cache":{{"type":"blobcache","config":{{"work_dir":"{}"}}}}}},"mode":"direct","digest_validate":{validate},"enable_xattr":true}}"#,
-            image.join("blobs").display(),
-            cache.display()
-        ),
-    )
-    .unwrap();
-    let mut cmd = Command::new(daemon);
-    cmd.arg("--config")
-        .arg(&cfg)
-        .arg("--bootstrap")
-        .arg(image.join("image.boot"))
-        .arg("--mountpoint")
-        .arg(&mnt);
-    cmd.args(["--log-level", "warn"]);
-    if daemon.starts_with(UPSTREAM_BIN_DEFAULT)
-        || std::env::var_os("NYDUS_UPSTREAM_BIN").is_some_and(|d| daemon.starts_with(d))
-    {
-        cmd.args(["--rlimit-nofile", "0"]);
-    }
-    let child = ChildGuard::spawn(cmd.stdout(std::process::Stdio::null())).unwrap();
-    assert!(
-        wait_until(Duration::from_secs(20), || is_mounted(&mnt)),
-        "{} did not mount",
-        daemon.display()
+    std::fs::write(&cfg, localfs_config(&image.join("blobs"), &cache, validate)).unwrap();
+    let mnt = work.join("mnt");
+    let log = work.join("daemon.log");
+    let upstream = PathBuf::from(
+        std::env::var("NYDUS_UPSTREAM_BIN").unwrap_or_else(|_| UPSTREAM_BIN_DEFAULT.into()),
     );
-    let pid = child.id();
-    Daemon {
-        _child: child,
-        _mount: Mount::adopt(&mnt),
-        pid,
-        mnt,
+    if daemon.starts_with(&upstream) {
+        return start_upstream_nydusd(&image.join("image.boot"), &cfg, &mnt, &log);
     }
+    start_fuse_daemon(
+        Command::new(daemon)
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--bootstrap")
+            .arg(image.join("image.boot"))
+            .arg("--mountpoint")
+            .arg(&mnt)
+            .args(["--log-level", "warn"]),
+        &mnt,
+        &log,
+    )
 }
 
 fn seq_read(path: &Path) -> f64 {
@@ -260,7 +237,7 @@ fn main() {
         drop(d);
         let d = mount(&daemon, &many_img, &work.join("many"), validate);
         let stat = stat_rate(&d.mnt);
-        let rss = rss_mib(d.pid);
+        let rss = rss_mib(d.pid());
         drop(d);
         println!(
             "{name}: sequential {seq:.0} MiB/s ({:.2}x native), random 4K {iops:.0} IOPS ({:.2}x), walk+lstat {stat:.0} stat/s ({:.2}x), RSS after walk {rss:.1} MiB",

@@ -20,11 +20,13 @@
 
 mod bins;
 mod compare;
+mod daemons;
 mod guards;
 mod tree;
 
 pub use bins::{bin, require_root_tools, upstream_bin, UPSTREAM_BIN_DEFAULT};
 pub use compare::{compare_trees, compare_trees_with, sha256_file, CompareOptions};
+pub use daemons::{localfs_config, run_ok, start_fuse_daemon, start_upstream_nydusd, FuseDaemon};
 pub use guards::{is_mounted, wait_until, ChildGuard, LoopDevice, Mount};
 pub use tree::{
     long_name_path, make_varied_tree, DEEP_LEVELS, HARD_LINK_NAMES, MULTI_CHUNK_FILE, WIDE_DIR,

@@ -5,23 +5,7 @@
 use rafs::read::{self, Bootstrap};
 use rafs_e2e::*;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::time::Duration;
-
-/// Runs a command; panics with its output when it fails.
-fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
+use std::process::Command;
 
 struct Image {
     boot: PathBuf,
@@ -196,48 +180,20 @@ fn upstream_nydus_image_check_accepts_our_bootstraps() {
 
 /// Mounts `img` with upstream nydusd (localfs backend, blobcache) and compares with `src`.
 fn upstream_nydusd_shows(img: &Image, src: &Path, work: &Path) {
-    let mnt = work.join("mnt");
     let cache = work.join("cache");
-    std::fs::create_dir_all(&mnt).unwrap();
     std::fs::create_dir_all(&cache).unwrap();
     let cfg = work.join("nydusd.json");
-    let json = format!(
-        r#"{{"device":{{"backend":{{"type":"localfs","config":{{"dir":"{}"}}}},"cache":{{"type":"blobcache","config":{{"work_dir":"{}"}}}}}},"mode":"direct","digest_validate":false,"enable_xattr":true}}"#,
-        img.blobs.display(),
-        cache.display()
-    );
-    std::fs::write(&cfg, json).unwrap();
-    let log = std::fs::File::create(work.join("nydusd.log")).unwrap();
-    let daemon = ChildGuard::spawn(
-        Command::new(upstream_bin("nydusd"))
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--bootstrap")
-            .arg(&img.boot)
-            .arg("--mountpoint")
-            .arg(&mnt)
-            .args(["--rlimit-nofile", "0", "--log-level", "warn"])
-            .stdout(log.try_clone().unwrap())
-            .stderr(log),
-    )
-    .unwrap();
-    assert!(
-        wait_until(Duration::from_secs(20), || is_mounted(&mnt)),
-        "upstream nydusd did not mount; log: {}",
-        std::fs::read_to_string(work.join("nydusd.log")).unwrap_or_default()
-    );
-    let m = Mount::adopt(&mnt);
+    std::fs::write(&cfg, localfs_config(&img.blobs, &cache, false)).unwrap();
+    let d = start_upstream_nydusd(&img.boot, &cfg, &work.join("mnt"), &work.join("nydusd.log"));
     assert_same(
         src,
-        &mnt,
+        &d.mnt,
         &CompareOptions {
             ignore_root_mtime: true,
             ..Default::default()
         },
         "upstream nydusd mount",
     );
-    drop(m);
-    drop(daemon);
 }
 
 #[test]

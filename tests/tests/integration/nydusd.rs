@@ -14,19 +14,6 @@ use std::time::Duration;
 
 const EIO: i32 = 5;
 
-/// Runs a command; panics with its output when it fails.
-fn run_ok(cmd: &mut Command) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed with {}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// An image built by our `nydus-image create`, with a cache directory next to it.
 struct Image {
     boot: PathBuf,
@@ -585,46 +572,22 @@ fn upstream_nydusd_serves_from_a_cache_our_nydusd_filled() {
     bytes[..3_000_000].fill(0);
     std::fs::write(zeroed.join(blob.file_name().unwrap()), bytes).unwrap();
     let cfg = img.work.join("upstream.json");
-    std::fs::write(
+    std::fs::write(&cfg, localfs_config(&zeroed, &img.cache, false)).unwrap();
+    let d = start_upstream_nydusd(
+        &img.boot,
         &cfg,
-        format!(
-            r#"{{"device":{{"backend":{{"type":"localfs","config":{{"dir":"{}"}}}},
-            "cache":{{"type":"blobcache","config":{{"work_dir":"{}"}}}}}},
-            "mode":"direct","digest_validate":false,"enable_xattr":true}}"#,
-            zeroed.display(),
-            img.cache.display()
-        ),
-    )
-    .unwrap();
-    let mnt = img.work.join("mnt-upstream");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let log = std::fs::File::create(img.work.join("upstream.log")).unwrap();
-    let daemon = ChildGuard::spawn(
-        Command::new(upstream_bin("nydusd"))
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--bootstrap")
-            .arg(&img.boot)
-            .arg("--mountpoint")
-            .arg(&mnt)
-            .args(["--rlimit-nofile", "0", "--log-level", "warn"])
-            .stdout(log.try_clone().unwrap())
-            .stderr(log),
-    )
-    .unwrap();
-    assert!(wait_until(Duration::from_secs(20), || is_mounted(&mnt)));
-    let m = Mount::adopt(&mnt);
+        &img.work.join("mnt-upstream"),
+        &img.work.join("upstream.log"),
+    );
     let diffs = compare_trees_with(
         &src,
-        &mnt,
+        &d.mnt,
         &CompareOptions {
             ignore_root_mtime: true,
             ..Default::default()
         },
     );
     assert!(diffs.is_empty(), "{}", diffs.join("\n"));
-    drop(m);
-    drop(daemon);
 }
 
 #[test]

@@ -5,8 +5,8 @@
 
 use rafs::read::Bootstrap;
 use rafs_e2e::{
-    bin, compare_trees_with, is_mounted, require_root_tools, upstream_bin, wait_until, ChildGuard,
-    CompareOptions, LoopDevice, Mount,
+    bin, compare_trees_with, is_mounted, require_root_tools, run_ok, start_upstream_nydusd,
+    wait_until, ChildGuard, CompareOptions, LoopDevice, Mount,
 };
 use std::fs;
 use std::io::Read;
@@ -62,17 +62,6 @@ impl Registry {
     }
 }
 
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 fn fixture_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/make-busybox-image.sh")
 }
@@ -100,7 +89,7 @@ fn nydusify_ok(args: &[&str], work: &Path) -> Output {
 }
 
 fn inspect_raw(reference: &str) -> String {
-    let out = run(Command::new("skopeo").args([
+    let out = run_ok(Command::new("skopeo").args([
         "inspect",
         "--raw",
         "--tls-verify=false",
@@ -114,13 +103,15 @@ fn busybox_image_converts_registry_to_registry_deterministically() {
     require_root_tools(&["docker-registry", "skopeo", "umoci", "busybox", "tar"]);
     let t = tempfile::tempdir().unwrap();
     let layout = t.path().join("oci");
-    run(Command::new("bash")
-        .arg(fixture_script())
-        .arg(&layout)
-        .arg("v1"));
+    run_ok(
+        Command::new("bash")
+            .arg(fixture_script())
+            .arg(&layout)
+            .arg("v1"),
+    );
     let reg = Registry::start();
     let src = format!("{}/busybox:v1", reg.addr);
-    run(Command::new("skopeo").args([
+    run_ok(Command::new("skopeo").args([
         "copy",
         "--dest-tls-verify=false",
         &format!("oci:{}:v1", layout.display()),
@@ -254,10 +245,12 @@ fn bad_sources_fail_clearly_and_push_nothing() {
     require_root_tools(&["docker-registry", "skopeo", "umoci", "busybox", "tar"]);
     let t = tempfile::tempdir().unwrap();
     let layout = t.path().join("oci");
-    run(Command::new("bash")
-        .arg(fixture_script())
-        .arg(&layout)
-        .arg("v1"));
+    run_ok(
+        Command::new("bash")
+            .arg(fixture_script())
+            .arg(&layout)
+            .arg("v1"),
+    );
     let reg = Registry::start();
     let work = t.path().join("work");
     fs::create_dir_all(&work).unwrap();
@@ -320,11 +313,13 @@ fn bad_sources_fail_clearly_and_push_nothing() {
 /// Pushes the busybox fixture to `reg` as `busybox:TAG` and returns the OCI layout.
 fn push_busybox(reg: &Registry, dir: &Path, tag: &str) -> PathBuf {
     let layout = dir.join(format!("oci-{tag}"));
-    run(Command::new("bash")
-        .arg(fixture_script())
-        .arg(&layout)
-        .arg(tag));
-    run(Command::new("skopeo").args([
+    run_ok(
+        Command::new("bash")
+            .arg(fixture_script())
+            .arg(&layout)
+            .arg(tag),
+    );
+    run_ok(Command::new("skopeo").args([
         "copy",
         "--dest-tls-verify=false",
         &format!("oci:{}:{tag}", layout.display()),
@@ -393,7 +388,7 @@ fn nydusify_check_passes_on_a_conversion_and_lists_each_file_of_a_tampered_one()
     // A nydus image built from a modified top layer: same-size new content of one
     // file and new permission bits of another.
     let tampered = t.path().join("tampered");
-    run(Command::new("cp").arg("-a").arg(&layout).arg(&tampered));
+    run_ok(Command::new("cp").arg("-a").arg(&layout).arg(&tampered));
     rewrite_layer(&tampered, 2, |path, h, data| {
         if path.ends_with("etc/hostname") {
             data.iter_mut().take(3).for_each(|b| *b = b'X');
@@ -440,10 +435,12 @@ fn nydusify_check_passes_on_a_conversion_and_lists_each_file_of_a_tampered_one()
 /// produces it, in `dir/bundle/rootfs`.
 fn umoci_rootfs(layout: &Path, tag: &str, dir: &Path) -> PathBuf {
     let bundle = dir.join("bundle");
-    run(Command::new("umoci")
-        .args(["unpack", "--image"])
-        .arg(format!("{}:{tag}", layout.display()))
-        .arg(&bundle));
+    run_ok(
+        Command::new("umoci")
+            .args(["unpack", "--image"])
+            .arg(format!("{}:{tag}", layout.display()))
+            .arg(&bundle),
+    );
     bundle.join("rootfs")
 }
 
@@ -502,7 +499,7 @@ fn converted_busybox_equals_umoci_unpack_on_kernel_erofs_and_upstream_nydusd() {
 
     // What the registry holds, copied back out by skopeo (not by our client).
     let pulled = t.path().join("pulled");
-    run(Command::new("skopeo").args([
+    run_ok(Command::new("skopeo").args([
         "copy",
         "--src-tls-verify=false",
         &format!("docker://{target}"),
@@ -547,7 +544,6 @@ fn converted_busybox_equals_umoci_unpack_on_kernel_erofs_and_upstream_nydusd() {
     let cache = t.path().join("cache");
     let fuse = t.path().join("fuse");
     fs::create_dir_all(&cache).unwrap();
-    fs::create_dir_all(&fuse).unwrap();
     let cfg = t.path().join("nydusd.json");
     fs::write(
         &cfg,
@@ -558,28 +554,8 @@ fn converted_busybox_equals_umoci_unpack_on_kernel_erofs_and_upstream_nydusd() {
     )
     .unwrap();
     let log_path = t.path().join("nydusd.log");
-    let log = fs::File::create(&log_path).unwrap();
-    let daemon = ChildGuard::spawn(
-        Command::new(upstream_bin("nydusd"))
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--bootstrap")
-            .arg(&boot)
-            .arg("--mountpoint")
-            .arg(&fuse)
-            .args(["--rlimit-nofile", "0", "--log-level", "warn"])
-            .stdout(log.try_clone().unwrap())
-            .stderr(log),
-    )
-    .unwrap();
-    assert!(
-        wait_until(Duration::from_secs(20), || is_mounted(&fuse)),
-        "upstream nydusd did not mount; log: {}",
-        fs::read_to_string(&log_path).unwrap_or_default()
-    );
-    let m = Mount::adopt(&fuse);
-    let diffs = compare_trees_with(&rootfs, &fuse, &umoci_compare());
-    drop(m);
+    let daemon = start_upstream_nydusd(&boot, &cfg, &fuse, &log_path);
+    let diffs = compare_trees_with(&rootfs, &daemon.mnt, &umoci_compare());
     drop(daemon);
     assert_no_diffs(
         diffs,
@@ -605,10 +581,12 @@ fn add_layer(layout: &Path, tag: &str, files: &[(&str, &[u8], u32)], work: &Path
         b.append_data(&mut h, path, *data).unwrap();
     }
     fs::write(&tar_path, b.into_inner().unwrap()).unwrap();
-    run(Command::new("umoci")
-        .args(["raw", "add-layer", "--image"])
-        .arg(format!("{}:{tag}", layout.display()))
-        .arg(&tar_path));
+    run_ok(
+        Command::new("umoci")
+            .args(["raw", "add-layer", "--image"])
+            .arg(format!("{}:{tag}", layout.display()))
+            .arg(&tar_path),
+    );
 }
 
 fn json(path: &Path) -> serde_json::Value {
@@ -627,10 +605,12 @@ fn chunks_of_lower_layers_and_of_a_chunk_dict_are_referenced_not_stored_again() 
     // The busybox fixture plus a top layer with a copy of /bin/busybox: the copy's
     // chunks are all in layer 1's blob.
     let layout = t.path().join("oci");
-    run(Command::new("bash")
-        .arg(fixture_script())
-        .arg(&layout)
-        .arg("v1"));
+    run_ok(
+        Command::new("bash")
+            .arg(fixture_script())
+            .arg(&layout)
+            .arg("v1"),
+    );
     add_layer(
         &layout,
         "v1",
@@ -638,7 +618,7 @@ fn chunks_of_lower_layers_and_of_a_chunk_dict_are_referenced_not_stored_again() 
         &work,
     );
     let src = format!("{}/dedup:v1", reg.addr);
-    run(Command::new("skopeo").args([
+    run_ok(Command::new("skopeo").args([
         "copy",
         "--dest-tls-verify=false",
         &format!("oci:{}:v1", layout.display()),
@@ -681,10 +661,12 @@ fn chunks_of_lower_layers_and_of_a_chunk_dict_are_referenced_not_stored_again() 
     // A different image holding busybox again, converted with the first nydus image as
     // chunk dict: busybox's blob becomes a referenced blob layer of it.
     let other = t.path().join("other");
-    run(Command::new("umoci").args(["init", "--layout"]).arg(&other));
-    run(Command::new("umoci")
-        .args(["new", "--image"])
-        .arg(format!("{}:v1", other.display())));
+    run_ok(Command::new("umoci").args(["init", "--layout"]).arg(&other));
+    run_ok(
+        Command::new("umoci")
+            .args(["new", "--image"])
+            .arg(format!("{}:v1", other.display())),
+    );
     add_layer(
         &other,
         "v1",
@@ -695,7 +677,7 @@ fn chunks_of_lower_layers_and_of_a_chunk_dict_are_referenced_not_stored_again() 
         &work,
     );
     let src2 = format!("{}/dedup:other", reg.addr);
-    run(Command::new("skopeo").args([
+    run_ok(Command::new("skopeo").args([
         "copy",
         "--dest-tls-verify=false",
         &format!("oci:{}:v1", other.display()),
@@ -703,7 +685,7 @@ fn chunks_of_lower_layers_and_of_a_chunk_dict_are_referenced_not_stored_again() 
     ]));
     let dict = t.path().join("dict.boot");
     let pulled = t.path().join("pulled");
-    run(Command::new("skopeo").args([
+    run_ok(Command::new("skopeo").args([
         "copy",
         "--src-tls-verify=false",
         &format!("docker://{target}"),
@@ -772,7 +754,7 @@ fn chunks_of_lower_layers_and_of_a_chunk_dict_are_referenced_not_stored_again() 
 }
 
 fn which(tool: &str) -> PathBuf {
-    let out = run(Command::new("sh").args(["-c", &format!("command -v {tool}")]));
+    let out = run_ok(Command::new("sh").args(["-c", &format!("command -v {tool}")]));
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
@@ -822,15 +804,17 @@ fn model_folder_builds_into_a_nydus_image_that_checks_against_the_folder() {
     let target = format!("{}/models/llama:v1", reg.addr);
     let out_dir = t.path().join("out");
     let report = t.path().join("build.json");
-    run(Command::new(bin("nydusify"))
-        .args(["build", "--source-dir"])
-        .arg(&model)
-        .args(["--target", &target, "--output-dir"])
-        .arg(&out_dir)
-        .arg("--output-json")
-        .arg(&report)
-        .arg("--work-dir")
-        .arg(&work));
+    run_ok(
+        Command::new(bin("nydusify"))
+            .args(["build", "--source-dir"])
+            .arg(&model)
+            .args(["--target", &target, "--output-dir"])
+            .arg(&out_dir)
+            .arg("--output-json")
+            .arg(&report)
+            .arg("--work-dir")
+            .arg(&work),
+    );
     let r = json(&report);
     // 9 MiB + 6 MiB (+ a tail) of unique weights in 1 MiB chunks, plus the JSON files;
     // the identical third shard adds none.
@@ -884,14 +868,14 @@ fn model_folder_builds_into_a_nydus_image_that_checks_against_the_folder() {
 fn python_image_converts_and_checks_registry_to_registry() {
     require_root_tools(&["docker-registry", "skopeo", "umoci", "debootstrap", "tar"]);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/make-python-image.sh");
-    let out = run(Command::new("bash").arg(script));
+    let out = run_ok(Command::new("bash").arg(script));
     let image = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let t = tempfile::tempdir().unwrap();
     let reg = Registry::start();
     let work = t.path().join("work");
     fs::create_dir_all(&work).unwrap();
     let src = format!("{}/python:v1", reg.addr);
-    run(Command::new("skopeo").args([
+    run_ok(Command::new("skopeo").args([
         "copy",
         "--dest-tls-verify=false",
         &format!("oci:{image}"),
