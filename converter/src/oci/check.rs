@@ -121,44 +121,6 @@ pub fn pick_manifest(source: &dyn Source, platform: &str, what: &str) -> Result<
     }
 }
 
-/// A reader that hashes what passes through.
-struct Hashing<R> {
-    inner: R,
-    hasher: sha2::Sha256,
-    size: u64,
-}
-
-impl<R: Read> Read for Hashing<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.size += n as u64;
-        Ok(n)
-    }
-}
-
-impl<R> Hashing<R> {
-    fn new(inner: R) -> Self {
-        Hashing {
-            inner,
-            hasher: sha2::Sha256::new(),
-            size: 0,
-        }
-    }
-    fn verify(self, what: &str, desc: &Descriptor) -> Result<()> {
-        let actual = format!("sha256:{}", hex::encode(self.hasher.finalize()));
-        if actual != desc.digest || self.size != desc.size {
-            return Err(OciError::DigestMismatch {
-                what: what.into(),
-                digest: desc.digest.clone(),
-                actual,
-                size: self.size,
-            });
-        }
-        Ok(())
-    }
-}
-
 /// The source image's filesystem: its layers applied in order.
 fn source_tree(source: &dyn Source, manifest: &Manifest) -> Result<FlatTree> {
     let mut tree = FlatTree::default();

@@ -19,7 +19,6 @@ use crate::whiteout::WhiteoutSpec;
 use p2p_backend::registry::RegistryOptions;
 use rafs::write::{write_bootstrap, write_chunks, BlobOptions, BootstrapOptions, ChunkArena};
 use rafs::{BlobInfo, Compressor, Digester};
-use sha2::Digest as _;
 use std::io::{self, BufRead, BufReader, BufWriter, Read};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -145,22 +144,6 @@ pub struct ConvertReport {
     pub push_seconds: f64,
 }
 
-/// A reader that hashes and counts what passes through.
-struct Hashing<R> {
-    inner: R,
-    hasher: sha2::Sha256,
-    size: u64,
-}
-
-impl<R: Read> Read for Hashing<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.size += n as u64;
-        Ok(n)
-    }
-}
-
 /// A blob built from one layer, waiting in the work directory.
 struct BuiltLayer {
     path: PathBuf,
@@ -219,17 +202,10 @@ impl Known {
 fn sha256_path(path: &Path) -> Result<(String, u64)> {
     let mut f = std::fs::File::open(path)
         .map_err(|e| OciError::io(format!("Reading {}", path.display()), e))?;
-    let mut h = Hashing {
-        inner: &mut f,
-        hasher: sha2::Sha256::new(),
-        size: 0,
-    };
+    let mut h = Hashing::new(&mut f);
     io::copy(&mut h, &mut io::sink())
         .map_err(|e| OciError::io(format!("Reading {}", path.display()), e))?;
-    Ok((
-        format!("sha256:{}", hex::encode(h.hasher.finalize())),
-        h.size,
-    ))
+    Ok(h.finish())
 }
 
 /// Streams one layer into an inline-meta blob in `dir`.
@@ -246,11 +222,7 @@ fn build_layer(
         source: Box::new(source),
     };
     let io_err = |e| OciError::io(format!("Reading layer {}", desc.digest), e);
-    let mut raw = Hashing {
-        inner: source.open_blob(desc)?,
-        hasher: sha2::Sha256::new(),
-        size: 0,
-    };
+    let mut raw = Hashing::new(source.open_blob(desc)?);
     let tmp = tempfile::Builder::new()
         .prefix("layer-")
         .tempfile_in(dir)
@@ -298,15 +270,7 @@ fn build_layer(
     .map_err(|e| layer_err(e.into()))?;
     let tree = tree.map_err(layer_err)?;
     io::copy(&mut raw, &mut io::sink()).map_err(io_err)?;
-    let actual = format!("sha256:{}", hex::encode(raw.hasher.clone().finalize()));
-    if actual != desc.digest || raw.size != desc.size {
-        return Err(OciError::DigestMismatch {
-            what: "layer".into(),
-            digest: desc.digest.clone(),
-            actual,
-            size: raw.size,
-        });
-    }
+    raw.verify("layer", desc)?;
     let boot_opts = BootstrapOptions {
         chunk_size: opts.chunk_size,
         compressor: opts.compressor,

@@ -324,3 +324,50 @@ pub fn digest_hex(digest: &str) -> Result<&str> {
         OciError::invalid(format!("digest '{digest}'"), "not sha256:<64 hex digits>")
     })
 }
+
+/// A reader that hashes (sha256) and counts what passes through.
+pub(crate) struct Hashing<R> {
+    inner: R,
+    hasher: sha2::Sha256,
+    size: u64,
+}
+
+impl<R: std::io::Read> std::io::Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        sha2::Digest::update(&mut self.hasher, &buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+}
+
+impl<R> Hashing<R> {
+    /// Wraps `inner`.
+    pub(crate) fn new(inner: R) -> Self {
+        Hashing {
+            inner,
+            hasher: sha2::Digest::new(),
+            size: 0,
+        }
+    }
+
+    /// `sha256:<hex>` and the byte count of what was read.
+    pub(crate) fn finish(self) -> (String, u64) {
+        let digest = sha2::Digest::finalize(self.hasher);
+        (format!("sha256:{}", hex::encode(digest)), self.size)
+    }
+
+    /// Checks what was read against `desc` (digest and size).
+    pub(crate) fn verify(self, what: &str, desc: &Descriptor) -> Result<()> {
+        let (actual, size) = self.finish();
+        if actual != desc.digest || size != desc.size {
+            return Err(OciError::DigestMismatch {
+                what: what.into(),
+                digest: desc.digest.clone(),
+                actual,
+                size,
+            });
+        }
+        Ok(())
+    }
+}
