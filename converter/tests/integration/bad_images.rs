@@ -71,6 +71,18 @@ fn check(b: &Built) -> (bool, String) {
     ])
 }
 
+/// `nydus-image unpack` of `b` into the tar `out`; returns (success, stderr).
+fn unpack(b: &Built, out: &Path) -> (bool, String) {
+    run(&[
+        "unpack".as_ref(),
+        b.boot.as_os_str(),
+        "-D".as_ref(),
+        b.blobs.as_os_str(),
+        "--output".as_ref(),
+        out.as_os_str(),
+    ])
+}
+
 fn patch(path: &Path, at: usize, bytes: &[u8]) {
     let mut data = std::fs::read(path).unwrap();
     data[at..at + bytes.len()].copy_from_slice(bytes);
@@ -178,14 +190,7 @@ fn every_byte_flip_in_the_metadata_is_caught_or_harmless() {
     let b = golden();
     let full = std::fs::read(&b.boot).unwrap();
     let reference = b.boot.with_extension("ref.tar");
-    let (ok, err) = run(&[
-        "unpack".as_ref(),
-        b.boot.as_os_str(),
-        "-D".as_ref(),
-        b.blobs.as_os_str(),
-        "--output".as_ref(),
-        reference.as_os_str(),
-    ]);
+    let (ok, err) = unpack(&b, &reference);
     assert!(ok, "{err}");
     let contents = |tar: &Path| -> Vec<(String, Vec<u8>)> {
         let mut a = tar::Archive::new(std::fs::File::open(tar).unwrap());
@@ -212,14 +217,7 @@ fn every_byte_flip_in_the_metadata_is_caught_or_harmless() {
         let mut data = full.clone();
         data[at] ^= 0xa5;
         std::fs::write(&b.boot, &data).unwrap();
-        let (ok, _) = run(&[
-            "unpack".as_ref(),
-            b.boot.as_os_str(),
-            "-D".as_ref(),
-            b.blobs.as_os_str(),
-            "--output".as_ref(),
-            out.as_os_str(),
-        ]);
+        let (ok, _) = unpack(&b, &out);
         if ok {
             let got = contents(&out);
             // Names may change with a flipped name byte; the bytes of every file must
@@ -248,14 +246,7 @@ fn corrupted_blob_chunk_fails_check_and_unpack_naming_the_chunk() {
         "{err}"
     );
     let out = b.boot.with_extension("tar");
-    let (ok, err) = run(&[
-        "unpack".as_ref(),
-        b.boot.as_os_str(),
-        "-D".as_ref(),
-        b.blobs.as_os_str(),
-        "--output".as_ref(),
-        out.as_os_str(),
-    ]);
+    let (ok, err) = unpack(&b, &out);
     assert!(!ok, "unpack of a corrupted blob succeeded");
     assert!(err.contains("chunk"), "{err}");
     assert!(!out.exists(), "a partial tar was left behind");
