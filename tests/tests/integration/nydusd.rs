@@ -654,105 +654,6 @@ fn api_exit_unmounts_and_prefetch_fills_the_cache_in_the_background() {
     std::mem::forget(d.mount.take());
 }
 
-/// A docker-registry on a loopback port that can be stopped and started again on the
-/// same port and storage.
-struct LocalRegistry {
-    child: Option<ChildGuard>,
-    config: PathBuf,
-    addr: String,
-}
-
-impl LocalRegistry {
-    fn start(dir: &Path) -> LocalRegistry {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = format!("127.0.0.1:{port}");
-        let config = dir.join("registry.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
-                 http:\n  addr: {addr}\n",
-                dir.join("registry-data").display()
-            ),
-        )
-        .unwrap();
-        let mut r = LocalRegistry {
-            child: None,
-            config,
-            addr,
-        };
-        r.up();
-        r
-    }
-
-    fn up(&mut self) {
-        self.child = Some(
-            ChildGuard::spawn(
-                Command::new("docker-registry")
-                    .arg("serve")
-                    .arg(&self.config)
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null()),
-            )
-            .unwrap(),
-        );
-        let addr = self.addr.clone();
-        assert!(
-            wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(
-                &addr
-            )
-            .is_ok()),
-            "docker-registry did not listen on {addr}"
-        );
-    }
-
-    fn down(&mut self) {
-        drop(self.child.take());
-    }
-
-    /// Uploads `file` as blob `sha256:<hex>` of `repo` (POST for a session, then one PUT).
-    fn push_blob(&self, repo: &str, hex: &str, file: &Path) {
-        let out = Command::new("curl")
-            .args(["-fsS", "-X", "POST", "-D", "-", "-o", "/dev/null"])
-            .arg(format!("http://{}/v2/{repo}/blobs/uploads/", self.addr))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        let headers = String::from_utf8_lossy(&out.stdout);
-        let location = headers
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.eq_ignore_ascii_case("location")
-                    .then(|| v.trim().to_string())
-            })
-            .unwrap_or_else(|| panic!("no Location in {headers}"));
-        let url = if location.starts_with("http") {
-            location
-        } else {
-            format!("http://{}{location}", self.addr)
-        };
-        let sep = if url.contains('?') { '&' } else { '?' };
-        run_ok(
-            Command::new("curl")
-                .args([
-                    "-fsS",
-                    "-X",
-                    "PUT",
-                    "-H",
-                    "Content-Type: application/octet-stream",
-                ])
-                .arg("--data-binary")
-                .arg(format!("@{}", file.display()))
-                .arg(format!("{url}{sep}digest=sha256:{hex}")),
-        );
-    }
-}
-
 #[test]
 fn registry_backend_reads_lazily_and_survives_a_registry_outage() {
     require_root_tools(&["umount", "docker-registry", "curl"]);
@@ -770,7 +671,7 @@ fn registry_backend_reads_lazily_and_survives_a_registry_outage() {
         id,
         "blob id is the blob's sha256"
     );
-    let mut reg = LocalRegistry::start(tmp.path());
+    let mut reg = Registry::start_in(tmp.path(), "");
     reg.push_blob("test/lazy", &id, &blob);
 
     let cfg = img.work.join("registry.json");

@@ -6,61 +6,13 @@
 use rafs::read::Bootstrap;
 use rafs_e2e::{
     bin, compare_trees_with, is_mounted, require_root_tools, run_ok, start_upstream_nydusd,
-    wait_until, ChildGuard, CompareOptions, LoopDevice, Mount,
+    wait_until, ChildGuard, CompareOptions, LoopDevice, Mount, Registry,
 };
 use std::fs;
 use std::io::Read;
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
-
-/// A private docker-registry on a free loopback port, stopped on drop.
-struct Registry {
-    _child: ChildGuard,
-    addr: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Registry {
-    fn start() -> Registry {
-        let dir = tempfile::tempdir().unwrap();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = format!("127.0.0.1:{port}");
-        let config = dir.path().join("config.yml");
-        fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
-                 http:\n  addr: {addr}\n",
-                dir.path().join("data").display()
-            ),
-        )
-        .unwrap();
-        let child = ChildGuard::spawn(
-            Command::new("docker-registry")
-                .arg("serve")
-                .arg(&config)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null()),
-        )
-        .unwrap();
-        assert!(
-            wait_until(Duration::from_secs(10), || TcpStream::connect(&addr)
-                .is_ok()),
-            "docker-registry did not listen on {addr}"
-        );
-        Registry {
-            _child: child,
-            addr,
-            _dir: dir,
-        }
-    }
-}
 
 fn fixture_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/make-busybox-image.sh")

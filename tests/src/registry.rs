@@ -1,0 +1,145 @@
+//! A private Debian `docker-registry` (distribution 2.8) on a free loopback port.
+
+use crate::daemons::run_ok;
+use crate::guards::{wait_until, ChildGuard};
+use std::fs;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// A docker-registry serving `127.0.0.1:<free port>` from a storage directory of its own.
+///
+/// It is stopped when dropped, and can be stopped ([`Registry::down`]) and started again
+/// ([`Registry::up`]) on the same port and storage, to simulate an outage.
+pub struct Registry {
+    child: Option<ChildGuard>,
+    config: PathBuf,
+    /// `127.0.0.1:PORT`, the registry's host part of image references.
+    pub addr: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Registry {
+    /// Starts a registry whose storage lives in a temporary directory removed on drop.
+    ///
+    /// # Panics
+    /// When the registry does not listen within 10 s.
+    pub fn start() -> Registry {
+        let dir = tempfile::tempdir().expect("temporary directory for the registry");
+        let mut r = Registry::start_in(dir.path(), "");
+        r._dir = Some(dir);
+        r
+    }
+
+    /// Starts a registry with its config and storage in `dir`. `extra` is appended to the
+    /// generated YAML config as top-level sections (e.g. an `auth:` section); a
+    /// `storage:` entry can be added through `extra_storage` in [`Registry::start_with`].
+    ///
+    /// # Panics
+    /// When the registry does not listen within 10 s.
+    pub fn start_in(dir: &Path, extra: &str) -> Registry {
+        Registry::start_with(dir, "", extra)
+    }
+
+    /// Like [`Registry::start_in`], with `extra_storage` (indented YAML lines, e.g.
+    /// `"  maintenance:\n    readonly:\n      enabled: true\n"`) added to the `storage:`
+    /// section.
+    ///
+    /// # Panics
+    /// When the registry does not listen within 10 s.
+    pub fn start_with(dir: &Path, extra_storage: &str, extra: &str) -> Registry {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .expect("a free loopback port")
+            .local_addr()
+            .expect("its address")
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.join("registry.yml");
+        fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+                 {extra_storage}http:\n  addr: {addr}\n{extra}",
+                dir.join("registry-data").display()
+            ),
+        )
+        .expect("writing the registry config");
+        let mut r = Registry {
+            child: None,
+            config,
+            addr,
+            _dir: None,
+        };
+        r.up();
+        r
+    }
+
+    /// Starts the registry (again) on its port and storage.
+    ///
+    /// # Panics
+    /// When it cannot be started or does not listen within 10 s.
+    pub fn up(&mut self) {
+        self.child = Some(
+            ChildGuard::spawn(
+                Command::new("docker-registry")
+                    .arg("serve")
+                    .arg(&self.config)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null()),
+            )
+            .expect("starting docker-registry (package docker-registry)"),
+        );
+        let addr = self.addr.clone();
+        assert!(
+            wait_until(Duration::from_secs(10), || TcpStream::connect(&addr).is_ok()),
+            "docker-registry did not listen on {addr}"
+        );
+    }
+
+    /// Stops the registry; its storage is kept for [`Registry::up`].
+    pub fn down(&mut self) {
+        drop(self.child.take());
+    }
+
+    /// Uploads `file` as blob `sha256:<hex>` of `repo` (POST for a session, then one PUT).
+    ///
+    /// # Panics
+    /// When the registry refuses either request.
+    pub fn push_blob(&self, repo: &str, hex: &str, file: &Path) {
+        let out = Command::new("curl")
+            .args(["-fsS", "-X", "POST", "-D", "-", "-o", "/dev/null"])
+            .arg(format!("http://{}/v2/{repo}/blobs/uploads/", self.addr))
+            .output()
+            .expect("running curl");
+        assert!(out.status.success(), "{out:?}");
+        let headers = String::from_utf8_lossy(&out.stdout);
+        let location = headers
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("location")
+                    .then(|| v.trim().to_string())
+            })
+            .unwrap_or_else(|| panic!("no Location in {headers}"));
+        let url = if location.starts_with("http") {
+            location
+        } else {
+            format!("http://{}{location}", self.addr)
+        };
+        let sep = if url.contains('?') { '&' } else { '?' };
+        run_ok(
+            Command::new("curl")
+                .args([
+                    "-fsS",
+                    "-X",
+                    "PUT",
+                    "-H",
+                    "Content-Type: application/octet-stream",
+                ])
+                .arg("--data-binary")
+                .arg(format!("@{}", file.display()))
+                .arg(format!("{url}{sep}digest=sha256:{hex}")),
+        );
+    }
+}
