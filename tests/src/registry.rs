@@ -92,7 +92,8 @@ impl Registry {
         );
         let addr = self.addr.clone();
         assert!(
-            wait_until(Duration::from_secs(10), || TcpStream::connect(&addr).is_ok()),
+            wait_until(Duration::from_secs(10), || TcpStream::connect(&addr)
+                .is_ok()),
             "docker-registry did not listen on {addr}"
         );
     }
