@@ -13,7 +13,8 @@
 //! - [`make_varied_tree`] writes a deterministic source tree with every file type and
 //!   the awkward cases of the format (hard links, long names and symlinks, xattrs,
 //!   big uids, nanosecond mtimes, 5,000 entries in one directory, ...);
-//! - [`Registry`] runs Debian's docker-registry on a loopback port;
+//! - [`Registry`] runs Debian's docker-registry on a loopback port, and [`FaultProxy`]
+//!   puts 503s and dropped connections in front of it;
 //! - [`compare_trees`] reports every difference between two trees as text lines.
 //!
 //! Most helpers need root, as do the tests that use them; `bash tests/run.sh` runs
@@ -22,6 +23,7 @@
 mod bins;
 mod compare;
 mod daemons;
+mod fault_proxy;
 mod guards;
 mod registry;
 mod tree;
@@ -29,6 +31,7 @@ mod tree;
 pub use bins::{bin, require_root_tools, upstream_bin, UPSTREAM_BIN_DEFAULT};
 pub use compare::{compare_trees, compare_trees_with, sha256_file, CompareOptions};
 pub use daemons::{localfs_config, run_ok, start_fuse_daemon, start_upstream_nydusd, FuseDaemon};
+pub use fault_proxy::{Fault, FaultProxy};
 pub use guards::{is_mounted, wait_until, ChildGuard, LoopDevice, Mount};
 pub use registry::Registry;
 pub use tree::{

@@ -94,6 +94,32 @@ pub fn check(opts: &CheckOptions) -> Result<CheckReport> {
     }
 }
 
+/// The platforms (`os/arch[/variant]`) of the nydus image `opts.target` when it is an
+/// image index, in its order; `None` for a single manifest. `nydusify check
+/// --all-platforms` checks each of them against the same platform of the source.
+pub fn target_platforms(opts: &CheckOptions) -> Result<Option<Vec<String>>> {
+    let target = open_source(&opts.target, &opts.target_registry)?;
+    let (top, digest) = target.top()?;
+    Ok(
+        match parse_top_level(&top, &format!("target manifest {digest}"))? {
+            TopLevel::Manifest(_) => None,
+            TopLevel::Index(idx) => Some(
+                idx.manifests
+                    .iter()
+                    .map(|d| {
+                        d.platform.as_ref().map(Platform::name).ok_or_else(|| {
+                            OciError::invalid(
+                                format!("target index entry {}", d.digest),
+                                "no platform",
+                            )
+                        })
+                    })
+                    .collect::<Result<_>>()?,
+            ),
+        },
+    )
+}
+
 /// The manifest of `platform` (or the only manifest) of an image.
 pub fn pick_manifest(source: &dyn Source, platform: &str, what: &str) -> Result<Manifest> {
     let (top, digest) = source.top()?;
@@ -108,7 +134,7 @@ pub fn pick_manifest(source: &dyn Source, platform: &str, what: &str) -> Result<
                         p.name() == platform || format!("{}/{}", p.os, p.architecture) == platform
                     })
                 })
-                .ok_or_else(|| OciError::Platform(platform.to_string()))?;
+                .ok_or_else(|| idx.no_platform(platform))?;
             let bytes = source.manifest(&d.digest)?;
             match parse_top_level(&bytes, &format!("{what} manifest {}", d.digest))? {
                 TopLevel::Manifest(m) => Ok(*m),

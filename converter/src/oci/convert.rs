@@ -605,10 +605,10 @@ fn select(index: &Index, opts: &ConvertOptions) -> Result<Vec<Descriptor>> {
         .cloned()
         .collect();
     if wanted.is_empty() {
-        return Err(OciError::Platform(if opts.all_platforms {
-            "any".into()
+        return Err(index.no_platform(if opts.all_platforms {
+            "any"
         } else {
-            opts.platform.clone()
+            &opts.platform
         }));
     }
     Ok(if opts.all_platforms {

@@ -38,8 +38,16 @@ pub enum OciError {
         source: serde_json::Error,
     },
     /// The source image has no manifest for the requested platform.
-    #[error("No manifest for platform {0} in the image index (use --platform or --all-platforms)")]
-    Platform(String),
+    #[error(
+        "No manifest for platform {wanted} in the image index (it has: {available}; \
+         use --platform or --all-platforms)"
+    )]
+    Platform {
+        /// The platform asked for (`any` for `--all-platforms`).
+        wanted: String,
+        /// The platforms the index has, comma-separated.
+        available: String,
+    },
     /// A layer's media type cannot be converted.
     #[error("Layer {digest} has unsupported media type {media_type}")]
     MediaType {
@@ -281,6 +289,31 @@ pub struct Index {
     /// Fields not modelled here.
     #[serde(flatten)]
     pub extra: BTreeMap<String, Value>,
+}
+
+impl Index {
+    /// The platforms of the index's manifests (`os/arch[/variant]`, `none` for entries
+    /// without one), comma-separated, for messages.
+    pub fn platform_names(&self) -> String {
+        let names: Vec<String> = self
+            .manifests
+            .iter()
+            .map(|d| d.platform.as_ref().map_or("none".into(), Platform::name))
+            .collect();
+        if names.is_empty() {
+            "no manifests".into()
+        } else {
+            names.join(", ")
+        }
+    }
+
+    /// The error for a platform this index lacks.
+    pub fn no_platform(&self, wanted: &str) -> OciError {
+        OciError::Platform {
+            wanted: wanted.to_string(),
+            available: self.platform_names(),
+        }
+    }
 }
 
 /// What a top-level document is.

@@ -40,14 +40,33 @@ pub enum RegistryError {
     /// The manifest, tag or blob does not exist.
     #[error("{0} not found in the registry")]
     NotFound(String),
-    /// The registry refused the credentials.
-    #[error("Not authorized for {0} (check the credentials in the docker config or flags)")]
-    Unauthorized(String),
+    /// The registry refused the credentials (or their absence).
+    #[error(
+        "{what}: not authorized (HTTP {code}): check the credentials for this registry \
+         (docker config.json or the --*-username/--*-password flags)"
+    )]
+    Unauthorized {
+        /// What was being done (it names the repository).
+        what: String,
+        /// 401 or 403.
+        code: u16,
+    },
+    /// The registry refused the request itself (a 4xx other than 401, 403 and 404, e.g.
+    /// 405 from a read-only registry); not retried.
+    #[error("{what}: the registry refused it: {message}")]
+    Refused {
+        /// What was being done.
+        what: String,
+        /// The HTTP status (when known) and the registry's explanation.
+        message: String,
+    },
     /// A request failed (after retries for transient failures).
-    #[error("{what}")]
+    #[error("{what}{}", gave_up(*.attempts))]
     Request {
         /// What was being done.
         what: String,
+        /// How many times it was tried.
+        attempts: u32,
         /// The client's error.
         #[source]
         source: OciDistributionError,
@@ -77,6 +96,14 @@ pub enum RegistryError {
         /// What is wrong.
         reason: String,
     },
+}
+
+fn gave_up(attempts: u32) -> String {
+    if attempts > 1 {
+        format!(" (gave up after {attempts} attempts)")
+    } else {
+        String::new()
+    }
 }
 
 /// Result alias of the registry client.
@@ -110,9 +137,23 @@ fn is_loopback(host: &str) -> bool {
     h == "localhost" || h == "[::1]" || h.starts_with("127.")
 }
 
+/// The HTTP status of an error, when it is one.
+fn status_of(e: &OciDistributionError) -> Option<u16> {
+    match e {
+        OciDistributionError::RequestError(r) => r.status().map(|s| s.as_u16()),
+        OciDistributionError::ServerError { code, .. } => Some(*code),
+        OciDistributionError::UnauthorizedError { .. } => Some(401),
+        _ => None,
+    }
+}
+
 fn transient(e: &OciDistributionError) -> bool {
     match e {
-        OciDistributionError::RequestError(_) | OciDistributionError::IoError(_) => true,
+        // A reqwest error with a status is an answer (HEAD requests report 4xx this way).
+        OciDistributionError::RequestError(r) => r
+            .status()
+            .is_none_or(|s| s.is_server_error() || s.as_u16() == 429),
+        OciDistributionError::IoError(_) => true,
         OciDistributionError::ServerError { code, .. } => *code >= 500 || *code == 429,
         _ => false,
     }
@@ -195,9 +236,18 @@ impl Registry {
                     delay *= 2;
                     attempt += 1;
                 }
-                Err(e) => return Err(classify(what, e)),
+                Err(e) => return Err(classify(what, attempt, e)),
             }
         }
+    }
+
+    /// `registry/repository`, for messages.
+    fn repo(&self) -> String {
+        format!(
+            "{}/{}",
+            self.reference.resolve_registry(),
+            self.reference.repository()
+        )
     }
 
     fn auth_for(&self, op: RegistryOperation) -> Result<()> {
@@ -280,7 +330,7 @@ impl Registry {
     /// the end of the stream (an error from the last read); callers that must be sure
     /// hash what they read, as [`Registry::pull_blob`] does.
     pub fn open_blob(&self, digest: &str) -> Result<BlobReader<'_>> {
-        let what = format!("Fetching blob {digest}");
+        let what = format!("Fetching blob {digest} from {}", self.repo());
         self.auth_for(RegistryOperation::Pull)?;
         // A ranged request from 0: the client's own digest check of full responses
         // is skipped (callers check, see above).
@@ -301,7 +351,10 @@ impl Registry {
 
     /// Reads `len` bytes of blob `digest` at `offset` (an HTTP range request).
     pub fn read_range(&self, digest: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
-        let what = format!("Reading {len} bytes at {offset} of blob {digest}");
+        let what = format!(
+            "Reading {len} bytes at {offset} of blob {digest} from {}",
+            self.repo()
+        );
         self.auth_for(RegistryOperation::Pull)?;
         self.retry(&what, || async {
             use oci_client::client::BlobResponse;
@@ -335,7 +388,7 @@ impl Registry {
 
     /// Whether blob `digest` exists (HEAD).
     pub fn blob_exists(&self, digest: &str) -> Result<bool> {
-        let what = format!("Checking for blob {digest}");
+        let what = format!("Checking for blob {digest} in {}", self.repo());
         self.auth_for(RegistryOperation::Push)?;
         self.retry(&what, || self.client.blob_exists(&self.reference, digest))
     }
@@ -346,7 +399,11 @@ impl Registry {
         if self.blob_exists(digest)? {
             return Ok(false);
         }
-        let what = format!("Uploading blob {digest} from {}", path.display());
+        let what = format!(
+            "Uploading blob {digest} from {} to {}",
+            path.display(),
+            self.repo()
+        );
         let size = std::fs::metadata(path)
             .map_err(|source| RegistryError::Io {
                 what: what.clone(),
@@ -369,7 +426,7 @@ impl Registry {
         if self.blob_exists(digest)? {
             return Ok(false);
         }
-        let what = format!("Uploading blob {digest}");
+        let what = format!("Uploading blob {digest} to {}", self.repo());
         let data = bytes::Bytes::copy_from_slice(data);
         self.retry(&what, || {
             self.client.push_blob(&self.reference, data.clone(), digest)
@@ -400,29 +457,46 @@ fn reqwest_header(media_type: &str) -> http::HeaderValue {
         .unwrap_or_else(|_| http::HeaderValue::from_static("application/json"))
 }
 
-fn classify(what: &str, e: OciDistributionError) -> RegistryError {
+fn classify(what: &str, attempts: u32, e: OciDistributionError) -> RegistryError {
+    let what = what.to_string();
+    let code = status_of(&e);
     match &e {
-        OciDistributionError::ImageManifestNotFoundError(_) => {
-            RegistryError::NotFound(what.to_string())
+        OciDistributionError::ImageManifestNotFoundError(_) => RegistryError::NotFound(what),
+        _ if code == Some(404) => RegistryError::NotFound(what),
+        OciDistributionError::AuthenticationFailure(_) => {
+            RegistryError::Unauthorized { what, code: 401 }
         }
-        OciDistributionError::ServerError { code: 404, .. } => {
-            RegistryError::NotFound(what.to_string())
-        }
-        OciDistributionError::UnauthorizedError { .. }
-        | OciDistributionError::AuthenticationFailure(_)
-        | OciDistributionError::ServerError {
-            code: 401 | 403, ..
-        } => RegistryError::Unauthorized(what.to_string()),
-        OciDistributionError::RegistryError { envelope, .. }
+        _ if matches!(code, Some(401 | 403)) => RegistryError::Unauthorized {
+            what,
+            code: code.unwrap_or(401),
+        },
+        OciDistributionError::RegistryError { envelope, .. } => {
             if envelope
                 .errors
                 .iter()
-                .any(|e| format!("{:?}", e.code).contains("Unknown")) =>
+                .any(|e| format!("{:?}", e.code).contains("Unknown"))
+            {
+                return RegistryError::NotFound(what);
+            }
+            let message = envelope
+                .errors
+                .iter()
+                .map(|e| format!("{:?}: {}", e.code, e.message))
+                .collect::<Vec<_>>()
+                .join("; ");
+            RegistryError::Refused { what, message }
+        }
+        OciDistributionError::ServerError { code, message, .. }
+            if (400..500).contains(code) && *code != 429 =>
         {
-            RegistryError::NotFound(what.to_string())
+            RegistryError::Refused {
+                what,
+                message: format!("HTTP {code}: {}", message.trim()),
+            }
         }
         _ => RegistryError::Request {
-            what: what.to_string(),
+            what,
+            attempts,
             source: e,
         },
     }

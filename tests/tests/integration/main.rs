@@ -4,4 +4,5 @@ mod guards;
 mod judges;
 mod nydusd;
 mod nydusify;
+mod nydusify_bad;
 mod varied_tree;

@@ -14,11 +14,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-fn fixture_script() -> PathBuf {
+pub(crate) fn fixture_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/make-busybox-image.sh")
 }
 
-fn nydusify(args: &[&str], work: &Path) -> Output {
+pub(crate) fn nydusify(args: &[&str], work: &Path) -> Output {
     Command::new(bin("nydusify"))
         .args(args)
         .arg("--work-dir")
@@ -29,7 +29,7 @@ fn nydusify(args: &[&str], work: &Path) -> Output {
 
 /// Runs nydusify like [`nydusify`] and fails the test, showing both output streams,
 /// unless it succeeded.
-fn nydusify_ok(args: &[&str], work: &Path) -> Output {
+pub(crate) fn nydusify_ok(args: &[&str], work: &Path) -> Output {
     let out = nydusify(args, work);
     assert!(
         out.status.success(),
@@ -40,7 +40,7 @@ fn nydusify_ok(args: &[&str], work: &Path) -> Output {
     out
 }
 
-fn inspect_raw(reference: &str) -> String {
+pub(crate) fn inspect_raw(reference: &str) -> String {
     let out = run_ok(Command::new("skopeo").args([
         "inspect",
         "--raw",
@@ -263,7 +263,7 @@ fn bad_sources_fail_clearly_and_push_nothing() {
 }
 
 /// Pushes the busybox fixture to `reg` as `busybox:TAG` and returns the OCI layout.
-fn push_busybox(reg: &Registry, dir: &Path, tag: &str) -> PathBuf {
+pub(crate) fn push_busybox(reg: &Registry, dir: &Path, tag: &str) -> PathBuf {
     let layout = dir.join(format!("oci-{tag}"));
     run_ok(
         Command::new("bash")
@@ -282,10 +282,30 @@ fn push_busybox(reg: &Registry, dir: &Path, tag: &str) -> PathBuf {
 
 /// Rewrites layer `n` (0-based) of the single image in an OCI layout with `edit`
 /// applied to each tar entry (header, data), fixing the manifest and index digests.
-fn rewrite_layer(layout: &Path, n: usize, edit: impl Fn(&str, &mut tar::Header, &mut Vec<u8>)) {
+pub(crate) fn rewrite_layer(
+    layout: &Path,
+    n: usize,
+    edit: impl Fn(&str, &mut tar::Header, &mut Vec<u8>),
+) {
+    edit_manifest(layout, |manifest| {
+        let blobs = layout.join("blobs/sha256");
+        let ldigest = manifest["layers"][n]["digest"].as_str().unwrap()[7..].to_string();
+        let gz = rewrite_tar_gz(&fs::read(blobs.join(&ldigest)).unwrap(), &edit);
+        fs::write(blobs.join(&sha256_hex(&gz)), &gz).unwrap();
+        manifest["layers"][n]["digest"] = format!("sha256:{}", sha256_hex(&gz)).into();
+        manifest["layers"][n]["size"] = gz.len().into();
+    });
+}
+
+fn sha256_hex(b: &[u8]) -> String {
     use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+/// Applies `edit` to the manifest of the single image in an OCI layout, storing the
+/// new manifest and pointing the index at it.
+pub(crate) fn edit_manifest(layout: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let blobs = layout.join("blobs/sha256");
-    let sha = |b: &[u8]| hex::encode(sha2::Sha256::digest(b));
     let index_path = layout.join("index.json");
     let mut index: serde_json::Value =
         serde_json::from_slice(&fs::read(&index_path).unwrap()).unwrap();
@@ -293,9 +313,17 @@ fn rewrite_layer(layout: &Path, n: usize, edit: impl Fn(&str, &mut tar::Header, 
     let mdigest = mdesc["digest"].as_str().unwrap()[7..].to_string();
     let mut manifest: serde_json::Value =
         serde_json::from_slice(&fs::read(blobs.join(&mdigest)).unwrap()).unwrap();
-    let ldigest = manifest["layers"][n]["digest"].as_str().unwrap()[7..].to_string();
-    let gz = fs::read(blobs.join(&ldigest)).unwrap();
-    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&gz[..]));
+    edit(&mut manifest);
+    let mbytes = serde_json::to_vec(&manifest).unwrap();
+    fs::write(blobs.join(sha256_hex(&mbytes)), &mbytes).unwrap();
+    mdesc["digest"] = format!("sha256:{}", sha256_hex(&mbytes)).into();
+    mdesc["size"] = mbytes.len().into();
+    fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+}
+
+/// A gzipped tar with `edit` applied to each entry (path, header, data) of `gz`.
+fn rewrite_tar_gz(gz: &[u8], edit: &impl Fn(&str, &mut tar::Header, &mut Vec<u8>)) -> Vec<u8> {
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(gz));
     let mut out = tar::Builder::new(Vec::new());
     for e in archive.entries().unwrap() {
         let mut e = e.unwrap();
@@ -311,15 +339,7 @@ fn rewrite_layer(layout: &Path, n: usize, edit: impl Fn(&str, &mut tar::Header, 
     let tar = out.into_inner().unwrap();
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     std::io::Write::write_all(&mut enc, &tar).unwrap();
-    let gz = enc.finish().unwrap();
-    fs::write(blobs.join(sha(&gz)), &gz).unwrap();
-    manifest["layers"][n]["digest"] = format!("sha256:{}", sha(&gz)).into();
-    manifest["layers"][n]["size"] = gz.len().into();
-    let mbytes = serde_json::to_vec(&manifest).unwrap();
-    fs::write(blobs.join(sha(&mbytes)), &mbytes).unwrap();
-    mdesc["digest"] = format!("sha256:{}", sha(&mbytes)).into();
-    mdesc["size"] = mbytes.len().into();
-    fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+    enc.finish().unwrap()
 }
 
 #[test]
@@ -519,7 +539,7 @@ fn converted_busybox_equals_umoci_unpack_on_kernel_erofs_and_upstream_nydusd() {
 }
 
 /// Adds a layer holding `files` (path, content, mode) to `oci:LAYOUT:TAG` with umoci.
-fn add_layer(layout: &Path, tag: &str, files: &[(&str, &[u8], u32)], work: &Path) {
+pub(crate) fn add_layer(layout: &Path, tag: &str, files: &[(&str, &[u8], u32)], work: &Path) {
     let tar_path = work.join(format!("layer-{}.tar", files.len()));
     let mut b = tar::Builder::new(Vec::new());
     for (path, data, mode) in files {
@@ -541,7 +561,7 @@ fn add_layer(layout: &Path, tag: &str, files: &[(&str, &[u8], u32)], work: &Path
     );
 }
 
-fn json(path: &Path) -> serde_json::Value {
+pub(crate) fn json(path: &Path) -> serde_json::Value {
     serde_json::from_slice(&fs::read(path).unwrap()).unwrap()
 }
 
@@ -705,7 +725,7 @@ fn chunks_of_lower_layers_and_of_a_chunk_dict_are_referenced_not_stored_again() 
     assert!(err.contains("push the chunk-dict image"), "{err}");
 }
 
-fn which(tool: &str) -> PathBuf {
+pub(crate) fn which(tool: &str) -> PathBuf {
     let out = run_ok(Command::new("sh").args(["-c", &format!("command -v {tool}")]));
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }

@@ -174,6 +174,11 @@ struct CheckArgs {
     #[arg(long, default_value = "linux/amd64")]
     platform: String,
 
+    /// Check every platform of the nydus image index against the same platform of
+    /// the source.
+    #[arg(long, conflicts_with = "platform")]
+    all_platforms: bool,
+
     /// Directory for downloaded blobs.
     #[arg(long, default_value = "./tmp")]
     work_dir: PathBuf,
@@ -366,7 +371,7 @@ fn run_check(a: CheckArgs) -> Result<()> {
     };
     std::fs::create_dir_all(&a.work_dir)
         .with_context(|| format!("Creating work directory {}", a.work_dir.display()))?;
-    let opts = CheckOptions {
+    let mut opts = CheckOptions {
         source,
         target: a.target.parse()?,
         source_registry: a.access.source(),
@@ -374,6 +379,13 @@ fn run_check(a: CheckArgs) -> Result<()> {
         platform: a.platform,
         work_dir: a.work_dir,
     };
+    if a.all_platforms {
+        let platforms = converter::oci::check::target_platforms(&opts)
+            .with_context(|| format!("Checking {}", a.target))?;
+        if let Some(platforms) = platforms {
+            return check_platforms(&a.target, &mut opts, &platforms);
+        }
+    }
     match check(&opts) {
         Ok(report) => {
             println!(
@@ -398,6 +410,38 @@ fn run_check(a: CheckArgs) -> Result<()> {
         }
         Err(e) => Err(e).with_context(|| format!("Checking {}", a.target)),
     }
+}
+
+/// `nydusify check --all-platforms` on an index: each platform in turn, every
+/// difference listed with its platform.
+fn check_platforms(
+    target: &str,
+    opts: &mut converter::oci::check::CheckOptions,
+    platforms: &[String],
+) -> Result<()> {
+    let mut differing = Vec::new();
+    for p in platforms {
+        opts.platform = p.clone();
+        match converter::oci::check::check(opts) {
+            Ok(r) => println!(
+                "{p}: OK: {} entries, {} files ({} bytes), {} chunks in {} blobs verified",
+                r.entries, r.files, r.file_bytes, r.chunks, r.blobs
+            ),
+            Err(converter::oci::OciError::Differs(diffs)) => {
+                for d in &diffs {
+                    println!("{p}: {d}");
+                }
+                differing.push(format!("{p} in {} place(s)", diffs.len()));
+            }
+            Err(e) => return Err(e).with_context(|| format!("Checking {target} ({p})")),
+        }
+    }
+    anyhow::ensure!(
+        differing.is_empty(),
+        "{target} differs from its source: {} (listed above)",
+        differing.join(", ")
+    );
+    Ok(())
 }
 
 fn run_build(a: BuildArgs) -> Result<()> {

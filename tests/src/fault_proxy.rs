@@ -1,0 +1,268 @@
+//! A fault-injecting HTTP proxy on a free loopback port, to put in front of a
+//! [`crate::Registry`]: it answers `503 Service Unavailable`, or drops the connection,
+//! for chosen requests and forwards the others.
+//!
+//! Every forwarded request is sent upstream with `Connection: close`, so each client
+//! connection carries exactly one request and the proxy never has to parse a response:
+//! it relays bytes until the registry closes. The `Host` header is kept, so the
+//! registry's `Location` headers point back at the proxy.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+/// What the proxy does to a request it faults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Answer `503 Service Unavailable` (with `Connection: close`).
+    Unavailable,
+    /// Close the connection after reading the request head, answering nothing.
+    Drop,
+}
+
+struct Rule {
+    fault: Fault,
+    /// Requests whose path contains this are faulted ("" matches all).
+    path_contains: String,
+    /// How many more matching requests to fault (`usize::MAX`: all of them).
+    remaining: usize,
+}
+
+struct State {
+    upstream: String,
+    rule: Mutex<Rule>,
+    requests: AtomicUsize,
+    faulted: AtomicUsize,
+}
+
+/// A running fault-injecting proxy; stopped when dropped.
+pub struct FaultProxy {
+    /// `127.0.0.1:PORT`, to use as the registry host in image references.
+    pub addr: String,
+    state: Arc<State>,
+    stop: Arc<AtomicBool>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl FaultProxy {
+    /// Starts a proxy to `upstream` (`HOST:PORT`) that forwards every request until a
+    /// rule is set with [`FaultProxy::fault`].
+    ///
+    /// # Panics
+    /// When no loopback port can be bound.
+    pub fn start(upstream: &str) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
+        let addr = listener.local_addr().expect("its address").to_string();
+        listener
+            .set_nonblocking(true)
+            .expect("a non-blocking listener");
+        let state = Arc::new(State {
+            upstream: upstream.to_string(),
+            rule: Mutex::new(Rule {
+                fault: Fault::Drop,
+                path_contains: String::new(),
+                remaining: 0,
+            }),
+            requests: AtomicUsize::new(0),
+            faulted: AtomicUsize::new(0),
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let accept = {
+            let (state, stop) = (state.clone(), stop.clone());
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((conn, _)) => {
+                            let state = state.clone();
+                            thread::spawn(move || {
+                                let _ = serve(conn, &state);
+                            });
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            thread::sleep(Duration::from_millis(5))
+                        }
+                        Err(_) => thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            })
+        };
+        FaultProxy {
+            addr,
+            state,
+            stop,
+            accept: Some(accept),
+        }
+    }
+
+    /// From now on, applies `fault` to the next `count` requests whose path contains
+    /// `path_contains` (`""` matches every request; `usize::MAX` faults all of them).
+    /// `count` 0 turns faults off.
+    pub fn fault(&self, fault: Fault, path_contains: &str, count: usize) {
+        *self.state.rule.lock().unwrap() = Rule {
+            fault,
+            path_contains: path_contains.to_string(),
+            remaining: count,
+        };
+    }
+
+    /// Requests seen so far (faulted or forwarded).
+    pub fn requests(&self) -> usize {
+        self.state.requests.load(Ordering::SeqCst)
+    }
+
+    /// Requests faulted so far.
+    pub fn faulted(&self) -> usize {
+        self.state.faulted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Reads up to the end of the request head (`\r\n\r\n`); returns the head and any body
+/// bytes read with it, or `None` when the client closed first.
+fn read_head(conn: &mut TcpStream) -> io::Result<Option<(Vec<u8>, Vec<u8>)>> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(end + 4);
+            return Ok(Some((buf, rest)));
+        }
+        if buf.len() > 64 << 10 {
+            return Err(io::Error::other("request head larger than 64 KiB"));
+        }
+        let n = conn.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// The request head with any `Connection` header replaced by `Connection: close`.
+fn close_after(head: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(head);
+    let mut out = String::new();
+    for line in text.split("\r\n").filter(|l| !l.is_empty()) {
+        let is_connection = line
+            .split_once(':')
+            .is_some_and(|(k, _)| k.trim().eq_ignore_ascii_case("connection"));
+        if !is_connection {
+            out.push_str(line);
+            out.push_str("\r\n");
+        }
+    }
+    out.push_str("Connection: close\r\n\r\n");
+    out.into_bytes()
+}
+
+fn serve(mut client: TcpStream, state: &State) -> io::Result<()> {
+    client.set_nonblocking(false)?;
+    client.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let Some((head, rest)) = read_head(&mut client)? else {
+        return Ok(());
+    };
+    state.requests.fetch_add(1, Ordering::SeqCst);
+    let path = String::from_utf8_lossy(&head)
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("")
+        .to_string();
+    let fault = {
+        let mut rule = state.rule.lock().unwrap();
+        if rule.remaining > 0 && path.contains(&rule.path_contains) {
+            if rule.remaining != usize::MAX {
+                rule.remaining -= 1;
+            }
+            Some(rule.fault)
+        } else {
+            None
+        }
+    };
+    if let Some(fault) = fault {
+        state.faulted.fetch_add(1, Ordering::SeqCst);
+        if fault == Fault::Unavailable {
+            let body = "fault injected by the test proxy\n";
+            write!(
+                client,
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )?;
+            client.shutdown(Shutdown::Write)?;
+            // Read what the client still sends (a request body) so that closing does
+            // not reset the connection before it read the answer.
+            client.set_read_timeout(Some(Duration::from_millis(500)))?;
+            let _ = io::copy(&mut (&client).take(256 << 20), &mut io::sink());
+        }
+        return client.shutdown(Shutdown::Both);
+    }
+    let mut upstream = TcpStream::connect(&state.upstream)?;
+    upstream.write_all(&close_after(&head))?;
+    upstream.write_all(&rest)?;
+    let requests = {
+        let (mut from, mut to) = (client.try_clone()?, upstream.try_clone()?);
+        thread::spawn(move || {
+            let _ = io::copy(&mut from, &mut to);
+        })
+    };
+    let _ = io::copy(&mut upstream, &mut client);
+    let _ = client.shutdown(Shutdown::Both);
+    let _ = upstream.shutdown(Shutdown::Both);
+    let _ = requests.join();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_header_is_replaced() {
+        let head = b"GET /v2/ HTTP/1.1\r\nHost: x\r\nconnection: keep-alive\r\n\r\n";
+        assert_eq!(
+            close_after(head),
+            b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        );
+    }
+
+    /// A one-shot upstream answering 200 to one request, then the proxy faulting the
+    /// first request and forwarding the second.
+    #[test]
+    fn faults_then_forwards() {
+        let up = TcpListener::bind("127.0.0.1:0").unwrap();
+        let up_addr = up.local_addr().unwrap().to_string();
+        let server = thread::spawn(move || {
+            let (mut c, _) = up.accept().unwrap();
+            let (head, _) = read_head(&mut c).unwrap().unwrap();
+            assert!(String::from_utf8_lossy(&head).contains("Connection: close"));
+            c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .unwrap();
+        });
+        let proxy = FaultProxy::start(&up_addr);
+        proxy.fault(Fault::Unavailable, "/v2/", 1);
+        let get = || {
+            let mut c = TcpStream::connect(&proxy.addr).unwrap();
+            c.write_all(b"GET /v2/ HTTP/1.1\r\nHost: h\r\n\r\n")
+                .unwrap();
+            let mut s = String::new();
+            let _ = c.read_to_string(&mut s);
+            s
+        };
+        assert!(get().starts_with("HTTP/1.1 503"));
+        let ok = get();
+        assert!(ok.starts_with("HTTP/1.1 200") && ok.ends_with("ok"), "{ok}");
+        server.join().unwrap();
+        assert_eq!((proxy.requests(), proxy.faulted()), (2, 1));
+    }
+}
