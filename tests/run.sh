@@ -75,6 +75,7 @@ REQUIRED=(
     "docker-registry docker-registry"
     "skopeo skopeo"
     "curl curl"
+    "apache2-utils htpasswd"
     "umoci umoci"
     "debootstrap debootstrap"
     "cmake cmake"

@@ -291,7 +291,7 @@ pub(crate) fn rewrite_layer(
         let blobs = layout.join("blobs/sha256");
         let ldigest = manifest["layers"][n]["digest"].as_str().unwrap()[7..].to_string();
         let gz = rewrite_tar_gz(&fs::read(blobs.join(&ldigest)).unwrap(), &edit);
-        fs::write(blobs.join(&sha256_hex(&gz)), &gz).unwrap();
+        fs::write(blobs.join(sha256_hex(&gz)), &gz).unwrap();
         manifest["layers"][n]["digest"] = format!("sha256:{}", sha256_hex(&gz)).into();
         manifest["layers"][n]["size"] = gz.len().into();
     });
