@@ -21,6 +21,9 @@ pub enum Fault {
     Unavailable,
     /// Close the connection after reading the request head, answering nothing.
     Drop,
+    /// Forward the request, relay only the first this many bytes of the answer (its
+    /// head included), then close the connection: a download cut short.
+    Cut(usize),
 }
 
 struct Rule {
@@ -189,7 +192,14 @@ fn serve(mut client: TcpStream, state: &State) -> io::Result<()> {
             None
         }
     };
-    if let Some(fault) = fault {
+    let limit = match fault {
+        Some(Fault::Cut(n)) => {
+            state.faulted.fetch_add(1, Ordering::SeqCst);
+            n as u64
+        }
+        _ => u64::MAX,
+    };
+    if let Some(fault @ (Fault::Unavailable | Fault::Drop)) = fault {
         state.faulted.fetch_add(1, Ordering::SeqCst);
         if fault == Fault::Unavailable {
             let body = "fault injected by the test proxy\n";
@@ -216,7 +226,7 @@ fn serve(mut client: TcpStream, state: &State) -> io::Result<()> {
             let _ = io::copy(&mut from, &mut to);
         })
     };
-    let _ = io::copy(&mut upstream, &mut client);
+    let _ = io::copy(&mut (&upstream).take(limit), &mut client);
     let _ = client.shutdown(Shutdown::Both);
     let _ = upstream.shutdown(Shutdown::Both);
     let _ = requests.join();
@@ -264,5 +274,25 @@ mod tests {
         assert!(ok.starts_with("HTTP/1.1 200") && ok.ends_with("ok"), "{ok}");
         server.join().unwrap();
         assert_eq!((proxy.requests(), proxy.faulted()), (2, 1));
+    }
+
+    #[test]
+    fn cut_relays_only_the_first_bytes() {
+        let up = TcpListener::bind("127.0.0.1:0").unwrap();
+        let up_addr = up.local_addr().unwrap().to_string();
+        let server = thread::spawn(move || {
+            let (mut c, _) = up.accept().unwrap();
+            read_head(&mut c).unwrap().unwrap();
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789");
+        });
+        let proxy = FaultProxy::start(&up_addr);
+        let head = "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n";
+        proxy.fault(Fault::Cut(head.len() + 4), "", 1);
+        let mut c = TcpStream::connect(&proxy.addr).unwrap();
+        c.write_all(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n").unwrap();
+        let mut s = String::new();
+        let _ = c.read_to_string(&mut s);
+        assert_eq!(s, format!("{head}0123"));
+        server.join().unwrap();
     }
 }

@@ -326,26 +326,47 @@ impl Registry {
         Ok(total)
     }
 
-    /// A reader of blob `digest`'s bytes as they arrive. The client checks the digest at
-    /// the end of the stream (an error from the last read); callers that must be sure
-    /// hash what they read, as [`Registry::pull_blob`] does.
+    /// A reader of blob `digest`'s bytes as they arrive. Callers that must be sure of
+    /// the content hash what they read, as [`Registry::pull_blob`] does.
+    ///
+    /// A download cut short (connection reset or closed mid-body) is resumed where it
+    /// stopped with a range request, up to the retry budget, so a long layer survives a
+    /// flaky connection without starting over.
     pub fn open_blob(&self, digest: &str) -> Result<BlobReader<'_>> {
-        let what = format!("Fetching blob {digest} from {}", self.repo());
         self.auth_for(RegistryOperation::Pull)?;
-        // A ranged request from 0: the client's own digest check of full responses
+        let (stream, skip) = self.blob_stream_from(digest, 0)?;
+        Ok(BlobReader {
+            registry: self,
+            digest: digest.to_string(),
+            stream,
+            pending: bytes::Bytes::new(),
+            offset: 0,
+            skip,
+            resumes: 0,
+        })
+    }
+
+    /// A stream of blob `digest` from byte `offset` (a range request, retried), and how
+    /// many bytes of it to drop first (all of `offset` when the registry ignored the
+    /// range and sent the whole blob).
+    fn blob_stream_from(&self, digest: &str, offset: u64) -> Result<(ByteStream, u64)> {
+        let what = if offset == 0 {
+            format!("Fetching blob {digest} from {}", self.repo())
+        } else {
+            format!(
+                "Resuming blob {digest} from {} at byte {offset}",
+                self.repo()
+            )
+        };
+        // Ranged requests even from 0: the client's own digest check of full responses
         // is skipped (callers check, see above).
         let resp = self.retry(&what, || {
             self.client
-                .pull_blob_stream_partial(&self.reference, digest, 0, None)
+                .pull_blob_stream_partial(&self.reference, digest, offset, None)
         })?;
-        let stream = match resp {
-            oci_client::client::BlobResponse::Full(s)
-            | oci_client::client::BlobResponse::Partial(s) => s,
-        };
-        Ok(BlobReader {
-            registry: self,
-            stream: stream.stream,
-            pending: bytes::Bytes::new(),
+        Ok(match resp {
+            oci_client::client::BlobResponse::Partial(s) => (s.stream, 0),
+            oci_client::client::BlobResponse::Full(s) => (s.stream, offset),
         })
     }
 
@@ -502,19 +523,66 @@ fn classify(what: &str, attempts: u32, e: OciDistributionError) -> RegistryError
     }
 }
 
+type ByteStream =
+    futures_util::stream::BoxStream<'static, std::result::Result<bytes::Bytes, std::io::Error>>;
+
 /// A blocking reader of a blob stream; see [`Registry::open_blob`].
 pub struct BlobReader<'a> {
     registry: &'a Registry,
-    stream:
-        futures_util::stream::BoxStream<'static, std::result::Result<bytes::Bytes, std::io::Error>>,
+    digest: String,
+    stream: ByteStream,
     pending: bytes::Bytes,
+    /// Bytes of the blob received so far.
+    offset: u64,
+    /// Bytes still to drop from the stream (a resumed download answered in full).
+    skip: u64,
+    /// Downloads resumed so far.
+    resumes: u32,
+}
+
+impl BlobReader<'_> {
+    /// Replaces a stream that failed with `e` by one from the current offset, or gives
+    /// up (an error naming the blob, the repository and the attempts) once the retry
+    /// budget is spent.
+    fn resume(&mut self, e: std::io::Error) -> std::io::Result<()> {
+        let r = self.registry;
+        let what = format!(
+            "Fetching blob {} from {}: the download was cut short at byte {}",
+            self.digest,
+            r.repo(),
+            self.offset
+        );
+        if self.resumes + 1 >= r.retries {
+            return Err(std::io::Error::other(format!(
+                "{what} (gave up after {} attempts): {e}",
+                self.resumes + 1
+            )));
+        }
+        let delay = r.backoff * 2u32.pow(self.resumes);
+        tracing::warn!("{what}: {e}; resuming in {delay:?}");
+        std::thread::sleep(delay);
+        self.resumes += 1;
+        let (stream, skip) = r
+            .blob_stream_from(&self.digest, self.offset)
+            .map_err(|e| std::io::Error::other(format!("{what}: {e}")))?;
+        self.stream = stream;
+        self.skip = skip;
+        Ok(())
+    }
 }
 
 impl Read for BlobReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         while self.pending.is_empty() {
             match self.registry.rt.block_on(self.stream.next()) {
-                Some(chunk) => self.pending = chunk?,
+                Some(Ok(mut chunk)) => {
+                    let drop = self.skip.min(chunk.len() as u64);
+                    let _ = chunk.split_to(drop as usize);
+                    self.skip -= drop;
+                    self.offset += chunk.len() as u64;
+                    self.pending = chunk;
+                }
+                Some(Err(e)) => self.resume(e)?,
                 None => return Ok(0),
             }
         }

@@ -129,10 +129,12 @@ impl ChunkSink<'_> {
             let mut buf = self.recycle.try_recv().unwrap_or_default();
             buf.resize(len, 0);
             r.read_exact(&mut buf).map_err(|e| {
-                Error::io(
-                    format!("Reading {what} at offset {offset} (file shorter than its size?)"),
-                    e,
-                )
+                let hint = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    " (file shorter than its size?)"
+                } else {
+                    ""
+                };
+                Error::io(format!("Reading {what} at offset {offset}{hint}"), e)
             })?;
             let seq = self.next_seq;
             self.next_seq = seq

@@ -522,7 +522,7 @@ fn registry_503s_and_dropped_connections_are_retried_then_fail_clearly() {
     let t = tempfile::tempdir().unwrap();
     let work = work_dir(t.path());
     let reg = Registry::start();
-    push_busybox(&reg, t.path(), "v1");
+    let layout = push_busybox(&reg, t.path(), "v1");
     let proxy = FaultProxy::start(&reg.addr);
     let via_proxy = format!("{}/busybox:v1", proxy.addr);
 
@@ -552,6 +552,38 @@ fn registry_503s_and_dropped_connections_are_retried_then_fail_clearly() {
         );
     }
 
+    // Downloads of the big layer (busybox) cut after 64 KiB, twice: the reader picks
+    // up where each one stopped with a range request.
+    let index = json(&layout.join("index.json"));
+    let manifest = json(
+        &layout
+            .join("blobs/sha256")
+            .join(&index["manifests"][0]["digest"].as_str().unwrap()[7..]),
+    );
+    let big = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(manifest["layers"][0]["size"].as_u64().unwrap() > 256 << 10);
+    let before = proxy.faulted();
+    proxy.fault(Fault::Cut(64 << 10), &big, 2);
+    let target = format!("{}/busybox:after-cuts", reg.addr);
+    nydusify_ok(
+        &["convert", "--source", &via_proxy, "--target", &target],
+        &work,
+    );
+    assert_eq!(proxy.faulted() - before, 2);
+    nydusify_ok(
+        &[
+            "check",
+            "--source",
+            &format!("{}/busybox:v1", reg.addr),
+            "--target",
+            &target,
+        ],
+        &work,
+    );
+
     // Transient faults on the target side: the first two upload requests.
     let before = proxy.faulted();
     proxy.fault(Fault::Unavailable, "/blobs/uploads/", 2);
@@ -575,6 +607,7 @@ fn registry_503s_and_dropped_connections_are_retried_then_fail_clearly() {
         (Fault::Unavailable, "/manifests/", "503"),
         (Fault::Drop, "", "connection"),
         (Fault::Unavailable, "/blobs/", "503"),
+        (Fault::Cut(64 << 10), big.as_str(), "cut short"),
     ];
     for (fault, path, says) in source_cases {
         proxy.fault(fault, path, usize::MAX);
