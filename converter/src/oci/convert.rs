@@ -430,6 +430,12 @@ fn convert_image(
     opts: &ConvertOptions,
     dir: &Path,
 ) -> Result<Converted> {
+    if manifest.layers.is_empty() {
+        return Err(OciError::invalid(
+            format!("source image (config {})", manifest.config.digest),
+            "it has no layers: there is no filesystem to convert",
+        ));
+    }
     for l in &manifest.layers {
         if LayerMedia::of(&l.media_type).is_none() {
             return Err(OciError::MediaType {

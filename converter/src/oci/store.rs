@@ -255,8 +255,16 @@ impl Source for Layout {
 
     fn open_blob(&self, desc: &Descriptor) -> Result<Box<dyn Read + Send + '_>> {
         let path = self.blob_path(&desc.digest)?;
-        let f = File::open(&path)
-            .map_err(|e| OciError::io(format!("Opening blob {}", desc.digest), e))?;
+        let f = File::open(&path).map_err(|e| {
+            OciError::io(
+                format!(
+                    "Opening blob {} in OCI layout {}",
+                    desc.digest,
+                    self.dir.display()
+                ),
+                e,
+            )
+        })?;
         Ok(Box::new(std::io::BufReader::with_capacity(1 << 20, f)))
     }
 }
@@ -320,10 +328,19 @@ impl DockerArchive {
     /// digests are computed from the members.
     pub fn open(path: &Path) -> Result<Self> {
         let io = |e| OciError::io(format!("Reading docker archive {}", path.display()), e);
+        let not_tar = |e| {
+            OciError::io(
+                format!(
+                    "Reading docker archive {} (not a `docker save` tar?)",
+                    path.display()
+                ),
+                e,
+            )
+        };
         let mut members = BTreeMap::new();
         let mut ar = tar::Archive::new(File::open(path).map_err(io)?);
-        for e in ar.entries().map_err(io)? {
-            let e = e.map_err(io)?;
+        for e in ar.entries().map_err(not_tar)? {
+            let e = e.map_err(not_tar)?;
             let name = String::from_utf8_lossy(&e.path_bytes())
                 .trim_start_matches("./")
                 .to_string();
@@ -558,5 +575,48 @@ impl Target for RegistryStore {
                 e => e,
             })?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut s = e.to_string();
+        let mut cur = e.source();
+        while let Some(c) = cur {
+            s.push_str(&format!(": {c}"));
+            cur = c.source();
+        }
+        s
+    }
+
+    #[test]
+    fn a_missing_layout_blob_names_the_layout() {
+        let t = tempfile::tempdir().unwrap();
+        let layout = Layout::create(t.path(), None).unwrap();
+        let desc = super::super::convert::descriptor(
+            super::super::MEDIA_LAYER_GZIP,
+            format!("sha256:{}", "1".repeat(64)),
+            1,
+        );
+        let err = chain(&layout.open_blob(&desc).err().unwrap());
+        assert!(
+            err.contains(&"1".repeat(64)) && err.contains(&t.path().display().to_string()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_docker_archive_that_is_no_tar_says_so() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("x.tar");
+        fs::write(&path, b"hello\n").unwrap();
+        let err = chain(&DockerArchive::open(&path).err().unwrap());
+        assert!(err.contains("not a `docker save` tar?"), "{err}");
+        fs::write(&path, []).unwrap();
+        let err = chain(&DockerArchive::open(&path).err().unwrap());
+        assert!(err.contains("member 'manifest.json' is missing"), "{err}");
     }
 }

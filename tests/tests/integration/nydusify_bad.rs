@@ -795,3 +795,34 @@ fn a_read_only_target_registry_fails_the_push_clearly() {
     assert_untagged(&target, None);
     assert_work_dir_empty(&work);
 }
+
+#[test]
+fn an_image_without_layers_is_refused_clearly() {
+    require_root_tools(TOOLS);
+    let t = tempfile::tempdir().unwrap();
+    let work = work_dir(t.path());
+    let reg = Registry::start();
+    let layout = t.path().join("oci");
+    run_ok(
+        Command::new("bash")
+            .arg(fixture_script())
+            .arg(&layout)
+            .arg("v1"),
+    );
+    edit_manifest(&layout, |m| m["layers"] = serde_json::json!([]));
+    let target = format!("{}/busybox:empty-nydus", reg.addr);
+    let out = nydusify(
+        &[
+            "convert",
+            "--source",
+            &format!("oci:{}:v1", layout.display()),
+            "--target",
+            &target,
+        ],
+        &work,
+    );
+    let err = failure(&out, "converting an image without layers");
+    assert!(err.contains("it has no layers"), "{err}");
+    assert_untagged(&target, None);
+    assert_work_dir_empty(&work);
+}
