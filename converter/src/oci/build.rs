@@ -69,6 +69,9 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport> {
             "give --target or --output-dir (or both)",
         ));
     }
+    if let Some(t) = &opts.target {
+        super::store::check_target(None, t)?;
+    }
     let (os, arch) = opts
         .platform
         .split_once('/')

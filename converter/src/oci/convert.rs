@@ -627,6 +627,7 @@ fn select(index: &Index, opts: &ConvertOptions) -> Result<Vec<Descriptor>> {
 /// Converts `opts.source` into a nydus image at `opts.target`.
 pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
     let started = Instant::now();
+    super::store::check_target(Some(&opts.source), &opts.target)?;
     let source = open_source(&opts.source, &opts.source_registry)?;
     let (top, _) = source.top()?;
     let work = tempfile::Builder::new()

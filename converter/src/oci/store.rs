@@ -132,6 +132,46 @@ pub fn open_source(r: &ImageRef, opts: &RegistryOptions) -> Result<Box<dyn Sourc
     })
 }
 
+/// Refuses, before any work, a target that cannot receive the conversion of `source`:
+/// a registry reference by digest (the result is pushed under a tag, which a digest
+/// reference does not name), or the source itself (its tag would move to the nydus
+/// image and the original would be lost).
+pub fn check_target(source: Option<&ImageRef>, target: &ImageRef) -> Result<()> {
+    let invalid = |why: &str| OciError::invalid(format!("target {target}"), why);
+    match (source, target) {
+        (_, ImageRef::Registry(t)) => {
+            let (t, by_digest) = p2p_backend::registry::canonical_reference(t)?;
+            if by_digest {
+                return Err(invalid(
+                    "names a digest; the nydus image is pushed under a tag (HOST/NAME:TAG)",
+                ));
+            }
+            if let Some(ImageRef::Registry(s)) = source {
+                if p2p_backend::registry::canonical_reference(s)?.0 == t {
+                    return Err(invalid(
+                        "is the source image: its tag would move to the nydus image; \
+                         choose another tag",
+                    ));
+                }
+            }
+        }
+        (Some(ImageRef::Layout { dir: sd, tag: st }), ImageRef::Layout { dir: td, tag: tt }) => {
+            let same_dir = match (fs::canonicalize(sd), fs::canonicalize(td)) {
+                (Ok(a), Ok(b)) => a == b,
+                _ => false,
+            };
+            if same_dir && st == tt {
+                return Err(invalid(
+                    "is the source image: its tag would move to the nydus image; \
+                     choose another tag",
+                ));
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 /// Opens `r` as a target.
 pub fn open_target(r: &ImageRef, opts: &RegistryOptions) -> Result<Box<dyn Target>> {
     Ok(match r {

@@ -122,6 +122,27 @@ pub struct RegistryOptions {
     pub backoff: Duration,
 }
 
+/// `reference` in full — `registry/repository:tag` with docker.io names and the
+/// default tag `latest` made explicit, `@digest` appended when it has one — and whether
+/// it names a digest. For comparing references and refusing digest targets.
+pub fn canonical_reference(reference: &str) -> Result<(String, bool)> {
+    let r: Reference = reference.parse().map_err(|e| RegistryError::Reference {
+        reference: reference.to_string(),
+        reason: format!("{e}"),
+    })?;
+    let mut s = format!(
+        "{}/{}:{}",
+        r.resolve_registry(),
+        r.repository(),
+        r.tag().unwrap_or("latest")
+    );
+    if let Some(d) = r.digest() {
+        s.push('@');
+        s.push_str(d);
+    }
+    Ok((s, r.digest().is_some()))
+}
+
 /// A repository in a registry, reached through a blocking client.
 pub struct Registry {
     rt: tokio::runtime::Runtime,

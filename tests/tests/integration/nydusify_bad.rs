@@ -826,3 +826,55 @@ fn an_image_without_layers_is_refused_clearly() {
     assert_untagged(&target, None);
     assert_work_dir_empty(&work);
 }
+
+#[test]
+fn targets_that_name_a_digest_or_the_source_itself_are_refused_before_any_work() {
+    require_root_tools(TOOLS);
+    let t = tempfile::tempdir().unwrap();
+    let work = work_dir(t.path());
+    let reg = Registry::start();
+    let layout = push_busybox(&reg, t.path(), "v1");
+    let src = format!("{}/busybox:v1", reg.addr);
+    let before = inspect_raw(&src);
+    let digest = {
+        use sha2::Digest as _;
+        format!("sha256:{}", hex::encode(sha2::Sha256::digest(&before)))
+    };
+    let oci = format!("oci:{}:v1", layout.display());
+    let cases = [
+        (src.clone(), src.clone(), "is the source image"),
+        (
+            format!("docker://{}/busybox", reg.addr),
+            format!("{}/busybox:latest", reg.addr),
+            "is the source image",
+        ),
+        (oci.clone(), oci.clone(), "is the source image"),
+        (
+            src.clone(),
+            format!("{}/busybox@{digest}", reg.addr),
+            "names a digest",
+        ),
+    ];
+    for (source, target, says) in cases {
+        let out = nydusify(
+            &["convert", "--source", &source, "--target", &target],
+            &work,
+        );
+        let err = failure(&out, &format!("{source} -> {target}"));
+        assert!(err.contains(says), "{err}");
+    }
+    assert_eq!(inspect_raw(&src), before, "the source image is untouched");
+    assert_untagged(&format!("{}/busybox:latest", reg.addr), None);
+    // A source by digest is fine.
+    nydusify_ok(
+        &[
+            "convert",
+            "--source",
+            &format!("{}/busybox@{digest}", reg.addr),
+            "--target",
+            &format!("{}/busybox:v1-nydus", reg.addr),
+        ],
+        &work,
+    );
+    assert_work_dir_empty(&work);
+}
