@@ -28,10 +28,32 @@ use std::time::Instant;
 
 const MIB: f64 = 1024.0 * 1024.0;
 
-fn timed(cmd: &mut Command) -> f64 {
+/// User + system CPU seconds of the children waited for so far (`/proc/self/stat`,
+/// in clock ticks of 1/100 s).
+fn children_cpu() -> f64 {
+    cpu_fields(13)
+}
+
+/// User + system CPU seconds of this process so far.
+fn own_cpu() -> f64 {
+    cpu_fields(11)
+}
+
+/// The sum of fields `at` and `at + 1` after the command name in `/proc/self/stat`
+/// (utime and stime at 11, cutime and cstime at 13), in seconds.
+fn cpu_fields(at: usize) -> f64 {
+    let stat = fs::read_to_string("/proc/self/stat").unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    (f[at].parse::<f64>().unwrap() + f[at + 1].parse::<f64>().unwrap()) / 100.0
+}
+
+/// Runs `cmd` to success; returns its wall time and CPU time (seconds).
+fn timed(cmd: &mut Command) -> (f64, f64) {
+    let cpu = children_cpu();
     let t = Instant::now();
     run_ok(cmd);
-    t.elapsed().as_secs_f64()
+    (t.elapsed().as_secs_f64(), children_cpu() - cpu)
 }
 
 /// The layer blobs (path, media type, size) of the single image in an OCI layout.
@@ -124,10 +146,11 @@ fn main() {
     fs::create_dir_all(&work).unwrap();
 
     let (mut conv, mut copy, mut limit, mut gunzip) = (vec![], vec![], vec![], vec![]);
+    let (mut conv_cpu, mut copy_cpu, mut limit_cpu) = (vec![], vec![], vec![]);
     let mut reports = Vec::new();
     for run in 0..runs {
         let json = tmp.path().join(format!("report-{run}.json"));
-        conv.push(timed(
+        let (wall, cpu) = timed(
             Command::new(bin("nydusify"))
                 .args(["convert", "--source", &src, "--target"])
                 .arg(format!("{}/python-nydus-{run}:v1", a.addr))
@@ -135,21 +158,27 @@ fn main() {
                 .arg(&work)
                 .arg("--output-json")
                 .arg(&json),
-        ));
+        );
+        conv.push(wall);
+        conv_cpu.push(cpu);
         reports
             .push(serde_json::from_slice::<serde_json::Value>(&fs::read(&json).unwrap()).unwrap());
 
         let b = Registry::start();
-        copy.push(timed(Command::new("skopeo").args([
+        let (wall, cpu) = timed(Command::new("skopeo").args([
             "copy",
             "--src-tls-verify=false",
             "--dest-tls-verify=false",
             &format!("docker://{src}"),
             &format!("docker://{}/python-copy:v1", b.addr),
-        ])));
+        ]));
         drop(b);
+        copy.push(wall);
+        copy_cpu.push(cpu);
 
+        let cpu = own_cpu();
         limit.push(limit_loop(&raw, cores));
+        limit_cpu.push(own_cpu() - cpu);
         gunzip.push(uncompressed(&layers, tmp.path()).1);
     }
     let list = |v: &[f64]| {
@@ -165,16 +194,20 @@ fn main() {
         median(gunzip.clone()),
     );
     println!(
-        "(a) skopeo copy registry -> second registry: {s:.2}s, {:.0} MiB/s of source (runs: {})",
+        "(a) skopeo copy registry -> second registry: {s:.2}s, {:.0} MiB/s of source (runs: {}; \
+         skopeo's own CPU {:.2}s)",
         source_mib / s,
-        list(&copy)
+        list(&copy),
+        median(copy_cpu)
     );
     println!(
         "(b) limit (read+blake3+zstd-3, 1 MiB chunks, {cores} threads) on the uncompressed \
-         layers: {l:.2}s, {:.0} MiB/s uncompressed = {:.0} MiB/s of source (runs: {})",
+         layers: {l:.2}s, {:.0} MiB/s uncompressed = {:.0} MiB/s of source (runs: {}; CPU \
+         {:.2}s)",
         raw_mib / l,
         source_mib / l,
-        list(&limit)
+        list(&limit),
+        median(limit_cpu)
     );
     println!(
         "    gunzip of the layers alone, 1 thread (not in the limit): {g:.2}s, {:.0} MiB/s \
@@ -185,12 +218,13 @@ fn main() {
     let r = &reports[conv.iter().position(|x| *x == c).unwrap()];
     println!(
         "nydusify convert registry -> registry: {c:.2}s, {:.0} MiB/s of source (runs: {}; \
-         of the median run {:.2}s converting, {:.2}s uploading); {:.2}x of (a) (target <= \
-         2x), {:.2}x of (b)",
+         of the median run {:.2}s converting, {:.2}s uploading after; CPU {:.2}s); {:.2}x of \
+         (a) (target <= 2x), {:.2}x of (b)",
         source_mib / c,
         list(&conv),
         r["convert_seconds"].as_f64().unwrap(),
         r["push_seconds"].as_f64().unwrap(),
+        median(conv_cpu),
         c / s,
         c / l
     );

@@ -8,10 +8,11 @@
 //! one `nydus.blob.v1` layer per referenced blob, then a `tar+gzip` bootstrap layer with
 //! `image/image.boot`, a config with new diff ids (history kept) and a manifest.
 //!
-//! Nothing is written to the target until every layer of every image is converted and
-//! verified; the tag is set last. The output depends only on the input and options.
+//! Each blob is uploaded while the next layers convert, once its source layer is verified;
+//! the bootstrap layer, config and manifests follow when every image is converted, and
+//! the tag is set last. The output depends only on the input and options.
 
-use super::store::{open_source, open_target, verify, ImageRef, Source};
+use super::store::{open_source, open_target, verify, ImageRef, Source, Target};
 use super::*;
 use crate::merge::{merge_layers, open_layer};
 use crate::source::tar::{read_tar, LayerCompression};
@@ -138,9 +139,9 @@ pub struct ConvertReport {
     pub dedup_chunks: u64,
     /// Uncompressed bytes those chunks hold.
     pub dedup_bytes: u64,
-    /// Wall time of the conversion, seconds.
+    /// Wall time until every image is converted, seconds (blobs are uploaded meanwhile).
     pub convert_seconds: f64,
-    /// Wall time of the upload, seconds.
+    /// Wall time after that until the tag is set (the rest of the upload), seconds.
     pub push_seconds: f64,
 }
 
@@ -199,15 +200,6 @@ impl Known {
     }
 }
 
-fn sha256_path(path: &Path) -> Result<(String, u64)> {
-    let mut f = std::fs::File::open(path)
-        .map_err(|e| OciError::io(format!("Reading {}", path.display()), e))?;
-    let mut h = Hashing::new(&mut f);
-    io::copy(&mut h, &mut io::sink())
-        .map_err(|e| OciError::io(format!("Reading {}", path.display()), e))?;
-    Ok(h.finish())
-}
-
 /// Streams one layer into an inline-meta blob in `dir`.
 fn build_layer(
     source: &dyn Source,
@@ -241,8 +233,9 @@ fn build_layer(
     };
     let mut arena = known.arena.clone();
     let base = arena.len();
+    // The blob's digest is taken as it is written.
     let (tree, body) = write_chunks(
-        BufWriter::with_capacity(1 << 20, file),
+        Hashing::new(BufWriter::with_capacity(1 << 20, file)),
         &blob_opts,
         &mut arena,
         |sink| {
@@ -286,14 +279,15 @@ fn build_layer(
     }
     let boot =
         write_bootstrap(&tree, &arena, &table, &boot_opts).map_err(|e| layer_err(e.into()))?;
-    let (mut info, _) = with_meta
+    let (mut info, mut written) = with_meta
         .finish(Some(&boot))
         .map_err(|e| layer_err(e.into()))?;
+    io::Write::flush(&mut written).map_err(|e| OciError::io("Writing the temporary blob", e))?;
+    let (digest, size) = written.finish();
     let path = tmp
         .into_temp_path()
         .keep()
         .map_err(|e| OciError::io("Keeping the temporary blob", e.error))?;
-    let (digest, size) = sha256_path(&path)?;
 
     // What deduplication saved, and what the next layers may reuse.
     let own = blob_opts.blob_index;
@@ -338,11 +332,15 @@ fn build_layer(
 /// result depend on which layer finished first or write (and hash) every duplicated
 /// chunk twice; this order is deterministic (same input, same digests) and does the
 /// work once.
+///
+/// Each blob is handed to `upload` as soon as its layer is built and verified, so that
+/// it is uploaded while the next layers are converted.
 fn build_layers(
     source: &dyn Source,
     layers: &[Descriptor],
     opts: &ConvertOptions,
     dir: &Path,
+    upload: &Uploads,
 ) -> Result<(Vec<BuiltLayer>, Known)> {
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     let threads = if opts.jobs == 0 { cpus } else { opts.jobs }.max(1);
@@ -366,10 +364,48 @@ fn build_layers(
             b.dedup_chunks,
             started.elapsed().as_secs_f64()
         );
+        if b.chunks > 0 {
+            upload.send(&b)?;
+        }
         out.push(b);
     }
     known.table.truncate(dict_blobs);
     Ok((out, known))
+}
+
+/// The queue of blobs to upload while conversion goes on; see [`convert`].
+struct Uploads {
+    tx: std::sync::mpsc::Sender<(Descriptor, PathBuf)>,
+}
+
+impl Uploads {
+    /// Queues a built (and verified) layer's blob.
+    fn send(&self, b: &BuiltLayer) -> Result<()> {
+        let d = descriptor(MEDIA_NYDUS_BLOB, b.digest.clone(), b.size);
+        self.tx.send((d, b.path.clone())).map_err(|_| {
+            // The uploader stopped on an error, which `convert` reports instead.
+            OciError::invalid(format!("blob {}", b.digest), "the upload stopped")
+        })
+    }
+}
+
+/// Uploads the queued blobs until the queue closes or `cancel` is set; returns the
+/// seconds spent uploading.
+fn upload_blobs(
+    target: &dyn Target,
+    queue: std::sync::mpsc::Receiver<(Descriptor, PathBuf)>,
+    cancel: &std::sync::atomic::AtomicBool,
+) -> Result<f64> {
+    let mut busy = 0.0;
+    for (d, path) in queue {
+        if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            break;
+        }
+        let t = Instant::now();
+        target.put_blob_file(&d, &path)?;
+        busy += t.elapsed().as_secs_f64();
+    }
+    Ok(busy)
 }
 
 /// A converted image, ready to be written.
@@ -429,6 +465,7 @@ fn convert_image(
     platform: Option<Platform>,
     opts: &ConvertOptions,
     dir: &Path,
+    upload: &Uploads,
 ) -> Result<Converted> {
     for l in &manifest.layers {
         if LayerMedia::of(&l.media_type).is_none() {
@@ -444,7 +481,7 @@ fn convert_image(
             what: format!("config {}", manifest.config.digest),
             source,
         })?;
-    let (built, dict) = build_layers(source, &manifest.layers, opts, dir)?;
+    let (built, dict) = build_layers(source, &manifest.layers, opts, dir, upload)?;
     let mut merge_inputs = Vec::with_capacity(built.len());
     for b in &built {
         let mut layer = open_layer(&b.path)?;
@@ -618,23 +655,17 @@ fn select(index: &Index, opts: &ConvertOptions) -> Result<Vec<Descriptor>> {
     })
 }
 
-/// Converts `opts.source` into a nydus image at `opts.target`.
-pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
-    let started = Instant::now();
-    let source = open_source(&opts.source, &opts.source_registry)?;
-    let (top, _) = source.top()?;
-    let work = tempfile::Builder::new()
-        .prefix("nydusify-")
-        .tempdir_in(&opts.work_dir)
-        .map_err(|e| {
-            OciError::io(
-                format!("Creating a work directory in {}", opts.work_dir.display()),
-                e,
-            )
-        })?;
-    let (images, is_index) = match parse_top_level(&top, "source manifest")? {
+/// Converts every selected image of `top`; blobs go to `upload` as they are built.
+fn convert_images(
+    source: &dyn Source,
+    top: &[u8],
+    opts: &ConvertOptions,
+    dir: &Path,
+    upload: &Uploads,
+) -> Result<(Vec<Converted>, bool)> {
+    Ok(match parse_top_level(top, "source manifest")? {
         TopLevel::Manifest(m) => (
-            vec![convert_image(source.as_ref(), &m, None, opts, work.path())?],
+            vec![convert_image(source, &m, None, opts, dir, upload)?],
             false,
         ),
         TopLevel::Index(idx) => {
@@ -651,21 +682,68 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
                     }
                 };
                 out.push(convert_image(
-                    source.as_ref(),
+                    source,
                     &m,
                     d.platform.clone(),
                     opts,
-                    work.path(),
+                    dir,
+                    upload,
                 )?);
             }
             (out, true)
         }
-    };
-    let convert_seconds = started.elapsed().as_secs_f64();
+    })
+}
 
-    // Everything is converted and verified: now write, tag last.
-    let pushed = Instant::now();
+/// Converts `opts.source` into a nydus image at `opts.target`.
+///
+/// Layers are converted one after the other (see [`build_layers`]) while a second thread
+/// uploads each finished blob to the target. A blob is queued only once its source
+/// layer's digest has been verified, and the bootstrap layer, config, manifests and
+/// finally the tag are written after every image is converted: a failed conversion can
+/// leave untagged blobs at the target, never a tagged image.
+pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let started = Instant::now();
+    let source = open_source(&opts.source, &opts.source_registry)?;
+    let (top, _) = source.top()?;
+    let work = tempfile::Builder::new()
+        .prefix("nydusify-")
+        .tempdir_in(&opts.work_dir)
+        .map_err(|e| {
+            OciError::io(
+                format!("Creating a work directory in {}", opts.work_dir.display()),
+                e,
+            )
+        })?;
     let target = open_target(&opts.target, &opts.target_registry)?;
+    let cancel = AtomicBool::new(false);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (converted, uploaded, convert_seconds) = std::thread::scope(|s| {
+        let (t, c) = (target.as_ref(), &cancel);
+        let uploader = s.spawn(move || upload_blobs(t, rx, c));
+        let uploads = Uploads { tx };
+        let converted = convert_images(source.as_ref(), &top, opts, work.path(), &uploads);
+        let convert_seconds = started.elapsed().as_secs_f64();
+        drop(uploads);
+        if converted.is_err() {
+            cancel.store(true, Ordering::Relaxed);
+        }
+        let uploaded = uploader.join().unwrap_or_else(|_| {
+            Err(OciError::invalid(
+                format!("target {}", opts.target),
+                "the upload thread panicked",
+            ))
+        });
+        (converted, uploaded, convert_seconds)
+    });
+    // An upload error is the cause of a conversion stopped by it.
+    let upload_busy = uploaded?;
+    let (images, is_index) = converted?;
+    tracing::info!("blobs uploaded during the conversion in {upload_busy:.2}s");
+
+    // Everything is converted and verified: now the rest, tag last.
+    let pushed = Instant::now();
     for img in &images {
         for (d, path) in &img.blobs {
             if path.is_none() && !target.has_blob(d)? {
@@ -680,11 +758,6 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
         }
     }
     for img in &images {
-        for (d, path) in &img.blobs {
-            if let Some(path) = path {
-                target.put_blob_file(d, path)?;
-            }
-        }
         target.put_blob_bytes(&img.bootstrap_layer.0, &img.bootstrap_layer.1)?;
         target.put_blob_bytes(&img.config.0, &img.config.1)?;
     }
