@@ -200,6 +200,92 @@ impl Known {
     }
 }
 
+/// Decompressed blocks of a layer queued ahead of the tar reader (256 KiB each).
+const INFLATED_QUEUE: usize = 16;
+const INFLATED_BLOCK: usize = 256 * 1024;
+
+/// Reads a layer to its end, sending its decompressed bytes in blocks to `tx` (an error
+/// is sent on as the last item); returns the reader, which hashed every byte, for the
+/// digest check. Stops early, without error, when the receiver is gone.
+fn inflate_layer<R: Read>(
+    raw: Hashing<R>,
+    tx: std::sync::mpsc::SyncSender<io::Result<Vec<u8>>>,
+) -> io::Result<Hashing<R>> {
+    let mut buffered = BufReader::with_capacity(INFLATED_BLOCK, raw);
+    let head = buffered.fill_buf()?;
+    let decoded = {
+        let mut stream: Box<dyn Read + '_> = match LayerCompression::detect(head) {
+            LayerCompression::None => Box::new(&mut buffered),
+            LayerCompression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&mut buffered)),
+            LayerCompression::Zstd => {
+                Box::new(zstd::stream::read::Decoder::with_buffer(&mut buffered)?)
+            }
+        };
+        loop {
+            let mut block = vec![0u8; INFLATED_BLOCK];
+            let mut n = 0;
+            let r = loop {
+                match stream.read(&mut block[n..]) {
+                    Ok(0) => break Ok(()),
+                    Ok(k) => {
+                        n += k;
+                        if n == block.len() {
+                            break Ok(());
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => break Err(e),
+                }
+            };
+            block.truncate(n);
+            match r {
+                Ok(()) if n == 0 => break Ok(()),
+                Ok(()) => {
+                    if tx.send(Ok(block)).is_err() {
+                        break Ok(());
+                    }
+                }
+                Err(e) => {
+                    let kind = e.kind();
+                    let msg = e.to_string();
+                    let _ = tx.send(Err(e));
+                    break Err(io::Error::new(kind, msg));
+                }
+            }
+        }
+    };
+    decoded?;
+    // Whatever follows the compressed stream is part of the blob's digest too.
+    io::copy(&mut buffered, &mut io::sink())?;
+    Ok(buffered.into_inner())
+}
+
+/// The reading end of [`inflate_layer`]'s queue.
+struct Inflated {
+    rx: Option<std::sync::mpsc::Receiver<io::Result<Vec<u8>>>>,
+    block: Vec<u8>,
+    at: usize,
+}
+
+impl Read for Inflated {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.at == self.block.len() {
+            let Some(rx) = &self.rx else { return Ok(0) };
+            match rx.recv() {
+                Ok(block) => {
+                    self.block = block?;
+                    self.at = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.block.len() - self.at);
+        buf[..n].copy_from_slice(&self.block[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
 /// Streams one layer into an inline-meta blob in `dir`.
 fn build_layer(
     source: &dyn Source,
@@ -213,8 +299,7 @@ fn build_layer(
         layer: desc.digest.clone(),
         source: Box::new(source),
     };
-    let io_err = |e| OciError::io(format!("Reading layer {}", desc.digest), e);
-    let mut raw = Hashing::new(source.open_blob(desc)?);
+    let raw = Hashing::new(source.open_blob(desc)?);
     let tmp = tempfile::Builder::new()
         .prefix("layer-")
         .tempfile_in(dir)
@@ -233,36 +318,43 @@ fn build_layer(
     };
     let mut arena = known.arena.clone();
     let base = arena.len();
-    // The blob's digest is taken as it is written.
-    let (tree, body) = write_chunks(
-        Hashing::new(BufWriter::with_capacity(1 << 20, file)),
-        &blob_opts,
-        &mut arena,
-        |sink| {
-            let mut buffered = BufReader::with_capacity(256 * 1024, &mut raw);
-            let head = buffered
-                .fill_buf()
-                .map_err(|e| rafs::Error::io("Reading layer", e))?;
-            let mut stream: Box<dyn Read + '_> = match LayerCompression::detect(head) {
-                LayerCompression::None => Box::new(buffered),
-                LayerCompression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(buffered)),
-                LayerCompression::Zstd => Box::new(
-                    zstd::stream::read::Decoder::with_buffer(buffered)
-                        .map_err(|e| rafs::Error::io("Reading layer", e))?,
-                ),
-            };
-            let tree = read_tar(&mut stream, WhiteoutSpec::None, sink);
-            if tree.is_ok() {
-                // The rest of the stream (tar padding, compression trailer) is hashed too.
-                io::copy(&mut stream, &mut io::sink())
-                    .map_err(|e| rafs::Error::io("Reading layer", e))?;
-            }
-            Ok(tree)
-        },
-    )
-    .map_err(|e| layer_err(e.into()))?;
+    // Downloading, hashing and decompressing the layer run on a thread of their own,
+    // feeding the tar reader (which hands chunks to the compressing workers) through a
+    // bounded queue: each stage works while the others do.
+    let (blocks_tx, blocks_rx) = std::sync::mpsc::sync_channel(INFLATED_QUEUE);
+    let (written, raw) = std::thread::scope(|s| {
+        let inflater = s.spawn(move || inflate_layer(raw, blocks_tx));
+        let mut stream = Inflated {
+            rx: Some(blocks_rx),
+            block: Vec::new(),
+            at: 0,
+        };
+        // The blob's digest is taken as it is written.
+        let written = write_chunks(
+            Hashing::new(BufWriter::with_capacity(1 << 20, file)),
+            &blob_opts,
+            &mut arena,
+            |sink| {
+                let tree = read_tar(&mut stream, WhiteoutSpec::None, sink);
+                if tree.is_ok() {
+                    // The rest of the stream (tar padding, compression trailer) is
+                    // checked too.
+                    io::copy(&mut stream, &mut io::sink())
+                        .map_err(|e| rafs::Error::io("Reading layer", e))?;
+                }
+                Ok(tree)
+            },
+        );
+        // Unblocks the inflater if the tar reader stopped early.
+        stream.rx = None;
+        let raw = inflater
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the layer decompression thread panicked")));
+        (written, raw)
+    });
+    let (tree, body) = written.map_err(|e| layer_err(e.into()))?;
     let tree = tree.map_err(layer_err)?;
-    io::copy(&mut raw, &mut io::sink()).map_err(io_err)?;
+    let raw = raw.map_err(|e| OciError::io(format!("Reading layer {}", desc.digest), e))?;
     raw.verify("layer", desc)?;
     let boot_opts = BootstrapOptions {
         chunk_size: opts.chunk_size,
