@@ -15,6 +15,9 @@
 //!   reference single-threaded gunzip of the layers, which the limit does not include
 //!   but every conversion of a tar+gzip image has to do.
 //!
+//! With `RAFS_BENCH_BASELINE_NYDUSIFY=PATH`, another nydusify binary (say, an earlier
+//! build) takes its turn too, into repositories of its own.
+//!
 //! It prints the medians: wall time and MiB/s of source (compressed layer bytes), the
 //! conversion's ratio to (a) (target ≤ 2×) and to (b), output vs source size, the chunks
 //! deduplication saved, and whether every run produced the same digest.
@@ -147,6 +150,8 @@ fn main() {
 
     let (mut conv, mut copy, mut limit, mut gunzip) = (vec![], vec![], vec![], vec![]);
     let (mut conv_cpu, mut copy_cpu, mut limit_cpu) = (vec![], vec![], vec![]);
+    let baseline = std::env::var_os("RAFS_BENCH_BASELINE_NYDUSIFY").map(PathBuf::from);
+    let (mut base, mut base_cpu) = (vec![], vec![]);
     let mut reports = Vec::new();
     for run in 0..runs {
         let json = tmp.path().join(format!("report-{run}.json"));
@@ -163,6 +168,18 @@ fn main() {
         conv_cpu.push(cpu);
         reports
             .push(serde_json::from_slice::<serde_json::Value>(&fs::read(&json).unwrap()).unwrap());
+
+        if let Some(exe) = &baseline {
+            let (wall, cpu) = timed(
+                Command::new(exe)
+                    .args(["convert", "--source", &src, "--target"])
+                    .arg(format!("{}/python-baseline-{run}:v1", a.addr))
+                    .arg("--work-dir")
+                    .arg(&work),
+            );
+            base.push(wall);
+            base_cpu.push(cpu);
+        }
 
         let b = Registry::start();
         let (wall, cpu) = timed(Command::new("skopeo").args([
@@ -228,6 +245,18 @@ fn main() {
         c / s,
         c / l
     );
+    if let Some(exe) = &baseline {
+        let b = median(base.clone());
+        println!(
+            "baseline {}: {b:.2}s (runs: {}; CPU {:.2}s); {:.2}x of (a); this build is {:.2}x \
+             as fast",
+            exe.display(),
+            list(&base),
+            median(base_cpu),
+            b / s,
+            b / c
+        );
+    }
     let target = r["target_bytes"].as_u64().unwrap() as f64 / MIB;
     let file_chunks: u64 = r["images"][0]["layers"]
         .as_array()

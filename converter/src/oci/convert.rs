@@ -465,36 +465,57 @@ fn build_layers(
     Ok((out, known))
 }
 
+/// Threads uploading blobs: a large blob need not hold up the next one (each upload is
+/// a series of request round trips, which leave the wire idle in between).
+const UPLOADERS: usize = 2;
+
+type UploadQueue = std::sync::Mutex<std::sync::mpsc::Receiver<(Descriptor, PathBuf)>>;
+
 /// The queue of blobs to upload while conversion goes on; see [`convert`].
-struct Uploads {
+struct Uploads<'a> {
     tx: std::sync::mpsc::Sender<(Descriptor, PathBuf)>,
+    /// Set when an upload failed or the conversion did.
+    stop: &'a std::sync::atomic::AtomicBool,
 }
 
-impl Uploads {
+impl Uploads<'_> {
     /// Queues a built (and verified) layer's blob.
     fn send(&self, b: &BuiltLayer) -> Result<()> {
-        let d = descriptor(MEDIA_NYDUS_BLOB, b.digest.clone(), b.size);
-        self.tx.send((d, b.path.clone())).map_err(|_| {
-            // The uploader stopped on an error, which `convert` reports instead.
+        let stopped = || {
+            // An upload failed; `convert` reports its error instead.
             OciError::invalid(format!("blob {}", b.digest), "the upload stopped")
-        })
+        };
+        if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(stopped());
+        }
+        let d = descriptor(MEDIA_NYDUS_BLOB, b.digest.clone(), b.size);
+        self.tx.send((d, b.path.clone())).map_err(|_| stopped())
     }
 }
 
-/// Uploads the queued blobs until the queue closes or `cancel` is set; returns the
-/// seconds spent uploading.
+/// Uploads queued blobs until the queue closes or `stop` is set (which a failed upload
+/// sets); returns the seconds spent uploading.
 fn upload_blobs(
     target: &dyn Target,
-    queue: std::sync::mpsc::Receiver<(Descriptor, PathBuf)>,
-    cancel: &std::sync::atomic::AtomicBool,
+    queue: &UploadQueue,
+    stop: &std::sync::atomic::AtomicBool,
 ) -> Result<f64> {
+    use std::sync::atomic::Ordering;
     let mut busy = 0.0;
-    for (d, path) in queue {
-        if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+    loop {
+        let next = queue
+            .lock()
+            .map_err(|_| OciError::invalid("upload queue", "an upload thread panicked"))?;
+        let Ok((d, path)) = next.recv() else { break };
+        drop(next);
+        if stop.load(Ordering::Relaxed) {
             break;
         }
         let t = Instant::now();
-        target.put_blob_file(&d, &path)?;
+        if let Err(e) = target.put_blob_file(&d, &path) {
+            stop.store(true, Ordering::Relaxed);
+            return Err(e);
+        }
         busy += t.elapsed().as_secs_f64();
     }
     Ok(busy)
@@ -809,33 +830,45 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
             )
         })?;
     let target = open_target(&opts.target, &opts.target_registry)?;
-    let cancel = AtomicBool::new(false);
+    let stop = AtomicBool::new(false);
     let (tx, rx) = std::sync::mpsc::channel();
-    let (converted, uploaded, convert_seconds) = std::thread::scope(|s| {
-        let (t, c) = (target.as_ref(), &cancel);
-        let uploader = s.spawn(move || upload_blobs(t, rx, c));
-        let uploads = Uploads { tx };
+    let queue: UploadQueue = std::sync::Mutex::new(rx);
+    let (converted, uploaded, convert_seconds, pushed) = std::thread::scope(|s| {
+        let uploaders: Vec<_> = (0..UPLOADERS)
+            .map(|_| s.spawn(|| upload_blobs(target.as_ref(), &queue, &stop)))
+            .collect();
+        let uploads = Uploads { tx, stop: &stop };
         let converted = convert_images(source.as_ref(), &top, opts, work.path(), &uploads);
         let convert_seconds = started.elapsed().as_secs_f64();
+        let pushed = Instant::now();
         drop(uploads);
         if converted.is_err() {
-            cancel.store(true, Ordering::Relaxed);
+            stop.store(true, Ordering::Relaxed);
         }
-        let uploaded = uploader.join().unwrap_or_else(|_| {
-            Err(OciError::invalid(
-                format!("target {}", opts.target),
-                "the upload thread panicked",
-            ))
-        });
-        (converted, uploaded, convert_seconds)
+        let mut uploaded = Ok(0.0);
+        for u in uploaders {
+            let r = u.join().unwrap_or_else(|_| {
+                Err(OciError::invalid(
+                    format!("target {}", opts.target),
+                    "an upload thread panicked",
+                ))
+            });
+            uploaded = match (uploaded, r) {
+                (Ok(a), Ok(b)) => Ok(a + b),
+                (Err(e), _) | (_, Err(e)) => Err(e),
+            };
+        }
+        (converted, uploaded, convert_seconds, pushed)
     });
     // An upload error is the cause of a conversion stopped by it.
     let upload_busy = uploaded?;
     let (images, is_index) = converted?;
-    tracing::info!("blobs uploaded during the conversion in {upload_busy:.2}s");
+    tracing::info!(
+        "all blobs uploaded {:.2}s after the start ({upload_busy:.2}s of uploads on {UPLOADERS} threads)",
+        convert_seconds + pushed.elapsed().as_secs_f64()
+    );
 
     // Everything is converted and verified: now the rest, tag last.
-    let pushed = Instant::now();
     for img in &images {
         for (d, path) in &img.blobs {
             if path.is_none() && !target.has_blob(d)? {
