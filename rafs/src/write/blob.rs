@@ -674,7 +674,13 @@ mod tests {
     fn chunks() -> Vec<Vec<u8>> {
         let mut x = 0x9E37_79B9_7F4A_7C15u64;
         let mut out = Vec::new();
-        for (len, tail) in [(171, 171), (300, 150), (4096, 4000), (1 << 20, 1000), (1 << 20, 500_000)] {
+        for (len, tail) in [
+            (171, 171),
+            (300, 150),
+            (4096, 4000),
+            (1 << 20, 1000),
+            (1 << 20, 500_000),
+        ] {
             let mut v: Vec<u8> = (0..len - tail)
                 .map(|_| {
                     x ^= x << 13;
