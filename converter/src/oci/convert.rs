@@ -53,6 +53,36 @@ pub struct ConvertOptions {
     /// A bootstrap whose chunks the new image may reference instead of storing them
     /// again (`--chunk-dict bootstrap=PATH`); its blobs must be in the target already.
     pub chunk_dict: Option<PathBuf>,
+    /// Told how far each layer's conversion is (a progress bar on a terminal).
+    pub progress: Option<std::sync::Arc<dyn Progress>>,
+}
+
+/// Hooks called while layers are converted, lowest first (see
+/// [`ConvertOptions::progress`]). `index` counts from 0 within one image.
+pub trait Progress: Send + Sync + std::fmt::Debug {
+    /// Layer `index` of `count`, `digest`, of `size` source bytes, starts.
+    fn layer_started(&self, index: usize, count: usize, digest: &str, size: u64);
+    /// `bytes` more source bytes of layer `index` were read.
+    fn layer_read(&self, index: usize, bytes: u64);
+    /// Layer `index` is converted (also called when it failed).
+    fn layer_done(&self, index: usize);
+}
+
+/// Reports what passes through to a [`Progress`].
+struct Counted<'a, R> {
+    inner: R,
+    progress: Option<&'a dyn Progress>,
+    index: usize,
+}
+
+impl<R: Read> Read for Counted<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(p) = self.progress {
+            p.layer_read(self.index, n as u64);
+        }
+        Ok(n)
+    }
 }
 
 impl ConvertOptions {
@@ -71,6 +101,7 @@ impl ConvertOptions {
             work_dir: std::env::temp_dir(),
             jobs: 0,
             chunk_dict: None,
+            progress: None,
         }
     }
 }
@@ -289,7 +320,7 @@ impl Read for Inflated {
 /// Streams one layer into an inline-meta blob in `dir`.
 fn build_layer(
     source: &dyn Source,
-    desc: &Descriptor,
+    (index, desc): (usize, &Descriptor),
     opts: &ConvertOptions,
     threads: usize,
     dir: &Path,
@@ -299,7 +330,11 @@ fn build_layer(
         layer: desc.digest.clone(),
         source: Box::new(source),
     };
-    let raw = Hashing::new(source.open_blob(desc)?);
+    let raw = Hashing::new(Counted {
+        inner: source.open_blob(desc)?,
+        progress: opts.progress.as_deref(),
+        index,
+    });
     let tmp = tempfile::Builder::new()
         .prefix("layer-")
         .tempfile_in(dir)
@@ -444,7 +479,14 @@ fn build_layers(
     let mut out = Vec::with_capacity(layers.len());
     for (i, layer) in layers.iter().enumerate() {
         let started = Instant::now();
-        let b = build_layer(source, layer, opts, threads, dir, &mut known)?;
+        if let Some(p) = &opts.progress {
+            p.layer_started(i, layers.len(), &layer.digest, layer.size);
+        }
+        let b = build_layer(source, (i, layer), opts, threads, dir, &mut known);
+        if let Some(p) = &opts.progress {
+            p.layer_done(i);
+        }
+        let b = b?;
         tracing::info!(
             "layer {}/{} {} -> blob {} ({} bytes, {} chunks, {} deduplicated) in {:.2}s",
             i + 1,
