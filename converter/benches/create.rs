@@ -12,7 +12,7 @@
 //! Environment: `RAFS_BENCH_GIB` (tree size, default 1), `RAFS_BENCH_RUNS` (default 3,
 //! median reported).
 
-use std::io::Read;
+use rafs_e2e::median;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -150,44 +150,12 @@ fn list_files(root: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Reads, digests and compresses every file on `threads` threads; returns wall seconds
+/// The limit loop ([`rafs_e2e::limit_loop`]) on `threads` threads; returns wall seconds
 /// and CPU seconds.
 fn limit_loop(files: &[PathBuf], threads: usize) -> (f64, f64) {
-    let next = std::sync::atomic::AtomicUsize::new(0);
     let cpu = self_cpu();
-    let start = Instant::now();
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| {
-                let mut z = zstd::bulk::Compressor::new(3).unwrap();
-                let mut buf = vec![0u8; 1 << 20];
-                loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(p) = files.get(i) else { break };
-                    let mut f = std::fs::File::open(p).unwrap();
-                    loop {
-                        let mut n = 0;
-                        while n < buf.len() {
-                            let r = f.read(&mut buf[n..]).unwrap();
-                            if r == 0 {
-                                break;
-                            }
-                            n += r;
-                        }
-                        if n == 0 {
-                            break;
-                        }
-                        std::hint::black_box(blake3::hash(&buf[..n]));
-                        std::hint::black_box(z.compress(&buf[..n]).unwrap());
-                        if n < buf.len() {
-                            break;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    (start.elapsed().as_secs_f64(), self_cpu() - cpu)
+    let wall = rafs_e2e::limit_loop(files, threads);
+    (wall, self_cpu() - cpu)
 }
 
 struct Run {
@@ -243,11 +211,6 @@ fn rusage_zeroed() -> libc::rusage {
     unsafe {
         std::mem::zeroed()
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 fn sha256_file(p: &Path) -> String {

@@ -15,11 +15,13 @@
 //!   big uids, nanosecond mtimes, 5,000 entries in one directory, ...);
 //! - [`Registry`] runs Debian's docker-registry on a loopback port, and [`FaultProxy`]
 //!   puts 503s and dropped connections in front of it;
-//! - [`compare_trees`] reports every difference between two trees as text lines.
+//! - [`compare_trees`] reports every difference between two trees as text lines;
+//! - [`limit_loop`] and [`median`] are the benchmarks' shared baseline and statistic.
 //!
 //! Most helpers need root, as do the tests that use them; `bash tests/run.sh` runs
 //! everything as CI does.
 
+mod bench;
 mod bins;
 mod compare;
 mod daemons;
@@ -28,6 +30,7 @@ mod guards;
 mod registry;
 mod tree;
 
+pub use bench::{limit_loop, median, LIMIT_CHUNK};
 pub use bins::{bin, require_root_tools, upstream_bin, UPSTREAM_BIN_DEFAULT};
 pub use compare::{compare_trees, compare_trees_with, sha256_file, CompareOptions};
 pub use daemons::{localfs_config, run_ok, start_fuse_daemon, start_upstream_nydusd, FuseDaemon};

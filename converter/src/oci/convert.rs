@@ -8,10 +8,11 @@
 //! one `nydus.blob.v1` layer per referenced blob, then a `tar+gzip` bootstrap layer with
 //! `image/image.boot`, a config with new diff ids (history kept) and a manifest.
 //!
-//! Nothing is written to the target until every layer of every image is converted and
-//! verified; the tag is set last. The output depends only on the input and options.
+//! Each blob is uploaded while the next layers convert, once its source layer is verified;
+//! the bootstrap layer, config and manifests follow when every image is converted, and
+//! the tag is set last. The output depends only on the input and options.
 
-use super::store::{open_source, open_target, verify, ImageRef, Source};
+use super::store::{open_source, open_target, verify, ImageRef, Source, Target};
 use super::*;
 use crate::merge::{merge_layers, open_layer};
 use crate::source::tar::{read_tar, LayerCompression};
@@ -52,6 +53,36 @@ pub struct ConvertOptions {
     /// A bootstrap whose chunks the new image may reference instead of storing them
     /// again (`--chunk-dict bootstrap=PATH`); its blobs must be in the target already.
     pub chunk_dict: Option<PathBuf>,
+    /// Told how far each layer's conversion is (a progress bar on a terminal).
+    pub progress: Option<std::sync::Arc<dyn Progress>>,
+}
+
+/// Hooks called while layers are converted, lowest first (see
+/// [`ConvertOptions::progress`]). `index` counts from 0 within one image.
+pub trait Progress: Send + Sync + std::fmt::Debug {
+    /// Layer `index` of `count`, `digest`, of `size` source bytes, starts.
+    fn layer_started(&self, index: usize, count: usize, digest: &str, size: u64);
+    /// `bytes` more source bytes of layer `index` were read.
+    fn layer_read(&self, index: usize, bytes: u64);
+    /// Layer `index` is converted (also called when it failed).
+    fn layer_done(&self, index: usize);
+}
+
+/// Reports what passes through to a [`Progress`].
+struct Counted<'a, R> {
+    inner: R,
+    progress: Option<&'a dyn Progress>,
+    index: usize,
+}
+
+impl<R: Read> Read for Counted<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(p) = self.progress {
+            p.layer_read(self.index, n as u64);
+        }
+        Ok(n)
+    }
 }
 
 impl ConvertOptions {
@@ -70,6 +101,7 @@ impl ConvertOptions {
             work_dir: std::env::temp_dir(),
             jobs: 0,
             chunk_dict: None,
+            progress: None,
         }
     }
 }
@@ -138,9 +170,9 @@ pub struct ConvertReport {
     pub dedup_chunks: u64,
     /// Uncompressed bytes those chunks hold.
     pub dedup_bytes: u64,
-    /// Wall time of the conversion, seconds.
+    /// Wall time until every image is converted, seconds (blobs are uploaded meanwhile).
     pub convert_seconds: f64,
-    /// Wall time of the upload, seconds.
+    /// Wall time after that until the tag is set (the rest of the upload), seconds.
     pub push_seconds: f64,
 }
 
@@ -199,19 +231,96 @@ impl Known {
     }
 }
 
-fn sha256_path(path: &Path) -> Result<(String, u64)> {
-    let mut f = std::fs::File::open(path)
-        .map_err(|e| OciError::io(format!("Reading {}", path.display()), e))?;
-    let mut h = Hashing::new(&mut f);
-    io::copy(&mut h, &mut io::sink())
-        .map_err(|e| OciError::io(format!("Reading {}", path.display()), e))?;
-    Ok(h.finish())
+/// Decompressed blocks of a layer queued ahead of the tar reader (256 KiB each).
+const INFLATED_QUEUE: usize = 16;
+const INFLATED_BLOCK: usize = 256 * 1024;
+
+/// Reads a layer to its end, sending its decompressed bytes in blocks to `tx` (an error
+/// is sent on as the last item); returns the reader, which hashed every byte, for the
+/// digest check. Stops early, without error, when the receiver is gone.
+fn inflate_layer<R: Read>(
+    raw: Hashing<R>,
+    tx: std::sync::mpsc::SyncSender<io::Result<Vec<u8>>>,
+) -> io::Result<Hashing<R>> {
+    let mut buffered = BufReader::with_capacity(INFLATED_BLOCK, raw);
+    let head = buffered.fill_buf()?;
+    let decoded = {
+        let mut stream: Box<dyn Read + '_> = match LayerCompression::detect(head) {
+            LayerCompression::None => Box::new(&mut buffered),
+            LayerCompression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&mut buffered)),
+            LayerCompression::Zstd => {
+                Box::new(zstd::stream::read::Decoder::with_buffer(&mut buffered)?)
+            }
+        };
+        loop {
+            let mut block = vec![0u8; INFLATED_BLOCK];
+            let mut n = 0;
+            let r = loop {
+                match stream.read(&mut block[n..]) {
+                    Ok(0) => break Ok(()),
+                    Ok(k) => {
+                        n += k;
+                        if n == block.len() {
+                            break Ok(());
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => break Err(e),
+                }
+            };
+            block.truncate(n);
+            match r {
+                Ok(()) if n == 0 => break Ok(()),
+                Ok(()) => {
+                    if tx.send(Ok(block)).is_err() {
+                        break Ok(());
+                    }
+                }
+                Err(e) => {
+                    let kind = e.kind();
+                    let msg = e.to_string();
+                    let _ = tx.send(Err(e));
+                    break Err(io::Error::new(kind, msg));
+                }
+            }
+        }
+    };
+    decoded?;
+    // Whatever follows the compressed stream is part of the blob's digest too.
+    io::copy(&mut buffered, &mut io::sink())?;
+    Ok(buffered.into_inner())
+}
+
+/// The reading end of [`inflate_layer`]'s queue.
+struct Inflated {
+    rx: Option<std::sync::mpsc::Receiver<io::Result<Vec<u8>>>>,
+    block: Vec<u8>,
+    at: usize,
+}
+
+impl Read for Inflated {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.at == self.block.len() {
+            let Some(rx) = &self.rx else { return Ok(0) };
+            match rx.recv() {
+                Ok(block) => {
+                    self.block = block?;
+                    self.at = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.block.len() - self.at);
+        buf[..n].copy_from_slice(&self.block[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
 }
 
 /// Streams one layer into an inline-meta blob in `dir`.
 fn build_layer(
     source: &dyn Source,
-    desc: &Descriptor,
+    (index, desc): (usize, &Descriptor),
     opts: &ConvertOptions,
     threads: usize,
     dir: &Path,
@@ -221,8 +330,11 @@ fn build_layer(
         layer: desc.digest.clone(),
         source: Box::new(source),
     };
-    let io_err = |e| OciError::io(format!("Reading layer {}", desc.digest), e);
-    let mut raw = Hashing::new(source.open_blob(desc)?);
+    let raw = Hashing::new(Counted {
+        inner: source.open_blob(desc)?,
+        progress: opts.progress.as_deref(),
+        index,
+    });
     let tmp = tempfile::Builder::new()
         .prefix("layer-")
         .tempfile_in(dir)
@@ -241,35 +353,43 @@ fn build_layer(
     };
     let mut arena = known.arena.clone();
     let base = arena.len();
-    let (tree, body) = write_chunks(
-        BufWriter::with_capacity(1 << 20, file),
-        &blob_opts,
-        &mut arena,
-        |sink| {
-            let mut buffered = BufReader::with_capacity(256 * 1024, &mut raw);
-            let head = buffered
-                .fill_buf()
-                .map_err(|e| rafs::Error::io("Reading layer", e))?;
-            let mut stream: Box<dyn Read + '_> = match LayerCompression::detect(head) {
-                LayerCompression::None => Box::new(buffered),
-                LayerCompression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(buffered)),
-                LayerCompression::Zstd => Box::new(
-                    zstd::stream::read::Decoder::with_buffer(buffered)
-                        .map_err(|e| rafs::Error::io("Reading layer", e))?,
-                ),
-            };
-            let tree = read_tar(&mut stream, WhiteoutSpec::None, sink);
-            if tree.is_ok() {
-                // The rest of the stream (tar padding, compression trailer) is hashed too.
-                io::copy(&mut stream, &mut io::sink())
-                    .map_err(|e| rafs::Error::io("Reading layer", e))?;
-            }
-            Ok(tree)
-        },
-    )
-    .map_err(|e| layer_err(e.into()))?;
+    // Downloading, hashing and decompressing the layer run on a thread of their own,
+    // feeding the tar reader (which hands chunks to the compressing workers) through a
+    // bounded queue: each stage works while the others do.
+    let (blocks_tx, blocks_rx) = std::sync::mpsc::sync_channel(INFLATED_QUEUE);
+    let (written, raw) = std::thread::scope(|s| {
+        let inflater = s.spawn(move || inflate_layer(raw, blocks_tx));
+        let mut stream = Inflated {
+            rx: Some(blocks_rx),
+            block: Vec::new(),
+            at: 0,
+        };
+        // The blob's digest is taken as it is written.
+        let written = write_chunks(
+            Hashing::new(BufWriter::with_capacity(1 << 20, file)),
+            &blob_opts,
+            &mut arena,
+            |sink| {
+                let tree = read_tar(&mut stream, WhiteoutSpec::None, sink);
+                if tree.is_ok() {
+                    // The rest of the stream (tar padding, compression trailer) is
+                    // checked too.
+                    io::copy(&mut stream, &mut io::sink())
+                        .map_err(|e| rafs::Error::io("Reading layer", e))?;
+                }
+                Ok(tree)
+            },
+        );
+        // Unblocks the inflater if the tar reader stopped early.
+        stream.rx = None;
+        let raw = inflater
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the layer decompression thread panicked")));
+        (written, raw)
+    });
+    let (tree, body) = written.map_err(|e| layer_err(e.into()))?;
     let tree = tree.map_err(layer_err)?;
-    io::copy(&mut raw, &mut io::sink()).map_err(io_err)?;
+    let raw = raw.map_err(|e| OciError::io(format!("Reading layer {}", desc.digest), e))?;
     raw.verify("layer", desc)?;
     let boot_opts = BootstrapOptions {
         chunk_size: opts.chunk_size,
@@ -286,14 +406,15 @@ fn build_layer(
     }
     let boot =
         write_bootstrap(&tree, &arena, &table, &boot_opts).map_err(|e| layer_err(e.into()))?;
-    let (mut info, _) = with_meta
+    let (mut info, mut written) = with_meta
         .finish(Some(&boot))
         .map_err(|e| layer_err(e.into()))?;
+    io::Write::flush(&mut written).map_err(|e| OciError::io("Writing the temporary blob", e))?;
+    let (digest, size) = written.finish();
     let path = tmp
         .into_temp_path()
         .keep()
         .map_err(|e| OciError::io("Keeping the temporary blob", e.error))?;
-    let (digest, size) = sha256_path(&path)?;
 
     // What deduplication saved, and what the next layers may reuse.
     let own = blob_opts.blob_index;
@@ -338,11 +459,15 @@ fn build_layer(
 /// result depend on which layer finished first or write (and hash) every duplicated
 /// chunk twice; this order is deterministic (same input, same digests) and does the
 /// work once.
+///
+/// Each blob is handed to `upload` as soon as its layer is built and verified, so that
+/// it is uploaded while the next layers are converted.
 fn build_layers(
     source: &dyn Source,
     layers: &[Descriptor],
     opts: &ConvertOptions,
     dir: &Path,
+    upload: &Uploads,
 ) -> Result<(Vec<BuiltLayer>, Known)> {
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     let threads = if opts.jobs == 0 { cpus } else { opts.jobs }.max(1);
@@ -354,7 +479,14 @@ fn build_layers(
     let mut out = Vec::with_capacity(layers.len());
     for (i, layer) in layers.iter().enumerate() {
         let started = Instant::now();
-        let b = build_layer(source, layer, opts, threads, dir, &mut known)?;
+        if let Some(p) = &opts.progress {
+            p.layer_started(i, layers.len(), &layer.digest, layer.size);
+        }
+        let b = build_layer(source, (i, layer), opts, threads, dir, &mut known);
+        if let Some(p) = &opts.progress {
+            p.layer_done(i);
+        }
+        let b = b?;
         tracing::info!(
             "layer {}/{} {} -> blob {} ({} bytes, {} chunks, {} deduplicated) in {:.2}s",
             i + 1,
@@ -366,10 +498,69 @@ fn build_layers(
             b.dedup_chunks,
             started.elapsed().as_secs_f64()
         );
+        if b.chunks > 0 {
+            upload.send(&b)?;
+        }
         out.push(b);
     }
     known.table.truncate(dict_blobs);
     Ok((out, known))
+}
+
+/// Threads uploading blobs: a large blob need not hold up the next one (each upload is
+/// a series of request round trips, which leave the wire idle in between).
+const UPLOADERS: usize = 2;
+
+type UploadQueue = std::sync::Mutex<std::sync::mpsc::Receiver<(Descriptor, PathBuf)>>;
+
+/// The queue of blobs to upload while conversion goes on; see [`convert`].
+struct Uploads<'a> {
+    tx: std::sync::mpsc::Sender<(Descriptor, PathBuf)>,
+    /// Set when an upload failed or the conversion did.
+    stop: &'a std::sync::atomic::AtomicBool,
+}
+
+impl Uploads<'_> {
+    /// Queues a built (and verified) layer's blob.
+    fn send(&self, b: &BuiltLayer) -> Result<()> {
+        let stopped = || {
+            // An upload failed; `convert` reports its error instead.
+            OciError::invalid(format!("blob {}", b.digest), "the upload stopped")
+        };
+        if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(stopped());
+        }
+        let d = descriptor(MEDIA_NYDUS_BLOB, b.digest.clone(), b.size);
+        self.tx.send((d, b.path.clone())).map_err(|_| stopped())
+    }
+}
+
+/// Uploads queued blobs until the queue closes or `stop` is set (which a failed upload
+/// sets); returns the seconds spent uploading.
+fn upload_blobs(
+    target: &dyn Target,
+    queue: &UploadQueue,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<f64> {
+    use std::sync::atomic::Ordering;
+    let mut busy = 0.0;
+    loop {
+        let next = queue
+            .lock()
+            .map_err(|_| OciError::invalid("upload queue", "an upload thread panicked"))?;
+        let Ok((d, path)) = next.recv() else { break };
+        drop(next);
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let t = Instant::now();
+        if let Err(e) = target.put_blob_file(&d, &path) {
+            stop.store(true, Ordering::Relaxed);
+            return Err(e);
+        }
+        busy += t.elapsed().as_secs_f64();
+    }
+    Ok(busy)
 }
 
 /// A converted image, ready to be written.
@@ -429,6 +620,7 @@ fn convert_image(
     platform: Option<Platform>,
     opts: &ConvertOptions,
     dir: &Path,
+    upload: &Uploads,
 ) -> Result<Converted> {
     if manifest.layers.is_empty() {
         return Err(OciError::invalid(
@@ -450,7 +642,7 @@ fn convert_image(
             what: format!("config {}", manifest.config.digest),
             source,
         })?;
-    let (built, dict) = build_layers(source, &manifest.layers, opts, dir)?;
+    let (built, dict) = build_layers(source, &manifest.layers, opts, dir, upload)?;
     let mut merge_inputs = Vec::with_capacity(built.len());
     for b in &built {
         let mut layer = open_layer(&b.path)?;
@@ -624,24 +816,17 @@ fn select(index: &Index, opts: &ConvertOptions) -> Result<Vec<Descriptor>> {
     })
 }
 
-/// Converts `opts.source` into a nydus image at `opts.target`.
-pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
-    let started = Instant::now();
-    super::store::check_target(Some(&opts.source), &opts.target)?;
-    let source = open_source(&opts.source, &opts.source_registry)?;
-    let (top, _) = source.top()?;
-    let work = tempfile::Builder::new()
-        .prefix("nydusify-")
-        .tempdir_in(&opts.work_dir)
-        .map_err(|e| {
-            OciError::io(
-                format!("Creating a work directory in {}", opts.work_dir.display()),
-                e,
-            )
-        })?;
-    let (images, is_index) = match parse_top_level(&top, "source manifest")? {
+/// Converts every selected image of `top`; blobs go to `upload` as they are built.
+fn convert_images(
+    source: &dyn Source,
+    top: &[u8],
+    opts: &ConvertOptions,
+    dir: &Path,
+    upload: &Uploads,
+) -> Result<(Vec<Converted>, bool)> {
+    Ok(match parse_top_level(top, "source manifest")? {
         TopLevel::Manifest(m) => (
-            vec![convert_image(source.as_ref(), &m, None, opts, work.path())?],
+            vec![convert_image(source, &m, None, opts, dir, upload)?],
             false,
         ),
         TopLevel::Index(idx) => {
@@ -658,21 +843,81 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
                     }
                 };
                 out.push(convert_image(
-                    source.as_ref(),
+                    source,
                     &m,
                     d.platform.clone(),
                     opts,
-                    work.path(),
+                    dir,
+                    upload,
                 )?);
             }
             (out, true)
         }
-    };
-    let convert_seconds = started.elapsed().as_secs_f64();
+    })
+}
 
-    // Everything is converted and verified: now write, tag last.
-    let pushed = Instant::now();
+/// Converts `opts.source` into a nydus image at `opts.target`.
+///
+/// Layers are converted one after the other (see [`build_layers`]) while a second thread
+/// uploads each finished blob to the target. A blob is queued only once its source
+/// layer's digest has been verified, and the bootstrap layer, config, manifests and
+/// finally the tag are written after every image is converted: a failed conversion can
+/// leave untagged blobs at the target, never a tagged image.
+pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let started = Instant::now();
+    super::store::check_target(Some(&opts.source), &opts.target)?;
+    let source = open_source(&opts.source, &opts.source_registry)?;
+    let (top, _) = source.top()?;
+    let work = tempfile::Builder::new()
+        .prefix("nydusify-")
+        .tempdir_in(&opts.work_dir)
+        .map_err(|e| {
+            OciError::io(
+                format!("Creating a work directory in {}", opts.work_dir.display()),
+                e,
+            )
+        })?;
     let target = open_target(&opts.target, &opts.target_registry)?;
+    let stop = AtomicBool::new(false);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let queue: UploadQueue = std::sync::Mutex::new(rx);
+    let (converted, uploaded, convert_seconds, pushed) = std::thread::scope(|s| {
+        let uploaders: Vec<_> = (0..UPLOADERS)
+            .map(|_| s.spawn(|| upload_blobs(target.as_ref(), &queue, &stop)))
+            .collect();
+        let uploads = Uploads { tx, stop: &stop };
+        let converted = convert_images(source.as_ref(), &top, opts, work.path(), &uploads);
+        let convert_seconds = started.elapsed().as_secs_f64();
+        let pushed = Instant::now();
+        drop(uploads);
+        if converted.is_err() {
+            stop.store(true, Ordering::Relaxed);
+        }
+        let mut uploaded = Ok(0.0);
+        for u in uploaders {
+            let r = u.join().unwrap_or_else(|_| {
+                Err(OciError::invalid(
+                    format!("target {}", opts.target),
+                    "an upload thread panicked",
+                ))
+            });
+            uploaded = match (uploaded, r) {
+                (Ok(a), Ok(b)) => Ok(a + b),
+                (Err(e), _) | (_, Err(e)) => Err(e),
+            };
+        }
+        (converted, uploaded, convert_seconds, pushed)
+    });
+    // An upload error is the cause of a conversion stopped by it.
+    let upload_busy = uploaded?;
+    let (images, is_index) = converted?;
+    tracing::info!(
+        "all blobs uploaded {:.2}s after the start ({upload_busy:.2}s of uploads on {UPLOADERS} threads)",
+        convert_seconds + pushed.elapsed().as_secs_f64()
+    );
+
+    // Everything is converted and verified: now the rest, tag last.
     for img in &images {
         for (d, path) in &img.blobs {
             if path.is_none() && !target.has_blob(d)? {
@@ -687,11 +932,6 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
         }
     }
     for img in &images {
-        for (d, path) in &img.blobs {
-            if let Some(path) = path {
-                target.put_blob_file(d, path)?;
-            }
-        }
         target.put_blob_bytes(&img.bootstrap_layer.0, &img.bootstrap_layer.1)?;
         target.put_blob_bytes(&img.config.0, &img.config.1)?;
     }

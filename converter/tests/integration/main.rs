@@ -10,5 +10,6 @@ mod dir_source;
 mod erofs;
 mod golden;
 mod merge;
+mod progress;
 mod tar_source;
 mod whiteouts;

@@ -169,9 +169,14 @@ pub struct BlobBody<W: Write> {
     unique: Vec<ChunkInfo>,
 }
 
-/// Compresses `data` into `out` (a pooled buffer); true when the result is smaller. The
-/// output space is capped at `data.len() - 1`, so an incompressible chunk fails fast and
-/// no compression bound needs allocating.
+/// Compresses `data` into `out` (a pooled buffer); true when the result is smaller.
+///
+/// zstd gets room for its worst case, so that its output depends on the data alone: in
+/// less room (say `data.len() - 1`, or whatever a recycled buffer happens to hold,
+/// which depends on thread timing) it gives up on small chunks that it does compress
+/// given more, and the same image would give different blobs from run to run. lz4's
+/// output does not depend on the room; it gets `data.len() - 1`, failing fast on
+/// incompressible chunks.
 fn compress_into(
     zstd: Option<&mut zstd::bulk::Compressor<'_>>,
     compressor: Compressor,
@@ -182,7 +187,7 @@ fn compress_into(
     out.clear();
     match (zstd, compressor) {
         (Some(z), _) => {
-            out.reserve(room);
+            out.reserve(zstd::zstd_safe::compress_bound(data.len()));
             match z.compress_to_buffer(data, out) {
                 Ok(n) => n < data.len(),
                 Err(_) => false,
@@ -658,5 +663,59 @@ impl<W: Write> BlobWithMeta<W> {
             .flush()
             .map_err(|e| Error::io("Flushing blob", e))?;
         Ok((info, body.out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Chunks from barely to fully compressible: random bytes, then a compressible tail;
+    /// and a small text file, which zstd compresses only when given more room than the
+    /// input's size.
+    fn chunks() -> Vec<Vec<u8>> {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut out = Vec::new();
+        for (len, tail) in [
+            (171, 171),
+            (300, 150),
+            (4096, 4000),
+            (1 << 20, 1000),
+            (1 << 20, 500_000),
+        ] {
+            let mut v: Vec<u8> = (0..len - tail)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            v.extend((0..tail).map(|i| (i % 7) as u8));
+            out.push(v);
+        }
+        let text = b"# Try to hide our fsck snapshots from udev's /dev/disk linking...\n\
+            ACTION==\"add|change\", ENV{DM_LV_NAME}==\"*.e2scrub\", ENV{UDISKS_IGNORE}=\"1\", \
+            OPTIONS=\"link_priority=-100\"\n";
+        out.push(text.to_vec());
+        out
+    }
+
+    /// The zstd output of a chunk must not depend on the capacity of the pooled buffer
+    /// it lands in (which depends on thread timing): else the same image gives different
+    /// blobs from run to run.
+    #[test]
+    fn compressed_chunks_do_not_depend_on_the_output_buffer() {
+        let mut z = zstd::bulk::Compressor::new(3).unwrap();
+        for data in chunks() {
+            let mut fresh = Vec::new();
+            let a = compress_into(Some(&mut z), Compressor::Zstd, &data, &mut fresh);
+            let mut roomy = Vec::with_capacity(4 << 20);
+            let b = compress_into(Some(&mut z), Compressor::Zstd, &data, &mut roomy);
+            assert_eq!(a, b, "compressed or not, {} bytes", data.len());
+            if a {
+                assert!(fresh == roomy, "same bytes");
+            }
+        }
     }
 }

@@ -344,6 +344,9 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
     opts.work_dir = a.work_dir;
     opts.jobs = a.jobs;
     opts.chunk_dict = a.chunk_dict;
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        opts.progress = Some(std::sync::Arc::new(LayerBars::default()));
+    }
     let report = convert(&opts).with_context(|| format!("Converting {}", a.source))?;
     tracing::info!(
         "converted {} -> {} ({}) in {:.2}s + {:.2}s upload; {} chunks ({} bytes) deduplicated",
@@ -360,6 +363,56 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
         std::fs::write(&path, json).with_context(|| format!("Writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// One progress bar per layer on stderr (only set up when stderr is a terminal).
+#[derive(Debug, Default)]
+struct LayerBars {
+    bars: indicatif::MultiProgress,
+    layers: std::sync::Mutex<Vec<indicatif::ProgressBar>>,
+}
+
+impl LayerBars {
+    fn bar(&self, index: usize) -> Option<indicatif::ProgressBar> {
+        self.layers.lock().ok()?.get(index).cloned()
+    }
+}
+
+impl converter::oci::convert::Progress for LayerBars {
+    fn layer_started(&self, index: usize, count: usize, digest: &str, size: u64) {
+        let Ok(mut layers) = self.layers.lock() else {
+            return;
+        };
+        if index == 0 {
+            // A new image (of an index): its layers get new bars.
+            layers.clear();
+        }
+        let bar = self.bars.add(indicatif::ProgressBar::new(size));
+        let style = indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        bar.set_style(style);
+        let short = digest.get(..19).unwrap_or(digest);
+        bar.set_prefix(format!("layer {}/{count} {short}", index + 1));
+        while layers.len() < index {
+            layers.push(indicatif::ProgressBar::hidden());
+        }
+        layers.push(bar);
+    }
+
+    fn layer_read(&self, index: usize, bytes: u64) {
+        if let Some(b) = self.bar(index) {
+            b.inc(bytes);
+        }
+    }
+
+    fn layer_done(&self, index: usize) {
+        if let Some(b) = self.bar(index) {
+            b.finish();
+        }
+    }
 }
 
 fn run_check(a: CheckArgs) -> Result<()> {

@@ -1,0 +1,90 @@
+//! What the benchmarks share: the builder's limit loop and medians.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+/// The chunk size of the limit loop, the builders' default.
+pub const LIMIT_CHUNK: u64 = 1 << 20;
+
+/// The rafs builder's limit: reads every file in 1 MiB chunks, blake3-digests and
+/// zstd-3-compresses each chunk, and nothing else, on `threads` threads (chunks are
+/// handed out in order, so one large file is spread over all threads). Returns the wall
+/// seconds.
+///
+/// # Panics
+/// When a file cannot be read or zstd fails.
+pub fn limit_loop(files: &[PathBuf], threads: usize) -> f64 {
+    let mut work: Vec<(usize, u64, usize)> = Vec::new();
+    for (i, p) in files.iter().enumerate() {
+        let size = std::fs::metadata(p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .len();
+        let mut off = 0;
+        while off < size {
+            let len = (size - off).min(LIMIT_CHUNK) as usize;
+            work.push((i, off, len));
+            off += len as u64;
+        }
+    }
+    let next = AtomicUsize::new(0);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| {
+                let mut z = zstd::bulk::Compressor::new(3).expect("zstd compressor");
+                let mut buf = vec![0u8; LIMIT_CHUNK as usize];
+                let mut open: Option<(usize, File)> = None;
+                while let Some(&(i, off, len)) = work.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    if open.as_ref().is_none_or(|(j, _)| *j != i) {
+                        let f = File::open(&files[i])
+                            .unwrap_or_else(|e| panic!("{}: {e}", files[i].display()));
+                        open = Some((i, f));
+                    }
+                    let (_, f) = open.as_ref().expect("opened above");
+                    f.read_exact_at(&mut buf[..len], off)
+                        .unwrap_or_else(|e| panic!("{}: {e}", files[i].display()));
+                    std::hint::black_box(blake3::hash(&buf[..len]));
+                    std::hint::black_box(z.compress(&buf[..len]).expect("zstd"));
+                }
+            });
+        }
+    });
+    start.elapsed().as_secs_f64()
+}
+
+/// The median of `v` (the upper middle value for an even count).
+///
+/// # Panics
+/// When `v` is empty or holds a NaN.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    v[v.len() / 2]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_three_is_the_middle() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 3.0);
+    }
+
+    #[test]
+    fn limit_loop_reads_every_chunk_of_every_file() {
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join("a");
+        let b = d.path().join("b");
+        std::fs::write(&a, vec![7u8; (LIMIT_CHUNK * 2 + 5) as usize]).unwrap();
+        std::fs::write(&b, b"x").unwrap();
+        assert!(limit_loop(&[a, b.clone()], 2) > 0.0);
+        // A missing file is a panic naming it, not a silently cheaper loop.
+        let missing = d.path().join("missing");
+        let r = std::panic::catch_unwind(|| limit_loop(&[b, missing], 1));
+        assert!(r.is_err());
+    }
+}
