@@ -3,5 +3,6 @@
 mod guards;
 mod judges;
 mod nydusd;
+mod nydusd_mount;
 mod nydusify;
 mod varied_tree;
