@@ -332,11 +332,7 @@ fn file_metrics(m: &Mounted, req: &Request, pattern: bool) -> Response {
         Err(r) => return r,
     };
     let (flag, on) = {
-        let c = m
-            .fs
-            .file_stats()
-            .map(|s| s.config())
-            .unwrap_or_default();
+        let c = m.fs.file_stats().map(|s| s.config()).unwrap_or_default();
         match (pattern, latest) {
             (true, _) => ("access_pattern", c.access_pattern),
             (false, true) => ("latest_read_files", c.latest_read_files),
@@ -459,9 +455,9 @@ pub fn route(ctx: &ApiContext, req: &Request) -> Response {
         ("POST", "/api/v1/mount") => post_mount(ctx, req),
         ("DELETE", "/api/v1/mount") => delete_mount(ctx, req),
         ("GET", "/api/v1/metrics") => one(&|m| json_response(200, m.metrics.fs_json())),
-        ("GET", "/api/v1/metrics/backend") => one(&|m| {
-            json_response(200, m.metrics.backend_json(m.fs.cache().backend_kind()))
-        }),
+        ("GET", "/api/v1/metrics/backend") => {
+            one(&|m| json_response(200, m.metrics.backend_json(m.fs.cache().backend_kind())))
+        }
         ("GET", "/api/v1/metrics/blobcache") => one(&|m| {
             let cache = m.fs.cache();
             let mut v = m.metrics.cache_json(&cache.underlying_files());

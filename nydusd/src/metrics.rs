@@ -126,7 +126,6 @@ impl Metrics {
     }
 }
 
-
 /// Prometheus text exposition of every counter of every mount: one `# HELP`/`# TYPE`
 /// block per counter, one sample per mount labelled `labels` (e.g.
 /// `backend="localfs",id="/sub"`).
@@ -136,12 +135,16 @@ pub fn prometheus(mounts: &[(String, &Metrics)]) -> String {
         ("backend_read_count", "Backend requests made.", |m| {
             get(&m.backend.read_count)
         }),
-        ("backend_read_errors", "Backend requests that failed.", |m| {
-            get(&m.backend.read_errors)
-        }),
-        ("backend_read_bytes", "Bytes received from the backend.", |m| {
-            get(&m.backend.read_amount_total)
-        }),
+        (
+            "backend_read_errors",
+            "Backend requests that failed.",
+            |m| get(&m.backend.read_errors),
+        ),
+        (
+            "backend_read_bytes",
+            "Bytes received from the backend.",
+            |m| get(&m.backend.read_amount_total),
+        ),
         ("cache_hits", "Chunk reads served from the cache.", |m| {
             get(&m.cache.hits)
         }),
@@ -315,7 +318,10 @@ mod tests {
         let order: Vec<u64> = s.pattern().iter().map(|(n, _)| *n).collect();
         assert_eq!(order, [30, 10, 20]);
         let f: HashMap<u64, FileRecord> = s.files().into_iter().collect();
-        assert_eq!((f[&30].nr_open, f[&30].nr_read, f[&30].data_read), (1, 2, 17));
+        assert_eq!(
+            (f[&30].nr_open, f[&30].nr_read, f[&30].data_read),
+            (1, 2, 17)
+        );
         assert_eq!(s.take_latest(), [30, 10, 20]);
         assert!(s.take_latest().is_empty());
         s.read(10, 1);
@@ -326,10 +332,7 @@ mod tests {
     fn prometheus_groups_samples_of_several_mounts_under_one_header() {
         let (a, b) = (Metrics::default(), Metrics::default());
         Metrics::add(&b.fs.nr_opens, 3);
-        let text = prometheus(&[
-            ("id=\"/a\"".to_string(), &a),
-            ("id=\"/b\"".to_string(), &b),
-        ]);
+        let text = prometheus(&[("id=\"/a\"".to_string(), &a), ("id=\"/b\"".to_string(), &b)]);
         assert_eq!(text.matches("# TYPE nydusd_fs_opens counter").count(), 1);
         assert!(text.contains("nydusd_fs_opens{id=\"/a\"} 0\nnydusd_fs_opens{id=\"/b\"} 3\n"));
     }

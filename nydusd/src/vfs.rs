@@ -54,7 +54,11 @@ pub struct Mounted {
 impl Mounted {
     /// Stops the background prefetch, if any, and waits for it.
     pub fn stop_prefetch(&self) {
-        let p = self.prefetch.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let p = self
+            .prefetch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         if let Some(p) = p {
             p.stop();
         }
@@ -248,10 +252,9 @@ impl Vfs {
             image
         };
         image.stop_prefetch();
-        if let (Some(notify), Ok(cname)) = (
-            self.notifier.get(),
-            std::ffi::CString::new(name.as_bytes()),
-        ) {
+        if let (Some(notify), Ok(cname)) =
+            (self.notifier.get(), std::ffi::CString::new(name.as_bytes()))
+        {
             match notify(&cname) {
                 Ok(()) => {}
                 // Not in the kernel's cache: nothing to drop.

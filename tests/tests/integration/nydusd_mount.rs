@@ -166,7 +166,11 @@ fn nydusd_mounts_two_images_into_one_daemon_and_unmounts_one() {
         &["--compressor", "lz4_block", "--chunk-size", "0x10000"],
     );
     let d = Shared::start(tmp.path(), "shared");
-    assert_eq!(ls_a(d.mnt()), [".", ".."], "a fresh daemon shows an empty root");
+    assert_eq!(
+        ls_a(d.mnt()),
+        [".", ".."],
+        "a fresh daemon shows an empty root"
+    );
 
     expect(d.mount("/a", &img_a, ""), 204, "");
     expect(d.mount("/b", &img_b, ""), 204, "");
@@ -196,12 +200,18 @@ fn nydusd_mounts_two_images_into_one_daemon_and_unmounts_one() {
     let (s, b) = d.call("GET", "/api/v1/metrics/backend?id=/b", "");
     assert_eq!(s, 200, "{b}");
     let b_bytes = number(&b, "read_amount_total");
-    assert!(b_bytes > 0 && b_bytes < 2 << 20, "/b fetched {b_bytes} bytes");
+    assert!(
+        b_bytes > 0 && b_bytes < 2 << 20,
+        "/b fetched {b_bytes} bytes"
+    );
     let (_, a) = d.call("GET", "/api/v1/metrics/backend?id=%2Fa", "");
     assert!(number(&a, "read_amount_total") > 5 << 20, "{a}");
     expect(d.call("GET", "/api/v1/metrics/backend", ""), 400, "?id=");
     let (_, prom) = d.call("GET", "/metrics", "");
-    assert!(prom.contains("nydusd_fs_opens{backend=\"localfs\",id=\"/b\"}"), "{prom}");
+    assert!(
+        prom.contains("nydusd_fs_opens{backend=\"localfs\",id=\"/b\"}"),
+        "{prom}"
+    );
 
     // DELETE one: its entry vanishes, the other is still served in full.
     expect(d.call("DELETE", "/api/v1/mount?mountpoint=/a", ""), 204, "");
@@ -213,7 +223,12 @@ fn nydusd_mounts_two_images_into_one_daemon_and_unmounts_one() {
     }
     for p in gone {
         let err = std::fs::symlink_metadata(&p).unwrap_err();
-        assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{}: {err}", p.display());
+        assert_eq!(
+            err.kind(),
+            std::io::ErrorKind::NotFound,
+            "{}: {err}",
+            p.display()
+        );
     }
     drop_caches();
     assert_same_tree(&src_b, &d.mnt().join("b"));
@@ -293,11 +308,19 @@ fn nydusd_mount_api_refuses_bad_requests_with_the_reason() {
         "invalid mount request body",
     );
     expect(
-        d.call("POST", "/api/v1/mount", &good(&img.boot, config_text(&img, "")).to_string()),
+        d.call(
+            "POST",
+            "/api/v1/mount",
+            &good(&img.boot, config_text(&img, "")).to_string(),
+        ),
         400,
         "mountpoint",
     );
-    expect(d.mount("/x/y", &img, ""), 400, "one directory below the root");
+    expect(
+        d.mount("/x/y", &img, ""),
+        400,
+        "one directory below the root",
+    );
     // Nothing half-mounted is left behind.
     assert_eq!(ls_a(d.mnt()), [".", "..", "a"]);
     // A percent-encoded mountpoint (as Go's url.Values encodes it) works.
@@ -431,16 +454,30 @@ fn nydusd_access_pattern_lists_reads_in_order_and_feeds_prefetch() {
         api_call(sock, "GET", &path, "").1
     };
     let c = cache_of(&sock, "");
-    assert_eq!(number(&c, "ready_chunks"), 6, "2 chunks of each listed file: {c}");
-    let before = number(&api_call(&sock, "GET", "/api/v1/metrics/backend", "").1, "read_count");
+    assert_eq!(
+        number(&c, "ready_chunks"),
+        6,
+        "2 chunks of each listed file: {c}"
+    );
+    let before = number(
+        &api_call(&sock, "GET", "/api/v1/metrics/backend", "").1,
+        "read_count",
+    );
     for p in order {
         std::fs::read(mnt.join(&p[1..])).unwrap();
     }
     let backend = api_call(&sock, "GET", "/api/v1/metrics/backend", "").1;
-    assert_eq!(number(&backend, "read_count"), before, "prefetched files were fetched again");
+    assert_eq!(
+        number(&backend, "read_count"),
+        before,
+        "prefetched files were fetched again"
+    );
     std::fs::read(mnt.join("f1")).unwrap();
     let backend = api_call(&sock, "GET", "/api/v1/metrics/backend", "").1;
-    assert!(number(&backend, "read_count") > before, "an unlisted file was prefetched");
+    assert!(
+        number(&backend, "read_count") > before,
+        "an unlisted file was prefetched"
+    );
     drop(p);
 
     // The same list in an API mount's `prefetch_files`.
