@@ -3,7 +3,7 @@
 //!
 //! | request | answer |
 //! |---|---|
-//! | `GET /api/v1/daemon` | `{"id", "version": {...}, "state": "RUNNING", ...}` |
+//! | `GET /api/v1/daemon` | `{"id", "version": {...}, "state": "RUNNING", "mounts": {"/sub": {"mountpoint", "fs_type", "source"}}, ...}` |
 //! | `PUT /api/v1/daemon/exit` | 204, then the daemon unmounts and exits |
 //! | `POST /api/v1/mount?mountpoint=/sub` | body `{"source": BOOTSTRAP, "fs_type": "rafs", "config": "<v1 JSON as a string>", "prefetch_files": [...]}`: 204, or 400 (bad request, bootstrap or config; the message says which), 409 (mountpoint taken, or the daemon has a `--bootstrap`) |
 //! | `DELETE /api/v1/mount?mountpoint=/sub` | 204, or 404 when nothing is mounted there |
@@ -444,7 +444,11 @@ pub fn route(ctx: &ApiContext, req: &Request) -> Response {
                     },
                     "supervisor": null,
                     "state": ctx.state.get().as_str(),
-                    "backend_collection": collection,
+                    // Upstream fills this with its own config structures, which
+                    // nydusctl 2.2 insists on parsing (it panics on anything else):
+                    // the images served are listed under `mounts` instead.
+                    "backend_collection": {},
+                    "mounts": collection,
                 }),
             )
         }
