@@ -266,16 +266,17 @@ impl Vfs {
         Ok(image)
     }
 
-    /// The image serving inode `ino` (not the pseudo-root).
-    fn image(&self, ino: u64) -> io::Result<Arc<RafsFs>> {
+    /// The image serving inode `ino` (not the pseudo-root). The `--bootstrap` image is
+    /// borrowed, so that requests of a single-image daemon share no reference count.
+    fn image(&self, ino: u64) -> io::Result<ImageRef<'_>> {
         if let Some(r) = &self.root {
-            return Ok(r.fs.clone());
+            return Ok(ImageRef::Root(&r.fs));
         }
         let index = (ino >> MOUNT_SHIFT) as u16;
         self.read_table()
             .by_index
             .get(&index)
-            .map(|m| m.fs.clone())
+            .map(|m| ImageRef::Mounted(m.fs.clone()))
             .ok_or_else(|| errno(libc::ENOENT))
     }
 
@@ -369,6 +370,24 @@ impl Vfs {
             }
         }
         Ok(())
+    }
+}
+
+/// The image a request goes to.
+enum ImageRef<'a> {
+    /// The `--bootstrap` image.
+    Root(&'a RafsFs),
+    /// An API mount, held for the request (it may be unmounted meanwhile).
+    Mounted(Arc<RafsFs>),
+}
+
+impl std::ops::Deref for ImageRef<'_> {
+    type Target = RafsFs;
+    fn deref(&self) -> &RafsFs {
+        match self {
+            ImageRef::Root(fs) => fs,
+            ImageRef::Mounted(fs) => fs,
+        }
     }
 }
 
