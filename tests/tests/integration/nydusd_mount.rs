@@ -8,7 +8,7 @@ use rafs_e2e::*;
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::io::{Read, Write};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -214,6 +214,7 @@ fn nydusd_mounts_two_images_into_one_daemon_and_unmounts_one() {
     );
 
     // DELETE one: its entry vanishes, the other is still served in full.
+    let held = std::fs::File::open(d.mnt().join("a").join(MULTI_CHUNK_FILE)).unwrap();
     expect(d.call("DELETE", "/api/v1/mount?mountpoint=/a", ""), 204, "");
     assert_eq!(ls_a(d.mnt()), [".", "..", "b"]);
     // Also names the kernel had cached: the image root and everything in it.
@@ -232,6 +233,10 @@ fn nydusd_mounts_two_images_into_one_daemon_and_unmounts_one() {
     }
     drop_caches();
     assert_same_tree(&src_b, &d.mnt().join("b"));
+    // A file still open in the unmounted image fails to read, it never gets bytes.
+    let mut buf = vec![0u8; 4096];
+    let err = held.read_at(&mut buf, 2 << 20).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
     expect(
         d.call("DELETE", "/api/v1/mount?mountpoint=/a", ""),
         404,
@@ -247,6 +252,8 @@ fn nydusd_mounts_two_images_into_one_daemon_and_unmounts_one() {
         "",
     );
     assert_same_tree(&src_b, &d.mnt().join("a"));
+    // The old file's inode number does not lead into the new image.
+    assert!(held.read_at(&mut buf, 2 << 20).is_err());
     assert!(
         !d.log_text().contains(" ERROR ") && !d.log_text().contains(" WARN "),
         "errors logged:\n{}",
