@@ -11,6 +11,9 @@
 //! numbers of an unmounted image; reusing its index would hand them another image's
 //! files), which bounds a daemon to 65,535 API mounts.
 //!
+//! Every [`FileSystem`] method [`RafsFs`] implements is forwarded here; a method added
+//! there must be forwarded here too, or the FUSE session never calls it.
+//!
 //! The pseudo-root is ours rather than fuse-backend-rs' `Vfs` so that its `readdir` lists
 //! `.` and `..` like any directory. Its entries are cached by the kernel as long as image
 //! entries are; an unmount removes the image from the table first (new lookups get
@@ -408,7 +411,16 @@ impl FileSystem for Vfs {
     type Handle = u64;
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
-        Ok(fuse_options(capable))
+        match &self.root {
+            Some(r) => r.fs.init(capable),
+            None => Ok(fuse_options(capable)),
+        }
+    }
+
+    fn destroy(&self) {
+        for m in self.mounts() {
+            m.fs.destroy();
+        }
     }
 
     fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
