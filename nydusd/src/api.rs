@@ -3,21 +3,33 @@
 //!
 //! | request | answer |
 //! |---|---|
-//! | `GET /api/v1/daemon` | `{"id", "version": {...}, "state": "RUNNING", ...}` |
+//! | `GET /api/v1/daemon` | `{"id", "version": {...}, "state": "RUNNING", "mounts": {"/sub": {"mountpoint", "fs_type", "source"}}, ...}` |
 //! | `PUT /api/v1/daemon/exit` | 204, then the daemon unmounts and exits |
+//! | `POST /api/v1/mount?mountpoint=/sub` | body `{"source": BOOTSTRAP, "fs_type": "rafs", "config": "<v1 JSON as a string>", "prefetch_files": [...]}`: 204, or 400 (bad request, bootstrap or config; the message says which), 409 (mountpoint taken, or the daemon has a `--bootstrap`) |
+//! | `DELETE /api/v1/mount?mountpoint=/sub` | 204, or 404 when nothing is mounted there |
 //! | `GET /api/v1/metrics` | filesystem counters |
 //! | `GET /api/v1/metrics/backend` | backend requests, bytes, errors, latency |
 //! | `GET /api/v1/metrics/blobcache` | cache hits, misses, digest errors, prefetch |
-//! | `GET /metrics` | every counter as Prometheus text |
+//! | `GET /api/v1/metrics/files` | files opened or read, with counts (config `iostats_files`) |
+//! | `GET /api/v1/metrics/files?latest=true` | files read since the last such request (config `latest_read_files`) |
+//! | `GET /api/v1/metrics/pattern` | files in the order of their first read, with `file_path` usable as a `--prefetch-files` list (config `access_pattern`) |
+//! | `GET /metrics` | every counter as Prometheus text, one sample per image |
+//!
+//! The metrics paths take `?id=/sub` to choose an image; without it they answer for the
+//! only image served (400 when there are several). The per-file paths answer 400 when
+//! their config flag is off (all three are off by default, as upstream).
 //!
 //! A deliberately small HTTP/1.1 server: one request per connection (`Connection:
 //! close`), bounded header and body sizes, a read timeout, one connection at a time.
 
-use crate::cache::ChunkCache;
-use crate::daemon::{Event, StateCell};
-use crate::error::{Error, Result};
-use crate::metrics::Metrics;
+use crate::config::Config;
+use crate::daemon::{self, Event, StateCell};
+use crate::error::{Chain, Error, Result};
+use crate::metrics::{self as metrics};
+use crate::vfs::{MountError, Mounted, Vfs};
+use serde::Deserialize;
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -36,10 +48,8 @@ pub struct ApiContext {
     pub id: String,
     /// Daemon state.
     pub state: Arc<StateCell>,
-    /// Counters.
-    pub metrics: Arc<Metrics>,
-    /// The cache (for the blobcache metrics).
-    pub cache: Arc<ChunkCache>,
+    /// The images served (with their caches and counters).
+    pub vfs: Arc<Vfs>,
     /// Where `PUT /api/v1/daemon/exit` is announced.
     pub events: Sender<Event>,
 }
@@ -156,50 +166,341 @@ fn error_response(status: u16, message: &str) -> Response {
     json_response(status, json!({"code": "UNDEFINED", "message": message}))
 }
 
+/// Decodes `%XX` escapes and `+` (a space, in form encoding); `None` if malformed.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The query's parameters, decoded.
+fn query(req: &Request) -> std::result::Result<HashMap<String, String>, Response> {
+    let mut out = HashMap::new();
+    for pair in req.query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match (percent_decode(k), percent_decode(v)) {
+            (Some(k), Some(v)) => {
+                out.insert(k, v);
+            }
+            _ => {
+                return Err(error_response(
+                    400,
+                    &format!("malformed query parameter {pair:?}"),
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The image a metrics request is about: `?id=/sub`, or the only one.
+fn select(ctx: &ApiContext, req: &Request) -> std::result::Result<Arc<Mounted>, Response> {
+    let q = query(req)?;
+    if let Some(id) = q.get("id").filter(|id| !id.is_empty()) {
+        return ctx
+            .vfs
+            .get(id)
+            .ok_or_else(|| error_response(404, &format!("nothing is mounted at {id}")));
+    }
+    let mut all = ctx.vfs.mounts();
+    match all.len() {
+        0 => Err(error_response(404, "nothing is mounted")),
+        1 => Ok(all.remove(0)),
+        n => Err(error_response(
+            400,
+            &format!(
+                "{n} images are mounted: choose one with ?id= (one of {})",
+                all.iter()
+                    .map(|m| m.mountpoint.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+    }
+}
+
+/// Upstream's mount request body.
+#[derive(Deserialize)]
+struct MountBody {
+    source: String,
+    #[serde(default = "rafs")]
+    fs_type: String,
+    config: String,
+    #[serde(default)]
+    prefetch_files: Option<Vec<String>>,
+}
+
+fn rafs() -> String {
+    "rafs".into()
+}
+
+fn mount_error(e: MountError) -> Response {
+    let status = match e {
+        MountError::Conflict(_) => 409,
+        MountError::NotFound(_) => 404,
+        MountError::Invalid(_) => 400,
+    };
+    error_response(status, &e.to_string())
+}
+
+fn mountpoint(req: &Request) -> std::result::Result<String, Response> {
+    query(req)?
+        .remove("mountpoint")
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| error_response(400, "missing query parameter ?mountpoint=/sub"))
+}
+
+fn post_mount(ctx: &ApiContext, req: &Request) -> Response {
+    let mountpoint = match mountpoint(req) {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    let body: MountBody = match serde_json::from_slice(&req.body) {
+        Ok(b) => b,
+        Err(e) => return error_response(400, &format!("invalid mount request body: {e}")),
+    };
+    if body.fs_type != "rafs" {
+        return error_response(
+            400,
+            &format!(
+                "fs_type {:?} is not supported (supported: rafs)",
+                body.fs_type
+            ),
+        );
+    }
+    let config = match Config::from_json(&body.config) {
+        Ok(c) => c,
+        Err(e) => return error_response(400, &format!("config: {}", Chain(&e))),
+    };
+    let index = match ctx.vfs.reserve(&mountpoint) {
+        Ok(i) => i,
+        Err(e) => return mount_error(e),
+    };
+    let source = PathBuf::from(&body.source);
+    let image = match daemon::mount_image(
+        &mountpoint,
+        &source,
+        &config,
+        index,
+        body.prefetch_files.as_deref(),
+    ) {
+        Ok(m) => m,
+        Err(e) => {
+            warn!("mounting {} at {mountpoint}: {}", body.source, Chain(&e));
+            return error_response(400, &format!("source {}: {}", body.source, Chain(&e)));
+        }
+    };
+    match ctx.vfs.mount(image) {
+        Ok(()) => (204, "application/json", Vec::new()),
+        Err(e) => mount_error(e),
+    }
+}
+
+fn delete_mount(ctx: &ApiContext, req: &Request) -> Response {
+    let mountpoint = match mountpoint(req) {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    match ctx.vfs.umount(&mountpoint) {
+        Ok(_) => (204, "application/json", Vec::new()),
+        Err(e) => mount_error(e),
+    }
+}
+
+/// `/api/v1/metrics/files` and `/api/v1/metrics/pattern` of one image.
+fn file_metrics(m: &Mounted, req: &Request, pattern: bool) -> Response {
+    let latest = match query(req) {
+        Ok(q) => q.get("latest").is_some_and(|v| v == "true" || v == "1"),
+        Err(r) => return r,
+    };
+    let (flag, on) = {
+        let c = m.fs.file_stats().map(|s| s.config()).unwrap_or_default();
+        match (pattern, latest) {
+            (true, _) => ("access_pattern", c.access_pattern),
+            (false, true) => ("latest_read_files", c.latest_read_files),
+            (false, false) => ("iostats_files", c.iostats_files),
+        }
+    };
+    let Some(stats) = m.fs.file_stats().filter(|_| on) else {
+        return error_response(
+            400,
+            &format!(
+                "{flag} is off in the config of {}: set \"{flag}\": true to record it",
+                m.mountpoint
+            ),
+        );
+    };
+    let paths = match m.fs.cache().bootstrap().paths() {
+        Ok(p) => p,
+        Err(e) => return error_response(500, &format!("walking the bootstrap: {e}")),
+    };
+    let map = m.fs.inode_map();
+    let path = |nid: u64| {
+        paths
+            .get(&nid)
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_default()
+    };
+    let list: Vec<Value> = if pattern {
+        stats
+            .pattern()
+            .into_iter()
+            .map(|(nid, r)| {
+                let t = r
+                    .first_read_time
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .unwrap_or_default();
+                json!({
+                    "ino": map.to_fuse(nid),
+                    "file_path": path(nid),
+                    "nr_read": r.nr_read,
+                    "first_access_time_secs": t.as_secs(),
+                    "first_access_time_nanos": t.subsec_nanos(),
+                })
+            })
+            .collect()
+    } else if latest {
+        stats
+            .take_latest()
+            .into_iter()
+            .map(|nid| json!({"ino": map.to_fuse(nid), "file_path": path(nid)}))
+            .collect()
+    } else {
+        stats
+            .files()
+            .into_iter()
+            .map(|(nid, r)| {
+                json!({
+                    "ino": map.to_fuse(nid),
+                    "file_path": path(nid),
+                    "nr_open": r.nr_open,
+                    "nr_read": r.nr_read,
+                    "data_read": r.data_read,
+                })
+            })
+            .collect()
+    };
+    json_response(200, Value::Array(list))
+}
+
+/// A Prometheus label value, escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 /// Answers one request.
 pub fn route(ctx: &ApiContext, req: &Request) -> Response {
-    let m = &ctx.metrics;
+    let one = |f: &dyn Fn(&Mounted) -> Response| match select(ctx, req) {
+        Ok(m) => f(&m),
+        Err(r) => r,
+    };
     match (req.method.as_str(), req.path.as_str()) {
-        ("GET", "/api/v1/daemon") => json_response(
-            200,
-            json!({
-                "id": ctx.id,
-                "version": {
-                    "package_ver": env!("CARGO_PKG_VERSION"),
-                    "git_commit": "",
-                    "build_time": "",
-                    "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
-                    "rustc": "",
-                },
-                "supervisor": null,
-                "state": ctx.state.get().as_str(),
-                "backend_collection": {},
-            }),
-        ),
+        ("GET", "/api/v1/daemon") => {
+            let collection: serde_json::Map<String, Value> = ctx
+                .vfs
+                .mounts()
+                .iter()
+                .map(|m| {
+                    (
+                        m.mountpoint.clone(),
+                        json!({
+                            "mountpoint": m.mountpoint,
+                            "fs_type": "rafs",
+                            "source": m.source.display().to_string(),
+                        }),
+                    )
+                })
+                .collect();
+            json_response(
+                200,
+                json!({
+                    "id": ctx.id,
+                    "version": {
+                        "package_ver": env!("CARGO_PKG_VERSION"),
+                        "git_commit": "",
+                        "build_time": "",
+                        "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
+                        "rustc": "",
+                    },
+                    "supervisor": null,
+                    "state": ctx.state.get().as_str(),
+                    // Upstream fills this with its own config structures, which
+                    // nydusctl 2.2 insists on parsing (it panics on anything else):
+                    // the images served are listed under `mounts` instead.
+                    "backend_collection": {},
+                    "mounts": collection,
+                }),
+            )
+        }
         ("PUT", "/api/v1/daemon/exit") => {
             let _ = ctx.events.send(Event::ApiExit);
             (204, "application/json", Vec::new())
         }
-        ("GET", "/api/v1/metrics") => json_response(200, m.fs_json()),
+        ("POST", "/api/v1/mount") => post_mount(ctx, req),
+        ("DELETE", "/api/v1/mount") => delete_mount(ctx, req),
+        ("GET", "/api/v1/metrics") => one(&|m| json_response(200, m.metrics.fs_json())),
         ("GET", "/api/v1/metrics/backend") => {
-            json_response(200, m.backend_json(ctx.cache.backend_kind()))
+            one(&|m| json_response(200, m.metrics.backend_json(m.fs.cache().backend_kind())))
         }
-        ("GET", "/api/v1/metrics/blobcache") => {
-            let mut v = m.cache_json(&ctx.cache.underlying_files());
-            let (ready, total) = ctx.cache.ready_chunks();
+        ("GET", "/api/v1/metrics/blobcache") => one(&|m| {
+            let cache = m.fs.cache();
+            let mut v = m.metrics.cache_json(&cache.underlying_files());
+            let (ready, total) = cache.ready_chunks();
             v["ready_chunks"] = json!(ready);
             v["total_chunks"] = json!(total);
             json_response(200, v)
+        }),
+        ("GET", "/api/v1/metrics/files") => one(&|m| file_metrics(m, req, false)),
+        ("GET", "/api/v1/metrics/pattern") => one(&|m| file_metrics(m, req, true)),
+        ("GET", "/metrics") => {
+            let mounts = ctx.vfs.mounts();
+            let labelled: Vec<(String, &metrics::Metrics)> = mounts
+                .iter()
+                .map(|m| {
+                    let kind = m.fs.cache().backend_kind();
+                    let labels = if ctx.vfs.is_pseudo() {
+                        format!("backend=\"{kind}\",id=\"{}\"", label(&m.mountpoint))
+                    } else {
+                        format!("backend=\"{kind}\"")
+                    };
+                    (labels, &*m.metrics)
+                })
+                .collect();
+            (
+                200,
+                "text/plain; version=0.0.4",
+                metrics::prometheus(&labelled).into_bytes(),
+            )
         }
-        ("GET", "/metrics") => (
-            200,
-            "text/plain; version=0.0.4",
-            m.prometheus(ctx.cache.backend_kind()).into_bytes(),
-        ),
-        (_, "/api/v1/daemon" | "/api/v1/daemon/exit" | "/metrics")
-        | (_, "/api/v1/metrics" | "/api/v1/metrics/backend" | "/api/v1/metrics/blobcache") => {
-            error_response(405, "method not allowed")
-        }
+        (_, "/api/v1/daemon" | "/api/v1/daemon/exit" | "/metrics" | "/api/v1/mount")
+        | (
+            _,
+            "/api/v1/metrics"
+            | "/api/v1/metrics/backend"
+            | "/api/v1/metrics/blobcache"
+            | "/api/v1/metrics/files"
+            | "/api/v1/metrics/pattern",
+        ) => error_response(405, "method not allowed"),
         _ => error_response(404, &format!("no such endpoint: {}", req.path)),
     }
 }
@@ -211,6 +512,8 @@ fn reason(status: u16) -> &'static str {
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        409 => "Conflict",
+        500 => "Internal Server Error",
         _ => "Error",
     }
 }
@@ -249,5 +552,24 @@ mod tests {
         assert!(read_request(&mut &b"\r\n"[..]).unwrap().is_none());
         let huge = b"GET / HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n";
         assert!(read_request(&mut &huge[..]).unwrap().is_none());
+    }
+
+    #[test]
+    fn query_parameters_are_percent_decoded() {
+        let req = Request {
+            method: "POST".into(),
+            path: "/api/v1/mount".into(),
+            query: "mountpoint=%2Fsnap%201&x".into(),
+            body: Vec::new(),
+        };
+        let q = query(&req).unwrap();
+        assert_eq!(q["mountpoint"], "/snap 1");
+        assert_eq!(q["x"], "");
+        let bad = Request {
+            query: "mountpoint=%2".into(),
+            ..req
+        };
+        assert_eq!(query(&bad).unwrap_err().0, 400);
+        assert_eq!(label("a\"b\\"), "a\\\"b\\\\");
     }
 }

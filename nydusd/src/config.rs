@@ -8,6 +8,7 @@
 //! an explicit `"digest_validate": false` turns that off.
 
 use crate::error::{Error, Result};
+use crate::metrics::FileStatsConfig;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -32,6 +33,10 @@ pub struct Config {
     pub amplify_io: u64,
     /// Background prefetch.
     pub prefetch: PrefetchConfig,
+    /// Per-file records for `/api/v1/metrics/files` and `/api/v1/metrics/pattern`
+    /// (`iostats_files`, `access_pattern`, `latest_read_files`; all off by default, as
+    /// upstream).
+    pub file_stats: FileStatsConfig,
 }
 
 /// `device.backend`.
@@ -284,6 +289,7 @@ impl Config {
             enable_xattr: true,
             amplify_io: DEFAULT_AMPLIFY_IO,
             prefetch: PrefetchConfig::default(),
+            file_stats: FileStatsConfig::default(),
         }
     }
 
@@ -297,7 +303,6 @@ impl Config {
             }
             // `cached` only changes how RAFS v5 metadata is loaded; v6 is always direct.
         }
-        let _ = (raw.iostats_files, raw.access_pattern, raw.latest_read_files);
         let amplify_io = raw.amplify_io.unwrap_or(DEFAULT_AMPLIFY_IO);
         if amplify_io > MAX_AMPLIFY_IO {
             return Err(Error::config(
@@ -312,6 +317,11 @@ impl Config {
             enable_xattr: raw.enable_xattr.unwrap_or(true),
             amplify_io,
             prefetch: prefetch(raw.fs_prefetch)?,
+            file_stats: FileStatsConfig {
+                iostats_files: raw.iostats_files.unwrap_or(false),
+                access_pattern: raw.access_pattern.unwrap_or(false),
+                latest_read_files: raw.latest_read_files.unwrap_or(false),
+            },
         })
     }
 }
@@ -508,6 +518,7 @@ mod tests {
         );
         assert_eq!(c.cache.work_dir, PathBuf::from("/cache"));
         assert!(c.digest_validate, "digest_validate must default to true");
+        assert!(!c.file_stats.any(), "per-file records are off by default");
         assert_eq!(c.amplify_io, 524288);
         assert_eq!(
             c.prefetch,
@@ -527,6 +538,16 @@ mod tests {
         assert!(!Config::from_json(&j).unwrap().digest_validate);
         let j = GOOD.replace("\"mode\"", "\"digest_validate\": true, \"mode\"");
         assert!(Config::from_json(&j).unwrap().digest_validate);
+    }
+
+    #[test]
+    fn file_stats_flags_are_read() {
+        let j = GOOD.replace(
+            "\"mode\"",
+            "\"access_pattern\": true, \"latest_read_files\": true, \"mode\"",
+        );
+        let f = Config::from_json(&j).unwrap().file_stats;
+        assert!(f.access_pattern && f.latest_read_files && !f.iostats_files);
     }
 
     #[test]

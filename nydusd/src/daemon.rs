@@ -6,18 +6,22 @@ use crate::cache::ChunkCache;
 use crate::config::{BackendConfig, Config};
 use crate::error::{Chain, Error, Result};
 use crate::fs::RafsFs;
-use crate::metrics::Metrics;
+use crate::metrics::{FileStats, Metrics};
+use crate::prefetch::{Prefetch, PrefetchList};
+use crate::vfs::{Mounted, Vfs};
+use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
-use fuse_backend_rs::transport::FuseSession;
+use fuse_backend_rs::transport::{FuseDevWriter, FuseSession};
 use p2p_backend::localfs::LocalFs;
 use p2p_backend::BlobBackend;
 use rafs::read::Bootstrap;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
 /// Why the daemon stops.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,8 +150,14 @@ pub fn open_bootstrap(path: &Path) -> Result<Arc<Bootstrap>> {
     Ok(Arc::new(bs))
 }
 
-/// Builds the filesystem of `bootstrap` with `config`: backend, cache files, filesystem.
-pub fn build_fs(bootstrap: &Path, config: &Config, metrics: Arc<Metrics>) -> Result<Arc<RafsFs>> {
+/// Builds the filesystem of `bootstrap` with `config` as mount `index`: backend, cache
+/// files, filesystem, and the per-file records the config asks for.
+pub fn build_fs(
+    bootstrap: &Path,
+    config: &Config,
+    metrics: Arc<Metrics>,
+    index: u16,
+) -> Result<Arc<RafsFs>> {
     let bs = open_bootstrap(bootstrap)?;
     let backend = backend(&config.backend)?;
     let cache = Arc::new(
@@ -159,12 +169,58 @@ pub fn build_fs(bootstrap: &Path, config: &Config, metrics: Arc<Metrics>) -> Res
             e => e,
         })?,
     );
-    Ok(Arc::new(RafsFs::new(
-        cache,
-        config.enable_xattr,
+    let mut fs = RafsFs::new(cache, config.enable_xattr, metrics, index);
+    if config.file_stats.any() {
+        fs = fs.with_file_stats(Arc::new(FileStats::new(config.file_stats)));
+    }
+    Ok(Arc::new(fs))
+}
+
+/// Opens `bootstrap` as the image at `mountpoint` with mount `index`, and starts its
+/// background prefetch when the config enables it: of `prefetch_files` (absolute paths
+/// in the image) if given, else of the bootstrap's prefetch table.
+pub fn mount_image(
+    mountpoint: &str,
+    bootstrap: &Path,
+    config: &Config,
+    index: u16,
+    prefetch_files: Option<&[String]>,
+) -> Result<Mounted> {
+    let metrics = Arc::new(Metrics::default());
+    let fs = build_fs(bootstrap, config, metrics.clone(), index)?;
+    let cache = fs.cache().clone();
+    if !config.digest_validate {
+        warn!("{mountpoint}: digest_validate is off: chunks are served without verification");
+    }
+    let prefetch = if config.prefetch.enable {
+        let list = match prefetch_files {
+            Some(paths) => PrefetchList::from_paths(&cache, &paths.join("\n")),
+            None => PrefetchList::from_bootstrap(&cache),
+        };
+        Some(Prefetch::start(cache, list, config.prefetch.clone()))
+    } else {
+        if prefetch_files.is_some() {
+            warn!("{mountpoint}: the prefetch list is ignored: fs_prefetch.enable is false");
+        }
+        None
+    };
+    Ok(Mounted {
+        mountpoint: mountpoint.to_string(),
+        source: bootstrap.to_path_buf(),
+        index,
+        fs,
         metrics,
-        0,
-    )))
+        prefetch: std::sync::Mutex::new(prefetch),
+    })
+}
+
+/// A filesystem with nothing in it, to send notifications through fuse-backend-rs'
+/// `Server` (which does not use its filesystem for them).
+struct NoFs;
+
+impl FileSystem for NoFs {
+    type Inode = u64;
+    type Handle = u64;
 }
 
 /// A mounted FUSE session served by a pool of threads.
@@ -175,9 +231,10 @@ pub struct FuseService {
 
 impl FuseService {
     /// Mounts `fs` read-only at `mountpoint` and serves it with `threads` threads. Each
-    /// thread sends [`Event::FuseEnded`] on `events` when it stops.
+    /// thread sends [`Event::FuseEnded`] on `events` when it stops. Unmounts in `fs`
+    /// invalidate the kernel's cached names through this session.
     pub fn start(
-        fs: Arc<RafsFs>,
+        fs: Arc<Vfs>,
         mountpoint: &Path,
         threads: usize,
         events: Sender<Event>,
@@ -188,6 +245,24 @@ impl FuseService {
         session
             .mount()
             .map_err(|e| Error::Fuse(format!("mounting {}: {e}", mountpoint.display())))?;
+        let notify_file = session
+            .get_fuse_file()
+            .ok_or_else(|| Error::Fuse("no FUSE device after mounting".into()))?
+            .try_clone()
+            .map_err(|e| Error::io("Duplicating the FUSE device", e))?;
+        let notifier = Server::new(NoFs);
+        fs.set_notifier(Box::new(move |name| {
+            let mut buf = vec![0u8; 4096];
+            let w = FuseDevWriter::<()>::new(notify_file.as_raw_fd(), &mut buf)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            notifier
+                .notify_inval_entry(w, crate::fs::ROOT_ID, name)
+                .map(|_| ())
+                .map_err(|e| match e {
+                    fuse_backend_rs::Error::InvalidMessage(io) => io,
+                    e => std::io::Error::other(e.to_string()),
+                })
+        }));
         let server = Arc::new(Server::new(fs));
         let mut handles = Vec::new();
         for i in 0..threads.max(1) {

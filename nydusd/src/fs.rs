@@ -8,7 +8,7 @@
 //! metadata or integrity failure is `EIO`, never wrong bytes.
 
 use crate::cache::ChunkCache;
-use crate::metrics::Metrics;
+use crate::metrics::{FileStats, Metrics};
 use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, Attr, FsOptions, OpenOptions};
 use fuse_backend_rs::api::filesystem::{
     Context, DirEntry, Entry, FileSystem, GetxattrReply, ListxattrReply, ZeroCopyWriter,
@@ -85,6 +85,8 @@ pub struct RafsFs {
     /// readdir from its cache, so opendir itself stays cheap).
     dirs: Mutex<HashMap<u64, Arc<DirCell>>>,
     next_handle: AtomicU64,
+    /// Per-file records, when the config asks for them.
+    file_stats: Option<Arc<FileStats>>,
 }
 
 fn eio() -> io::Error {
@@ -110,9 +112,21 @@ fn dtype(mode: u32) -> u32 {
     .into()
 }
 
+/// The FUSE options a read-only image filesystem asks for, among those the kernel offers.
+pub fn fuse_options(capable: FsOptions) -> FsOptions {
+    let want = FsOptions::ASYNC_READ
+        | FsOptions::PARALLEL_DIROPS
+        | FsOptions::DO_READDIRPLUS
+        | FsOptions::READDIRPLUS_AUTO
+        | FsOptions::MAX_PAGES
+        | FsOptions::CACHE_SYMLINKS
+        | FsOptions::BIG_WRITES;
+    want & capable
+}
+
 /// Zero-initialised `statvfs64` without unsafe code: the trait's default `statfs` of a
 /// filesystem that implements nothing.
-fn empty_statvfs() -> statvfs64 {
+pub(crate) fn empty_statvfs() -> statvfs64 {
     struct Nothing;
     impl FileSystem for Nothing {
         type Inode = u64;
@@ -141,7 +155,24 @@ impl RafsFs {
             metrics,
             dirs: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
+            file_stats: None,
         }
+    }
+
+    /// Records opens and reads of files in `stats`.
+    pub fn with_file_stats(mut self, stats: Arc<FileStats>) -> Self {
+        self.file_stats = Some(stats);
+        self
+    }
+
+    /// The per-file records, if kept.
+    pub fn file_stats(&self) -> Option<&Arc<FileStats>> {
+        self.file_stats.as_ref()
+    }
+
+    /// The FUSE inode number of the bootstrap's root.
+    pub fn root_ino(&self) -> u64 {
+        self.map.to_fuse(self.bs.superblock().root_nid)
     }
 
     /// The inode map.
@@ -242,14 +273,7 @@ impl FileSystem for RafsFs {
     type Handle = u64;
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
-        let want = FsOptions::ASYNC_READ
-            | FsOptions::PARALLEL_DIROPS
-            | FsOptions::DO_READDIRPLUS
-            | FsOptions::READDIRPLUS_AUTO
-            | FsOptions::MAX_PAGES
-            | FsOptions::CACHE_SYMLINKS
-            | FsOptions::BIG_WRITES;
-        Ok(want & capable)
+        Ok(fuse_options(capable))
     }
 
     fn lookup(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
@@ -320,6 +344,9 @@ impl FileSystem for RafsFs {
             return Err(errno(libc::EISDIR));
         }
         Metrics::add(&self.metrics.fs.nr_opens, 1);
+        if let Some(s) = &self.file_stats {
+            s.opened(i.nid);
+        }
         Ok((None, OpenOptions::KEEP_CACHE, None))
     }
 
@@ -353,6 +380,9 @@ impl FileSystem for RafsFs {
             })?;
         w.write_all(&buf)?;
         Metrics::add(&self.metrics.fs.data_read, buf.len() as u64);
+        if let Some(s) = &self.file_stats {
+            s.read(i.nid, buf.len() as u64);
+        }
         Ok(buf.len())
     }
 

@@ -7,6 +7,8 @@
 //! * [`daemon`]: wiring — backend, cache, filesystem, FUSE session and its threads.
 //! * [`api`]: the HTTP API on a unix socket; [`metrics`]: the counters it serves.
 //! * [`prefetch`]: background prefetch of listed files and whole blobs.
+//! * [`vfs`]: what the FUSE session serves: one image at the root, or a pseudo-root of
+//!   images mounted through the API.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -17,5 +19,6 @@ pub mod error;
 pub mod fs;
 pub mod metrics;
 pub mod prefetch;
+pub mod vfs;
 
 pub use error::{Error, Result};

@@ -1,36 +1,43 @@
-//! `nydusd`: mounts a RAFS v6 bootstrap read-only through FUSE. Flags are parsed and
-//! validated here; everything else is the `nydusd` library.
+//! `nydusd`: mounts a RAFS v6 bootstrap read-only through FUSE, or an empty directory
+//! that images are mounted into through the API. Flags are parsed and validated here;
+//! everything else is the `nydusd` library.
 
 use anyhow::{bail, Context as _, Result};
 use clap::Parser;
 use nydusd::api::{ApiContext, ApiServer};
 use nydusd::config::Config;
 use nydusd::daemon::{self, Event, FuseService, State, StateCell};
-use nydusd::metrics::Metrics;
-use nydusd::prefetch::{Prefetch, PrefetchList};
+use nydusd::vfs::Vfs;
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::Arc;
-use tracing::{info, warn};
+use tracing::info;
 
 /// Serve a nydus (RAFS v6) image as a read-only FUSE filesystem, fetching file data
 /// lazily from a blob backend into a verified local chunk cache.
 ///
 /// Example: nydusd --bootstrap image.boot --mountpoint /mnt --config nydusd.json
 /// (the optional first word `fuse` selects the FUSE mode, as upstream's nydusd).
+///
+/// Without --bootstrap, the mountpoint shows an empty directory and images are mounted
+/// into it at run time: `POST /api/v1/mount?mountpoint=/sub` on the --apisock socket
+/// with body {"source": "image.boot", "fs_type": "rafs", "config": "<JSON string>"}
+/// shows the image at MOUNTPOINT/sub; `DELETE` with the same query removes it.
 #[derive(Parser, Debug)]
 #[command(name = "nydusd", version)]
 struct Opt {
-    /// The RAFS v6 bootstrap (metadata) to serve.
+    /// The RAFS v6 bootstrap (metadata) to serve at the mountpoint. Without it, the
+    /// mountpoint is an empty directory that images are mounted into through the API.
     #[arg(short = 'B', long, value_name = "FILE")]
-    bootstrap: PathBuf,
+    bootstrap: Option<PathBuf>,
     /// Directory to mount the filesystem on.
     #[arg(short = 'M', long, value_name = "DIR")]
     mountpoint: PathBuf,
-    /// Configuration in upstream nydusd's v1 JSON shape (backend, cache, prefetch).
+    /// Configuration in upstream nydusd's v1 JSON shape (backend, cache, prefetch) of
+    /// the --bootstrap image (API mounts bring their own). Needed with --bootstrap.
     #[arg(short = 'C', long, value_name = "FILE")]
-    config: PathBuf,
-    /// Serve the HTTP API (state, exit, metrics) on this unix socket.
+    config: Option<PathBuf>,
+    /// Serve the HTTP API (state, exit, mount, metrics) on this unix socket.
     #[arg(short = 'A', long, value_name = "SOCKET")]
     apisock: Option<PathBuf>,
     /// Files to prefetch first, one absolute path per line (overrides the bootstrap's
@@ -93,14 +100,45 @@ fn init_logging(opt: &Opt) -> Result<()> {
     Ok(())
 }
 
+/// The filesystem to serve: the --bootstrap image at the root, or an empty pseudo-root.
+fn build_vfs(opt: &Opt) -> Result<Vfs> {
+    let Some(bootstrap) = &opt.bootstrap else {
+        if opt.apisock.is_none() {
+            bail!("without --bootstrap, give --apisock to mount images through the API");
+        }
+        if opt.prefetch_files.is_some() {
+            bail!("--prefetch-files needs --bootstrap (API mounts take `prefetch_files`)");
+        }
+        if let Some(c) = &opt.config {
+            // Checked, so that a broken file is reported at start.
+            Config::load(c)?;
+        }
+        return Ok(Vfs::pseudo());
+    };
+    let Some(config) = &opt.config else {
+        bail!("--bootstrap needs --config (the backend and cache of the image)");
+    };
+    let config = Config::load(config)?;
+    let files = match &opt.prefetch_files {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("reading --prefetch-files {}", p.display()))?;
+            Some(text.lines().map(str::to_string).collect::<Vec<_>>())
+        }
+        None => None,
+    };
+    let image = daemon::mount_image("/", bootstrap, &config, 0, files.as_deref())?;
+    info!(
+        "serving {} ({} blobs, digest validation {})",
+        bootstrap.display(),
+        image.fs.cache().bootstrap().blobs().len(),
+        if config.digest_validate { "on" } else { "off" }
+    );
+    Ok(Vfs::single(image))
+}
+
 fn run(opt: Opt) -> Result<()> {
-    let config = Config::load(&opt.config)?;
-    let metrics = Arc::new(Metrics::default());
-    let fs = daemon::build_fs(&opt.bootstrap, &config, metrics.clone())?;
-    let cache = fs.cache().clone();
-    if !config.digest_validate {
-        warn!("digest_validate is off: chunks are served without verification");
-    }
+    let vfs = Arc::new(build_vfs(&opt)?);
 
     let (tx, rx) = mpsc::channel();
     let mut signals = signal_hook::iterator::Signals::new([
@@ -128,50 +166,29 @@ fn run(opt: Opt) -> Result<()> {
                     .clone()
                     .unwrap_or_else(|| opt.mountpoint.display().to_string()),
                 state: state.clone(),
-                metrics: metrics.clone(),
-                cache: cache.clone(),
+                vfs: vfs.clone(),
                 events: tx.clone(),
             },
         )?),
         None => None,
     };
 
-    let fuse = FuseService::start(fs, &opt.mountpoint, opt.fuse_threads, tx.clone())?;
+    let fuse = FuseService::start(vfs.clone(), &opt.mountpoint, opt.fuse_threads, tx.clone())?;
     state.set(State::Running);
     info!(
-        "mounted {} on {} ({} blobs, digest validation {})",
-        opt.bootstrap.display(),
+        "mounted {} on {}",
+        match &opt.bootstrap {
+            Some(b) => b.display().to_string(),
+            None => "an empty directory for API mounts".into(),
+        },
         opt.mountpoint.display(),
-        cache.bootstrap().blobs().len(),
-        if config.digest_validate { "on" } else { "off" }
     );
-
-    let prefetch = if config.prefetch.enable {
-        let list = match &opt.prefetch_files {
-            Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .with_context(|| format!("reading --prefetch-files {}", p.display()))?;
-                PrefetchList::from_paths(&cache, &text)
-            }
-            None => PrefetchList::from_bootstrap(&cache),
-        };
-        Some(Prefetch::start(
-            cache.clone(),
-            list,
-            config.prefetch.clone(),
-        ))
-    } else {
-        if opt.prefetch_files.is_some() {
-            warn!("--prefetch-files is ignored: fs_prefetch.enable is false");
-        }
-        None
-    };
 
     let event = rx.recv().unwrap_or(Event::FuseEnded);
     info!("stopping: {event:?}");
     state.set(State::Stopped);
-    if let Some(p) = prefetch {
-        p.stop();
+    for m in vfs.mounts() {
+        m.stop_prefetch();
     }
     fuse.stop();
     if let Some(api) = api {

@@ -1,11 +1,17 @@
-//! Counters the daemon keeps, shared by the filesystem, the cache and the API.
+//! Counters the daemon keeps per mounted image, shared by its filesystem, its cache and
+//! the API.
 //!
 //! All counters are relaxed atomics: they are statistics, never used for
-//! synchronisation. [`Metrics`] renders them as the JSON of the upstream API paths and as
-//! Prometheus text.
+//! synchronisation. [`Metrics`] renders them as the JSON of the upstream API paths and,
+//! with [`prometheus`], as Prometheus text. [`FileStats`] records which files were read
+//! (`/api/v1/metrics/files`) and in which order (`/api/v1/metrics/pattern`), when the
+//! config asks for it.
 
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::SystemTime;
 
 /// Backend traffic (`/api/v1/metrics/backend`).
 #[derive(Default, Debug)]
@@ -118,69 +124,216 @@ impl Metrics {
             "fop_errors": get(&f.fop_errors),
         })
     }
+}
 
-    /// Prometheus text exposition of every counter.
-    pub fn prometheus(&self, backend_kind: &str) -> String {
-        let mut out = String::new();
-        let mut put = |name: &str, help: &str, v: u64| {
-            out.push_str(&format!(
-                "# HELP nydusd_{name} {help}\n# TYPE nydusd_{name} counter\nnydusd_{name}{{backend=\"{backend_kind}\"}} {v}\n"
-            ));
-        };
-        let b = &self.backend;
-        put(
-            "backend_read_count",
-            "Backend requests made.",
-            get(&b.read_count),
-        );
-        put(
+/// Prometheus text exposition of every counter of every mount: one `# HELP`/`# TYPE`
+/// block per counter, one sample per mount labelled `labels` (e.g.
+/// `backend="localfs",id="/sub"`).
+pub fn prometheus(mounts: &[(String, &Metrics)]) -> String {
+    type Get = fn(&Metrics) -> u64;
+    let counters: [(&str, &str, Get); 11] = [
+        ("backend_read_count", "Backend requests made.", |m| {
+            get(&m.backend.read_count)
+        }),
+        (
             "backend_read_errors",
             "Backend requests that failed.",
-            get(&b.read_errors),
-        );
-        put(
+            |m| get(&m.backend.read_errors),
+        ),
+        (
             "backend_read_bytes",
             "Bytes received from the backend.",
-            get(&b.read_amount_total),
-        );
-        let c = &self.cache;
-        put(
-            "cache_hits",
-            "Chunk reads served from the cache.",
-            get(&c.hits),
-        );
-        put(
-            "cache_misses",
-            "Chunks fetched for on-demand reads.",
-            get(&c.misses),
-        );
-        put(
+            |m| get(&m.backend.read_amount_total),
+        ),
+        ("cache_hits", "Chunk reads served from the cache.", |m| {
+            get(&m.cache.hits)
+        }),
+        ("cache_misses", "Chunks fetched for on-demand reads.", |m| {
+            get(&m.cache.misses)
+        }),
+        (
             "cache_digest_errors",
             "Fetched chunks that failed verification.",
-            get(&c.digest_errors),
+            |m| get(&m.cache.digest_errors),
+        ),
+        ("cache_corruptions", "Cached chunks found corrupt.", |m| {
+            get(&m.cache.cache_corruptions)
+        }),
+        ("prefetch_bytes", "Bytes fetched by prefetch.", |m| {
+            get(&m.cache.prefetch_bytes)
+        }),
+        ("fs_opens", "Files opened.", |m| get(&m.fs.nr_opens)),
+        ("fs_read_bytes", "Bytes returned by read.", |m| {
+            get(&m.fs.data_read)
+        }),
+        ("fs_errors", "Failed filesystem requests.", |m| {
+            get(&m.fs.fop_errors)
+        }),
+    ];
+    let mut out = String::new();
+    for (name, help, value) in counters {
+        out.push_str(&format!(
+            "# HELP nydusd_{name} {help}\n# TYPE nydusd_{name} counter\n"
+        ));
+        for (labels, m) in mounts {
+            out.push_str(&format!("nydusd_{name}{{{labels}}} {}\n", value(m)));
+        }
+    }
+    out
+}
+
+/// What [`FileStats`] records, from the config flags of upstream's names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileStatsConfig {
+    /// `iostats_files`: per-file opens, reads and bytes (`/api/v1/metrics/files`).
+    pub iostats_files: bool,
+    /// `access_pattern`: files in the order of their first read
+    /// (`/api/v1/metrics/pattern`).
+    pub access_pattern: bool,
+    /// `latest_read_files`: files read since the last
+    /// `/api/v1/metrics/files?latest=true`.
+    pub latest_read_files: bool,
+}
+
+impl FileStatsConfig {
+    /// Whether anything is recorded.
+    pub fn any(&self) -> bool {
+        self.iostats_files || self.access_pattern || self.latest_read_files
+    }
+}
+
+/// What is known about one file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileRecord {
+    /// Opens.
+    pub nr_open: u64,
+    /// `read` requests.
+    pub nr_read: u64,
+    /// Bytes returned by `read`.
+    pub data_read: u64,
+    /// Position of the first read among all files' first reads (0 = not read yet).
+    pub first_read_seq: u64,
+    /// Wall time of the first read.
+    pub first_read_time: Option<SystemTime>,
+}
+
+#[derive(Default)]
+struct FileStatsInner {
+    files: HashMap<u64, FileRecord>,
+    next_seq: u64,
+    latest: Vec<u64>,
+}
+
+/// Per-file records of one mount, keyed by nid (the image's inode number).
+pub struct FileStats {
+    config: FileStatsConfig,
+    inner: Mutex<FileStatsInner>,
+}
+
+impl FileStats {
+    /// Records what `config` asks for.
+    pub fn new(config: FileStatsConfig) -> Self {
+        FileStats {
+            config,
+            inner: Mutex::new(FileStatsInner::default()),
+        }
+    }
+
+    /// What is recorded.
+    pub fn config(&self) -> FileStatsConfig {
+        self.config
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FileStatsInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// File `nid` was opened.
+    pub fn opened(&self, nid: u64) {
+        self.lock().files.entry(nid).or_default().nr_open += 1;
+    }
+
+    /// File `nid` was read, `bytes` returned.
+    pub fn read(&self, nid: u64, bytes: u64) {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let rec = inner.files.entry(nid).or_default();
+        rec.nr_read += 1;
+        rec.data_read += bytes;
+        if rec.first_read_seq == 0 {
+            inner.next_seq += 1;
+            rec.first_read_seq = inner.next_seq;
+            rec.first_read_time = Some(SystemTime::now());
+            if self.config.latest_read_files {
+                inner.latest.push(nid);
+            }
+        } else if self.config.latest_read_files && !inner.latest.contains(&nid) {
+            inner.latest.push(nid);
+        }
+    }
+
+    /// Every file read or opened, with its record.
+    pub fn files(&self) -> Vec<(u64, FileRecord)> {
+        let mut v: Vec<_> = self.lock().files.iter().map(|(n, r)| (*n, *r)).collect();
+        v.sort_unstable_by_key(|(n, _)| *n);
+        v
+    }
+
+    /// Files in the order of their first read.
+    pub fn pattern(&self) -> Vec<(u64, FileRecord)> {
+        let mut v: Vec<_> = self
+            .lock()
+            .files
+            .iter()
+            .filter(|(_, r)| r.first_read_seq != 0)
+            .map(|(n, r)| (*n, *r))
+            .collect();
+        v.sort_unstable_by_key(|(_, r)| r.first_read_seq);
+        v
+    }
+
+    /// Files read since the previous call, in the order of their first read since then.
+    pub fn take_latest(&self) -> Vec<u64> {
+        std::mem::take(&mut self.lock().latest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_is_first_read_order_and_latest_is_drained() {
+        let s = FileStats::new(FileStatsConfig {
+            iostats_files: true,
+            access_pattern: true,
+            latest_read_files: true,
+        });
+        s.opened(30);
+        s.read(30, 10);
+        s.read(10, 5);
+        s.read(30, 7);
+        s.opened(20);
+        s.read(20, 1);
+        let order: Vec<u64> = s.pattern().iter().map(|(n, _)| *n).collect();
+        assert_eq!(order, [30, 10, 20]);
+        let f: HashMap<u64, FileRecord> = s.files().into_iter().collect();
+        assert_eq!(
+            (f[&30].nr_open, f[&30].nr_read, f[&30].data_read),
+            (1, 2, 17)
         );
-        put(
-            "cache_corruptions",
-            "Cached chunks found corrupt.",
-            get(&c.cache_corruptions),
-        );
-        put(
-            "prefetch_bytes",
-            "Bytes fetched by prefetch.",
-            get(&c.prefetch_bytes),
-        );
-        let f = &self.fs;
-        put("fs_opens", "Files opened.", get(&f.nr_opens));
-        put(
-            "fs_read_bytes",
-            "Bytes returned by read.",
-            get(&f.data_read),
-        );
-        put(
-            "fs_errors",
-            "Failed filesystem requests.",
-            get(&f.fop_errors),
-        );
-        out
+        assert_eq!(s.take_latest(), [30, 10, 20]);
+        assert!(s.take_latest().is_empty());
+        s.read(10, 1);
+        assert_eq!(s.take_latest(), [10]);
+    }
+
+    #[test]
+    fn prometheus_groups_samples_of_several_mounts_under_one_header() {
+        let (a, b) = (Metrics::default(), Metrics::default());
+        Metrics::add(&b.fs.nr_opens, 3);
+        let text = prometheus(&[("id=\"/a\"".to_string(), &a), ("id=\"/b\"".to_string(), &b)]);
+        assert_eq!(text.matches("# TYPE nydusd_fs_opens counter").count(), 1);
+        assert!(text.contains("nydusd_fs_opens{id=\"/a\"} 0\nnydusd_fs_opens{id=\"/b\"} 3\n"));
     }
 }

@@ -3,6 +3,7 @@
 mod guards;
 mod judges;
 mod nydusd;
+mod nydusd_mount;
 mod nydusify;
 mod nydusify_bad;
 mod varied_tree;

@@ -15,14 +15,14 @@ use std::time::Duration;
 const EIO: i32 = 5;
 
 /// An image built by our `nydus-image create`, with a cache directory next to it.
-struct Image {
-    boot: PathBuf,
-    blobs: PathBuf,
-    cache: PathBuf,
-    work: PathBuf,
+pub(crate) struct Image {
+    pub(crate) boot: PathBuf,
+    pub(crate) blobs: PathBuf,
+    pub(crate) cache: PathBuf,
+    pub(crate) work: PathBuf,
 }
 
-fn build(src: &Path, work: &Path, flags: &[&str]) -> Image {
+pub(crate) fn build(src: &Path, work: &Path, flags: &[&str]) -> Image {
     let blobs = work.join("blobs");
     let cache = work.join("cache");
     std::fs::create_dir_all(&blobs).unwrap();
@@ -51,7 +51,7 @@ impl Image {
         self.blobs.join(&bs.blobs()[0].id)
     }
 
-    fn config(&self, extra: &str) -> PathBuf {
+    pub(crate) fn config(&self, extra: &str) -> PathBuf {
         let cfg = self.work.join("nydusd.json");
         std::fs::write(
             &cfg,
@@ -176,7 +176,7 @@ impl Drop for Daemon {
     }
 }
 
-fn number(json: &str, field: &str) -> u64 {
+pub(crate) fn number(json: &str, field: &str) -> u64 {
     let key = format!("\"{field}\":");
     let at = json
         .find(&key)
@@ -190,7 +190,7 @@ fn number(json: &str, field: &str) -> u64 {
         .unwrap_or_else(|_| panic!("{field} is not a number in {json}"))
 }
 
-fn drop_caches() {
+pub(crate) fn drop_caches() {
     run_ok(&mut Command::new("sync"));
     std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
 }
@@ -211,7 +211,7 @@ fn read_all(dir: &Path) -> u64 {
 }
 
 /// Pseudo-random bytes.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
+pub(crate) fn noise(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut v = Vec::with_capacity(len + 8);
     while v.len() < len {
