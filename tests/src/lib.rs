@@ -13,7 +13,8 @@
 //! - [`make_varied_tree`] writes a deterministic source tree with every file type and
 //!   the awkward cases of the format (hard links, long names and symlinks, xattrs,
 //!   big uids, nanosecond mtimes, 5,000 entries in one directory, ...);
-//! - [`Registry`] runs Debian's docker-registry on a loopback port;
+//! - [`Registry`] runs Debian's docker-registry on a loopback port, or inside a
+//!   [`NetNs`] (a network namespace with a veth pair and optional bandwidth shaping);
 //! - [`compare_trees`] reports every difference between two trees as text lines.
 //!
 //! Most helpers need root, as do the tests that use them; `bash tests/run.sh` runs
@@ -23,6 +24,7 @@ mod bins;
 mod compare;
 mod daemons;
 mod guards;
+mod netns;
 mod registry;
 mod tree;
 
@@ -30,6 +32,7 @@ pub use bins::{bin, require_root_tools, upstream_bin, UPSTREAM_BIN_DEFAULT};
 pub use compare::{compare_trees, compare_trees_with, sha256_file, CompareOptions};
 pub use daemons::{localfs_config, run_ok, start_fuse_daemon, start_upstream_nydusd, FuseDaemon};
 pub use guards::{is_mounted, wait_until, ChildGuard, LoopDevice, Mount};
+pub use netns::NetNs;
 pub use registry::Registry;
 pub use tree::{
     long_name_path, make_varied_tree, DEEP_LEVELS, HARD_LINK_NAMES, MULTI_CHUNK_FILE, WIDE_DIR,

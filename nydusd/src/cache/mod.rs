@@ -37,7 +37,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// No chunk-table record for this ci index.
 const NO_RECORD: u32 = u32::MAX;
@@ -515,6 +515,10 @@ impl ChunkCache {
         if prio == Priority::Prefetch {
             Metrics::add(&m.cache.prefetch_requests, 1);
         }
+        debug!(
+            "blob {}: fetching {len} bytes at {start}: chunks {}..={} ({prio:?})",
+            blob.info.id, run[0].ci_index, last.ci_index
+        );
         let res = self.backend.read_at(&blob.info.id, start, &mut buf);
         Metrics::add(
             &m.backend.read_latency_us_total,

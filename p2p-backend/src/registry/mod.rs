@@ -24,6 +24,7 @@ use oci_client::{Client, Reference, RegistryOperation};
 use sha2::Digest as _;
 use std::io::{Read, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// Errors of the registry client.
@@ -103,6 +104,11 @@ pub struct Registry {
     reference: Reference,
     retries: u32,
     backoff: Duration,
+    /// Whether pull credentials (or a bearer token) have been negotiated. Ranged reads
+    /// negotiate once instead of before every request (each negotiation is a `GET /v2/`
+    /// round trip, doubling the requests of a lazily read image), and again when the
+    /// registry answers 401 (an expired token).
+    pull_authed: AtomicBool,
 }
 
 fn is_loopback(host: &str) -> bool {
@@ -164,6 +170,7 @@ impl Registry {
             client: Client::new(config),
             auth,
             reference: parsed,
+            pull_authed: AtomicBool::new(false),
             retries: if opts.retries == 0 { 3 } else { opts.retries },
             backoff: if opts.backoff.is_zero() {
                 Duration::from_millis(200)
@@ -184,10 +191,20 @@ impl Registry {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, OciDistributionError>>,
     {
+        self.retry_blocking(what, || self.rt.block_on(op()))
+    }
+
+    /// [`Registry::retry`] of an operation that blocks itself (so that it may borrow
+    /// mutable state for one attempt only).
+    fn retry_blocking<T>(
+        &self,
+        what: &str,
+        mut op: impl FnMut() -> std::result::Result<T, OciDistributionError>,
+    ) -> Result<T> {
         let mut delay = self.backoff;
         let mut attempt = 1;
         loop {
-            match self.rt.block_on(op()) {
+            match op() {
                 Ok(v) => return Ok(v),
                 Err(e) if attempt < self.retries && transient(&e) => {
                     tracing::warn!("{what}: {e}; retrying in {delay:?}");
@@ -301,36 +318,66 @@ impl Registry {
 
     /// Reads `len` bytes of blob `digest` at `offset` (an HTTP range request).
     pub fn read_range(&self, digest: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
-        let what = format!("Reading {len} bytes at {offset} of blob {digest}");
-        self.auth_for(RegistryOperation::Pull)?;
-        self.retry(&what, || async {
-            use oci_client::client::BlobResponse;
-            let resp = self
-                .client
-                .pull_blob_stream_partial(&self.reference, digest, offset, Some(len))
-                .await?;
-            let (mut stream, skip) = match resp {
-                BlobResponse::Partial(s) => (s.stream, 0),
-                // A registry that ignores ranges sends everything: skip to the offset.
-                BlobResponse::Full(s) => (s.stream, offset),
-            };
-            let mut out = Vec::with_capacity(len as usize);
-            let mut skipped = 0u64;
-            while let Some(chunk) = stream.next().await {
-                let mut chunk = chunk?;
-                if skipped < skip {
-                    let n = (skip - skipped).min(chunk.len() as u64) as usize;
-                    skipped += n as u64;
-                    let _ = chunk.split_to(n);
-                }
-                let want = len as usize - out.len();
-                out.extend_from_slice(&chunk[..chunk.len().min(want)]);
-                if out.len() == len as usize {
-                    break;
-                }
+        let mut out = vec![0u8; len as usize];
+        let n = self.read_range_into(digest, offset, &mut out)?;
+        out.truncate(n);
+        Ok(out)
+    }
+
+    /// Reads blob `digest` at `offset` into `buf` (an HTTP range request); returns the
+    /// bytes received, fewer than `buf.len()` only when the blob ends first.
+    pub fn read_range_into(&self, digest: &str, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let what = format!("Reading {} bytes at {offset} of blob {digest}", buf.len());
+        if !self.pull_authed.load(Ordering::Acquire) {
+            self.auth_for(RegistryOperation::Pull)?;
+            self.pull_authed.store(true, Ordering::Release);
+        }
+        let mut once = || self.rt.block_on(self.range_once(digest, offset, &mut *buf));
+        match self.retry_blocking(&what, &mut once) {
+            // A token that expired (or was never granted): negotiate again, once.
+            Err(RegistryError::Unauthorized(_)) => {
+                self.auth_for(RegistryOperation::Pull)?;
+                self.retry_blocking(&what, once)
             }
-            Ok(out)
-        })
+            r => r,
+        }
+    }
+
+    /// One ranged GET streamed straight into `buf`.
+    async fn range_once(
+        &self,
+        digest: &str,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> std::result::Result<usize, OciDistributionError> {
+        use oci_client::client::BlobResponse;
+        let len = buf.len() as u64;
+        let resp = self
+            .client
+            .pull_blob_stream_partial(&self.reference, digest, offset, Some(len))
+            .await?;
+        let (mut stream, skip) = match resp {
+            BlobResponse::Partial(s) => (s.stream, 0),
+            // A registry that ignores ranges sends everything: skip to the offset.
+            BlobResponse::Full(s) => (s.stream, offset),
+        };
+        let mut filled = 0usize;
+        let mut skipped = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let mut chunk = chunk?;
+            if skipped < skip {
+                let n = (skip - skipped).min(chunk.len() as u64) as usize;
+                skipped += n as u64;
+                let _ = chunk.split_to(n);
+            }
+            let n = chunk.len().min(buf.len() - filled);
+            buf[filled..filled + n].copy_from_slice(&chunk[..n]);
+            filled += n;
+            if filled == buf.len() {
+                break;
+            }
+        }
+        Ok(filled)
     }
 
     /// Whether blob `digest` exists (HEAD).
