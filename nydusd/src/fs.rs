@@ -342,18 +342,20 @@ impl FileSystem for RafsFs {
         if offset >= i.size || size == 0 {
             return Ok(0);
         }
-        let mut buf = Vec::with_capacity(size.min((i.size - offset) as u32) as usize);
-        self.cache
-            .read(&i, offset, size as u64, &mut buf)
+        // Straight from the cache file into the reply (no buffer in between).
+        let n = self
+            .cache
+            .read_with(&i, offset, size as u64, &mut |file, off, len| {
+                w.write_all_from(file, len, off)
+            })
             .map_err(|e| {
                 self.fail(
                     &format!("read of inode {inode} at {offset}+{size}"),
                     crate::error::Chain(&e),
                 )
             })?;
-        w.write_all(&buf)?;
-        Metrics::add(&self.metrics.fs.data_read, buf.len() as u64);
-        Ok(buf.len())
+        Metrics::add(&self.metrics.fs.data_read, n);
+        Ok(n as usize)
     }
 
     fn release(
