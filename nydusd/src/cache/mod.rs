@@ -15,8 +15,8 @@
 //! A reader going through a blob in order (a file read from its start, an image read
 //! file after file) would otherwise leave the network idle while it waits for each
 //! amplified request in turn. When an on-demand miss continues a ready chunk, the next
-//! window (`amplify_io` bytes of the following missing chunks) is fetched in the
-//! background; the first chunk of every such window carries a mark, and the reader that
+//! window ([`READAHEAD_WINDOWS`] × `amplify_io` bytes of the following missing chunks) is
+//! fetched in the background; the first chunk of every such window carries a mark, and the reader that
 //! reaches it starts the window after, so one window stays ahead of the reader (at most
 //! [`MAX_READAHEAD_JOBS`] at a time). `amplify_io: 0` turns readahead off as well.
 //!
@@ -52,6 +52,8 @@ use tracing::{debug, error, info, warn};
 const NO_RECORD: u32 = u32::MAX;
 /// How often a reader re-examines a chunk whose fetches keep failing before giving up.
 const MAX_ROUNDS: usize = 4;
+/// A readahead window, in `amplify_io`s.
+pub const READAHEAD_WINDOWS: u64 = 2;
 /// Readahead windows fetched at once.
 pub const MAX_READAHEAD_JOBS: u64 = 2;
 /// Spare data file handles kept per blob (about one per FUSE thread).
@@ -509,7 +511,8 @@ impl ChunkCache {
     }
 
     /// One readahead window: past the ready and in-flight chunks from `from`, claims the
-    /// following missing, compressed-contiguous chunks up to `amplify_io` bytes, marks
+    /// following missing, compressed-contiguous chunks up to [`READAHEAD_WINDOWS`] ×
+    /// `amplify_io` bytes, marks
     /// the first and fetches them.
     fn readahead(&self, blob_index: u32, from: u32) {
         let blob = &self.blobs[blob_index as usize];
@@ -533,7 +536,7 @@ impl ChunkCache {
                 (start, end) = (c.compressed_offset, c.compressed_offset);
             }
             if c.compressed_offset != end
-                || (c_end - start > self.amplify_io && !mine.is_empty())
+                || (c_end - start > READAHEAD_WINDOWS * self.amplify_io && !mine.is_empty())
                 || blob.map.is_ready(ci)
                 || !inflight.insert(ci)
             {
@@ -659,7 +662,8 @@ impl ChunkCache {
             .collect();
         chunks.sort_by_key(|c| c.compressed_offset);
         let bound = match prio {
-            Priority::OnDemand | Priority::Readahead => self.amplify_io,
+            Priority::OnDemand => self.amplify_io,
+            Priority::Readahead => READAHEAD_WINDOWS * self.amplify_io,
             Priority::Prefetch => u64::MAX,
         };
         let _busy = (prio != Priority::Prefetch).then(|| OnDemandGuard::new(&self.ondemand));
