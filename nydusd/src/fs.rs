@@ -14,11 +14,9 @@ use fuse_backend_rs::api::filesystem::{
     Context, DirEntry, Entry, FileSystem, GetxattrReply, ListxattrReply, ZeroCopyWriter,
 };
 use rafs::read::{Bootstrap, DirEntry as RafsDirEntry, Inode};
-use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tracing::error;
 
@@ -71,8 +69,11 @@ impl InodeMap {
     }
 }
 
-/// The entries of an open directory, decoded on first use.
-type DirCell = OnceLock<Arc<Vec<RafsDirEntry>>>;
+/// Directories whose decoded entries are kept for the next readdir calls.
+const RECENT_DIRS: usize = 8;
+
+/// Decoded directories, most recent last.
+type RecentDirs = Vec<(u64, Arc<Vec<RafsDirEntry>>)>;
 
 /// The filesystem of one bootstrap.
 pub struct RafsFs {
@@ -81,10 +82,9 @@ pub struct RafsFs {
     map: InodeMap,
     enable_xattr: bool,
     metrics: Arc<Metrics>,
-    /// Open directories: entries decoded on the first readdir (the kernel often serves
-    /// readdir from its cache, so opendir itself stays cheap).
-    dirs: Mutex<HashMap<u64, Arc<DirCell>>>,
-    next_handle: AtomicU64,
+    /// The last directories read: a directory listed in several readdir calls is decoded
+    /// once. (There are no directory handles: see `opendir`.)
+    recent_dirs: Mutex<RecentDirs>,
     /// Per-file records, when the config asks for them.
     file_stats: Option<Arc<FileStats>>,
 }
@@ -153,8 +153,7 @@ impl RafsFs {
             map,
             enable_xattr,
             metrics,
-            dirs: Mutex::new(HashMap::new()),
-            next_handle: AtomicU64::new(1),
+            recent_dirs: Mutex::new(Vec::new()),
             file_stats: None,
         }
     }
@@ -232,15 +231,12 @@ impl RafsFs {
         }
     }
 
-    fn dir_entries(&self, ino: u64, handle: u64) -> io::Result<Arc<Vec<RafsDirEntry>>> {
-        let cell = self
-            .dirs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&handle)
-            .cloned();
-        if let Some(entries) = cell.as_ref().and_then(|c| c.get()) {
-            return Ok(entries.clone());
+    fn dir_entries(&self, ino: u64) -> io::Result<Arc<Vec<RafsDirEntry>>> {
+        {
+            let recent = self.recent_dirs.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((_, entries)) = recent.iter().rev().find(|(i, _)| *i == ino) {
+                return Ok(entries.clone());
+            }
         }
         let dir = self.inode(ino)?;
         if !dir.is_dir() {
@@ -251,10 +247,11 @@ impl RafsFs {
                 .read_dir(&dir)
                 .map_err(|e| self.fail(&format!("directory {ino}"), e))?,
         );
-        // With a handle, keep them for the next calls (no handle: decode per call).
-        if let Some(c) = cell {
-            let _ = c.set(entries.clone());
+        let mut recent = self.recent_dirs.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.len() >= RECENT_DIRS {
+            recent.remove(0);
         }
+        recent.push((ino, entries.clone()));
         Ok(entries)
     }
 
@@ -369,21 +366,23 @@ impl FileSystem for RafsFs {
         if offset >= i.size || size == 0 {
             return Ok(0);
         }
-        let mut buf = Vec::with_capacity(size.min((i.size - offset) as u32) as usize);
-        self.cache
-            .read(&i, offset, size as u64, &mut buf)
+        // Straight from the cache file into the reply (no buffer in between).
+        let n = self
+            .cache
+            .read_with(&i, offset, size as u64, &mut |file, off, len| {
+                w.write_all_from(file, len, off)
+            })
             .map_err(|e| {
                 self.fail(
                     &format!("read of inode {inode} at {offset}+{size}"),
                     crate::error::Chain(&e),
                 )
             })?;
-        w.write_all(&buf)?;
-        Metrics::add(&self.metrics.fs.data_read, buf.len() as u64);
+        Metrics::add(&self.metrics.fs.data_read, n);
         if let Some(s) = &self.file_stats {
-            s.read(i.nid, buf.len() as u64);
+            s.read(i.nid, n);
         }
-        Ok(buf.len())
+        Ok(n as usize)
     }
 
     fn release(
@@ -460,6 +459,10 @@ impl FileSystem for RafsFs {
         }
     }
 
+    /// Directories need no handle: `ENOSYS` tells the kernel (from then on, for every
+    /// directory of this mount) to skip OPENDIR and RELEASEDIR and to keep directory
+    /// listings cached (`FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR`, its default without
+    /// opendir): two round trips fewer per directory of a walk.
     fn opendir(
         &self,
         _ctx: &Context,
@@ -469,27 +472,19 @@ impl FileSystem for RafsFs {
         if !self.inode(inode)?.is_dir() {
             return Err(errno(libc::ENOTDIR));
         }
-        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        self.dirs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(handle, Arc::new(OnceLock::new()));
-        Ok((
-            Some(handle),
-            OpenOptions::KEEP_CACHE | OpenOptions::CACHE_DIR,
-        ))
+        Err(errno(libc::ENOSYS))
     }
 
     fn readdir(
         &self,
         _ctx: &Context,
         inode: u64,
-        handle: u64,
+        _handle: u64,
         _size: u32,
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        let entries = self.dir_entries(inode, handle)?;
+        let entries = self.dir_entries(inode)?;
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
             let mode = self
                 .bs
@@ -513,12 +508,12 @@ impl FileSystem for RafsFs {
         &self,
         _ctx: &Context,
         inode: u64,
-        handle: u64,
+        _handle: u64,
         _size: u32,
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        let entries = self.dir_entries(inode, handle)?;
+        let entries = self.dir_entries(inode)?;
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
             let child = self
                 .bs
@@ -540,11 +535,7 @@ impl FileSystem for RafsFs {
         Ok(())
     }
 
-    fn releasedir(&self, _ctx: &Context, _inode: u64, _flags: u32, handle: u64) -> io::Result<()> {
-        self.dirs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&handle);
+    fn releasedir(&self, _ctx: &Context, _inode: u64, _flags: u32, _handle: u64) -> io::Result<()> {
         Ok(())
     }
 

@@ -131,16 +131,16 @@ fn config(img: &Image, amplify_io: u64) -> Config {
     c
 }
 
-fn open(img: &Image, backend: Arc<Counting>, cfg: &Config) -> (ChunkCache, Arc<Metrics>) {
+fn open(img: &Image, backend: Arc<Counting>, cfg: &Config) -> (Arc<ChunkCache>, Arc<Metrics>) {
     let bs = Arc::new(Bootstrap::open(&img.boot).unwrap());
     let metrics = Arc::new(Metrics::default());
     (
-        ChunkCache::new(bs, backend, cfg, metrics.clone()).unwrap(),
+        Arc::new(ChunkCache::new(bs, backend, cfg, metrics.clone()).unwrap()),
         metrics,
     )
 }
 
-fn read_file(cache: &ChunkCache, path: &str) -> nydusd::Result<Vec<u8>> {
+fn read_file(cache: &Arc<ChunkCache>, path: &str) -> nydusd::Result<Vec<u8>> {
     let inode = cache.bootstrap().lookup_path(path).unwrap();
     let mut out = Vec::new();
     cache.read(&inode, 0, inode.size, &mut out)?;
@@ -221,7 +221,6 @@ fn concurrent_readers_of_missing_chunks_share_one_fetch() {
     let img = image();
     let backend = Counting::new(&img.blobs);
     let (cache, metrics) = open(&img, backend.clone(), &config(&img, 0));
-    let cache = Arc::new(cache);
     let want = std::fs::read(img.src.join("big2")).unwrap();
     std::thread::scope(|s| {
         for _ in 0..16 {
@@ -351,7 +350,6 @@ fn prefetch_all_fills_the_cache_in_merged_requests() {
     let img = image();
     let backend = Counting::new(&img.blobs);
     let (cache, metrics) = open(&img, backend.clone(), &config(&img, 1 << 20));
-    let cache = Arc::new(cache);
     let list = PrefetchList::from_paths(&cache, "/small/f05\n/nonexistent\n");
     Prefetch::start(cache.clone(), list, prefetch_cfg(true, 0)).wait();
     let (ready, total) = cache.ready_chunks();
@@ -381,7 +379,6 @@ fn prefetch_of_listed_files_only_fetches_their_chunks() {
     let img = image();
     let backend = Counting::new(&img.blobs);
     let (cache, _) = open(&img, backend.clone(), &config(&img, 1 << 20));
-    let cache = Arc::new(cache);
     let list = PrefetchList::from_paths(&cache, "/big1\n");
     Prefetch::start(cache.clone(), list, prefetch_cfg(false, 0)).wait();
     let bs = cache.bootstrap().clone();
@@ -402,7 +399,6 @@ fn prefetch_is_paced_to_the_bandwidth_limit() {
     let img = image();
     let backend = Counting::new(&img.blobs);
     let (cache, _) = open(&img, backend.clone(), &config(&img, 1 << 20));
-    let cache = Arc::new(cache);
     let blob_bytes = std::fs::metadata(img.blobs.join(&cache.bootstrap().blobs()[0].id))
         .unwrap()
         .len();
@@ -421,4 +417,59 @@ fn prefetch_is_paced_to_the_bandwidth_limit() {
         "prefetch took {took:.2}s, faster than the limit allows"
     );
     assert_eq!(cache.ready_chunks().0, cache.ready_chunks().1);
+}
+
+#[test]
+fn a_sequential_reader_gets_the_next_window_fetched_ahead() {
+    let img = image();
+    let backend = Counting::new(&img.blobs);
+    // A 1-byte bound: every request and every readahead window is a single chunk.
+    let (cache, _) = open(&img, backend.clone(), &config(&img, 1));
+    let bs = cache.bootstrap().clone();
+    let inode = bs.lookup_path("/big0").unwrap();
+    let ci = |i| bs.chunk(&inode, i).unwrap();
+    let read_chunk = |i: u32| {
+        let mut out = Vec::new();
+        cache
+            .read(&inode, i as u64 * 0x10000, 0x10000, &mut out)
+            .unwrap();
+        assert_eq!(out.len(), 0x10000);
+    };
+    let ready = |i| {
+        let a = ci(i);
+        cache.is_ready(a.blob_index, a.ci_index)
+    };
+    let wait_ready = |i| {
+        let t = std::time::Instant::now();
+        while !ready(i) {
+            assert!(t.elapsed().as_secs() < 10, "chunk {i} was not read ahead");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    };
+    read_chunk(0);
+    // The second read continues the first: the third chunk comes in the background.
+    read_chunk(1);
+    wait_ready(2);
+    assert!(!ready(3), "one window ahead, not more");
+    // Reaching the window's first chunk starts the next one.
+    read_chunk(2);
+    wait_ready(3);
+    assert_eq!(backend.reads(), 4);
+
+    // `amplify_io: 0` turns readahead off.
+    let img = image();
+    let backend = Counting::new(&img.blobs);
+    let (cache, _) = open(&img, backend.clone(), &config(&img, 0));
+    let bs = cache.bootstrap().clone();
+    let inode = bs.lookup_path("/big0").unwrap();
+    for i in 0..2u32 {
+        let mut out = Vec::new();
+        cache
+            .read(&inode, i as u64 * 0x10000, 0x10000, &mut out)
+            .unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let a = bs.chunk(&inode, 2).unwrap();
+    assert!(!cache.is_ready(a.blob_index, a.ci_index));
+    assert_eq!(backend.reads(), 2);
 }

@@ -1,16 +1,22 @@
-//! nydusd read-path benchmark (`cargo bench -p rafs-e2e --bench nydusd`, as root).
+//! nydusd benchmark (`cargo bench -p rafs-e2e --bench nydusd [-- warm|cold]`, as root).
 //!
-//! For each daemon — this project's `nydusd` and upstream nydusd 2.2 when installed — and
-//! next to native reads of the source files in the same run, prints:
+//! `warm`: for each daemon — this project's `nydusd` and upstream nydusd 2.2 when
+//! installed — and next to native reads of the source files in the same run, prints:
 //! 1. sequential 128 KiB reads of a 256 MiB file with the page cache dropped, the daemon
 //!    serving from its (already filled) chunk cache;
 //! 2. 4 KiB random reads, same conditions (IOPS);
-//! 3. a walk + lstat of a 100k-file image, warm (stat/s);
-//! 4. the daemon's RSS after that walk.
+//! 4. a walk + lstat of a 100k-file image, warm (stat/s);
+//! 5. the daemon's RSS after that walk.
+//!
+//! `cold` (3.): a cold read of every file of a ~250 MiB image of mixed files by our
+//! nydusd with the `registry` backend, next to `curl` downloading the image's blobs from
+//! the same registry, first through a 200 Mbit/s limit, then unshaped. The registry runs
+//! in a network namespace of the bench's own (a veth pair, `tc tbf` on both ends); nydusd
+//! and curl run in the root namespace, where the FUSE mount must live.
 //!
 //! Ours runs with digest validation on (its default); upstream 2.2 cannot validate RAFS v6
 //! and runs with it off. `RAFS_BENCH_DIR` (default `/var/tmp/rafs-bench`) holds the
-//! generated sources and images between runs.
+//! generated sources and images between runs. Without arguments both parts run.
 
 use rafs_e2e::*;
 use std::fs::File;
@@ -183,14 +189,32 @@ fn rss_mib(pid: u32) -> f64 {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--list") {
         return;
     }
+    // `cargo bench` passes `--bench`; other words select parts.
+    let parts: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let wants = |p: &str| parts.is_empty() || parts.contains(&p);
     require_root_tools(&["fusermount3"]);
     let base = PathBuf::from(
         std::env::var("RAFS_BENCH_DIR").unwrap_or_else(|_| "/var/tmp/rafs-bench".into()),
     );
-    let (big, many) = prepare(&base);
+    if wants("warm") {
+        warm(&base);
+    }
+    if wants("cold") {
+        cold(&base);
+    }
+}
+
+/// Benchmarks 1, 2, 4 and 5: reads from a filled chunk cache and a warm walk.
+fn warm(base: &Path) {
+    let (big, many) = prepare(base);
     let big_img = base.join("nydusd-big-img");
     let many_img = base.join("nydusd-many-img");
     build(&big, &big_img);
@@ -246,4 +270,212 @@ fn main() {
             stat / native_stat
         );
     }
+}
+
+/// The image of benchmark 3: a few large files of mixed compressibility and a few
+/// thousand small ones (about 250 MiB in all).
+fn prepare_mixed(base: &Path) -> PathBuf {
+    let dir = base.join("nydusd-mixed");
+    if dir.join(".complete").exists() {
+        return dir;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut rng = Rng(0x5DEE_CE66_D1CE_5EED);
+    let mut fill = |buf: &mut [u8], random: bool, tag: u64| {
+        for (j, c) in buf.chunks_mut(8).enumerate() {
+            let v = if random {
+                rng.next()
+            } else {
+                (tag * 131 + j as u64 % 61) * 0x0001_0001_0001_0001
+            };
+            let n = c.len();
+            c.copy_from_slice(&v.to_le_bytes()[..n]);
+        }
+    };
+    for b in 0..3u64 {
+        let d = dir.join(format!("large{b}"));
+        std::fs::create_dir_all(&d).unwrap();
+        let mut f = std::io::BufWriter::new(File::create(d.join("data.bin")).unwrap());
+        let mut block = vec![0u8; 64 << 10];
+        for i in 0..(48 * MIB) / block.len() as u64 {
+            fill(&mut block, i % 3 == b % 3, i);
+            std::io::Write::write_all(&mut f, &block).unwrap();
+        }
+    }
+    let mut sizes = Rng(7);
+    let mut buf = vec![0u8; 64 << 10];
+    for i in 0..3000u64 {
+        let d = dir.join(format!("small{:02}", i % 30));
+        std::fs::create_dir_all(&d).unwrap();
+        let len = 1024 + (sizes.next() % (63 << 10)) as usize;
+        fill(&mut buf[..len], i % 2 == 0, i);
+        std::fs::write(d.join(format!("f{i:04}")), &buf[..len]).unwrap();
+    }
+    std::fs::write(dir.join(".complete"), "").unwrap();
+    dir
+}
+
+/// Reads every regular file under `root` with 128 KiB reads, depth first in name order
+/// (the order `nydus-image create` lays files out in the blob, as `tar` would read them);
+/// returns the bytes read.
+fn read_all(root: &Path) -> u64 {
+    let mut total = 0;
+    let mut buf = vec![0u8; 128 << 10];
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        entries.sort();
+        let mut dirs = Vec::new();
+        for p in entries {
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            if m.is_dir() {
+                dirs.push(p);
+            } else if m.is_file() {
+                let mut f = File::open(&p).unwrap();
+                loop {
+                    let n = f
+                        .read(&mut buf)
+                        .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                    if n == 0 {
+                        break;
+                    }
+                    total += n as u64;
+                }
+            }
+        }
+        stack.extend(dirs.into_iter().rev());
+    }
+    total
+}
+
+/// A JSON document from our nydusd's API socket.
+fn api_get(sock: &Path, path: &str) -> serde_json::Value {
+    let out = run_ok(
+        Command::new("curl")
+            .args(["-fsS", "--max-time", "10", "--unix-socket"])
+            .arg(sock)
+            .arg(format!("http://localhost{path}")),
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// One cold read of the whole image by our nydusd with the registry backend; returns
+/// (seconds, file bytes read, backend bytes, backend requests).
+fn cold_ours(ours: &Path, image: &Path, work: &Path, host: &str) -> (f64, u64, u64, u64) {
+    let _ = std::fs::remove_dir_all(work);
+    std::fs::create_dir_all(work.join("cache")).unwrap();
+    let cfg = work.join("registry.json");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"{{"device":{{"backend":{{"type":"registry","config":{{"scheme":"http","host":"{host}","repo":"bench/mixed"}}}},"cache":{{"type":"blobcache","config":{{"work_dir":"{}"}}}}}},"digest_validate":true}}"#,
+            work.join("cache").display()
+        ),
+    )
+    .unwrap();
+    let mnt = work.join("mnt");
+    let sock = work.join("api.sock");
+    let d = start_fuse_daemon(
+        Command::new(ours)
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--bootstrap")
+            .arg(image.join("image.boot"))
+            .arg("--mountpoint")
+            .arg(&mnt)
+            .arg("--apisock")
+            .arg(&sock)
+            .args(["--log-level", "warn"]),
+        &mnt,
+        &work.join("daemon.log"),
+    );
+    let t = Instant::now();
+    let bytes = read_all(&d.mnt);
+    let secs = t.elapsed().as_secs_f64();
+    let m = api_get(&sock, "/api/v1/metrics/backend");
+    let fetched = m["read_amount_total"].as_u64().unwrap_or(0);
+    let requests = m["read_count"].as_u64().unwrap_or(0);
+    drop(d);
+    (secs, bytes, fetched, requests)
+}
+
+/// Downloads every blob with curl, one after the other; returns the seconds taken.
+fn cold_curl(host: &str, blobs: &[(String, u64)]) -> f64 {
+    let t = Instant::now();
+    for (id, size) in blobs {
+        let out = run_ok(
+            Command::new("curl")
+                .args(["-fsS", "--max-time", "300", "-o", "/dev/null", "-w"])
+                .arg("%{size_download}")
+                .arg(format!("http://{host}/v2/bench/mixed/blobs/sha256:{id}")),
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            size.to_string()
+        );
+    }
+    t.elapsed().as_secs_f64()
+}
+
+/// Benchmark 3: cold read through the registry backend vs curl, shaped then unshaped.
+fn cold(base: &Path) {
+    require_root_tools(&["docker-registry", "curl", "ip", "tc"]);
+    let ours = bin("nydusd");
+    let src = prepare_mixed(base);
+    let image = base.join("nydusd-mixed-img");
+    build(&src, &image);
+    let mut blobs: Vec<(String, u64)> = std::fs::read_dir(image.join("blobs"))
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                e.metadata().unwrap().len(),
+            )
+        })
+        .collect();
+    blobs.sort();
+    let blob_bytes: u64 = blobs.iter().map(|b| b.1).sum();
+    let file_bytes = read_all(&src);
+
+    // Guards in drop order: the daemon (inside cold_ours), the registry, the namespace.
+    let ns = NetNs::create("bench");
+    let reg_dir = tempfile::tempdir_in(base).unwrap();
+    let reg = Registry::start_in_netns(reg_dir.path(), &ns);
+    for (id, _) in &blobs {
+        reg.push_blob("bench/mixed", id, &image.join("blobs").join(id));
+    }
+    println!(
+        "cold read of {:.0} MiB of files ({} blobs, {:.0} MiB) from a registry in a network namespace:",
+        file_bytes as f64 / MIB as f64,
+        blobs.len(),
+        blob_bytes as f64 / MIB as f64
+    );
+    let work = base.join("nydusd-cold");
+    for shaped in [true, false] {
+        if shaped {
+            ns.shape(200);
+        } else {
+            ns.unshape();
+        }
+        let curl_s = cold_curl(&reg.addr, &blobs);
+        let (ours_s, read, fetched, requests) = cold_ours(&ours, &image, &work, &reg.addr);
+        assert_eq!(read, file_bytes, "bytes read through the mount");
+        let rate = |s: f64| blob_bytes as f64 / MIB as f64 / s;
+        println!(
+            "  {}: curl {:.1} MiB/s, ours {:.1} MiB/s of blobs ({:.2}x curl; {:.1} MiB/s of files; {:.0} MiB fetched in {requests} requests)",
+            if shaped { "200 Mbit/s" } else { "unshaped  " },
+            rate(curl_s),
+            rate(ours_s),
+            curl_s / ours_s,
+            read as f64 / MIB as f64 / ours_s,
+            fetched as f64 / MIB as f64,
+        );
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    drop(reg);
+    drop(ns);
 }

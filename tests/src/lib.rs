@@ -13,8 +13,9 @@
 //! - [`make_varied_tree`] writes a deterministic source tree with every file type and
 //!   the awkward cases of the format (hard links, long names and symlinks, xattrs,
 //!   big uids, nanosecond mtimes, 5,000 entries in one directory, ...);
-//! - [`Registry`] runs Debian's docker-registry on a loopback port, and [`FaultProxy`]
-//!   puts 503s and dropped connections in front of it;
+//! - [`Registry`] runs Debian's docker-registry on a loopback port, or inside a
+//!   [`NetNs`] (a network namespace with a veth pair and optional bandwidth shaping),
+//!   and [`FaultProxy`] puts 503s and dropped connections in front of it;
 //! - [`compare_trees`] reports every difference between two trees as text lines;
 //! - [`limit_loop`] and [`median`] are the benchmarks' shared baseline and statistic.
 //!
@@ -27,6 +28,7 @@ mod compare;
 mod daemons;
 mod fault_proxy;
 mod guards;
+mod netns;
 mod registry;
 mod tree;
 
@@ -36,6 +38,7 @@ pub use compare::{compare_trees, compare_trees_with, sha256_file, CompareOptions
 pub use daemons::{localfs_config, run_ok, start_fuse_daemon, start_upstream_nydusd, FuseDaemon};
 pub use fault_proxy::{Fault, FaultProxy};
 pub use guards::{is_mounted, wait_until, ChildGuard, LoopDevice, Mount};
+pub use netns::NetNs;
 pub use registry::Registry;
 pub use tree::{
     long_name_path, make_varied_tree, DEEP_LEVELS, HARD_LINK_NAMES, MULTI_CHUNK_FILE, WIDE_DIR,

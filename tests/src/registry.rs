@@ -1,7 +1,9 @@
-//! A private Debian `docker-registry` (distribution 2.8) on a free loopback port.
+//! A private Debian `docker-registry` (distribution 2.8) on a free loopback port, or on
+//! an address inside a network namespace of the test's own ([`Registry::start_in_netns`]).
 
 use crate::daemons::run_ok;
 use crate::guards::{wait_until, ChildGuard};
+use crate::netns::NetNs;
 use std::fs;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -15,6 +17,8 @@ use std::time::Duration;
 pub struct Registry {
     child: Option<ChildGuard>,
     config: PathBuf,
+    /// The namespace it runs in (`None`: the root namespace).
+    netns: Option<String>,
     /// `127.0.0.1:PORT`, the registry's host part of image references.
     pub addr: String,
     _dir: Option<tempfile::TempDir>,
@@ -54,7 +58,28 @@ impl Registry {
             .local_addr()
             .expect("its address")
             .port();
-        let addr = format!("127.0.0.1:{port}");
+        Registry::start_at(dir, extra_storage, extra, format!("127.0.0.1:{port}"), None)
+    }
+
+    /// A registry inside the network namespace `ns`, listening on its address, port 5000
+    /// (the namespace is the test's own, so the port is free), with its config and
+    /// storage in `dir`. Clients in the root namespace reach it at [`Registry::addr`]; it
+    /// must be dropped before `ns`.
+    ///
+    /// # Panics
+    /// When the registry does not listen within 10 s.
+    pub fn start_in_netns(dir: &Path, ns: &NetNs) -> Registry {
+        let addr = format!("{}:5000", ns.addr());
+        Registry::start_at(dir, "", "", addr, Some(ns.name().to_string()))
+    }
+
+    fn start_at(
+        dir: &Path,
+        extra_storage: &str,
+        extra: &str,
+        addr: String,
+        netns: Option<String>,
+    ) -> Registry {
         let config = dir.join("registry.yml");
         fs::write(
             &config,
@@ -68,6 +93,7 @@ impl Registry {
         let mut r = Registry {
             child: None,
             config,
+            netns,
             addr,
             _dir: None,
         };
@@ -80,10 +106,13 @@ impl Registry {
     /// # Panics
     /// When it cannot be started or does not listen within 10 s.
     pub fn up(&mut self) {
+        let mut cmd = match &self.netns {
+            Some(ns) => crate::netns::exec_in(ns, "docker-registry"),
+            None => Command::new("docker-registry"),
+        };
         self.child = Some(
             ChildGuard::spawn(
-                Command::new("docker-registry")
-                    .arg("serve")
+                cmd.arg("serve")
                     .arg(&self.config)
                     .stdout(Stdio::null())
                     .stderr(Stdio::null()),

@@ -11,6 +11,15 @@
 //! following chunks of the blob), decompressed, verified, written to the data file and
 //! only then marked ready.
 //!
+//! # Sequential readahead
+//! A reader going through a blob in order (a file read from its start, an image read
+//! file after file) would otherwise leave the network idle while it waits for each
+//! amplified request in turn. When an on-demand miss continues a ready chunk, the next
+//! window ([`READAHEAD_WINDOWS`] × `amplify_io` bytes of the following missing chunks) is
+//! fetched in the background; the first chunk of every such window carries a mark, and the reader that
+//! reaches it starts the window after, so one window stays ahead of the reader (at most
+//! [`MAX_READAHEAD_JOBS`] at a time). `amplify_io: 0` turns readahead off as well.
+//!
 //! # When cached chunks are verified
 //! Each chunk is verified **once per daemon lifetime**: a chunk fetched by this process is
 //! verified before it is written; a chunk found ready in the bitmap at start-up (written
@@ -37,12 +46,20 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// No chunk-table record for this ci index.
 const NO_RECORD: u32 = u32::MAX;
 /// How often a reader re-examines a chunk whose fetches keep failing before giving up.
 const MAX_ROUNDS: usize = 4;
+/// A readahead window, in `amplify_io`s.
+pub const READAHEAD_WINDOWS: u64 = 2;
+/// Readahead windows fetched at once.
+pub const MAX_READAHEAD_JOBS: u64 = 2;
+/// Spare data file handles kept per blob (about one per FUSE thread).
+const MAX_SPARE_FILES: usize = 16;
+/// How far past ready or in-flight chunks a readahead looks for missing ones.
+const READAHEAD_SKIP: u32 = 1024;
 
 /// Who is asking for chunks: on-demand reads go ahead of prefetch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,6 +68,8 @@ pub enum Priority {
     OnDemand,
     /// Background prefetch.
     Prefetch,
+    /// Sequential readahead on behalf of an on-demand reader.
+    Readahead,
 }
 
 /// The cache state of one blob.
@@ -61,6 +80,10 @@ struct BlobCache {
     map: ChunkMap,
     /// One bit per ci: verified by this process (see the module docs).
     verified: Vec<AtomicU8>,
+    /// One bit per ci: the first chunk of a readahead window (see the module docs).
+    ra_marks: Vec<AtomicU8>,
+    /// Duplicates of `data` for readers (see [`BlobCache::take_file`]).
+    spare: Mutex<Vec<File>>,
     /// ci index → chunk-table record index ([`NO_RECORD`] if absent).
     records: Vec<u32>,
     inflight: Mutex<HashSet<u32>>,
@@ -98,6 +121,36 @@ impl BlobCache {
         }
     }
 
+    fn set_ra_mark(&self, ci: u32) {
+        self.ra_marks[(ci / 8) as usize].fetch_or(0x80 >> (ci & 7), Ordering::AcqRel);
+    }
+
+    /// Clears the readahead mark of `ci`; whether it was set.
+    fn take_ra_mark(&self, ci: u32) -> bool {
+        let slot = &self.ra_marks[(ci / 8) as usize];
+        let bit = 0x80 >> (ci & 7);
+        // A plain load first: the common case (no mark) writes nothing.
+        slot.load(Ordering::Relaxed) & bit != 0 && slot.fetch_and(!bit, Ordering::AcqRel) & bit != 0
+    }
+
+    /// A handle of the data file for one read (a `&mut File` is what zero-copy FUSE
+    /// replies read from): a spare one, or a new duplicate.
+    fn take_file(&self) -> Result<File> {
+        let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        match spare {
+            Some(f) => Ok(f),
+            None => self.data.try_clone().map_err(|e| self.io(e)),
+        }
+    }
+
+    /// Returns a handle of [`BlobCache::take_file`] (a few are kept).
+    fn put_file(&self, f: File) {
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        if spare.len() < MAX_SPARE_FILES {
+            spare.push(f);
+        }
+    }
+
     fn io(&self, source: std::io::Error) -> Error {
         Error::CacheIo {
             path: self.data_path.display().to_string(),
@@ -116,6 +169,8 @@ pub struct ChunkCache {
     metrics: Arc<Metrics>,
     /// On-demand fetches in progress (prefetch backs off while non-zero).
     ondemand: AtomicU64,
+    /// Readahead jobs running.
+    readaheads: AtomicU64,
 }
 
 /// A blob id is used as a file name in the work directory.
@@ -178,6 +233,7 @@ impl ChunkCache {
             amplify_io: config.amplify_io,
             metrics,
             ondemand: AtomicU64::new(0),
+            readaheads: AtomicU64::new(0),
         })
     }
 
@@ -266,30 +322,39 @@ impl ChunkCache {
 
     /// Reads `size` bytes at `offset` of a regular file (clamped to its size), appending
     /// them to `out`. Every byte comes from a verified chunk (unless validation is off).
-    pub fn read(&self, inode: &Inode, offset: u64, size: u64, out: &mut Vec<u8>) -> Result<()> {
+    pub fn read(
+        self: &Arc<Self>,
+        inode: &Inode,
+        offset: u64,
+        size: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        self.read_with(inode, offset, size, &mut |file, off, len| {
+            let at = out.len();
+            out.resize(at + len, 0);
+            file.read_exact_at(&mut out[at..], off)
+        })?;
+        Ok(())
+    }
+
+    /// Like [`ChunkCache::read`], but hands each piece of the range to `sink` as a cache
+    /// data file, an offset in it and a length, once its chunk is ready and verified
+    /// (so that a FUSE reply can be filled straight from the file, without a buffer in
+    /// between). `sink` must consume exactly `len` bytes. Returns the bytes handed over.
+    pub fn read_with(
+        self: &Arc<Self>,
+        inode: &Inode,
+        offset: u64,
+        size: u64,
+        sink: &mut dyn FnMut(&mut File, u64, usize) -> std::io::Result<()>,
+    ) -> Result<u64> {
         let slices = self
             .bs
             .map_range(inode, offset, size)
             .map_err(Error::Metadata)?;
-        let mut wanted: Vec<Vec<ChunkInfo>> = vec![Vec::new(); self.blobs.len()];
         let mut infos = Vec::with_capacity(slices.len());
         for s in &slices {
             let c = self.chunk_info(&s.chunk)?;
-            wanted[s.chunk.blob_index as usize].push(c);
-            infos.push(c);
-        }
-        for (blob_index, chunks) in wanted.iter().enumerate() {
-            if !chunks.is_empty() {
-                self.ensure(blob_index as u32, chunks, Priority::OnDemand)?;
-            }
-        }
-        let start = out.len();
-        let total: usize = slices.iter().map(|s| s.len as usize).sum();
-        out.resize(start + total, 0);
-        let mut at = start;
-        for (s, c) in slices.iter().zip(&infos) {
-            let blob = &self.blobs[s.chunk.blob_index as usize];
-            let end = at + s.len as usize;
             if s.offset as u64 + s.len as u64 > c.uncompressed_size as u64 {
                 return Err(Error::Metadata(rafs::Error::invalid(
                     format!("inode {}", inode.nid),
@@ -299,10 +364,54 @@ impl ChunkCache {
                     ),
                 )));
             }
-            blob.data
-                .read_exact_at(&mut out[at..end], c.uncompressed_offset + s.offset as u64)
-                .map_err(|e| blob.io(e))?;
-            at = end;
+            infos.push(c);
+        }
+        // A file's chunks are usually all in one blob: no grouping needed then.
+        let first_blob = slices.first().map_or(0, |s| s.chunk.blob_index);
+        if slices.iter().all(|s| s.chunk.blob_index == first_blob) {
+            if !infos.is_empty() {
+                self.ensure_for_read(first_blob, &infos)?;
+            }
+        } else {
+            for blob_index in 0..self.blobs.len() as u32 {
+                let chunks: Vec<ChunkInfo> = slices
+                    .iter()
+                    .zip(&infos)
+                    .filter(|(s, _)| s.chunk.blob_index == blob_index)
+                    .map(|(_, c)| *c)
+                    .collect();
+                if !chunks.is_empty() {
+                    self.ensure_for_read(blob_index, &chunks)?;
+                }
+            }
+        }
+        let mut total = 0;
+        for (s, c) in slices.iter().zip(&infos) {
+            let blob = &self.blobs[s.chunk.blob_index as usize];
+            let mut file = blob.take_file()?;
+            let res = sink(
+                &mut file,
+                c.uncompressed_offset + s.offset as u64,
+                s.len as usize,
+            );
+            blob.put_file(file);
+            res.map_err(|e| blob.io(e))?;
+            total += s.len as u64;
+        }
+        Ok(total)
+    }
+
+    /// [`ChunkCache::ensure`] for an on-demand read, starting readahead for a sequential
+    /// reader (see the module docs).
+    fn ensure_for_read(self: &Arc<Self>, blob_index: u32, chunks: &[ChunkInfo]) -> Result<()> {
+        let blob = &self.blobs[blob_index as usize];
+        for c in chunks {
+            if blob.take_ra_mark(c.ci_index) {
+                self.start_readahead(blob_index, c.ci_index + 1);
+            }
+        }
+        if let Some(next) = self.ensure_inner(blob_index, chunks, Priority::OnDemand)? {
+            self.start_readahead(blob_index, next);
         }
         Ok(())
     }
@@ -310,7 +419,20 @@ impl ChunkCache {
     /// Makes `chunks` (all of blob `blob_index`) ready and verified, fetching what is
     /// missing (one fetch per chunk however many readers wait for it).
     pub fn ensure(&self, blob_index: u32, chunks: &[ChunkInfo], prio: Priority) -> Result<()> {
+        self.ensure_inner(blob_index, chunks, prio).map(|_| ())
+    }
+
+    /// [`ChunkCache::ensure`]; returns, when this call fetched chunks for an on-demand
+    /// read that continues a ready chunk (a sequential reader), the ci after them: where
+    /// readahead should go on.
+    fn ensure_inner(
+        &self,
+        blob_index: u32,
+        chunks: &[ChunkInfo],
+        prio: Priority,
+    ) -> Result<Option<u32>> {
         let blob = &self.blobs[blob_index as usize];
+        let mut sequential = None;
         let mut pending: Vec<ChunkInfo> = chunks.to_vec();
         pending.sort_by_key(|c| c.ci_index);
         pending.dedup_by_key(|c| c.ci_index);
@@ -327,11 +449,19 @@ impl ChunkCache {
                 Metrics::add(&self.metrics.cache.hits, (asked - missing.len()) as u64);
             }
             if missing.is_empty() {
-                return Ok(());
+                return Ok(sequential);
             }
             // Claim what nobody fetches; wait for the rest.
             let (mine, theirs) = self.claim(blob, &missing, prio);
             if !mine.cis.is_empty() {
+                let first = missing[0].ci_index;
+                if prio == Priority::OnDemand
+                    && self.amplify_io > 0
+                    && first > 0
+                    && blob.map.is_ready(first - 1)
+                {
+                    sequential = mine.cis.iter().max().map(|ci| ci + 1);
+                }
                 let requested: HashSet<u32> = missing.iter().map(|c| c.ci_index).collect();
                 self.fetch(&mine, &requested, prio)?;
                 drop(mine);
@@ -354,7 +484,79 @@ impl ChunkCache {
                 });
             }
         }
-        Ok(())
+        Ok(sequential)
+    }
+
+    /// Starts fetching, in the background, the next window of missing chunks of blob
+    /// `blob_index` from ci `from` on, unless readahead is off or enough windows are
+    /// being fetched already.
+    fn start_readahead(self: &Arc<Self>, blob_index: u32, from: u32) {
+        if self.amplify_io == 0 || from >= self.blobs[blob_index as usize].map.count() {
+            return;
+        }
+        if self.readaheads.fetch_add(1, Ordering::AcqRel) >= MAX_READAHEAD_JOBS {
+            self.readaheads.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("readahead".into())
+            .spawn(move || {
+                me.readahead(blob_index, from);
+                me.readaheads.fetch_sub(1, Ordering::AcqRel);
+            });
+        if spawned.is_err() {
+            self.readaheads.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// One readahead window: past the ready and in-flight chunks from `from`, claims the
+    /// following missing, compressed-contiguous chunks up to [`READAHEAD_WINDOWS`] ×
+    /// `amplify_io` bytes, marks
+    /// the first and fetches them.
+    fn readahead(&self, blob_index: u32, from: u32) {
+        let blob = &self.blobs[blob_index as usize];
+        let count = blob.map.count();
+        let mut inflight = blob.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ci = from;
+        while ci < count && (blob.map.is_ready(ci) || inflight.contains(&ci)) {
+            ci += 1;
+            if ci - from > READAHEAD_SKIP {
+                return;
+            }
+        }
+        let mut mine = Vec::new();
+        let (mut start, mut end) = (0, 0);
+        while ci < count {
+            let Some(c) = self.chunk_by_ci_in(blob, ci) else {
+                break;
+            };
+            let c_end = c.compressed_offset + c.compressed_size as u64;
+            if mine.is_empty() {
+                (start, end) = (c.compressed_offset, c.compressed_offset);
+            }
+            if c.compressed_offset != end
+                || (c_end - start > READAHEAD_WINDOWS * self.amplify_io && !mine.is_empty())
+                || blob.map.is_ready(ci)
+                || !inflight.insert(ci)
+            {
+                break;
+            }
+            mine.push(ci);
+            end = c_end;
+            ci += 1;
+        }
+        drop(inflight);
+        let Some(&first) = mine.first() else { return };
+        blob.set_ra_mark(first);
+        let claims = Claims { blob, cis: mine };
+        if let Err(e) = self.fetch(&claims, &HashSet::new(), Priority::Readahead) {
+            debug!(
+                "readahead in blob {}: {}",
+                blob.info.id,
+                crate::error::Chain(&e)
+            );
+        }
     }
 
     /// Whether a chunk can be served now; verifies a ready chunk not yet verified by this
@@ -461,9 +663,10 @@ impl ChunkCache {
         chunks.sort_by_key(|c| c.compressed_offset);
         let bound = match prio {
             Priority::OnDemand => self.amplify_io,
+            Priority::Readahead => READAHEAD_WINDOWS * self.amplify_io,
             Priority::Prefetch => u64::MAX,
         };
-        let _busy = (prio == Priority::OnDemand).then(|| OnDemandGuard::new(&self.ondemand));
+        let _busy = (prio != Priority::Prefetch).then(|| OnDemandGuard::new(&self.ondemand));
         let mut first_err = None;
         let mut i = 0;
         while i < chunks.len() {
@@ -515,6 +718,10 @@ impl ChunkCache {
         if prio == Priority::Prefetch {
             Metrics::add(&m.cache.prefetch_requests, 1);
         }
+        debug!(
+            "blob {}: fetching {len} bytes at {start}: chunks {}..={} ({prio:?})",
+            blob.info.id, run[0].ci_index, last.ci_index
+        );
         let res = self.backend.read_at(&blob.info.id, start, &mut buf);
         Metrics::add(
             &m.backend.read_latency_us_total,
@@ -562,7 +769,7 @@ impl ChunkCache {
             blob.set_verified(c.ci_index, true);
             blob.map.set_ready(c.ci_index)?;
             match prio {
-                Priority::OnDemand => Metrics::add(&m.cache.misses, 1),
+                Priority::OnDemand | Priority::Readahead => Metrics::add(&m.cache.misses, 1),
                 Priority::Prefetch => {
                     Metrics::add(&m.cache.prefetch_chunks, 1);
                     Metrics::add(&m.cache.prefetch_bytes, data.len() as u64);
@@ -646,15 +853,20 @@ fn open_blob(work: &Path, info: &BlobInfo, records: Vec<u32>) -> Result<BlobCach
             map.count()
         );
     }
-    let verified = (0..info.chunk_count.div_ceil(8))
-        .map(|_| AtomicU8::new(0))
-        .collect();
+    let bits = || {
+        (0..info.chunk_count.div_ceil(8))
+            .map(|_| AtomicU8::new(0))
+            .collect()
+    };
+    let verified = bits();
     Ok(BlobCache {
         info: info.clone(),
         data,
         data_path,
         map,
         verified,
+        ra_marks: bits(),
+        spare: Mutex::new(Vec::new()),
         records,
         inflight: Mutex::new(HashSet::new()),
         done: Condvar::new(),

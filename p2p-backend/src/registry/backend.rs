@@ -52,21 +52,16 @@ impl BlobBackend for RegistryBackend {
                 });
             }
         }
-        let data = self
+        let n = self
             .registry
-            .read_range(&digest, offset, buf.len() as u64)
+            .read_range_into(&digest, offset, buf)
             .map_err(|e| remote(blob_id, e))?;
-        if data.len() != buf.len() {
+        if n != buf.len() {
             return Err(BackendError::Remote {
                 what: format!("blob {blob_id}"),
-                reason: format!(
-                    "short read: {} of {} bytes at {offset}",
-                    data.len(),
-                    buf.len()
-                ),
+                reason: format!("short read: {n} of {} bytes at {offset}", buf.len()),
             });
         }
-        buf.copy_from_slice(&data);
         Ok(())
     }
 

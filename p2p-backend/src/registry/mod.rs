@@ -24,6 +24,7 @@ use oci_client::{Client, Reference, RegistryOperation};
 use sha2::Digest as _;
 use std::io::{Read, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// Errors of the registry client.
@@ -151,6 +152,17 @@ pub struct Registry {
     reference: Reference,
     retries: u32,
     backoff: Duration,
+    /// Whether pull credentials (or a bearer token) have been negotiated. Ranged reads
+    /// negotiate once instead of before every request (each negotiation is a `GET /v2/`
+    /// round trip, doubling the requests of a lazily read image), and again when the
+    /// registry answers 401 (an expired token).
+    pull_authed: AtomicBool,
+    /// Whether the registry let anonymous pulls through without any challenge. Ranged
+    /// reads then go through `open_client`, which holds no credentials: the main client
+    /// would probe `GET /v2/` again before every request (it finds no token to reuse).
+    open: AtomicBool,
+    /// A client without credentials, for an open registry (see `open`).
+    open_client: Client,
 }
 
 fn is_loopback(host: &str) -> bool {
@@ -199,8 +211,8 @@ impl Registry {
         } else {
             ClientProtocol::Https
         };
-        let config = ClientConfig {
-            protocol,
+        let config = || ClientConfig {
+            protocol: protocol.clone(),
             connect_timeout: Some(Duration::from_secs(10)),
             read_timeout: Some(Duration::from_secs(60)),
             ..Default::default()
@@ -223,9 +235,12 @@ impl Registry {
             })?;
         Ok(Registry {
             rt,
-            client: Client::new(config),
+            open_client: Client::new(config()),
+            client: Client::new(config()),
+            open: AtomicBool::new(false),
             auth,
             reference: parsed,
+            pull_authed: AtomicBool::new(false),
             retries: if opts.retries == 0 { 3 } else { opts.retries },
             backoff: if opts.backoff.is_zero() {
                 Duration::from_millis(200)
@@ -246,10 +261,20 @@ impl Registry {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, OciDistributionError>>,
     {
+        self.retry_blocking(what, || self.rt.block_on(op()))
+    }
+
+    /// [`Registry::retry`] of an operation that blocks itself (so that it may borrow
+    /// mutable state for one attempt only).
+    fn retry_blocking<T>(
+        &self,
+        what: &str,
+        mut op: impl FnMut() -> std::result::Result<T, OciDistributionError>,
+    ) -> Result<T> {
         let mut delay = self.backoff;
         let mut attempt = 1;
         loop {
-            match self.rt.block_on(op()) {
+            match op() {
                 Ok(v) => return Ok(v),
                 Err(e) if attempt < self.retries && transient(&e) => {
                     tracing::warn!("{what}: {e}; retrying in {delay:?}");
@@ -393,39 +418,92 @@ impl Registry {
 
     /// Reads `len` bytes of blob `digest` at `offset` (an HTTP range request).
     pub fn read_range(&self, digest: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; len as usize];
+        let n = self.read_range_into(digest, offset, &mut out)?;
+        out.truncate(n);
+        Ok(out)
+    }
+
+    /// Reads blob `digest` at `offset` into `buf` (an HTTP range request); returns the
+    /// bytes received, fewer than `buf.len()` only when the blob ends first.
+    pub fn read_range_into(&self, digest: &str, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let what = format!(
-            "Reading {len} bytes at {offset} of blob {digest} from {}",
+            "Reading {} bytes at {offset} of blob {digest} from {}",
+            buf.len(),
             self.repo()
         );
-        self.auth_for(RegistryOperation::Pull)?;
-        self.retry(&what, || async {
-            use oci_client::client::BlobResponse;
-            let resp = self
-                .client
-                .pull_blob_stream_partial(&self.reference, digest, offset, Some(len))
-                .await?;
-            let (mut stream, skip) = match resp {
-                BlobResponse::Partial(s) => (s.stream, 0),
-                // A registry that ignores ranges sends everything: skip to the offset.
-                BlobResponse::Full(s) => (s.stream, offset),
+        if !self.pull_authed.load(Ordering::Acquire) {
+            let what = format!("Authenticating to {}", self.reference.resolve_registry());
+            let token = self.retry(&what, || {
+                self.client
+                    .auth(&self.reference, &self.auth, RegistryOperation::Pull)
+            })?;
+            let open = token.is_none() && matches!(self.auth, RegistryAuth::Anonymous);
+            self.open.store(open, Ordering::Release);
+            self.pull_authed.store(true, Ordering::Release);
+        }
+        let mut once = |open: bool| {
+            let client = if open {
+                &self.open_client
+            } else {
+                &self.client
             };
-            let mut out = Vec::with_capacity(len as usize);
-            let mut skipped = 0u64;
-            while let Some(chunk) = stream.next().await {
-                let mut chunk = chunk?;
-                if skipped < skip {
-                    let n = (skip - skipped).min(chunk.len() as u64) as usize;
-                    skipped += n as u64;
-                    let _ = chunk.split_to(n);
-                }
-                let want = len as usize - out.len();
-                out.extend_from_slice(&chunk[..chunk.len().min(want)]);
-                if out.len() == len as usize {
-                    break;
-                }
+            self.rt.block_on(Self::range_once(
+                client,
+                &self.reference,
+                digest,
+                offset,
+                &mut *buf,
+            ))
+        };
+        let open = self.open.load(Ordering::Acquire);
+        match self.retry_blocking(&what, || once(open)) {
+            // A token that expired (or was never granted), or a registry that closed:
+            // negotiate again, once, and go on with the credentials' client.
+            Err(RegistryError::Unauthorized { .. }) => {
+                self.open.store(false, Ordering::Release);
+                self.auth_for(RegistryOperation::Pull)?;
+                self.retry_blocking(&what, || once(false))
             }
-            Ok(out)
-        })
+            r => r,
+        }
+    }
+
+    /// One ranged GET streamed straight into `buf`.
+    async fn range_once(
+        client: &Client,
+        reference: &Reference,
+        digest: &str,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> std::result::Result<usize, OciDistributionError> {
+        use oci_client::client::BlobResponse;
+        let len = buf.len() as u64;
+        let resp = client
+            .pull_blob_stream_partial(reference, digest, offset, Some(len))
+            .await?;
+        let (mut stream, skip) = match resp {
+            BlobResponse::Partial(s) => (s.stream, 0),
+            // A registry that ignores ranges sends everything: skip to the offset.
+            BlobResponse::Full(s) => (s.stream, offset),
+        };
+        let mut filled = 0usize;
+        let mut skipped = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let mut chunk = chunk?;
+            if skipped < skip {
+                let n = (skip - skipped).min(chunk.len() as u64) as usize;
+                skipped += n as u64;
+                let _ = chunk.split_to(n);
+            }
+            let n = chunk.len().min(buf.len() - filled);
+            buf[filled..filled + n].copy_from_slice(&chunk[..n]);
+            filled += n;
+            if filled == buf.len() {
+                break;
+            }
+        }
+        Ok(filled)
     }
 
     /// Whether blob `digest` exists (HEAD).
@@ -610,5 +688,90 @@ impl Read for BlobReader<'_> {
         let n = buf.len().min(self.pending.len());
         buf[..n].copy_from_slice(&self.pending.split_to(n));
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::net::TcpListener;
+    use std::sync::{Arc, Mutex};
+
+    /// A registry stub on loopback: anonymous `/v2/`, ranged GETs of one 64-byte blob.
+    /// Returns its address and the request lines it saw.
+    fn stub() -> (String, Arc<Mutex<Vec<String>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    let mut out = conn.try_clone().unwrap();
+                    let mut r = BufReader::new(conn);
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let mut range = None;
+                        loop {
+                            let mut h = String::new();
+                            r.read_line(&mut h).unwrap();
+                            if h.trim().is_empty() {
+                                break;
+                            }
+                            if let Some(v) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                                let (a, b) = v.trim().split_once('-').unwrap();
+                                range = Some((
+                                    a.parse::<usize>().unwrap(),
+                                    b.parse::<usize>().unwrap(),
+                                ));
+                            }
+                        }
+                        log.lock().unwrap().push(line.trim().to_string());
+                        let blob: Vec<u8> = (0..64u8).collect();
+                        let reply = match range {
+                            Some((a, b)) => {
+                                let body = &blob[a..=b];
+                                let mut v = format!(
+                                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {a}-{b}/64\r\n\r\n",
+                                    body.len()
+                                )
+                                .into_bytes();
+                                v.extend_from_slice(body);
+                                v
+                            }
+                            None => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}".to_vec(),
+                        };
+                        out.write_all(&reply).unwrap();
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    #[test]
+    fn ranged_reads_negotiate_auth_once() {
+        let (addr, seen) = stub();
+        let reg = Registry::new(&format!("{addr}/test/repo"), &RegistryOptions::default()).unwrap();
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let mut buf = [0u8; 8];
+        for off in [0u64, 8, 40] {
+            assert_eq!(reg.read_range_into(&digest, off, &mut buf).unwrap(), 8);
+            assert_eq!(buf[0], off as u8);
+        }
+        assert_eq!(
+            reg.read_range(&digest, 60, 4).unwrap(),
+            vec![60, 61, 62, 63]
+        );
+        let seen = seen.lock().unwrap();
+        let probes = seen.iter().filter(|l| l.starts_with("GET /v2/ ")).count();
+        assert_eq!(probes, 1, "{seen:?}");
+        assert_eq!(seen.len(), 5, "{seen:?}");
     }
 }

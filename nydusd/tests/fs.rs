@@ -1,0 +1,70 @@
+//! The per-bootstrap filesystem without FUSE: what it answers the kernel for directories.
+
+use fuse_backend_rs::api::filesystem::{Context, FileSystem};
+use nydusd::cache::ChunkCache;
+use nydusd::config::Config;
+use nydusd::fs::{RafsFs, ROOT_ID};
+use nydusd::metrics::Metrics;
+use p2p_backend::localfs::LocalFs;
+use rafs::read::Bootstrap;
+use std::sync::Arc;
+
+#[test]
+fn directories_need_no_opendir_and_list_without_a_handle() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(src.join("d")).unwrap();
+    for i in 0..300 {
+        std::fs::write(src.join(format!("d/file-with-a-longish-name-{i:03}")), "x").unwrap();
+    }
+    let boot = tmp.path().join("image.boot");
+    let blobs = tmp.path().join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let mut o = converter::CreateOptions::new(&src, converter::SourceType::Directory);
+    o.bootstrap = Some(boot.clone());
+    o.blob_dir = Some(blobs.clone());
+    converter::create(&o).unwrap();
+    let bs = Arc::new(Bootstrap::open(&boot).unwrap());
+    let metrics = Arc::new(Metrics::default());
+    let cfg = Config::localfs(blobs.clone(), tmp.path().join("cache"));
+    let cache = ChunkCache::new(bs, Arc::new(LocalFs::new(&blobs)), &cfg, metrics.clone());
+    let fs = RafsFs::new(Arc::new(cache.unwrap()), true, metrics, 0);
+    let ctx = Context::default();
+
+    // ENOSYS: the kernel stops sending OPENDIR/RELEASEDIR and caches listings itself.
+    let err = fs.opendir(&ctx, ROOT_ID, 0).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSYS));
+    let d = fs.lookup(&ctx, ROOT_ID, c"d").unwrap();
+    let file = fs
+        .lookup(&ctx, d.inode, c"file-with-a-longish-name-000")
+        .unwrap();
+    let err = fs.opendir(&ctx, file.inode, 0).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTDIR));
+
+    // Listing with handle 0 in small pieces (as the kernel does) resumes at each offset.
+    let mut names = Vec::new();
+    let mut offset = 0;
+    loop {
+        let mut room = 10;
+        let mut last = offset;
+        fs.readdir(&ctx, d.inode, 0, 4096, offset, &mut |e| {
+            if room == 0 {
+                return Ok(0);
+            }
+            room -= 1;
+            names.push(String::from_utf8_lossy(e.name).into_owned());
+            last = e.offset;
+            Ok(1)
+        })
+        .unwrap();
+        if last == offset {
+            break;
+        }
+        offset = last;
+    }
+    names.retain(|n| n != "." && n != "..");
+    let want: Vec<String> = (0..300)
+        .map(|i| format!("file-with-a-longish-name-{i:03}"))
+        .collect();
+    assert_eq!(names, want);
+}
