@@ -48,7 +48,7 @@ pub struct ConvertOptions {
     /// Directory for temporary blobs (a fresh temporary directory inside it is used).
     pub work_dir: PathBuf,
     /// Threads compressing chunks (0: number of CPUs). Layers are converted one after
-    /// the other (see [`build_layers`]).
+    /// the other (see `build_layers`).
     pub jobs: usize,
     /// A bootstrap whose chunks the new image may reference instead of storing them
     /// again (`--chunk-dict bootstrap=PATH`); its blobs must be in the target already.
@@ -858,7 +858,7 @@ fn convert_images(
 
 /// Converts `opts.source` into a nydus image at `opts.target`.
 ///
-/// Layers are converted one after the other (see [`build_layers`]) while a second thread
+/// Layers are converted one after the other (see `build_layers`) while a second thread
 /// uploads each finished blob to the target. A blob is queued only once its source
 /// layer's digest has been verified, and the bootstrap layer, config, manifests and
 /// finally the tag are written after every image is converted: a failed conversion can

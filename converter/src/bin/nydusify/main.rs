@@ -67,7 +67,7 @@ enum Command {
 /// Flags of `nydusify mount`.
 #[derive(Debug, Args)]
 struct MountArgs {
-    /// The nydus image in a registry (HOST[:PORT]/NAME:TAG).
+    /// The nydus image in a registry (`HOST[:PORT]/NAME:TAG`).
     #[arg(long, value_name = "IMAGE")]
     target: String,
 
