@@ -250,7 +250,7 @@ fn compress_worker(
 /// and writing in submission order, so the output does not depend on thread timing.
 ///
 /// Returns what `feed` returned and the blob body, whose tail is written by
-/// [`BlobBody::write_meta`] and [`BlobBody::finish`]. `arena` receives one handle per
+/// [`BlobBody::write_meta`] and [`BlobWithMeta::finish`]. `arena` receives one handle per
 /// submitted chunk.
 pub fn write_chunks<W, T, F>(
     out: W,
