@@ -14,8 +14,18 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-pub(crate) fn fixture_script() -> PathBuf {
+fn fixture_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/make-busybox-image.sh")
+}
+
+/// Builds the multi-layer busybox fixture into the OCI layout `layout`, tagged `tag`.
+pub(crate) fn make_busybox(layout: &Path, tag: &str) {
+    run_ok(
+        Command::new("bash")
+            .arg(fixture_script())
+            .arg(layout)
+            .arg(tag),
+    );
 }
 
 pub(crate) fn nydusify(args: &[&str], work: &Path) -> Output {
@@ -55,12 +65,7 @@ fn busybox_image_converts_registry_to_registry_deterministically() {
     require_root_tools(&["docker-registry", "skopeo", "umoci", "busybox", "tar"]);
     let t = tempfile::tempdir().unwrap();
     let layout = t.path().join("oci");
-    run_ok(
-        Command::new("bash")
-            .arg(fixture_script())
-            .arg(&layout)
-            .arg("v1"),
-    );
+    make_busybox(&layout, "v1");
     let reg = Registry::start();
     let src = format!("{}/busybox:v1", reg.addr);
     run_ok(Command::new("skopeo").args([
@@ -197,12 +202,7 @@ fn bad_sources_fail_clearly_and_push_nothing() {
     require_root_tools(&["docker-registry", "skopeo", "umoci", "busybox", "tar"]);
     let t = tempfile::tempdir().unwrap();
     let layout = t.path().join("oci");
-    run_ok(
-        Command::new("bash")
-            .arg(fixture_script())
-            .arg(&layout)
-            .arg("v1"),
-    );
+    make_busybox(&layout, "v1");
     let reg = Registry::start();
     let work = t.path().join("work");
     fs::create_dir_all(&work).unwrap();
@@ -265,12 +265,7 @@ fn bad_sources_fail_clearly_and_push_nothing() {
 /// Pushes the busybox fixture to `reg` as `busybox:TAG` and returns the OCI layout.
 pub(crate) fn push_busybox(reg: &Registry, dir: &Path, tag: &str) -> PathBuf {
     let layout = dir.join(format!("oci-{tag}"));
-    run_ok(
-        Command::new("bash")
-            .arg(fixture_script())
-            .arg(&layout)
-            .arg(tag),
-    );
+    make_busybox(&layout, tag);
     run_ok(Command::new("skopeo").args([
         "copy",
         "--dest-tls-verify=false",
@@ -577,12 +572,7 @@ fn chunks_of_lower_layers_and_of_a_chunk_dict_are_referenced_not_stored_again() 
     // The busybox fixture plus a top layer with a copy of /bin/busybox: the copy's
     // chunks are all in layer 1's blob.
     let layout = t.path().join("oci");
-    run_ok(
-        Command::new("bash")
-            .arg(fixture_script())
-            .arg(&layout)
-            .arg("v1"),
-    );
+    make_busybox(&layout, "v1");
     add_layer(
         &layout,
         "v1",

@@ -5,8 +5,8 @@
 //! name what was wrong and leave nothing tagged at the target.
 
 use super::nydusify::{
-    add_layer, edit_manifest, fixture_script, inspect_raw, json, nydusify, nydusify_ok,
-    push_busybox, rewrite_layer,
+    add_layer, edit_manifest, inspect_raw, json, make_busybox, nydusify, nydusify_ok, push_busybox,
+    rewrite_layer,
 };
 use rafs_e2e::{bin, require_root_tools, run_ok, Fault, FaultProxy, Registry};
 use std::fs;
@@ -71,12 +71,7 @@ fn docker_archive_source_converts_and_checks() {
     let work = work_dir(t.path());
     let reg = Registry::start();
     let layout = t.path().join("oci");
-    run_ok(
-        Command::new("bash")
-            .arg(fixture_script())
-            .arg(&layout)
-            .arg("v1"),
-    );
+    make_busybox(&layout, "v1");
     let archive = t.path().join("busybox.tar");
     run_ok(Command::new("skopeo").args([
         "copy",
@@ -167,7 +162,7 @@ fn two_platform_layout(dir: &Path) -> PathBuf {
     let amd = dir.join("oci-amd64");
     let arm = dir.join("oci-arm64");
     for l in [&amd, &arm] {
-        run_ok(Command::new("bash").arg(fixture_script()).arg(l).arg("v1"));
+        make_busybox(l, "v1");
     }
     add_layer(&arm, "v1", &[("etc/arch", b"arm64\n", 0o644)], dir);
     run_ok(
@@ -430,12 +425,7 @@ fn basic_auth_registry_takes_docker_config_and_flag_credentials_and_names_refusa
         ),
     );
     let layout = t.path().join("oci");
-    run_ok(
-        Command::new("bash")
-            .arg(fixture_script())
-            .arg(&layout)
-            .arg("v1"),
-    );
+    make_busybox(&layout, "v1");
     let src = format!("{}/busybox:v1", reg.addr);
     run_ok(Command::new("skopeo").args([
         "copy",
@@ -672,12 +662,7 @@ fn layers_escaping_the_root_are_refused_naming_the_entry() {
     let work = work_dir(&deep);
     let reg = Registry::start();
     let layout = t.path().join("oci");
-    run_ok(
-        Command::new("bash")
-            .arg(fixture_script())
-            .arg(&layout)
-            .arg("v1"),
-    );
+    make_busybox(&layout, "v1");
     // A unique name that, resolved against the work directory, lands in `t`.
     let escape = format!("rafs-escape-{}", std::process::id());
     let entry = format!("../../../../{escape}");
@@ -730,12 +715,7 @@ fn encrypted_layers_are_refused_naming_the_media_type() {
     let work = work_dir(t.path());
     let reg = Registry::start();
     let layout = t.path().join("oci");
-    run_ok(
-        Command::new("bash")
-            .arg(fixture_script())
-            .arg(&layout)
-            .arg("v1"),
-    );
+    make_busybox(&layout, "v1");
     let encrypted = "application/vnd.oci.image.layer.v1.tar+gzip+encrypted";
     let mut digest = String::new();
     edit_manifest(&layout, |m| {
@@ -803,12 +783,7 @@ fn an_image_without_layers_is_refused_clearly() {
     let work = work_dir(t.path());
     let reg = Registry::start();
     let layout = t.path().join("oci");
-    run_ok(
-        Command::new("bash")
-            .arg(fixture_script())
-            .arg(&layout)
-            .arg("v1"),
-    );
+    make_busybox(&layout, "v1");
     edit_manifest(&layout, |m| m["layers"] = serde_json::json!([]));
     let target = format!("{}/busybox:empty-nydus", reg.addr);
     let out = nydusify(
