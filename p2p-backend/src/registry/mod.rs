@@ -206,6 +206,11 @@ impl Registry {
             reason: format!("{e}"),
         })?;
         let host = parsed.resolve_registry().to_string();
+        // TLS is rustls on ring, with the system's roots (rustls-platform-verifier):
+        // building a client costs milliseconds, where native-tls parsed the whole
+        // system bundle with OpenSSL, about 100 ms per client, twice per oci-client
+        // `Client`. Installing the provider is a no-op when one is installed already.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let protocol = if opts.insecure || is_loopback(&host) {
             ClientProtocol::HttpsExcept(vec![host.clone(), parsed.registry().to_string()])
         } else {
