@@ -12,17 +12,20 @@
 //! the bootstrap layer, config and manifests follow when every image is converted, and
 //! the tag is set last. The output depends only on the input and options.
 
-use super::store::{open_source, open_target, verify, ImageRef, Source, Target};
+use super::store::{open_source, open_target, verify, BlobProgressRx, ImageRef, Source, Target};
 use super::*;
 use crate::merge::{merge_layers, open_layer};
 use crate::source::tar::{read_tar, LayerCompression};
 use crate::whiteout::WhiteoutSpec;
+use p2p_backend::registry::BlobProgress;
 use p2p_backend::registry::RegistryOptions;
 use rafs::write::{write_bootstrap, write_chunks, BlobOptions, BootstrapOptions, ChunkArena};
 use rafs::{BlobInfo, Compressor, Digester};
 use std::io::{self, BufRead, BufReader, BufWriter, Read};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
+use tokio::sync::watch;
 
 /// What to convert and how.
 #[derive(Clone, Debug)]
@@ -179,6 +182,9 @@ pub struct ConvertReport {
 /// A blob built from one layer, waiting in the work directory.
 struct BuiltLayer {
     path: PathBuf,
+    /// Tells the blob's uploader how far it is written; taken by `build_layers`, which
+    /// declares the blob complete (or drops it unsent: no blob is wanted).
+    progress: Option<Arc<watch::Sender<BlobProgress>>>,
     digest: String,
     size: u64,
     chunks: u32,
@@ -317,7 +323,29 @@ impl Read for Inflated {
     }
 }
 
-/// Streams one layer into an inline-meta blob in `dir`.
+/// The blob file, telling its uploader how many bytes it holds after each write.
+struct Reporting {
+    file: std::fs::File,
+    written: u64,
+    progress: Arc<watch::Sender<BlobProgress>>,
+}
+
+impl io::Write for Reporting {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        self.progress
+            .send_replace(BlobProgress::Writing(self.written));
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Streams one layer into an inline-meta blob in `dir`; the blob is handed to
+/// `upload` as soon as its file exists, to be sent while it is written.
 fn build_layer(
     source: &dyn Source,
     (index, desc): (usize, &Descriptor),
@@ -325,6 +353,7 @@ fn build_layer(
     threads: usize,
     dir: &Path,
     known: &mut Known,
+    upload: &Uploads,
 ) -> Result<BuiltLayer> {
     let layer_err = |source: crate::Error| OciError::Layer {
         layer: desc.digest.clone(),
@@ -342,6 +371,14 @@ fn build_layer(
     let file = tmp
         .reopen()
         .map_err(|e| OciError::io("Opening the temporary blob", e))?;
+    let (progress, watcher) = watch::channel(BlobProgress::Writing(0));
+    let progress = Arc::new(progress);
+    upload.begin(tmp.path(), watcher)?;
+    let file = Reporting {
+        file,
+        written: 0,
+        progress: progress.clone(),
+    };
     let blob_opts = BlobOptions {
         chunk_size: opts.chunk_size,
         compressor: opts.compressor,
@@ -438,6 +475,7 @@ fn build_layer(
     known.arena = arena;
     Ok(BuiltLayer {
         path,
+        progress: Some(progress),
         digest,
         size,
         chunks: info.chunk_count,
@@ -482,11 +520,11 @@ fn build_layers(
         if let Some(p) = &opts.progress {
             p.layer_started(i, layers.len(), &layer.digest, layer.size);
         }
-        let b = build_layer(source, (i, layer), opts, threads, dir, &mut known);
+        let b = build_layer(source, (i, layer), opts, threads, dir, &mut known, upload);
         if let Some(p) = &opts.progress {
             p.layer_done(i);
         }
-        let b = b?;
+        let mut b = b?;
         tracing::info!(
             "layer {}/{} {} -> blob {} ({} bytes, {} chunks, {} deduplicated) in {:.2}s",
             i + 1,
@@ -498,8 +536,14 @@ fn build_layers(
             b.dedup_chunks,
             started.elapsed().as_secs_f64()
         );
-        if b.chunks > 0 {
-            upload.send(&b)?;
+        if let Some(p) = b.progress.take() {
+            if b.chunks > 0 {
+                // Built and its source verified: the upload may be committed.
+                p.send_replace(BlobProgress::Complete {
+                    digest: b.digest.clone(),
+                    size: b.size,
+                });
+            }
         }
         out.push(b);
     }
@@ -511,27 +555,30 @@ fn build_layers(
 /// a series of request round trips, which leave the wire idle in between).
 const UPLOADERS: usize = 2;
 
-type UploadQueue = std::sync::Mutex<std::sync::mpsc::Receiver<(Descriptor, PathBuf)>>;
+type UploadQueue = std::sync::Mutex<std::sync::mpsc::Receiver<(PathBuf, BlobProgressRx)>>;
 
 /// The queue of blobs to upload while conversion goes on; see [`convert`].
 struct Uploads<'a> {
-    tx: std::sync::mpsc::Sender<(Descriptor, PathBuf)>,
+    tx: std::sync::mpsc::Sender<(PathBuf, BlobProgressRx)>,
     /// Set when an upload failed or the conversion did.
     stop: &'a std::sync::atomic::AtomicBool,
 }
 
 impl Uploads<'_> {
-    /// Queues a built (and verified) layer's blob.
-    fn send(&self, b: &BuiltLayer) -> Result<()> {
+    /// Queues the blob about to be written to `path`; `progress` tells its uploader how
+    /// far the file is written, and whether the blob is complete (built, and its
+    /// source layer verified) or abandoned.
+    fn begin(&self, path: &Path, progress: BlobProgressRx) -> Result<()> {
         let stopped = || {
             // An upload failed; `convert` reports its error instead.
-            OciError::invalid(format!("blob {}", b.digest), "the upload stopped")
+            OciError::invalid(format!("blob {}", path.display()), "the upload stopped")
         };
         if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(stopped());
         }
-        let d = descriptor(MEDIA_NYDUS_BLOB, b.digest.clone(), b.size);
-        self.tx.send((d, b.path.clone())).map_err(|_| stopped())
+        self.tx
+            .send((path.to_path_buf(), progress))
+            .map_err(|_| stopped())
     }
 }
 
@@ -548,13 +595,15 @@ fn upload_blobs(
         let next = queue
             .lock()
             .map_err(|_| OciError::invalid("upload queue", "an upload thread panicked"))?;
-        let Ok((d, path)) = next.recv() else { break };
+        let Ok((path, progress)) = next.recv() else {
+            break;
+        };
         drop(next);
         if stop.load(Ordering::Relaxed) {
             break;
         }
         let t = Instant::now();
-        if let Err(e) = target.put_blob_file(&d, &path) {
+        if let Err(e) = target.put_growing_blob(&path, progress) {
             stop.store(true, Ordering::Relaxed);
             return Err(e);
         }
@@ -867,8 +916,21 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
     use std::sync::atomic::{AtomicBool, Ordering};
     let started = Instant::now();
     super::store::check_target(Some(&opts.source), &opts.target)?;
-    let source = open_source(&opts.source, &opts.source_registry)?;
-    let (top, _) = source.top()?;
+    // The target's client is set up while the source's index is fetched.
+    let (source, target) = std::thread::scope(|s| {
+        let target = s.spawn(|| open_target(&opts.target, &opts.target_registry));
+        let source = open_source(&opts.source, &opts.source_registry)
+            .and_then(|source| Ok((source.top()?.0, source)));
+        let target = target.join().unwrap_or_else(|_| {
+            Err(OciError::invalid(
+                format!("target {}", opts.target),
+                "opening it panicked",
+            ))
+        });
+        (source, target)
+    });
+    let (top, source) = source?;
+    let target = target?;
     let work = tempfile::Builder::new()
         .prefix("nydusify-")
         .tempdir_in(&opts.work_dir)
@@ -878,7 +940,6 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
                 e,
             )
         })?;
-    let target = open_target(&opts.target, &opts.target_registry)?;
     let stop = AtomicBool::new(false);
     let (tx, rx) = std::sync::mpsc::channel();
     let queue: UploadQueue = std::sync::Mutex::new(rx);

@@ -4,8 +4,9 @@
 //! Sources hand out the top-level document (manifest or index), manifests by digest and
 //! blob streams; targets take blobs and manifests and set the tag last.
 
+use super::convert::descriptor;
 use super::{digest_hex, digest_of, Descriptor, Manifest, OciError, Result};
-use super::{ANNOTATION_REF_NAME, MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX};
+use super::{ANNOTATION_REF_NAME, MEDIA_DOCKER_MANIFEST, MEDIA_NYDUS_BLOB, MEDIA_OCI_INDEX};
 use p2p_backend::registry::{Registry, RegistryError, RegistryOptions};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -109,12 +110,26 @@ pub fn verify(what: &str, desc: &Descriptor, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The receiving end of a blob writer's progress ([`Target::put_growing_blob`]).
+pub type BlobProgressRx = tokio::sync::watch::Receiver<p2p_backend::registry::BlobProgress>;
+
 /// Where an image is written.
-pub trait Target: Sync {
+pub trait Target: Send + Sync {
     /// Whether the target holds the blob already.
     fn has_blob(&self, desc: &Descriptor) -> Result<bool>;
     /// Stores a blob from a file (a no-op when the target has it).
     fn put_blob_file(&self, desc: &Descriptor, path: &Path) -> Result<()>;
+    /// Stores the nydus blob being written to `path`, once `progress` says it is
+    /// complete; nothing when it is abandoned. A target that can take a blob in pieces
+    /// starts while the file is still written.
+    fn put_growing_blob(&self, path: &Path, progress: BlobProgressRx) -> Result<()> {
+        match p2p_backend::registry::wait_complete(progress) {
+            Some((digest, size)) => {
+                self.put_blob_file(&descriptor(MEDIA_NYDUS_BLOB, digest, size), path)
+            }
+            None => Ok(()),
+        }
+    }
     /// Stores a blob from memory.
     fn put_blob_bytes(&self, desc: &Descriptor, data: &[u8]) -> Result<()>;
     /// Stores a manifest by digest, untagged.
@@ -592,6 +607,16 @@ impl Target for RegistryStore {
                 "already in the registry"
             }
         );
+        Ok(())
+    }
+
+    fn put_growing_blob(&self, path: &Path, progress: BlobProgressRx) -> Result<()> {
+        use p2p_backend::registry::GrowingPush;
+        match self.registry.push_growing_file(path, progress)? {
+            GrowingPush::Uploaded(d) => tracing::info!("blob {d}: uploaded while written"),
+            GrowingPush::Existed(d) => tracing::info!("blob {d}: already in the registry"),
+            GrowingPush::Abandoned => {}
+        }
         Ok(())
     }
 

@@ -12,9 +12,13 @@
 
 mod auth;
 mod backend;
+mod reference;
+mod upload;
 
 pub use auth::{credentials_from_docker_config, Credentials};
 pub use backend::RegistryBackend;
+pub use reference::parse_reference;
+pub use upload::{wait_complete, BlobProgress, GrowingPush, UPLOAD_PIECE};
 
 use futures_util::StreamExt as _;
 use oci_client::client::{ClientConfig, ClientProtocol};
@@ -127,9 +131,9 @@ pub struct RegistryOptions {
 /// default tag `latest` made explicit, `@digest` appended when it has one — and whether
 /// it names a digest. For comparing references and refusing digest targets.
 pub fn canonical_reference(reference: &str) -> Result<(String, bool)> {
-    let r: Reference = reference.parse().map_err(|e| RegistryError::Reference {
+    let r = parse_reference(reference).map_err(|reason| RegistryError::Reference {
         reference: reference.to_string(),
-        reason: format!("{e}"),
+        reason,
     })?;
     let mut s = format!(
         "{}/{}:{}",
@@ -163,6 +167,10 @@ pub struct Registry {
     open: AtomicBool,
     /// A client without credentials, for an open registry (see `open`).
     open_client: Client,
+    /// Whether push access has been negotiated (once: see [`Registry::push_client`]).
+    push_authed: AtomicBool,
+    /// Whether the registry took pushes without any challenge.
+    push_open: AtomicBool,
 }
 
 fn is_loopback(host: &str) -> bool {
@@ -201,9 +209,9 @@ pub fn sha256_hex(digest: &str) -> Option<&str> {
 impl Registry {
     /// A client for the repository of `reference` (`host[:port]/name[:tag|@digest]`).
     pub fn new(reference: &str, opts: &RegistryOptions) -> Result<Self> {
-        let parsed: Reference = reference.parse().map_err(|e| RegistryError::Reference {
+        let parsed = parse_reference(reference).map_err(|reason| RegistryError::Reference {
             reference: reference.to_string(),
-            reason: format!("{e}"),
+            reason,
         })?;
         let host = parsed.resolve_registry().to_string();
         // TLS is rustls on ring, with the system's roots (rustls-platform-verifier):
@@ -246,6 +254,8 @@ impl Registry {
             auth,
             reference: parsed,
             pull_authed: AtomicBool::new(false),
+            push_authed: AtomicBool::new(false),
+            push_open: AtomicBool::new(false),
             retries: if opts.retries == 0 { 3 } else { opts.retries },
             backoff: if opts.backoff.is_zero() {
                 Duration::from_millis(200)
@@ -305,6 +315,28 @@ impl Registry {
         let what = format!("Authenticating to {}", self.reference.resolve_registry());
         self.retry(&what, || self.client.auth(&self.reference, &self.auth, op))?;
         Ok(())
+    }
+
+    /// The client for uploads. Push access is negotiated once; a registry that asks
+    /// for no credentials gets `open_client`, which has none stored: the main client
+    /// would probe `GET /v2/` before every request, since it finds no token to reuse —
+    /// a round trip before each `HEAD`, `PATCH` and `PUT` of an upload.
+    pub(crate) fn push_client(&self) -> Result<&Client> {
+        if !self.push_authed.load(Ordering::Acquire) {
+            let what = format!("Authenticating to {}", self.reference.resolve_registry());
+            let token = self.retry(&what, || {
+                self.client
+                    .auth(&self.reference, &self.auth, RegistryOperation::Push)
+            })?;
+            let open = token.is_none() && matches!(self.auth, RegistryAuth::Anonymous);
+            self.push_open.store(open, Ordering::Release);
+            self.push_authed.store(true, Ordering::Release);
+        }
+        Ok(if self.push_open.load(Ordering::Acquire) {
+            &self.open_client
+        } else {
+            &self.client
+        })
     }
 
     /// Fetches a manifest or index by tag or digest (`None`: the reference's own).
@@ -514,8 +546,8 @@ impl Registry {
     /// Whether blob `digest` exists (HEAD).
     pub fn blob_exists(&self, digest: &str) -> Result<bool> {
         let what = format!("Checking for blob {digest} in {}", self.repo());
-        self.auth_for(RegistryOperation::Push)?;
-        self.retry(&what, || self.client.blob_exists(&self.reference, digest))
+        let client = self.push_client()?;
+        self.retry(&what, || client.blob_exists(&self.reference, digest))
     }
 
     /// Uploads the file at `path` as blob `digest` in chunks, unless the registry has it
@@ -535,11 +567,12 @@ impl Registry {
                 source,
             })?
             .len();
+        let client = self.push_client()?;
         self.retry(&what, || async {
             let file = tokio::fs::File::open(path).await?;
             let stream = tokio_util::io::ReaderStream::with_capacity(file, 4 << 20)
                 .map(|r| r.map_err(OciDistributionError::IoError));
-            self.client
+            client
                 .push_blob_stream(&self.reference, stream, digest, Some(size))
                 .await
         })?;
@@ -553,8 +586,9 @@ impl Registry {
         }
         let what = format!("Uploading blob {digest} to {}", self.repo());
         let data = bytes::Bytes::copy_from_slice(data);
+        let client = self.push_client()?;
         self.retry(&what, || {
-            self.client.push_blob(&self.reference, data.clone(), digest)
+            client.push_blob(&self.reference, data.clone(), digest)
         })?;
         Ok(true)
     }
@@ -570,9 +604,9 @@ impl Registry {
         let what = format!("Uploading manifest {}", r.whole());
         let ct = reqwest_header(media_type);
         let body = bytes::Bytes::copy_from_slice(body);
-        self.auth_for(RegistryOperation::Push)?;
+        let client = self.push_client()?;
         self.retry(&what, || {
-            self.client.push_manifest_raw(&r, body.clone(), ct.clone())
+            client.push_manifest_raw(&r, body.clone(), ct.clone())
         })
     }
 }

@@ -216,7 +216,7 @@ fn compress_worker(
     pool: (Sender<Vec<u8>>, Receiver<Vec<u8>>),
 ) {
     let mut zstd = match opts.compressor {
-        Compressor::Zstd => zstd::bulk::Compressor::new(3).ok(),
+        Compressor::Zstd => zstd::bulk::Compressor::new(1).ok(),
         _ => None,
     };
     for w in rx {
