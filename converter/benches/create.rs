@@ -3,7 +3,7 @@
 //! Builds a deterministic ~1 GiB mixed tree (many small files, a few large ones; half of
 //! each file compressible) once into `$RAFS_BENCH_DIR` (default `/var/tmp/rafs-bench`),
 //! then prints, in the same run:
-//! * the limit: a minimal loop that only reads, blake3-digests and zstd-3-compresses the
+//! * the limit: a minimal loop that only reads, blake3-digests and zstd-compresses (at the builder's level) the
 //!   same bytes in 1 MiB chunks, on one thread and spread over all cores;
 //! * `nydus-image create` (this project): MiB/s of source, ratio to the limit, peak RSS,
 //!   and whether two runs gave identical output;
@@ -256,7 +256,8 @@ fn main() {
     let all = median(limit_runs.iter().map(|r| r.0).collect());
     let limit_cpu = median(limit_runs.iter().map(|r| r.1).collect());
     println!(
-        "limit (read+blake3+zstd-3, 1 MiB chunks): 1 thread {:.0} MiB/s, {cores} threads {:.0} MiB/s, {:.2} CPU-s",
+        "limit (read+blake3+zstd-{}, 1 MiB chunks): 1 thread {:.0} MiB/s, {cores} threads {:.0} MiB/s, {:.2} CPU-s",
+        rafs::write::ZSTD_LEVEL,
         mib / one,
         mib / all,
         limit_cpu

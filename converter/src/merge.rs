@@ -452,6 +452,12 @@ pub fn merge_layers(layers: &[MergeLayer], prefetch: &[String]) -> Result<Merged
 /// bootstrap is read from its `image.boot` section and whose id, size and TOC are taken
 /// from the file).
 pub fn open_layer(path: &Path) -> Result<MergeLayer> {
+    open_layer_as(path, None)
+}
+
+/// [`open_layer`] of a blob whose id (sha256 hex) the caller knows already, for a
+/// file not named by its id: the file is not read again to hash it.
+pub fn open_layer_as(path: &Path, id: Option<&str>) -> Result<MergeLayer> {
     let name = path.display().to_string();
     let file = File::open(path).map_err(|e| Error::source(path, e))?;
     let layer_err = |source| Error::Layer {
@@ -488,7 +494,9 @@ pub fn open_layer(path: &Path) -> Result<MergeLayer> {
     // The id: the file name when it is one (`create -D` names blobs by id), else the
     // sha256 of the file, which is what its OCI layer digest would be.
     let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    blob.id = Some(if is_blob_id(file_name) {
+    blob.id = Some(if let Some(id) = id {
+        id.to_string()
+    } else if is_blob_id(file_name) {
         file_name.to_string()
     } else {
         sha256_file(path)?

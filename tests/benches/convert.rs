@@ -10,7 +10,7 @@
 //! - (a) `skopeo copy` of the same image from that registry to a second, empty registry
 //!   instance (started anew each run, so skopeo can neither skip nor mount a blob): pure
 //!   transfer;
-//! - (b) the rafs builder's limit ([`rafs_e2e::limit_loop`]: read + blake3 + zstd-3 of
+//! - (b) the rafs builder's limit ([`rafs_e2e::limit_loop`]: read + blake3 + zstd (the builder's level) of
 //!   1 MiB chunks on all cores) over the image's uncompressed layer bytes, and for
 //!   reference single-threaded gunzip of the layers, which the limit does not include
 //!   but every conversion of a tar+gzip image has to do.
@@ -218,9 +218,10 @@ fn main() {
         median(copy_cpu)
     );
     println!(
-        "(b) limit (read+blake3+zstd-3, 1 MiB chunks, {cores} threads) on the uncompressed \
+        "(b) limit (read+blake3+zstd-{}, 1 MiB chunks, {cores} threads) on the uncompressed \
          layers: {l:.2}s, {:.0} MiB/s uncompressed = {:.0} MiB/s of source (runs: {}; CPU \
          {:.2}s)",
+        rafs::write::ZSTD_LEVEL,
         raw_mib / l,
         source_mib / l,
         list(&limit),

@@ -10,7 +10,7 @@ use std::time::Instant;
 pub const LIMIT_CHUNK: u64 = 1 << 20;
 
 /// The rafs builder's limit: reads every file in 1 MiB chunks, blake3-digests and
-/// zstd-3-compresses each chunk, and nothing else, on `threads` threads (chunks are
+/// zstd-compresses each chunk (at the builder's [`rafs::write::ZSTD_LEVEL`]), and nothing else, on `threads` threads (chunks are
 /// handed out in order, so one large file is spread over all threads). Returns the wall
 /// seconds.
 ///
@@ -34,7 +34,8 @@ pub fn limit_loop(files: &[PathBuf], threads: usize) -> f64 {
     std::thread::scope(|s| {
         for _ in 0..threads.max(1) {
             s.spawn(|| {
-                let mut z = zstd::bulk::Compressor::new(3).expect("zstd compressor");
+                let mut z =
+                    zstd::bulk::Compressor::new(rafs::write::ZSTD_LEVEL).expect("zstd compressor");
                 let mut buf = vec![0u8; LIMIT_CHUNK as usize];
                 let mut open: Option<(usize, File)> = None;
                 while let Some(&(i, off, len)) = work.get(next.fetch_add(1, Ordering::Relaxed)) {

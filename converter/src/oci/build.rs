@@ -11,7 +11,7 @@ use super::convert::{bootstrap_layer, descriptor};
 use super::store::{open_target, ImageRef};
 use super::*;
 use crate::create::{create, CreateOptions, SourceType};
-use crate::merge::{merge_layers, open_layer, sha256_file};
+use crate::merge::{merge_layers, open_layer_as, sha256_file};
 use crate::whiteout::WhiteoutSpec;
 use p2p_backend::registry::RegistryOptions;
 use rafs::Compressor;
@@ -101,7 +101,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport> {
     let size = std::fs::metadata(&blob_path)
         .map_err(|e| OciError::io("Reading the built blob", e))?
         .len();
-    let mut layer = open_layer(&blob_path)?;
+    let mut layer = open_layer_as(&blob_path, Some(digest_hex(&digest)?))?;
     layer.blob.id = Some(digest_hex(&digest)?.to_string());
     layer.blob.size = Some(size);
     layer.name = opts.source_dir.display().to_string();

@@ -14,7 +14,7 @@
 
 use super::store::{open_source, open_target, verify, BlobProgressRx, ImageRef, Source, Target};
 use super::*;
-use crate::merge::{merge_layers, open_layer};
+use crate::merge::{merge_layers, open_layer_as};
 use crate::source::tar::{read_tar, LayerCompression};
 use crate::whiteout::WhiteoutSpec;
 use p2p_backend::registry::BlobProgress;
@@ -247,6 +247,7 @@ const INFLATED_BLOCK: usize = 256 * 1024;
 fn inflate_layer<R: Read>(
     raw: Hashing<R>,
     tx: std::sync::mpsc::SyncSender<io::Result<Vec<u8>>>,
+    spent: std::sync::mpsc::Receiver<Vec<u8>>,
 ) -> io::Result<Hashing<R>> {
     let mut buffered = BufReader::with_capacity(INFLATED_BLOCK, raw);
     let head = buffered.fill_buf()?;
@@ -259,7 +260,9 @@ fn inflate_layer<R: Read>(
             }
         };
         loop {
-            let mut block = vec![0u8; INFLATED_BLOCK];
+            // A block the reader is done with, when there is one: not zeroed again.
+            let mut block = spent.try_recv().unwrap_or_default();
+            block.resize(INFLATED_BLOCK, 0);
             let mut n = 0;
             let r = loop {
                 match stream.read(&mut block[n..]) {
@@ -300,6 +303,8 @@ fn inflate_layer<R: Read>(
 /// The reading end of [`inflate_layer`]'s queue.
 struct Inflated {
     rx: Option<std::sync::mpsc::Receiver<io::Result<Vec<u8>>>>,
+    /// Read blocks go back to the inflater.
+    spent: std::sync::mpsc::SyncSender<Vec<u8>>,
     block: Vec<u8>,
     at: usize,
 }
@@ -310,7 +315,10 @@ impl Read for Inflated {
             let Some(rx) = &self.rx else { return Ok(0) };
             match rx.recv() {
                 Ok(block) => {
-                    self.block = block?;
+                    let done = std::mem::replace(&mut self.block, block?);
+                    if done.capacity() > 0 {
+                        let _ = self.spent.try_send(done);
+                    }
                     self.at = 0;
                 }
                 Err(_) => return Ok(0),
@@ -394,10 +402,12 @@ fn build_layer(
     // feeding the tar reader (which hands chunks to the compressing workers) through a
     // bounded queue: each stage works while the others do.
     let (blocks_tx, blocks_rx) = std::sync::mpsc::sync_channel(INFLATED_QUEUE);
+    let (spent_tx, spent_rx) = std::sync::mpsc::sync_channel(INFLATED_QUEUE);
     let (written, raw) = std::thread::scope(|s| {
-        let inflater = s.spawn(move || inflate_layer(raw, blocks_tx));
+        let inflater = s.spawn(move || inflate_layer(raw, blocks_tx, spent_rx));
         let mut stream = Inflated {
             rx: Some(blocks_rx),
+            spent: spent_tx,
             block: Vec::new(),
             at: 0,
         };
@@ -645,9 +655,11 @@ pub fn bootstrap_layer(bootstrap: &[u8]) -> Result<(Vec<u8>, String)> {
         .map_err(io)?;
     let tar = b.into_inner().map_err(io)?;
     let diff_id = digest_of(&tar);
+    // The fastest level: the bootstrap is written at the end of a conversion, on its
+    // critical path, and is small next to the blobs either way.
     let mut gz = flate2::GzBuilder::new()
         .mtime(0)
-        .write(Vec::new(), flate2::Compression::default());
+        .write(Vec::new(), flate2::Compression::fast());
     io::Write::write_all(&mut gz, &tar).map_err(io)?;
     Ok((gz.finish().map_err(io)?, diff_id))
 }
@@ -694,7 +706,8 @@ fn convert_image(
     let (built, dict) = build_layers(source, &manifest.layers, opts, dir, upload)?;
     let mut merge_inputs = Vec::with_capacity(built.len());
     for b in &built {
-        let mut layer = open_layer(&b.path)?;
+        // The blob's digest was taken as it was written: not hashed again.
+        let mut layer = open_layer_as(&b.path, Some(digest_hex(&b.digest)?))?;
         // A layer whose chunks were all deduplicated has no blob of its own: every blob
         // in its table is a lower one, already named.
         if b.chunks > 0 {
@@ -992,10 +1005,34 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
             }
         }
     }
-    for img in &images {
-        target.put_blob_bytes(&img.bootstrap_layer.0, &img.bootstrap_layer.1)?;
-        target.put_blob_bytes(&img.config.0, &img.config.1)?;
-    }
+    // The bootstrap layers and configs, two at a time (each is a few round trips).
+    let small: Vec<(&Descriptor, &[u8])> = images
+        .iter()
+        .flat_map(|i| {
+            [
+                (&i.bootstrap_layer.0, &i.bootstrap_layer.1[..]),
+                (&i.config.0, &i.config.1[..]),
+            ]
+        })
+        .collect();
+    let target = target.as_ref();
+    std::thread::scope(|s| {
+        let (odd, even): (Vec<_>, Vec<_>) = small.iter().enumerate().partition(|(i, _)| i % 2 == 1);
+        let other = s.spawn(move || -> Result<()> {
+            odd.iter()
+                .try_for_each(|(_, (d, b))| target.put_blob_bytes(d, b))
+        });
+        let mine: Result<()> = even
+            .iter()
+            .try_for_each(|(_, (d, b))| target.put_blob_bytes(d, b));
+        let theirs = other.join().unwrap_or_else(|_| {
+            Err(OciError::invalid(
+                format!("target {}", opts.target),
+                "an upload thread panicked",
+            ))
+        });
+        mine.and(theirs)
+    })?;
     let (top_desc, top_bytes) = if is_index {
         for img in &images {
             target.put_manifest(&img.manifest_desc, &img.manifest)?;

@@ -12,7 +12,7 @@
 use super::{Registry, RegistryError, Result};
 use bytes::Bytes;
 use oci_client::errors::OciDistributionError;
-use std::os::unix::fs::FileExt;
+use std::io::{self, Read};
 use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -98,14 +98,22 @@ impl Feed {
             };
             let ready = written.saturating_sub(self.at);
             if ready >= UPLOAD_PIECE || (complete.is_some() && ready > 0) {
-                let len = ready.min(UPLOAD_PIECE) as usize;
-                let mut buf = vec![0u8; len];
+                let len = ready.min(UPLOAD_PIECE);
                 // A page-cache read of what was just written: short enough to do on
-                // the runtime's thread.
-                if let Err(e) = self.file.read_exact_at(&mut buf, self.at) {
-                    return Some(Err(OciDistributionError::IoError(e)));
+                // the runtime's thread. The file is read in order, at its own cursor
+                // (into spare capacity: nothing is zeroed first).
+                let mut buf = Vec::with_capacity(len as usize);
+                match (&mut self.file).take(len).read_to_end(&mut buf) {
+                    Ok(n) if n as u64 == len => {}
+                    Ok(n) => {
+                        return Some(Err(OciDistributionError::IoError(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("the blob file ends at {} bytes", self.at + n as u64),
+                        ))))
+                    }
+                    Err(e) => return Some(Err(OciDistributionError::IoError(e))),
                 }
-                self.at += len as u64;
+                self.at += len;
                 return Some(Ok(Bytes::from(buf)));
             }
             if let Some(digest) = complete {
