@@ -213,19 +213,22 @@ fn main() {
 }
 
 /// Benchmarks 1, 2, 4 and 5: reads from a filled chunk cache and a warm walk.
+///
+/// Native reads of this machine's disk swing by 3x from one run to the next (the host
+/// caches the virtual disk, or not), so the contenders take turns: every round reads
+/// natively, then through each daemon, all mounted at once, and the medians of
+/// `RAFS_BENCH_RUNS` rounds (default 5) are compared, with every round's figures shown.
 fn warm(base: &Path) {
     let (big, many) = prepare(base);
     let big_img = base.join("nydusd-big-img");
     let many_img = base.join("nydusd-many-img");
     build(&big, &big_img);
     build(&many, &many_img);
-
-    drop_caches();
-    let native_seq = seq_read(&big.join("file.bin"));
-    drop_caches();
-    let native_iops = random_reads(&big.join("file.bin"), 20_000);
-    let native_stat = stat_rate(&many);
-    println!("native: sequential {native_seq:.0} MiB/s, random 4K {native_iops:.0} IOPS, walk+lstat {native_stat:.0} stat/s");
+    let runs: usize = std::env::var("RAFS_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+        .max(1);
 
     let mut daemons: Vec<(&str, PathBuf, bool)> = Vec::new();
     let ours = std::env::current_exe()
@@ -247,26 +250,62 @@ fn warm(base: &Path) {
     if up.exists() {
         daemons.push(("upstream nydusd 2.2 (validation off)", up, false));
     }
-    for (name, daemon, validate) in daemons {
-        let work = base.join("nydusd-work");
-        let _ = std::fs::remove_dir_all(&work);
-        let d = mount(&daemon, &big_img, &work, validate);
-        let file = d.mnt.join("file.bin");
-        // Fill the chunk cache, then drop the page cache: reads are served from the cache.
-        seq_read(&file);
-        drop_caches();
-        let seq = seq_read(&file);
-        drop_caches();
-        let iops = random_reads(&file, 20_000);
-        drop(d);
-        let d = mount(&daemon, &many_img, &work.join("many"), validate);
+    let work = base.join("nydusd-work");
+    let _ = std::fs::remove_dir_all(&work);
+    let mounted: Vec<FuseDaemon> = daemons
+        .iter()
+        .enumerate()
+        .map(|(i, (_, daemon, validate))| {
+            let d = mount(daemon, &big_img, &work.join(format!("big{i}")), *validate);
+            // Fill the chunk cache; every measured read starts with the page cache
+            // dropped, so it is served from the chunk cache.
+            seq_read(&d.mnt.join("file.bin"));
+            d
+        })
+        .collect();
+    let native = big.join("file.bin");
+    let files: Vec<PathBuf> = std::iter::once(native.clone())
+        .chain(mounted.iter().map(|d| d.mnt.join("file.bin")))
+        .collect();
+    let mut seq = vec![Vec::new(); files.len()];
+    let mut iops = vec![Vec::new(); files.len()];
+    for _ in 0..runs {
+        for (i, f) in files.iter().enumerate() {
+            drop_caches();
+            seq[i].push(seq_read(f));
+        }
+        for (i, f) in files.iter().enumerate() {
+            drop_caches();
+            iops[i].push(random_reads(f, 20_000));
+        }
+    }
+    drop(mounted);
+    let list = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.0}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let native_seq = median(seq[0].clone());
+    let native_iops = median(iops[0].clone());
+    let native_stat = stat_rate(&many);
+    println!(
+        "native: sequential {native_seq:.0} MiB/s (runs: {}), random 4K {native_iops:.0} IOPS (runs: {}), walk+lstat {native_stat:.0} stat/s",
+        list(&seq[0]),
+        list(&iops[0])
+    );
+    for (i, (name, daemon, validate)) in daemons.iter().enumerate() {
+        let (s, r) = (median(seq[i + 1].clone()), median(iops[i + 1].clone()));
+        let d = mount(daemon, &many_img, &work.join(format!("many{i}")), *validate);
         let stat = stat_rate(&d.mnt);
         let rss = rss_mib(d.pid());
         drop(d);
         println!(
-            "{name}: sequential {seq:.0} MiB/s ({:.2}x native), random 4K {iops:.0} IOPS ({:.2}x), walk+lstat {stat:.0} stat/s ({:.2}x), RSS after walk {rss:.1} MiB",
-            seq / native_seq,
-            iops / native_iops,
+            "{name}: sequential {s:.0} MiB/s ({:.2}x native; runs: {}), random 4K {r:.0} IOPS ({:.2}x; runs: {}), walk+lstat {stat:.0} stat/s ({:.2}x), RSS after walk {rss:.1} MiB",
+            s / native_seq,
+            list(&seq[i + 1]),
+            r / native_iops,
+            list(&iops[i + 1]),
             stat / native_stat
         );
     }

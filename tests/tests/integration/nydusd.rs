@@ -749,3 +749,30 @@ fn registry_backend_reads_lazily_and_survives_a_registry_outage() {
     );
     assert!(diffs.is_empty(), "{}", diffs.join("\n"));
 }
+
+/// The mount's kernel readahead window is opened to 16 MiB (`--readahead-kb`), well
+/// past the 128 KiB the kernel would keep for a FUSE mount.
+#[test]
+fn the_mount_reads_ahead_sixteen_mib() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), vec![7u8; 3 << 20]).unwrap();
+    let img = build(&src, &tmp.path().join("img"), &[]);
+    let d = Daemon::start(&img, "ra", "");
+    let dev = std::fs::metadata(&d.mnt).unwrap().dev();
+    let knob = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    let read = || std::fs::read_to_string(&knob).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(5), || read().trim() == "16384"),
+        "{knob}: {}",
+        read()
+    );
+    assert_eq!(std::fs::read(d.mnt.join("f")).unwrap(), vec![7u8; 3 << 20]);
+    d.terminate();
+}
