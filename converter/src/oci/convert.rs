@@ -411,9 +411,8 @@ fn build_layer(
             block: Vec::new(),
             at: 0,
         };
-        // The blob's digest is taken as it is written.
         let written = write_chunks(
-            Hashing::new(BufWriter::with_capacity(1 << 20, file)),
+            BufWriter::with_capacity(1 << 20, file),
             &blob_opts,
             &mut arena,
             |sink| {
@@ -453,11 +452,16 @@ fn build_layer(
     }
     let boot =
         write_bootstrap(&tree, &arena, &table, &boot_opts).map_err(|e| layer_err(e.into()))?;
-    let (mut info, mut written) = with_meta
-        .finish(Some(&boot))
+    // The blob's digest was taken as it was written.
+    let finished = with_meta
+        .finish_file(Some(&boot))
         .map_err(|e| layer_err(e.into()))?;
-    io::Write::flush(&mut written).map_err(|e| OciError::io("Writing the temporary blob", e))?;
-    let (digest, size) = written.finish();
+    let (mut info, size) = (finished.info, finished.size);
+    let digest = format!("sha256:{}", hex::encode(finished.sha256));
+    finished
+        .out
+        .into_inner()
+        .map_err(|e| OciError::io("Writing the temporary blob", e.into_error()))?;
     let path = tmp
         .into_temp_path()
         .keep()

@@ -164,6 +164,9 @@ pub struct BlobBody<W: Write> {
     opts: BlobOptions,
     pos: u64,
     hasher: Sha256,
+    /// The sha256 of every byte written (the blob's OCI digest): forked from `hasher`
+    /// at the first byte `hasher` skips, so that the bytes before are hashed once.
+    file_hasher: Option<Sha256>,
     uncompressed_size: u64,
     /// Unique chunks in ci order.
     unique: Vec<ChunkInfo>,
@@ -282,6 +285,7 @@ where
         opts: opts.clone(),
         pos: 0,
         hasher: Sha256::new(),
+        file_hasher: None,
         uncompressed_size: 0,
         unique: Vec::new(),
     };
@@ -426,6 +430,12 @@ impl<W: Write> BlobBody<W> {
         self.out
             .write_all(bytes)
             .map_err(|e| Error::io("Writing blob", e))?;
+        if !hashed && self.file_hasher.is_none() {
+            self.file_hasher = Some(self.hasher.clone());
+        }
+        if let Some(f) = &mut self.file_hasher {
+            f.update(bytes);
+        }
         if hashed {
             self.hasher.update(bytes);
         }
@@ -589,6 +599,14 @@ impl<W: Write> BlobWithMeta<W> {
     /// blob table entry and the writer. The blob id is the sha256 of every byte of the
     /// blob except the chunk digest array.
     pub fn finish(self, inline_bootstrap: Option<&[u8]>) -> Result<(BlobInfo, W)> {
+        let f = self.finish_file(inline_bootstrap)?;
+        Ok((f.info, f.out))
+    }
+
+    /// [`BlobWithMeta::finish`], also returning the sha256 and size of every byte
+    /// written, which is the blob's digest as an OCI layer: the writer need not hash
+    /// the blob a second time.
+    pub fn finish_file(self, inline_bootstrap: Option<&[u8]>) -> Result<FinishedBlob<W>> {
         let mut info = self.provisional_info();
         let BlobWithMeta { mut body, meta } = self;
         let mut toc = Vec::new();
@@ -663,12 +681,35 @@ impl<W: Write> BlobWithMeta<W> {
         if inline_bootstrap.is_none() {
             info.compressed_size = body.pos;
         }
+        let sha256: [u8; 32] = body
+            .file_hasher
+            .take()
+            .unwrap_or_else(|| body.hasher.clone())
+            .finalize()
+            .into();
         info.id = hex::encode(body.hasher.finalize());
         body.out
             .flush()
             .map_err(|e| Error::io("Flushing blob", e))?;
-        Ok((info, body.out))
+        Ok(FinishedBlob {
+            info,
+            out: body.out,
+            sha256,
+            size: body.pos,
+        })
     }
+}
+
+/// A finished blob ([`BlobWithMeta::finish_file`]).
+pub struct FinishedBlob<W> {
+    /// The blob's table entry.
+    pub info: BlobInfo,
+    /// The writer, flushed.
+    pub out: W,
+    /// The sha256 of every byte written.
+    pub sha256: [u8; 32],
+    /// The number of bytes written.
+    pub size: u64,
 }
 
 #[cfg(test)]
@@ -709,6 +750,38 @@ mod tests {
     /// The zstd output of a chunk must not depend on the capacity of the pooled buffer
     /// it lands in (which depends on thread timing): else the same image gives different
     /// blobs from run to run.
+    #[test]
+    fn finish_file_reports_the_sha256_and_size_of_every_byte_written() {
+        for (toc, inline) in [(true, true), (true, false), (false, false)] {
+            let opts = BlobOptions {
+                toc,
+                inline_meta: inline,
+                chunk_size: 0x10000,
+                ..Default::default()
+            };
+            let mut arena = ChunkArena::default();
+            let (_, body) = write_chunks(Vec::new(), &opts, &mut arena, |sink| {
+                for (i, c) in chunks().iter().enumerate() {
+                    sink.add_file(&mut &c[..], c.len() as u64, &format!("file {i}"))?;
+                }
+                Ok(())
+            })
+            .unwrap();
+            let boot = vec![0x5au8; 8192];
+            let f = body
+                .write_meta()
+                .unwrap()
+                .finish_file(inline.then_some(&boot[..]))
+                .unwrap();
+            assert_eq!(f.size, f.out.len() as u64, "toc {toc} inline {inline}");
+            assert_eq!(f.sha256, sha256(&f.out), "toc {toc} inline {inline}");
+            if toc {
+                // The blob id leaves the digest array out: it differs from the sha256.
+                assert_ne!(f.info.id, hex::encode(f.sha256));
+            }
+        }
+    }
+
     #[test]
     fn compressed_chunks_do_not_depend_on_the_output_buffer() {
         let mut z = zstd::bulk::Compressor::new(ZSTD_LEVEL).unwrap();
