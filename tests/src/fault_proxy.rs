@@ -19,6 +19,9 @@ use std::time::Duration;
 pub enum Fault {
     /// Answer `503 Service Unavailable` (with `Connection: close`).
     Unavailable,
+    /// Answer this status (with `Connection: close`), as a registry refusing the
+    /// request would.
+    Status(u16),
     /// Close the connection after reading the request head, answering nothing.
     Drop,
     /// Forward the request, relay only the first this many bytes of the answer (its
@@ -199,13 +202,18 @@ fn serve(mut client: TcpStream, state: &State) -> io::Result<()> {
         }
         _ => u64::MAX,
     };
-    if let Some(fault @ (Fault::Unavailable | Fault::Drop)) = fault {
+    if let Some(fault @ (Fault::Unavailable | Fault::Status(_) | Fault::Drop)) = fault {
         state.faulted.fetch_add(1, Ordering::SeqCst);
-        if fault == Fault::Unavailable {
+        let status = match fault {
+            Fault::Unavailable => Some(503),
+            Fault::Status(code) => Some(code),
+            _ => None,
+        };
+        if let Some(code) = status {
             let body = "fault injected by the test proxy\n";
             write!(
                 client,
-                "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n\
+                "HTTP/1.1 {code} Fault\r\nContent-Type: text/plain\r\n\
                  Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             )?;

@@ -254,7 +254,11 @@ fn inflate_layer<R: Read>(
     let decoded = {
         let mut stream: Box<dyn Read + '_> = match LayerCompression::detect(head) {
             LayerCompression::None => Box::new(&mut buffered),
-            LayerCompression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&mut buffered)),
+            LayerCompression::Gzip => {
+                // The bufread decoder reads from `buffered` in place (the read one
+                // would copy it into a buffer of its own first).
+                Box::new(flate2::bufread::MultiGzDecoder::new(&mut buffered))
+            }
             LayerCompression::Zstd => {
                 Box::new(zstd::stream::read::Decoder::with_buffer(&mut buffered)?)
             }

@@ -171,6 +171,12 @@ pub struct Registry {
     push_authed: AtomicBool,
     /// Whether the registry took pushes without any challenge.
     push_open: AtomicBool,
+    /// The `Authorization` value of pushes (none for an open registry), once negotiated.
+    push_authorization: std::sync::Mutex<Option<String>>,
+    /// `http://host` or `https://host`: the registry's base URL.
+    base_url: String,
+    /// A plain HTTP client for streamed uploads (see `upload`), made on first use.
+    http: std::sync::OnceLock<reqwest::Client>,
 }
 
 fn is_loopback(host: &str) -> bool {
@@ -246,8 +252,15 @@ impl Registry {
                 what: "Starting the registry client runtime".into(),
                 source,
             })?;
+        let scheme = match protocol {
+            ClientProtocol::Https => "https",
+            _ => "http",
+        };
         Ok(Registry {
             rt,
+            base_url: format!("{scheme}://{host}"),
+            http: std::sync::OnceLock::new(),
+            push_authorization: std::sync::Mutex::new(None),
             open_client: Client::new(config()),
             client: Client::new(config()),
             open: AtomicBool::new(false),
@@ -329,6 +342,22 @@ impl Registry {
                     .auth(&self.reference, &self.auth, RegistryOperation::Push)
             })?;
             let open = token.is_none() && matches!(self.auth, RegistryAuth::Anonymous);
+            let header = match (&token, &self.auth) {
+                (Some(t), _) => Some(format!("Bearer {t}")),
+                (None, RegistryAuth::Basic(u, p)) => {
+                    use base64::Engine;
+                    let pair = format!("{u}:{p}");
+                    Some(format!(
+                        "Basic {}",
+                        base64::engine::general_purpose::STANDARD.encode(pair)
+                    ))
+                }
+                (None, _) => None,
+            };
+            *self
+                .push_authorization
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = header;
             self.push_open.store(open, Ordering::Release);
             self.push_authed.store(true, Ordering::Release);
         }

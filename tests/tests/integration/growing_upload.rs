@@ -204,3 +204,81 @@ fn an_abandoned_blob_leaves_nothing_in_the_repository() {
         vec![digest(small)[7..].to_string()]
     );
 }
+
+/// A registry that refuses the streamed `PATCH` (here a proxy answering 416 to it) gets
+/// the blob in chunks once it is complete.
+#[test]
+fn a_refused_streamed_patch_falls_back_to_chunks() {
+    let s = setup();
+    let proxy = rafs_e2e::FaultProxy::start(&s.reg.addr);
+    // The first request to an upload session is the streamed PATCH (the POST that
+    // opens it has no `_state`).
+    proxy.fault(rafs_e2e::Fault::Status(416), "_state=", 1);
+    let bytes = data(9 * MIB + 99, 13);
+    let reg = Registry::new(
+        &format!("{}/chunks:v1", proxy.addr),
+        &RegistryOptions::default(),
+    )
+    .unwrap();
+    let (tx, rx) = watch::channel(BlobProgress::Writing(0));
+    let pushed = std::thread::scope(|t| {
+        let up = t.spawn(|| reg.push_growing_file(&s.file, rx));
+        write_slowly(&s.file, &bytes, bytes.len(), tx, || {});
+        up.join().unwrap()
+    });
+    assert_eq!(proxy.faulted(), 1, "the streamed PATCH was refused");
+    assert_eq!(pushed.unwrap(), GrowingPush::Uploaded(digest(&bytes)));
+    assert_eq!(
+        linked(&s.storage, "chunks"),
+        vec![digest(&bytes)[7..].to_string()]
+    );
+}
+
+/// Behind htpasswd basic auth, the streamed upload carries the credentials; without
+/// them nothing is committed and the error says why.
+#[test]
+fn a_streamed_upload_carries_basic_credentials() {
+    rafs_e2e::require_root_tools(&["htpasswd"]);
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    let out =
+        rafs_e2e::run_ok(std::process::Command::new("htpasswd").args(["-Bbn", "tester", "s3cret"]));
+    std::fs::write(&htpasswd, &out.stdout).unwrap();
+    let reg = TestRegistry::start_in(
+        dir.path(),
+        &format!(
+            "auth:\n  htpasswd:\n    realm: rafs-test\n    path: {}\n",
+            htpasswd.display()
+        ),
+    );
+    let storage = dir.path().join("registry-data");
+    let file = dir.path().join("blob");
+    let bytes = data(9 * MIB + 5, 17);
+    let push = |creds: Option<(&str, &str)>| {
+        let opts = RegistryOptions {
+            credentials: creds.map(|(u, p)| p2p_backend::registry::Credentials {
+                username: u.into(),
+                password: p.into(),
+            }),
+            ..Default::default()
+        };
+        let reg = Registry::new(&format!("{}/secure:v1", reg.addr), &opts).unwrap();
+        let (tx, rx) = watch::channel(BlobProgress::Writing(0));
+        std::thread::scope(|t| {
+            let up = t.spawn(|| reg.push_growing_file(&file, rx));
+            write_slowly(&file, &bytes, bytes.len(), tx, || {});
+            up.join().unwrap()
+        })
+    };
+    let refused = push(Some(("tester", "wrong"))).unwrap_err().to_string();
+    assert!(refused.contains("401"), "{refused}");
+    assert!(linked(&storage, "secure").is_empty());
+    assert_eq!(
+        push(Some(("tester", "s3cret"))).unwrap(),
+        GrowingPush::Uploaded(digest(&bytes))
+    );
+    assert_eq!(
+        linked(&storage, "secure"),
+        vec![digest(&bytes)[7..].to_string()]
+    );
+}
