@@ -385,7 +385,11 @@ fn build_layer(
         .map_err(|e| OciError::io("Opening the temporary blob", e))?;
     let (progress, watcher) = watch::channel(BlobProgress::Writing(0));
     let progress = Arc::new(progress);
-    upload.begin(tmp.path(), watcher)?;
+    upload.begin(
+        tmp.path(),
+        format!("the blob of layer {}", desc.digest),
+        watcher,
+    )?;
     let file = Reporting {
         file,
         written: 0,
@@ -573,11 +577,14 @@ fn build_layers(
 /// a series of request round trips, which leave the wire idle in between).
 const UPLOADERS: usize = 2;
 
-type UploadQueue = std::sync::Mutex<std::sync::mpsc::Receiver<(PathBuf, BlobProgressRx)>>;
+/// A blob to upload: its file, its name for messages, its writer's progress.
+type Upload = (PathBuf, String, BlobProgressRx);
+
+type UploadQueue = std::sync::Mutex<std::sync::mpsc::Receiver<Upload>>;
 
 /// The queue of blobs to upload while conversion goes on; see [`convert`].
 struct Uploads<'a> {
-    tx: std::sync::mpsc::Sender<(PathBuf, BlobProgressRx)>,
+    tx: std::sync::mpsc::Sender<Upload>,
     /// Set when an upload failed or the conversion did.
     stop: &'a std::sync::atomic::AtomicBool,
 }
@@ -586,17 +593,16 @@ impl Uploads<'_> {
     /// Queues the blob about to be written to `path`; `progress` tells its uploader how
     /// far the file is written, and whether the blob is complete (built, and its
     /// source layer verified) or abandoned.
-    fn begin(&self, path: &Path, progress: BlobProgressRx) -> Result<()> {
-        let stopped = || {
-            // An upload failed; `convert` reports its error instead.
-            OciError::invalid(format!("blob {}", path.display()), "the upload stopped")
-        };
+    fn begin(&self, path: &Path, name: String, progress: BlobProgressRx) -> Result<()> {
+        // An upload failed; `convert` reports its error instead.
+        let stopped =
+            OciError::invalid(format!("{name} ({})", path.display()), "the upload stopped");
         if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(stopped());
+            return Err(stopped);
         }
         self.tx
-            .send((path.to_path_buf(), progress))
-            .map_err(|_| stopped())
+            .send((path.to_path_buf(), name, progress))
+            .map_err(|_| stopped)
     }
 }
 
@@ -613,7 +619,7 @@ fn upload_blobs(
         let next = queue
             .lock()
             .map_err(|_| OciError::invalid("upload queue", "an upload thread panicked"))?;
-        let Ok((path, progress)) = next.recv() else {
+        let Ok((path, name, progress)) = next.recv() else {
             break;
         };
         drop(next);
@@ -621,7 +627,7 @@ fn upload_blobs(
             break;
         }
         let t = Instant::now();
-        if let Err(e) = target.put_growing_blob(&path, progress) {
+        if let Err(e) = target.put_growing_blob(&path, &name, progress) {
             stop.store(true, Ordering::Relaxed);
             return Err(e);
         }

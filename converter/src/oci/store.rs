@@ -119,10 +119,10 @@ pub trait Target: Send + Sync {
     fn has_blob(&self, desc: &Descriptor) -> Result<bool>;
     /// Stores a blob from a file (a no-op when the target has it).
     fn put_blob_file(&self, desc: &Descriptor, path: &Path) -> Result<()>;
-    /// Stores the nydus blob being written to `path`, once `progress` says it is
-    /// complete; nothing when it is abandoned. A target that can take a blob in pieces
+    /// Stores the nydus blob being written to `path` (`name` says which it is, in
+    /// messages), once `progress` says it is complete; nothing when it is abandoned. A target that can take a blob in pieces
     /// starts while the file is still written.
-    fn put_growing_blob(&self, path: &Path, progress: BlobProgressRx) -> Result<()> {
+    fn put_growing_blob(&self, path: &Path, _name: &str, progress: BlobProgressRx) -> Result<()> {
         match p2p_backend::registry::wait_complete(progress) {
             Some((digest, size)) => {
                 self.put_blob_file(&descriptor(MEDIA_NYDUS_BLOB, digest, size), path)
@@ -610,9 +610,9 @@ impl Target for RegistryStore {
         Ok(())
     }
 
-    fn put_growing_blob(&self, path: &Path, progress: BlobProgressRx) -> Result<()> {
+    fn put_growing_blob(&self, path: &Path, name: &str, progress: BlobProgressRx) -> Result<()> {
         use p2p_backend::registry::GrowingPush;
-        match self.registry.push_growing_file(path, progress)? {
+        match self.registry.push_growing_file(path, name, progress)? {
             GrowingPush::Uploaded(d) => tracing::info!("blob {d}: uploaded while written"),
             GrowingPush::Existed(d) => tracing::info!("blob {d}: already in the registry"),
             GrowingPush::Abandoned => {}

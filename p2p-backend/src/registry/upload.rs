@@ -148,9 +148,12 @@ impl Registry {
     /// containerd pushes), then a `PUT ?digest=` that commits it. A registry that
     /// refuses the streamed `PATCH` gets the blob in `Content-Range` chunks instead,
     /// once it is complete.
+    ///
+    /// `name` says which blob this is in messages (say, "the blob of layer sha256:…").
     pub fn push_growing_file(
         &self,
         path: &Path,
+        name: &str,
         progress: watch::Receiver<BlobProgress>,
     ) -> Result<GrowingPush> {
         let mut first = progress.clone();
@@ -170,11 +173,7 @@ impl Registry {
             Ok(BlobProgress::Complete { digest, .. }) => return self.push_complete(&digest, path),
             Ok(BlobProgress::Writing(_)) => {}
         }
-        let what = format!(
-            "Uploading blob {} to {} while it is written",
-            path.display(),
-            self.repo()
-        );
+        let what = format!("Uploading {name} to {} while it is written", self.repo());
         self.push_client()?;
         let abandoned = Arc::new(AtomicBool::new(false));
         let streamed = self.retry(&what, || {

@@ -119,7 +119,7 @@ fn pieces_go_out_while_the_blob_is_written_and_it_is_committed_at_its_end() {
     let (tx, rx) = watch::channel(BlobProgress::Writing(0));
     let mut seen_before_end = 0;
     let pushed = std::thread::scope(|t| {
-        let up = t.spawn(|| reg.push_growing_file(&s.file, rx));
+        let up = t.spawn(|| reg.push_growing_file(&s.file, "the test blob", rx));
         write_slowly(&s.file, &bytes, bytes.len(), tx, || {
             // Give the last whole piece time to arrive, then look: the registry holds
             // pieces of a blob whose end has not been declared yet.
@@ -156,7 +156,7 @@ fn pieces_go_out_while_the_blob_is_written_and_it_is_committed_at_its_end() {
     // The same blob again: the registry has it, nothing is committed twice.
     let (tx, rx) = watch::channel(BlobProgress::Writing(0));
     let again = std::thread::scope(|t| {
-        let up = t.spawn(|| reg.push_growing_file(&s.file, rx));
+        let up = t.spawn(|| reg.push_growing_file(&s.file, "the test blob", rx));
         write_slowly(&s.file, &bytes, bytes.len(), tx, || {});
         up.join().unwrap()
     });
@@ -170,7 +170,7 @@ fn an_abandoned_blob_leaves_nothing_in_the_repository() {
     let reg = client(&s.reg, "gone");
     let (tx, rx) = watch::channel(BlobProgress::Writing(0));
     let pushed = std::thread::scope(|t| {
-        let up = t.spawn(|| reg.push_growing_file(&s.file, rx));
+        let up = t.spawn(|| reg.push_growing_file(&s.file, "the test blob", rx));
         // Abandoned after 9 MiB: two pieces were sent.
         write_slowly(&s.file, &bytes, 9 * MIB, tx, || {});
         up.join().unwrap()
@@ -183,7 +183,7 @@ fn an_abandoned_blob_leaves_nothing_in_the_repository() {
     // Abandoned before a first piece: no session is opened at all.
     let (tx, rx) = watch::channel(BlobProgress::Writing(0));
     let pushed = std::thread::scope(|t| {
-        let up = t.spawn(|| reg.push_growing_file(&s.file, rx));
+        let up = t.spawn(|| reg.push_growing_file(&s.file, "the test blob", rx));
         write_slowly(&s.file, &bytes, MIB, tx, || {});
         up.join().unwrap()
     });
@@ -194,7 +194,7 @@ fn an_abandoned_blob_leaves_nothing_in_the_repository() {
     let small = &bytes[..3 * MIB];
     let (tx, rx) = watch::channel(BlobProgress::Writing(0));
     let pushed = std::thread::scope(|t| {
-        let up = t.spawn(|| reg.push_growing_file(&s.file, rx));
+        let up = t.spawn(|| reg.push_growing_file(&s.file, "the test blob", rx));
         write_slowly(&s.file, small, small.len(), tx, || {});
         up.join().unwrap()
     });
@@ -222,7 +222,7 @@ fn a_refused_streamed_patch_falls_back_to_chunks() {
     .unwrap();
     let (tx, rx) = watch::channel(BlobProgress::Writing(0));
     let pushed = std::thread::scope(|t| {
-        let up = t.spawn(|| reg.push_growing_file(&s.file, rx));
+        let up = t.spawn(|| reg.push_growing_file(&s.file, "the test blob", rx));
         write_slowly(&s.file, &bytes, bytes.len(), tx, || {});
         up.join().unwrap()
     });
@@ -265,7 +265,7 @@ fn a_streamed_upload_carries_basic_credentials() {
         let reg = Registry::new(&format!("{}/secure:v1", reg.addr), &opts).unwrap();
         let (tx, rx) = watch::channel(BlobProgress::Writing(0));
         std::thread::scope(|t| {
-            let up = t.spawn(|| reg.push_growing_file(&file, rx));
+            let up = t.spawn(|| reg.push_growing_file(&file, "the test blob", rx));
             write_slowly(&file, &bytes, bytes.len(), tx, || {});
             up.join().unwrap()
         })

@@ -853,3 +853,62 @@ fn targets_that_name_a_digest_or_the_source_itself_are_refused_before_any_work()
     );
     assert_work_dir_empty(&work);
 }
+
+/// Uploads cut in the middle of a pipelined conversion of the python fixture, whose
+/// base blob is streamed to the target while it is written: dropped twice, the upload
+/// starts over from the blob file and the image checks; dropped every time, the
+/// conversion fails naming the upload, with nothing tagged and nothing committed.
+#[test]
+fn uploads_cut_mid_stream_are_retried_then_fail_leaving_nothing() {
+    require_root_tools(&["docker-registry", "skopeo", "umoci", "debootstrap", "tar"]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/make-python-image.sh");
+    let out = run_ok(Command::new("bash").arg(script));
+    let image = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let t = tempfile::tempdir().unwrap();
+    let work = work_dir(t.path());
+    let rdir = t.path().join("registry");
+    fs::create_dir_all(&rdir).unwrap();
+    let reg = Registry::start_in(&rdir, "");
+    let src = format!("{}/python:v1", reg.addr);
+    run_ok(Command::new("skopeo").args([
+        "copy",
+        "--dest-tls-verify=false",
+        &format!("oci:{image}"),
+        &format!("docker://{src}"),
+    ]));
+    let proxy = FaultProxy::start(&reg.addr);
+    let linked = |repo: &str| {
+        fs::read_dir(rdir.join(format!(
+            "registry-data/docker/registry/v2/repositories/{repo}/_layers/sha256"
+        )))
+        .map(|d| d.count())
+        .unwrap_or(0)
+    };
+
+    // Requests to upload sessions (the streamed PATCH, the commits) carry `_state=`.
+    proxy.fault(Fault::Drop, "_state=", 2);
+    let target = format!("{}/retried:v1", proxy.addr);
+    nydusify_ok(&["convert", "--source", &src, "--target", &target], &work);
+    assert_eq!(proxy.faulted(), 2);
+    nydusify_ok(
+        &[
+            "check",
+            "--source",
+            &src,
+            "--target",
+            &format!("{}/retried:v1", reg.addr),
+        ],
+        &work,
+    );
+
+    proxy.fault(Fault::Drop, "_state=", usize::MAX);
+    let target = format!("{}/failed:v1", proxy.addr);
+    let err = failure(
+        &nydusify(&["convert", "--source", &src, "--target", &target], &work),
+        "convert with every upload dropped",
+    );
+    assert!(err.contains("Uploading the blob of layer sha256:"), "{err}");
+    assert_untagged(&format!("{}/failed:v1", reg.addr), None);
+    assert_eq!(linked("failed"), 0, "a blob was committed");
+    assert_work_dir_empty(&work);
+}
