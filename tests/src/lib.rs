@@ -30,6 +30,7 @@ mod fault_proxy;
 mod guards;
 mod netns;
 mod registry;
+mod token_server;
 mod tree;
 
 pub use bench::{limit_loop, median, LIMIT_CHUNK};
@@ -40,6 +41,7 @@ pub use fault_proxy::{Fault, FaultProxy};
 pub use guards::{is_mounted, wait_until, ChildGuard, LoopDevice, Mount};
 pub use netns::NetNs;
 pub use registry::Registry;
+pub use token_server::TokenServer;
 pub use tree::{
     long_name_path, make_varied_tree, DEEP_LEVELS, HARD_LINK_NAMES, MULTI_CHUNK_FILE, WIDE_DIR,
     WIDE_DIR_ENTRIES,

@@ -912,3 +912,137 @@ fn uploads_cut_mid_stream_are_retried_then_fail_leaving_nothing() {
     assert_eq!(linked("failed"), 0, "a blob was committed");
     assert_work_dir_empty(&work);
 }
+
+/// A registry in docker-registry's bearer-token mode (tokens from
+/// [`rafs_e2e::TokenServer`], asked for with the docker config's credentials): the
+/// python fixture converts (its base blob streamed with the bearer token) and checks,
+/// `nydusify mount` reads it lazily through nydusd's registry backend, and a wrong
+/// password is refused clearly with nothing tagged.
+#[test]
+fn bearer_token_registries_convert_check_and_mount() {
+    require_root_tools(&[
+        "docker-registry",
+        "skopeo",
+        "umoci",
+        "debootstrap",
+        "tar",
+        "openssl",
+        "base64",
+        "fusermount3",
+    ]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/make-python-image.sh");
+    let out = run_ok(Command::new("bash").arg(script));
+    let image = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let t = tempfile::tempdir().unwrap();
+    let work = work_dir(t.path());
+    let tokens =
+        rafs_e2e::TokenServer::start(&t.path().join("token"), "tester", "s3cret", &["python"]);
+    let rdir = t.path().join("registry");
+    fs::create_dir_all(&rdir).unwrap();
+    let reg = Registry::start_in(&rdir, &tokens.registry_config());
+    let src = format!("{}/python:v1", reg.addr);
+    run_ok(Command::new("skopeo").args([
+        "copy",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        "tester:s3cret",
+        &format!("oci:{image}"),
+        &format!("docker://{src}"),
+    ]));
+    let started = Instant::now();
+    let step = |what: &str| eprintln!("{what}: {:.1}s", started.elapsed().as_secs_f64());
+    let issued = tokens.issued();
+    assert!(
+        issued > 0,
+        "skopeo got no token: the registry is not in token mode"
+    );
+
+    let good = docker_config(&t.path().join("good"), &reg.addr, "tester:s3cret");
+    let target = format!("{}/python:v1-nydus", reg.addr);
+    let out = nydusify_with_config(
+        &["convert", "--source", &src, "--target", &target],
+        &work,
+        &good,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(tokens.issued() > issued, "nydusify asked for no token");
+    step("converted");
+    let out = nydusify_with_config(
+        &["check", "--source", &src, "--target", &target],
+        &work,
+        &good,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    step("checked");
+    // Lazily mounted from the token registry: nydusd's registry backend.
+    let mnt = t.path().join("mnt");
+    let log = fs::File::create(t.path().join("mount.log")).unwrap();
+    let daemon = rafs_e2e::ChildGuard::spawn(
+        Command::new(bin("nydusify"))
+            .args(["mount", "--target", &target, "--mount-path"])
+            .arg(&mnt)
+            .arg("--work-dir")
+            .arg(t.path().join("mount-work"))
+            .env("DOCKER_CONFIG", &good)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log),
+    )
+    .unwrap();
+    let mounted = rafs_e2e::wait_until(Duration::from_secs(30), || rafs_e2e::is_mounted(&mnt));
+    assert!(
+        mounted,
+        "nydusify mount did not mount: {}",
+        fs::read_to_string(t.path().join("mount.log")).unwrap_or_default()
+    );
+    let m = rafs_e2e::Mount::adopt(&mnt);
+    step("mounted");
+    let python = fs::read_dir(mnt.join("usr/bin"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("python3."))
+        .expect("python3.X in the image")
+        .path();
+    let bytes = fs::read(&python).unwrap();
+    assert!(bytes.len() > 1 << 20 && bytes.starts_with(b"\x7fELF"));
+    step("read");
+    drop(m);
+    drop(daemon);
+    step("unmounted");
+
+    // The wrong password: the token server refuses, and so does nydusify.
+    let bad = docker_config(&t.path().join("bad"), &reg.addr, "tester:wrong");
+    let refused = tokens.refused();
+    let err = failure(
+        &nydusify_with_config(
+            &[
+                "convert",
+                "--source",
+                &src,
+                "--target",
+                &format!("{}/python:v1-bad", reg.addr),
+            ],
+            &work,
+            &bad,
+        ),
+        "convert with a wrong password",
+    );
+    assert!(tokens.refused() > refused, "the token server was not asked");
+    assert!(
+        err.contains("401") || err.to_lowercase().contains("unauthorized"),
+        "{err}"
+    );
+    assert_untagged(
+        &format!("{}/python:v1-bad", reg.addr),
+        Some("tester:s3cret"),
+    );
+    assert_work_dir_empty(&work);
+}
