@@ -76,6 +76,7 @@ REQUIRED=(
     "skopeo skopeo"
     "curl curl"
     "apache2-utils htpasswd"
+    "openssl openssl"
     "umoci umoci"
     "debootstrap debootstrap"
     "cmake cmake"

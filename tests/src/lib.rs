@@ -43,6 +43,6 @@ pub use netns::NetNs;
 pub use registry::Registry;
 pub use token_server::TokenServer;
 pub use tree::{
-    long_name_path, make_varied_tree, DEEP_LEVELS, HARD_LINK_NAMES, MULTI_CHUNK_FILE, WIDE_DIR,
-    WIDE_DIR_ENTRIES,
+    long_name_path, make_varied_tree, noise, DEEP_LEVELS, HARD_LINK_NAMES, MULTI_CHUNK_FILE,
+    WIDE_DIR, WIDE_DIR_ENTRIES,
 };

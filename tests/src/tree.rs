@@ -27,6 +27,20 @@ const MIB: u64 = 1 << 20;
 /// The first mtime given out (2020-09-13); each entry gets a later one.
 const BASE_MTIME: i64 = 1_600_000_000;
 
+/// `len` deterministic pseudo-random bytes (xorshift from `seed`): incompressible, like
+/// model weights, and different for each seed.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// The relative path of the entry whose name is 255 bytes long (the longest a name
 /// can be), `names/n0123456789...abcd`.
 pub fn long_name_path() -> PathBuf {

@@ -53,19 +53,23 @@ pub const UPLOAD_PIECE: u64 = 4 << 20;
 
 /// Waits, blocking, until the blob behind `progress` is complete (its digest and size)
 /// or abandoned (`None`); for targets that can only store whole files.
-pub fn wait_complete(mut progress: watch::Receiver<BlobProgress>) -> Option<(String, u64)> {
+pub fn wait_complete(progress: watch::Receiver<BlobProgress>) -> Option<(String, u64)> {
     let rt = tokio::runtime::Builder::new_current_thread().build().ok()?;
-    rt.block_on(async {
-        match progress
-            .wait_for(|p| matches!(p, BlobProgress::Complete { .. }))
-            .await
-            .ok()?
-            .clone()
-        {
-            BlobProgress::Complete { digest, size } => Some((digest, size)),
-            BlobProgress::Writing(_) => None,
-        }
-    })
+    rt.block_on(completion(progress))
+}
+
+/// The digest and size of the blob behind `progress` once complete; `None` when its
+/// writer abandons it.
+async fn completion(mut progress: watch::Receiver<BlobProgress>) -> Option<(String, u64)> {
+    match progress
+        .wait_for(|p| matches!(p, BlobProgress::Complete { .. }))
+        .await
+        .ok()?
+        .clone()
+    {
+        BlobProgress::Complete { digest, size } => Some((digest, size)),
+        BlobProgress::Writing(_) => None,
+    }
 }
 
 /// What the upload stream reads: the file, in order, as its writer reports progress.
@@ -192,7 +196,7 @@ impl Registry {
             Streamed::Done(outcome) => Ok(outcome),
             Streamed::Refused(code) => {
                 tracing::info!("{what}: streamed upload refused ({code}); uploading in chunks");
-                match wait_complete_async(&self.rt, progress) {
+                match self.rt.block_on(completion(progress)) {
                     Some((digest, _)) => self.push_complete(&digest, path),
                     None => Ok(GrowingPush::Abandoned),
                 }
@@ -289,22 +293,4 @@ impl Registry {
         }
         Ok(Streamed::Done(GrowingPush::Uploaded(digest)))
     }
-}
-
-/// [`wait_complete`] on a runtime of the caller's.
-fn wait_complete_async(
-    rt: &tokio::runtime::Runtime,
-    mut progress: watch::Receiver<BlobProgress>,
-) -> Option<(String, u64)> {
-    rt.block_on(async {
-        match progress
-            .wait_for(|p| matches!(p, BlobProgress::Complete { .. }))
-            .await
-            .ok()?
-            .clone()
-        {
-            BlobProgress::Complete { digest, size } => Some((digest, size)),
-            BlobProgress::Writing(_) => None,
-        }
-    })
 }

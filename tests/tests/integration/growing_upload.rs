@@ -4,7 +4,7 @@
 //! nothing in the repository, and a blob the registry has is not committed twice.
 
 use p2p_backend::registry::{BlobProgress, GrowingPush, Registry, RegistryOptions, UPLOAD_PIECE};
-use rafs_e2e::Registry as TestRegistry;
+use rafs_e2e::{noise, Registry as TestRegistry};
 use sha2::{Digest, Sha256};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -12,19 +12,6 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 const MIB: usize = 1 << 20;
-
-/// Deterministic bytes that do not repeat within a blob.
-fn data(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 fn digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
@@ -114,7 +101,7 @@ fn write_slowly(
 #[test]
 fn pieces_go_out_while_the_blob_is_written_and_it_is_committed_at_its_end() {
     let s = setup();
-    let bytes = data(11 * MIB + 12345, 7);
+    let bytes = noise(11 * MIB + 12345, 7);
     let reg = client(&s.reg, "grow");
     let (tx, rx) = watch::channel(BlobProgress::Writing(0));
     let mut seen_before_end = 0;
@@ -166,7 +153,7 @@ fn pieces_go_out_while_the_blob_is_written_and_it_is_committed_at_its_end() {
 #[test]
 fn an_abandoned_blob_leaves_nothing_in_the_repository() {
     let s = setup();
-    let bytes = data(10 * MIB, 11);
+    let bytes = noise(10 * MIB, 11);
     let reg = client(&s.reg, "gone");
     let (tx, rx) = watch::channel(BlobProgress::Writing(0));
     let pushed = std::thread::scope(|t| {
@@ -214,7 +201,7 @@ fn a_refused_streamed_patch_falls_back_to_chunks() {
     // The first request to an upload session is the streamed PATCH (the POST that
     // opens it has no `_state`).
     proxy.fault(rafs_e2e::Fault::Status(416), "_state=", 1);
-    let bytes = data(9 * MIB + 99, 13);
+    let bytes = noise(9 * MIB + 99, 13);
     let reg = Registry::new(
         &format!("{}/chunks:v1", proxy.addr),
         &RegistryOptions::default(),
@@ -253,7 +240,7 @@ fn a_streamed_upload_carries_basic_credentials() {
     );
     let storage = dir.path().join("registry-data");
     let file = dir.path().join("blob");
-    let bytes = data(9 * MIB + 5, 17);
+    let bytes = noise(9 * MIB + 5, 17);
     let push = |creds: Option<(&str, &str)>| {
         let opts = RegistryOptions {
             credentials: creds.map(|(u, p)| p2p_backend::registry::Credentials {

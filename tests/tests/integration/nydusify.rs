@@ -5,7 +5,7 @@
 
 use rafs::read::Bootstrap;
 use rafs_e2e::{
-    bin, compare_trees_with, is_mounted, require_root_tools, run_ok, start_upstream_nydusd,
+    bin, compare_trees_with, is_mounted, noise, require_root_tools, run_ok, start_upstream_nydusd,
     wait_until, ChildGuard, CompareOptions, LoopDevice, Mount, Registry,
 };
 use std::fs;
@@ -720,19 +720,6 @@ pub(crate) fn which(tool: &str) -> PathBuf {
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
-/// `n` pseudo-random bytes (xorshift), incompressible like model weights.
-fn weights(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 #[test]
 fn model_folder_builds_into_a_nydus_image_that_checks_against_the_folder() {
     require_root_tools(&["docker-registry"]);
@@ -742,11 +729,11 @@ fn model_folder_builds_into_a_nydus_image_that_checks_against_the_folder() {
     fs::create_dir_all(&work).unwrap();
     let model = t.path().join("model");
     fs::create_dir_all(model.join("tokenizer")).unwrap();
-    let shard = weights(9 << 20, 7);
+    let shard = noise(9 << 20, 7);
     fs::write(model.join("model-00001-of-00003.safetensors"), &shard).unwrap();
     fs::write(
         model.join("model-00002-of-00003.safetensors"),
-        weights((6 << 20) + 12345, 11),
+        noise((6 << 20) + 12345, 11),
     )
     .unwrap();
     // A third shard identical to the first: its chunks are stored once.
@@ -822,6 +809,23 @@ fn model_folder_builds_into_a_nydus_image_that_checks_against_the_folder() {
     );
 }
 
+/// Builds the python fixture (once per machine, `fixtures/make-python-image.sh`) and
+/// pushes it to the registry at `addr` as `python:v1`, with `creds` (`user:password`)
+/// when the registry wants them; returns the reference.
+pub(crate) fn push_python(addr: &str, creds: Option<&str>) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/make-python-image.sh");
+    let out = run_ok(Command::new("bash").arg(script));
+    let image = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let src = format!("{addr}/python:v1");
+    let mut copy = Command::new("skopeo");
+    copy.args(["copy", "--dest-tls-verify=false"]);
+    if let Some(c) = creds {
+        copy.args(["--dest-creds", c]);
+    }
+    run_ok(copy.args([format!("oci:{image}"), format!("docker://{src}")]));
+    src
+}
+
 /// The realistic fixture (`fixtures/make-python-image.sh`: debootstrap minbase + python3,
 /// four layers with whiteouts, an opaque directory and a layer of duplicated data),
 /// built once per machine into /var/tmp/rafs-fixtures and reused. Runs in CI (`cargo
@@ -829,20 +833,11 @@ fn model_folder_builds_into_a_nydus_image_that_checks_against_the_folder() {
 #[test]
 fn python_image_converts_and_checks_registry_to_registry() {
     require_root_tools(&["docker-registry", "skopeo", "umoci", "debootstrap", "tar"]);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/make-python-image.sh");
-    let out = run_ok(Command::new("bash").arg(script));
-    let image = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let t = tempfile::tempdir().unwrap();
     let reg = Registry::start();
     let work = t.path().join("work");
     fs::create_dir_all(&work).unwrap();
-    let src = format!("{}/python:v1", reg.addr);
-    run_ok(Command::new("skopeo").args([
-        "copy",
-        "--dest-tls-verify=false",
-        &format!("oci:{image}"),
-        &format!("docker://{src}"),
-    ]));
+    let src = push_python(&reg.addr, None);
     let target = format!("{}/python:v1-nydus", reg.addr);
     let report = t.path().join("r.json");
     nydusify_ok(

@@ -6,7 +6,7 @@
 
 use super::nydusify::{
     add_layer, edit_manifest, inspect_raw, json, make_busybox, nydusify, nydusify_ok, push_busybox,
-    rewrite_layer,
+    push_python, rewrite_layer,
 };
 use rafs_e2e::{bin, require_root_tools, run_ok, Fault, FaultProxy, Registry};
 use std::fs;
@@ -861,21 +861,12 @@ fn targets_that_name_a_digest_or_the_source_itself_are_refused_before_any_work()
 #[test]
 fn uploads_cut_mid_stream_are_retried_then_fail_leaving_nothing() {
     require_root_tools(&["docker-registry", "skopeo", "umoci", "debootstrap", "tar"]);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/make-python-image.sh");
-    let out = run_ok(Command::new("bash").arg(script));
-    let image = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let t = tempfile::tempdir().unwrap();
     let work = work_dir(t.path());
     let rdir = t.path().join("registry");
     fs::create_dir_all(&rdir).unwrap();
     let reg = Registry::start_in(&rdir, "");
-    let src = format!("{}/python:v1", reg.addr);
-    run_ok(Command::new("skopeo").args([
-        "copy",
-        "--dest-tls-verify=false",
-        &format!("oci:{image}"),
-        &format!("docker://{src}"),
-    ]));
+    let src = push_python(&reg.addr, None);
     let proxy = FaultProxy::start(&reg.addr);
     let linked = |repo: &str| {
         fs::read_dir(rdir.join(format!(
@@ -930,9 +921,6 @@ fn bearer_token_registries_convert_check_and_mount() {
         "base64",
         "fusermount3",
     ]);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/make-python-image.sh");
-    let out = run_ok(Command::new("bash").arg(script));
-    let image = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let t = tempfile::tempdir().unwrap();
     let work = work_dir(t.path());
     let tokens =
@@ -940,15 +928,7 @@ fn bearer_token_registries_convert_check_and_mount() {
     let rdir = t.path().join("registry");
     fs::create_dir_all(&rdir).unwrap();
     let reg = Registry::start_in(&rdir, &tokens.registry_config());
-    let src = format!("{}/python:v1", reg.addr);
-    run_ok(Command::new("skopeo").args([
-        "copy",
-        "--dest-tls-verify=false",
-        "--dest-creds",
-        "tester:s3cret",
-        &format!("oci:{image}"),
-        &format!("docker://{src}"),
-    ]));
+    let src = push_python(&reg.addr, Some("tester:s3cret"));
     let started = Instant::now();
     let step = |what: &str| eprintln!("{what}: {:.1}s", started.elapsed().as_secs_f64());
     let issued = tokens.issued();
@@ -959,28 +939,15 @@ fn bearer_token_registries_convert_check_and_mount() {
 
     let good = docker_config(&t.path().join("good"), &reg.addr, "tester:s3cret");
     let target = format!("{}/python:v1-nydus", reg.addr);
-    let out = nydusify_with_config(
-        &["convert", "--source", &src, "--target", &target],
-        &work,
-        &good,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let ok = |args: &[&str]| {
+        let out = nydusify_with_config(args, &work, &good);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "nydusify {args:?}: {err}");
+    };
+    ok(&["convert", "--source", &src, "--target", &target]);
     assert!(tokens.issued() > issued, "nydusify asked for no token");
     step("converted");
-    let out = nydusify_with_config(
-        &["check", "--source", &src, "--target", &target],
-        &work,
-        &good,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&["check", "--source", &src, "--target", &target]);
 
     step("checked");
     // Lazily mounted from the token registry: nydusd's registry backend.
