@@ -72,23 +72,46 @@ pub enum Priority {
     Readahead,
 }
 
-/// The cache state of one blob.
+/// One blob as an image sees it: its table entry and chunk records, over the blob's
+/// cache state, which every image of the daemon that has this blob (in the same work
+/// directory) shares.
 struct BlobCache {
     info: BlobInfo,
+    /// ci index → chunk-table record index ([`NO_RECORD`] if absent).
+    records: Vec<u32>,
+    /// One bit per ci: verified by this process against this image's digests (see the
+    /// module docs). Per image, not shared: a chunk another image verified is checked
+    /// against this image's own digest before this image serves it.
+    verified: Vec<AtomicU8>,
+    state: Arc<BlobState>,
+}
+
+/// The cache state of one blob: its files, and who is fetching what. One per cache file
+/// per process (see [`open_blob`]): two images sharing a base layer fetch its chunks
+/// once, wait for each other's fetches, and never write the same chunk map through two
+/// handles.
+struct BlobState {
     data: File,
     data_path: PathBuf,
     map: ChunkMap,
-    /// One bit per ci: verified by this process (see the module docs).
-    verified: Vec<AtomicU8>,
     /// One bit per ci: the first chunk of a readahead window (see the module docs).
     ra_marks: Vec<AtomicU8>,
-    /// Duplicates of `data` for readers (see [`BlobCache::take_file`]).
+    /// Duplicates of `data` for readers (see [`BlobState::take_file`]).
     spare: Mutex<Vec<File>>,
-    /// ci index → chunk-table record index ([`NO_RECORD`] if absent).
-    records: Vec<u32>,
     inflight: Mutex<HashSet<u32>>,
     done: Condvar,
 }
+
+impl std::ops::Deref for BlobCache {
+    type Target = BlobState;
+
+    fn deref(&self) -> &BlobState {
+        &self.state
+    }
+}
+
+/// The blob states open in this process, by cache data file.
+static OPEN_BLOBS: Mutex<Vec<(PathBuf, std::sync::Weak<BlobState>)>> = Mutex::new(Vec::new());
 
 /// Releases claimed chunks (and wakes waiters) when dropped, also on panic.
 struct Claims<'a> {
@@ -120,7 +143,9 @@ impl BlobCache {
             slot.fetch_and(!(0x80 >> (ci & 7)), Ordering::AcqRel);
         }
     }
+}
 
+impl BlobState {
     fn set_ra_mark(&self, ci: u32) {
         self.ra_marks[(ci / 8) as usize].fetch_or(0x80 >> (ci & 7), Ordering::AcqRel);
     }
@@ -143,7 +168,7 @@ impl BlobCache {
         }
     }
 
-    /// Returns a handle of [`BlobCache::take_file`] (a few are kept).
+    /// Returns a handle of [`BlobState::take_file`] (a few are kept).
     fn put_file(&self, f: File) {
         let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
         if spare.len() < MAX_SPARE_FILES {
@@ -815,6 +840,57 @@ fn decode_unverified(info: &BlobInfo, c: &ChunkInfo, stored: &[u8]) -> rafs::Res
 /// Opens the data file and chunk map of one blob, resetting the map when the data file
 /// does not have the blob's uncompressed size (it cannot be trusted then).
 fn open_blob(work: &Path, info: &BlobInfo, records: Vec<u32>) -> Result<BlobCache> {
+    let state = open_state(work, info)?;
+    Ok(BlobCache {
+        info: info.clone(),
+        records,
+        verified: bits(info.chunk_count),
+        state,
+    })
+}
+
+/// The state of `info`'s blob in `work`: the one already open in this process (by
+/// another image), or newly opened. An open blob whose shape differs from `info`'s is
+/// an error: resizing its files would pull them from under the other image.
+fn open_state(work: &Path, info: &BlobInfo) -> Result<Arc<BlobState>> {
+    let work = work.canonicalize().map_err(|source| Error::CacheIo {
+        path: work.display().to_string(),
+        source,
+    })?;
+    let key = work.join(format!("{}.blob.data", info.id));
+    let mut open = OPEN_BLOBS.lock().unwrap_or_else(|e| e.into_inner());
+    open.retain(|(_, w)| w.strong_count() > 0);
+    if let Some(state) = open
+        .iter()
+        .find(|(p, _)| *p == key)
+        .and_then(|(_, w)| w.upgrade())
+    {
+        let size = state.data.metadata().map(|m| m.len()).unwrap_or(0);
+        if state.map.count() != info.chunk_count || size != info.uncompressed_size {
+            return Err(Error::Metadata(rafs::Error::invalid(
+                format!("blob {}", info.id),
+                format!(
+                    "another image of this daemon has it with {} chunks and {size} bytes, \
+                     this one says {} chunks and {} bytes",
+                    state.map.count(),
+                    info.chunk_count,
+                    info.uncompressed_size
+                ),
+            )));
+        }
+        return Ok(state);
+    }
+    let state = Arc::new(open_files(&work, info)?);
+    open.push((key, Arc::downgrade(&state)));
+    Ok(state)
+}
+
+/// One bit per chunk, all clear.
+fn bits(count: u32) -> Vec<AtomicU8> {
+    (0..count.div_ceil(8)).map(|_| AtomicU8::new(0)).collect()
+}
+
+fn open_files(work: &Path, info: &BlobInfo) -> Result<BlobState> {
     let data_path = work.join(format!("{}.blob.data", info.id));
     let map_path = work.join(format!("{}.chunk_map", info.id));
     let io = |p: &Path, source| Error::CacheIo {
@@ -853,21 +929,12 @@ fn open_blob(work: &Path, info: &BlobInfo, records: Vec<u32>) -> Result<BlobCach
             map.count()
         );
     }
-    let bits = || {
-        (0..info.chunk_count.div_ceil(8))
-            .map(|_| AtomicU8::new(0))
-            .collect()
-    };
-    let verified = bits();
-    Ok(BlobCache {
-        info: info.clone(),
+    Ok(BlobState {
         data,
         data_path,
         map,
-        verified,
-        ra_marks: bits(),
+        ra_marks: bits(info.chunk_count),
         spare: Mutex::new(Vec::new()),
-        records,
         inflight: Mutex::new(HashSet::new()),
         done: Condvar::new(),
     })

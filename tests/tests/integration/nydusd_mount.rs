@@ -543,3 +543,54 @@ fn upstream_nydusctl_mounts_images_into_our_nydusd() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("RUNNING"), "{out:?}");
 }
+
+/// Two images of one daemon that share a blob and a cache directory (a base layer, as
+/// in the snapshotter's shared mode) share its cache: what one read is not fetched
+/// again by the other, and the ready map on disk keeps every chunk either marked.
+#[test]
+fn images_sharing_a_blob_fetch_it_once() {
+    require_root_tools(&["umount"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_varied_tree(&src).unwrap();
+    let img = build(&src, &tmp.path().join("img"), &[]);
+    let d = Shared::start(tmp.path(), "twice");
+    expect(d.mount("/one", &img, ""), 204, "");
+    expect(d.mount("/two", &img, ""), 204, "");
+    assert_same_tree(&src, &d.mnt().join("one"));
+    assert!(fetched_of(&d, "/one") > 5 << 20);
+    drop_caches();
+    assert_same_tree(&src, &d.mnt().join("two"));
+    assert_eq!(
+        fetched_of(&d, "/two"),
+        0,
+        "/two fetched what /one had cached"
+    );
+
+    // A fresh daemon on the same cache finds every chunk ready.
+    expect(
+        d.call("DELETE", "/api/v1/mount?mountpoint=/one", ""),
+        204,
+        "",
+    );
+    expect(
+        d.call("DELETE", "/api/v1/mount?mountpoint=/two", ""),
+        204,
+        "",
+    );
+    drop(d);
+    let d = Shared::start(tmp.path(), "again");
+    expect(d.mount("/three", &img, ""), 204, "");
+    assert_same_tree(&src, &d.mnt().join("three"));
+    assert_eq!(
+        fetched_of(&d, "/three"),
+        0,
+        "chunks lost from the ready map"
+    );
+}
+
+fn fetched_of(d: &Shared, id: &str) -> u64 {
+    let (s, m) = d.call("GET", &format!("/api/v1/metrics/backend?id={id}"), "");
+    assert_eq!(s, 200, "{m}");
+    number(&m, "read_amount_total")
+}
