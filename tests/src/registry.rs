@@ -127,6 +127,11 @@ impl Registry {
         );
     }
 
+    /// The registry's configuration file (read again by [`Registry::up`]).
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
     /// Stops the registry; its storage is kept for [`Registry::up`].
     pub fn down(&mut self) {
         drop(self.child.take());

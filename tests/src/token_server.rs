@@ -19,12 +19,15 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const SERVICE: &str = "rafs-test-registry";
+/// The service name after [`TokenServer::rotate`].
+const SERVICE_ROTATED: &str = "rafs-test-registry-rotated";
 const ISSUER: &str = "rafs-test-token-issuer";
 
 /// A running token server; stopped when dropped.
 pub struct TokenServer {
     /// `http://127.0.0.1:PORT/token`.
     pub realm: String,
+    keys: Arc<Keys>,
     cert: PathBuf,
     issued: Arc<AtomicUsize>,
     refused: Arc<AtomicUsize>,
@@ -41,6 +44,9 @@ struct Keys {
     /// Signed at start: no process is spawned while serving, since the client may be
     /// a FUSE daemon that the test process itself is blocked on.
     token: String,
+    /// The token for the rotated service, and whether it is the one handed out.
+    rotated_token: String,
+    rotated: AtomicBool,
 }
 
 fn b64url(bytes: &[u8]) -> String {
@@ -74,7 +80,7 @@ fn unescape(s: &str) -> String {
 
 impl Keys {
     /// A signed token granting `scopes` (`repository:NAME:ACTIONS`).
-    fn token(&self, scopes: &[String], jti: usize) -> String {
+    fn token(&self, scopes: &[String], jti: usize, service: &str) -> String {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap()
@@ -95,7 +101,7 @@ impl Keys {
         let claims = serde_json::json!({
             "iss": ISSUER,
             "sub": self.user,
-            "aud": SERVICE,
+            "aud": service,
             "exp": now + 600,
             "nbf": now - 10,
             "iat": now,
@@ -184,7 +190,11 @@ fn serve(
         .collect();
     issued.fetch_add(1, Ordering::SeqCst);
     let _ = scopes;
-    let token = &keys.token;
+    let token = if keys.rotated.load(Ordering::SeqCst) {
+        &keys.rotated_token
+    } else {
+        &keys.token
+    };
     let body = serde_json::json!({
         "token": token,
         "access_token": token,
@@ -232,12 +242,15 @@ impl TokenServer {
             user: user.into(),
             password: password.into(),
             token: String::new(),
+            rotated_token: String::new(),
+            rotated: AtomicBool::new(false),
         };
         let scopes: Vec<String> = repositories
             .iter()
             .map(|r| format!("repository:{r}:pull,push"))
             .collect();
-        keys.token = keys.token(&scopes, 0);
+        keys.token = keys.token(&scopes, 0, SERVICE);
+        keys.rotated_token = keys.token(&scopes, 1, SERVICE_ROTATED);
         let keys = Arc::new(keys);
         let listener = TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
         listener.set_nonblocking(true).unwrap();
@@ -247,6 +260,7 @@ impl TokenServer {
         let refused = Arc::new(AtomicUsize::new(0));
         let accept = {
             let (stop, issued, refused) = (stop.clone(), issued.clone(), refused.clone());
+            let keys = keys.clone();
             std::thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
                     match listener.accept() {
@@ -265,6 +279,7 @@ impl TokenServer {
         };
         TokenServer {
             realm: format!("http://{addr}/token"),
+            keys: keys.clone(),
             cert,
             issued,
             refused,
@@ -283,6 +298,26 @@ impl TokenServer {
             self.realm,
             self.cert.display()
         )
+    }
+
+    /// Restarts `reg` (configured with [`TokenServer::registry_config`]) under another
+    /// service name, so that it refuses every token issued so far, and from then on
+    /// issues tokens for the new name: a client must notice the 401s and get a new token.
+    pub fn rotate(&self, reg: &mut crate::Registry) {
+        let config = std::fs::read_to_string(reg.config_path()).unwrap();
+        let from = format!("service: {SERVICE}\n");
+        assert!(
+            config.contains(&from),
+            "the registry is not configured for this server"
+        );
+        std::fs::write(
+            reg.config_path(),
+            config.replace(&from, &format!("service: {SERVICE_ROTATED}\n")),
+        )
+        .unwrap();
+        self.keys.rotated.store(true, Ordering::SeqCst);
+        reg.down();
+        reg.up();
     }
 
     /// Tokens issued so far.

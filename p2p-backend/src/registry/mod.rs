@@ -368,6 +368,21 @@ impl Registry {
         })
     }
 
+    /// Runs push operation `op` with the push client. When the registry answers 401 —
+    /// a bearer token that expired during a long conversion, or that a restarted
+    /// registry no longer takes — push access is negotiated again (a new token) and
+    /// `op` runs once more.
+    pub(crate) fn pushing<T>(&self, op: impl Fn(&Client) -> Result<T>) -> Result<T> {
+        match op(self.push_client()?) {
+            Err(RegistryError::Unauthorized { what, code: 401 }) => {
+                tracing::warn!("{what}: refused (401); negotiating push access again");
+                self.push_authed.store(false, Ordering::Release);
+                op(self.push_client()?)
+            }
+            r => r,
+        }
+    }
+
     /// Fetches a manifest or index by tag or digest (`None`: the reference's own).
     /// Returns its bytes and digest.
     pub fn pull_manifest(&self, tag_or_digest: Option<&str>) -> Result<(Vec<u8>, String)> {
@@ -575,8 +590,7 @@ impl Registry {
     /// Whether blob `digest` exists (HEAD).
     pub fn blob_exists(&self, digest: &str) -> Result<bool> {
         let what = format!("Checking for blob {digest} in {}", self.repo());
-        let client = self.push_client()?;
-        self.retry(&what, || client.blob_exists(&self.reference, digest))
+        self.pushing(|client| self.retry(&what, || client.blob_exists(&self.reference, digest)))
     }
 
     /// Uploads the file at `path` as blob `digest` in chunks, unless the registry has it
@@ -596,14 +610,15 @@ impl Registry {
                 source,
             })?
             .len();
-        let client = self.push_client()?;
-        self.retry(&what, || async {
-            let file = tokio::fs::File::open(path).await?;
-            let stream = tokio_util::io::ReaderStream::with_capacity(file, 4 << 20)
-                .map(|r| r.map_err(OciDistributionError::IoError));
-            client
-                .push_blob_stream(&self.reference, stream, digest, Some(size))
-                .await
+        self.pushing(|client| {
+            self.retry(&what, || async {
+                let file = tokio::fs::File::open(path).await?;
+                let stream = tokio_util::io::ReaderStream::with_capacity(file, 4 << 20)
+                    .map(|r| r.map_err(OciDistributionError::IoError));
+                client
+                    .push_blob_stream(&self.reference, stream, digest, Some(size))
+                    .await
+            })
         })?;
         Ok(true)
     }
@@ -615,9 +630,10 @@ impl Registry {
         }
         let what = format!("Uploading blob {digest} to {}", self.repo());
         let data = bytes::Bytes::copy_from_slice(data);
-        let client = self.push_client()?;
-        self.retry(&what, || {
-            client.push_blob(&self.reference, data.clone(), digest)
+        self.pushing(|client| {
+            self.retry(&what, || {
+                client.push_blob(&self.reference, data.clone(), digest)
+            })
         })?;
         Ok(true)
     }
@@ -633,9 +649,10 @@ impl Registry {
         let what = format!("Uploading manifest {}", r.whole());
         let ct = reqwest_header(media_type);
         let body = bytes::Bytes::copy_from_slice(body);
-        let client = self.push_client()?;
-        self.retry(&what, || {
-            client.push_manifest_raw(&r, body.clone(), ct.clone())
+        self.pushing(|client| {
+            self.retry(&what, || {
+                client.push_manifest_raw(&r, body.clone(), ct.clone())
+            })
         })
     }
 }

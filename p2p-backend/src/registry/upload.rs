@@ -178,16 +178,19 @@ impl Registry {
             Ok(BlobProgress::Writing(_)) => {}
         }
         let what = format!("Uploading {name} to {} while it is written", self.repo());
-        self.push_client()?;
         let abandoned = Arc::new(AtomicBool::new(false));
-        let streamed = self.retry(&what, || {
-            let feed = std::fs::File::open(path).map(|file| Feed {
-                file,
-                at: 0,
-                progress: progress.clone(),
-                abandoned: abandoned.clone(),
-            });
-            async move { self.stream_once(feed?).await }
+        // `stream_once` takes the push credentials `pushing` negotiated (again, after a
+        // 401), and starts over from the file's start on every attempt.
+        let streamed = self.pushing(|_| {
+            self.retry(&what, || {
+                let feed = std::fs::File::open(path).map(|file| Feed {
+                    file,
+                    at: 0,
+                    progress: progress.clone(),
+                    abandoned: abandoned.clone(),
+                });
+                async move { self.stream_once(feed?).await }
+            })
         });
         if abandoned.load(Ordering::Relaxed) {
             return Ok(GrowingPush::Abandoned);

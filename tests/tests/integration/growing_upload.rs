@@ -269,3 +269,31 @@ fn a_streamed_upload_carries_basic_credentials() {
         vec![digest(&bytes)[7..].to_string()]
     );
 }
+
+/// A registry that stops taking the push credentials mid-upload (here a proxy answering
+/// 401 to the streamed PATCH, as to an expired bearer token): push access is negotiated
+/// again and the upload starts over, and the blob arrives.
+#[test]
+fn a_401_mid_upload_renegotiates_and_starts_over() {
+    let s = setup();
+    let proxy = rafs_e2e::FaultProxy::start(&s.reg.addr);
+    proxy.fault(rafs_e2e::Fault::Status(401), "_state=", 1);
+    let bytes = noise(9 * MIB + 7, 19);
+    let reg = Registry::new(
+        &format!("{}/renew:v1", proxy.addr),
+        &RegistryOptions::default(),
+    )
+    .unwrap();
+    let (tx, rx) = watch::channel(BlobProgress::Writing(0));
+    let pushed = std::thread::scope(|t| {
+        let up = t.spawn(|| reg.push_growing_file(&s.file, "the test blob", rx));
+        write_slowly(&s.file, &bytes, bytes.len(), tx, || {});
+        up.join().unwrap()
+    });
+    assert_eq!(proxy.faulted(), 1, "the streamed PATCH got its 401");
+    assert_eq!(pushed.unwrap(), GrowingPush::Uploaded(digest(&bytes)));
+    assert_eq!(
+        linked(&s.storage, "renew"),
+        vec![digest(&bytes)[7..].to_string()]
+    );
+}

@@ -927,7 +927,7 @@ fn bearer_token_registries_convert_check_and_mount() {
         rafs_e2e::TokenServer::start(&t.path().join("token"), "tester", "s3cret", &["python"]);
     let rdir = t.path().join("registry");
     fs::create_dir_all(&rdir).unwrap();
-    let reg = Registry::start_in(&rdir, &tokens.registry_config());
+    let mut reg = Registry::start_in(&rdir, &tokens.registry_config());
     let src = push_python(&reg.addr, Some("tester:s3cret"));
     let started = Instant::now();
     let step = |what: &str| eprintln!("{what}: {:.1}s", started.elapsed().as_secs_f64());
@@ -981,6 +981,37 @@ fn bearer_token_registries_convert_check_and_mount() {
     let bytes = fs::read(&python).unwrap();
     assert!(bytes.len() > 1 << 20 && bytes.starts_with(b"\x7fELF"));
     step("read");
+
+    // The registry restarts refusing every token so far (as when tokens expire): the
+    // next cold read gets a 401, nydusd asks for a new token and goes on.
+    tokens.rotate(&mut reg);
+    let issued = tokens.issued();
+    // A file not read yet: the largest under usr/lib.
+    let mut stack = vec![mnt.join("usr/lib")];
+    let mut big = (0, PathBuf::new());
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap().flatten() {
+            let m = fs::symlink_metadata(e.path()).unwrap();
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if m.is_file() && m.len() > big.0 {
+                big = (m.len(), e.path());
+            }
+        }
+    }
+    let big = big.1;
+    assert!(
+        fs::metadata(&big).unwrap().len() > 256 << 10,
+        "{}",
+        big.display()
+    );
+    let size = fs::metadata(&big).unwrap().len();
+    assert_eq!(fs::read(&big).unwrap().len() as u64, size);
+    assert!(
+        tokens.issued() > issued,
+        "nydusd read on without a new token"
+    );
+    step("read after the registry rotated its tokens");
     drop(m);
     drop(daemon);
     step("unmounted");
