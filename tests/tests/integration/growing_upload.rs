@@ -192,18 +192,17 @@ fn an_abandoned_blob_leaves_nothing_in_the_repository() {
     );
 }
 
-/// A registry that refuses the streamed `PATCH` (here a proxy answering 416 to it) gets
-/// the blob in chunks once it is complete.
-#[test]
-fn a_refused_streamed_patch_falls_back_to_chunks() {
+/// Pushes a 9 MiB blob while it is written to `repo` through a proxy that answers
+/// `status` to the first request of the upload session (the streamed PATCH: the POST
+/// that opens the session has no `_state`); checks that the fault was met and that the
+/// blob arrived all the same.
+fn push_through_one_fault(status: u16, repo: &str, seed: u64) {
     let s = setup();
     let proxy = rafs_e2e::FaultProxy::start(&s.reg.addr);
-    // The first request to an upload session is the streamed PATCH (the POST that
-    // opens it has no `_state`).
-    proxy.fault(rafs_e2e::Fault::Status(416), "_state=", 1);
-    let bytes = noise(9 * MIB + 99, 13);
+    proxy.fault(rafs_e2e::Fault::Status(status), "_state=", 1);
+    let bytes = noise(9 * MIB + seed as usize, seed);
     let reg = Registry::new(
-        &format!("{}/chunks:v1", proxy.addr),
+        &format!("{}/{repo}:v1", proxy.addr),
         &RegistryOptions::default(),
     )
     .unwrap();
@@ -213,12 +212,23 @@ fn a_refused_streamed_patch_falls_back_to_chunks() {
         write_slowly(&s.file, &bytes, bytes.len(), tx, || {});
         up.join().unwrap()
     });
-    assert_eq!(proxy.faulted(), 1, "the streamed PATCH was refused");
+    assert_eq!(
+        proxy.faulted(),
+        1,
+        "the streamed PATCH did not get its {status}"
+    );
     assert_eq!(pushed.unwrap(), GrowingPush::Uploaded(digest(&bytes)));
     assert_eq!(
-        linked(&s.storage, "chunks"),
+        linked(&s.storage, repo),
         vec![digest(&bytes)[7..].to_string()]
     );
+}
+
+/// A registry that refuses the streamed `PATCH` (416) gets the blob in chunks once it
+/// is complete.
+#[test]
+fn a_refused_streamed_patch_falls_back_to_chunks() {
+    push_through_one_fault(416, "chunks", 13);
 }
 
 /// Behind htpasswd basic auth, the streamed upload carries the credentials; without
@@ -270,30 +280,10 @@ fn a_streamed_upload_carries_basic_credentials() {
     );
 }
 
-/// A registry that stops taking the push credentials mid-upload (here a proxy answering
-/// 401 to the streamed PATCH, as to an expired bearer token): push access is negotiated
-/// again and the upload starts over, and the blob arrives.
+/// A registry that stops taking the push credentials mid-upload (401, as for an
+/// expired bearer token): push access is negotiated again, the upload starts over, and
+/// the blob arrives.
 #[test]
 fn a_401_mid_upload_renegotiates_and_starts_over() {
-    let s = setup();
-    let proxy = rafs_e2e::FaultProxy::start(&s.reg.addr);
-    proxy.fault(rafs_e2e::Fault::Status(401), "_state=", 1);
-    let bytes = noise(9 * MIB + 7, 19);
-    let reg = Registry::new(
-        &format!("{}/renew:v1", proxy.addr),
-        &RegistryOptions::default(),
-    )
-    .unwrap();
-    let (tx, rx) = watch::channel(BlobProgress::Writing(0));
-    let pushed = std::thread::scope(|t| {
-        let up = t.spawn(|| reg.push_growing_file(&s.file, "the test blob", rx));
-        write_slowly(&s.file, &bytes, bytes.len(), tx, || {});
-        up.join().unwrap()
-    });
-    assert_eq!(proxy.faulted(), 1, "the streamed PATCH got its 401");
-    assert_eq!(pushed.unwrap(), GrowingPush::Uploaded(digest(&bytes)));
-    assert_eq!(
-        linked(&s.storage, "renew"),
-        vec![digest(&bytes)[7..].to_string()]
-    );
+    push_through_one_fault(401, "renew", 19);
 }
