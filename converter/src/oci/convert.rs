@@ -23,7 +23,6 @@ use rafs::write::{write_bootstrap, write_chunks, BlobOptions, BootstrapOptions, 
 use rafs::{BlobInfo, Compressor, Digester};
 use std::io::{self, BufRead, BufReader, BufWriter, Read};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::watch;
 
@@ -184,7 +183,7 @@ struct BuiltLayer {
     path: PathBuf,
     /// Tells the blob's uploader how far it is written; taken by `build_layers`, which
     /// declares the blob complete (or drops it unsent: no blob is wanted).
-    progress: Option<Arc<watch::Sender<BlobProgress>>>,
+    progress: Option<watch::Sender<BlobProgress>>,
     digest: String,
     size: u64,
     chunks: u32,
@@ -339,7 +338,7 @@ impl Read for Inflated {
 struct Reporting {
     file: std::fs::File,
     written: u64,
-    progress: Arc<watch::Sender<BlobProgress>>,
+    progress: watch::Sender<BlobProgress>,
 }
 
 impl io::Write for Reporting {
@@ -384,7 +383,6 @@ fn build_layer(
         .reopen()
         .map_err(|e| OciError::io("Opening the temporary blob", e))?;
     let (progress, watcher) = watch::channel(BlobProgress::Writing(0));
-    let progress = Arc::new(progress);
     upload.begin(
         tmp.path(),
         format!("the blob of layer {}", desc.digest),
@@ -393,7 +391,7 @@ fn build_layer(
     let file = Reporting {
         file,
         written: 0,
-        progress: progress.clone(),
+        progress,
     };
     let blob_opts = BlobOptions {
         chunk_size: opts.chunk_size,
@@ -466,10 +464,11 @@ fn build_layer(
         .map_err(|e| layer_err(e.into()))?;
     let (mut info, size) = (finished.info, finished.size);
     let digest = format!("sha256:{}", hex::encode(finished.sha256));
-    finished
+    let progress = finished
         .out
         .into_inner()
-        .map_err(|e| OciError::io("Writing the temporary blob", e.into_error()))?;
+        .map_err(|e| OciError::io("Writing the temporary blob", e.into_error()))?
+        .progress;
     let path = tmp
         .into_temp_path()
         .keep()
@@ -720,14 +719,10 @@ fn convert_image(
     let (built, dict) = build_layers(source, &manifest.layers, opts, dir, upload)?;
     let mut merge_inputs = Vec::with_capacity(built.len());
     for b in &built {
-        // The blob's digest was taken as it was written: not hashed again.
+        // The blob's id is its digest, taken as it was written (not hashed again); its
+        // size is the file's. A layer whose chunks were all deduplicated has no blob of
+        // its own: every blob in its table is a lower one, already named.
         let mut layer = open_layer_as(&b.path, Some(digest_hex(&b.digest)?))?;
-        // A layer whose chunks were all deduplicated has no blob of its own: every blob
-        // in its table is a lower one, already named.
-        if b.chunks > 0 {
-            layer.blob.id = Some(digest_hex(&b.digest)?.to_string());
-            layer.blob.size = Some(b.size);
-        }
         layer.name = b.digest.clone();
         merge_inputs.push(layer);
     }
@@ -1030,15 +1025,16 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
         })
         .collect();
     let target = target.as_ref();
+    let (mine, theirs) = small.split_at(small.len() / 2);
     std::thread::scope(|s| {
-        let (odd, even): (Vec<_>, Vec<_>) = small.iter().enumerate().partition(|(i, _)| i % 2 == 1);
         let other = s.spawn(move || -> Result<()> {
-            odd.iter()
-                .try_for_each(|(_, (d, b))| target.put_blob_bytes(d, b))
+            theirs
+                .iter()
+                .try_for_each(|(d, b)| target.put_blob_bytes(d, b))
         });
-        let mine: Result<()> = even
+        let mine: Result<()> = mine
             .iter()
-            .try_for_each(|(_, (d, b))| target.put_blob_bytes(d, b));
+            .try_for_each(|(d, b)| target.put_blob_bytes(d, b));
         let theirs = other.join().unwrap_or_else(|_| {
             Err(OciError::invalid(
                 format!("target {}", opts.target),

@@ -358,7 +358,7 @@ pub fn digest_hex(digest: &str) -> Result<&str> {
     })
 }
 
-/// A reader or writer that hashes (sha256) and counts what passes through.
+/// A reader that hashes (sha256) and counts what passes through.
 pub(crate) struct Hashing<R> {
     inner: R,
     hasher: sha2::Sha256,
@@ -371,21 +371,6 @@ impl<R: std::io::Read> std::io::Read for Hashing<R> {
         sha2::Digest::update(&mut self.hasher, &buf[..n]);
         self.size += n as u64;
         Ok(n)
-    }
-}
-
-/// Writing through it hashes what was written (the blob files nydusify builds), so
-/// that they need not be read again for their digest.
-impl<W: std::io::Write> std::io::Write for Hashing<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        sha2::Digest::update(&mut self.hasher, &buf[..n]);
-        self.size += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
     }
 }
 

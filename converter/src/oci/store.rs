@@ -120,8 +120,8 @@ pub trait Target: Send + Sync {
     /// Stores a blob from a file (a no-op when the target has it).
     fn put_blob_file(&self, desc: &Descriptor, path: &Path) -> Result<()>;
     /// Stores the nydus blob being written to `path` (`name` says which it is, in
-    /// messages), once `progress` says it is complete; nothing when it is abandoned. A target that can take a blob in pieces
-    /// starts while the file is still written.
+    /// messages), once `progress` says it is complete; nothing when it is abandoned.
+    /// A target that can take a blob in pieces starts while the file is still written.
     fn put_growing_blob(&self, path: &Path, _name: &str, progress: BlobProgressRx) -> Result<()> {
         match p2p_backend::registry::wait_complete(progress) {
             Some((digest, size)) => {

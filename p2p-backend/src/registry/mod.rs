@@ -324,10 +324,17 @@ impl Registry {
         )
     }
 
-    fn auth_for(&self, op: RegistryOperation) -> Result<()> {
+    /// Negotiates `op` access to the repository; returns the bearer token the registry
+    /// issued, if it issued one.
+    fn auth_for(&self, op: RegistryOperation) -> Result<Option<String>> {
         let what = format!("Authenticating to {}", self.reference.resolve_registry());
-        self.retry(&what, || self.client.auth(&self.reference, &self.auth, op))?;
-        Ok(())
+        self.retry(&what, || self.client.auth(&self.reference, &self.auth, op))
+    }
+
+    /// Whether the registry is open to us, given the token [`Registry::auth_for`]
+    /// negotiated: it issued none, and we hold no credentials.
+    fn is_open(&self, token: &Option<String>) -> bool {
+        token.is_none() && matches!(self.auth, RegistryAuth::Anonymous)
     }
 
     /// The client for uploads. Push access is negotiated once; a registry that asks
@@ -336,12 +343,8 @@ impl Registry {
     /// a round trip before each `HEAD`, `PATCH` and `PUT` of an upload.
     pub(crate) fn push_client(&self) -> Result<&Client> {
         if !self.push_authed.load(Ordering::Acquire) {
-            let what = format!("Authenticating to {}", self.reference.resolve_registry());
-            let token = self.retry(&what, || {
-                self.client
-                    .auth(&self.reference, &self.auth, RegistryOperation::Push)
-            })?;
-            let open = token.is_none() && matches!(self.auth, RegistryAuth::Anonymous);
+            let token = self.auth_for(RegistryOperation::Push)?;
+            let open = self.is_open(&token);
             let header = match (&token, &self.auth) {
                 (Some(t), _) => Some(format!("Bearer {t}")),
                 (None, RegistryAuth::Basic(u, p)) => {
@@ -514,12 +517,8 @@ impl Registry {
             self.repo()
         );
         if !self.pull_authed.load(Ordering::Acquire) {
-            let what = format!("Authenticating to {}", self.reference.resolve_registry());
-            let token = self.retry(&what, || {
-                self.client
-                    .auth(&self.reference, &self.auth, RegistryOperation::Pull)
-            })?;
-            let open = token.is_none() && matches!(self.auth, RegistryAuth::Anonymous);
+            let token = self.auth_for(RegistryOperation::Pull)?;
+            let open = self.is_open(&token);
             self.open.store(open, Ordering::Release);
             self.pull_authed.store(true, Ordering::Release);
         }

@@ -189,7 +189,16 @@ impl Registry {
                     progress: progress.clone(),
                     abandoned: abandoned.clone(),
                 });
-                async move { self.stream_once(feed?).await }
+                let abandoned = abandoned.load(Ordering::Relaxed);
+                async move {
+                    // A blob its writer gave up is not tried again (in a new session).
+                    if abandoned {
+                        return Err(OciDistributionError::GenericError(Some(
+                            "the blob was abandoned by its writer".into(),
+                        )));
+                    }
+                    self.stream_once(feed?).await
+                }
             })
         });
         if abandoned.load(Ordering::Relaxed) {
