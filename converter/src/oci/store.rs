@@ -123,12 +123,7 @@ pub trait Target: Send + Sync {
     /// messages), once `progress` says it is complete; nothing when it is abandoned.
     /// A target that can take a blob in pieces starts while the file is still written.
     fn put_growing_blob(&self, path: &Path, _name: &str, progress: BlobProgressRx) -> Result<()> {
-        match p2p_backend::registry::wait_complete(progress) {
-            Some((digest, size)) => {
-                self.put_blob_file(&descriptor(MEDIA_NYDUS_BLOB, digest, size), path)
-            }
-            None => Ok(()),
-        }
+        put_when_complete(self, path, progress)
     }
     /// Stores a blob from memory.
     fn put_blob_bytes(&self, desc: &Descriptor, data: &[u8]) -> Result<()>;
@@ -136,6 +131,22 @@ pub trait Target: Send + Sync {
     fn put_manifest(&self, desc: &Descriptor, data: &[u8]) -> Result<()>;
     /// Stores the top-level manifest or index and tags it; called last.
     fn tag(&self, desc: &Descriptor, data: &[u8]) -> Result<()>;
+}
+
+/// [`Target::put_growing_blob`] for targets that take whole files: waits until the blob
+/// is complete, then stores it with [`Target::put_blob_file`] (which skips a blob the
+/// target has).
+fn put_when_complete<T: Target + ?Sized>(
+    target: &T,
+    path: &Path,
+    progress: BlobProgressRx,
+) -> Result<()> {
+    match p2p_backend::registry::wait_complete(progress) {
+        Some((digest, size)) => {
+            target.put_blob_file(&descriptor(MEDIA_NYDUS_BLOB, digest, size), path)
+        }
+        None => Ok(()),
+    }
 }
 
 /// Opens `r` as a source.
@@ -546,6 +557,8 @@ impl Source for DockerArchive {
 /// A registry repository as source or target.
 pub struct RegistryStore {
     registry: Registry,
+    /// Whether the reference's tag resolves already (asked on the first growing blob).
+    retagging: std::sync::OnceLock<bool>,
 }
 
 impl RegistryStore {
@@ -553,6 +566,7 @@ impl RegistryStore {
     pub fn new(reference: &str, opts: &RegistryOptions) -> Result<Self> {
         Ok(RegistryStore {
             registry: Registry::new(reference, opts)?,
+            retagging: std::sync::OnceLock::new(),
         })
     }
 
@@ -610,8 +624,18 @@ impl Target for RegistryStore {
         Ok(())
     }
 
+    /// Streams the blob while it is written — unless the target tag exists already:
+    /// converting again onto it, the registry most likely has the blob, and a `HEAD`
+    /// once the digest is known saves sending it (a streamed upload learns the digest
+    /// only at its end, when the bytes have gone out).
     fn put_growing_blob(&self, path: &Path, name: &str, progress: BlobProgressRx) -> Result<()> {
         use p2p_backend::registry::GrowingPush;
+        let retagging = *self
+            .retagging
+            .get_or_init(|| self.registry.pull_manifest(None).is_ok());
+        if retagging {
+            return put_when_complete(self, path, progress);
+        }
         match self.registry.push_growing_file(path, name, progress)? {
             GrowingPush::Uploaded(d) => tracing::info!("blob {d}: uploaded while written"),
             GrowingPush::Existed(d) => tracing::info!("blob {d}: already in the registry"),

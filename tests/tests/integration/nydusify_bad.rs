@@ -858,6 +858,7 @@ fn targets_that_name_a_digest_or_the_source_itself_are_refused_before_any_work()
 /// base blob is streamed to the target while it is written: dropped twice, the upload
 /// starts over from the blob file and the image checks; dropped every time, the
 /// conversion fails naming the upload, with nothing tagged and nothing committed.
+/// Converted again onto its existing tag, nothing is uploaded at all.
 #[test]
 fn uploads_cut_mid_stream_are_retried_then_fail_leaving_nothing() {
     require_root_tools(&["docker-registry", "skopeo", "umoci", "debootstrap", "tar"]);
@@ -890,6 +891,16 @@ fn uploads_cut_mid_stream_are_retried_then_fail_leaving_nothing() {
             &format!("{}/retried:v1", reg.addr),
         ],
         &work,
+    );
+
+    // Converting again onto the existing tag: every blob is found by `HEAD` once its
+    // digest is known, and no upload session is opened (each would get a 500 here).
+    proxy.fault(Fault::Status(500), "/blobs/uploads/", usize::MAX);
+    nydusify_ok(&["convert", "--source", &src, "--target", &target], &work);
+    assert_eq!(
+        proxy.faulted(),
+        2,
+        "a blob the registry had was uploaded again"
     );
 
     proxy.fault(Fault::Drop, "_state=", usize::MAX);
