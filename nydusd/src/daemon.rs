@@ -7,17 +7,20 @@ use crate::config::{BackendConfig, Config};
 use crate::error::{Chain, Error, Result};
 use crate::fs::RafsFs;
 use crate::metrics::{FileStats, Metrics};
+use crate::passthrough::{self, FuseBacking};
 use crate::prefetch::{Prefetch, PrefetchList};
 use crate::vfs::{Mounted, Vfs};
 use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
-use fuse_backend_rs::transport::{FuseDevWriter, FuseSession};
+use fuse_backend_rs::transport::{FuseDevWriter, FuseSession, Reader};
 use p2p_backend::localfs::LocalFs;
 use p2p_backend::BlobBackend;
 use rafs::read::Bootstrap;
+use std::fs::File;
+use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -250,16 +253,80 @@ pub fn set_readahead(mountpoint: &Path, kb: u32) -> std::io::Result<String> {
     Ok(bdi)
 }
 
+/// What the thread answering INIT needs.
+struct InitState {
+    /// INIT has not been seen yet (and passthrough is wanted).
+    pending: AtomicBool,
+    vfs: Arc<Vfs>,
+    readahead_kb: u32,
+}
+
+/// When `reader` holds an INIT whose kernel offers passthrough: answers it through
+/// fuse-backend-rs, with `FUSE_PASSTHROUGH` added to the reply on its way to `dev`, and
+/// lets the filesystem pass files through. Returns whether the request was answered
+/// (otherwise the caller answers it as any other).
+fn answer_init(
+    server: &Server<Arc<Vfs>>,
+    reader: &Reader<'_>,
+    dev: &File,
+    init: &InitState,
+) -> bool {
+    let mut head = [0u8; 64];
+    let mut peek = reader.clone();
+    let n = peek.read(&mut head).unwrap_or(0);
+    if !passthrough::init_offers_passthrough(&head[..n]) {
+        info!("the kernel offers no FUSE passthrough: every read is served by the daemon");
+        return false;
+    }
+    let answered = (|| -> std::io::Result<bool> {
+        let mut pipe = passthrough::pipe()?;
+        let mut buf = vec![0u8; 4096];
+        let w = FuseDevWriter::<()>::new(pipe.write.as_raw_fd(), &mut buf)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        server
+            .handle_message(reader.clone(), w.into(), None, None)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let mut reply = passthrough::read_reply(&mut pipe)?;
+        let patched = passthrough::patch_init_reply(&mut reply);
+        passthrough::write_reply(dev, &reply)?;
+        Ok(patched)
+    })();
+    match answered {
+        Ok(true) => {
+            let dev = match dev.try_clone() {
+                Ok(d) => d,
+                Err(e) => {
+                    error!("duplicating the FUSE device: {e}");
+                    return true;
+                }
+            };
+            init.vfs
+                .set_passthrough(FuseBacking::new(dev, init.readahead_kb));
+            info!("FUSE passthrough negotiated: fully cached files are read by the kernel");
+            true
+        }
+        Ok(false) => true,
+        Err(e) => {
+            // Nothing reached the kernel: answer INIT the ordinary way.
+            error!("answering INIT with passthrough: {e}");
+            false
+        }
+    }
+}
+
 impl FuseService {
     /// Mounts `fs` read-only at `mountpoint` and serves it with `threads` threads. Each
     /// thread sends [`Event::FuseEnded`] on `events` when it stops. Unmounts in `fs`
     /// invalidate the kernel's cached names through this session. `readahead_kb`, when
     /// not 0, becomes the mount's kernel readahead window (see [`set_readahead`]).
+    /// `passthrough` asks the kernel for FUSE passthrough of fully cached files (see
+    /// [`crate::passthrough`]); without kernel support the session serves all reads.
     pub fn start(
         fs: Arc<Vfs>,
         mountpoint: &Path,
         threads: usize,
         readahead_kb: u32,
+        passthrough: bool,
         events: Sender<Event>,
     ) -> Result<FuseService> {
         let mut session = FuseSession::new(mountpoint, "rafs", "nydusfs", true)
@@ -286,7 +353,14 @@ impl FuseService {
                     e => std::io::Error::other(e.to_string()),
                 })
         }));
-        let server = Arc::new(Server::new(fs));
+        let server = Arc::new(Server::new(fs.clone()));
+        // The first request of the session is INIT; until it is answered, each thread
+        // looks whether its request is it (see `answer_init`).
+        let init = Arc::new(InitState {
+            pending: AtomicBool::new(passthrough),
+            vfs: fs,
+            readahead_kb,
+        });
         let mut handles = Vec::new();
         for i in 0..threads.max(1) {
             let mut channel = session
@@ -294,12 +368,23 @@ impl FuseService {
                 .map_err(|e| Error::Fuse(format!("channel: {e}")))?;
             let server = server.clone();
             let events = events.clone();
+            let init = init.clone();
+            let dev = session
+                .get_fuse_file()
+                .ok_or_else(|| Error::Fuse("no FUSE device after mounting".into()))?
+                .try_clone()
+                .map_err(|e| Error::io("Duplicating the FUSE device", e))?;
             let h = thread::Builder::new()
                 .name(format!("fuse-{i}"))
                 .spawn(move || {
                     loop {
                         match channel.get_request() {
                             Ok(Some((reader, writer))) => {
+                                if init.pending.swap(false, Ordering::AcqRel)
+                                    && answer_init(&server, &reader, &dev, &init)
+                                {
+                                    continue;
+                                }
                                 if let Err(e) =
                                     server.handle_message(reader, writer.into(), None, None)
                                 {

@@ -9,16 +9,18 @@
 
 use crate::cache::ChunkCache;
 use crate::metrics::{FileStats, Metrics};
+use crate::passthrough::{passthrough_open_options, BackingMount, FuseBacking};
 use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, Attr, FsOptions, OpenOptions};
 use fuse_backend_rs::api::filesystem::{
     Context, DirEntry, Entry, FileSystem, GetxattrReply, ListxattrReply, ZeroCopyWriter,
 };
 use rafs::read::{Bootstrap, DirEntry as RafsDirEntry, Inode};
+use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
-use tracing::error;
+use tracing::{error, info};
 
 /// How long the kernel may cache attributes and names: the image never changes.
 pub const TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -87,7 +89,30 @@ pub struct RafsFs {
     recent_dirs: Mutex<RecentDirs>,
     /// Per-file records, when the config asks for them.
     file_stats: Option<Arc<FileStats>>,
+    /// How each open regular file is open, by nid, when the session can pass through.
+    io_modes: Mutex<HashMap<u64, IoMode>>,
+    /// The kernel's EROFS mount of this image over its cache files, made at the first
+    /// passthrough open; `None` when it could not be made (said once in the log).
+    backing: OnceLock<Option<BackingMount>>,
 }
+
+/// The opens of one regular file. The kernel refuses (with `EIO` to the opener) to have
+/// one inode open both through its page cache and passed through, so an inode stays in
+/// the mode of its open files until they are all released; and it passes through to one
+/// backing file at a time.
+#[derive(Debug, Default)]
+struct IoMode {
+    cached: u32,
+    passthrough: u32,
+    backing_id: u32,
+    /// The connection `backing_id` belongs to, while passthrough opens last.
+    dev: Option<Arc<FuseBacking>>,
+}
+
+/// Handle of a file open through the page cache, when passthrough is possible.
+const HANDLE_CACHED: u64 = 1;
+/// Handle of a file open in passthrough mode.
+const HANDLE_PASSTHROUGH: u64 = 2;
 
 fn eio() -> io::Error {
     io::Error::from_raw_os_error(libc::EIO)
@@ -155,6 +180,8 @@ impl RafsFs {
             metrics,
             recent_dirs: Mutex::new(Vec::new()),
             file_stats: None,
+            io_modes: Mutex::new(HashMap::new()),
+            backing: OnceLock::new(),
         }
     }
 
@@ -182,6 +209,87 @@ impl RafsFs {
     /// The chunk cache.
     pub fn cache(&self) -> &Arc<ChunkCache> {
         &self.cache
+    }
+
+    /// The FUSE open of `inode`: through the page cache, or — when `backing` is given
+    /// (the session negotiated passthrough) and every chunk of the file is cached and
+    /// verified — passed through to the file of this image's [`BackingMount`], so that
+    /// the kernel reads it without asking the daemon (see [`crate::passthrough`]).
+    pub fn open_file(
+        &self,
+        inode: u64,
+        flags: u32,
+        backing: Option<&Arc<FuseBacking>>,
+    ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
+        if flags as i32 & libc::O_ACCMODE != libc::O_RDONLY {
+            return Err(errno(libc::EROFS));
+        }
+        let i = self.inode(inode)?;
+        if i.is_dir() {
+            return Err(errno(libc::EISDIR));
+        }
+        Metrics::add(&self.metrics.fs.nr_opens, 1);
+        if let Some(s) = &self.file_stats {
+            s.opened(i.nid);
+        }
+        let Some(dev) = backing.filter(|_| i.is_reg() && i.size > 0) else {
+            return Ok((None, OpenOptions::KEEP_CACHE, None));
+        };
+        let mut modes = self.io_modes.lock().unwrap_or_else(|e| e.into_inner());
+        let m = modes.entry(i.nid).or_default();
+        if m.passthrough == 0 && m.cached == 0 {
+            if let Some(id) = self.backing_id(&i, dev) {
+                m.backing_id = id;
+                m.dev = Some(dev.clone());
+            }
+        }
+        if m.dev.is_some() {
+            m.passthrough += 1;
+            Metrics::add(&self.metrics.fs.passthrough_opens, 1);
+            return Ok((
+                Some(HANDLE_PASSTHROUGH),
+                passthrough_open_options(),
+                Some(m.backing_id),
+            ));
+        }
+        m.cached += 1;
+        Ok((Some(HANDLE_CACHED), OpenOptions::KEEP_CACHE, None))
+    }
+
+    /// A backing id for regular file `i` if all of it is cached and verified.
+    fn backing_id(&self, i: &Inode, dev: &FuseBacking) -> Option<u32> {
+        match self.cache.file_fully_usable(i) {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(e) => {
+                self.fail(&format!("chunks of inode {}", i.nid), e);
+                return None;
+            }
+        }
+        let mount = self
+            .backing
+            .get_or_init(|| {
+                let paths = self.cache.data_paths();
+                match BackingMount::new(self.bs.bytes(), &paths, dev.readahead_kb()) {
+                    Ok(m) => {
+                        info!("cached files are passed through to an EROFS mount of the image");
+                        Some(m)
+                    }
+                    Err(e) => {
+                        info!("files of this image are not passed through: mounting it with EROFS over its cache files failed: {e}");
+                        None
+                    }
+                }
+            })
+            .as_ref()?;
+        let file = match mount.open(i.nid, i.size) {
+            Ok(f) => f,
+            Err(e) => {
+                error!("nid {} in the EROFS mount of the image: {e}", i.nid);
+                return None;
+            }
+        };
+        dev.open(&file)
     }
 
     fn fail(&self, what: &str, e: impl std::fmt::Display) -> io::Error {
@@ -265,6 +373,19 @@ impl RafsFs {
     }
 }
 
+impl Drop for RafsFs {
+    /// An image unmounted while files of it are open passed through: their backing
+    /// files stay with them in the kernel; only the ids go.
+    fn drop(&mut self) {
+        let modes = self.io_modes.get_mut().unwrap_or_else(|e| e.into_inner());
+        for m in modes.values() {
+            if let Some(dev) = &m.dev {
+                let _ = dev.close(m.backing_id);
+            }
+        }
+    }
+}
+
 impl FileSystem for RafsFs {
     type Inode = u64;
     type Handle = u64;
@@ -333,18 +454,7 @@ impl FileSystem for RafsFs {
         flags: u32,
         _fuse_flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
-        if flags as i32 & libc::O_ACCMODE != libc::O_RDONLY {
-            return Err(errno(libc::EROFS));
-        }
-        let i = self.inode(inode)?;
-        if i.is_dir() {
-            return Err(errno(libc::EISDIR));
-        }
-        Metrics::add(&self.metrics.fs.nr_opens, 1);
-        if let Some(s) = &self.file_stats {
-            s.opened(i.nid);
-        }
-        Ok((None, OpenOptions::KEEP_CACHE, None))
+        self.open_file(inode, flags, None)
     }
 
     fn read(
@@ -388,13 +498,40 @@ impl FileSystem for RafsFs {
     fn release(
         &self,
         _ctx: &Context,
-        _inode: u64,
+        inode: u64,
         _flags: u32,
-        _handle: u64,
+        handle: u64,
         _flush: bool,
         _flock_release: bool,
         _lock_owner: Option<u64>,
     ) -> io::Result<()> {
+        if handle != HANDLE_CACHED && handle != HANDLE_PASSTHROUGH {
+            return Ok(());
+        }
+        let Some(nid) = self.map.to_nid(inode) else {
+            return Ok(());
+        };
+        // The kernel has left the file's io mode before it sends RELEASE: counting
+        // down here never lags behind it into a mode it would refuse.
+        let mut modes = self.io_modes.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(m) = modes.get_mut(&nid) else {
+            return Ok(());
+        };
+        if handle == HANDLE_CACHED {
+            m.cached = m.cached.saturating_sub(1);
+        } else {
+            m.passthrough = m.passthrough.saturating_sub(1);
+            if m.passthrough == 0 {
+                if let Some(dev) = m.dev.take() {
+                    if let Err(e) = dev.close(m.backing_id) {
+                        error!("closing backing file {} of nid {nid}: {e}", m.backing_id);
+                    }
+                }
+            }
+        }
+        if m.cached == 0 && m.passthrough == 0 {
+            modes.remove(&nid);
+        }
         Ok(())
     }
 

@@ -7,9 +7,10 @@
 //! * [`daemon`]: wiring — backend, cache, filesystem, FUSE session and its threads.
 //! * [`api`]: the HTTP API on a unix socket; [`metrics`]: the counters it serves.
 //! * [`prefetch`]: background prefetch of listed files and whole blobs.
+//! * [`passthrough`]: FUSE passthrough of fully cached files (the crate's only `unsafe`).
 //! * [`vfs`]: what the FUSE session serves: one image at the root, or a pseudo-root of
 //!   images mounted through the API.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod api;
 pub mod cache;
@@ -18,6 +19,7 @@ pub mod daemon;
 pub mod error;
 pub mod fs;
 pub mod metrics;
+pub mod passthrough;
 pub mod prefetch;
 pub mod vfs;
 

@@ -51,6 +51,12 @@ struct Opt {
     /// windows speed up sequential reads of the image's files.
     #[arg(long, default_value_t = 16384, value_name = "KIB")]
     readahead_kb: u32,
+    /// Pass files whose every chunk is cached and verified through to the kernel (FUSE
+    /// passthrough, Linux 6.9+, as root): their reads and mmaps then go to a private
+    /// kernel EROFS mount of the image over the cache files, at native speed, without
+    /// the daemon. Off, or where the kernel cannot, the daemon serves every read.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    passthrough: bool,
     /// Log level: trace, debug, info, warn or error.
     #[arg(short = 'l', long, default_value = "info")]
     log_level: String,
@@ -182,6 +188,7 @@ fn run(opt: Opt) -> Result<()> {
         &opt.mountpoint,
         opt.fuse_threads,
         opt.readahead_kb,
+        opt.passthrough,
         tx.clone(),
     )?;
     state.set(State::Running);

@@ -54,6 +54,8 @@ pub struct CacheMetrics {
 pub struct FsMetrics {
     /// Files opened.
     pub nr_opens: AtomicU64,
+    /// Opens passed through to a backing file: their reads never reach the daemon.
+    pub passthrough_opens: AtomicU64,
     /// Bytes returned by `read`.
     pub data_read: AtomicU64,
     /// `read` requests.
@@ -119,6 +121,7 @@ impl Metrics {
         let f = &self.fs;
         json!({
             "nr_opens": get(&f.nr_opens),
+            "nr_passthrough_opens": get(&f.passthrough_opens),
             "data_read": get(&f.data_read),
             "fop_hits": {"read": get(&f.reads)},
             "fop_errors": get(&f.fop_errors),
@@ -131,7 +134,7 @@ impl Metrics {
 /// `backend="localfs",id="/sub"`).
 pub fn prometheus(mounts: &[(String, &Metrics)]) -> String {
     type Get = fn(&Metrics) -> u64;
-    let counters: [(&str, &str, Get); 11] = [
+    let counters: [(&str, &str, Get); 12] = [
         ("backend_read_count", "Backend requests made.", |m| {
             get(&m.backend.read_count)
         }),
@@ -163,6 +166,11 @@ pub fn prometheus(mounts: &[(String, &Metrics)]) -> String {
             get(&m.cache.prefetch_bytes)
         }),
         ("fs_opens", "Files opened.", |m| get(&m.fs.nr_opens)),
+        (
+            "fs_passthrough_opens",
+            "Opens passed through to the kernel's EROFS mount of the cache.",
+            |m| get(&m.fs.passthrough_opens),
+        ),
         ("fs_read_bytes", "Bytes returned by read.", |m| {
             get(&m.fs.data_read)
         }),

@@ -22,6 +22,7 @@
 
 use crate::fs::{empty_statvfs, fuse_options, RafsFs, MOUNT_SHIFT, ROOT_ID, TIMEOUT};
 use crate::metrics::Metrics;
+use crate::passthrough::FuseBacking;
 use crate::prefetch::Prefetch;
 use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, Attr, FsOptions, OpenOptions};
 use fuse_backend_rs::api::filesystem::{
@@ -99,6 +100,8 @@ pub struct Vfs {
     root: Option<Arc<Mounted>>,
     table: RwLock<Table>,
     notifier: OnceLock<Notifier>,
+    /// The session's backing-file table, once it negotiated passthrough.
+    passthrough: OnceLock<Arc<FuseBacking>>,
     started: SystemTime,
 }
 
@@ -134,6 +137,7 @@ impl Vfs {
             root: Some(Arc::new(image)),
             table: RwLock::new(Table::default()),
             notifier: OnceLock::new(),
+            passthrough: OnceLock::new(),
             started: SystemTime::now(),
         }
     }
@@ -147,6 +151,7 @@ impl Vfs {
                 ..Table::default()
             }),
             notifier: OnceLock::new(),
+            passthrough: OnceLock::new(),
             started: SystemTime::now(),
         }
     }
@@ -159,6 +164,12 @@ impl Vfs {
     /// Sets how unmounts reach the kernel's cache (once the FUSE session is up).
     pub fn set_notifier(&self, n: Notifier) {
         let _ = self.notifier.set(n);
+    }
+
+    /// Lets files whose chunks are all cached be passed through (the session negotiated
+    /// it; see [`crate::passthrough`]).
+    pub fn set_passthrough(&self, backing: FuseBacking) {
+        let _ = self.passthrough.set(Arc::new(backing));
     }
 
     fn read_table(&self) -> std::sync::RwLockReadGuard<'_, Table> {
@@ -472,15 +483,16 @@ impl FileSystem for Vfs {
 
     fn open(
         &self,
-        ctx: &Context,
+        _ctx: &Context,
         inode: u64,
         flags: u32,
-        fuse_flags: u32,
+        _fuse_flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
         if self.is_root(inode) {
             return Err(errno(libc::EISDIR));
         }
-        self.image(inode)?.open(ctx, inode, flags, fuse_flags)
+        self.image(inode)?
+            .open_file(inode, flags, self.passthrough.get())
     }
 
     fn read(

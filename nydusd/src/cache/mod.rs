@@ -285,6 +285,11 @@ impl ChunkCache {
             .collect()
     }
 
+    /// The cache data file of each blob, in blob-table order.
+    pub fn data_paths(&self) -> Vec<&Path> {
+        self.blobs.iter().map(|b| b.data_path.as_path()).collect()
+    }
+
     /// (ready, total) chunks over all blobs.
     pub fn ready_chunks(&self) -> (u64, u64) {
         self.blobs.iter().fold((0, 0), |(r, t), b| {
@@ -343,6 +348,28 @@ impl ChunkCache {
     /// Whether chunk `ci` of blob `blob_index` is ready in the cache.
     pub fn is_ready(&self, blob_index: u32, ci: u32) -> bool {
         self.blobs[blob_index as usize].map.is_ready(ci)
+    }
+
+    /// Whether every chunk of regular file `inode` is ready in the cache and verified by
+    /// this image (or validation is off): then any read of it can be served from the
+    /// cache files as they are, without fetching or checking anything. Nothing is
+    /// fetched or verified here; a chunk that is ready but not yet verified (after a
+    /// restart) makes the answer false until a read has verified it.
+    pub fn file_fully_usable(&self, inode: &Inode) -> Result<bool> {
+        let cs = self.bs.superblock().chunk_size as u64;
+        for i in 0..self.bs.chunk_count(inode) {
+            let addr = self.bs.chunk(inode, i).map_err(Error::Metadata)?;
+            let c = self.chunk_info(&addr)?;
+            // As in `read_with`: a chunk shorter than the file needs is never served.
+            if (c.uncompressed_size as u64) < cs.min(inode.size - i * cs) {
+                return Ok(false);
+            }
+            let blob = &self.blobs[addr.blob_index as usize];
+            if !blob.map.is_ready(c.ci_index) || (self.validate && !blob.is_verified(c.ci_index)) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Reads `size` bytes at `offset` of a regular file (clamped to its size), appending
