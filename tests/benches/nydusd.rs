@@ -1,7 +1,10 @@
 //! nydusd benchmark (`cargo bench -p rafs-e2e --bench nydusd [-- warm|cold]`, as root).
 //!
-//! `warm`: for each daemon — this project's `nydusd` and upstream nydusd 2.2 when
-//! installed — and next to native reads of the source files in the same run, prints:
+//! `warm`: for each daemon — this project's `nydusd` twice (by default, where files
+//! whose every chunk is cached are passed through to the kernel, and with
+//! `--passthrough false`, where the daemon serves every read) and upstream nydusd 2.2
+//! when installed — and next to native reads of the source files in the same run,
+//! prints:
 //! 1. sequential 128 KiB reads of a 256 MiB file with the page cache dropped, the daemon
 //!    serving from its (already filled) chunk cache;
 //! 2. 4 KiB random reads, same conditions (IOPS);
@@ -98,7 +101,8 @@ fn build(src: &Path, out: &Path) {
     assert!(st.success());
 }
 
-fn mount(daemon: &Path, image: &Path, work: &Path, validate: bool) -> FuseDaemon {
+/// Mounts `image` with `daemon` (ours gets `extra` flags).
+fn mount(daemon: &Path, image: &Path, work: &Path, validate: bool, extra: &[&str]) -> FuseDaemon {
     let cache = work.join("cache");
     let _ = std::fs::remove_dir_all(&cache);
     std::fs::create_dir_all(&cache).unwrap();
@@ -120,7 +124,8 @@ fn mount(daemon: &Path, image: &Path, work: &Path, validate: bool) -> FuseDaemon
             .arg(image.join("image.boot"))
             .arg("--mountpoint")
             .arg(&mnt)
-            .args(["--log-level", "warn"]),
+            .args(["--log-level", "warn"])
+            .args(extra),
         &mnt,
         &log,
     )
@@ -170,8 +175,8 @@ fn walk(root: &Path) -> u64 {
     count
 }
 
+/// One timed walk of a tree already walked (warm).
 fn stat_rate(root: &Path) -> f64 {
-    walk(root);
     let t = Instant::now();
     let n = walk(root);
     n as f64 / t.elapsed().as_secs_f64()
@@ -230,7 +235,7 @@ fn warm(base: &Path) {
         .unwrap_or(5)
         .max(1);
 
-    let mut daemons: Vec<(&str, PathBuf, bool)> = Vec::new();
+    let mut daemons: Vec<(&str, PathBuf, bool, &[&str])> = Vec::new();
     let ours = std::env::current_exe()
         .unwrap()
         .parent()
@@ -239,7 +244,18 @@ fn warm(base: &Path) {
         .unwrap()
         .join("nydusd");
     if ours.exists() {
-        daemons.push(("ours (digest validation on)", ours, true));
+        daemons.push((
+            "ours (digest validation on, passthrough)",
+            ours.clone(),
+            true,
+            &[],
+        ));
+        daemons.push((
+            "ours (digest validation on, --passthrough false)",
+            ours,
+            true,
+            &["--passthrough", "false"],
+        ));
     } else {
         println!("ours: target/release/nydusd not built; skipped");
     }
@@ -248,15 +264,21 @@ fn warm(base: &Path) {
     )
     .join("nydusd");
     if up.exists() {
-        daemons.push(("upstream nydusd 2.2 (validation off)", up, false));
+        daemons.push(("upstream nydusd 2.2 (validation off)", up, false, &[]));
     }
     let work = base.join("nydusd-work");
     let _ = std::fs::remove_dir_all(&work);
     let mounted: Vec<FuseDaemon> = daemons
         .iter()
         .enumerate()
-        .map(|(i, (_, daemon, validate))| {
-            let d = mount(daemon, &big_img, &work.join(format!("big{i}")), *validate);
+        .map(|(i, (_, daemon, validate, extra))| {
+            let d = mount(
+                daemon,
+                &big_img,
+                &work.join(format!("big{i}")),
+                *validate,
+                extra,
+            );
             // Fill the chunk cache; every measured read starts with the page cache
             // dropped, so it is served from the chunk cache.
             seq_read(&d.mnt.join("file.bin"));
@@ -288,25 +310,52 @@ fn warm(base: &Path) {
     };
     let native_seq = median(seq[0].clone());
     let native_iops = median(iops[0].clone());
-    let native_stat = stat_rate(&many);
+    // The walks, interleaved as the reads: every image mounted, each walked once to
+    // warm the kernel's caches, then timed walks round by round.
+    let many_mounted: Vec<FuseDaemon> = daemons
+        .iter()
+        .enumerate()
+        .map(|(i, (_, daemon, validate, extra))| {
+            mount(
+                daemon,
+                &many_img,
+                &work.join(format!("many{i}")),
+                *validate,
+                extra,
+            )
+        })
+        .collect();
+    let roots: Vec<PathBuf> = std::iter::once(many.clone())
+        .chain(many_mounted.iter().map(|d| d.mnt.clone()))
+        .collect();
+    let mut stats = vec![Vec::new(); roots.len()];
+    for r in &roots {
+        walk(r);
+    }
+    for _ in 0..runs {
+        for (i, r) in roots.iter().enumerate() {
+            stats[i].push(stat_rate(r));
+        }
+    }
+    let native_stat = median(stats[0].clone());
     println!(
-        "native: sequential {native_seq:.0} MiB/s (runs: {}), random 4K {native_iops:.0} IOPS (runs: {}), walk+lstat {native_stat:.0} stat/s",
+        "native: sequential {native_seq:.0} MiB/s (runs: {}), random 4K {native_iops:.0} IOPS (runs: {}), walk+lstat {native_stat:.0} stat/s (runs: {})",
         list(&seq[0]),
-        list(&iops[0])
+        list(&iops[0]),
+        list(&stats[0])
     );
-    for (i, (name, daemon, validate)) in daemons.iter().enumerate() {
+    for (i, (name, ..)) in daemons.iter().enumerate() {
         let (s, r) = (median(seq[i + 1].clone()), median(iops[i + 1].clone()));
-        let d = mount(daemon, &many_img, &work.join(format!("many{i}")), *validate);
-        let stat = stat_rate(&d.mnt);
-        let rss = rss_mib(d.pid());
-        drop(d);
+        let stat = median(stats[i + 1].clone());
+        let rss = rss_mib(many_mounted[i].pid());
         println!(
-            "{name}: sequential {s:.0} MiB/s ({:.2}x native; runs: {}), random 4K {r:.0} IOPS ({:.2}x; runs: {}), walk+lstat {stat:.0} stat/s ({:.2}x), RSS after walk {rss:.1} MiB",
+            "{name}: sequential {s:.0} MiB/s ({:.2}x native; runs: {}), random 4K {r:.0} IOPS ({:.2}x; runs: {}), walk+lstat {stat:.0} stat/s ({:.2}x; runs: {}), RSS after the walks {rss:.1} MiB",
             s / native_seq,
             list(&seq[i + 1]),
             r / native_iops,
             list(&iops[i + 1]),
-            stat / native_stat
+            stat / native_stat,
+            list(&stats[i + 1])
         );
     }
 }

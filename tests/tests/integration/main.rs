@@ -7,4 +7,5 @@ mod nydusd;
 mod nydusd_mount;
 mod nydusify;
 mod nydusify_bad;
+mod passthrough;
 mod varied_tree;

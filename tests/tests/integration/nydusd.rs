@@ -68,16 +68,16 @@ impl Image {
 }
 
 /// A running nydusd with its mount; the mount is undone before the daemon is killed.
-struct Daemon {
+pub(crate) struct Daemon {
     mount: Option<Mount>,
     child: Option<ChildGuard>,
-    mnt: PathBuf,
+    pub(crate) mnt: PathBuf,
     sock: PathBuf,
     log: PathBuf,
 }
 
 impl Daemon {
-    fn start(img: &Image, name: &str, config_extra: &str) -> Daemon {
+    pub(crate) fn start(img: &Image, name: &str, config_extra: &str) -> Daemon {
         let mnt = img.work.join(format!("mnt-{name}"));
         std::fs::create_dir_all(&mnt).unwrap();
         let sock = img.work.join(format!("api-{name}.sock"));
@@ -119,16 +119,16 @@ impl Daemon {
         d
     }
 
-    fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn path(&self, rel: &str) -> PathBuf {
+    pub(crate) fn path(&self, rel: &str) -> PathBuf {
         self.mnt.join(rel)
     }
 
     /// GET `path` on the API socket; the body.
-    fn api(&self, method: &str, path: &str) -> String {
+    pub(crate) fn api(&self, method: &str, path: &str) -> String {
         let mut s = UnixStream::connect(&self.sock).unwrap();
         write!(
             s,
@@ -146,11 +146,11 @@ impl Daemon {
     }
 
     /// A numeric field of a metrics JSON object.
-    fn metric(&self, path: &str, field: &str) -> u64 {
+    pub(crate) fn metric(&self, path: &str, field: &str) -> u64 {
         number(&self.api("GET", path), field)
     }
 
-    fn kill9(mut self) {
+    pub(crate) fn kill9(mut self) {
         let mut child = self.child.take().unwrap();
         child.child_mut().kill().unwrap();
         let _ = child.child_mut().wait();
@@ -646,10 +646,14 @@ fn api_exit_unmounts_and_prefetch_fills_the_cache_in_the_background() {
     s.read_to_string(&mut reply).unwrap();
     assert!(reply.starts_with("HTTP/1.1 204"), "{reply}");
     let mut child = d.child.take().unwrap();
-    assert!(wait_until(Duration::from_secs(10), || child
-        .try_wait()
-        .unwrap()
-        .is_some_and(|s| s.success())));
+    assert!(
+        wait_until(Duration::from_secs(10), || child
+            .try_wait()
+            .unwrap()
+            .is_some_and(|s| s.success())),
+        "the daemon did not exit cleanly:\n{}",
+        d.log_text()
+    );
     assert!(!is_mounted(&d.mnt), "still mounted after exit");
     std::mem::forget(d.mount.take());
 }
