@@ -256,9 +256,17 @@ impl RafsFs {
         Ok((Some(HANDLE_CACHED), OpenOptions::KEEP_CACHE, None))
     }
 
-    /// A backing id for regular file `i` if all of it is cached and verified.
+    /// A backing id for regular file `i` if all of it is cached and verified, and the
+    /// kernel maps it as the daemon does.
     fn backing_id(&self, i: &Inode, dev: &FuseBacking) -> Option<u32> {
-        match self.cache.file_fully_usable(i) {
+        let ready = self.cache.file_fully_usable(i).and_then(|ready| {
+            Ok(ready
+                && self
+                    .bs
+                    .kernel_maps_like_chunk_indexes(i)
+                    .map_err(crate::Error::Metadata)?)
+        });
+        match ready {
             Ok(true) => {}
             Ok(false) => return None,
             Err(e) => {

@@ -553,6 +553,42 @@ impl Bootstrap {
         inode.size.div_ceil(self.sb.chunk_size as u64)
     }
 
+    /// The chunk size the kernel's EROFS driver uses for regular file `inode`: its chunk
+    /// format's (`block size << (i_u & 0x1F)`). Builders may make it one chunk spanning
+    /// the whole file when its chunks are contiguous in one blob (spec §11); then the
+    /// kernel reads only the first chunk index. This reader always uses the superblock's
+    /// chunk size, so the two agree only when that layout claim is true: see
+    /// [`Bootstrap::kernel_maps_like_chunk_indexes`].
+    pub fn kernel_chunk_size(&self, inode: &Inode) -> u64 {
+        self.sb.block_size << (inode.u & 0x1F)
+    }
+
+    /// Whether the kernel's EROFS driver, mounting this bootstrap with the blobs'
+    /// uncompressed data as its devices, maps every byte of regular file `inode` where
+    /// the chunk indexes (what this reader serves) say. False for a chunk format smaller
+    /// than the superblock's chunk size, or a larger one whose chunks are not in fact
+    /// contiguous in one blob.
+    pub fn kernel_maps_like_chunk_indexes(&self, inode: &Inode) -> Result<bool> {
+        let cs = self.sb.chunk_size as u64;
+        let k = self.kernel_chunk_size(inode);
+        if k == cs {
+            return Ok(true);
+        }
+        if k < cs {
+            return Ok(false);
+        }
+        for i in 0..self.chunk_count(inode) {
+            // Chunk sizes are powers of two: a kernel chunk holds whole fs chunks.
+            let j = i * cs / k;
+            let (ours, kernels) = (self.chunk(inode, i)?, self.chunk(inode, j)?);
+            let at = kernels.uncompressed_offset + (i * cs - j * k);
+            if ours.blob_index != kernels.blob_index || ours.uncompressed_offset != at {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// The `i`-th chunk of a regular file.
     pub fn chunk(&self, inode: &Inode, i: u64) -> Result<ChunkAddr> {
         if !inode.is_reg() || i >= self.chunk_count(inode) {

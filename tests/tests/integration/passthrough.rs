@@ -202,3 +202,43 @@ fn a_restarted_daemon_passes_files_through_only_after_verifying_their_chunks() {
     drop_caches();
     read_and_check(&d, "f.bin", &data);
 }
+
+#[test]
+fn a_file_the_kernel_would_map_elsewhere_is_never_passed_through() {
+    require_root_tools(&["umount"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    // b.bin's chunks are a.bin's, deduplicated, in the other order: not contiguous.
+    let (x, y) = (noise(11, 1 << 20), noise(12, 1 << 20));
+    let a = [x.clone(), y.clone()].concat();
+    let b = [y, x].concat();
+    std::fs::write(src.join("a.bin"), &a).unwrap();
+    std::fs::write(src.join("b.bin"), &b).unwrap();
+    let img = build(&src, &tmp.path().join("img"), &[]);
+    // Claim in b.bin's chunk format that it is one 2 MiB chunk (as builders do for
+    // contiguous files): the kernel would read it from its first chunk on.
+    let bs = rafs::read::Bootstrap::open(&img.boot).unwrap();
+    let inode = bs.lookup_path("/b.bin").unwrap();
+    assert_eq!(bs.kernel_chunk_size(&inode), 1 << 20);
+    drop(bs);
+    let boot = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img.boot)
+        .unwrap();
+    boot.write_all_at(&(0x20u32 | 9).to_le_bytes(), inode.offset + 16)
+        .unwrap();
+    drop(boot);
+
+    let d = Daemon::start(&img, "a", "");
+    read_and_check(&d, "a.bin", &a);
+    read_and_check(&d, "b.bin", &b);
+    read_until_passed_through(&d, "a.bin", &a);
+    let opens = opens_passed_through(&d);
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(100));
+        drop_caches();
+        read_and_check(&d, "b.bin", &b);
+    }
+    assert_eq!(opens_passed_through(&d), opens, "b.bin was passed through");
+}
