@@ -452,10 +452,8 @@ pub fn route(ctx: &ApiContext, req: &Request) -> Response {
                 }),
             )
         }
-        ("PUT", "/api/v1/daemon/exit") => {
-            let _ = ctx.events.send(Event::ApiExit);
-            (204, "application/json", Vec::new())
-        }
+        // The exit itself is announced once the reply is out (see `handle`).
+        ("PUT", "/api/v1/daemon/exit") => (204, "application/json", Vec::new()),
         ("POST", "/api/v1/mount") => post_mount(ctx, req),
         ("DELETE", "/api/v1/mount") => delete_mount(ctx, req),
         ("GET", "/api/v1/metrics") => one(&|m| json_response(200, m.metrics.fs_json())),
@@ -522,8 +520,9 @@ fn handle(ctx: &ApiContext, stream: UnixStream) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
-    let (status, ctype, body) = match read_request(&mut reader)? {
-        Some(req) => route(ctx, &req),
+    let req = read_request(&mut reader)?;
+    let (status, ctype, body) = match &req {
+        Some(req) => route(ctx, req),
         None => error_response(400, "malformed request"),
     };
     let mut out = stream;
@@ -532,9 +531,16 @@ fn handle(ctx: &ApiContext, stream: UnixStream) -> std::io::Result<()> {
         reason(status),
         body.len()
     );
-    out.write_all(head.as_bytes())?;
-    out.write_all(&body)?;
-    out.flush()
+    let written = out
+        .write_all(head.as_bytes())
+        .and_then(|()| out.write_all(&body))
+        .and_then(|()| out.flush());
+    // Announced after the reply: the daemon may exit as soon as it hears it, and the
+    // caller would otherwise see the connection closed without its 204.
+    if status == 204 && req.is_some_and(|r| r.method == "PUT" && r.path == "/api/v1/daemon/exit") {
+        let _ = ctx.events.send(Event::ApiExit);
+    }
+    written
 }
 
 #[cfg(test)]

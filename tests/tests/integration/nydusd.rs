@@ -116,6 +116,13 @@ impl Daemon {
             d.log_text()
         );
         d.mount = Some(Mount::adopt(&mnt));
+        // Mounted comes a moment before the daemon calls itself RUNNING.
+        let running = wait_until(Duration::from_secs(20), || {
+            UnixStream::connect(&d.sock).is_ok()
+                && d.api("GET", "/api/v1/daemon")
+                    .contains("\"state\":\"RUNNING\"")
+        });
+        assert!(running, "nydusd is not RUNNING:\n{}", d.log_text());
         d
     }
 
@@ -425,9 +432,8 @@ fn a_missing_blob_gives_eio_with_a_log_line_and_the_daemon_recovers() {
         d.log_text()
     );
     assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none());
-    assert!(d
-        .api("GET", "/api/v1/daemon")
-        .contains("\"state\":\"RUNNING\""));
+    let info = d.api("GET", "/api/v1/daemon");
+    assert!(info.contains("\"state\":\"RUNNING\""), "{info}");
     std::fs::rename(&aside, &blob).unwrap();
     assert_eq!(
         std::fs::read(d.path("dir/file")).unwrap(),
