@@ -288,26 +288,25 @@ fn answer_init(
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         let mut reply = passthrough::read_reply(&mut pipe)?;
         let patched = passthrough::patch_init_reply(&mut reply);
+        if patched {
+            // Before the reply: once the kernel has it, other threads take OPENs, and
+            // each must be counted in its io mode (see `RafsFs::open_file`).
+            init.vfs
+                .set_passthrough(FuseBacking::new(dev.try_clone()?, init.readahead_kb));
+        }
         passthrough::write_reply(dev, &reply)?;
         Ok(patched)
     })();
     match answered {
-        Ok(true) => {
-            let dev = match dev.try_clone() {
-                Ok(d) => d,
-                Err(e) => {
-                    error!("duplicating the FUSE device: {e}");
-                    return true;
-                }
-            };
-            init.vfs
-                .set_passthrough(FuseBacking::new(dev, init.readahead_kb));
-            info!("FUSE passthrough negotiated: fully cached files are read by the kernel");
+        Ok(patched) => {
+            if patched {
+                info!("FUSE passthrough negotiated: fully cached files are read by the kernel");
+            }
             true
         }
-        Ok(false) => true,
         Err(e) => {
-            // Nothing reached the kernel: answer INIT the ordinary way.
+            // The kernel has no reply: answer INIT the ordinary way. Registering backing
+            // files then fails, which turns passthrough off (`FuseBacking::open`).
             error!("answering INIT with passthrough: {e}");
             false
         }
@@ -380,7 +379,8 @@ impl FuseService {
                     loop {
                         match channel.get_request() {
                             Ok(Some((reader, writer))) => {
-                                if init.pending.swap(false, Ordering::AcqRel)
+                                if init.pending.load(Ordering::Relaxed)
+                                    && init.pending.swap(false, Ordering::AcqRel)
                                     && answer_init(&server, &reader, &dev, &init)
                                 {
                                     continue;

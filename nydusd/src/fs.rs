@@ -18,9 +18,10 @@ use rafs::read::{Bootstrap, DirEntry as RafsDirEntry, Inode};
 use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
-use tracing::{error, info};
+use tracing::{debug, error, info};
 
 /// How long the kernel may cache attributes and names: the image never changes.
 pub const TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -94,6 +95,8 @@ pub struct RafsFs {
     /// The kernel's EROFS mount of this image over its cache files, made at the first
     /// passthrough open; `None` when it could not be made (said once in the log).
     backing: OnceLock<Option<BackingMount>>,
+    /// Opening a file in the backing mount failed once (said once in the log).
+    backing_open_failed: AtomicBool,
 }
 
 /// The opens of one regular file. The kernel refuses (with `EIO` to the opener) to have
@@ -182,6 +185,7 @@ impl RafsFs {
             file_stats: None,
             io_modes: Mutex::new(HashMap::new()),
             backing: OnceLock::new(),
+            backing_open_failed: AtomicBool::new(false),
         }
     }
 
@@ -232,33 +236,60 @@ impl RafsFs {
         if let Some(s) = &self.file_stats {
             s.opened(i.nid);
         }
-        let Some(dev) = backing.filter(|_| i.is_reg() && i.size > 0) else {
+        // O_DIRECT readers stay with the daemon: passed through, their reads would have
+        // to be aligned to EROFS' 4 KiB blocks.
+        let Some(dev) =
+            backing.filter(|_| i.is_reg() && i.size > 0 && flags as i32 & libc::O_DIRECT == 0)
+        else {
             return Ok((None, OpenOptions::KEEP_CACHE, None));
         };
-        let mut modes = self.io_modes.lock().unwrap_or_else(|e| e.into_inner());
-        let m = modes.entry(i.nid).or_default();
-        if m.passthrough == 0 && m.cached == 0 {
-            if let Some(id) = self.backing_id(&i, dev) {
-                m.backing_id = id;
-                m.dev = Some(dev.clone());
+        let cached = || (Some(HANDLE_CACHED), OpenOptions::KEEP_CACHE, None);
+        {
+            let mut modes = self.io_modes.lock().unwrap_or_else(|e| e.into_inner());
+            let m = modes.entry(i.nid).or_default();
+            if let Some(reply) = self.join_mode(m) {
+                return Ok(reply);
             }
         }
+        // The first open: whether the file can be passed through is found out without
+        // the lock (the first one of an image mounts it); opens meanwhile are counted.
+        let file = self.backing_file(&i, dev);
+        let mut modes = self.io_modes.lock().unwrap_or_else(|e| e.into_inner());
+        let m = modes.entry(i.nid).or_default();
+        if let Some(reply) = self.join_mode(m) {
+            return Ok(reply);
+        }
+        if let Some(id) = file.and_then(|f| dev.open(&f)) {
+            m.backing_id = id;
+            m.dev = Some(dev.clone());
+            return Ok(self.join_mode(m).expect("open passed through"));
+        }
+        m.cached += 1;
+        Ok(cached())
+    }
+
+    /// Counts one more open of a file already open, in the mode of its other opens (the
+    /// kernel refuses mixed modes); `None` when the file is not open.
+    fn join_mode(&self, m: &mut IoMode) -> Option<(Option<u64>, OpenOptions, Option<u32>)> {
         if m.dev.is_some() {
             m.passthrough += 1;
             Metrics::add(&self.metrics.fs.passthrough_opens, 1);
-            return Ok((
+            Some((
                 Some(HANDLE_PASSTHROUGH),
                 passthrough_open_options(),
                 Some(m.backing_id),
-            ));
+            ))
+        } else if m.cached > 0 {
+            m.cached += 1;
+            Some((Some(HANDLE_CACHED), OpenOptions::KEEP_CACHE, None))
+        } else {
+            None
         }
-        m.cached += 1;
-        Ok((Some(HANDLE_CACHED), OpenOptions::KEEP_CACHE, None))
     }
 
-    /// A backing id for regular file `i` if all of it is cached and verified, and the
-    /// kernel maps it as the daemon does.
-    fn backing_id(&self, i: &Inode, dev: &FuseBacking) -> Option<u32> {
+    /// The file of regular file `i` in this image's [`BackingMount`], if all of it is
+    /// cached and verified, and the kernel maps it as the daemon does.
+    fn backing_file(&self, i: &Inode, dev: &FuseBacking) -> Option<std::fs::File> {
         let ready = self.cache.file_fully_usable(i).and_then(|ready| {
             Ok(ready
                 && self
@@ -290,14 +321,18 @@ impl RafsFs {
                 }
             })
             .as_ref()?;
-        let file = match mount.open(i.nid, i.size) {
-            Ok(f) => f,
+        match mount.open(i.nid, i.size) {
+            Ok(f) => Some(f),
             Err(e) => {
-                error!("nid {} in the EROFS mount of the image: {e}", i.nid);
-                return None;
+                // Said once per image: the next files would most likely say the same.
+                if !self.backing_open_failed.swap(true, Ordering::Relaxed) {
+                    error!("nid {} in the EROFS mount of the image: {e}", i.nid);
+                } else {
+                    debug!("nid {} in the EROFS mount of the image: {e}", i.nid);
+                }
+                None
             }
-        };
-        dev.open(&file)
+        }
     }
 
     fn fail(&self, what: &str, e: impl std::fmt::Display) -> io::Error {

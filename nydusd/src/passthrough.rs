@@ -10,8 +10,10 @@
 //! natively (upstream's fscache mode relies on the same): [`BackingMount`] mounts the
 //! image's bootstrap with the cache data files as its blob devices, on loop devices,
 //! as a *detached* mount (`fsmount`, never attached to any directory: nothing to see,
-//! nothing to unmount, gone with the daemon's last file descriptor, even after
-//! `kill -9`). A file of that mount holds exactly the image file's bytes, read from the
+//! nothing to unmount). It lives as long as the daemon's descriptor of it and the
+//! backing files registered with the FUSE connection: after the daemon exits, or after
+//! `kill -9` once the dead FUSE mount is unmounted, it is gone, and its loop devices
+//! (auto-clearing) with it. A file of that mount holds exactly the image file's bytes, read from the
 //! very cache files the daemon fills. The daemon hands such a file to FUSE only when
 //! every chunk of it is ready and verified ([`crate::fs`]), so the kernel never reads a
 //! hole or an unverified chunk.
@@ -32,7 +34,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 /// `FOPEN_PASSTHROUGH`: the open reply's `backing_id` names the file to pass through to.
 const FOPEN_PASSTHROUGH: u32 = 1 << 7;
@@ -197,9 +199,10 @@ impl FuseBacking {
     }
 
     /// Registers `file` as a backing file; returns its id for an open reply. The kernel
-    /// keeps its own reference: `file` may be closed once this returns. The first
-    /// failure (no `CAP_SYS_ADMIN`, a kernel that did not take the INIT flag) turns
-    /// passthrough off for the session, saying why once.
+    /// keeps its own reference: `file` may be closed once this returns. A refusal that
+    /// will not change (no `CAP_SYS_ADMIN`, a kernel that did not take the INIT flag)
+    /// turns passthrough off for the session, saying why once; other failures (out of
+    /// memory or descriptors) only leave this open to the daemon.
     pub fn open(&self, file: &File) -> Option<u32> {
         if self.off.load(Ordering::Relaxed) {
             return None;
@@ -212,7 +215,11 @@ impl FuseBacking {
         match ioctl_ptr(self.dev.as_raw_fd(), FUSE_DEV_IOC_BACKING_OPEN, &map) {
             Ok(id) => Some(id as u32),
             Err(e) => {
-                if !self.off.swap(true, Ordering::Relaxed) {
+                let lasting = [libc::EPERM, libc::EOPNOTSUPP, libc::ENOTTY, libc::EINVAL]
+                    .contains(&e.raw_os_error().unwrap_or(0));
+                if !lasting {
+                    tracing::debug!("backing file not registered: {e}");
+                } else if !self.off.swap(true, Ordering::Relaxed) {
                     tracing::info!("files are not passed through: the FUSE connection refused a backing file: {e}");
                 }
                 None
@@ -480,21 +487,43 @@ fn mount_erofs(source: &str, devices: &[String]) -> io::Result<File> {
 #[derive(Debug)]
 pub struct BackingMount {
     root: File,
+    /// The file handle format the kernel decodes.
+    handle_kind: AtomicI32,
 }
 
-/// `FILEID_INO64_GEN`: EROFS file handles (nid high, nid low, generation).
+/// `FILEID_INO64_GEN`: EROFS file handles since Linux 6.16 (nid high, nid low,
+/// generation).
 const FILEID_INO64_GEN: i32 = 0x81;
+/// `FILEID_INO32_GEN`: EROFS file handles before (nid, generation).
+const FILEID_INO32_GEN: i32 = 1;
 
-/// `struct file_handle` with EROFS' 12 handle bytes.
+/// `struct file_handle` with up to 12 handle bytes.
 #[repr(C)]
 struct Handle {
     bytes: u32,
     kind: i32,
-    nid_hi: u32,
-    nid_lo: u32,
-    generation: u32,
+    words: [u32; 3],
 }
 const _: () = assert!(std::mem::size_of::<Handle>() == 20);
+
+impl Handle {
+    /// The handle of `nid` in the format `kind`.
+    fn of(nid: u64, kind: i32) -> Handle {
+        if kind == FILEID_INO64_GEN {
+            Handle {
+                bytes: 12,
+                kind,
+                words: [(nid >> 32) as u32, nid as u32, 0],
+            }
+        } else {
+            Handle {
+                bytes: 8,
+                kind,
+                words: [nid as u32, 0, 0],
+            }
+        }
+    }
+}
 
 impl BackingMount {
     /// Mounts `bootstrap` (bytes the caller validated) with `blobs`, the cache data file
@@ -533,32 +562,30 @@ impl BackingMount {
         // The mount holds the loop devices now; closing ours lets them clear with it.
         drop(loops);
         drop(boot_loop);
-        Ok(BackingMount { root })
+        Ok(BackingMount {
+            root,
+            handle_kind: AtomicI32::new(FILEID_INO64_GEN),
+        })
     }
 
     /// Opens the file of inode `nid`, checking that the kernel sees the same inode number
     /// and `size`.
     pub fn open(&self, nid: u64, size: u64) -> io::Result<File> {
-        let mut handle = Handle {
-            bytes: 12,
-            kind: FILEID_INO64_GEN,
-            nid_hi: (nid >> 32) as u32,
-            nid_lo: nid as u32,
-            generation: 0,
+        let mut kind = self.handle_kind.load(Ordering::Relaxed);
+        let file = loop {
+            match self.open_by_handle(&mut Handle::of(nid, kind)) {
+                // Kernels before 6.16 decode 32-bit handles only.
+                Err(e)
+                    if kind == FILEID_INO64_GEN
+                        && nid <= u32::MAX as u64
+                        && matches!(e.raw_os_error(), Some(libc::ESTALE | libc::EINVAL)) =>
+                {
+                    kind = FILEID_INO32_GEN;
+                    self.handle_kind.store(kind, Ordering::Relaxed);
+                }
+                r => break r?,
+            }
         };
-        // SAFETY:
-        // - `handle` is a `struct file_handle` with `bytes` valid handle bytes after it;
-        // - `root` is a directory of the mount the handle is resolved in;
-        // - the result is a new descriptor, taken over by `check_fd`.
-        let fd = check_fd(unsafe {
-            libc::syscall(
-                libc::SYS_open_by_handle_at,
-                self.root.as_raw_fd(),
-                &mut handle as *mut Handle,
-                libc::O_RDONLY | libc::O_CLOEXEC,
-            )
-        })?;
-        let file = File::from(fd);
         let meta = file.metadata()?;
         if meta.ino() != nid || meta.size() != size || !meta.is_file() {
             return Err(io::Error::other(format!(
@@ -568,6 +595,22 @@ impl BackingMount {
             )));
         }
         Ok(file)
+    }
+
+    fn open_by_handle(&self, handle: &mut Handle) -> io::Result<File> {
+        // SAFETY:
+        // - `handle` is a `struct file_handle` with `bytes` valid handle bytes after it;
+        // - `root` is a directory of the mount the handle is resolved in;
+        // - the result is a new descriptor, taken over by `check_fd`.
+        let fd = check_fd(unsafe {
+            libc::syscall(
+                libc::SYS_open_by_handle_at,
+                self.root.as_raw_fd(),
+                handle as *mut Handle,
+                libc::O_RDONLY | libc::O_CLOEXEC,
+            )
+        })?;
+        Ok(File::from(fd))
     }
 }
 

@@ -6,7 +6,7 @@ use super::nydusd::{build, drop_caches, noise, Daemon};
 use rafs_e2e::*;
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -133,6 +133,22 @@ fn fully_cached_files_are_read_by_the_kernel_not_the_daemon() {
         "the daemon served a passed-through file"
     );
 
+    // O_DIRECT opens stay with the daemon, which takes any alignment (EROFS would want
+    // 4 KiB): a 4 KiB read at offset 512.
+    let direct = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(d.path("big.bin"))
+        .unwrap();
+    let mut space = vec![0u8; 3 * 4096];
+    let at = space.as_ptr().align_offset(4096);
+    let buf = &mut space[at..at + 4096];
+    direct.read_exact_at(buf, 512).unwrap();
+    assert!(buf[..] == big[512..512 + 4096]);
+    drop(direct);
+    assert_eq!(opens_passed_through(&d), opens + 1);
+    assert!(daemon_reads(&d) > reads);
+
     // A program runs from a passed-through file (exec maps it from the backing file).
     read_until_passed_through(&d, "bin/busybox", &busybox);
     drop_caches();
@@ -143,8 +159,9 @@ fn fully_cached_files_are_read_by_the_kernel_not_the_daemon() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(out.stdout, b"passed through\n");
 
-    // The EROFS mount lives on loop devices over the cache files; they go with the
-    // daemon, even after kill -9 (the mount was never attached anywhere).
+    // The EROFS mount lives on loop devices over the cache files. After kill -9 the FUSE
+    // connection still holds the backing files until its dead mount is unmounted (as
+    // `kill9` does); then the mount, never attached anywhere, and the loops are gone.
     assert!(
         !loops_over(&img.cache).is_empty(),
         "no loop device over the cache"
