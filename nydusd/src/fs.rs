@@ -288,14 +288,17 @@ impl RafsFs {
     }
 
     /// The file of regular file `i` in this image's [`BackingMount`], if all of it is
-    /// cached and verified, and the kernel maps it as the daemon does.
+    /// cached, verified and written back, and the kernel maps it as the daemon does.
     fn backing_file(&self, i: &Inode, dev: &FuseBacking) -> Option<std::fs::File> {
+        // Just-fetched chunks stay with the daemon until written back: the kernel's
+        // direct reads of the cache files would wait for that writeback first.
         let ready = self.cache.file_fully_usable(i).and_then(|ready| {
             Ok(ready
                 && self
                     .bs
                     .kernel_maps_like_chunk_indexes(i)
-                    .map_err(crate::Error::Metadata)?)
+                    .map_err(crate::Error::Metadata)?
+                && self.cache.file_written_back(i)?)
         });
         match ready {
             Ok(true) => {}

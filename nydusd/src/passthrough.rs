@@ -233,6 +233,53 @@ impl FuseBacking {
     }
 }
 
+/// `cachestat(2)` (Linux 6.5+), numbered alike on every architecture's table.
+const SYS_CACHESTAT: libc::c_long = 451;
+
+/// `struct cachestat_range`.
+#[repr(C)]
+struct CachestatRange {
+    off: u64,
+    len: u64,
+}
+
+/// `struct cachestat`, 40 bytes.
+#[repr(C)]
+#[derive(Default)]
+struct Cachestat {
+    nr_cache: u64,
+    nr_dirty: u64,
+    nr_writeback: u64,
+    nr_evicted: u64,
+    nr_recently_evicted: u64,
+}
+const _: () = assert!(std::mem::size_of::<Cachestat>() == 40);
+
+/// Whether pages of the `len` bytes at `offset` of `file` wait in the page cache to be
+/// written back (dirty, or being written). A direct-I/O read of such a range — what a
+/// passed-through read of just-fetched chunks becomes — first waits for that writeback.
+pub fn awaiting_writeback(file: &File, offset: u64, len: u64) -> io::Result<bool> {
+    let range = CachestatRange { off: offset, len };
+    let mut stat = Cachestat::default();
+    // SAFETY:
+    // - `range` and `stat` are live structs of the kernel's layouts: the kernel reads
+    //   the first and writes the second, nothing else;
+    // - `file` is an open descriptor.
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const CachestatRange,
+            &mut stat as *mut Cachestat,
+            0,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stat.nr_dirty + stat.nr_writeback > 0)
+}
+
 // Loop devices (linux/loop.h).
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;

@@ -372,6 +372,44 @@ impl ChunkCache {
         Ok(true)
     }
 
+    /// Whether the cached chunks of regular file `inode` are all written back to the
+    /// cache files (none dirty or being written in the page cache). Chunks just fetched
+    /// are not, for a while: a direct-I/O read of them (a passed-through read, see
+    /// [`crate::passthrough`]) would first wait for their writeback.
+    pub fn file_written_back(&self, inode: &Inode) -> Result<bool> {
+        // Contiguous chunks of one blob are asked about at once.
+        let mut range: Option<(u32, u64, u64)> = None;
+        let pending = |(blob_index, start, end): (u32, u64, u64)| -> Result<bool> {
+            let blob = &self.blobs[blob_index as usize];
+            crate::passthrough::awaiting_writeback(&blob.data, start, end - start)
+                .map_err(|e| blob.io(e))
+        };
+        for i in 0..self.bs.chunk_count(inode) {
+            let addr = self.bs.chunk(inode, i).map_err(Error::Metadata)?;
+            let c = self.chunk_info(&addr)?;
+            let (start, end) = (
+                c.uncompressed_offset,
+                c.uncompressed_offset + c.uncompressed_size as u64,
+            );
+            range = match range {
+                Some((b, s, e)) if b == addr.blob_index && e.next_multiple_of(4096) == start => {
+                    Some((b, s, end))
+                }
+                Some(r) => {
+                    if pending(r)? {
+                        return Ok(false);
+                    }
+                    Some((addr.blob_index, start, end))
+                }
+                None => Some((addr.blob_index, start, end)),
+            };
+        }
+        Ok(match range {
+            Some(r) => !pending(r)?,
+            None => true,
+        })
+    }
+
     /// Reads `size` bytes at `offset` of a regular file (clamped to its size), appending
     /// them to `out`. Every byte comes from a verified chunk (unless validation is off).
     pub fn read(
