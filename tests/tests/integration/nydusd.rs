@@ -217,20 +217,6 @@ fn read_all(dir: &Path) -> u64 {
     total
 }
 
-/// Pseudo-random bytes.
-pub(crate) fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
 #[test]
 fn nydusd_shows_the_varied_tree_exactly() {
     require_root_tools(&["umount"]);
@@ -308,7 +294,7 @@ fn kill_9_during_reads_then_restart_keeps_contents_and_cached_chunks() {
     let src = tmp.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
     for i in 0..4u64 {
-        std::fs::write(src.join(format!("f{i}")), noise(i, 24 << 20)).unwrap();
+        std::fs::write(src.join(format!("f{i}")), noise(24 << 20, i)).unwrap();
     }
     let img = build(&src, &tmp.path().join("img"), &["--compressor", "none"]);
     let total_chunks = 4 * 24;
@@ -369,7 +355,7 @@ fn a_corrupt_blob_chunk_gives_eio_until_the_blob_is_restored() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
-    let content = noise(7, 3 << 20);
+    let content = noise(3 << 20, 7);
     std::fs::write(src.join("data"), &content).unwrap();
     let img = build(&src, &tmp.path().join("img"), &["--compressor", "none"]);
     let blob = img.blob_path();
@@ -409,7 +395,7 @@ fn a_missing_blob_gives_eio_with_a_log_line_and_the_daemon_recovers() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     std::fs::create_dir_all(src.join("dir")).unwrap();
-    std::fs::write(src.join("dir/file"), noise(3, 100_000)).unwrap();
+    std::fs::write(src.join("dir/file"), noise(100_000, 3)).unwrap();
     let img = build(&src, &tmp.path().join("img"), &[]);
     let blob = img.blob_path();
     let aside = img.work.join("blob-aside");
@@ -448,10 +434,10 @@ fn sixteen_threads_reading_random_ranges_get_every_byte_right() {
     let src = tmp.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
     let sizes: Vec<usize> = (0..120u64)
-        .map(|i| (noise(i + 1000, 8)[0] as usize * 7919 * (1 + i as usize % 9)) % (3 << 20))
+        .map(|i| (noise(8, i + 1000)[0] as usize * 7919 * (1 + i as usize % 9)) % (3 << 20))
         .collect();
     for (i, size) in sizes.iter().enumerate() {
-        std::fs::write(src.join(format!("f{i:03}")), noise(i as u64, *size)).unwrap();
+        std::fs::write(src.join(format!("f{i:03}")), noise(*size, i as u64)).unwrap();
     }
     let img = build(&src, &tmp.path().join("img"), &["--chunk-size", "0x40000"]);
     let d = Daemon::start(&img, "a", "");
@@ -564,7 +550,7 @@ fn upstream_nydusd_serves_from_a_cache_our_nydusd_filled() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
-    std::fs::write(src.join("big"), noise(11, 3_000_000)).unwrap();
+    std::fs::write(src.join("big"), noise(3_000_000, 11)).unwrap();
     std::fs::write(src.join("small"), b"small file\n").unwrap();
     let img = build(&src, &tmp.path().join("img"), &["--compressor", "none"]);
     let d = Daemon::start(&img, "ours", "");
@@ -603,7 +589,7 @@ fn api_exit_unmounts_and_prefetch_fills_the_cache_in_the_background() {
     let src = tmp.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
     for i in 0..6u64 {
-        std::fs::write(src.join(format!("f{i}")), noise(i + 50, 2 << 20)).unwrap();
+        std::fs::write(src.join(format!("f{i}")), noise(2 << 20, i + 50)).unwrap();
     }
     let img = build(&src, &tmp.path().join("img"), &[]);
     let d = Daemon::start(
@@ -671,7 +657,7 @@ fn registry_backend_reads_lazily_and_survives_a_registry_outage() {
     let src = tmp.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
     for i in 0..4u64 {
-        std::fs::write(src.join(format!("f{i}")), noise(i + 90, 1_500_000)).unwrap();
+        std::fs::write(src.join(format!("f{i}")), noise(1_500_000, i + 90)).unwrap();
     }
     let img = build(&src, &tmp.path().join("img"), &["--compressor", "none"]);
     let blob = img.blob_path();

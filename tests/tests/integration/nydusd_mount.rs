@@ -3,7 +3,7 @@
 //! them, per-image metrics, and the access pattern fed back as a prefetch list. Needs
 //! root (FUSE).
 
-use super::nydusd::{build, drop_caches, noise, number, Image};
+use super::nydusd::{build, drop_caches, number, Image};
 use rafs_e2e::*;
 use serde_json::{json, Value};
 use std::collections::HashSet;
@@ -148,7 +148,7 @@ fn assert_same_tree(src: &Path, mnt: &Path) {
 fn small_tree(dir: &Path) {
     std::fs::create_dir_all(dir.join("etc/conf.d")).unwrap();
     std::fs::write(dir.join("etc/conf.d/app.conf"), b"key = value\n").unwrap();
-    std::fs::write(dir.join("big"), noise(41, 700_000)).unwrap();
+    std::fs::write(dir.join("big"), noise(700_000, 41)).unwrap();
     std::os::unix::fs::symlink("etc/conf.d/app.conf", dir.join("link")).unwrap();
 }
 
@@ -401,7 +401,7 @@ fn nydusd_access_pattern_lists_reads_in_order_and_feeds_prefetch() {
     std::fs::create_dir_all(src.join("d")).unwrap();
     let names = ["f0", "f1", "d/f2", "f3", "f4", "d/f5"];
     for (i, n) in names.iter().enumerate() {
-        std::fs::write(src.join(n), noise(i as u64 + 300, 2 << 20)).unwrap();
+        std::fs::write(src.join(n), noise(2 << 20, i as u64 + 300)).unwrap();
     }
     let img = build(&src, &tmp.path().join("img"), &["--compressor", "none"]);
     let d = Shared::start(tmp.path(), "shared");

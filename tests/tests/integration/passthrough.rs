@@ -2,7 +2,7 @@
 //! of the image over the cache files, without the daemon — and only once every chunk of
 //! the file is cached and verified. Needs root and Linux 6.9+ (FUSE passthrough).
 
-use super::nydusd::{build, drop_caches, noise, Daemon};
+use super::nydusd::{build, drop_caches, Daemon};
 use rafs_e2e::*;
 use std::fs::File;
 use std::io::Read;
@@ -78,9 +78,9 @@ fn fully_cached_files_are_read_by_the_kernel_not_the_daemon() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     std::fs::create_dir_all(src.join("bin")).unwrap();
-    let big = noise(1, (6 << 20) + 12345);
-    let half = noise(2, 24 << 20);
-    let held = noise(3, (3 << 20) + 7);
+    let big = noise((6 << 20) + 12345, 1);
+    let half = noise(24 << 20, 2);
+    let held = noise((3 << 20) + 7, 3);
     std::fs::write(src.join("big.bin"), &big).unwrap();
     std::fs::write(src.join("half.bin"), &half).unwrap();
     std::fs::write(src.join("held.bin"), &held).unwrap();
@@ -199,7 +199,7 @@ fn a_restarted_daemon_passes_files_through_only_after_verifying_their_chunks() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
-    let data = noise(7, 3 << 20);
+    let data = noise(3 << 20, 7);
     std::fs::write(src.join("f.bin"), &data).unwrap();
     let img = build(&src, &tmp.path().join("img"), &["--compressor", "none"]);
     let d = Daemon::start(&img, "a", "");
@@ -240,7 +240,7 @@ fn a_file_the_kernel_would_map_elsewhere_is_never_passed_through() {
     let src = tmp.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
     // b.bin's chunks are a.bin's, deduplicated, in the other order: not contiguous.
-    let (x, y) = (noise(11, 1 << 20), noise(12, 1 << 20));
+    let (x, y) = (noise(1 << 20, 11), noise(1 << 20, 12));
     let a = [x.clone(), y.clone()].concat();
     let b = [y, x].concat();
     std::fs::write(src.join("a.bin"), &a).unwrap();
