@@ -259,18 +259,16 @@ struct InitState {
     pending: AtomicBool,
     vfs: Arc<Vfs>,
     readahead_kb: u32,
+    /// The FUSE device, where the reply goes.
+    dev: File,
 }
 
 /// When `reader` holds an INIT whose kernel offers passthrough: answers it through
-/// fuse-backend-rs, with `FUSE_PASSTHROUGH` added to the reply on its way to `dev`, and
+/// fuse-backend-rs, with `FUSE_PASSTHROUGH` added to the reply on its way to the FUSE
+/// device, and
 /// lets the filesystem pass files through. Returns whether the request was answered
 /// (otherwise the caller answers it as any other).
-fn answer_init(
-    server: &Server<Arc<Vfs>>,
-    reader: &Reader<'_>,
-    dev: &File,
-    init: &InitState,
-) -> bool {
+fn answer_init(server: &Server<Arc<Vfs>>, reader: &Reader<'_>, init: &InitState) -> bool {
     let mut head = [0u8; 64];
     let mut peek = reader.clone();
     let n = peek.read(&mut head).unwrap_or(0);
@@ -292,9 +290,9 @@ fn answer_init(
             // Before the reply: once the kernel has it, other threads take OPENs, and
             // each must be counted in its io mode (see `RafsFs::open_file`).
             init.vfs
-                .set_passthrough(FuseBacking::new(dev.try_clone()?, init.readahead_kb));
+                .set_passthrough(FuseBacking::new(init.dev.try_clone()?, init.readahead_kb));
         }
-        passthrough::write_reply(dev, &reply)?;
+        passthrough::write_reply(&init.dev, &reply)?;
         Ok(patched)
     })();
     match answered {
@@ -359,6 +357,11 @@ impl FuseService {
             pending: AtomicBool::new(passthrough),
             vfs: fs,
             readahead_kb,
+            dev: session
+                .get_fuse_file()
+                .ok_or_else(|| Error::Fuse("no FUSE device after mounting".into()))?
+                .try_clone()
+                .map_err(|e| Error::io("Duplicating the FUSE device", e))?,
         });
         let mut handles = Vec::new();
         for i in 0..threads.max(1) {
@@ -368,11 +371,6 @@ impl FuseService {
             let server = server.clone();
             let events = events.clone();
             let init = init.clone();
-            let dev = session
-                .get_fuse_file()
-                .ok_or_else(|| Error::Fuse("no FUSE device after mounting".into()))?
-                .try_clone()
-                .map_err(|e| Error::io("Duplicating the FUSE device", e))?;
             let h = thread::Builder::new()
                 .name(format!("fuse-{i}"))
                 .spawn(move || {
@@ -381,7 +379,7 @@ impl FuseService {
                             Ok(Some((reader, writer))) => {
                                 if init.pending.load(Ordering::Relaxed)
                                     && init.pending.swap(false, Ordering::AcqRel)
-                                    && answer_init(&server, &reader, &dev, &init)
+                                    && answer_init(&server, &reader, &init)
                                 {
                                     continue;
                                 }

@@ -243,7 +243,6 @@ impl RafsFs {
         else {
             return Ok((None, OpenOptions::KEEP_CACHE, None));
         };
-        let cached = || (Some(HANDLE_CACHED), OpenOptions::KEEP_CACHE, None);
         {
             let mut modes = self.io_modes.lock().unwrap_or_else(|e| e.into_inner());
             let m = modes.entry(i.nid).or_default();
@@ -265,7 +264,7 @@ impl RafsFs {
             return Ok(self.join_mode(m).expect("open passed through"));
         }
         m.cached += 1;
-        Ok(cached())
+        Ok((Some(HANDLE_CACHED), OpenOptions::KEEP_CACHE, None))
     }
 
     /// Counts one more open of a file already open, in the mode of its other opens (the
@@ -292,13 +291,12 @@ impl RafsFs {
     fn backing_file(&self, i: &Inode, dev: &FuseBacking) -> Option<std::fs::File> {
         // Just-fetched chunks stay with the daemon until written back: the kernel's
         // direct reads of the cache files would wait for that writeback first.
-        let ready = self.cache.file_fully_usable(i).and_then(|ready| {
+        let ready = self.cache.file_on_disk(i).and_then(|ready| {
             Ok(ready
                 && self
                     .bs
                     .kernel_maps_like_chunk_indexes(i)
-                    .map_err(crate::Error::Metadata)?
-                && self.cache.file_written_back(i)?)
+                    .map_err(crate::Error::Metadata)?)
         });
         match ready {
             Ok(true) => {}

@@ -279,9 +279,9 @@ impl ChunkCache {
 
     /// The cache data files, for the metrics API.
     pub fn underlying_files(&self) -> Vec<String> {
-        self.blobs
+        self.data_paths()
             .iter()
-            .map(|b| b.data_path.display().to_string())
+            .map(|p| p.display().to_string())
             .collect()
     }
 
@@ -350,13 +350,23 @@ impl ChunkCache {
         self.blobs[blob_index as usize].map.is_ready(ci)
     }
 
-    /// Whether every chunk of regular file `inode` is ready in the cache and verified by
-    /// this image (or validation is off): then any read of it can be served from the
-    /// cache files as they are, without fetching or checking anything. Nothing is
-    /// fetched or verified here; a chunk that is ready but not yet verified (after a
-    /// restart) makes the answer false until a read has verified it.
-    pub fn file_fully_usable(&self, inode: &Inode) -> Result<bool> {
+    /// Whether every chunk of regular file `inode` is ready in the cache, verified by this
+    /// image (or validation is off) and written back to the cache files (none dirty or
+    /// being written in the page cache): then any read of it can be served from the cache
+    /// files as they are on disk, without fetching or checking anything. Nothing is
+    /// fetched or verified here: a chunk ready but not yet verified (after a restart)
+    /// makes the answer false until a read has verified it. Chunks just fetched are not
+    /// written back for a while: a direct-I/O read of them (a passed-through read, see
+    /// [`crate::passthrough`]) would first wait for their writeback.
+    pub fn file_on_disk(&self, inode: &Inode) -> Result<bool> {
         let cs = self.bs.superblock().chunk_size as u64;
+        // Contiguous chunks of one blob are asked about at once.
+        let mut range: Option<(u32, u64, u64)> = None;
+        let pending = |(blob_index, start, end): (u32, u64, u64)| -> Result<bool> {
+            let blob = &self.blobs[blob_index as usize];
+            crate::passthrough::awaiting_writeback(&blob.data, start, end - start)
+                .map_err(|e| blob.io(e))
+        };
         for i in 0..self.bs.chunk_count(inode) {
             let addr = self.bs.chunk(inode, i).map_err(Error::Metadata)?;
             let c = self.chunk_info(&addr)?;
@@ -368,25 +378,6 @@ impl ChunkCache {
             if !blob.map.is_ready(c.ci_index) || (self.validate && !blob.is_verified(c.ci_index)) {
                 return Ok(false);
             }
-        }
-        Ok(true)
-    }
-
-    /// Whether the cached chunks of regular file `inode` are all written back to the
-    /// cache files (none dirty or being written in the page cache). Chunks just fetched
-    /// are not, for a while: a direct-I/O read of them (a passed-through read, see
-    /// [`crate::passthrough`]) would first wait for their writeback.
-    pub fn file_written_back(&self, inode: &Inode) -> Result<bool> {
-        // Contiguous chunks of one blob are asked about at once.
-        let mut range: Option<(u32, u64, u64)> = None;
-        let pending = |(blob_index, start, end): (u32, u64, u64)| -> Result<bool> {
-            let blob = &self.blobs[blob_index as usize];
-            crate::passthrough::awaiting_writeback(&blob.data, start, end - start)
-                .map_err(|e| blob.io(e))
-        };
-        for i in 0..self.bs.chunk_count(inode) {
-            let addr = self.bs.chunk(inode, i).map_err(Error::Metadata)?;
-            let c = self.chunk_info(&addr)?;
             let (start, end) = (
                 c.uncompressed_offset,
                 c.uncompressed_offset + c.uncompressed_size as u64,
