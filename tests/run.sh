@@ -96,7 +96,7 @@ for line in "${REQUIRED[@]}"; do
         fi
     done
 done
-# The registry client (oci-client with native-tls) links against OpenSSL.
+# Upstream nydus-rs 2.2, the judge built below, links against OpenSSL (ours uses rustls).
 if ! dpkg-query -W -f='${Status}' libssl-dev 2>/dev/null | grep -q "ok installed"; then
     missing+=(libssl-dev)
 fi
