@@ -110,6 +110,17 @@ pub enum Error {
         source: rafs::Error,
     },
 
+    /// One entry of a layer cannot be applied over the layers below it.
+    #[error("Layer {layer}, entry '{path}': {reason}")]
+    LayerEntry {
+        /// The layer (its source path, or its digest in a conversion).
+        layer: String,
+        /// The entry's path in the layer.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+
     /// Layers given to a merge do not fit together (chunk size, algorithms, blob ids).
     #[error("Inconsistent layers: {0}")]
     Inconsistent(String),

@@ -3,6 +3,7 @@
 //!
 //! * [`source`]: reading a directory ([`source::dir`]) or a layer tar ([`source::tar`])
 //!   into a [`rafs::write::Tree`], streaming file contents into the blob writer.
+//! * [`resolve`]: paths resolved through symlinks inside the root, as containerd does.
 //! * [`whiteout`]: what happens to overlay whiteout markers in a single-layer build.
 //! * [`prefetch`]: prefetch patterns (absolute paths) and how they resolve to nodes.
 //! * [`mod@create`]: `nydus-image create`, orchestrating the above and writing the outputs.
@@ -21,6 +22,7 @@ pub mod inspect;
 pub mod merge;
 pub mod oci;
 pub mod prefetch;
+pub mod resolve;
 pub mod source;
 pub mod unpack;
 pub mod whiteout;

@@ -21,6 +21,7 @@
 
 use crate::error::{Error, Result};
 use crate::prefetch;
+use crate::resolve::{self, implied_dir, ResolveError, IMPLIED_DIR_XATTR};
 use crate::whiteout::{OCI_OPAQUE_MARKER, OCI_WHITEOUT_PREFIX};
 use rafs::format::BLOB_ID_LEN;
 use rafs::read::{read_inline_bootstrap, tar_sections, Bootstrap, Inode};
@@ -155,6 +156,34 @@ fn split_parent(path: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
+/// What a directory of a layer bootstrap is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LayerDir {
+    /// It has a tar header of its own (or the bootstrap does not mark implied ones).
+    Explicit,
+    /// Marked [`IMPLIED_DIR_XATTR`]: only implied by an entry below it.
+    Implied,
+}
+
+impl LayerDir {
+    fn of(xattrs: &[(Vec<u8>, Vec<u8>)]) -> LayerDir {
+        if xattrs.iter().any(|(k, _)| k == IMPLIED_DIR_XATTR) {
+            LayerDir::Implied
+        } else {
+            LayerDir::Explicit
+        }
+    }
+}
+
+/// Where a directory of the layer being applied is in the merged tree.
+enum Place {
+    /// At this node, whose resolved path is given.
+    At(NodeId, Vec<Vec<u8>>),
+    /// Wherever this (unresolved) path resolves to, made as this node if missing: a
+    /// directory the layer only implies, or one below a whiteout directory.
+    Lazy(Vec<Vec<u8>>, Node),
+}
+
 /// The merged filesystem under construction.
 struct Stack {
     tree: Tree,
@@ -246,19 +275,42 @@ impl Stack {
             Ok(())
         })
         .map_err(|e| layer_err(layer, e))?;
+        let rafs_err = |e: Error| match e {
+            Error::Rafs(e) => layer_err(layer, e),
+            e => e,
+        };
+        let entry_err = |path: &[u8], reason: String| Error::LayerEntry {
+            layer: layer.name.clone(),
+            path: String::from_utf8_lossy(path).into_owned(),
+            reason,
+        };
+        // What each directory of the layer is: the walk is pre-order, so a directory's
+        // kind is known before its children are met.
+        let mut dirs: HashMap<Vec<u8>, LayerDir> = HashMap::new();
+        let root = bs.root().map_err(|e| layer_err(layer, e))?;
+        let root_node =
+            node_of(bs, &root, |_, _| unreachable!("the root is a directory")).map_err(rafs_err)?;
+        for (path, inode) in &entries {
+            if inode.is_dir() {
+                let xattrs = bs.xattrs(inode).map_err(|e| layer_err(layer, e))?;
+                dirs.insert(path.clone(), LayerDir::of(&xattrs));
+            }
+        }
 
-        // Phase 1: deletions.
-        for (path, _) in &entries {
+        // Phase 1: deletions, of what the lower layers built.
+        for (path, inode) in &entries {
             let (parent, name) = split_parent(path);
-            if !name.starts_with(OCI_WHITEOUT_PREFIX) {
+            if !name.starts_with(OCI_WHITEOUT_PREFIX)
+                || (inode.is_dir() && dirs.get(path) == Some(&LayerDir::Implied))
+            {
                 continue;
             }
-            let Some(dir) = self.tree.lookup_path(parent)? else {
+            let Some(dir) = self
+                .lower_dir(parent, &dirs)
+                .map_err(|e| entry_err(path, e.to_string()))?
+            else {
                 continue;
             };
-            if !self.tree.node(dir).is_dir() {
-                continue;
-            }
             if name == OCI_OPAQUE_MARKER {
                 if let NodeKind::Directory(children) = &mut self.tree.node_mut(dir).kind {
                     children.clear();
@@ -272,28 +324,39 @@ impl Stack {
         }
 
         // Phase 2: additions, parents first (the walk is pre-order).
-        let root = bs.root().map_err(|e| layer_err(layer, e))?;
-        let root_node = node_of(bs, &root, |_, _| unreachable!("the root is a directory"))
-            .map_err(|e| match e {
-                Error::Rafs(e) => layer_err(layer, e),
-                e => e,
-            })?;
         let r = self.tree.root();
-        self.tree.node_mut(r).meta = root_node.meta;
-        self.tree.node_mut(r).xattrs = root_node.xattrs;
+        if !root_node.xattrs.contains_key(IMPLIED_DIR_XATTR) {
+            self.tree.node_mut(r).meta = root_node.meta;
+            self.tree.node_mut(r).xattrs = root_node.xattrs;
+        }
+        let mut placed: HashMap<Vec<u8>, Place> = HashMap::new();
+        placed.insert(Vec::new(), Place::At(r, Vec::new()));
         let mut links: HashMap<u64, NodeId> = HashMap::new();
         let mut chunk_handles: HashMap<(u32, u32), u32> = HashMap::new();
         for (path, inode) in &entries {
             let (parent, name) = split_parent(path);
-            if name.starts_with(OCI_WHITEOUT_PREFIX) || path_has_whiteout(parent) {
+            // The parent is made (or found through the lower layers' symlinks) before
+            // anything else, whiteouts included, as containerd does.
+            let Some((dir, dir_path)) = self
+                .materialize(parent, &mut placed)
+                .map_err(|e| entry_err(path, e.to_string()))?
+            else {
+                continue;
+            };
+            let kind = dirs.get(path.as_slice());
+            if name.starts_with(OCI_WHITEOUT_PREFIX) && kind != Some(&LayerDir::Implied) {
+                if inode.is_dir() {
+                    // Entries below a whiteout directory go into a plain directory of
+                    // that name, made only if they need it (containerd's `mkparent`).
+                    let mut at = dir_path.clone();
+                    at.push(name.to_vec());
+                    let meta = node_of(bs, inode, |_, _| unreachable!("a directory"))
+                        .map_err(rafs_err)?
+                        .meta;
+                    placed.insert(path.clone(), Place::Lazy(at, implied_dir(&meta)));
+                }
                 continue;
             }
-            let dir = match self.tree.lookup_path(parent)? {
-                Some(d) if self.tree.node(d).is_dir() => d,
-                // A parent that a lower-level entry of this layer could not create (it
-                // was itself skipped): nothing to attach to.
-                _ => continue,
-            };
             if inode.is_reg() {
                 if let Some(&id) = links.get(&inode.nid) {
                     self.tree.link(dir, name, id)?;
@@ -301,7 +364,7 @@ impl Stack {
                 }
             }
             let arena = &mut self.arena;
-            let node = node_of(bs, inode, |inode, i| {
+            let mut node = node_of(bs, inode, |inode, i| {
                 let addr = bs.chunk(inode, i)?;
                 let key = (addr.blob_index, addr.ci_index);
                 if let Some(h) = chunk_handles.get(&key) {
@@ -326,24 +389,99 @@ impl Stack {
                 Ok(h)
             })
             .map_err(|e| match e {
-                Error::Rafs(e) => layer_err(layer, e),
+                Error::Rafs(e) => entry_err(path, e.to_string()),
                 e => e,
             })?;
+            node.xattrs.remove(IMPLIED_DIR_XATTR);
+            let mut at = dir_path;
+            at.push(name.to_vec());
+            if kind == Some(&LayerDir::Implied) {
+                // Only implied here: the lower directory, wherever the lower layers'
+                // symlinks put it, keeps its attributes.
+                placed.insert(path.clone(), Place::Lazy(at, node));
+                continue;
+            }
             match (self.tree.lookup(dir, name), node.is_dir()) {
                 (Some(existing), true) if self.tree.node(existing).is_dir() => {
                     let n = self.tree.node_mut(existing);
                     n.meta = node.meta;
                     n.xattrs = node.xattrs;
+                    placed.insert(path.clone(), Place::At(existing, at));
                 }
-                _ => {
-                    let id = self.tree.insert(dir, name, node)?;
+                (_, is_dir) => {
+                    let id = self
+                        .tree
+                        .insert(dir, name, node)
+                        .map_err(|e| entry_err(path, e.to_string()))?;
                     if inode.is_reg() {
                         links.insert(inode.nid, id);
+                    }
+                    if is_dir {
+                        placed.insert(path.clone(), Place::At(id, at));
                     }
                 }
             }
         }
         Ok(())
+    }
+
+    /// The merged directory that the layer directory `path` stands for, as the lower
+    /// layers left it, for a whiteout below it; `None` when there is nothing lower to
+    /// delete there (the layer makes that directory anew, or it does not exist).
+    fn lower_dir(
+        &self,
+        path: &[u8],
+        dirs: &HashMap<Vec<u8>, LayerDir>,
+    ) -> std::result::Result<Option<NodeId>, ResolveError> {
+        let mut cur = self.tree.root();
+        let mut cur_path: Vec<Vec<u8>> = Vec::new();
+        let mut layer_path: Vec<u8> = Vec::new();
+        for c in path.split(|b| *b == b'/').filter(|c| !c.is_empty()) {
+            layer_path.push(b'/');
+            layer_path.extend_from_slice(c);
+            cur_path.push(c.to_vec());
+            match dirs.get(&layer_path) {
+                Some(LayerDir::Explicit) => match self.tree.lookup(cur, c) {
+                    Some(n) if self.tree.node(n).is_dir() => cur = n,
+                    _ => return Ok(None),
+                },
+                _ => {
+                    let (resolved, node) = resolve::resolve(&self.tree, &cur_path)?;
+                    match node {
+                        Some(n) if self.tree.node(n).is_dir() => {
+                            cur = n;
+                            cur_path = resolved;
+                        }
+                        _ => return Ok(None),
+                    }
+                }
+            }
+        }
+        Ok(Some(cur))
+    }
+
+    /// The merged directory for the layer directory `path` (and its merged path),
+    /// making it if it is implied or below a whiteout; `None` when its entries are
+    /// dropped.
+    fn materialize(
+        &mut self,
+        path: &[u8],
+        placed: &mut HashMap<Vec<u8>, Place>,
+    ) -> std::result::Result<Option<(NodeId, Vec<Vec<u8>>)>, ResolveError> {
+        let (at, node) = match placed.get(path) {
+            None => return Ok(None),
+            Some(Place::At(id, at)) => return Ok(Some((*id, at.clone()))),
+            Some(Place::Lazy(at, node)) => (at.clone(), node.clone()),
+        };
+        let (resolved, found) = resolve::resolve(&self.tree, &at)?;
+        let id = match found {
+            Some(n) if self.tree.node(n).is_dir() => n,
+            _ => resolve::make_dirs(&mut self.tree, &resolved, |_| {
+                Node::directory(node.meta.clone())
+            })?,
+        };
+        placed.insert(path.to_vec(), Place::At(id, resolved.clone()));
+        Ok(Some((id, resolved)))
     }
 
     /// Renumbers blobs to those still referenced, in first-seen order; returns the tree,
@@ -396,11 +534,6 @@ impl Stack {
         }
         (self.tree, arena, blobs)
     }
-}
-
-fn path_has_whiteout(path: &[u8]) -> bool {
-    path.split(|b| *b == b'/')
-        .any(|c| c.starts_with(OCI_WHITEOUT_PREFIX))
 }
 
 /// Merges `layers` (lowest first) into one bootstrap. `prefetch` holds absolute paths

@@ -6,15 +6,29 @@
 //! with nanoseconds, `uid`/`gid`, `SCHILY.xattr.*`), regular files, directories,
 //! symlinks, hard links to earlier entries, character and block devices and FIFOs.
 //! A later entry for the same path replaces the earlier one (a directory entry for an
-//! existing directory only updates its attributes). Missing parent directories are
-//! created with mode 0755, owner 0:0 and the entry's modification time.
+//! existing directory only updates its attributes). Absolute paths are taken from the
+//! root, as containerd does.
 //!
-//! Rejected with an error naming the entry: absolute paths, `..` components, hard links
-//! to paths that are not earlier in the archive, names over 255 bytes, sparse files,
-//! xattrs RAFS cannot store, and any malformed header or truncated stream.
+//! Each entry's parent path is resolved through the symlinks the archive made before it,
+//! inside the root, as containerd's applier does ([`crate::resolve`]): `lib/x` after
+//! `lib -> usr/lib` is `usr/lib/x`, and the symlink stays. Missing parent directories are
+//! created with mode 0755, owner 0:0 and the modification time of the entry that implies
+//! them (the root, without a `./` entry: mode 0755, owner 0:0, time 0). A build for
+//! merging (`--whiteout-spec none`) marks them with [`IMPLIED_DIR_XATTR`] so that the
+//! merge resolves them through the lower layers' symlinks and keeps the lower
+//! attributes; an entry's own [`IMPLIED_DIR_XATTR`] is dropped. Only the last component
+//! of a path is a whiteout: `d/.wh.x/f` without a header for `d/.wh.x/` is a file in a
+//! directory named `.wh.x`.
+//!
+//! Rejected with an error naming the entry: `..` components, parents that are not
+//! directories or that loop through symlinks, hard links to paths that are not earlier
+//! in the archive, names over 255 bytes, symlink targets over
+//! [`rafs::format::SYMLINK_MAX`] bytes, sparse files, xattrs RAFS cannot store, and any
+//! malformed header or truncated stream.
 
 use super::{check_xattr, makedev, Progress};
 use crate::error::{Error, Result};
+use crate::resolve::{self, implied_dir, IMPLIED_DIR_XATTR};
 use crate::whiteout::WhiteoutSpec;
 use flate2::read::MultiGzDecoder;
 use rafs::write::{validate_name, ChunkSink, FileData, Metadata, Node, NodeId, NodeKind, Tree};
@@ -172,6 +186,10 @@ pub fn read_tar(
         whiteout,
         progress: Progress::default(),
     };
+    if builder.marks_implied() {
+        let root = builder.tree.root();
+        builder.mark(root);
+    }
     let mut previous: Option<String> = None;
     let where_ = |previous: &Option<String>| match previous {
         Some(p) => format!("after entry '{p}'"),
@@ -195,11 +213,9 @@ struct TarTree {
     progress: Progress,
 }
 
-/// Splits an archive path into components; rejects absolute paths, `..` and bad names.
+/// Splits an archive path into components, from the root also when it is absolute;
+/// rejects `..` and bad names.
 fn components(path: &[u8]) -> std::result::Result<Vec<&[u8]>, String> {
-    if path.starts_with(b"/") {
-        return Err("absolute path; layer entries must be relative".into());
-    }
     let mut out = Vec::new();
     for part in path.split(|b| *b == b'/') {
         match part {
@@ -311,6 +327,7 @@ impl TarTree {
             }
         }
         self.whiteout.strip_xattrs(&mut xattrs);
+        xattrs.remove(IMPLIED_DIR_XATTR);
 
         let kind = match ty {
             EntryType::Regular | EntryType::Continuous => NodeKind::Regular(FileData::default()),
@@ -322,6 +339,7 @@ impl TarTree {
                 if target.is_empty() {
                     return Err(bad("symlink with an empty target".into()));
                 }
+
                 NodeKind::Symlink(target.into_owned())
             }
             EntryType::Char => NodeKind::CharDevice,
@@ -349,7 +367,9 @@ impl TarTree {
             r.xattrs = node.xattrs;
             return Ok(());
         };
-        if self.dropped(&comps, &node) {
+        // Parents are made before a whiteout is dropped, as containerd does.
+        let parent = self.parent_dir(parents, &node.meta).map_err(bad)?;
+        if self.dropped(last, &node) {
             return Ok(());
         }
         if let NodeKind::Regular(data) = &mut node.kind {
@@ -363,7 +383,6 @@ impl TarTree {
                     })?;
             self.progress.file(size);
         }
-        let parent = self.parent_dir(parents, &node.meta);
         match self.tree.lookup(parent, last) {
             Some(old) if node.is_dir() && self.tree.node(old).is_dir() => {
                 let o = self.tree.node_mut(old);
@@ -382,40 +401,46 @@ impl TarTree {
         Ok(())
     }
 
-    /// Whether the whiteout rules leave this entry out. With OCI whiteouts, anything
-    /// under a `.wh.` directory goes too.
-    fn dropped(&self, comps: &[&[u8]], node: &Node) -> bool {
-        let Some((last, parents)) = comps.split_last() else {
-            return false;
-        };
+    /// Whether the whiteout rules leave the entry named `last` out. Only the last
+    /// component counts: a file below a directory named `.wh.x` is a file.
+    fn dropped(&self, last: &[u8], node: &Node) -> bool {
         self.whiteout.drops(last, node)
-            || (self.whiteout == WhiteoutSpec::Oci
-                && parents.iter().any(|p| crate::whiteout::is_oci_whiteout(p)))
     }
 
-    /// The directory at `parents`, creating missing ones (mode 0755, owner 0:0, the
-    /// entry's times). A non-directory in the way is replaced.
-    fn parent_dir(&mut self, parents: &[&[u8]], entry_meta: &Metadata) -> NodeId {
-        let meta = Metadata {
-            perm: 0o755,
-            uid: 0,
-            gid: 0,
-            mtime: entry_meta.mtime,
-            mtime_nsec: entry_meta.mtime_nsec,
-            rdev: 0,
-        };
-        let mut cur = self.tree.root();
-        for part in parents {
-            cur = match self.tree.lookup(cur, part) {
-                Some(n) if self.tree.node(n).is_dir() => n,
-                // Names were validated by `components`, so insert cannot fail.
-                _ => self
-                    .tree
-                    .insert(cur, part, Node::directory(meta.clone()))
-                    .unwrap_or(cur),
-            };
+    /// Whether implied directories get [`IMPLIED_DIR_XATTR`] (builds for merging).
+    fn marks_implied(&self) -> bool {
+        self.whiteout == WhiteoutSpec::None
+    }
+
+    fn mark(&mut self, dir: NodeId) {
+        self.tree
+            .node_mut(dir)
+            .xattrs
+            .insert(IMPLIED_DIR_XATTR.to_vec(), Vec::new());
+    }
+
+    /// The directory at `parents` resolved through the archive's symlinks inside the
+    /// root, creating missing ones as implied directories (with `entry_meta`'s time).
+    fn parent_dir(
+        &mut self,
+        parents: &[&[u8]],
+        entry_meta: &Metadata,
+    ) -> std::result::Result<NodeId, String> {
+        let path: Vec<Vec<u8>> = parents.iter().map(|p| p.to_vec()).collect();
+        let (resolved, node) = resolve::resolve(&self.tree, &path).map_err(|e| e.to_string())?;
+        if let Some(n) = node.filter(|n| self.tree.node(*n).is_dir()) {
+            return Ok(n);
         }
-        cur
+        let mark = self.marks_implied();
+        let dir = resolve::make_dirs(&mut self.tree, &resolved, |_| {
+            let mut node = implied_dir(entry_meta);
+            if mark {
+                node.xattrs.insert(IMPLIED_DIR_XATTR.to_vec(), Vec::new());
+            }
+            node
+        })
+        .map_err(|e| e.to_string())?;
+        Ok(dir)
     }
 
     fn add_hard_link<R: Read>(
@@ -435,10 +460,16 @@ impl TarTree {
         let shown = String::from_utf8_lossy(&target_raw).into_owned();
         let target_comps =
             components(&target_raw).map_err(|r| bad(format!("hard link target '{shown}': {r}")))?;
-        let mut target = Some(self.tree.root());
-        for part in &target_comps {
-            target = target.and_then(|t| self.tree.lookup(t, part));
-        }
+        // The target's parent is resolved through symlinks, as containerd does.
+        let target = match target_comps.split_last() {
+            Some((base, dirs)) => {
+                let dirs: Vec<Vec<u8>> = dirs.iter().map(|d| d.to_vec()).collect();
+                let (_, dir) = resolve::resolve(&self.tree, &dirs)
+                    .map_err(|e| bad(format!("hard link target '{shown}': {e}")))?;
+                dir.and_then(|d| self.tree.lookup(d, base))
+            }
+            None => None,
+        };
         let Some(target) = target else {
             return Err(bad(format!(
                 "hard link to '{shown}', which is not an earlier entry of the archive"
@@ -451,10 +482,10 @@ impl TarTree {
         if target_node.is_dir() {
             return Err(bad(format!("hard link to directory '{shown}'")));
         }
-        if self.dropped(comps, &target_node) {
+        let parent = self.parent_dir(parents, &meta).map_err(bad)?;
+        if self.dropped(last, &target_node) {
             return Ok(());
         }
-        let parent = self.parent_dir(parents, &meta);
         let data_err = |source| Error::TarEntryData {
             entry: name.to_string(),
             source,
@@ -487,7 +518,10 @@ mod tests {
 
     #[test]
     fn components_reject_escapes() {
-        assert!(components(b"/etc/passwd").unwrap_err().contains("absolute"));
+        assert_eq!(
+            components(b"/etc/passwd").unwrap(),
+            vec![&b"etc"[..], b"passwd"]
+        );
         assert!(components(b"a/../../x").unwrap_err().contains(".."));
         assert_eq!(components(b"./a//b/").unwrap(), vec![&b"a"[..], b"b"]);
         assert!(components(b"").unwrap().is_empty());

@@ -1,7 +1,7 @@
 //! Hostile or broken tars: each gives an error that names the problem, never a panic, and
 //! leaves nothing in the output directory.
 
-use crate::common::{chain, gzip, listing, noise, opts, zstd, TarMaker};
+use crate::common::{chain, gzip, listing, noise, opts, zstd, Image, TarMaker};
 use converter::{create, SourceType};
 use std::fs;
 use tar::EntryType;
@@ -82,12 +82,48 @@ fn dot_dot_paths_are_rejected() {
 }
 
 #[test]
-fn absolute_paths_are_rejected() {
+fn absolute_paths_are_placed_under_the_root_as_containerd_does() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("abs.tar");
     let mut m = TarMaker::default();
-    m.raw(b"/abs", EntryType::Regular, b"", b"abs");
+    m.raw(b"/etc/abs", EntryType::Regular, b"", b"abs").raw(
+        b"/etc/link",
+        EntryType::Link,
+        b"/etc/abs",
+        b"",
+    );
+    fs::write(&src, m.finish()).unwrap();
+    let img = Image::open(&create(&opts(&src, SourceType::Tar, &t.path().join("out"))).unwrap());
+    assert_eq!(img.names(), ["/etc", "/etc/abs", "/etc/link"]);
+    assert_eq!(img.read("/etc/abs"), b"abs");
+    assert_eq!(img.inode("/etc/link").nid, img.inode("/etc/abs").nid);
+}
+
+#[test]
+fn a_file_in_the_way_of_a_parent_or_a_symlink_loop_is_refused_naming_the_entry() {
+    let mut m = TarMaker::default();
+    m.file("f", 0o644, b"f").file("f/x", 0o644, b"x");
     let e = fails(&m.finish());
-    assert!(e.contains("Tar entry '/abs'"), "{e}");
-    assert!(e.contains("absolute path"), "{e}");
+    assert!(e.contains("Tar entry 'f/x'"), "{e}");
+    assert!(e.contains("'/f' is in the way of a directory"), "{e}");
+
+    let mut m = TarMaker::default();
+    m.symlink("a", "b")
+        .symlink("b", "a/c")
+        .file("a/x", 0o644, b"x");
+    let e = fails(&m.finish());
+    assert!(e.contains("Tar entry 'a/x'"), "{e}");
+    assert!(e.contains("too many levels of symbolic links"), "{e}");
+}
+
+#[test]
+fn symlink_targets_over_the_reader_limit_are_refused_at_build_time() {
+    let mut m = TarMaker::default();
+    let long = "t".repeat(rafs::format::SYMLINK_MAX + 1);
+    m.symlink("dir/long", &long);
+    let e = fails(&m.finish());
+    assert!(e.contains("Tar entry 'dir/long'"), "{e}");
+    assert!(e.contains("4097 bytes exceeds 4096"), "{e}");
 }
 
 #[test]
@@ -108,7 +144,7 @@ fn hard_links_must_point_to_earlier_entries() {
     let mut m = TarMaker::default();
     m.raw(b"link", EntryType::Link, b"/etc/shadow", b"");
     let e = fails(&m.finish());
-    assert!(e.contains("absolute path"), "{e}");
+    assert!(e.contains("not an earlier entry"), "{e}");
 
     let mut m = TarMaker::default();
     m.dir("d", 0o755).hardlink("link", "d");

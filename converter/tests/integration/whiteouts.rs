@@ -44,8 +44,47 @@ fn oci_markers_are_dropped_from_directories_and_tars() {
     fs::write(&tar, oci_tar()).unwrap();
     for (src, ty) in [(&dir, SourceType::Directory), (&tar, SourceType::Tar)] {
         let img = build(src, ty, &t.path().join(format!("{ty}")), WhiteoutSpec::Oci);
-        assert_eq!(img.names(), ["/d", "/d/file", "/keep"], "{ty}");
+        if ty == SourceType::Directory {
+            // A directory named `.wh.x` on disk is a whiteout, with what is below it.
+            assert_eq!(img.names(), ["/d", "/d/file", "/keep"], "{ty}");
+        } else {
+            // Only a path's last component is a whiteout: without a header of its own,
+            // `d/.wh.subdir` is a directory of that name (as containerd applies it).
+            assert_eq!(
+                img.names(),
+                [
+                    "/d",
+                    "/d/.wh.subdir",
+                    "/d/.wh.subdir/inner",
+                    "/d/file",
+                    "/keep"
+                ],
+                "{ty}"
+            );
+        }
     }
+}
+
+#[test]
+fn a_whiteout_directory_header_is_dropped_and_entries_below_it_land_in_a_plain_directory() {
+    let t = tempfile::tempdir().unwrap();
+    let mut m = TarMaker::default();
+    m.dir("d", 0o755)
+        .dir("d/.wh.sub", 0o700)
+        .file("d/.wh.sub/inner", 0o644, b"i")
+        .dir("e/.wh.gone", 0o700);
+    let tar = t.path().join("oci.tar");
+    fs::write(&tar, m.finish()).unwrap();
+    let img = build(
+        &tar,
+        SourceType::Tar,
+        &t.path().join("out"),
+        WhiteoutSpec::Oci,
+    );
+    // containerd skips the whiteout header, then `mkparent` makes `d/.wh.sub` (0755)
+    // for `inner`; `e`, the parent of the whiteout, is made before it is dropped.
+    assert_eq!(img.names(), ["/d", "/d/.wh.sub", "/d/.wh.sub/inner", "/e"]);
+    assert_eq!(img.inode("/d/.wh.sub").mode & 0o7777, 0o755);
 }
 
 #[test]

@@ -13,6 +13,10 @@ pub use meta::*;
 
 /// Metadata block size used by RAFS v6 (`s_blkszbits` = 12).
 pub const BLOCK_SIZE: u64 = 4096;
+
+/// Longest symlink target, in bytes, that the builder writes and the reader accepts
+/// (Linux's `PATH_MAX`).
+pub const SYMLINK_MAX: usize = 4096;
 /// log2 of [`BLOCK_SIZE`].
 pub const BLOCK_BITS: u8 = 12;
 /// log2 of the block size used by tarfs images (accepted by readers).

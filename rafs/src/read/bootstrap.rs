@@ -388,7 +388,7 @@ impl Bootstrap {
         if !inode.is_symlink() {
             return Err(inode_err(inode.nid, "not a symlink"));
         }
-        if inode.size > 4096 || inode.size == 0 {
+        if inode.size > crate::format::SYMLINK_MAX as u64 || inode.size == 0 {
             return Err(inode_err(
                 inode.nid,
                 format!("symlink target of {} bytes", inode.size),

@@ -140,6 +140,22 @@ pub fn validate_name(name: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Checks that a symlink target can be stored: 1 to [`crate::format::SYMLINK_MAX`]
+/// bytes, the limit the reader (and `nydus-image check`) holds images to.
+pub fn validate_symlink_target(target: &[u8]) -> Result<()> {
+    if target.is_empty() {
+        return Err(Error::Tree("symlink with an empty target".into()));
+    }
+    if target.len() > crate::format::SYMLINK_MAX {
+        return Err(Error::Tree(format!(
+            "symlink target of {} bytes exceeds {} bytes",
+            target.len(),
+            crate::format::SYMLINK_MAX
+        )));
+    }
+    Ok(())
+}
+
 /// Splits a path into validated components, ignoring leading `/`, empty parts and `.`.
 /// `..` is rejected.
 pub fn path_components(path: &[u8]) -> Result<Vec<&[u8]>> {
@@ -226,8 +242,12 @@ impl Tree {
     }
 
     /// Adds `node` as `name` in `dir`, replacing any existing entry of that name.
+    /// A symlink needs a target of 1 to [`crate::format::SYMLINK_MAX`] bytes.
     pub fn insert(&mut self, dir: NodeId, name: &[u8], node: Node) -> Result<NodeId> {
         validate_name(name)?;
+        if let NodeKind::Symlink(target) = &node.kind {
+            validate_symlink_target(target)?;
+        }
         self.dir_map(dir)?;
         let id = self.nodes.len();
         self.nodes.push(node);
