@@ -405,3 +405,205 @@ fn merged_bootstrap_passes_upstream_check() {
         String::from_utf8_lossy(&st.stderr)
     );
 }
+
+/// Merges layers built from `tars` (lowest first), or returns the error chain.
+fn try_merge(dir: &Path, tars: Vec<Vec<u8>>) -> Result<Merged, String> {
+    let blobs: Vec<PathBuf> = tars
+        .into_iter()
+        .enumerate()
+        .map(|(i, tar)| layer(dir, &format!("l{i}"), tar, 0x100000))
+        .collect();
+    let out = dir.join("merged.boot");
+    merge(&MergeOptions {
+        sources: blobs.clone(),
+        bootstrap: out.clone(),
+        ..Default::default()
+    })
+    .map_err(|e| chain(&e))?;
+    Ok(Merged::open(&out, &blobs))
+}
+
+/// A merged-/usr base: `lib -> usr/lib` and friends.
+fn usr_merged_base() -> Vec<u8> {
+    let mut m = TarMaker::default();
+    m.dir("usr", 0o755)
+        .dir("usr/lib", 0o755)
+        .file("usr/lib/libc.so.6", 0o755, b"libc")
+        .file("usr/lib/libm.so.6", 0o755, b"libm")
+        .dir("usr/lib/deep", 0o755)
+        .file("usr/lib/deep/old", 0o644, b"old")
+        .symlink("lib", "usr/lib")
+        .symlink("abs", "/usr/lib")
+        .symlink("chain", "lib")
+        .symlink("up", "../../../usr/lib/deep")
+        .symlink("loop1", "loop2")
+        .symlink("loop2", "loop1/x")
+        .dir("etc", 0o755)
+        .file("etc/f", 0o644, b"file");
+    m.finish()
+}
+
+#[test]
+fn entries_below_a_lower_symlink_land_where_it_points_and_the_symlink_stays() {
+    let t = tempfile::tempdir().unwrap();
+    let mut m = TarMaker::default();
+    m.file("lib/libnew.so", 0o755, b"new")
+        .file("abs/viaabs", 0o644, b"a")
+        .file("chain/viachain", 0o644, b"c")
+        .file("up/viaup", 0o644, b"u")
+        .file("lib/deep/deeper", 0o644, b"d");
+    let got = try_merge(t.path(), vec![usr_merged_base(), m.finish()])
+        .unwrap()
+        .listing();
+    for (path, want) in [
+        ("/lib", "l -> usr/lib"),
+        ("/abs", "l -> /usr/lib"),
+        ("/chain", "l -> lib"),
+        ("/usr/lib/libc.so.6", "f 755 libc"),
+        ("/usr/lib/libnew.so", "f 755 new"),
+        ("/usr/lib/viaabs", "f 644 a"),
+        ("/usr/lib/viachain", "f 644 c"),
+        ("/usr/lib/deep/viaup", "f 644 u"),
+        ("/usr/lib/deep/deeper", "f 644 d"),
+        ("/usr/lib/deep/old", "f 644 old"),
+    ] {
+        assert_eq!(got.get(path).map(String::as_str), Some(want), "{path}: {got:#?}");
+    }
+    assert!(!got.keys().any(|k| k.starts_with("/lib/")), "{got:#?}");
+}
+
+#[test]
+fn whiteouts_and_opaque_markers_below_a_lower_symlink_apply_where_it_points() {
+    let t = tempfile::tempdir().unwrap();
+    let mut m = TarMaker::default();
+    m.file("lib/.wh.libm.so.6", 0o644, b"")
+        .file("chain/deep/.wh..wh..opq", 0o644, b"")
+        .file("chain/deep/fresh", 0o644, b"fresh");
+    let got = try_merge(t.path(), vec![usr_merged_base(), m.finish()])
+        .unwrap()
+        .listing();
+    assert!(got.contains_key("/usr/lib/libc.so.6"), "{got:#?}");
+    assert!(!got.contains_key("/usr/lib/libm.so.6"), "{got:#?}");
+    assert!(!got.contains_key("/usr/lib/deep/old"), "{got:#?}");
+    assert_eq!(got["/usr/lib/deep/fresh"], "f 644 fresh");
+    assert_eq!(got["/lib"], "l -> usr/lib");
+}
+
+#[test]
+fn an_explicit_directory_replaces_a_lower_symlink_and_its_whiteouts_delete_nothing_lower() {
+    let t = tempfile::tempdir().unwrap();
+    let mut m = TarMaker::default();
+    m.dir("lib", 0o700)
+        .file("lib/.wh.libc.so.6", 0o644, b"")
+        .file("lib/own", 0o644, b"own");
+    let got = try_merge(t.path(), vec![usr_merged_base(), m.finish()])
+        .unwrap()
+        .listing();
+    assert_eq!(got["/lib"], "d 700");
+    assert_eq!(got["/lib/own"], "f 644 own");
+    assert_eq!(got["/usr/lib/libc.so.6"], "f 755 libc");
+}
+
+#[test]
+fn symlink_loops_and_files_in_the_way_are_refused_naming_layer_and_path() {
+    let t = tempfile::tempdir().unwrap();
+    let mut m = TarMaker::default();
+    m.file("loop1/x", 0o644, b"x");
+    let e = try_merge(t.path(), vec![usr_merged_base(), m.finish()])
+        .err()
+        .expect("a loop must fail");
+    assert!(e.contains("l1.blob, entry '/loop1/x'"), "{e}");
+    assert!(e.contains("too many levels of symbolic links"), "{e}");
+
+    let t = tempfile::tempdir().unwrap();
+    let mut m = TarMaker::default();
+    m.file("etc/f/x", 0o644, b"x");
+    let e = try_merge(t.path(), vec![usr_merged_base(), m.finish()])
+        .err()
+        .expect("a file in the way must fail");
+    assert!(e.contains("l1.blob, entry '/etc/f/x'"), "{e}");
+    assert!(e.contains("'/etc/f' is in the way of a directory"), "{e}");
+}
+
+#[test]
+fn implied_parents_keep_the_lower_attributes_and_new_ones_get_the_documented_ones() {
+    let t = tempfile::tempdir().unwrap();
+    let mut lower = TarMaker::default();
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_mode(0o2750);
+    h.set_uid(7);
+    h.set_gid(8);
+    h.set_mtime(1_234_567);
+    h.set_size(0);
+    h.set_path("var/").unwrap();
+    h.set_cksum();
+    let mut root = h.clone();
+    root.set_path("./").unwrap();
+    root.set_mode(0o700);
+    root.set_cksum();
+    lower
+        .append(&root, b"")
+        .pax(&[("SCHILY.xattr.user.kept", b"yes")])
+        .append(&h, b"");
+    let mut upper = TarMaker::default();
+    upper.file("var/lib/x", 0o644, b"x");
+    let m = try_merge(t.path(), vec![lower.finish(), upper.finish()]).unwrap();
+    let var = m.bs.lookup_path("/var").unwrap();
+    assert_eq!(
+        (var.mode & 0o7777, var.uid, var.gid, var.mtime),
+        (0o2750, 7, 8, 1_234_567)
+    );
+    assert_eq!(
+        m.bs.xattrs(&var).unwrap(),
+        [(b"user.kept".to_vec(), b"yes".to_vec())]
+    );
+    let root = m.bs.root().unwrap();
+    assert_eq!((root.mode & 0o7777, root.uid), (0o700, 7));
+    // No layer has var/lib: 0755, 0:0, the time of the entry implying it, no mark.
+    let lib = m.bs.lookup_path("/var/lib").unwrap();
+    assert_eq!(
+        (lib.mode & 0o7777, lib.uid, lib.gid, lib.mtime),
+        (0o755, 0, 0, 1_700_000_000)
+    );
+    assert!(m.bs.xattrs(&lib).unwrap().is_empty());
+    assert!(m.bs.xattrs(&root).unwrap().is_empty());
+}
+
+#[test]
+fn a_whiteout_name_inside_a_path_is_a_directory_name_unless_it_has_a_header() {
+    let t = tempfile::tempdir().unwrap();
+    let mut lower = TarMaker::default();
+    lower
+        .dir("d0", 0o755)
+        .dir("d0/d1", 0o755)
+        .file("d0/d1/kept", 0o644, b"k")
+        .dir("d0/d2", 0o755)
+        .file("d0/d2/gone", 0o644, b"g");
+    let mut upper = TarMaker::default();
+    upper
+        .file("d0/.wh.d1/x", 0o644, b"x")
+        .dir("d0/.wh.d2", 0o700)
+        .file("d0/.wh.d2/y", 0o644, b"y");
+    let got = try_merge(t.path(), vec![lower.finish(), upper.finish()])
+        .unwrap()
+        .listing();
+    assert_eq!(got["/d0/d1/kept"], "f 644 k");
+    assert_eq!(got["/d0/.wh.d1/x"], "f 644 x");
+    assert!(!got.contains_key("/d0/d2"), "{got:#?}");
+    // containerd: the header is a whiteout; `mkparent` then makes a plain 0755 directory.
+    assert_eq!(got["/d0/.wh.d2"], "d 755");
+    assert_eq!(got["/d0/.wh.d2/y"], "f 644 y");
+}
+
+#[test]
+fn symlinks_of_the_same_layer_redirect_its_later_entries() {
+    let t = tempfile::tempdir().unwrap();
+    let mut m = TarMaker::default();
+    m.symlink("opt/link", "/srv/real").file("opt/link/f", 0o644, b"f");
+    let got = try_merge(t.path(), vec![usr_merged_base(), m.finish()])
+        .unwrap()
+        .listing();
+    assert_eq!(got["/opt/link"], "l -> /srv/real");
+    assert_eq!(got["/srv/real/f"], "f 644 f");
+}
