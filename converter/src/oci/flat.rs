@@ -7,12 +7,22 @@
 //! that shared their code would repeat their mistakes. Only file attributes and content
 //! digests are kept, never content.
 //!
-//! Layer rules (OCI image spec, "Applying changesets"): within one layer, whiteouts
-//! (`.wh.NAME`) and opaque markers (`.wh..wh..opq`) apply to what the *lower* layers
-//! built, so they are applied first; then every other entry in tar order: a directory
-//! over a directory updates its attributes and keeps its children, anything else
-//! replaces the path with everything below it. A hard link entry names a path that
-//! already exists; the new name shares its inode.
+//! Layer rules (OCI image spec, "Applying changesets", and containerd's applier where
+//! the spec is silent): within one layer, whiteouts (`.wh.NAME` as the last component of
+//! a path) and opaque markers (`.wh..wh..opq`) apply to what the *lower* layers built,
+//! so they are applied first; then every other entry in tar order: a directory over a
+//! directory updates its attributes and keeps its children, anything else replaces the
+//! path with everything below it. A hard link entry names a path that already exists;
+//! the new name shares its inode.
+//!
+//! Paths are placed as containerd places them: the parent of each entry (and of each
+//! whiteout, and of a hard link's target) is resolved through the symlinks in the tree
+//! at that moment, inside the root (absolute targets from the root, `..` stopping at
+//! the root, at most 255 links, else an error); the entry's own name is not resolved.
+//! Parents that do not exist are made (undefined attributes); a parent that exists and
+//! is not a directory is an error. A whiteout below a directory that this layer itself
+//! makes anew (a directory header over a lower symlink or file) deletes nothing lower.
+//! Absolute member paths are taken from the root.
 
 use super::{OciError, Result};
 use sha2::Digest as _;
@@ -121,6 +131,8 @@ impl Default for FlatTree {
 
 /// One change a layer makes, collected before anything is applied.
 enum Change {
+    /// Only the parent of this path is made (the path is a whiteout).
+    Parent(Vec<u8>),
     Add(Vec<u8>, Entry),
     Link(Vec<u8>, Vec<u8>),
 }
@@ -148,6 +160,30 @@ fn normalize(raw: &[u8]) -> Result<Vec<u8>> {
         out.push(b'/');
     }
     Ok(out)
+}
+
+/// `path` with `.` and empty components dropped and `..` applied lexically, stopping
+/// at the root (Go's `filepath.Clean` of an absolute path).
+fn clean(path: &[u8]) -> Vec<u8> {
+    let mut parts: Vec<&[u8]> = Vec::new();
+    for c in path.split(|b| *b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    let mut out = Vec::new();
+    for p in parts {
+        out.push(b'/');
+        out.extend_from_slice(p);
+    }
+    if out.is_empty() {
+        out.push(b'/');
+    }
+    out
 }
 
 fn split(path: &[u8]) -> (&[u8], &[u8]) {
@@ -203,35 +239,135 @@ impl FlatTree {
         self.remove_below(path);
     }
 
-    /// Makes sure every ancestor of `path` is a directory (implying missing ones).
-    fn ensure_parents(&mut self, path: &[u8]) {
-        let (parent, _) = split(path);
-        if parent == path {
-            return;
-        }
-        match self.entries.get(parent) {
-            Some(e) if e.kind == Kind::Dir => {}
-            _ => {
-                self.ensure_parents(parent);
-                self.remove(parent);
-                let inode = self.fresh_inode();
-                self.entries
-                    .insert(parent.to_vec(), Entry::implicit_dir(inode));
+    /// Where `path` leads once every symlink on it (its last component included) is
+    /// followed inside the root, as containerd's `fs.RootPath` does: each target is
+    /// joined to the directory it is in (or to the root, when absolute), cleaned
+    /// lexically, and walked again.
+    fn root_path(&self, path: &[u8], entry: &[u8]) -> Result<Vec<u8>> {
+        const MAX_LINKS: u32 = 255;
+        let mut links = 0;
+        let mut pending: Vec<Vec<u8>> = path
+            .split(|b| *b == b'/')
+            .rev()
+            .map(|c| c.to_vec())
+            .collect();
+        let mut at = b"/".to_vec();
+        while let Some(c) = pending.pop() {
+            if c.is_empty() || c == b"." {
+                continue;
             }
+            if c == b".." {
+                at = split(&at).0.to_vec();
+                continue;
+            }
+            let next = join(&at, &c);
+            let Some(Entry {
+                kind: Kind::Symlink(target),
+                ..
+            }) = self.entries.get(&next)
+            else {
+                at = next;
+                continue;
+            };
+            links += 1;
+            if links > MAX_LINKS {
+                return Err(OciError::invalid(
+                    format!("layer path '{}'", String::from_utf8_lossy(entry)),
+                    format!(
+                        "more than {MAX_LINKS} symbolic links resolving '{}': a loop",
+                        String::from_utf8_lossy(path)
+                    ),
+                ));
+            }
+            let base = if target.starts_with(b"/") {
+                b"/".to_vec()
+            } else {
+                at.clone()
+            };
+            let joined = clean(&join(&base, target));
+            at = b"/".to_vec();
+            pending.extend(joined.split(|b| *b == b'/').rev().map(|c| c.to_vec()));
         }
+        Ok(at)
     }
 
-    fn put(&mut self, path: Vec<u8>, entry: Entry) {
-        self.ensure_parents(&path);
-        if let Some(old) = self.entries.get_mut(&path) {
+    /// The directory that the parent of the layer path `path` is (symlinks followed),
+    /// made with undefined attributes where missing; an error when something that is
+    /// not a directory is in the way.
+    fn parent_of(&mut self, path: &[u8]) -> Result<Vec<u8>> {
+        let (parent, _) = split(path);
+        let dir = self.root_path(parent, path)?;
+        let mut missing = Vec::new();
+        let mut cur = dir.clone();
+        loop {
+            match self.entries.get(&cur) {
+                Some(e) if e.kind == Kind::Dir => break,
+                Some(e) => {
+                    return Err(OciError::invalid(
+                        format!("layer path '{}'", String::from_utf8_lossy(path)),
+                        format!(
+                            "its parent '{}' is a {}, not a directory",
+                            String::from_utf8_lossy(&cur),
+                            e.kind.name()
+                        ),
+                    ))
+                }
+                None => {
+                    missing.push(cur.clone());
+                    cur = split(&cur).0.to_vec();
+                }
+            }
+        }
+        for m in missing.into_iter().rev() {
+            let inode = self.fresh_inode();
+            self.entries.insert(m, Entry::implicit_dir(inode));
+        }
+        Ok(dir)
+    }
+
+    /// The lower directory that a whiteout at layer path `path` deletes in, or `None`
+    /// when there is nothing lower there: a component is missing or not a directory,
+    /// or is a symlink that a directory header of this layer (`explicit_dirs`) replaces.
+    fn lower_parent(
+        &self,
+        path: &[u8],
+        explicit_dirs: &std::collections::BTreeSet<Vec<u8>>,
+    ) -> Result<Option<Vec<u8>>> {
+        let (parent, _) = split(path);
+        let mut raw = b"/".to_vec();
+        let mut at = b"/".to_vec();
+        for c in parent.split(|b| *b == b'/').filter(|c| !c.is_empty()) {
+            raw = join(&raw, c);
+            let next = join(&at, c);
+            at = match self.entries.get(&next).map(|e| &e.kind) {
+                Some(Kind::Dir) => next,
+                Some(Kind::Symlink(_)) if !explicit_dirs.contains(&raw) => {
+                    let resolved = self.root_path(&next, path)?;
+                    match self.entries.get(&resolved) {
+                        Some(e) if e.kind == Kind::Dir => resolved,
+                        _ => return Ok(None),
+                    }
+                }
+                _ => return Ok(None),
+            };
+        }
+        Ok(Some(at))
+    }
+
+    /// Adds `entry` at the layer path `path`; returns where it went.
+    fn put(&mut self, path: &[u8], entry: Entry) -> Result<Vec<u8>> {
+        let dir = self.parent_of(path)?;
+        let at = join(&dir, split(path).1);
+        if let Some(old) = self.entries.get_mut(&at) {
             if old.kind == Kind::Dir && entry.kind == Kind::Dir {
                 let inode = old.inode;
                 *old = Entry { inode, ..entry };
-                return;
+                return Ok(at);
             }
         }
-        self.remove(&path);
-        self.entries.insert(path, entry);
+        self.remove(&at);
+        self.entries.insert(at.clone(), entry);
+        Ok(at)
     }
 
     /// Applies one layer: an uncompressed, gzip or zstd tar stream.
@@ -257,21 +393,27 @@ impl FlatTree {
         let mut archive = tar::Archive::new(tar);
         let mut deletions: Vec<(Vec<u8>, bool)> = Vec::new();
         let mut changes: Vec<Change> = Vec::new();
+        let mut explicit_dirs = std::collections::BTreeSet::new();
         let io = |what: &str, e| OciError::io(format!("Reading layer tar: {what}"), e);
         for entry in archive.entries().map_err(|e| io("entries", e))? {
             let mut entry = entry.map_err(|e| io("entry header", e))?;
             let path = normalize(&entry.path_bytes())?;
-            let (dir, name) = split(&path);
-            if name == OPAQUE {
-                deletions.push((dir.to_vec(), true));
-                continue;
-            }
-            if let Some(target) = name.strip_prefix(WHITEOUT) {
-                // `.wh..wh.*` other than the opaque marker are aufs metadata, not files.
-                if !target.starts_with(WHITEOUT) && !target.is_empty() {
-                    deletions.push((join(dir, target), false));
+            let (_, name) = split(&path);
+            if name.starts_with(WHITEOUT) {
+                // Its parent is made all the same (containerd's `mkparent`).
+                changes.push(Change::Parent(path.clone()));
+                if name == OPAQUE {
+                    deletions.push((path, true));
+                } else if !name[WHITEOUT.len()..].starts_with(WHITEOUT)
+                    && name.len() > WHITEOUT.len()
+                {
+                    // `.wh..wh.*` other than the opaque marker are aufs metadata.
+                    deletions.push((path, false));
                 }
                 continue;
+            }
+            if entry.header().entry_type().is_dir() {
+                explicit_dirs.insert(path.clone());
             }
             let h = entry.header().clone();
             let shown = String::from_utf8_lossy(&path).into_owned();
@@ -357,18 +499,26 @@ impl FlatTree {
             ));
         }
         for (path, opaque) in deletions {
+            let Some(dir) = self.lower_parent(&path, &explicit_dirs)? else {
+                continue;
+            };
             if opaque {
-                if self.entries.get(&path).is_some_and(|e| e.kind == Kind::Dir) {
-                    self.remove_below(&path);
-                }
+                self.remove_below(&dir);
             } else {
-                self.remove(&path);
+                let name = &split(&path).1[WHITEOUT.len()..];
+                self.remove(&join(&dir, name));
             }
         }
         for change in changes {
             match change {
-                Change::Add(path, entry) => self.put(path, entry),
+                Change::Parent(path) => {
+                    self.parent_of(&path)?;
+                }
+                Change::Add(path, entry) => {
+                    self.put(&path, entry)?;
+                }
                 Change::Link(path, target) => {
+                    let target = join(&self.root_path(split(&target).0, &path)?, split(&target).1);
                     let linked = self.entries.get(&target).cloned().ok_or_else(|| {
                         OciError::invalid(
                             format!("tar entry '{}'", String::from_utf8_lossy(&path)),
@@ -384,7 +534,7 @@ impl FlatTree {
                             "hard link to a directory",
                         ));
                     }
-                    self.put(path, linked);
+                    self.put(&path, linked)?;
                 }
             }
         }
@@ -506,6 +656,10 @@ mod tests {
                 h.set_entry_type(tar::EntryType::Link);
                 h.set_size(0);
                 b.append_link(&mut h, path, t).unwrap();
+            } else if let Some(t) = what.strip_prefix("sym:") {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_size(0);
+                b.append_link(&mut h, path, t).unwrap();
             } else {
                 h.set_entry_type(tar::EntryType::Regular);
                 h.set_size(what.len() as u64);
@@ -570,5 +724,101 @@ mod tests {
         assert!(t.entries[&b"/d/e/f".to_vec()].defined);
         assert_eq!(normalize(b"./a//b/").unwrap(), b"/a/b");
         assert!(normalize(b"a/../../b").is_err());
+    }
+
+    fn usr_merged() -> FlatTree {
+        let mut t = FlatTree::default();
+        t.apply_tar(
+            &layer(&[
+                ("usr", "dir"),
+                ("usr/lib", "dir"),
+                ("usr/lib/libc.so.6", "libc"),
+                ("usr/lib/libm.so.6", "libm"),
+                ("lib", "sym:usr/lib"),
+                ("abs", "sym:/usr/lib"),
+                ("up", "sym:../../usr/lib"),
+                ("chain", "sym:abs"),
+                ("l1", "sym:l2/x"),
+                ("l2", "sym:l1"),
+                ("file", "f"),
+            ])[..],
+        )
+        .unwrap();
+        t
+    }
+
+    #[test]
+    fn parents_resolve_through_symlinks_inside_the_root() {
+        let mut t = usr_merged();
+        t.apply_tar(
+            &layer(&[
+                ("lib/new", "n"),
+                ("abs/a", "a"),
+                ("up/u", "u"),
+                ("chain/c", "c"),
+                ("lib/.wh.libm.so.6", ""),
+                ("d0/.wh.d1/x", "x"),
+            ])[..],
+        )
+        .unwrap();
+        let p = paths(&t);
+        for want in [
+            "/lib",
+            "/usr/lib/new",
+            "/usr/lib/a",
+            "/usr/lib/u",
+            "/usr/lib/c",
+            "/usr/lib/libc.so.6",
+            "/d0/.wh.d1/x",
+        ] {
+            assert!(p.contains(&want.to_string()), "{want}: {p:?}");
+        }
+        assert!(!p.contains(&"/usr/lib/libm.so.6".to_string()), "{p:?}");
+        assert!(matches!(
+            t.entries[&b"/lib".to_vec()].kind,
+            Kind::Symlink(_)
+        ));
+    }
+
+    #[test]
+    fn a_directory_header_replaces_a_symlink_and_its_whiteouts_delete_nothing_lower() {
+        let mut t = usr_merged();
+        t.apply_tar(&layer(&[("lib", "dir"), ("lib/.wh.libc.so.6", "")])[..])
+            .unwrap();
+        assert_eq!(t.entries[&b"/lib".to_vec()].kind, Kind::Dir);
+        assert!(t.entries.contains_key(&b"/usr/lib/libc.so.6".to_vec()));
+    }
+
+    #[test]
+    fn loops_and_files_in_the_way_are_errors() {
+        let mut t = usr_merged();
+        let e = t.apply_tar(&layer(&[("l1/y", "y")])[..]).unwrap_err();
+        assert!(e.to_string().contains("l1/y"), "{e}");
+        let mut t = usr_merged();
+        let e = t.apply_tar(&layer(&[("file/y", "y")])[..]).unwrap_err();
+        assert!(format!("{e:?}").contains("not a directory"), "{e:?}");
+    }
+
+    #[test]
+    fn check_rejects_a_tree_where_a_lower_symlink_became_a_directory() {
+        // What the converter made before resolving parents through symlinks: `lib`
+        // replaced by a directory holding only the new file.
+        let mut expected = usr_merged();
+        expected.apply_tar(&layer(&[("lib/new", "n")])[..]).unwrap();
+        let mut old_output = usr_merged();
+        old_output
+            .apply_tar(&layer(&[("lib", "dir"), ("lib/new", "n")])[..])
+            .unwrap();
+        let diffs = super::super::check::compare(&expected, &old_output);
+        assert!(
+            diffs
+                .iter()
+                .any(|d| d.starts_with("/lib: type: source symlink")),
+            "{diffs:?}"
+        );
+        assert!(
+            diffs.iter().any(|d| d.starts_with("/usr/lib/new: missing")),
+            "{diffs:?}"
+        );
     }
 }

@@ -467,7 +467,11 @@ fn entries_below_a_lower_symlink_land_where_it_points_and_the_symlink_stays() {
         ("/usr/lib/deep/deeper", "f 644 d"),
         ("/usr/lib/deep/old", "f 644 old"),
     ] {
-        assert_eq!(got.get(path).map(String::as_str), Some(want), "{path}: {got:#?}");
+        assert_eq!(
+            got.get(path).map(String::as_str),
+            Some(want),
+            "{path}: {got:#?}"
+        );
     }
     assert!(!got.keys().any(|k| k.starts_with("/lib/")), "{got:#?}");
 }
@@ -600,7 +604,8 @@ fn a_whiteout_name_inside_a_path_is_a_directory_name_unless_it_has_a_header() {
 fn symlinks_of_the_same_layer_redirect_its_later_entries() {
     let t = tempfile::tempdir().unwrap();
     let mut m = TarMaker::default();
-    m.symlink("opt/link", "/srv/real").file("opt/link/f", 0o644, b"f");
+    m.symlink("opt/link", "/srv/real")
+        .file("opt/link/f", 0o644, b"f");
     let got = try_merge(t.path(), vec![usr_merged_base(), m.finish()])
         .unwrap()
         .listing();
