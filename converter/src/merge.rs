@@ -175,13 +175,17 @@ impl LayerDir {
     }
 }
 
+/// A merged directory and its resolved path.
+type Placed = (NodeId, Vec<Vec<u8>>);
+
 /// Where a directory of the layer being applied is in the merged tree.
 enum Place {
     /// At this node, whose resolved path is given.
     At(NodeId, Vec<Vec<u8>>),
-    /// Wherever this (unresolved) path resolves to, made as this node if missing: a
-    /// directory the layer only implies, or one below a whiteout directory.
-    Lazy(Vec<Vec<u8>>, Node),
+    /// Wherever this (unresolved) path resolves to, made if missing as an implied
+    /// directory with the time of these attributes: a directory the layer only
+    /// implies, or one below a whiteout directory.
+    Lazy(Vec<Vec<u8>>, Metadata),
 }
 
 /// The merged filesystem under construction.
@@ -353,7 +357,7 @@ impl Stack {
                     let meta = node_of(bs, inode, |_, _| unreachable!("a directory"))
                         .map_err(rafs_err)?
                         .meta;
-                    placed.insert(path.clone(), Place::Lazy(at, implied_dir(&meta)));
+                    placed.insert(path.clone(), Place::Lazy(at, meta));
                 }
                 continue;
             }
@@ -398,7 +402,7 @@ impl Stack {
             if kind == Some(&LayerDir::Implied) {
                 // Only implied here: the lower directory, wherever the lower layers'
                 // symlinks put it, keeps its attributes.
-                placed.insert(path.clone(), Place::Lazy(at, node));
+                placed.insert(path.clone(), Place::Lazy(at, node.meta));
                 continue;
             }
             match (self.tree.lookup(dir, name), node.is_dir()) {
@@ -467,17 +471,17 @@ impl Stack {
         &mut self,
         path: &[u8],
         placed: &mut HashMap<Vec<u8>, Place>,
-    ) -> std::result::Result<Option<(NodeId, Vec<Vec<u8>>)>, ResolveError> {
-        let (at, node) = match placed.get(path) {
+    ) -> std::result::Result<Option<Placed>, ResolveError> {
+        let (at, entry) = match placed.get(path) {
             None => return Ok(None),
             Some(Place::At(id, at)) => return Ok(Some((*id, at.clone()))),
-            Some(Place::Lazy(at, node)) => (at.clone(), node.clone()),
+            Some(Place::Lazy(at, entry)) => (at.clone(), entry.clone()),
         };
         let (resolved, found) = resolve::resolve(&self.tree, &at)?;
         let id = match found {
             Some(n) if self.tree.node(n).is_dir() => n,
-            _ => resolve::make_dirs(&mut self.tree, &resolved, |_| {
-                Node::directory(node.meta.clone())
+            _ => resolve::make_dirs(&mut self.tree, &resolved, |parent| {
+                implied_dir(parent, &entry)
             })?,
         };
         placed.insert(path.to_vec(), Place::At(id, resolved.clone()));

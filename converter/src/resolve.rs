@@ -127,35 +127,45 @@ pub fn resolve(
 }
 
 /// The directory at the resolved `path` (as [`resolve`] returns it), creating missing
-/// directories as `make(depth)` says. A component that exists and is not a directory
-/// is an error.
+/// directories as `make` says, given the attributes of the directory they are made in.
+/// A component that exists and is not a directory is an error.
 pub fn make_dirs(
     tree: &mut Tree,
     path: &[Vec<u8>],
-    mut make: impl FnMut(usize) -> Node,
+    mut make: impl FnMut(&Metadata) -> Node,
 ) -> Result<NodeId, ResolveError> {
     let mut cur = tree.root();
     for (i, c) in path.iter().enumerate() {
         cur = match tree.lookup(cur, c) {
             Some(n) if tree.node(n).is_dir() => n,
             Some(_) => return Err(ResolveError::NotADirectory(show(&path[..=i]))),
-            None => tree
-                .insert(cur, c, make(i))
-                .map_err(|_| ResolveError::NotADirectory(show(&path[..=i])))?,
+            None => {
+                let node = make(&tree.node(cur).meta);
+                tree.insert(cur, c, node)
+                    .map_err(|_| ResolveError::NotADirectory(show(&path[..=i])))?
+            }
         };
     }
     Ok(cur)
 }
 
-/// The attributes of a directory that only an entry implies: mode 0755, owner 0:0, no
-/// xattrs, and the modification time of the entry that implied it (`meta`).
-pub fn implied_dir(meta: &Metadata) -> Node {
+/// The set-group-ID bit of a directory's mode.
+const S_ISGID: u32 = 0o2000;
+
+/// The attributes of a directory that only an entry implies and that no lower layer
+/// has: what `mkdir(path, 0755)` by root under umask 022 gives in the directory
+/// `parent`, as containerd's applier makes it: mode 0755, owner 0:0 — or, in a
+/// set-group-ID directory, that directory's group and the set-group-ID bit, as the
+/// kernel gives every new directory there — no xattrs, and the modification time of
+/// the entry that implied it (`entry`; containerd's is the time of the extraction).
+pub fn implied_dir(parent: &Metadata, entry: &Metadata) -> Node {
+    let setgid = parent.perm & S_ISGID != 0;
     Node::directory(Metadata {
-        perm: 0o755,
+        perm: 0o755 | if setgid { S_ISGID } else { 0 },
         uid: 0,
-        gid: 0,
-        mtime: meta.mtime,
-        mtime_nsec: meta.mtime_nsec,
+        gid: if setgid { parent.gid } else { 0 },
+        mtime: entry.mtime,
+        mtime_nsec: entry.mtime_nsec,
         rdev: 0,
     })
 }
@@ -244,5 +254,29 @@ mod tests {
         })
         .unwrap();
         assert_eq!(t.lookup_path(b"/new/deeper").unwrap(), Some(d));
+    }
+
+    #[test]
+    fn implied_directories_inherit_a_set_group_id_parent_s_group() {
+        let entry = Metadata {
+            mtime: 9,
+            ..Default::default()
+        };
+        let plain = implied_dir(&Metadata::default(), &entry).meta;
+        assert_eq!(
+            (plain.perm, plain.uid, plain.gid, plain.mtime),
+            (0o755, 0, 0, 9)
+        );
+        let sgid = Metadata {
+            perm: 0o2750,
+            uid: 7,
+            gid: 8,
+            ..Default::default()
+        };
+        let inherited = implied_dir(&sgid, &entry).meta;
+        assert_eq!(
+            (inherited.perm, inherited.uid, inherited.gid),
+            (0o2755, 0, 8)
+        );
     }
 }

@@ -29,7 +29,121 @@ pub fn compare_trees(expected: &Path, actual: &Path) -> Vec<String> {
 }
 
 /// Every difference between the trees at `expected` and `actual`, one line each, as
-/// `PATH: WHAT: expected X, got Y` with `PATH` relative to the roots (`/` is the root).
+/// `PATH: WHAT: expected X, got Y` with `PATH` relative to the roots (`/` is the root):
+/// the [`Difference`]s of [`differences`], shown.
+pub fn compare_trees_with(expected: &Path, actual: &Path, options: &CompareOptions) -> Vec<String> {
+    differences(expected, actual, options)
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+/// One difference between two trees: where, and what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Difference {
+    /// The path relative to the roots (empty for the root).
+    pub path: PathBuf,
+    /// What differs there.
+    pub what: What,
+}
+
+/// What differs at a path. `Display` shows it as `WHAT: expected X, got Y`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum What {
+    /// Only the expected tree has the entry (with this many entries below it).
+    Missing(usize),
+    /// Only the actual tree has the entry (with this many entries below it).
+    Unexpected(usize),
+    /// File types (then nothing else is compared there).
+    Type(&'static str, &'static str),
+    /// Permission bits.
+    Mode(u32, u32),
+    /// Owner.
+    Uid(u32, u32),
+    /// Group.
+    Gid(u32, u32),
+    /// Modification time (seconds, nanoseconds).
+    Mtime((i64, i64), (i64, i64)),
+    /// Link counts of a regular file.
+    Nlink(u64, u64),
+    /// Which earlier path (first seen with the inode) a hard-linked file shares it with.
+    HardLink(PathBuf, PathBuf),
+    /// Sizes of regular files or symlinks.
+    Size(u64, u64),
+    /// sha256 of regular file contents.
+    Content(String, String),
+    /// Symlink targets.
+    SymlinkTarget(Vec<u8>, Vec<u8>),
+    /// Device numbers.
+    Rdev(u64, u64),
+    /// An xattr's value on each side (`None`: not there).
+    Xattr(OsString, Option<Vec<u8>>, Option<Vec<u8>>),
+    /// Something could not be read (lstat, readlink, listing, content, xattrs).
+    Unreadable(String),
+}
+
+impl std::fmt::Display for What {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let below = |n: usize| {
+            if n == 0 {
+                String::new()
+            } else {
+                format!(" (and {n} entries below it)")
+            }
+        };
+        match self {
+            What::Missing(n) => write!(f, "missing{}", below(*n)),
+            What::Unexpected(n) => write!(f, "unexpected{}", below(*n)),
+            What::Type(e, a) => write!(f, "type: expected {e}, got {a}"),
+            What::Mode(e, a) => write!(f, "mode: expected {e:04o}, got {a:04o}"),
+            What::Uid(e, a) => write!(f, "uid: expected {e}, got {a}"),
+            What::Gid(e, a) => write!(f, "gid: expected {e}, got {a}"),
+            What::Mtime(e, a) => write!(
+                f,
+                "mtime: expected {}.{:09}, got {}.{:09}",
+                e.0, e.1, a.0, a.1
+            ),
+            What::Nlink(e, a) => write!(f, "nlink: expected {e}, got {a}"),
+            What::HardLink(e, a) => write!(
+                f,
+                "hard link: expected the inode of {}, got the inode of {}",
+                show(e),
+                show(a)
+            ),
+            What::Size(e, a) => write!(f, "size: expected {e}, got {a}"),
+            What::Content(e, a) => write!(f, "content: expected sha256 {e}, got {a}"),
+            What::SymlinkTarget(e, a) => write!(
+                f,
+                "symlink target: expected {}, got {}",
+                show_bytes(e),
+                show_bytes(a)
+            ),
+            What::Rdev(e, a) => write!(f, "rdev: expected {}, got {}", dev_str(*e), dev_str(*a)),
+            What::Xattr(name, e, a) => {
+                let name = name.to_string_lossy();
+                match (e, a) {
+                    (Some(_), None) => write!(f, "xattr {name}: missing"),
+                    (None, _) => write!(f, "xattr {name}: unexpected"),
+                    (Some(e), Some(a)) => write!(
+                        f,
+                        "xattr {name}: expected {}, got {}",
+                        show_bytes(e),
+                        show_bytes(a)
+                    ),
+                }
+            }
+            What::Unreadable(msg) => f.write_str(msg),
+        }
+    }
+}
+
+impl std::fmt::Display for Difference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", show(&self.path), self.what)
+    }
+}
+
+/// Every difference between the trees at `expected` and `actual`, typed, in walk order.
 ///
 /// Both trees are walked without following symlinks (lstat). For each path it reports
 /// a missing or extra entry (once, with how many entries lie below it) and, for entries
@@ -39,7 +153,7 @@ pub fn compare_trees(expected: &Path, actual: &Path) -> Vec<String> {
 /// devices; xattr names and values. Directory sizes and link counts are not compared
 /// (they depend on the filesystem). Errors while reading are reported as differences,
 /// not panics.
-pub fn compare_trees_with(expected: &Path, actual: &Path, options: &CompareOptions) -> Vec<String> {
+pub fn differences(expected: &Path, actual: &Path, options: &CompareOptions) -> Vec<Difference> {
     let mut cmp = Comparer {
         options,
         diffs: Vec::new(),
@@ -67,40 +181,42 @@ pub fn sha256_file(path: &Path) -> io::Result<String> {
 
 struct Comparer<'a> {
     options: &'a CompareOptions,
-    diffs: Vec<String>,
+    diffs: Vec<Difference>,
     /// (dev, ino) of a hard-linked file → the first path seen with it, per side.
     links_expected: HashMap<(u64, u64), PathBuf>,
     links_actual: HashMap<(u64, u64), PathBuf>,
 }
 
 impl Comparer<'_> {
-    fn report(&mut self, rel: &Path, what: impl std::fmt::Display) {
-        self.diffs.push(format!("{}: {what}", show(rel)));
+    fn report(&mut self, rel: &Path, what: What) {
+        self.diffs.push(Difference {
+            path: rel.to_path_buf(),
+            what,
+        });
+    }
+
+    fn unreadable(&mut self, rel: &Path, msg: String) {
+        self.report(rel, What::Unreadable(msg))
     }
 
     /// Compares the entries `exp` and `act` (both present), and below them.
     fn entry(&mut self, exp: &Path, act: &Path, rel: &Path) {
         let (e, a) = match (fs::symlink_metadata(exp), fs::symlink_metadata(act)) {
             (Ok(e), Ok(a)) => (e, a),
-            (Err(err), _) => return self.report(rel, format!("cannot lstat expected: {err}")),
-            (_, Err(err)) => return self.report(rel, format!("cannot lstat actual: {err}")),
+            (Err(err), _) => return self.unreadable(rel, format!("cannot lstat expected: {err}")),
+            (_, Err(err)) => return self.unreadable(rel, format!("cannot lstat actual: {err}")),
         };
         let (kind_e, kind_a) = (kind(&e), kind(&a));
         if kind_e != kind_a {
-            return self.report(rel, format!("type: expected {kind_e}, got {kind_a}"));
+            return self.report(rel, What::Type(kind_e, kind_a));
         }
         self.attributes(exp, act, rel, &e, &a);
         match kind_e {
             "regular file" => self.regular(exp, act, rel, &e, &a),
             "symlink" => self.symlink(exp, act, rel, &e, &a),
-            "char device" | "block device" if e.rdev() != a.rdev() => self.report(
-                rel,
-                format!(
-                    "rdev: expected {}, got {}",
-                    dev_str(e.rdev()),
-                    dev_str(a.rdev())
-                ),
-            ),
+            "char device" | "block device" if e.rdev() != a.rdev() => {
+                self.report(rel, What::Rdev(e.rdev(), a.rdev()))
+            }
             "directory" => self.directory(exp, act, rel),
             _ => {}
         }
@@ -110,16 +226,13 @@ impl Comparer<'_> {
     fn attributes(&mut self, exp: &Path, act: &Path, rel: &Path, e: &Metadata, a: &Metadata) {
         let (mode_e, mode_a) = (e.mode() & 0o7777, a.mode() & 0o7777);
         if mode_e != mode_a {
-            self.report(
-                rel,
-                format!("mode: expected {mode_e:04o}, got {mode_a:04o}"),
-            );
+            self.report(rel, What::Mode(mode_e, mode_a));
         }
         if e.uid() != a.uid() {
-            self.report(rel, format!("uid: expected {}, got {}", e.uid(), a.uid()));
+            self.report(rel, What::Uid(e.uid(), a.uid()));
         }
         if e.gid() != a.gid() {
-            self.report(rel, format!("gid: expected {}, got {}", e.gid(), a.gid()));
+            self.report(rel, What::Gid(e.gid(), a.gid()));
         }
         let is_root = rel.as_os_str().is_empty();
         if !(is_root && self.options.ignore_root_mtime) {
@@ -132,13 +245,7 @@ impl Comparer<'_> {
             };
             let (te, ta) = ((e.mtime(), nsec(e)), (a.mtime(), nsec(a)));
             if te != ta {
-                self.report(
-                    rel,
-                    format!(
-                        "mtime: expected {}.{:09}, got {}.{:09}",
-                        te.0, te.1, ta.0, ta.1
-                    ),
-                );
+                self.report(rel, What::Mtime(te, ta));
             }
         }
         if !self.options.ignore_xattrs {
@@ -150,62 +257,43 @@ impl Comparer<'_> {
         let (xe, xa) = match (read_xattrs(exp), read_xattrs(act)) {
             (Ok(xe), Ok(xa)) => (xe, xa),
             (Err(err), _) => {
-                return self.report(rel, format!("cannot read expected xattrs: {err}"))
+                return self.unreadable(rel, format!("cannot read expected xattrs: {err}"))
             }
-            (_, Err(err)) => return self.report(rel, format!("cannot read actual xattrs: {err}")),
+            (_, Err(err)) => {
+                return self.unreadable(rel, format!("cannot read actual xattrs: {err}"))
+            }
         };
         for (name, value) in &xe {
-            let shown = name.to_string_lossy();
             match xa.get(name) {
-                None => self.report(rel, format!("xattr {shown}: missing")),
-                Some(v) if v != value => self.report(
+                Some(v) if v == value => {}
+                v => self.report(
                     rel,
-                    format!(
-                        "xattr {shown}: expected {}, got {}",
-                        show_bytes(value),
-                        show_bytes(v)
-                    ),
+                    What::Xattr(name.clone(), Some(value.clone()), v.cloned()),
                 ),
-                Some(_) => {}
             }
         }
-        for name in xa.keys().filter(|n| !xe.contains_key(*n)) {
-            self.report(rel, format!("xattr {}: unexpected", name.to_string_lossy()));
+        for (name, v) in xa.iter().filter(|(n, _)| !xe.contains_key(*n)) {
+            self.report(rel, What::Xattr(name.clone(), None, Some(v.clone())));
         }
     }
 
     fn regular(&mut self, exp: &Path, act: &Path, rel: &Path, e: &Metadata, a: &Metadata) {
         if e.nlink() != a.nlink() {
-            self.report(
-                rel,
-                format!("nlink: expected {}, got {}", e.nlink(), a.nlink()),
-            );
+            self.report(rel, What::Nlink(e.nlink(), a.nlink()));
         }
         let leader_e = leader(&mut self.links_expected, e, rel);
         let leader_a = leader(&mut self.links_actual, a, rel);
         if leader_e != leader_a {
-            self.report(
-                rel,
-                format!(
-                    "hard link: expected the inode of {}, got the inode of {}",
-                    show(&leader_e),
-                    show(&leader_a)
-                ),
-            );
+            self.report(rel, What::HardLink(leader_e, leader_a));
         }
         if e.size() != a.size() {
-            return self.report(
-                rel,
-                format!("size: expected {}, got {}", e.size(), a.size()),
-            );
+            return self.report(rel, What::Size(e.size(), a.size()));
         }
         match (sha256_file(exp), sha256_file(act)) {
-            (Ok(he), Ok(ha)) if he != ha => {
-                self.report(rel, format!("content: expected sha256 {he}, got {ha}"))
-            }
+            (Ok(he), Ok(ha)) if he != ha => self.report(rel, What::Content(he, ha)),
             (Ok(_), Ok(_)) => {}
-            (Err(err), _) => self.report(rel, format!("cannot read expected content: {err}")),
-            (_, Err(err)) => self.report(rel, format!("cannot read actual content: {err}")),
+            (Err(err), _) => self.unreadable(rel, format!("cannot read expected content: {err}")),
+            (_, Err(err)) => self.unreadable(rel, format!("cannot read actual content: {err}")),
         }
     }
 
@@ -213,27 +301,25 @@ impl Comparer<'_> {
         match (fs::read_link(exp), fs::read_link(act)) {
             (Ok(te), Ok(ta)) if te != ta => self.report(
                 rel,
-                format!(
-                    "symlink target: expected {}, got {}",
-                    show_bytes(te.as_os_str().as_bytes()),
-                    show_bytes(ta.as_os_str().as_bytes())
+                What::SymlinkTarget(
+                    te.as_os_str().as_bytes().to_vec(),
+                    ta.as_os_str().as_bytes().to_vec(),
                 ),
             ),
-            (Ok(_), Ok(_)) if e.size() != a.size() => self.report(
-                rel,
-                format!("size: expected {}, got {}", e.size(), a.size()),
-            ),
+            (Ok(_), Ok(_)) if e.size() != a.size() => {
+                self.report(rel, What::Size(e.size(), a.size()))
+            }
             (Ok(_), Ok(_)) => {}
-            (Err(err), _) => self.report(rel, format!("cannot readlink expected: {err}")),
-            (_, Err(err)) => self.report(rel, format!("cannot readlink actual: {err}")),
+            (Err(err), _) => self.unreadable(rel, format!("cannot readlink expected: {err}")),
+            (_, Err(err)) => self.unreadable(rel, format!("cannot readlink actual: {err}")),
         }
     }
 
     fn directory(&mut self, exp: &Path, act: &Path, rel: &Path) {
         let (ne, na) = match (list_dir(exp), list_dir(act)) {
             (Ok(ne), Ok(na)) => (ne, na),
-            (Err(err), _) => return self.report(rel, format!("cannot list expected: {err}")),
-            (_, Err(err)) => return self.report(rel, format!("cannot list actual: {err}")),
+            (Err(err), _) => return self.unreadable(rel, format!("cannot list expected: {err}")),
+            (_, Err(err)) => return self.unreadable(rel, format!("cannot list actual: {err}")),
         };
         let mut names: Vec<&OsString> = ne.iter().chain(na.iter()).collect();
         names.sort_by(|x, y| x.as_bytes().cmp(y.as_bytes()));
@@ -242,14 +328,8 @@ impl Comparer<'_> {
             let (pe, pa, pr) = (exp.join(name), act.join(name), rel.join(name));
             match (ne.contains(name), na.contains(name)) {
                 (true, true) => self.entry(&pe, &pa, &pr),
-                (true, false) => {
-                    let what = format!("missing{}", below(&pe));
-                    self.report(&pr, what)
-                }
-                (false, true) => {
-                    let what = format!("unexpected{}", below(&pa));
-                    self.report(&pr, what)
-                }
+                (true, false) => self.report(&pr, What::Missing(below(&pe))),
+                (false, true) => self.report(&pr, What::Unexpected(below(&pa))),
                 (false, false) => unreachable!("name comes from one of the two listings"),
             }
         }
@@ -304,17 +384,12 @@ fn read_xattrs(path: &Path) -> io::Result<BTreeMap<OsString, Vec<u8>>> {
     Ok(out)
 }
 
-/// ` (and N entries below it)` for a directory with entries, else nothing.
-fn below(path: &Path) -> String {
+/// How many entries lie below `path` (0 unless it is a directory).
+fn below(path: &Path) -> usize {
     if !fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
-        return String::new();
+        return 0;
     }
-    let count = count_entries(path);
-    if count == 0 {
-        String::new()
-    } else {
-        format!(" (and {count} entries below it)")
-    }
+    count_entries(path)
 }
 
 fn count_entries(dir: &Path) -> usize {

@@ -13,10 +13,14 @@
 //! - [`make_varied_tree`] writes a deterministic source tree with every file type and
 //!   the awkward cases of the format (hard links, long names and symlinks, xattrs,
 //!   big uids, nanosecond mtimes, 5,000 entries in one directory, ...);
+//! - [`build_image`], [`ErofsMount`], [`unpack_image`] build an image with our
+//!   `nydus-image`, mount it with the kernel's EROFS, unpack it; [`umoci_image`] and
+//!   [`umoci_rootfs`] make an OCI image from [`LayerTar`]s and unpack it with umoci;
 //! - [`Registry`] runs Debian's docker-registry on a loopback port, or inside a
 //!   [`NetNs`] (a network namespace with a veth pair and optional bandwidth shaping),
 //!   and [`FaultProxy`] puts 503s and dropped connections in front of it;
-//! - [`compare_trees`] reports every difference between two trees as text lines;
+//! - [`differences`] reports every difference between two trees, typed ([`What`]), and
+//!   [`compare_trees`] shows them as text lines;
 //! - [`limit_loop`] and [`median`] are the benchmarks' shared baseline and statistic.
 //!
 //! Most helpers need root, as do the tests that use them; `bash tests/run.sh` runs
@@ -28,6 +32,7 @@ mod compare;
 mod daemons;
 mod fault_proxy;
 mod guards;
+mod image;
 mod netns;
 mod registry;
 mod token_server;
@@ -35,10 +40,16 @@ mod tree;
 
 pub use bench::{limit_loop, median, LIMIT_CHUNK};
 pub use bins::{bin, require_root_tools, upstream_bin, UPSTREAM_BIN_DEFAULT};
-pub use compare::{compare_trees, compare_trees_with, sha256_file, CompareOptions};
+pub use compare::{
+    compare_trees, compare_trees_with, differences, sha256_file, CompareOptions, Difference, What,
+};
 pub use daemons::{localfs_config, run_ok, start_fuse_daemon, start_upstream_nydusd, FuseDaemon};
 pub use fault_proxy::{Fault, FaultProxy};
 pub use guards::{is_mounted, wait_until, ChildGuard, LoopDevice, Mount};
+pub use image::{
+    bootstrap_of_layout, build_image, expand_blobs, extract_tar, umoci_compare, umoci_image,
+    umoci_rootfs, unpack_image, BuiltImage, ErofsMount, LayerTar,
+};
 pub use netns::NetNs;
 pub use registry::Registry;
 pub use token_server::TokenServer;

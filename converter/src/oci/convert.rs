@@ -718,12 +718,18 @@ fn convert_image(
         })?;
     let (built, dict) = build_layers(source, &manifest.layers, opts, dir, upload)?;
     let mut merge_inputs = Vec::with_capacity(built.len());
-    for b in &built {
+    for (i, (b, source_layer)) in built.iter().zip(&manifest.layers).enumerate() {
         // The blob's id is its digest, taken as it was written (not hashed again); its
         // size is the file's. A layer whose chunks were all deduplicated has no blob of
         // its own: every blob in its table is a lower one, already named.
         let mut layer = open_layer_as(&b.path, Some(digest_hex(&b.digest)?))?;
-        layer.name = b.digest.clone();
+        // Errors of the merge name the source layer, as the user knows it.
+        layer.name = format!(
+            "{}/{} {}",
+            i + 1,
+            manifest.layers.len(),
+            source_layer.digest
+        );
         merge_inputs.push(layer);
     }
     let merged = merge_layers(&merge_inputs, &opts.prefetch)?;

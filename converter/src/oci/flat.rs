@@ -786,7 +786,7 @@ mod tests {
         t.apply_tar(&layer(&[("lib", "dir"), ("lib/.wh.libc.so.6", "")])[..])
             .unwrap();
         assert_eq!(t.entries[&b"/lib".to_vec()].kind, Kind::Dir);
-        assert!(t.entries.contains_key(&b"/usr/lib/libc.so.6".to_vec()));
+        assert!(t.entries.contains_key(b"/usr/lib/libc.so.6".as_slice()));
     }
 
     #[test]

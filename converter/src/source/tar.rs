@@ -432,8 +432,8 @@ impl TarTree {
             return Ok(n);
         }
         let mark = self.marks_implied();
-        let dir = resolve::make_dirs(&mut self.tree, &resolved, |_| {
-            let mut node = implied_dir(entry_meta);
+        let dir = resolve::make_dirs(&mut self.tree, &resolved, |parent| {
+            let mut node = implied_dir(parent, entry_meta);
             if mark {
                 node.xattrs.insert(IMPLIED_DIR_XATTR.to_vec(), Vec::new());
             }

@@ -3,6 +3,7 @@
 mod growing_upload;
 mod guards;
 mod judges;
+mod layers;
 mod nydusd;
 mod nydusd_mount;
 mod nydusify;

@@ -3,10 +3,10 @@
 //! docker-registry on 127.0.0.1, converted registry → registry, inspected with
 //! `skopeo inspect --raw`, and its merged bootstrap read back.
 
-use rafs::read::Bootstrap;
 use rafs_e2e::{
-    bin, compare_trees_with, is_mounted, noise, require_root_tools, run_ok, start_upstream_nydusd,
-    wait_until, ChildGuard, CompareOptions, LoopDevice, Mount, Registry,
+    bin, bootstrap_of_layout, compare_trees_with, is_mounted, noise, require_root_tools, run_ok,
+    start_upstream_nydusd, umoci_compare, umoci_rootfs, wait_until, ChildGuard, ErofsMount, Mount,
+    Registry,
 };
 use std::fs;
 use std::io::Read;
@@ -172,29 +172,6 @@ fn busybox_image_converts_registry_to_registry_deterministically() {
         0,
         "the work directory is cleaned up"
     );
-}
-
-/// The merged bootstrap of the single image in an OCI layout written by nydusify.
-fn bootstrap_of_layout(dir: &Path) -> Bootstrap {
-    let index = fs::read_to_string(dir.join("index.json")).unwrap();
-    let at = index.find("sha256:").unwrap() + 7;
-    let manifest = fs::read_to_string(dir.join("blobs/sha256").join(&index[at..at + 64])).unwrap();
-    // The bootstrap layer is the one with the tar+gzip media type.
-    let layer_start = manifest
-        .rfind("application/vnd.oci.image.layer.v1.tar+gzip")
-        .unwrap();
-    let d = manifest[layer_start..].find("sha256:").unwrap() + layer_start + 7;
-    let gz = fs::File::open(dir.join("blobs/sha256").join(&manifest[d..d + 64])).unwrap();
-    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(gz));
-    for e in tar.entries().unwrap() {
-        let mut e = e.unwrap();
-        if e.path().unwrap().to_str() == Some("image/image.boot") {
-            let mut b = Vec::new();
-            e.read_to_end(&mut b).unwrap();
-            return Bootstrap::from_bytes(b).unwrap();
-        }
-    }
-    panic!("no image/image.boot in the bootstrap layer");
 }
 
 #[test]
@@ -398,30 +375,6 @@ fn nydusify_check_passes_on_a_conversion_and_lists_each_file_of_a_tampered_one()
     assert!(stderr.contains("2 place(s)"), "{stderr}");
 }
 
-/// The rootfs of `oci:LAYOUT:TAG` as `umoci unpack` (run as root, so owners are kept)
-/// produces it, in `dir/bundle/rootfs`.
-fn umoci_rootfs(layout: &Path, tag: &str, dir: &Path) -> PathBuf {
-    let bundle = dir.join("bundle");
-    run_ok(
-        Command::new("umoci")
-            .args(["unpack", "--image"])
-            .arg(format!("{}:{tag}", layout.display()))
-            .arg(&bundle),
-    );
-    bundle.join("rootfs")
-}
-
-/// What `umoci unpack` cannot reproduce: the rootfs directory is created by umoci
-/// itself (its mtime is the time of the unpack, since no fixture layer has a `./`
-/// entry), so the two roots' mtimes are skipped. Everything else is compared,
-/// nanoseconds and xattrs included.
-fn umoci_compare() -> CompareOptions {
-    CompareOptions {
-        ignore_root_mtime: true,
-        ..Default::default()
-    }
-}
-
 fn assert_no_diffs(diffs: Vec<String>, what: &str) {
     assert!(
         diffs.is_empty(),
@@ -477,31 +430,10 @@ fn converted_busybox_equals_umoci_unpack_on_kernel_erofs_and_upstream_nydusd() {
     fs::write(&boot, bs.bytes()).unwrap();
 
     // 1. The kernel: the merged bootstrap with each blob expanded as a loop device.
-    let mut loops = Vec::new();
-    for (i, info) in bs.blobs().iter().enumerate() {
-        let blob = fs::File::open(pulled.join("blobs/sha256").join(&info.id)).unwrap();
-        let path = t.path().join(format!("{}.expanded", info.id));
-        let mut f = fs::File::create(&path).unwrap();
-        rafs::read::expand_blob(&bs, i as u32, &blob, &mut f).unwrap();
-        loops.push(LoopDevice::attach_read_only(&path).unwrap());
-    }
-    assert!(!loops.is_empty());
-    let boot_loop = LoopDevice::attach_read_only(&boot).unwrap();
-    let devices: Vec<String> = loops
-        .iter()
-        .map(|l| format!("device={}", l.path().display()))
-        .collect();
-    let mnt = t.path().join("erofs");
-    fs::create_dir_all(&mnt).unwrap();
-    let m = Mount::kernel(
-        "erofs",
-        boot_loop.path(),
-        &mnt,
-        &format!("ro,{}", devices.join(",")),
-    )
-    .unwrap();
+    assert!(!bs.blobs().is_empty());
+    let m = ErofsMount::new(&boot, &pulled.join("blobs/sha256"), &t.path().join("erofs"));
     assert_no_diffs(
-        compare_trees_with(&rootfs, &mnt, &umoci_compare()),
+        compare_trees_with(&rootfs, &m.mnt, &umoci_compare()),
         "kernel EROFS mount vs umoci unpack",
     );
     drop(m);
