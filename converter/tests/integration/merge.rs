@@ -551,7 +551,9 @@ fn implied_parents_keep_the_lower_attributes_and_new_ones_get_the_documented_one
         .pax(&[("SCHILY.xattr.user.kept", b"yes")])
         .append(&h, b"");
     let mut upper = TarMaker::default();
-    upper.file("var/lib/x", 0o644, b"x");
+    upper
+        .file("var/lib/x", 0o644, b"x")
+        .file("opt/new/y", 0o644, b"y");
     let m = try_merge(t.path(), vec![lower.finish(), upper.finish()]).unwrap();
     let var = m.bs.lookup_path("/var").unwrap();
     assert_eq!(
@@ -564,10 +566,16 @@ fn implied_parents_keep_the_lower_attributes_and_new_ones_get_the_documented_one
     );
     let root = m.bs.root().unwrap();
     assert_eq!((root.mode & 0o7777, root.uid), (0o700, 7));
-    // No layer has var/lib: 0755, 0:0, the time of the entry implying it, no mark.
+    // No layer has var/lib: 0755, 0:0, the time of the entry implying it, no mark;
+    // in the set-group-ID `var`, its group and the bit, as the kernel gives containerd.
     let lib = m.bs.lookup_path("/var/lib").unwrap();
     assert_eq!(
         (lib.mode & 0o7777, lib.uid, lib.gid, lib.mtime),
+        (0o2755, 0, 8, 1_700_000_000)
+    );
+    let opt = m.bs.lookup_path("/opt/new").unwrap();
+    assert_eq!(
+        (opt.mode & 0o7777, opt.uid, opt.gid, opt.mtime),
         (0o755, 0, 0, 1_700_000_000)
     );
     assert!(m.bs.xattrs(&lib).unwrap().is_empty());

@@ -23,24 +23,13 @@ pub(crate) struct Image {
 }
 
 pub(crate) fn build(src: &Path, work: &Path, flags: &[&str]) -> Image {
-    let blobs = work.join("blobs");
-    let cache = work.join("cache");
-    std::fs::create_dir_all(&blobs).unwrap();
-    let boot = work.join("image.boot");
-    run_ok(
-        Command::new(bin("nydus-image"))
-            .args(["create", "-t", "dir-rafs", "--log-level", "warn"])
-            .args(flags)
-            .arg("-B")
-            .arg(&boot)
-            .arg("-D")
-            .arg(&blobs)
-            .arg(src),
-    );
+    let mut all = vec!["-t", "dir-rafs", "--log-level", "warn"];
+    all.extend_from_slice(flags);
+    let BuiltImage { boot, blobs } = build_image(src, work, &all);
     Image {
         boot,
         blobs,
-        cache,
+        cache: work.join("cache"),
         work: work.to_path_buf(),
     }
 }
