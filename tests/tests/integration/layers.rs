@@ -332,3 +332,54 @@ fn nydus_image_create_refuses_a_symlink_target_its_reader_would_reject() {
     assert!(err.contains("4097 bytes exceeds 4096 bytes"), "{err}");
     assert!(!t.path().join("out.boot").exists());
 }
+
+#[test]
+fn layer_bootstraps_built_by_upstream_have_no_mark_and_merge_as_upstream_merges_them() {
+    let t = tempfile::tempdir().unwrap();
+    let mut lower = LayerTar::default();
+    lower
+        .dir("usr/", 0o755)
+        .dir("usr/lib/", 0o755)
+        .file("usr/lib/libc.so.6", 0o755, b"libc")
+        .symlink("lib", "usr/lib");
+    let mut upper = LayerTar::default();
+    upper.file("lib/libnew.so", 0o755, b"new");
+    let blobs = t.path().join("blobs");
+    fs::create_dir_all(&blobs).unwrap();
+    let mut boots = Vec::new();
+    for (i, l) in [lower, upper].iter().enumerate() {
+        let tar = t.path().join(format!("l{i}.tar"));
+        l.write(&tar).unwrap();
+        let boot = t.path().join(format!("l{i}.boot"));
+        run_ok(
+            Command::new(upstream_bin("nydus-image"))
+                .args(["create", "-t", "tar-rafs", "--log-level", "warn", "-B"])
+                .arg(&boot)
+                .arg("-D")
+                .arg(&blobs)
+                .arg(&tar),
+        );
+        boots.push(boot);
+    }
+    for (who, nydus_image) in [
+        ("ours", bin("nydus-image")),
+        ("upstream", upstream_bin("nydus-image")),
+    ] {
+        let merged = t.path().join(format!("{who}.boot"));
+        run_ok(
+            Command::new(nydus_image)
+                .args(["merge", "--log-level", "warn", "-B"])
+                .arg(&merged)
+                .args(&boots),
+        );
+        // Without the mark, `lib/` is taken as the upper layer's own directory: it
+        // replaces the symlink, in both merges (README, "How layers stack").
+        let bs = rafs::read::Bootstrap::open(&merged).unwrap();
+        assert!(bs.lookup_path("/lib").unwrap().is_dir(), "{who}");
+        assert!(bs.lookup_path("/lib/libnew.so").unwrap().is_reg(), "{who}");
+        assert!(
+            bs.lookup_path("/usr/lib/libc.so.6").unwrap().is_reg(),
+            "{who}"
+        );
+    }
+}
