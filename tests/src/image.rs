@@ -195,6 +195,22 @@ pub fn bootstrap_of_layout(dir: &Path) -> Bootstrap {
     panic!("no image/image.boot in the bootstrap layer");
 }
 
+/// A nydus image as the registry holds it, copied out by skopeo (not by our client)
+/// into `dir/pulled`: its merged bootstrap written to `dir/image.boot`, and the
+/// directory holding its blobs by id. Returns (bootstrap, blobs directory).
+pub fn pull_nydus_image(reference: &str, dir: &Path) -> (PathBuf, PathBuf) {
+    let pulled = dir.join("pulled");
+    run_ok(Command::new("skopeo").args([
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{reference}"),
+        &format!("oci:{}:nydus", pulled.display()),
+    ]));
+    let boot = dir.join("image.boot");
+    fs::write(&boot, bootstrap_of_layout(&pulled).bytes()).unwrap();
+    (boot, pulled.join("blobs/sha256"))
+}
+
 /// A layer tar written entry by entry, with names and link names stored verbatim (so
 /// that absolute paths and whiteout directories can be written as tools write them).
 pub struct LayerTar {

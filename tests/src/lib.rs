@@ -47,8 +47,8 @@ pub use daemons::{localfs_config, run_ok, start_fuse_daemon, start_upstream_nydu
 pub use fault_proxy::{Fault, FaultProxy};
 pub use guards::{is_mounted, wait_until, ChildGuard, LoopDevice, Mount};
 pub use image::{
-    bootstrap_of_layout, build_image, expand_blobs, extract_tar, umoci_compare, umoci_image,
-    umoci_rootfs, unpack_image, BuiltImage, ErofsMount, LayerTar,
+    bootstrap_of_layout, build_image, expand_blobs, extract_tar, pull_nydus_image, umoci_compare,
+    umoci_image, umoci_rootfs, unpack_image, BuiltImage, ErofsMount, LayerTar,
 };
 pub use netns::NetNs;
 pub use registry::Registry;

@@ -184,16 +184,7 @@ fn converted_and_merged_real_world_layers_equal_umoci_unpack() {
     );
     nydusify_ok(&["check", "--source", &source, "--target", &target], &work);
 
-    let pulled = t.path().join("pulled");
-    run_ok(Command::new("skopeo").args([
-        "copy",
-        "--src-tls-verify=false",
-        &format!("docker://{target}"),
-        &format!("oci:{}:nydus", pulled.display()),
-    ]));
-    let boot = t.path().join("converted.boot");
-    fs::write(&boot, bootstrap_of_layout(&pulled).bytes()).unwrap();
-    let blobs = pulled.join("blobs/sha256");
+    let (boot, blobs) = pull_nydus_image(&target, t.path());
     {
         let m = ErofsMount::new(&boot, &blobs, &t.path().join("erofs-converted"));
         assert_same_as_umoci(&rootfs, &m.mnt, "nydusify convert, kernel EROFS mount");

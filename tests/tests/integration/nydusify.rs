@@ -4,9 +4,9 @@
 //! `skopeo inspect --raw`, and its merged bootstrap read back.
 
 use rafs_e2e::{
-    bin, bootstrap_of_layout, compare_trees_with, is_mounted, noise, require_root_tools, run_ok,
-    start_upstream_nydusd, umoci_compare, umoci_rootfs, wait_until, ChildGuard, ErofsMount, Mount,
-    Registry,
+    bin, bootstrap_of_layout, compare_trees_with, is_mounted, noise, pull_nydus_image,
+    require_root_tools, run_ok, start_upstream_nydusd, umoci_compare, umoci_rootfs, wait_until,
+    ChildGuard, ErofsMount, Mount, Registry,
 };
 use std::fs;
 use std::io::Read;
@@ -418,20 +418,12 @@ fn converted_busybox_equals_umoci_unpack_on_kernel_erofs_and_upstream_nydusd() {
     let (reg, rootfs, target) = converted_busybox(t.path());
 
     // What the registry holds, copied back out by skopeo (not by our client).
-    let pulled = t.path().join("pulled");
-    run_ok(Command::new("skopeo").args([
-        "copy",
-        "--src-tls-verify=false",
-        &format!("docker://{target}"),
-        &format!("oci:{}:nydus", pulled.display()),
-    ]));
-    let bs = bootstrap_of_layout(&pulled);
-    let boot = t.path().join("image.boot");
-    fs::write(&boot, bs.bytes()).unwrap();
+    let (boot, blobs) = pull_nydus_image(&target, t.path());
+    let bs = rafs::read::Bootstrap::open(&boot).unwrap();
 
     // 1. The kernel: the merged bootstrap with each blob expanded as a loop device.
     assert!(!bs.blobs().is_empty());
-    let m = ErofsMount::new(&boot, &pulled.join("blobs/sha256"), &t.path().join("erofs"));
+    let m = ErofsMount::new(&boot, &blobs, &t.path().join("erofs"));
     assert_no_diffs(
         compare_trees_with(&rootfs, &m.mnt, &umoci_compare()),
         "kernel EROFS mount vs umoci unpack",
