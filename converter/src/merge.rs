@@ -130,7 +130,7 @@ fn node_of(
         0o140000 => NodeKind::Socket,
         t => {
             return Err(Error::Inconsistent(format!(
-                "inode {} has unknown file type {t:#o}",
+                "unknown file type {t:#o} (inode {})",
                 inode.nid
             )))
         }
@@ -376,14 +376,13 @@ impl Stack {
                 }
                 let info: ChunkInfo = bs.chunk_info(&addr)?.ok_or_else(|| {
                     Error::Inconsistent(format!(
-                        "layer {}: chunk {} of blob {} is missing from the chunk table",
-                        layer.name, addr.ci_index, addr.blob_index
+                        "chunk {} of blob {} is missing from the chunk table",
+                        addr.ci_index, addr.blob_index
                     ))
                 })?;
                 let blob_index = *blob_map.get(addr.blob_index as usize).ok_or_else(|| {
                     Error::Inconsistent(format!(
-                        "layer {}: chunk refers to blob {} of {}",
-                        layer.name,
+                        "a chunk refers to blob {} of {}",
                         addr.blob_index,
                         blob_map.len()
                     ))
@@ -394,6 +393,7 @@ impl Stack {
             })
             .map_err(|e| match e {
                 Error::Rafs(e) => entry_err(path, e.to_string()),
+                Error::Inconsistent(reason) => entry_err(path, reason),
                 e => e,
             })?;
             node.xattrs.remove(IMPLIED_DIR_XATTR);

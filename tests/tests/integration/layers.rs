@@ -31,6 +31,7 @@ fn base() -> LayerTar {
         .file("usr/lib/libm.so.6", 0o755, b"libm")
         .dir("usr/lib/deep/", 0o755)
         .file("usr/lib/deep/old", 0o644, b"old")
+        .symlink("usr/lib64", "lib/deep")
         .symlink("lib", "usr/lib")
         .symlink("abs", "/usr/lib")
         .symlink("chain", "lib")
@@ -60,6 +61,11 @@ fn upper() -> LayerTar {
         .file("abs/viaabs", 0o644, b"via an absolute symlink")
         .file("chain/viachain", 0o644, b"via a chain")
         .file("up/viaup", 0o644, b"via ..")
+        .file(
+            "usr/lib64/viadeeper",
+            0o644,
+            b"via a symlink deeper in the tree",
+        )
         .file("lib/.wh.libm.so.6", 0o644, b"")
         .file("chain/deep/.wh..wh..opq", 0o644, b"")
         .file("chain/deep/fresh", 0o644, b"fresh")
@@ -133,6 +139,10 @@ fn assert_reference_shows_the_cases(rootfs: &Path) {
         ("usr/lib/viaabs", b"via an absolute symlink"),
         ("usr/lib/viachain", b"via a chain"),
         ("usr/lib/deep/viaup", b"via .."),
+        (
+            "usr/lib/deep/viadeeper",
+            b"via a symlink deeper in the tree",
+        ),
         ("usr/lib/deep/fresh", b"fresh"),
         ("var/lib/x", b"implied parents"),
         ("d0/d1/kept", b"kept"),
