@@ -97,9 +97,13 @@ for line in "${REQUIRED[@]}"; do
     done
 done
 # Upstream nydus-rs 2.2, the judge built below, links against OpenSSL (ours uses rustls).
-if ! dpkg-query -W -f='${Status}' libssl-dev 2>/dev/null | grep -q "ok installed"; then
-    missing+=(libssl-dev)
-fi
+# dragonfly-api (the scheduler's protos) and dfdaemon compile protos that import
+# google/protobuf/*.proto (libprotobuf-dev); dfdaemon's RocksDB needs libclang (bindgen).
+for dev in libssl-dev libprotobuf-dev libclang-dev; do
+    if ! dpkg-query -W -f='${Status}' "$dev" 2>/dev/null | grep -q "ok installed"; then
+        missing+=("$dev")
+    fi
+done
 # The initramfs of the VM tests needs the *static* busybox, not just any busybox.
 if ! dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "ok installed"; then
     [[ " ${missing[*]} " == *" busybox-static "* ]] || missing+=(busybox-static)

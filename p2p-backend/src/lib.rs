@@ -5,6 +5,8 @@
 //!   registry backend ([`registry::RegistryBackend`]) and the p2p backend implement the
 //!   same trait.
 //! * [`registry::Registry`]: the OCI registry client (pull, push, ranged reads, auth).
+//! * [`scheduler`]: `p2p-scheduler`, Dragonfly's `scheduler.v2` for real dfdaemons and
+//!   our peers.
 //!
 //! Backends return raw stored bytes; verifying chunk digests is the caller's job (the
 //! bootstrap is the root of trust), so a backend never needs to know the format.
@@ -12,6 +14,7 @@
 
 pub mod localfs;
 pub mod registry;
+pub mod scheduler;
 
 use std::io;
 

@@ -1,0 +1,121 @@
+//! What the scheduler asks of peers: a seed peer to fetch a task
+//! (`DfdaemonUpload/DownloadTask`), and announced hosts whether they hold one
+//! (`DfdaemonUpload/StatLocalTask`; dfdaemon's `StatTask` asks the scheduler back), each
+//! over the host's upload port.
+//!
+//! A seed asked for a task it already holds registers with `metadata_only` and is
+//! answered `MetadataOnlyResponse`: it becomes a parent without fetching anything.
+//! The response stream of `DownloadTask` must be read to its end: dfdaemon's sends
+//! into it block, and an unread stream stalls the seed's download.
+
+use dragonfly_api::common::v2::{Download, Host};
+use dragonfly_api::dfdaemon::v2::dfdaemon_upload_client::DfdaemonUploadClient;
+use dragonfly_api::dfdaemon::v2::{DownloadTaskRequest, StatLocalTaskRequest};
+use std::time::Duration;
+use tonic::transport::Endpoint;
+
+/// How long connecting to a peer's upload server may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a host may take to say whether it holds a task.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+async fn client(host: &Host) -> Result<DfdaemonUploadClient<tonic::transport::Channel>, String> {
+    let endpoint = Endpoint::from_shared(format!("http://{}:{}", host.ip, host.port))
+        .map_err(|e| format!("host {}: bad address: {e}", host.id))?
+        .connect_timeout(CONNECT_TIMEOUT);
+    let channel = endpoint.connect().await.map_err(|e| {
+        format!(
+            "host {}: connecting to {}:{}: {e}",
+            host.id, host.ip, host.port
+        )
+    })?;
+    Ok(DfdaemonUploadClient::new(channel))
+}
+
+/// The download a seed peer is asked to make: the child's, for the whole task, kept
+/// in the seed's storage only.
+fn seed_download(mut d: Download) -> Download {
+    d.range = None;
+    d.output_path = None;
+    d.need_piece_content = false;
+    d.is_prefetch = false;
+    d.prefetch = false;
+    d.need_back_to_source = false;
+    d.remote_ip = None;
+    d.force_hard_link = false;
+    d.metadata_only = false;
+    // The seed must name the task as the child did: by the blob digest.
+    d.enable_task_id_based_blob_digest = true;
+    d
+}
+
+/// Asks the seed peer on `host` to fetch the task of `download`; returns once it has
+/// started (its first response), and drains the rest of its response stream in the
+/// background. `false` when it could not be asked or refused.
+pub async fn trigger(host: &Host, download: Download) -> bool {
+    let mut client = match client(host).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("triggering a seed peer: {e}");
+            return false;
+        }
+    };
+    let url = download.url.clone();
+    let request = DownloadTaskRequest {
+        download: Some(seed_download(download)),
+    };
+    let mut stream = match client.download_task(request).await {
+        Ok(r) => r.into_inner(),
+        Err(e) => {
+            tracing::warn!(
+                "seed peer {} refused to download {url}: {}",
+                host.id,
+                e.message()
+            );
+            return false;
+        }
+    };
+    let host_id = host.id.clone();
+    tokio::spawn(async move {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!("seed peer {host_id} downloading {url}: {}", e.message());
+                    break;
+                }
+            }
+        }
+    });
+    true
+}
+
+/// The ids of the hosts among `hosts` that hold the whole task `task_id`, asked all at
+/// once, each within [`PROBE_TIMEOUT`].
+pub async fn probe_hosts(hosts: &[Host], task_id: &str) -> Vec<String> {
+    let asks = hosts.iter().map(|h| async move {
+        let ask = async {
+            let mut c = client(h).await.ok()?;
+            let task = c
+                .stat_local_task(StatLocalTaskRequest {
+                    task_id: task_id.to_string(),
+                    remote_ip: None,
+                })
+                .await
+                .ok()?
+                .into_inner();
+            let done = task.finished_at.is_some() && task.failed_at.is_none();
+            done.then(|| h.id.clone())
+        };
+        tokio::time::timeout(PROBE_TIMEOUT, ask)
+            .await
+            .ok()
+            .flatten()
+    });
+    futures_util::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
