@@ -6,20 +6,26 @@
 # Run as root on Debian 12. Idempotent: it installs only what is missing —
 #   1. Debian packages the end-to-end tests use (erofs-utils, fuse3, registry, ...);
 #   2. upstream Nydus 2.2 (nydus-rs from crates.io), the compatibility judge, built once
-#      into a cache folder outside the repo (about 4 min the first time);
+#      into a cache folder outside the repo (about 4 min the first time), and real
+#      Dragonfly peers (dragonfly-client 1.5.10: dfdaemon), the P2P judge, likewise
+#      (about 25 min the first time);
 # then runs, stopping at the first failure:
 #   3. cargo fmt --check;  4. cargo clippy -D warnings;  5. cargo test (release);
 #   6. each cargo-fuzz target in fuzz/ for FUZZ_SECONDS (default 30) seconds.
 # Benchmarks are not part of it.
 #
 # Environment: FUZZ_SECONDS (per fuzz target), NYDUS_UPSTREAM_ROOT (where upstream
-# Nydus is installed; default /var/cache/nydus-upstream-2.2).
+# Nydus is installed; default /var/cache/nydus-upstream-2.2), DRAGONFLY_ROOT (where
+# dragonfly-client is installed; default /var/cache/dragonfly-client).
 set -Eeuo pipefail
 cd "$(dirname "$0")/.."
 
 UPSTREAM_VERSION=2.2.0
 UPSTREAM_ROOT=${NYDUS_UPSTREAM_ROOT:-/var/cache/nydus-upstream-2.2}
 UPSTREAM_BUILD_DIR=/var/cache/nydus-upstream-build
+DRAGONFLY_VERSION=1.5.10
+DRAGONFLY_ROOT=${DRAGONFLY_ROOT:-/var/cache/dragonfly-client}
+DRAGONFLY_BUILD_DIR=/var/cache/dfclient-build
 FUZZ_SECONDS=${FUZZ_SECONDS:-30}
 
 # Root's tools live in sbin; rustup's cargo in ~/.cargo/bin. Neither is certain to be
@@ -153,6 +159,20 @@ else
 fi
 export NYDUS_UPSTREAM_BIN=$UPSTREAM_ROOT/bin
 "$NYDUS_UPSTREAM_BIN/nydus-image" --version
+
+stage "dragonfly-client $DRAGONFLY_VERSION (dfdaemon)"
+if [[ -x $DRAGONFLY_ROOT/bin/dfdaemon ]]; then
+    echo "cached in $DRAGONFLY_ROOT/bin"
+else
+    echo "building dragonfly-client $DRAGONFLY_VERSION into $DRAGONFLY_ROOT (once; about 25 minutes)"
+    CARGO_TARGET_DIR=$DRAGONFLY_BUILD_DIR cargo install dragonfly-client --version "$DRAGONFLY_VERSION" \
+        --locked --root "$DRAGONFLY_ROOT" </dev/null ||
+        fail "cargo install dragonfly-client $DRAGONFLY_VERSION failed (it needs protoc, libprotobuf-dev, libclang-dev, cmake)"
+    # The build tree is large and only the binaries are needed.
+    rm -rf "$DRAGONFLY_BUILD_DIR"
+fi
+export DRAGONFLY_ROOT
+"$DRAGONFLY_ROOT/bin/dfdaemon" --version
 
 # --- 3-5. Format, lints, tests --------------------------------------------------------------
 stage "cargo fmt --check"

@@ -9,7 +9,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -42,6 +42,7 @@ struct State {
     rule: Mutex<Rule>,
     requests: AtomicUsize,
     faulted: AtomicUsize,
+    relayed: AtomicU64,
 }
 
 /// A running fault-injecting proxy; stopped when dropped.
@@ -74,6 +75,7 @@ impl FaultProxy {
             }),
             requests: AtomicUsize::new(0),
             faulted: AtomicUsize::new(0),
+            relayed: AtomicU64::new(0),
         });
         let stop = Arc::new(AtomicBool::new(false));
         let accept = {
@@ -123,6 +125,12 @@ impl FaultProxy {
     pub fn faulted(&self) -> usize {
         self.state.faulted.load(Ordering::SeqCst)
     }
+
+    /// Bytes relayed from the upstream to clients so far (response heads included):
+    /// what the origin served through the proxy.
+    pub fn relayed_bytes(&self) -> u64 {
+        self.state.relayed.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for FaultProxy {
@@ -170,6 +178,24 @@ fn close_after(head: &[u8]) -> Vec<u8> {
     }
     out.push_str("Connection: close\r\n\r\n");
     out.into_bytes()
+}
+
+/// A writer that adds what it writes to a counter as it goes.
+struct Counted<'a, W> {
+    inner: W,
+    count: &'a AtomicU64,
+}
+
+impl<W: Write> Write for Counted<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.count.fetch_add(n as u64, Ordering::SeqCst);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 fn serve(mut client: TcpStream, state: &State) -> io::Result<()> {
@@ -234,7 +260,11 @@ fn serve(mut client: TcpStream, state: &State) -> io::Result<()> {
             let _ = io::copy(&mut from, &mut to);
         })
     };
-    let _ = io::copy(&mut (&upstream).take(limit), &mut client);
+    let mut counted = Counted {
+        inner: &mut client,
+        count: &state.relayed,
+    };
+    let _ = io::copy(&mut (&upstream).take(limit), &mut counted);
     let _ = client.shutdown(Shutdown::Both);
     let _ = upstream.shutdown(Shutdown::Both);
     let _ = requests.join();

@@ -21,6 +21,8 @@
 //!   and [`FaultProxy`] puts 503s and dropped connections in front of it;
 //! - [`differences`] reports every difference between two trees, typed ([`What`]), and
 //!   [`compare_trees`] shows them as text lines;
+//! - [`Dfdaemon`] runs a real Dragonfly peer (dragonfly-client 1.5.10) on a fresh
+//!   loopback address, and [`Scheduler`] our `p2p-scheduler`;
 //! - [`limit_loop`] and [`median`] are the benchmarks' shared baseline and statistic.
 //!
 //! Most helpers need root, as do the tests that use them; `bash tests/run.sh` runs
@@ -30,6 +32,7 @@ mod bench;
 mod bins;
 mod compare;
 mod daemons;
+mod dragonfly;
 mod fault_proxy;
 mod guards;
 mod image;
@@ -44,6 +47,10 @@ pub use compare::{
     compare_trees, compare_trees_with, differences, sha256_file, CompareOptions, Difference, What,
 };
 pub use daemons::{localfs_config, run_ok, start_fuse_daemon, start_upstream_nydusd, FuseDaemon};
+pub use dragonfly::{
+    dfdaemon_bin, finish_fetch, fresh_loopback_ip, metric_value, Dfdaemon, Scheduler,
+    DRAGONFLY_ROOT_DEFAULT,
+};
 pub use fault_proxy::{Fault, FaultProxy};
 pub use guards::{is_mounted, wait_until, ChildGuard, LoopDevice, Mount};
 pub use image::{

@@ -539,7 +539,10 @@ impl Scheduler for SchedulerService {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
                     Err(e) => {
-                        tracing::debug!("AnnouncePeer stream of {ids:?} broke: {e}");
+                        // A message too large or malformed, or the peer gone: say so,
+                        // if anyone is still listening.
+                        tracing::info!("AnnouncePeer stream of {ids:?}: {}", e.message());
+                        let _ = tx.send(Err(e)).await;
                         break;
                     }
                 };

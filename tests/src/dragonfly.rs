@@ -1,0 +1,307 @@
+//! Real Dragonfly peers in tests: `dfdaemon` (dragonfly-client 1.5.10, built once into
+//! `/var/cache/dragonfly-client` by `tests/run.sh`) on its own loopback address, with
+//! its own ports, storage and logs, listing the schedulers it uses in a dynconfig file
+//! (no manager); and our `p2p-scheduler`. Both are stopped when dropped.
+
+use crate::bins::bin;
+use crate::guards::{wait_until, ChildGuard};
+use std::fs;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+/// Where `tests/run.sh` installs dragonfly-client (override: `DRAGONFLY_ROOT`).
+pub const DRAGONFLY_ROOT_DEFAULT: &str = "/var/cache/dragonfly-client";
+
+/// The `dfdaemon` binary under test.
+pub fn dfdaemon_bin() -> PathBuf {
+    let root = std::env::var("DRAGONFLY_ROOT").unwrap_or_else(|_| DRAGONFLY_ROOT_DEFAULT.into());
+    let bin = Path::new(&root).join("bin/dfdaemon");
+    assert!(
+        bin.exists(),
+        "{} is missing: `bash tests/run.sh` builds dragonfly-client 1.5.10 there",
+        bin.display()
+    );
+    bin
+}
+
+/// A loopback address no other test of this process uses (127.<pid>.<n>), so that
+/// each daemon has its own ports: a dfdaemon's piece port stays taken for about a
+/// minute after it stops.
+pub fn fresh_loopback_ip() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(2);
+    let n = NEXT.fetch_add(1, Ordering::SeqCst);
+    let pid = std::process::id();
+    format!("127.{}.{}.{}", 100 + pid % 150, n / 250, 2 + n % 250)
+}
+
+/// A running dfdaemon.
+pub struct Dfdaemon {
+    child: Option<ChildGuard>,
+    /// Its address.
+    pub ip: String,
+    /// Its work directory (config, storage, logs).
+    pub dir: PathBuf,
+    /// Whether it is a seed peer.
+    pub seed: bool,
+}
+
+impl Dfdaemon {
+    /// Starts a dfdaemon on a fresh loopback address in `dir/<name>`, using the
+    /// schedulers at `schedulers` (`ip:port`), announcing its host every second; waits
+    /// until it is healthy.
+    pub fn start(dir: &Path, name: &str, schedulers: &[String], seed: bool) -> Dfdaemon {
+        let ip = fresh_loopback_ip();
+        let dir = dir.join(name);
+        fs::create_dir_all(&dir).unwrap();
+        let addrs: Vec<String> = schedulers.iter().map(|s| format!("\"{s}\"")).collect();
+        fs::write(
+            dir.join("dynconfig.yaml"),
+            format!("scheduler:\n  addrs: [{}]\n", addrs.join(", ")),
+        )
+        .unwrap();
+        let seed_peer = if seed {
+            "seedPeer:\n  enable: true\n  type: super\n"
+        } else {
+            ""
+        };
+        let d = dir.display();
+        fs::write(
+            dir.join("dfdaemon.yaml"),
+            format!(
+                "host:\n  hostname: {name}-{ip}\n  ip: {ip}\n\
+                 server:\n  pluginDir: {d}/plugins\n  cacheDir: {d}/cache\n\
+                 download:\n  server:\n    socketPath: {d}/dfdaemon.sock\n\
+                 upload:\n  server:\n    ip: {ip}\n    port: 4000\n\
+                 storage:\n  dir: {d}/storage\n  server:\n    ip: {ip}\n    tcpPort: 4005\n    quicPort: 4006\n\
+                 proxy:\n  server:\n    ip: {ip}\n    port: 4001\n  rules:\n    - regex: 'blobs/sha256.*'\n\
+                 health:\n  server:\n    ip: {ip}\n    port: 4003\n\
+                 metrics:\n  server:\n    ip: {ip}\n    port: 4002\n\
+                 stats:\n  server:\n    ip: {ip}\n    port: 4004\n\
+                 scheduler:\n  announceInterval: 1s\n\
+                 dynconfig:\n  refreshInterval: 2s\n\
+                 {seed_peer}"
+            ),
+        )
+        .unwrap();
+        let console = fs::File::create(dir.join("console.log")).unwrap();
+        let child = ChildGuard::spawn(
+            Command::new(dfdaemon_bin())
+                .arg("--config")
+                .arg(dir.join("dfdaemon.yaml"))
+                .arg("--dynconfig")
+                .arg(dir.join("dynconfig.yaml"))
+                .arg("--log-dir")
+                .arg(dir.join("log"))
+                .stdout(console.try_clone().unwrap())
+                .stderr(console),
+        )
+        .unwrap();
+        let mut me = Dfdaemon {
+            child: Some(child),
+            ip,
+            dir,
+            seed,
+        };
+        let up = wait_until(Duration::from_secs(60), || {
+            me.child_exited().is_none() && TcpStream::connect((me.ip.as_str(), 4001)).is_ok()
+        });
+        assert!(
+            up,
+            "dfdaemon {name} did not come up ({:?}); console:\n{}",
+            me.child_exited(),
+            me.log_tail()
+        );
+        me
+    }
+
+    fn child_exited(&mut self) -> Option<String> {
+        match self.child.as_mut()?.try_wait() {
+            Ok(Some(status)) => Some(format!("exited: {status}")),
+            _ => None,
+        }
+    }
+
+    /// Its HTTP proxy (`http://ip:4001`).
+    pub fn proxy(&self) -> String {
+        format!("http://{}:4001", self.ip)
+    }
+
+    /// The last lines of its console and log files, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let mut out = String::new();
+        let mut files = vec![self.dir.join("console.log")];
+        if let Ok(entries) = fs::read_dir(self.dir.join("log")) {
+            files.extend(entries.flatten().map(|e| e.path()));
+        }
+        for f in files {
+            if let Ok(text) = fs::read_to_string(&f) {
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(15)..];
+                out.push_str(&format!("--- {}\n{}\n", f.display(), tail.join("\n")));
+            }
+        }
+        out
+    }
+
+    /// Starts `curl` fetching `url` through this daemon's proxy into `out`, with
+    /// `X-Dragonfly-Scheduling-Policy: always` (small tasks too go through the
+    /// scheduler).
+    pub fn spawn_fetch(&self, url: &str, out: &Path) -> ChildGuard {
+        ChildGuard::spawn(
+            Command::new("curl")
+                .args(["-sS", "--fail", "--max-time", "300", "-x"])
+                .arg(self.proxy())
+                .args(["-H", "X-Dragonfly-Scheduling-Policy: always", "-o"])
+                .arg(out)
+                .arg(url)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped()),
+        )
+        .unwrap()
+    }
+
+    /// Kills the daemon at once (`SIGKILL`), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.child_mut().kill();
+            let _ = c.child_mut().wait();
+        }
+    }
+}
+
+impl Drop for Dfdaemon {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.take() {
+            let _ = c.terminate(Duration::from_secs(5));
+        }
+    }
+}
+
+/// Waits for a fetch started by [`Dfdaemon::spawn_fetch`]; panics with curl's error.
+pub fn finish_fetch(fetch: ChildGuard, what: &str) {
+    let mut fetch = fetch;
+    let ok = wait_until(Duration::from_secs(310), || {
+        matches!(fetch.try_wait(), Ok(Some(_)))
+    });
+    assert!(ok, "{what}: curl did not finish");
+    let status = fetch.try_wait().unwrap().unwrap();
+    let mut err = String::new();
+    if let Some(mut e) = fetch.child_mut().stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    assert!(status.success(), "{what}: curl failed ({status}): {err}");
+}
+
+/// A running `p2p-scheduler` on `ip:port`, with metrics on `ip:port+1`.
+pub struct Scheduler {
+    child: Option<ChildGuard>,
+    /// `ip:port` of its gRPC server.
+    pub addr: String,
+    /// `ip:port` of its metrics.
+    pub metrics_addr: String,
+    /// Its config file.
+    pub config: PathBuf,
+    log: PathBuf,
+}
+
+impl Scheduler {
+    /// Starts a scheduler on a fresh loopback address; `extra` is appended to the
+    /// `scheduler:` section of its config (e.g. `"  seedPeerWaitTimeout: 5s\n"`).
+    pub fn start(dir: &Path, name: &str, extra: &str) -> Scheduler {
+        let ip = fresh_loopback_ip();
+        let dir = dir.join(name);
+        fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("scheduler.yaml");
+        fs::write(
+            &config,
+            format!(
+                "server:\n  listenIP: {ip}\n  port: 8002\nscheduler:\n  candidateParentLimit: 4\n{extra}\
+                 metrics:\n  enable: true\n  addr: {ip}:8003\n"
+            ),
+        )
+        .unwrap();
+        let mut s = Scheduler {
+            child: None,
+            addr: format!("{ip}:8002"),
+            metrics_addr: format!("{ip}:8003"),
+            config,
+            log: dir.join("scheduler.log"),
+        };
+        s.restart();
+        s
+    }
+
+    /// Starts it (again, after [`Scheduler::kill`]), appending to its log.
+    pub fn restart(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        self.child = Some(
+            ChildGuard::spawn(
+                Command::new(bin("p2p-scheduler"))
+                    .arg("--config")
+                    .arg(&self.config)
+                    .args(["--log-level", "info"])
+                    .stdout(log.try_clone().unwrap())
+                    .stderr(log),
+            )
+            .unwrap(),
+        );
+        let addr = self.addr.clone();
+        assert!(
+            wait_until(Duration::from_secs(20), || TcpStream::connect(&addr)
+                .is_ok()),
+            "p2p-scheduler did not listen on {addr}:\n{}",
+            self.log()
+        );
+    }
+
+    /// Kills it at once (`SIGKILL`).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.child_mut().kill();
+            let _ = c.child_mut().wait();
+        }
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Its Prometheus text.
+    pub fn metrics(&self) -> String {
+        let out: Output = Command::new("curl")
+            .args(["-sS", "--max-time", "5"])
+            .arg(format!("http://{}/metrics", self.metrics_addr))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The value of one metric line (`name` with its labels, e.g.
+    /// `scheduler_answers_total{kind="normal_task"}`), 0 when absent.
+    pub fn metric(&self, name: &str) -> f64 {
+        metric_value(&self.metrics(), name)
+    }
+}
+
+/// The value of `name` (with its labels) in a Prometheus text, 0 when absent.
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.take() {
+            let _ = c.terminate(Duration::from_secs(5));
+        }
+    }
+}
