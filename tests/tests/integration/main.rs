@@ -8,5 +8,6 @@ mod nydusd;
 mod nydusd_mount;
 mod nydusify;
 mod nydusify_bad;
+mod p2p_scheduler;
 mod passthrough;
 mod varied_tree;

@@ -1,0 +1,270 @@
+//! Our `p2p-scheduler` judged by real Dragonfly peers: dfdaemons (dragonfly-client
+//! 1.5.10), each on its own loopback address, download blobs from docker-registry
+//! through their HTTP proxies, a seed peer among them, and the bytes the origin serves
+//! are counted by a proxy in front of it. Every copy must have the blob's digest, and
+//! the origin must serve about one copy: dfdaemon falls back to the origin whenever
+//! scheduling fails, so right bytes alone prove nothing.
+
+use rafs_e2e::*;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A blob in docker-registry behind a byte-counting proxy.
+struct Origin {
+    _registry: Registry,
+    proxy: FaultProxy,
+    hex: String,
+    len: u64,
+}
+
+impl Origin {
+    fn start(dir: &Path, blobs: &[(u64, u64)]) -> (Origin, Vec<String>) {
+        let registry = Registry::start();
+        let mut urls = Vec::new();
+        let mut first = None;
+        for (i, (len, seed)) in blobs.iter().enumerate() {
+            let data = noise(*len as usize, *seed);
+            let path = dir.join(format!("blob{i}"));
+            fs::write(&path, &data).unwrap();
+            let hex = sha256_file(&path).unwrap();
+            registry.push_blob("swarm", &hex, &path);
+            fs::remove_file(&path).unwrap();
+            urls.push(hex.clone());
+            first.get_or_insert((hex, *len));
+        }
+        let proxy = FaultProxy::start(&registry.addr);
+        let urls = urls
+            .iter()
+            .map(|hex| format!("http://{}/v2/swarm/blobs/sha256:{hex}", proxy.addr))
+            .collect();
+        let (hex, len) = first.unwrap();
+        (
+            Origin {
+                _registry: registry,
+                proxy,
+                hex,
+                len,
+            },
+            urls,
+        )
+    }
+
+    fn url(&self) -> String {
+        format!(
+            "http://{}/v2/swarm/blobs/sha256:{}",
+            self.proxy.addr, self.hex
+        )
+    }
+}
+
+/// What the origin may serve for `copies` full copies of `len` bytes: 5% over, plus the
+/// 1-byte probe each download makes and the response heads.
+fn origin_bound(len: u64, copies: u64, downloads: u64) -> u64 {
+    len * copies * 105 / 100 + downloads * 2048 + 64 * 1024
+}
+
+/// Prints what the origin served, in copies of the blobs, for the record.
+fn report(what: &str, served: u64, len: u64, copies: u64) {
+    eprintln!(
+        "{what}: the origin served {served} bytes = {:.3} copies of {copies} blob(s) of {len} bytes",
+        served as f64 / (len * copies) as f64
+    );
+}
+
+fn assert_copy(path: &Path, hex: &str, what: &str) {
+    let got = sha256_file(path).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(got, hex, "{what}: wrong bytes");
+}
+
+fn wait_for_hosts(s: &Scheduler, n: usize) {
+    let ok = wait_until(Duration::from_secs(30), || {
+        s.metric("scheduler_hosts") as usize >= n
+    });
+    assert!(ok, "the scheduler did not see {n} hosts:\n{}", s.metrics());
+}
+
+fn fetch_all(peers: &[&Dfdaemon], url: &str, dir: &Path, tag: &str) -> Vec<PathBuf> {
+    let outs: Vec<PathBuf> = (0..peers.len())
+        .map(|i| dir.join(format!("{tag}-{i}")))
+        .collect();
+    let fetches: Vec<_> = peers
+        .iter()
+        .zip(&outs)
+        .map(|(p, out)| p.spawn_fetch(url, out))
+        .collect();
+    for (i, f) in fetches.into_iter().enumerate() {
+        finish_fetch(f, &format!("{tag}: peer {i} ({})", peers[i].ip));
+    }
+    outs
+}
+
+fn require() {
+    require_root_tools(&["docker-registry", "curl"]);
+    dfdaemon_bin();
+}
+
+#[test]
+fn a_seed_and_four_dfdaemons_share_a_blob_and_the_origin_serves_one_copy() {
+    require();
+    let t = tempfile::tempdir().unwrap();
+    let (origin, _) = Origin::start(t.path(), &[(128 << 20, 41)]);
+    let sched = Scheduler::start(t.path(), "scheduler", "");
+    let list = [sched.addr.clone()];
+    let seed = Dfdaemon::start(t.path(), "seed", &list, true);
+    let peers: Vec<Dfdaemon> = (0..4)
+        .map(|i| Dfdaemon::start(t.path(), &format!("peer{i}"), &list, false))
+        .collect();
+    wait_for_hosts(&sched, 5);
+
+    let refs: Vec<&Dfdaemon> = peers.iter().collect();
+    let outs = fetch_all(&refs, &origin.url(), t.path(), "got");
+    for (i, out) in outs.iter().enumerate() {
+        assert_copy(out, &origin.hex, &format!("peer {i}"));
+    }
+    let served = origin.proxy.relayed_bytes();
+    report("seed + 4 peers", served, origin.len, 1);
+    let metrics = sched.metrics();
+    let logs = || format!("scheduler metrics:\n{metrics}\nseed:\n{}", seed.log_tail());
+    assert!(
+        served <= origin_bound(origin.len, 1, 5),
+        "the origin served {served} bytes for a {}-byte blob\n{}",
+        origin.len,
+        logs()
+    );
+    // One seed fetched from the origin; the four peers were handed parents.
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "scheduler_seed_triggers_total{result=\"started\"}"
+        ),
+        1.0,
+        "{}",
+        logs()
+    );
+    assert!(
+        metric_value(&metrics, "scheduler_answers_total{kind=\"normal_task\"}") >= 4.0,
+        "{}",
+        logs()
+    );
+    assert_eq!(
+        metric_value(&metrics, "scheduler_peers{state=\"Succeeded\"}"),
+        5.0,
+        "{}",
+        logs()
+    );
+}
+
+#[test]
+fn a_killed_parent_and_a_restarted_scheduler_cost_the_origin_nothing_more() {
+    require();
+    let t = tempfile::tempdir().unwrap();
+    let (origin, _) = Origin::start(t.path(), &[(128 << 20, 43)]);
+    let mut sched = Scheduler::start(t.path(), "scheduler", "");
+    let list = [sched.addr.clone()];
+    let _seed = Dfdaemon::start(t.path(), "seed", &list, true);
+    let mut first = Dfdaemon::start(t.path(), "first", &list, false);
+    let second = Dfdaemon::start(t.path(), "second", &list, false);
+    let third = Dfdaemon::start(t.path(), "third", &list, false);
+    let fourth = Dfdaemon::start(t.path(), "fourth", &list, false);
+    wait_for_hosts(&sched, 5);
+
+    // 1. `first` fetches the blob (through the seed).
+    let out = fetch_all(&[&first], &origin.url(), t.path(), "first");
+    assert_copy(&out[0], &origin.hex, "first");
+
+    // 2. `second` and `third` fetch it while `first`, one of their parents, is killed.
+    let outs: Vec<PathBuf> = ["second", "third"]
+        .iter()
+        .map(|n| t.path().join(format!("{n}.out")))
+        .collect();
+    let fetches = [
+        second.spawn_fetch(&origin.url(), &outs[0]),
+        third.spawn_fetch(&origin.url(), &outs[1]),
+    ];
+    std::thread::sleep(Duration::from_millis(300));
+    first.kill();
+    for (f, n) in fetches.into_iter().zip(["second", "third"]) {
+        finish_fetch(f, n);
+    }
+    for (o, n) in outs.iter().zip(["second", "third"]) {
+        assert_copy(o, &origin.hex, n);
+    }
+
+    // 3. The scheduler is killed and restarted: it knows nothing, the hosts announce
+    //    themselves again, and `fourth` starts a download of the same blob.
+    sched.kill();
+    sched.restart();
+    wait_for_hosts(&sched, 4);
+    let out = fetch_all(&[&fourth], &origin.url(), t.path(), "fourth");
+    assert_copy(&out[0], &origin.hex, "fourth");
+
+    let served = origin.proxy.relayed_bytes();
+    report("parent killed, scheduler restarted", served, origin.len, 1);
+    assert!(
+        served <= origin_bound(origin.len, 1, 5),
+        "the origin served {served} bytes for a {}-byte blob\nscheduler log:\n{}",
+        origin.len,
+        sched.log()
+    );
+    assert!(
+        sched.metric("scheduler_answers_total{kind=\"normal_task\"}") >= 1.0,
+        "{}",
+        sched.metrics()
+    );
+}
+
+#[test]
+fn three_schedulers_share_the_tasks_and_each_task_meets_on_one() {
+    require();
+    let t = tempfile::tempdir().unwrap();
+    let blobs: Vec<(u64, u64)> = (0..8).map(|i| (8 << 20, 50 + i)).collect();
+    let (origin, urls) = Origin::start(t.path(), &blobs);
+    let scheds: Vec<Scheduler> = (0..3)
+        .map(|i| Scheduler::start(t.path(), &format!("scheduler{i}"), ""))
+        .collect();
+    let list: Vec<String> = scheds.iter().map(|s| s.addr.clone()).collect();
+    let _seed = Dfdaemon::start(t.path(), "seed", &list, true);
+    let peers: Vec<Dfdaemon> = (0..3)
+        .map(|i| Dfdaemon::start(t.path(), &format!("peer{i}"), &list, false))
+        .collect();
+    for s in &scheds {
+        wait_for_hosts(s, 4);
+    }
+    // Each blob by two peers at once.
+    let mut fetches = Vec::new();
+    for (b, url) in urls.iter().enumerate() {
+        for k in 0..2 {
+            let p = &peers[(b + k) % peers.len()];
+            let out = t.path().join(format!("blob{b}-{k}"));
+            fetches.push((p.spawn_fetch(url, &out), out, b));
+        }
+    }
+    let hexes: Vec<String> = urls
+        .iter()
+        .map(|u| u.rsplit_once("sha256:").unwrap().1.to_string())
+        .collect();
+    for (f, out, b) in fetches {
+        finish_fetch(f, &format!("blob {b}"));
+        assert_copy(&out, &hexes[b], &format!("blob {b}"));
+    }
+    let tasks: Vec<f64> = scheds.iter().map(|s| s.metric("scheduler_tasks")).collect();
+    // Every task on exactly one scheduler (a task split over two would count twice),
+    // and more than one scheduler used (all eight on one: 3 in 3^8).
+    assert_eq!(
+        tasks.iter().sum::<f64>(),
+        8.0,
+        "tasks per scheduler: {tasks:?}"
+    );
+    assert!(
+        tasks.iter().filter(|n| **n > 0.0).count() >= 2,
+        "tasks per scheduler: {tasks:?}"
+    );
+    let served = origin.proxy.relayed_bytes();
+    report("three schedulers", served, origin.len, 8);
+    assert!(
+        served <= origin_bound(origin.len, 8, 16),
+        "the origin served {served} bytes for 8 blobs of {} bytes",
+        origin.len
+    );
+}
