@@ -36,6 +36,11 @@ Config (YAML; every field optional, defaults shown):
     peerBackToSource: false    true: ordinary peers go to the origin instead of waiting
                                for a seed peer (the origin then serves more copies)
     seedPeerWaitTimeout: 20s   how long a child waits for a triggered seed peer
+    gc:
+      hostGCInterval: 1m       how often stale hosts and failed peers are dropped
+      hostTTL: 1h              a host not announced for this long is dropped (a host
+                               silent for three announce intervals is no longer
+                               handed out as a parent)
   seedPeer:
     enable: true               ask seed peers (DfdaemonUpload/DownloadTask) to fetch tasks
   metrics:

@@ -14,6 +14,9 @@
 //!   peerBackToSource: false  # true: ordinary peers go to the origin instead of waiting
 //!                            # for a seed peer (the origin then serves more than one copy)
 //!   seedPeerWaitTimeout: 20s # how long a child waits for a triggered seed peer
+//!   gc:
+//!     hostGCInterval: 1m     # how often stale hosts and failed peers are dropped
+//!     hostTTL: 1h            # a host not announced for this long is dropped
 //! seedPeer:
 //!   enable: true             # trigger seed peers (DfdaemonUpload/DownloadTask)
 //! metrics:
@@ -90,6 +93,29 @@ pub struct SchedulingConfig {
     /// How long a child waits for a seed peer the scheduler triggered.
     #[serde(with = "human_duration")]
     pub seed_peer_wait_timeout: Duration,
+    /// Garbage collection.
+    pub gc: GcConfig,
+}
+
+/// `scheduler.gc`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct GcConfig {
+    /// How often stale hosts, their peers and failed peers are dropped.
+    #[serde(rename = "hostGCInterval", with = "human_duration")]
+    pub host_gc_interval: Duration,
+    /// A host not announced for this long is dropped.
+    #[serde(rename = "hostTTL", with = "human_duration")]
+    pub host_ttl: Duration,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        GcConfig {
+            host_gc_interval: Duration::from_secs(60),
+            host_ttl: Duration::from_secs(3600),
+        }
+    }
 }
 
 impl Default for SchedulingConfig {
@@ -100,6 +126,7 @@ impl Default for SchedulingConfig {
             back_to_source_count: 200,
             peer_back_to_source: false,
             seed_peer_wait_timeout: Duration::from_secs(20),
+            gc: GcConfig::default(),
         }
     }
 }
@@ -157,6 +184,9 @@ impl Config {
         if config.scheduler.retry_limit == 0 {
             return Err("scheduler.retryLimit must be at least 1".into());
         }
+        if config.scheduler.gc.host_gc_interval.is_zero() {
+            return Err("scheduler.gc.hostGCInterval must be more than 0".into());
+        }
         Ok(config)
     }
 }
@@ -210,6 +240,10 @@ mod tests {
         assert!(c.seed_peer.enable);
         assert!(c.metrics.enable);
         assert_eq!(Config::parse("").unwrap().server.port, 8002);
+        let c = Config::parse("scheduler:\n  gc:\n    hostTTL: 2m\n").unwrap();
+        assert_eq!(c.scheduler.gc.host_ttl, Duration::from_secs(120));
+        assert_eq!(c.scheduler.gc.host_gc_interval, Duration::from_secs(60));
+        assert_eq!(c.scheduler.retry_limit, 5);
     }
 
     #[test]

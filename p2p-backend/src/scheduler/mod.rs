@@ -63,6 +63,21 @@ pub async fn serve(
             }
         });
     }
+    {
+        let inner = service.inner();
+        let gc = config.scheduler.gc.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(gc.host_gc_interval);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let (hosts, peers) = inner.state().collect_garbage(gc.host_ttl);
+                if hosts + peers > 0 {
+                    tracing::info!("dropped {hosts} stale hosts and {peers} peers");
+                }
+            }
+        });
+    }
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<SchedulerServer<SchedulerService>>()

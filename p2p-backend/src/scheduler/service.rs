@@ -479,6 +479,11 @@ enum Decision {
     Wait,
 }
 
+/// A protobuf duration as a std one (negative ones are refused).
+fn prost_types_duration(d: prost_wkt_types::Duration) -> std::time::Duration {
+    std::time::Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
+}
+
 fn request_name(r: &PeerRequest) -> &'static str {
     match r {
         PeerRequest::RegisterPeerRequest(_) => "RegisterPeerRequest",
@@ -639,7 +644,11 @@ impl Scheduler for SchedulerService {
                 host.id, host.port
             )));
         }
-        self.inner.state().announce_host(host);
+        let interval = r
+            .interval
+            .map(prost_types_duration)
+            .filter(|d| !d.is_zero());
+        self.inner.state().announce_host_every(host, interval);
         self.inner.changed();
         Ok(Response::new(()))
     }

@@ -4,7 +4,8 @@
 //!
 //! Choosing parents for a child peer, among the peers of its task:
 //! - only peers that are downloading (`Running`, `BackToSource`) or done (`Succeeded`),
-//!   on an announced host that shares, and never the child's own host;
+//!   on an announced host that shares and is alive (announced within three of its
+//!   announce intervals, at least [`MIN_LIVENESS`]), and never the child's own host;
 //! - never a peer the child reported failing (a failed piece naming it, or a
 //!   reschedule listing it);
 //! - never a peer that descends from the child through parents handed out before (that
@@ -16,7 +17,10 @@
 
 use dragonfly_api::common::v2::{Host, Peer, Piece, Task};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// A host that announced itself within this long is alive, whatever its interval.
+pub const MIN_LIVENESS: Duration = Duration::from_secs(10);
 
 /// Where a peer is in its download.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -70,12 +74,23 @@ pub struct HostEntry {
     pub host: Host,
     /// When it was last announced.
     pub announced: Instant,
+    /// The interval it announces itself at, if it said.
+    pub interval: Option<Duration>,
 }
 
 impl HostEntry {
     /// Seed peers announce a non-zero host type (1 = super seed, 2 = strong, 3 = weak).
     pub fn is_seed(&self) -> bool {
         self.host.r#type != 0
+    }
+
+    /// Whether it announced itself recently enough to be taken as running: within
+    /// three of its intervals, and at least [`MIN_LIVENESS`].
+    pub fn is_alive(&self) -> bool {
+        let window = self
+            .interval
+            .map_or(MIN_LIVENESS, |i| (i * 3).max(MIN_LIVENESS));
+        self.announced.elapsed() <= window
     }
 
     /// The free share (0..=1) of its upload bandwidth, 1 when it does not say.
@@ -153,13 +168,42 @@ pub struct State {
 impl State {
     /// Records (or refreshes) a host.
     pub fn announce_host(&mut self, host: Host) {
+        self.announce_host_every(host, None);
+    }
+
+    /// Records (or refreshes) a host that announces itself every `interval`.
+    pub fn announce_host_every(&mut self, host: Host, interval: Option<Duration>) {
         self.hosts.insert(
             host.id.clone(),
             HostEntry {
                 host,
                 announced: Instant::now(),
+                interval,
             },
         );
+    }
+
+    /// Forgets hosts not announced for `host_ttl` (with their peers), failed peers,
+    /// and tasks left without peers; returns how many hosts and peers went.
+    pub fn collect_garbage(&mut self, host_ttl: Duration) -> (usize, usize) {
+        let stale: Vec<String> = self
+            .hosts
+            .iter()
+            .filter(|(_, h)| h.announced.elapsed() > host_ttl)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &stale {
+            self.hosts.remove(id);
+        }
+        let mut peers = 0;
+        for task in self.tasks.values_mut() {
+            let before = task.peers.len();
+            task.peers
+                .retain(|_, p| p.state != PeerState::Failed && !stale.contains(&p.host_id));
+            peers += before - task.peers.len();
+        }
+        self.tasks.retain(|_, t| !t.peers.is_empty());
+        (stale.len(), peers)
     }
 
     /// Forgets a host and its peers.
@@ -174,9 +218,9 @@ impl State {
         Ok(())
     }
 
-    /// Whether any announced host is a seed peer.
+    /// Whether any announced host that is alive is a seed peer.
     pub fn has_seed_host(&self) -> bool {
-        self.hosts.values().any(HostEntry::is_seed)
+        self.hosts.values().any(|h| h.is_seed() && h.is_alive())
     }
 
     /// Adds a peer for a registration.
@@ -292,7 +336,7 @@ impl State {
             let Some(host) = self.hosts.get(&p.host_id) else {
                 continue;
             };
-            if host.host.disable_shared {
+            if host.host.disable_shared || !host.is_alive() {
                 continue;
             }
             let have = if p.state == PeerState::Succeeded {
@@ -404,7 +448,7 @@ impl State {
         let uploads = self.uploads();
         self.hosts
             .values()
-            .filter(|h| h.is_seed())
+            .filter(|h| h.is_seed() && h.is_alive())
             .min_by(|a, b| {
                 let ua = uploads.get(a.host.id.as_str()).unwrap_or(&0);
                 let ub = uploads.get(b.host.id.as_str()).unwrap_or(&0);
@@ -521,6 +565,20 @@ mod tests {
         assert_eq!(got.last().unwrap(), "busy", "{got:?}");
         let pos = |n: &str| got.iter().position(|g| g == n).unwrap();
         assert!(pos("saturated") < pos("busy"), "{got:?}");
+    }
+
+    #[test]
+    fn hosts_silent_for_three_intervals_are_not_handed_out_and_are_collected() {
+        let mut s = state_with(&[("a", false), ("b", false), ("c", false)]);
+        add(&mut s, "a", "child", PeerState::Running);
+        add(&mut s, "b", "quiet", PeerState::Succeeded);
+        add(&mut s, "c", "failed", PeerState::Failed);
+        s.hosts.get_mut("b").unwrap().interval = Some(Duration::from_secs(1));
+        assert_eq!(s.candidates("t", "child", 4), ["quiet"]);
+        s.hosts.get_mut("b").unwrap().announced -= Duration::from_secs(11);
+        assert!(s.candidates("t", "child", 4).is_empty());
+        assert_eq!(s.collect_garbage(Duration::from_secs(10)), (1, 2));
+        assert_eq!(s.tasks["t"].peers.len(), 1);
     }
 
     #[test]
