@@ -263,6 +263,18 @@ async fn stream_messages_out_of_order_or_for_another_peer_are_refused() {
     .await;
     let e = s.answer().await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+    // A second register on one stream.
+    let mut s = Stream::open(&mut c, "h", "t2", "p2").await;
+    s.register().await;
+    assert!(matches!(
+        s.answer().await.unwrap(),
+        Some(Resp::NeedBackToSourceResponse(_))
+    ));
+    s.register().await;
+    let e = s.answer().await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("registered twice"), "{e:?}");
 }
 
 #[tokio::test]
