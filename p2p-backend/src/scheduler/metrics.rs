@@ -1,7 +1,9 @@
 //! Prometheus metrics of the scheduler, served as text at `GET /metrics`.
 //!
 //! Gauges (read from the state at each scrape): `scheduler_hosts`,
-//! `scheduler_seed_hosts`, `scheduler_tasks`, `scheduler_peers{state}`. Counters:
+//! `scheduler_seed_hosts`, `scheduler_tasks`, `scheduler_peers{state}`,
+//! `scheduler_origin_piece_digests` (pieces whose digest a seed reported from the
+//! origin, over all tasks). Counters:
 //! `scheduler_answers_total{kind}` (`normal_task`, `need_back_to_source`,
 //! `metadata_only`), `scheduler_back_to_source_total{reason}`,
 //! `scheduler_child_failures_total{kind}` (`piece`, `origin_piece`, `reschedule`,
@@ -27,6 +29,7 @@ pub struct Metrics {
     hosts: Gauge,
     seed_hosts: Gauge,
     tasks: Gauge,
+    origin_piece_digests: Gauge,
     peers: Labeled<Gauge>,
     answers: Labeled<Counter>,
     back_to_source: Labeled<Counter>,
@@ -46,6 +49,7 @@ impl Default for Metrics {
             hosts: Gauge::default(),
             seed_hosts: Gauge::default(),
             tasks: Gauge::default(),
+            origin_piece_digests: Gauge::default(),
             peers: Family::default(),
             answers: Family::default(),
             back_to_source: Family::default(),
@@ -59,6 +63,11 @@ impl Default for Metrics {
             m.seed_hosts.clone(),
         );
         registry.register("tasks", "Tasks with peers", m.tasks.clone());
+        registry.register(
+            "origin_piece_digests",
+            "Pieces whose digest a seed peer reported from the origin",
+            m.origin_piece_digests.clone(),
+        );
         registry.register("peers", "Peers by state", m.peers.clone());
         registry.register("answers", "AnnouncePeer answers by kind", m.answers.clone());
         registry.register(
@@ -116,6 +125,13 @@ impl Metrics {
         self.seed_hosts
             .set(state.hosts.values().filter(|h| h.is_seed()).count() as i64);
         self.tasks.set(state.tasks.len() as i64);
+        self.origin_piece_digests.set(
+            state
+                .tasks
+                .values()
+                .map(|t| t.origin_pieces.len() as i64)
+                .sum(),
+        );
         for (s, n) in state.peers_by_state() {
             self.peers
                 .get_or_create(&label("state", s.name()))

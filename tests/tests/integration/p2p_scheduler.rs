@@ -153,6 +153,14 @@ fn a_seed_and_four_dfdaemons_share_a_blob_and_the_origin_serves_one_copy() {
         "{}",
         logs()
     );
+    // The seed reported a digest for each of the 32 pieces (4 MiB) it fetched from the
+    // origin; they go out with the parents that hold them.
+    assert_eq!(
+        metric_value(&metrics, "scheduler_origin_piece_digests"),
+        32.0,
+        "{}",
+        logs()
+    );
 }
 
 #[test]
