@@ -31,7 +31,7 @@ use rafs::write::{
 use rafs::{BlobInfo, ChunkInfo, Compressor, Digester};
 use serde::Serialize;
 use sha2::Digest as _;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
@@ -301,7 +301,10 @@ impl Stack {
             }
         }
 
-        // Phase 1: deletions, of what the lower layers built.
+        // Phase 1: deletions, of what the lower layers built. Whiteout markers whose
+        // parent exists here need nothing made in phase 2 (containerd made their
+        // parent before deleting, so a deletion of what led to it cannot bring it back).
+        let mut parent_found: HashSet<&[u8]> = HashSet::new();
         for (path, inode) in &entries {
             let (parent, name) = split_parent(path);
             if !name.starts_with(OCI_WHITEOUT_PREFIX)
@@ -315,6 +318,9 @@ impl Stack {
             else {
                 continue;
             };
+            if !inode.is_dir() {
+                parent_found.insert(path.as_slice());
+            }
             if name == OCI_OPAQUE_MARKER {
                 if let NodeKind::Directory(children) = &mut self.tree.node_mut(dir).kind {
                     children.clear();
@@ -339,6 +345,9 @@ impl Stack {
         let mut chunk_handles: HashMap<(u32, u32), u32> = HashMap::new();
         for (path, inode) in &entries {
             let (parent, name) = split_parent(path);
+            if parent_found.contains(path.as_slice()) {
+                continue;
+            }
             // The parent is made (or found through the lower layers' symlinks) before
             // anything else, whiteouts included, as containerd does.
             let Some((dir, dir_path)) = self

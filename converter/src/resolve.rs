@@ -96,8 +96,10 @@ pub fn resolve(
                 done.clear();
                 nodes.clear();
             }
-            // The target is cleaned lexically against the resolved prefix (as Go's
-            // `filepath.Join` does in containerd), then walked again.
+            // The target is cleaned lexically against the resolved prefix, then
+            // walked again. containerd joins `..` with the text of the link that led
+            // here instead; the two differ only when a target's `..` climbs out of a
+            // prefix that itself came through a symlink.
             let mut cleaned: Vec<Vec<u8>> = Vec::new();
             for t in target.split(|b| *b == b'/') {
                 match t {

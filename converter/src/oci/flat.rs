@@ -220,10 +220,12 @@ impl FlatTree {
     /// Removes everything strictly below `dir`.
     fn remove_below(&mut self, dir: &[u8]) {
         let prefix = join(dir, b"");
+        // `dir` itself is not below it (the root's prefix, "/", is the root's key).
         let below: Vec<Vec<u8>> = self
             .entries
             .range(prefix.clone()..)
             .take_while(|(k, _)| k.starts_with(&prefix))
+            .filter(|(k, _)| k.as_slice() != dir)
             .map(|(k, _)| k.clone())
             .collect();
         for k in below {
@@ -311,6 +313,11 @@ impl FlatTree {
                             e.kind.name()
                         ),
                     ))
+                }
+                None if cur == b"/" => {
+                    // Never removed, but a missing root is made like any parent.
+                    missing.push(cur.clone());
+                    break;
                 }
                 None => {
                     missing.push(cur.clone());
@@ -404,10 +411,9 @@ impl FlatTree {
                 changes.push(Change::Parent(path.clone()));
                 if name == OPAQUE {
                     deletions.push((path, true));
-                } else if !name[WHITEOUT.len()..].starts_with(WHITEOUT)
-                    && name.len() > WHITEOUT.len()
-                {
-                    // `.wh..wh.*` other than the opaque marker are aufs metadata.
+                } else if name.len() > WHITEOUT.len() {
+                    // Also `.wh..wh.x` (aufs metadata): it deletes `.wh.x`, as
+                    // containerd's applier does.
                     deletions.push((path, false));
                 }
                 continue;
@@ -498,6 +504,15 @@ impl FlatTree {
                 },
             ));
         }
+        // Whiteouts' parents are made before anything is deleted (containerd makes
+        // each one right before its deletion, which comes to the same).
+        for change in &changes {
+            if let Change::Parent(path) = change {
+                if self.lower_parent(path, &explicit_dirs)?.is_none() {
+                    self.parent_of(path)?;
+                }
+            }
+        }
         for (path, opaque) in deletions {
             let Some(dir) = self.lower_parent(&path, &explicit_dirs)? else {
                 continue;
@@ -511,9 +526,7 @@ impl FlatTree {
         }
         for change in changes {
             match change {
-                Change::Parent(path) => {
-                    self.parent_of(&path)?;
-                }
+                Change::Parent(_) => {}
                 Change::Add(path, entry) => {
                     self.put(&path, entry)?;
                 }
@@ -820,5 +833,17 @@ mod tests {
             diffs.iter().any(|d| d.starts_with("/usr/lib/new: missing")),
             "{diffs:?}"
         );
+    }
+
+    #[test]
+    fn an_opaque_marker_at_the_root_or_through_a_symlink_to_it_keeps_the_root() {
+        let mut t = usr_merged();
+        t.apply_tar(&layer(&[("up2", "sym:/")])[..]).unwrap();
+        t.apply_tar(&layer(&[("up2/.wh..wh..opq", ""), ("kept", "k")])[..])
+            .unwrap();
+        assert_eq!(paths(&t), ["/", "/kept"]);
+        let mut t = usr_merged();
+        t.apply_tar(&layer(&[(".wh..wh..opq", "")])[..]).unwrap();
+        assert_eq!(paths(&t), ["/"]);
     }
 }

@@ -620,3 +620,23 @@ fn symlinks_of_the_same_layer_redirect_its_later_entries() {
     assert_eq!(got["/opt/link"], "l -> /srv/real");
     assert_eq!(got["/srv/real/f"], "f 644 f");
 }
+
+#[test]
+fn an_opaque_marker_through_a_symlink_to_the_root_clears_it_and_makes_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let mut lower = TarMaker::default();
+    lower
+        .file("old", 0o644, b"old")
+        .symlink("up", "/")
+        .dir("d", 0o755)
+        .file("d/.wh.x", 0o644, b"");
+    let mut upper = TarMaker::default();
+    upper
+        .file("up/.wh..wh..opq", 0o644, b"")
+        .file("kept", 0o644, b"k");
+    let got = try_merge(t.path(), vec![lower.finish(), upper.finish()])
+        .unwrap()
+        .names();
+    // containerd resolves `up` to the root before it empties it: no `up` is made.
+    assert_eq!(got, ["/kept"]);
+}
