@@ -34,17 +34,27 @@ use std::time::Duration;
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Config {
     /// The gRPC server.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub server: ServerConfig,
     /// Scheduling rules.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub scheduler: SchedulingConfig,
     /// Seed peers.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub seed_peer: SeedPeerConfig,
     /// Prometheus metrics.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub metrics: MetricsConfig,
+}
+
+/// A section left empty (`scheduler:` with every key commented out is YAML null)
+/// takes the defaults.
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 /// `server`.
@@ -94,6 +104,7 @@ pub struct SchedulingConfig {
     #[serde(with = "human_duration")]
     pub seed_peer_wait_timeout: Duration,
     /// Garbage collection.
+    #[serde(deserialize_with = "null_as_default")]
     pub gc: GcConfig,
 }
 
@@ -184,8 +195,20 @@ impl Config {
         if config.scheduler.retry_limit == 0 {
             return Err("scheduler.retryLimit must be at least 1".into());
         }
-        if config.scheduler.gc.host_gc_interval.is_zero() {
-            return Err("scheduler.gc.hostGCInterval must be more than 0".into());
+        let sch = &config.scheduler;
+        if sch.gc.host_gc_interval.is_zero() || sch.gc.host_ttl.is_zero() {
+            return Err("scheduler.gc.hostGCInterval and hostTTL must be more than 0".into());
+        }
+        let day = Duration::from_secs(24 * 3600);
+        if sch.seed_peer_wait_timeout > Duration::from_secs(3600)
+            || sch.gc.host_gc_interval > day
+            || sch.gc.host_ttl > 365 * day
+        {
+            return Err(
+                "scheduler.seedPeerWaitTimeout is at most 1h, gc.hostGCInterval at most 24h, \
+                 gc.hostTTL at most 365 days"
+                    .into(),
+            );
         }
         Ok(config)
     }
@@ -244,6 +267,10 @@ mod tests {
         assert_eq!(c.scheduler.gc.host_ttl, Duration::from_secs(120));
         assert_eq!(c.scheduler.gc.host_gc_interval, Duration::from_secs(60));
         assert_eq!(c.scheduler.retry_limit, 5);
+        let c = Config::parse("server:\nscheduler:\n  # all commented out\nmetrics:\n").unwrap();
+        assert_eq!(c.server.port, 8002);
+        assert!(Config::parse("scheduler:\n  gc:\n    hostTTL: 0s\n").is_err());
+        assert!(Config::parse("scheduler:\n  seedPeerWaitTimeout: 100000h\n").is_err());
     }
 
     #[test]

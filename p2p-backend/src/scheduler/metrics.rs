@@ -144,14 +144,19 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `addr` until the process ends; `render` makes the text.
-pub async fn serve(
-    listener: TcpListener,
-    render: impl Fn() -> String + Send + Sync + 'static,
-) -> std::io::Result<()> {
+/// Serves `GET /metrics` on `listener` until the task is dropped; `render` makes the
+/// text. A failed accept (e.g. out of file descriptors) is logged and retried.
+pub async fn serve(listener: TcpListener, render: impl Fn() -> String + Send + Sync + 'static) {
     let render = Arc::new(render);
     loop {
-        let (mut conn, _) = listener.accept().await?;
+        let mut conn = match listener.accept().await {
+            Ok((conn, _)) => conn,
+            Err(e) => {
+                tracing::warn!("metrics: accepting a connection: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let render = render.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];

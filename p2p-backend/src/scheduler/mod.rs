@@ -51,22 +51,22 @@ pub async fn serve(
 ) -> Result<(), String> {
     let metrics = Metrics::default();
     let service = SchedulerService::new(config.clone(), metrics.clone());
+    // Background tasks end with the server.
+    let mut background = tokio::task::JoinSet::new();
     if config.metrics.enable {
         let listener = metrics::bind(config.metrics.addr)
             .await
             .map_err(|e| format!("binding metrics address {}: {e}", config.metrics.addr))?;
         let inner = service.inner();
-        tokio::spawn(async move {
+        background.spawn(async move {
             let render = move || inner.metrics.render(&inner.state());
-            if let Err(e) = metrics::serve(listener, render).await {
-                tracing::error!("metrics server stopped: {e}");
-            }
+            metrics::serve(listener, render).await;
         });
     }
     {
         let inner = service.inner();
         let gc = config.scheduler.gc.clone();
-        tokio::spawn(async move {
+        background.spawn(async move {
             let mut tick = tokio::time::interval(gc.host_gc_interval);
             tick.tick().await;
             loop {
@@ -85,10 +85,17 @@ pub async fn serve(
     let scheduler = SchedulerServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_MESSAGE_SIZE);
-    tonic::transport::Server::builder()
+    // Keepalives find peers that vanished without closing their streams, so their
+    // stream tasks end and their peers stop being handed out.
+    let result = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .tcp_keepalive(Some(std::time::Duration::from_secs(60)))
         .add_service(health_service)
         .add_service(scheduler)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
-        .map_err(|e| format!("gRPC server: {e}"))
+        .map_err(|e| format!("gRPC server: {e}"));
+    background.abort_all();
+    result
 }

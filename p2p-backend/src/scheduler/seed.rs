@@ -18,6 +18,10 @@ use tonic::transport::Endpoint;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a host may take to say whether it holds a task.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a seed may take to start a download (it asks the origin first).
+const TRIGGER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a seed's download is followed before the scheduler stops reading it.
+const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
 async fn client(host: &Host) -> Result<DfdaemonUploadClient<tonic::transport::Channel>, String> {
     let endpoint = Endpoint::from_shared(format!("http://{}:{}", host.ip, host.port))
@@ -32,10 +36,14 @@ async fn client(host: &Host) -> Result<DfdaemonUploadClient<tonic::transport::Ch
     Ok(DfdaemonUploadClient::new(channel))
 }
 
-/// The download a seed peer is asked to make: the child's, for the whole task, kept
-/// in the seed's storage only.
+/// The download a seed peer is asked to make: the child's (task id rules included,
+/// so that the seed names the task as the child did), for the whole task, kept in the
+/// seed's storage only.
 fn seed_download(mut d: Download) -> Download {
     d.range = None;
+    // dfdaemon rebuilds the range from a `Range` header.
+    d.request_header
+        .retain(|k, _| !k.eq_ignore_ascii_case("range"));
     d.output_path = None;
     d.need_piece_content = false;
     d.is_prefetch = false;
@@ -44,8 +52,6 @@ fn seed_download(mut d: Download) -> Download {
     d.remote_ip = None;
     d.force_hard_link = false;
     d.metadata_only = false;
-    // The seed must name the task as the child did: by the blob digest.
-    d.enable_task_id_based_blob_digest = true;
     d
 }
 
@@ -64,9 +70,10 @@ pub async fn trigger(host: &Host, download: Download) -> bool {
     let request = DownloadTaskRequest {
         download: Some(seed_download(download)),
     };
-    let mut stream = match client.download_task(request).await {
-        Ok(r) => r.into_inner(),
-        Err(e) => {
+    let started = tokio::time::timeout(TRIGGER_TIMEOUT, client.download_task(request)).await;
+    let mut stream = match started {
+        Ok(Ok(r)) => r.into_inner(),
+        Ok(Err(e)) => {
             tracing::warn!(
                 "seed peer {} refused to download {url}: {}",
                 host.id,
@@ -74,18 +81,30 @@ pub async fn trigger(host: &Host, download: Download) -> bool {
             );
             return false;
         }
+        Err(_) => {
+            tracing::warn!(
+                "seed peer {} did not start {url} within {TRIGGER_TIMEOUT:?}",
+                host.id
+            );
+            return false;
+        }
     };
     let host_id = host.id.clone();
     tokio::spawn(async move {
-        loop {
-            match stream.message().await {
-                Ok(Some(_)) => {}
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::warn!("seed peer {host_id} downloading {url}: {}", e.message());
-                    break;
+        let drain = async {
+            loop {
+                match stream.message().await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!("seed peer {host_id} downloading {url}: {}", e.message());
+                        break;
+                    }
                 }
             }
+        };
+        if tokio::time::timeout(DOWNLOAD_TIMEOUT, drain).await.is_err() {
+            tracing::warn!("stopped following a seed download after {DOWNLOAD_TIMEOUT:?}");
         }
     });
     true

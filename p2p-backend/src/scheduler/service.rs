@@ -19,7 +19,7 @@
 use super::config::Config;
 use super::metrics::Metrics;
 use super::seed;
-use super::state::{PeerState, State, StateError};
+use super::state::{PeerState, State, StateError, MAX_FAILED_PARENTS, MAX_PIECES};
 use dragonfly_api::common::v2::{Host, Peer, Task};
 use dragonfly_api::scheduler::v2::announce_peer_request::Request as PeerRequest;
 use dragonfly_api::scheduler::v2::announce_peer_response::Response as PeerResponse;
@@ -71,6 +71,14 @@ enum Flow {
 
 type Answers = mpsc::Sender<Result<AnnouncePeerResponse, Status>>;
 
+/// The longest a first answer waits for a parent: dfdaemon's scheduler client gives up
+/// on it after 10 s.
+const FIRST_ANSWER_WAIT: Duration = Duration::from_secs(8);
+
+/// How long a seed peer that could not be triggered (or did not start) is not asked
+/// again for the task.
+const SEED_FAILURE_MEMORY: Duration = Duration::from_secs(60);
+
 impl SchedulerService {
     /// A scheduler with an empty state.
     pub fn new(config: Config, metrics: Metrics) -> SchedulerService {
@@ -101,12 +109,13 @@ impl Inner {
     }
 
     async fn answer(&self, tx: &Answers, kind: &str, response: PeerResponse) -> Result<(), Status> {
-        self.metrics.answer(kind);
         tx.send(Ok(AnnouncePeerResponse {
             response: Some(response),
         }))
         .await
-        .map_err(|_| Status::cancelled("the peer closed its stream"))
+        .map_err(|_| Status::cancelled("the peer closed its stream"))?;
+        self.metrics.answer(kind);
+        Ok(())
     }
 
     /// Handles one message of a stream.
@@ -207,10 +216,16 @@ impl Inner {
                     .ok_or_else(|| Status::invalid_argument("piece missing"))?;
                 let mut state = self.state();
                 let p = state.peer_mut(task, peer)?;
-                p.pieces.insert(piece.number);
+                if p.pieces.len() < MAX_PIECES {
+                    p.pieces.insert(piece.number);
+                }
                 let from_seed = state.hosts.get(&these.host).is_some_and(|h| h.is_seed());
-                if from_seed && !piece.digest.is_empty() {
-                    if let Some(t) = state.tasks.get_mut(task) {
+                if from_seed && !piece.digest.is_empty() && piece.digest.len() <= 256 {
+                    if let Some(t) = state
+                        .tasks
+                        .get_mut(task)
+                        .filter(|t| t.origin_pieces.len() < MAX_PIECES)
+                    {
                         let mut recorded = piece;
                         recorded.content = None;
                         t.origin_pieces.insert(recorded.number, recorded);
@@ -220,26 +235,30 @@ impl Inner {
                 self.changed();
             }
             PeerRequest::DownloadPieceFailedRequest(r) => {
-                self.metrics.child_failure("piece");
                 let mut state = self.state();
                 let p = state.peer_mut(task, peer)?;
-                if !r.parent_id.is_empty() {
+                if !r.parent_id.is_empty() && p.failed_parents.len() < MAX_FAILED_PARENTS {
                     p.failed_parents.insert(r.parent_id);
                 }
+                drop(state);
+                self.metrics.child_failure("piece");
             }
             PeerRequest::DownloadPieceBackToSourceFailedRequest(_) => {
-                self.metrics.child_failure("origin_piece");
                 self.state().peer_mut(task, peer)?;
+                self.metrics.child_failure("origin_piece");
             }
             PeerRequest::ReschedulePeerRequest(r) => {
-                self.metrics.child_failure("reschedule");
                 {
                     let mut state = self.state();
                     let p = state.peer_mut(task, peer)?;
-                    for failed in r.candidate_parents.iter().take(1024) {
+                    for failed in &r.candidate_parents {
+                        if p.failed_parents.len() >= MAX_FAILED_PARENTS {
+                            break;
+                        }
                         p.failed_parents.insert(failed.id.clone());
                     }
                 }
+                self.metrics.child_failure("reschedule");
                 self.schedule(&these, tx).await?;
             }
             PeerRequest::DownloadPeerFinishedRequest(_)
@@ -249,8 +268,8 @@ impl Inner {
             }
             PeerRequest::DownloadPeerFailedRequest(_)
             | PeerRequest::DownloadPeerBackToSourceFailedRequest(_) => {
-                self.metrics.child_failure("peer");
                 self.state().peer_mut(task, peer)?.state = PeerState::Failed;
+                self.metrics.child_failure("peer");
                 self.changed();
                 return Ok(Flow::End);
             }
@@ -276,14 +295,22 @@ impl Inner {
     /// Sends the one answer a registration or reschedule gets (module docs).
     async fn schedule(self: &Arc<Self>, ids: &StreamIds, tx: &Answers) -> Result<(), Status> {
         let cfg = &self.config.scheduler;
-        let deadline = Instant::now() + cfg.seed_peer_wait_timeout;
-        let mut probed = false;
+        let first = self.state().peer_mut(&ids.task, &ids.peer)?.answers == 0;
+        // dfdaemon gives up on the first answer after 10 s (and then goes to the
+        // origin on its own): answer it within [`FIRST_ANSWER_WAIT`].
+        let wait = if first {
+            cfg.seed_peer_wait_timeout.min(FIRST_ANSWER_WAIT)
+        } else {
+            cfg.seed_peer_wait_timeout
+        };
+        let deadline = Instant::now() + wait;
+        let mut timed_out = false;
         loop {
             // Registered before the state is read, so no change is missed.
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let decision = self.decide(ids, &mut probed)?;
+            let decision = self.decide(ids, timed_out)?;
             match decision {
                 Decision::Parents(parents) => {
                     return self
@@ -314,7 +341,11 @@ impl Inner {
                     for host_id in found {
                         state.restore_peer(&ids.task, &host_id);
                     }
-                    probed = true;
+                    if let Some(t) = state.tasks.get_mut(&ids.task) {
+                        t.probing = false;
+                    }
+                    drop(state);
+                    self.changed();
                     continue;
                 }
                 Decision::Trigger(trigger) => {
@@ -328,7 +359,7 @@ impl Inner {
                             .seed_trigger(if ok { "started" } else { "failed" });
                         if !ok {
                             if let Some(t) = inner.state().tasks.get_mut(&task) {
-                                t.seed_failed = true;
+                                t.seed_failed = Some(Instant::now());
                             }
                         }
                         inner.changed();
@@ -336,28 +367,34 @@ impl Inner {
                 }
                 Decision::Wait => {}
             }
+            if timed_out {
+                // `decide` answers when timed out; this is only reached if it could not.
+                return Err(Status::unavailable(format!(
+                    "no parent for peer {} of task {} within {wait:?}",
+                    ids.peer, ids.task
+                )));
+            }
             if Instant::now() >= deadline {
-                let reason = "no seed peer started the task in time";
-                let mut state = self.state();
-                if let Some(t) = state.tasks.get_mut(&ids.task) {
-                    t.seed_failed = true;
-                }
-                drop(state);
-                tracing::info!("task {}: {reason}", ids.task);
-                // The next round decides with the seed counted as failed.
+                timed_out = true;
                 continue;
             }
-            let wait = deadline.saturating_duration_since(Instant::now());
-            let _ = tokio::time::timeout(wait.min(Duration::from_millis(500)), notified).await;
+            let left = deadline.saturating_duration_since(Instant::now());
+            tokio::select! {
+                _ = tokio::time::timeout(left.min(Duration::from_millis(500)), notified) => {}
+                // The peer gave up (it goes to the origin by itself): stop waiting.
+                _ = tx.closed() => return Err(Status::cancelled("the peer closed its stream")),
+            }
         }
     }
 
-    /// One scheduling decision under the lock.
-    fn decide(&self, ids: &StreamIds, probed: &mut bool) -> Result<Decision, Status> {
+    /// One scheduling decision under the lock. `timed_out`: the wait for a parent is
+    /// over, so the decision must be an answer.
+    fn decide(&self, ids: &StreamIds, timed_out: bool) -> Result<Decision, Status> {
         let cfg = &self.config.scheduler;
         let mut state = self.state();
         let is_seed = state.hosts.get(&ids.host).is_some_and(|h| h.is_seed());
-        let answers = state.peer_mut(&ids.task, &ids.peer)?.answers;
+        let me = state.peer_mut(&ids.task, &ids.peer)?;
+        let (answers, need_back_to_source) = (me.answers, me.need_back_to_source);
         if answers >= cfg.retry_limit {
             return Err(Status::resource_exhausted(format!(
                 "peer {} was answered {answers} times, the limit per stream \
@@ -366,11 +403,6 @@ impl Inner {
             )));
         }
         let parents = state.candidates(&ids.task, &ids.peer, cfg.candidate_parent_limit);
-        let need_back_to_source = state
-            .tasks
-            .get(&ids.task)
-            .and_then(|t| t.download.as_ref())
-            .is_some_and(|d| d.need_back_to_source);
         if !parents.is_empty() && !need_back_to_source {
             let messages = state.parent_messages(&ids.task, &parents);
             let p = state.peer_mut(&ids.task, &ids.peer)?;
@@ -378,29 +410,75 @@ impl Inner {
             p.answers += 1;
             return Ok(Decision::Parents(messages));
         }
-        let last_answer = answers + 1 >= cfg.retry_limit;
-        let back = |state: &mut State| -> Result<(), Status> {
-            let p = state.peer_mut(&ids.task, &ids.peer)?;
-            p.answers += 1;
-            Ok(())
+        let to_origin = |state: &mut State, reason: &'static str, counted: bool| {
+            if counted {
+                if let Some(t) = state.tasks.get_mut(&ids.task) {
+                    t.back_to_source_peers += 1;
+                }
+            }
+            if let Ok(p) = state.peer_mut(&ids.task, &ids.peer) {
+                p.answers += 1;
+            }
+            Ok(Decision::BackToSource(reason))
         };
-        if is_seed || need_back_to_source {
-            back(&mut state)?;
-            return Ok(Decision::BackToSource(if is_seed {
-                "seed peer: no other peer has the task"
-            } else {
-                "the download asks for the origin"
-            }));
+        if is_seed {
+            return to_origin(&mut state, "seed peer: no other peer has the task", false);
+        }
+        if need_back_to_source {
+            return to_origin(&mut state, "the download asks for the origin", false);
         }
         if cfg.peer_back_to_source {
-            back(&mut state)?;
-            return Ok(Decision::BackToSource("scheduler.peerBackToSource"));
+            return to_origin(&mut state, "scheduler.peerBackToSource", true);
         }
-        let task = state.tasks.get(&ids.task).cloned().unwrap_or_default();
-        let seeds_can_serve =
-            self.config.seed_peer.enable && state.has_seed_host() && !task.seed_failed;
-        if !seeds_can_serve || last_answer {
-            let count = task.back_to_source_peers;
+        let Some(task) = state.tasks.get(&ids.task) else {
+            return Err(Status::not_found(format!("task {} is not known", ids.task)));
+        };
+        let failed = task
+            .peers
+            .get(&ids.peer)
+            .map(|p| p.failed_parents.clone())
+            .unwrap_or_default();
+        let seed_failed = task
+            .seed_failed
+            .is_some_and(|t| t.elapsed() < SEED_FAILURE_MEMORY);
+        let (probing, probed) = (task.probing, task.probed);
+        let holders = task
+            .peers
+            .values()
+            .any(|p| p.state.can_serve() || p.restored);
+        // Seed peers of the task this child has not reported failing, by state.
+        let mut seed_registered = false;
+        let mut seed_usable = false;
+        let mut seed_blamed = false;
+        for (id, p) in &task.peers {
+            if !state.hosts.get(&p.host_id).is_some_and(|h| h.is_seed()) {
+                continue;
+            }
+            seed_registered = true;
+            if failed.contains(id) {
+                seed_blamed = true;
+            } else if p.state != PeerState::Failed {
+                seed_usable = true;
+            }
+        }
+        let recently_triggered = task
+            .seed_triggered
+            .is_some_and(|t| t.elapsed() < cfg.seed_peer_wait_timeout);
+        let download = task.download.clone();
+        let seeds_can_serve = self.config.seed_peer.enable && state.has_seed_host() && !seed_failed;
+        let last_answer = answers + 1 >= cfg.retry_limit;
+        let no_seed_left = seed_blamed && !seed_usable;
+        if !seeds_can_serve || last_answer || no_seed_left || timed_out {
+            if timed_out && !seed_registered {
+                // The seed did not even register: count it as failed for a while.
+                if let Some(t) = state.tasks.get_mut(&ids.task) {
+                    t.seed_failed = Some(Instant::now());
+                }
+            }
+            let count = state
+                .tasks
+                .get(&ids.task)
+                .map_or(0, |t| t.back_to_source_peers);
             if count >= cfg.back_to_source_count {
                 return Err(Status::resource_exhausted(format!(
                     "no peer can serve task {} and {count} peers already went to the origin \
@@ -408,48 +486,39 @@ impl Inner {
                     ids.task
                 )));
             }
-            if let Some(t) = state.tasks.get_mut(&ids.task) {
-                t.back_to_source_peers += 1;
-            }
-            back(&mut state)?;
-            return Ok(Decision::BackToSource(if last_answer {
+            let reason = if last_answer {
                 "last answer of the stream and no parent left"
+            } else if no_seed_left {
+                "the peer reported every seed peer of the task failing"
+            } else if timed_out {
+                "no seed peer started the task in time"
             } else {
                 "no seed peer can serve the task"
-            }));
+            };
+            return to_origin(&mut state, reason, true);
         }
-        let holders = task
-            .peers
-            .values()
-            .any(|p| p.state.can_serve() || p.restored);
-        if !*probed && !holders {
-            *probed = true;
+        if probing {
+            return Ok(Decision::Wait);
+        }
+        if !probed && !holders {
             let hosts: Vec<Host> = state
                 .hosts
                 .values()
-                .filter(|h| h.host.id != ids.host)
+                .filter(|h| h.host.id != ids.host && h.is_alive())
                 .map(|h| h.host.clone())
                 .collect();
-            if !hosts.is_empty() && !task.probed {
-                if let Some(t) = state.tasks.get_mut(&ids.task) {
-                    t.probed = true;
-                }
+            if let Some(t) = state.tasks.get_mut(&ids.task) {
+                t.probed = true;
+                t.probing = !hosts.is_empty();
+            }
+            if !hosts.is_empty() {
                 return Ok(Decision::Probe(hosts));
             }
         }
-        let seed_running = task.peers.values().any(|p| {
-            state.hosts.get(&p.host_id).is_some_and(|h| h.is_seed()) && p.state != PeerState::Failed
-        });
-        let recently = task
-            .seed_triggered
-            .is_some_and(|t| t.elapsed() < cfg.seed_peer_wait_timeout);
-        if seed_running || recently {
+        if seed_usable || recently_triggered {
             return Ok(Decision::Wait);
         }
-        let Some(seed_host) = state.pick_seed() else {
-            return Ok(Decision::Wait);
-        };
-        let Some(download) = task.download.clone() else {
+        let (Some(seed_host), Some(download)) = (state.pick_seed(), download) else {
             return Ok(Decision::Wait);
         };
         if let Some(t) = state.tasks.get_mut(&ids.task) {

@@ -87,9 +87,11 @@ impl HostEntry {
     /// Whether it announced itself recently enough to be taken as running: within
     /// three of its intervals, and at least [`MIN_LIVENESS`].
     pub fn is_alive(&self) -> bool {
-        let window = self
-            .interval
-            .map_or(MIN_LIVENESS, |i| (i * 3).max(MIN_LIVENESS));
+        let window = self.interval.map_or(MIN_LIVENESS, |i| {
+            i.min(MAX_ANNOUNCE_INTERVAL)
+                .saturating_mul(3)
+                .max(MIN_LIVENESS)
+        });
         self.announced.elapsed() <= window
     }
 
@@ -122,7 +124,16 @@ pub struct PeerEntry {
     pub answers: u32,
     /// Whether the entry was learnt from a host after a restart, not registered.
     pub restored: bool,
+    /// Whether its download asked for the origin (`need_back_to_source`).
+    pub need_back_to_source: bool,
 }
+
+/// At most this many failing parents are remembered per peer.
+pub const MAX_FAILED_PARENTS: usize = 1024;
+/// At most this many piece numbers are remembered per peer (64 TiB of 64 MiB pieces).
+pub const MAX_PIECES: usize = 1 << 20;
+/// The longest announce interval taken from a host (a longer one counts as this).
+pub const MAX_ANNOUNCE_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 
 /// One task (a blob) and its peers.
 #[derive(Clone, Debug, Default)]
@@ -141,10 +152,12 @@ pub struct TaskEntry {
     pub seed_triggered: Option<Instant>,
     /// Ordinary peers sent back to the origin.
     pub back_to_source_peers: u32,
-    /// Whether triggering a seed peer failed or timed out.
-    pub seed_failed: bool,
+    /// When triggering a seed peer last failed or timed out.
+    pub seed_failed: Option<Instant>,
     /// Whether the announced hosts were asked if they hold the task.
     pub probed: bool,
+    /// Whether they are being asked now (other children wait for the answer).
+    pub probing: bool,
 }
 
 /// Why a message cannot be taken.
@@ -178,7 +191,7 @@ impl State {
             HostEntry {
                 host,
                 announced: Instant::now(),
-                interval,
+                interval: interval.map(|i| i.min(MAX_ANNOUNCE_INTERVAL)),
             },
         );
     }
@@ -250,6 +263,11 @@ impl State {
         if task.content_length.is_none() {
             task.content_length = download.actual_content_length;
         }
+        if task.piece_count.is_none() {
+            task.piece_count = download
+                .actual_piece_count
+                .map(|n| n.min(u32::MAX as u64) as u32);
+        }
         task.peers.insert(
             peer_id.to_string(),
             PeerEntry {
@@ -260,6 +278,7 @@ impl State {
                 failed_parents: HashSet::new(),
                 answers: 0,
                 restored: false,
+                need_back_to_source: download.need_back_to_source,
             },
         );
         Ok(())
@@ -278,22 +297,31 @@ impl State {
             })
     }
 
-    /// Whether `peer` descends from `ancestor` through parents handed out.
-    fn descends_from(task: &TaskEntry, peer: &str, ancestor: &str) -> bool {
-        let mut seen = HashSet::new();
-        let mut todo = vec![peer];
-        while let Some(p) = todo.pop() {
-            if p == ancestor {
-                return true;
-            }
-            if !seen.insert(p) {
-                continue;
-            }
-            if let Some(e) = task.peers.get(p) {
-                todo.extend(e.parents.iter().map(String::as_str));
+    /// The peers that descend from `ancestor` through parents handed out to peers
+    /// still downloading from parents (a finished peer, or one fetching from the
+    /// origin, takes nothing from its old parents: it cannot close a cycle).
+    fn descendants<'a>(task: &'a TaskEntry, ancestor: &'a str) -> HashSet<&'a str> {
+        let mut children: HashMap<&str, Vec<&str>> = HashMap::new();
+        for (id, p) in &task.peers {
+            if matches!(p.state, PeerState::Pending | PeerState::Running) {
+                for parent in &p.parents {
+                    children
+                        .entry(parent.as_str())
+                        .or_default()
+                        .push(id.as_str());
+                }
             }
         }
-        false
+        let mut seen = HashSet::new();
+        let mut todo = vec![ancestor];
+        while let Some(p) = todo.pop() {
+            for c in children.get(p).into_iter().flatten() {
+                if seen.insert(*c) {
+                    todo.push(c);
+                }
+            }
+        }
+        seen
     }
 
     /// Uploads each host is serving: running children that were handed one of its
@@ -324,13 +352,14 @@ impl State {
             return Vec::new();
         };
         let uploads = self.uploads();
+        let below = Self::descendants(task, child);
         let piece_count = task.piece_count.unwrap_or(0).max(1) as f64;
-        let mut scored: Vec<(f64, &String)> = Vec::new();
+        let mut scored: Vec<(f64, &String, &str)> = Vec::new();
         for (id, p) in &task.peers {
             if id == child || p.host_id == me.host_id || !p.state.can_serve() {
                 continue;
             }
-            if me.failed_parents.contains(id) || Self::descends_from(task, id, child) {
+            if me.failed_parents.contains(id) || below.contains(id.as_str()) {
                 continue;
             }
             let Some(host) = self.hosts.get(&p.host_id) else {
@@ -347,13 +376,17 @@ impl State {
             let seed = if host.is_seed() { 2.0 } else { 0.0 };
             let load = 1.0 + *uploads.get(p.host_id.as_str()).unwrap_or(&0) as f64;
             let score = (1.0 + seed + have) * (0.5 + 0.5 * host.free_tx_share()) / load;
-            scored.push((score, id));
+            scored.push((score, id, p.host_id.as_str()));
         }
         scored.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+        // One peer per host (a host with several downloads of the task, e.g. ranges,
+        // is one parent).
+        let mut hosts = HashSet::new();
         scored
             .into_iter()
+            .filter(|(_, _, host)| hosts.insert(*host))
             .take(limit)
-            .map(|(_, id)| id.clone())
+            .map(|(_, id, _)| id.clone())
             .collect()
     }
 
@@ -439,6 +472,7 @@ impl State {
                 failed_parents: HashSet::new(),
                 answers: 0,
                 restored: true,
+                need_back_to_source: false,
             },
         );
     }
@@ -579,6 +613,25 @@ mod tests {
         assert!(s.candidates("t", "child", 4).is_empty());
         assert_eq!(s.collect_garbage(Duration::from_secs(10)), (1, 2));
         assert_eq!(s.tasks["t"].peers.len(), 1);
+    }
+
+    #[test]
+    fn a_finished_peer_is_no_cycle_and_a_host_counts_once() {
+        let mut s = state_with(&[("a", false), ("b", false)]);
+        add(&mut s, "a", "x", PeerState::Running);
+        add(&mut s, "b", "y", PeerState::Succeeded);
+        add(&mut s, "b", "y-range", PeerState::Succeeded);
+        // y once took pieces from x, but has them all now: no cycle through it.
+        s.peer_mut("t", "y").unwrap().parents = vec!["x".into()];
+        assert_eq!(s.candidates("t", "x", 4).len(), 1);
+        let mut s2 = State::default();
+        let mut h = host("h", false, 0, 0);
+        h.port = 1;
+        s2.announce_host_every(h, Some(Duration::MAX));
+        assert!(
+            s2.hosts["h"].is_alive(),
+            "a huge interval must not overflow"
+        );
     }
 
     #[test]
