@@ -35,7 +35,8 @@ Config (YAML; every field optional, defaults shown):
                                seed peer can serve
     peerBackToSource: false    true: ordinary peers go to the origin instead of waiting
                                for a seed peer (the origin then serves more copies)
-    seedPeerWaitTimeout: 20s   how long a child waits for a triggered seed peer
+    seedPeerWaitTimeout: 20s   how long a child waits for a triggered seed peer (a
+                               first answer waits at most 8 s: dfdaemon gives up at 10)
     gc:
       hostGCInterval: 1m       how often stale hosts and failed peers are dropped
       hostTTL: 1h              a host not announced for this long is dropped (a host
