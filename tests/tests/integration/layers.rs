@@ -243,6 +243,13 @@ fn converted_and_merged_real_world_layers_equal_umoci_unpack() {
     assert_same_as_umoci(&rootfs, &unpacked, "nydus-image merge, nydus-image unpack");
 }
 
+/// A layer of one small file at `path`.
+fn one_file(path: &str) -> LayerTar {
+    let mut l = LayerTar::default();
+    l.file(path, 0o644, b"y");
+    l
+}
+
 #[test]
 fn layers_that_cannot_be_applied_fail_naming_layer_and_path() {
     require_root_tools(&["umoci", "docker-registry"]);
@@ -253,11 +260,7 @@ fn layers_that_cannot_be_applied_fail_naming_layer_and_path() {
     let cases: [(&str, LayerTar, &[&str]); 3] = [
         (
             "loop",
-            {
-                let mut l = LayerTar::default();
-                l.file("loop1/y", 0o644, b"y");
-                l
-            },
+            one_file("loop1/y"),
             &[
                 "2/2 sha256:",
                 "entry '/loop1/y'",
@@ -266,11 +269,7 @@ fn layers_that_cannot_be_applied_fail_naming_layer_and_path() {
         ),
         (
             "notdir",
-            {
-                let mut l = LayerTar::default();
-                l.file("etc/file/y", 0o644, b"y");
-                l
-            },
+            one_file("etc/file/y"),
             &[
                 "2/2 sha256:",
                 "entry '/etc/file/y'",
