@@ -89,16 +89,7 @@ fn build(src: &Path, out: &Path) {
     if out.join("image.boot").exists() {
         return;
     }
-    std::fs::create_dir_all(out.join("blobs")).unwrap();
-    let st = Command::new(bin("nydus-image"))
-        .args(["create", "-l", "warn", "-t", "dir-rafs", "-B"])
-        .arg(out.join("image.boot"))
-        .arg("-D")
-        .arg(out.join("blobs"))
-        .arg(src)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    build_image(src, out, &["-l", "warn", "-t", "dir-rafs"]);
 }
 
 /// Mounts `image` with `daemon` (ours gets `extra` flags).

@@ -23,11 +23,16 @@ pub struct BuiltImage {
 
 /// Builds `src` with our `nydus-image create FLAGS -B OUT/image.boot -D OUT/blobs SRC`.
 pub fn build_image(src: &Path, out: &Path, flags: &[&str]) -> BuiltImage {
+    build_image_with(&bin("nydus-image"), src, out, flags)
+}
+
+/// [`build_image`] with another `nydus-image` (upstream's, as a judge).
+pub fn build_image_with(nydus_image: &Path, src: &Path, out: &Path, flags: &[&str]) -> BuiltImage {
     let blobs = out.join("blobs");
     fs::create_dir_all(&blobs).unwrap();
     let boot = out.join("image.boot");
     run_ok(
-        Command::new(bin("nydus-image"))
+        Command::new(nydus_image)
             .arg("create")
             .args(flags)
             .arg("-B")

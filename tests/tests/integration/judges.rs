@@ -241,25 +241,10 @@ fn we_read_images_built_by_upstream() {
     let src = varied_tree(tmp.path());
     for (name, flags) in VARIANTS {
         let work = tmp.path().join(name);
-        let blobs = work.join("blobs");
-        std::fs::create_dir_all(&blobs).unwrap();
-        let boot = work.join("image.boot");
-        run_ok(
-            Command::new(upstream_bin("nydus-image"))
-                .args(["create", "-t", "dir-rafs", "--log-level", "warn"])
-                .args(flags)
-                .arg("-B")
-                .arg(&boot)
-                .arg("-D")
-                .arg(&blobs)
-                .arg(&src),
-        );
-        unpack_and_compare(
-            &BuiltImage { boot, blobs },
-            &src,
-            &work,
-            &format!("upstream {name} read by us"),
-        );
+        let mut all = vec!["-t", "dir-rafs", "--log-level", "warn"];
+        all.extend_from_slice(flags);
+        let img = build_image_with(&upstream_bin("nydus-image"), &src, &work, &all);
+        unpack_and_compare(&img, &src, &work, &format!("upstream {name} read by us"));
     }
 }
 

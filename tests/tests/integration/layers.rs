@@ -344,22 +344,13 @@ fn layer_bootstraps_built_by_upstream_have_no_mark_and_merge_as_upstream_merges_
         .symlink("lib", "usr/lib");
     let mut upper = LayerTar::default();
     upper.file("lib/libnew.so", 0o755, b"new");
-    let blobs = t.path().join("blobs");
-    fs::create_dir_all(&blobs).unwrap();
     let mut boots = Vec::new();
     for (i, l) in [lower, upper].iter().enumerate() {
         let tar = t.path().join(format!("l{i}.tar"));
         l.write(&tar).unwrap();
-        let boot = t.path().join(format!("l{i}.boot"));
-        run_ok(
-            Command::new(upstream_bin("nydus-image"))
-                .args(["create", "-t", "tar-rafs", "--log-level", "warn", "-B"])
-                .arg(&boot)
-                .arg("-D")
-                .arg(&blobs)
-                .arg(&tar),
-        );
-        boots.push(boot);
+        let flags = ["-t", "tar-rafs", "--log-level", "warn"];
+        let out = t.path().join(format!("l{i}"));
+        boots.push(build_image_with(&upstream_bin("nydus-image"), &tar, &out, &flags).boot);
     }
     for (who, nydus_image) in [
         ("ours", bin("nydus-image")),
