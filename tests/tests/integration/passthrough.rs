@@ -44,12 +44,13 @@ fn sync() {
 
 /// Writes back the cache, then opens and reads `rel` until an open is passed through
 /// (the kernel answers a close with an asynchronous RELEASE: until the daemon has it,
-/// the file counts as open through the page cache). Returns the passthrough opens
-/// counted then.
+/// the file counts as open through the page cache). Each round writes back again: on
+/// a busy machine the daemon may still be writing chunks of the file to its cache
+/// when the first round starts. Returns the passthrough opens counted then.
 fn read_until_passed_through(d: &Daemon, rel: &str, expected: &[u8]) -> u64 {
-    sync();
     let before = opens_passed_through(d);
-    let passed = wait_until(Duration::from_secs(5), || {
+    let passed = wait_until(Duration::from_secs(20), || {
+        sync();
         read_and_check(d, rel, expected);
         opens_passed_through(d) > before
     });
