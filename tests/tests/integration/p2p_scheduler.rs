@@ -99,14 +99,19 @@ fn fetch_all(peers: &[&Dfdaemon], url: &str, dir: &Path, tag: &str) -> Vec<PathB
     outs
 }
 
-fn require() {
+/// Taken by each swarm test: five or six dfdaemons moving 128 MiB are a heavy load
+/// for the machine, so the swarms run one at a time (the other tests go on beside).
+static SWARM: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn require() -> std::sync::MutexGuard<'static, ()> {
     require_root_tools(&["docker-registry", "curl"]);
     dfdaemon_bin();
+    SWARM.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[test]
 fn a_seed_and_four_dfdaemons_share_a_blob_and_the_origin_serves_one_copy() {
-    require();
+    let _swarm = require();
     let t = tempfile::tempdir().unwrap();
     let (origin, _) = Origin::start(t.path(), &[(128 << 20, 41)]);
     let sched = Scheduler::start(t.path(), "scheduler", "");
@@ -166,7 +171,7 @@ fn a_seed_and_four_dfdaemons_share_a_blob_and_the_origin_serves_one_copy() {
 #[test]
 fn a_killed_parent_costs_the_origin_nothing_and_after_a_scheduler_restart_only_the_download_in_flight_does(
 ) {
-    require();
+    let _swarm = require();
     let t = tempfile::tempdir().unwrap();
     let (origin, _) = Origin::start(t.path(), &[(128 << 20, 43)]);
     let mut sched = Scheduler::start(t.path(), "scheduler", "");
@@ -253,7 +258,7 @@ fn a_killed_parent_costs_the_origin_nothing_and_after_a_scheduler_restart_only_t
 
 #[test]
 fn three_schedulers_share_the_tasks_and_each_task_meets_on_one() {
-    require();
+    let _swarm = require();
     let t = tempfile::tempdir().unwrap();
     let blobs: Vec<(u64, u64)> = (0..8).map(|i| (8 << 20, 50 + i)).collect();
     let (origin, urls) = Origin::start(t.path(), &blobs);
