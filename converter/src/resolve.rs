@@ -172,22 +172,17 @@ pub fn implied_dir(parent: &Metadata, entry: &Metadata) -> Node {
     })
 }
 
-/// Whether a node carries the [`IMPLIED_DIR_XATTR`] mark.
-pub fn is_marked_implied(node: &Node) -> bool {
-    node.is_dir() && node.xattrs.contains_key(IMPLIED_DIR_XATTR)
-}
-
-/// Components of a slash-separated path (empty parts and `.` dropped).
-pub fn split(path: &[u8]) -> Vec<Vec<u8>> {
-    path.split(|b| *b == b'/')
-        .filter(|c| !c.is_empty() && *c != b".")
-        .map(|c| c.to_vec())
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Components of a slash-separated path (empty parts and `.` dropped).
+    fn split(path: &[u8]) -> Vec<Vec<u8>> {
+        path.split(|b| *b == b'/')
+            .filter(|c| !c.is_empty() && *c != b".")
+            .map(|c| c.to_vec())
+            .collect()
+    }
 
     fn tree(entries: &[(&str, Option<&str>)]) -> Tree {
         let mut t = Tree::new(Metadata::default());

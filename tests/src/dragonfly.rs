@@ -44,8 +44,6 @@ pub struct Dfdaemon {
     pub ip: String,
     /// Its work directory (config, storage, logs).
     pub dir: PathBuf,
-    /// Whether it is a seed peer.
-    pub seed: bool,
 }
 
 impl Dfdaemon {
@@ -103,7 +101,6 @@ impl Dfdaemon {
             child: Some(child),
             ip,
             dir,
-            seed,
         };
         let up = wait_until(Duration::from_secs(60), || {
             me.child_exited().is_none() && TcpStream::connect((me.ip.as_str(), 4001)).is_ok()
