@@ -27,6 +27,11 @@ pub const MAX_SYMLINKS: u32 = 255;
 /// entry read, and never written by a merge.
 pub const IMPLIED_DIR_XATTR: &[u8] = b"trusted.rafs.implied";
 
+/// Puts the [`IMPLIED_DIR_XATTR`] mark on a directory node.
+pub fn mark_implied(node: &mut Node) {
+    node.xattrs.insert(IMPLIED_DIR_XATTR.to_vec(), Vec::new());
+}
+
 /// Why a path could not be resolved or created.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ResolveError {

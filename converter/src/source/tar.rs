@@ -28,7 +28,7 @@
 
 use super::{check_xattr, makedev, Progress};
 use crate::error::{Error, Result};
-use crate::resolve::{self, implied_dir, IMPLIED_DIR_XATTR};
+use crate::resolve::{self, implied_dir, mark_implied, IMPLIED_DIR_XATTR};
 use crate::whiteout::WhiteoutSpec;
 use flate2::read::MultiGzDecoder;
 use rafs::write::{validate_name, ChunkSink, FileData, Metadata, Node, NodeId, NodeKind, Tree};
@@ -188,7 +188,7 @@ pub fn read_tar(
     };
     if builder.marks_implied() {
         let root = builder.tree.root();
-        builder.mark(root);
+        mark_implied(builder.tree.node_mut(root));
     }
     let mut previous: Option<String> = None;
     let where_ = |previous: &Option<String>| match previous {
@@ -339,7 +339,6 @@ impl TarTree {
                 if target.is_empty() {
                     return Err(bad("symlink with an empty target".into()));
                 }
-
                 NodeKind::Symlink(target.into_owned())
             }
             EntryType::Char => NodeKind::CharDevice,
@@ -367,9 +366,10 @@ impl TarTree {
             r.xattrs = node.xattrs;
             return Ok(());
         };
-        // Parents are made before a whiteout is dropped, as containerd does.
+        // Parents are made before a whiteout is dropped, as containerd does. Only the
+        // last component is a whiteout: a file below a directory `.wh.x` is a file.
         let parent = self.parent_dir(parents, &node.meta).map_err(bad)?;
-        if self.dropped(last, &node) {
+        if self.whiteout.drops(last, &node) {
             return Ok(());
         }
         if let NodeKind::Regular(data) = &mut node.kind {
@@ -401,22 +401,9 @@ impl TarTree {
         Ok(())
     }
 
-    /// Whether the whiteout rules leave the entry named `last` out. Only the last
-    /// component counts: a file below a directory named `.wh.x` is a file.
-    fn dropped(&self, last: &[u8], node: &Node) -> bool {
-        self.whiteout.drops(last, node)
-    }
-
     /// Whether implied directories get [`IMPLIED_DIR_XATTR`] (builds for merging).
     fn marks_implied(&self) -> bool {
         self.whiteout == WhiteoutSpec::None
-    }
-
-    fn mark(&mut self, dir: NodeId) {
-        self.tree
-            .node_mut(dir)
-            .xattrs
-            .insert(IMPLIED_DIR_XATTR.to_vec(), Vec::new());
     }
 
     /// The directory at `parents` resolved through the archive's symlinks inside the
@@ -435,7 +422,7 @@ impl TarTree {
         let dir = resolve::make_dirs(&mut self.tree, &resolved, |parent| {
             let mut node = implied_dir(parent, entry_meta);
             if mark {
-                node.xattrs.insert(IMPLIED_DIR_XATTR.to_vec(), Vec::new());
+                mark_implied(&mut node);
             }
             node
         })
@@ -483,7 +470,7 @@ impl TarTree {
             return Err(bad(format!("hard link to directory '{shown}'")));
         }
         let parent = self.parent_dir(parents, &meta).map_err(bad)?;
-        if self.dropped(last, &target_node) {
+        if self.whiteout.drops(last, &target_node) {
             return Ok(());
         }
         let data_err = |source| Error::TarEntryData {

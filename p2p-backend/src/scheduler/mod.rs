@@ -54,7 +54,7 @@ pub async fn serve(
     // Background tasks end with the server.
     let mut background = tokio::task::JoinSet::new();
     if config.metrics.enable {
-        let listener = metrics::bind(config.metrics.addr)
+        let listener = TcpListener::bind(config.metrics.addr)
             .await
             .map_err(|e| format!("binding metrics address {}: {e}", config.metrics.addr))?;
         let inner = service.inner();
