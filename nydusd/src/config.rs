@@ -72,11 +72,19 @@ pub struct RegistryConfig {
     pub repo: String,
     /// `auth`: base64 of `user:password`, decoded.
     pub auth: Option<(String, String)>,
-    /// `retry_limit`: attempts for transient failures (0 = the client's default).
+    /// `retry_limit`: retries after the first try of a request that failed
+    /// transiently (upstream's meaning; default 0).
     pub retry_limit: u32,
     /// `skip_verify`: accept plain HTTP / unverified TLS.
     pub skip_verify: bool,
+    /// `timeout` (seconds, default 5): the longest one try of a request may take.
+    pub timeout: std::time::Duration,
+    /// `connect_timeout` (seconds, default 5): the longest connecting may take.
+    pub connect_timeout: std::time::Duration,
 }
+
+/// Upstream's default `timeout` and `connect_timeout` of the registry backend.
+pub const DEFAULT_REGISTRY_TIMEOUT: u64 = 5;
 
 /// `device.cache` (type `blobcache` / `filecache`).
 #[derive(Clone, Debug, PartialEq)]
@@ -381,8 +389,39 @@ fn backend(raw: RawBackend) -> Result<BackendConfig> {
             }) {
                 return Err(Error::config(field("proxy.url"), "not supported yet"));
             }
-            let _ = (c.timeout, c.connect_timeout, c.mirrors);
-            let _ = (c.blob_url_scheme, c.blob_redirected_host);
+            // Accepted by upstream, not implemented here: refused rather than ignored,
+            // so that nobody believes blobs come from a mirror or redirected host.
+            if c.mirrors
+                .as_ref()
+                .is_some_and(|m| !m.is_null() && m.as_array().is_none_or(|a| !a.is_empty()))
+            {
+                return Err(Error::config(
+                    field("mirrors"),
+                    "mirrors are not supported yet",
+                ));
+            }
+            for (name, v) in [
+                ("blob_url_scheme", &c.blob_url_scheme),
+                ("blob_redirected_host", &c.blob_redirected_host),
+            ] {
+                if v.as_deref().is_some_and(|v| !v.is_empty()) {
+                    return Err(Error::config(field(name), "not supported yet"));
+                }
+            }
+            let seconds = |name: &str, v: Option<u64>| match v.unwrap_or(DEFAULT_REGISTRY_TIMEOUT) {
+                0 => Err(Error::config(field(name), "must be at least 1 (seconds)")),
+                s if s > 3600 => Err(Error::config(field(name), format!("{s} s is over an hour"))),
+                s => Ok(std::time::Duration::from_secs(s)),
+            };
+            let timeout = seconds("timeout", c.timeout)?;
+            let connect_timeout = seconds("connect_timeout", c.connect_timeout)?;
+            let retry_limit = c.retry_limit.unwrap_or(0);
+            if retry_limit > 100 {
+                return Err(Error::config(
+                    field("retry_limit"),
+                    format!("{retry_limit} is over 100"),
+                ));
+            }
             let auth = match c.auth.filter(|a| !a.is_empty()) {
                 None => None,
                 Some(a) => Some(decode_auth(&a).ok_or_else(|| {
@@ -394,8 +433,10 @@ fn backend(raw: RawBackend) -> Result<BackendConfig> {
                 host: c.host,
                 repo: c.repo,
                 auth,
-                retry_limit: c.retry_limit.unwrap_or(0),
+                retry_limit,
                 skip_verify: c.skip_verify.unwrap_or(false),
+                timeout,
+                connect_timeout,
             }))
         }
         "" => Err(Error::config("device.backend.type", "missing")),
@@ -607,8 +648,8 @@ mod tests {
         let j = GOOD.replace(
             r#""type": "localfs", "config": {"dir": "/blobs"}"#,
             r#""type": "registry", "config": {"scheme": "http", "host": "127.0.0.1:5000",
-               "repo": "library/app", "auth": "dXNlcjpwYXNz", "timeout": 5,
-               "connect_timeout": 5, "retry_limit": 2, "skip_verify": true}"#,
+               "repo": "library/app", "auth": "dXNlcjpwYXNz", "timeout": 7,
+               "connect_timeout": 3, "retry_limit": 2, "skip_verify": true}"#,
         );
         assert_eq!(
             Config::from_json(&j).unwrap().backend,
@@ -619,11 +660,53 @@ mod tests {
                 auth: Some(("user".into(), "pass".into())),
                 retry_limit: 2,
                 skip_verify: true,
+                timeout: std::time::Duration::from_secs(7),
+                connect_timeout: std::time::Duration::from_secs(3),
             })
         );
         let bad = j.replace("dXNlcjpwYXNz", "!!");
         assert_eq!(err(&bad).0, "device.backend.config.auth");
         let bad = j.replace(r#""repo": "library/app","#, "");
         assert_eq!(err(&bad).0, "device.backend.config");
+        // Upstream's defaults: 5 s, 5 s, no retries.
+        let defaults = j
+            .replace(r#""timeout": 7,"#, "")
+            .replace(r#""connect_timeout": 3, "retry_limit": 2,"#, "");
+        match Config::from_json(&defaults).unwrap().backend {
+            BackendConfig::Registry(r) => {
+                assert_eq!(r.timeout, std::time::Duration::from_secs(5));
+                assert_eq!(r.connect_timeout, std::time::Duration::from_secs(5));
+                assert_eq!(r.retry_limit, 0);
+            }
+            b => panic!("{b:?}"),
+        }
+        let bad = j.replace(r#""timeout": 7"#, r#""timeout": 0"#);
+        assert_eq!(err(&bad).0, "device.backend.config.timeout");
+    }
+
+    #[test]
+    fn registry_features_not_implemented_are_refused() {
+        let base = GOOD.replace(
+            r#""type": "localfs", "config": {"dir": "/blobs"}"#,
+            r#""type": "registry", "config": {"host": "127.0.0.1:5000", "repo": "a/b" EXTRA}"#,
+        );
+        for (extra, field) in [
+            (
+                r#", "mirrors": [{"host": "http://127.0.0.1:65001"}]"#,
+                "mirrors",
+            ),
+            (r#", "blob_url_scheme": "http""#, "blob_url_scheme"),
+            (
+                r#", "blob_redirected_host": "cdn.example.com""#,
+                "blob_redirected_host",
+            ),
+        ] {
+            let (f, msg) = err(&base.replace("EXTRA", extra));
+            assert_eq!(f, format!("device.backend.config.{field}"));
+            assert!(msg.contains("not supported yet"), "{msg}");
+        }
+        // Empty values are what upstream's own configs carry: accepted.
+        let empty = r#", "mirrors": [], "blob_url_scheme": "", "blob_redirected_host": """#;
+        assert!(Config::from_json(&base.replace("EXTRA", empty)).is_ok());
     }
 }

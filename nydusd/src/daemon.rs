@@ -109,8 +109,11 @@ pub fn backend(cfg: &BackendConfig) -> Result<Arc<dyn BlobBackend>> {
                     .auth
                     .clone()
                     .map(|(username, password)| Credentials { username, password }),
-                retries: r.retry_limit,
+                // Attempts: the first try and `retry_limit` retries.
+                retries: r.retry_limit + 1,
                 backoff: std::time::Duration::ZERO,
+                timeout: Some(r.timeout),
+                connect_timeout: Some(r.connect_timeout),
             };
             let reference = format!("{}/{}", r.host, r.repo);
             let registry = Registry::new(&reference, &opts).map_err(|e| {

@@ -1,14 +1,21 @@
 //! The OCI registry client (on the `oci-client` crate) and the `registry` blob backend.
 //!
-//! [`Registry`] is a blocking facade over the async client: it owns a small tokio runtime
-//! and may be shared between threads (each call blocks the calling thread only). It pulls
-//! manifests and blobs (streamed, digest-checked), checks for blobs with HEAD, pushes
-//! blobs in chunks and manifests, and reads blob ranges. Credentials come from flags or
-//! from a docker `config.json`; token (bearer) auth is negotiated by `oci-client`.
-//! Loopback registries and `insecure` ones are spoken to over plain HTTP.
+//! [`RegistryClient`] is the client itself, async: its futures run on the caller's tokio
+//! runtime (a snapshotter, a P2P daemon). [`Registry`] is a thin blocking facade over it
+//! for threads outside any runtime (nydusd's FUSE threads, the converter): it runs the
+//! same futures on one runtime shared by the process, and may be called from inside a
+//! runtime as well (on a helper thread then, never panicking). Both pull manifests and
+//! blobs (streamed, digest-checked), check for blobs with HEAD, push blobs in chunks and
+//! manifests, and read blob ranges. Credentials come from flags or from a docker
+//! `config.json`, and may be replaced on a live client
+//! ([`RegistryClient::set_credentials`]); token (bearer) auth is negotiated by
+//! `oci-client`. Loopback registries and `insecure` ones are spoken to over plain HTTP.
 //!
-//! Transient failures (connection errors, 5xx, 429) are retried with exponential
-//! backoff; everything else fails at once with the registry's message.
+//! Transient failures (connection errors, timeouts, 5xx, 429) are retried with
+//! exponential backoff; everything else fails at once with the registry's message. Every
+//! attempt of a request without a streamed body (auth, manifests, HEAD, range reads) is
+//! bounded by [`RegistryOptions::timeout`] as a whole; streamed bodies by it between
+//! bytes.
 
 mod auth;
 mod backend;
@@ -29,6 +36,7 @@ use sha2::Digest as _;
 use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 /// Errors of the registry client.
@@ -125,7 +133,50 @@ pub struct RegistryOptions {
     pub retries: u32,
     /// First backoff delay (0 means the default, 200 ms); doubled on every retry.
     pub backoff: Duration,
+    /// How long one attempt may take (`None`: the default, 60 s): a request without a
+    /// streamed body as a whole, a streamed body between two reads.
+    pub timeout: Option<Duration>,
+    /// How long connecting may take (`None`: the default, 10 s).
+    pub connect_timeout: Option<Duration>,
 }
+
+impl RegistryOptions {
+    /// The attempt timeout in effect.
+    pub fn timeout(&self) -> Duration {
+        self.timeout.unwrap_or(DEFAULT_TIMEOUT)
+    }
+
+    /// The number of attempts in effect.
+    pub fn attempts(&self) -> u32 {
+        if self.retries == 0 {
+            3
+        } else {
+            self.retries
+        }
+    }
+
+    /// The first backoff delay in effect.
+    pub fn backoff(&self) -> Duration {
+        if self.backoff.is_zero() {
+            Duration::from_millis(200)
+        } else {
+            self.backoff
+        }
+    }
+
+    /// The longest a request of `attempts` tries takes before it fails: every attempt
+    /// timing out, plus the backoff between them.
+    pub fn worst_case(&self) -> Duration {
+        let attempts = self.attempts();
+        let backoff: Duration = (0..attempts - 1)
+            .map(|i| self.backoff() * 2u32.pow(i))
+            .sum();
+        self.timeout() * attempts + backoff
+    }
+}
+
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `reference` in full — `registry/repository:tag` with docker.io names and the
 /// default tag `latest` made explicit, `@digest` appended when it has one — and whether
@@ -148,18 +199,54 @@ pub fn canonical_reference(reference: &str) -> Result<(String, bool)> {
     Ok((s, r.digest().is_some()))
 }
 
-/// A repository in a registry, reached through a blocking client.
-pub struct Registry {
-    rt: tokio::runtime::Runtime,
+/// The process-wide runtime the blocking facade runs the client's futures on.
+fn shared_runtime() -> Result<&'static tokio::runtime::Runtime> {
+    static RT: std::sync::OnceLock<std::result::Result<tokio::runtime::Runtime, String>> =
+        std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("registry-io")
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map_err(|e| RegistryError::Io {
+        what: "Starting the registry client runtime".into(),
+        source: std::io::Error::other(e.clone()),
+    })
+}
+
+/// Runs `f` to completion on `rt`, blocking the calling thread. From inside a runtime
+/// (where `block_on` would panic) it runs on a helper thread.
+fn block_on<F>(rt: &tokio::runtime::Runtime, f: F) -> F::Output
+where
+    F: std::future::Future + Send,
+    F::Output: Send,
+{
+    if tokio::runtime::Handle::try_current().is_err() {
+        return rt.block_on(f);
+    }
+    std::thread::scope(|s| match s.spawn(|| rt.block_on(f)).join() {
+        Ok(v) => v,
+        Err(panic) => std::panic::resume_unwind(panic),
+    })
+}
+
+/// A repository in a registry: the async client (see the module docs).
+pub struct RegistryClient {
     client: Client,
-    auth: RegistryAuth,
+    auth: RwLock<RegistryAuth>,
     reference: Reference,
     retries: u32,
     backoff: Duration,
+    timeout: Duration,
+    connect_timeout: Duration,
     /// Whether pull credentials (or a bearer token) have been negotiated. Ranged reads
     /// negotiate once instead of before every request (each negotiation is a `GET /v2/`
     /// round trip, doubling the requests of a lazily read image), and again when the
-    /// registry answers 401 (an expired token).
+    /// registry answers 401 (an expired token) or the credentials are replaced.
     pull_authed: AtomicBool,
     /// Whether the registry let anonymous pulls through without any challenge. Ranged
     /// reads then go through `open_client`, which holds no credentials: the main client
@@ -167,7 +254,7 @@ pub struct Registry {
     open: AtomicBool,
     /// A client without credentials, for an open registry (see `open`).
     open_client: Client,
-    /// Whether push access has been negotiated (once: see [`Registry::push_client`]).
+    /// Whether push access has been negotiated (once: see [`RegistryClient::push_client`]).
     push_authed: AtomicBool,
     /// Whether the registry took pushes without any challenge.
     push_open: AtomicBool,
@@ -177,6 +264,14 @@ pub struct Registry {
     base_url: String,
     /// A plain HTTP client for streamed uploads (see `upload`), made on first use.
     http: std::sync::OnceLock<reqwest::Client>,
+}
+
+/// A repository in a registry, reached through a blocking facade over
+/// [`RegistryClient`] (see the module docs). Cheap to clone: clones share the client.
+#[derive(Clone)]
+pub struct Registry {
+    client: Arc<RegistryClient>,
+    rt: &'static tokio::runtime::Runtime,
 }
 
 fn is_loopback(host: &str) -> bool {
@@ -212,7 +307,39 @@ pub fn sha256_hex(digest: &str) -> Option<&str> {
     (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then_some(hex)
 }
 
-impl Registry {
+fn registry_auth(credentials: Option<Credentials>) -> RegistryAuth {
+    match credentials {
+        Some(c) => RegistryAuth::Basic(c.username, c.password),
+        None => RegistryAuth::Anonymous,
+    }
+}
+
+/// The attempts of one request: [`Tries::failed`] waits before the next attempt, or
+/// says why there is none.
+struct Tries<'a> {
+    what: &'a str,
+    retries: u32,
+    attempt: u32,
+    delay: Duration,
+}
+
+impl Tries<'_> {
+    /// After attempt `e` failed: sleeps the backoff when another attempt is due, else
+    /// the request's error.
+    async fn failed(&mut self, e: OciDistributionError) -> Result<()> {
+        if self.attempt < self.retries && transient(&e) {
+            tracing::warn!("{}: {e}; retrying in {:?}", self.what, self.delay);
+            tokio::time::sleep(self.delay).await;
+            self.delay *= 2;
+            self.attempt += 1;
+            Ok(())
+        } else {
+            Err(classify(self.what, self.attempt, e))
+        }
+    }
+}
+
+impl RegistryClient {
     /// A client for the repository of `reference` (`host[:port]/name[:tag|@digest]`).
     pub fn new(reference: &str, opts: &RegistryOptions) -> Result<Self> {
         let parsed = parse_reference(reference).map_err(|reason| RegistryError::Reference {
@@ -230,51 +357,38 @@ impl Registry {
         } else {
             ClientProtocol::Https
         };
+        let timeout = opts.timeout();
+        let connect_timeout = opts.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
         let config = || ClientConfig {
             protocol: protocol.clone(),
-            connect_timeout: Some(Duration::from_secs(10)),
-            read_timeout: Some(Duration::from_secs(60)),
+            connect_timeout: Some(connect_timeout),
+            read_timeout: Some(timeout),
             ..Default::default()
         };
         let credentials = match &opts.credentials {
             Some(c) => Some(c.clone()),
             None => credentials_from_docker_config(&host)?,
         };
-        let auth = match credentials {
-            Some(c) => RegistryAuth::Basic(c.username, c.password),
-            None => RegistryAuth::Anonymous,
-        };
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .map_err(|source| RegistryError::Io {
-                what: "Starting the registry client runtime".into(),
-                source,
-            })?;
         let scheme = match protocol {
             ClientProtocol::Https => "https",
             _ => "http",
         };
-        Ok(Registry {
-            rt,
+        Ok(RegistryClient {
             base_url: format!("{scheme}://{host}"),
             http: std::sync::OnceLock::new(),
             push_authorization: std::sync::Mutex::new(None),
             open_client: Client::new(config()),
             client: Client::new(config()),
             open: AtomicBool::new(false),
-            auth,
+            auth: RwLock::new(registry_auth(credentials)),
             reference: parsed,
             pull_authed: AtomicBool::new(false),
             push_authed: AtomicBool::new(false),
             push_open: AtomicBool::new(false),
-            retries: if opts.retries == 0 { 3 } else { opts.retries },
-            backoff: if opts.backoff.is_zero() {
-                Duration::from_millis(200)
-            } else {
-                opts.backoff
-            },
+            retries: opts.attempts(),
+            backoff: opts.backoff(),
+            timeout,
+            connect_timeout,
         })
     }
 
@@ -283,34 +397,70 @@ impl Registry {
         &self.reference
     }
 
-    /// Runs `op` up to `retries` times while it fails transiently.
-    fn retry<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T>
+    /// Replaces the credentials (a refreshed token, a rotated password; `None`:
+    /// anonymous). Requests from now on negotiate access with them.
+    pub fn set_credentials(&self, credentials: Option<Credentials>) {
+        *self.auth.write().unwrap_or_else(|p| p.into_inner()) = registry_auth(credentials);
+        self.pull_authed.store(false, Ordering::Release);
+        self.open.store(false, Ordering::Release);
+        self.push_authed.store(false, Ordering::Release);
+    }
+
+    fn auth(&self) -> RegistryAuth {
+        self.auth.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn tries<'a>(&self, what: &'a str) -> Tries<'a> {
+        Tries {
+            what,
+            retries: self.retries,
+            attempt: 1,
+            delay: self.backoff,
+        }
+    }
+
+    /// `f`, failing with a (transient) I/O error when it takes longer than the timeout.
+    async fn bounded<T>(
+        &self,
+        f: impl std::future::Future<Output = std::result::Result<T, OciDistributionError>>,
+    ) -> std::result::Result<T, OciDistributionError> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(r) => r,
+            Err(_) => Err(OciDistributionError::IoError(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {:?}", self.timeout),
+            ))),
+        }
+    }
+
+    /// Runs `op` (each attempt bounded by the timeout) while it fails transiently, up
+    /// to the attempts allowed.
+    async fn retry<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, OciDistributionError>>,
     {
-        self.retry_blocking(what, || self.rt.block_on(op()))
+        let mut tries = self.tries(what);
+        loop {
+            match self.bounded(op()).await {
+                Ok(v) => return Ok(v),
+                Err(e) => tries.failed(e).await?,
+            }
+        }
     }
 
-    /// [`Registry::retry`] of an operation that blocks itself (so that it may borrow
-    /// mutable state for one attempt only).
-    fn retry_blocking<T>(
-        &self,
-        what: &str,
-        mut op: impl FnMut() -> std::result::Result<T, OciDistributionError>,
-    ) -> Result<T> {
-        let mut delay = self.backoff;
-        let mut attempt = 1;
+    /// [`RegistryClient::retry`] of an operation with a streamed body, which only the
+    /// client's read timeout bounds (between bytes).
+    async fn retry_streamed<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, OciDistributionError>>,
+    {
+        let mut tries = self.tries(what);
         loop {
-            match op() {
+            match op().await {
                 Ok(v) => return Ok(v),
-                Err(e) if attempt < self.retries && transient(&e) => {
-                    tracing::warn!("{what}: {e}; retrying in {delay:?}");
-                    std::thread::sleep(delay);
-                    delay *= 2;
-                    attempt += 1;
-                }
-                Err(e) => return Err(classify(what, attempt, e)),
+                Err(e) => tries.failed(e).await?,
             }
         }
     }
@@ -326,26 +476,28 @@ impl Registry {
 
     /// Negotiates `op` access to the repository; returns the bearer token the registry
     /// issued, if it issued one.
-    fn auth_for(&self, op: RegistryOperation) -> Result<Option<String>> {
+    async fn auth_for(&self, op: RegistryOperation) -> Result<Option<String>> {
         let what = format!("Authenticating to {}", self.reference.resolve_registry());
-        self.retry(&what, || self.client.auth(&self.reference, &self.auth, op))
+        let auth = self.auth();
+        self.retry(&what, || self.client.auth(&self.reference, &auth, op))
+            .await
     }
 
-    /// Whether the registry is open to us, given the token [`Registry::auth_for`]
+    /// Whether the registry is open to us, given the token [`RegistryClient::auth_for`]
     /// negotiated: it issued none, and we hold no credentials.
     fn is_open(&self, token: &Option<String>) -> bool {
-        token.is_none() && matches!(self.auth, RegistryAuth::Anonymous)
+        token.is_none() && matches!(self.auth(), RegistryAuth::Anonymous)
     }
 
     /// The client for uploads. Push access is negotiated once; a registry that asks
     /// for no credentials gets `open_client`, which has none stored: the main client
     /// would probe `GET /v2/` before every request, since it finds no token to reuse —
     /// a round trip before each `HEAD`, `PATCH` and `PUT` of an upload.
-    pub(crate) fn push_client(&self) -> Result<&Client> {
+    pub(crate) async fn push_client(&self) -> Result<&Client> {
         if !self.push_authed.load(Ordering::Acquire) {
-            let token = self.auth_for(RegistryOperation::Push)?;
+            let token = self.auth_for(RegistryOperation::Push).await?;
             let open = self.is_open(&token);
-            let header = match (&token, &self.auth) {
+            let header = match (&token, self.auth()) {
                 (Some(t), _) => Some(format!("Bearer {t}")),
                 (None, RegistryAuth::Basic(u, p)) => {
                     use base64::Engine;
@@ -375,12 +527,16 @@ impl Registry {
     /// a bearer token that expired during a long conversion, or that a restarted
     /// registry no longer takes — push access is negotiated again (a new token) and
     /// `op` runs once more.
-    pub(crate) fn pushing<T>(&self, op: impl Fn(&Client) -> Result<T>) -> Result<T> {
-        match op(self.push_client()?) {
+    pub(crate) async fn pushing<'s, T, F, Fut>(&'s self, op: F) -> Result<T>
+    where
+        F: Fn(&'s Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        match op(self.push_client().await?).await {
             Err(RegistryError::Unauthorized { what, code: 401 }) => {
                 tracing::warn!("{what}: refused (401); negotiating push access again");
                 self.push_authed.store(false, Ordering::Release);
-                op(self.push_client()?)
+                op(self.push_client().await?).await
             }
             r => r,
         }
@@ -388,7 +544,7 @@ impl Registry {
 
     /// Fetches a manifest or index by tag or digest (`None`: the reference's own).
     /// Returns its bytes and digest.
-    pub fn pull_manifest(&self, tag_or_digest: Option<&str>) -> Result<(Vec<u8>, String)> {
+    pub async fn pull_manifest(&self, tag_or_digest: Option<&str>) -> Result<(Vec<u8>, String)> {
         let r = match tag_or_digest {
             Some(t) => self.with(t),
             None => self.reference.clone(),
@@ -400,9 +556,12 @@ impl Registry {
             "application/vnd.docker.distribution.manifest.v2+json",
         ];
         let what = format!("Fetching manifest {}", r.whole());
-        let (bytes, digest) = self.retry(&what, || {
-            self.client.pull_manifest_raw(&r, &self.auth, &accepted)
-        })?;
+        let auth = self.auth();
+        let (bytes, digest) = self
+            .retry(&what, || {
+                self.client.pull_manifest_raw(&r, &auth, &accepted)
+            })
+            .await?;
         Ok((bytes.to_vec(), digest))
     }
 
@@ -424,62 +583,14 @@ impl Registry {
         }
     }
 
-    /// Streams blob `digest` into `out`, checking its size (when known) and sha256.
-    pub fn pull_blob(&self, digest: &str, size: Option<u64>, out: &mut dyn Write) -> Result<u64> {
-        let mut reader = self.open_blob(digest)?;
-        let mut hasher = sha2::Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut total = 0u64;
-        loop {
-            let n = reader.read(&mut buf).map_err(|source| RegistryError::Io {
-                what: format!("Downloading blob {digest}"),
-                source,
-            })?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            total += n as u64;
-            out.write_all(&buf[..n])
-                .map_err(|source| RegistryError::Io {
-                    what: format!("Writing blob {digest}"),
-                    source,
-                })?;
-        }
-        let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
-        if actual != digest || size.is_some_and(|s| s != total) {
-            return Err(RegistryError::DigestMismatch {
-                digest: digest.to_string(),
-                actual: format!("{actual} ({total} bytes)"),
-            });
-        }
-        Ok(total)
-    }
-
-    /// A reader of blob `digest`'s bytes as they arrive. Callers that must be sure of
-    /// the content hash what they read, as [`Registry::pull_blob`] does.
-    ///
-    /// A download cut short (connection reset or closed mid-body) is resumed where it
-    /// stopped with a range request, up to the retry budget, so a long layer survives a
-    /// flaky connection without starting over.
-    pub fn open_blob(&self, digest: &str) -> Result<BlobReader<'_>> {
-        self.auth_for(RegistryOperation::Pull)?;
-        let (stream, skip) = self.blob_stream_from(digest, 0)?;
-        Ok(BlobReader {
-            registry: self,
-            digest: digest.to_string(),
-            stream,
-            pending: bytes::Bytes::new(),
-            offset: 0,
-            skip,
-            resumes: 0,
-        })
-    }
-
     /// A stream of blob `digest` from byte `offset` (a range request, retried), and how
     /// many bytes of it to drop first (all of `offset` when the registry ignored the
-    /// range and sent the whole blob).
-    fn blob_stream_from(&self, digest: &str, offset: u64) -> Result<(ByteStream, u64)> {
+    /// range and sent the whole blob). Callers that must be sure of the content hash
+    /// what they read.
+    pub async fn blob_stream_from(&self, digest: &str, offset: u64) -> Result<(ByteStream, u64)> {
+        if offset == 0 {
+            self.auth_for(RegistryOperation::Pull).await?;
+        }
         let what = if offset == 0 {
             format!("Fetching blob {digest} from {}", self.repo())
         } else {
@@ -490,62 +601,72 @@ impl Registry {
         };
         // Ranged requests even from 0: the client's own digest check of full responses
         // is skipped (callers check, see above).
-        let resp = self.retry(&what, || {
-            self.client
-                .pull_blob_stream_partial(&self.reference, digest, offset, None)
-        })?;
+        let resp = self
+            .retry(&what, || {
+                self.client
+                    .pull_blob_stream_partial(&self.reference, digest, offset, None)
+            })
+            .await?;
         Ok(match resp {
             oci_client::client::BlobResponse::Partial(s) => (s.stream, 0),
             oci_client::client::BlobResponse::Full(s) => (s.stream, offset),
         })
     }
 
-    /// Reads `len` bytes of blob `digest` at `offset` (an HTTP range request).
-    pub fn read_range(&self, digest: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
-        let mut out = vec![0u8; len as usize];
-        let n = self.read_range_into(digest, offset, &mut out)?;
-        out.truncate(n);
-        Ok(out)
-    }
-
     /// Reads blob `digest` at `offset` into `buf` (an HTTP range request); returns the
-    /// bytes received, fewer than `buf.len()` only when the blob ends first.
-    pub fn read_range_into(&self, digest: &str, offset: u64, buf: &mut [u8]) -> Result<usize> {
+    /// bytes received, fewer than `buf.len()` only when the blob ends first. Each
+    /// attempt, body included, is bounded by the timeout.
+    pub async fn read_range_into(
+        &self,
+        digest: &str,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<usize> {
         let what = format!(
             "Reading {} bytes at {offset} of blob {digest} from {}",
             buf.len(),
             self.repo()
         );
         if !self.pull_authed.load(Ordering::Acquire) {
-            let token = self.auth_for(RegistryOperation::Pull)?;
+            let token = self.auth_for(RegistryOperation::Pull).await?;
             let open = self.is_open(&token);
             self.open.store(open, Ordering::Release);
             self.pull_authed.store(true, Ordering::Release);
         }
-        let mut once = |open: bool| {
-            let client = if open {
-                &self.open_client
-            } else {
-                &self.client
-            };
-            self.rt.block_on(Self::range_once(
-                client,
-                &self.reference,
-                digest,
-                offset,
-                &mut *buf,
-            ))
-        };
         let open = self.open.load(Ordering::Acquire);
-        match self.retry_blocking(&what, || once(open)) {
+        match self.range_tries(&what, digest, offset, buf, open).await {
             // A token that expired (or was never granted), or a registry that closed:
             // negotiate again, once, and go on with the credentials' client.
             Err(RegistryError::Unauthorized { .. }) => {
                 self.open.store(false, Ordering::Release);
-                self.auth_for(RegistryOperation::Pull)?;
-                self.retry_blocking(&what, || once(false))
+                self.auth_for(RegistryOperation::Pull).await?;
+                self.range_tries(&what, digest, offset, buf, false).await
             }
             r => r,
+        }
+    }
+
+    /// The attempts of one ranged read, with the open client or the credentials' one.
+    async fn range_tries(
+        &self,
+        what: &str,
+        digest: &str,
+        offset: u64,
+        buf: &mut [u8],
+        open: bool,
+    ) -> Result<usize> {
+        let client = if open {
+            &self.open_client
+        } else {
+            &self.client
+        };
+        let mut tries = self.tries(what);
+        loop {
+            let once = Self::range_once(client, &self.reference, digest, offset, &mut *buf);
+            match self.bounded(once).await {
+                Ok(n) => return Ok(n),
+                Err(e) => tries.failed(e).await?,
+            }
         }
     }
 
@@ -587,30 +708,35 @@ impl Registry {
     }
 
     /// Whether blob `digest` exists (HEAD).
-    pub fn blob_exists(&self, digest: &str) -> Result<bool> {
-        let what = format!("Checking for blob {digest} in {}", self.repo());
-        self.pushing(|client| self.retry(&what, || client.blob_exists(&self.reference, digest)))
+    pub async fn blob_exists(&self, digest: &str) -> Result<bool> {
+        let what = &format!("Checking for blob {digest} in {}", self.repo());
+        self.pushing(|client| async move {
+            self.retry(what, || client.blob_exists(&self.reference, digest))
+                .await
+        })
+        .await
     }
 
     /// Uploads the file at `path` as blob `digest` in chunks, unless the registry has it
     /// already. Returns whether it was uploaded.
-    pub fn push_blob_file(&self, digest: &str, path: &Path) -> Result<bool> {
-        if self.blob_exists(digest)? {
+    pub async fn push_blob_file(&self, digest: &str, path: &Path) -> Result<bool> {
+        if self.blob_exists(digest).await? {
             return Ok(false);
         }
-        let what = format!(
+        let what = &format!(
             "Uploading blob {digest} from {} to {}",
             path.display(),
             self.repo()
         );
-        let size = std::fs::metadata(path)
+        let size = tokio::fs::metadata(path)
+            .await
             .map_err(|source| RegistryError::Io {
                 what: what.clone(),
                 source,
             })?
             .len();
-        self.pushing(|client| {
-            self.retry(&what, || async {
+        self.pushing(|client| async move {
+            self.retry_streamed(what, || async {
                 let file = tokio::fs::File::open(path).await?;
                 let stream = tokio_util::io::ReaderStream::with_capacity(file, 4 << 20)
                     .map(|r| r.map_err(OciDistributionError::IoError));
@@ -618,41 +744,174 @@ impl Registry {
                     .push_blob_stream(&self.reference, stream, digest, Some(size))
                     .await
             })
-        })?;
+            .await
+        })
+        .await?;
         Ok(true)
     }
 
     /// Uploads a small blob from memory (a config), unless it exists already.
-    pub fn push_blob_bytes(&self, digest: &str, data: &[u8]) -> Result<bool> {
-        if self.blob_exists(digest)? {
+    pub async fn push_blob_bytes(&self, digest: &str, data: &[u8]) -> Result<bool> {
+        if self.blob_exists(digest).await? {
             return Ok(false);
         }
-        let what = format!("Uploading blob {digest} to {}", self.repo());
-        let data = bytes::Bytes::copy_from_slice(data);
-        self.pushing(|client| {
-            self.retry(&what, || {
+        let what = &format!("Uploading blob {digest} to {}", self.repo());
+        let data = &bytes::Bytes::copy_from_slice(data);
+        self.pushing(|client| async move {
+            self.retry_streamed(what, || {
                 client.push_blob(&self.reference, data.clone(), digest)
             })
-        })?;
+            .await
+        })
+        .await?;
         Ok(true)
     }
 
     /// Uploads a manifest (or index) under `tag_or_digest`; returns its URL.
+    pub async fn push_manifest(
+        &self,
+        tag_or_digest: &str,
+        body: &[u8],
+        media_type: &str,
+    ) -> Result<String> {
+        let r = &self.with(tag_or_digest);
+        let what = &format!("Uploading manifest {}", r.whole());
+        let ct = &reqwest_header(media_type);
+        let body = &bytes::Bytes::copy_from_slice(body);
+        self.pushing(|client| async move {
+            self.retry(what, || {
+                client.push_manifest_raw(r, body.clone(), ct.clone())
+            })
+            .await
+        })
+        .await
+    }
+}
+
+impl Registry {
+    /// A client for the repository of `reference` (`host[:port]/name[:tag|@digest]`).
+    pub fn new(reference: &str, opts: &RegistryOptions) -> Result<Self> {
+        Ok(Registry {
+            client: Arc::new(RegistryClient::new(reference, opts)?),
+            rt: shared_runtime()?,
+        })
+    }
+
+    /// The async client behind this facade.
+    pub fn client(&self) -> &Arc<RegistryClient> {
+        &self.client
+    }
+
+    fn block<F>(&self, f: F) -> F::Output
+    where
+        F: std::future::Future + Send,
+        F::Output: Send,
+    {
+        block_on(self.rt, f)
+    }
+
+    /// The parsed reference.
+    pub fn reference(&self) -> &Reference {
+        self.client.reference()
+    }
+
+    /// See [`RegistryClient::set_credentials`].
+    pub fn set_credentials(&self, credentials: Option<Credentials>) {
+        self.client.set_credentials(credentials)
+    }
+
+    /// See [`RegistryClient::pull_manifest`].
+    pub fn pull_manifest(&self, tag_or_digest: Option<&str>) -> Result<(Vec<u8>, String)> {
+        self.block(self.client.pull_manifest(tag_or_digest))
+    }
+
+    /// Streams blob `digest` into `out`, checking its size (when known) and sha256.
+    pub fn pull_blob(&self, digest: &str, size: Option<u64>, out: &mut dyn Write) -> Result<u64> {
+        let mut reader = self.open_blob(digest)?;
+        let mut hasher = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            let n = reader.read(&mut buf).map_err(|source| RegistryError::Io {
+                what: format!("Downloading blob {digest}"),
+                source,
+            })?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            total += n as u64;
+            out.write_all(&buf[..n])
+                .map_err(|source| RegistryError::Io {
+                    what: format!("Writing blob {digest}"),
+                    source,
+                })?;
+        }
+        let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
+        if actual != digest || size.is_some_and(|s| s != total) {
+            return Err(RegistryError::DigestMismatch {
+                digest: digest.to_string(),
+                actual: format!("{actual} ({total} bytes)"),
+            });
+        }
+        Ok(total)
+    }
+
+    /// A reader of blob `digest`'s bytes as they arrive. Callers that must be sure of
+    /// the content hash what they read, as [`Registry::pull_blob`] does.
+    ///
+    /// A download cut short (connection reset or closed mid-body) is resumed where it
+    /// stopped with a range request, up to the retry budget, so a long layer survives a
+    /// flaky connection without starting over.
+    pub fn open_blob(&self, digest: &str) -> Result<BlobReader<'_>> {
+        let (stream, skip) = self.block(self.client.blob_stream_from(digest, 0))?;
+        Ok(BlobReader {
+            registry: self,
+            digest: digest.to_string(),
+            stream,
+            pending: bytes::Bytes::new(),
+            offset: 0,
+            skip,
+            resumes: 0,
+        })
+    }
+
+    /// Reads `len` bytes of blob `digest` at `offset` (an HTTP range request).
+    pub fn read_range(&self, digest: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; len as usize];
+        let n = self.read_range_into(digest, offset, &mut out)?;
+        out.truncate(n);
+        Ok(out)
+    }
+
+    /// See [`RegistryClient::read_range_into`].
+    pub fn read_range_into(&self, digest: &str, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        self.block(self.client.read_range_into(digest, offset, buf))
+    }
+
+    /// See [`RegistryClient::blob_exists`].
+    pub fn blob_exists(&self, digest: &str) -> Result<bool> {
+        self.block(self.client.blob_exists(digest))
+    }
+
+    /// See [`RegistryClient::push_blob_file`].
+    pub fn push_blob_file(&self, digest: &str, path: &Path) -> Result<bool> {
+        self.block(self.client.push_blob_file(digest, path))
+    }
+
+    /// See [`RegistryClient::push_blob_bytes`].
+    pub fn push_blob_bytes(&self, digest: &str, data: &[u8]) -> Result<bool> {
+        self.block(self.client.push_blob_bytes(digest, data))
+    }
+
+    /// See [`RegistryClient::push_manifest`].
     pub fn push_manifest(
         &self,
         tag_or_digest: &str,
         body: &[u8],
         media_type: &str,
     ) -> Result<String> {
-        let r = self.with(tag_or_digest);
-        let what = format!("Uploading manifest {}", r.whole());
-        let ct = reqwest_header(media_type);
-        let body = bytes::Bytes::copy_from_slice(body);
-        self.pushing(|client| {
-            self.retry(&what, || {
-                client.push_manifest_raw(&r, body.clone(), ct.clone())
-            })
-        })
+        self.block(self.client.push_manifest(tag_or_digest, body, media_type))
     }
 }
 
@@ -706,7 +965,8 @@ fn classify(what: &str, attempts: u32, e: OciDistributionError) -> RegistryError
     }
 }
 
-type ByteStream =
+/// A blob's bytes as they arrive.
+pub type ByteStream =
     futures_util::stream::BoxStream<'static, std::result::Result<bytes::Bytes, std::io::Error>>;
 
 /// A blocking reader of a blob stream; see [`Registry::open_blob`].
@@ -732,21 +992,21 @@ impl BlobReader<'_> {
         let what = format!(
             "Fetching blob {} from {}: the download was cut short at byte {}",
             self.digest,
-            r.repo(),
+            r.client.repo(),
             self.offset
         );
-        if self.resumes + 1 >= r.retries {
+        if self.resumes + 1 >= r.client.retries {
             return Err(std::io::Error::other(format!(
                 "{what} (gave up after {} attempts): {e}",
                 self.resumes + 1
             )));
         }
-        let delay = r.backoff * 2u32.pow(self.resumes);
+        let delay = r.client.backoff * 2u32.pow(self.resumes);
         tracing::warn!("{what}: {e}; resuming in {delay:?}");
         std::thread::sleep(delay);
         self.resumes += 1;
         let (stream, skip) = r
-            .blob_stream_from(&self.digest, self.offset)
+            .block(r.client.blob_stream_from(&self.digest, self.offset))
             .map_err(|e| std::io::Error::other(format!("{what}: {e}")))?;
         self.stream = stream;
         self.skip = skip;
@@ -757,7 +1017,7 @@ impl BlobReader<'_> {
 impl Read for BlobReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         while self.pending.is_empty() {
-            match self.registry.rt.block_on(self.stream.next()) {
+            match self.registry.block(self.stream.next()) {
                 Some(Ok(mut chunk)) => {
                     let drop = self.skip.min(chunk.len() as u64);
                     let _ = chunk.split_to(drop as usize);
@@ -837,6 +1097,173 @@ mod tests {
             }
         });
         (addr, seen)
+    }
+
+    /// A registry stand-in that accepts connections, reads what is sent and never
+    /// answers. Returns its address and how many connections it accepted.
+    fn silent() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                count.fetch_add(1, Ordering::SeqCst);
+                held.push(conn);
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn digest() -> String {
+        format!("sha256:{}", "ab".repeat(32))
+    }
+
+    #[test]
+    fn a_silent_registry_fails_after_timeout_times_attempts_plus_backoff() {
+        let (addr, accepted) = silent();
+        let opts = RegistryOptions {
+            retries: 2,
+            backoff: Duration::from_millis(100),
+            timeout: Some(Duration::from_millis(300)),
+            ..Default::default()
+        };
+        let reg = Registry::new(&format!("{addr}/test/repo"), &opts).unwrap();
+        let t = std::time::Instant::now();
+        let err = reg.read_range(&digest(), 0, 8).unwrap_err();
+        let took = t.elapsed();
+        // The auth probe is the request that hangs: 2 tries of 300 ms, 100 ms between.
+        assert!(took >= Duration::from_millis(700), "{took:?}");
+        assert!(
+            took < opts.worst_case() + Duration::from_millis(500),
+            "{took:?}"
+        );
+        assert_eq!(opts.worst_case(), Duration::from_millis(700));
+        let msg = crate::error_chain(&err);
+        assert!(msg.contains("gave up after 2 attempts"), "{msg}");
+        assert!(
+            msg.contains("no answer within 300ms") || msg.contains("timed out"),
+            "{msg}"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn one_attempt_means_no_retry() {
+        let (addr, accepted) = silent();
+        let opts = RegistryOptions {
+            retries: 1,
+            timeout: Some(Duration::from_millis(200)),
+            ..Default::default()
+        };
+        let reg = Registry::new(&format!("{addr}/test/repo"), &opts).unwrap();
+        let t = std::time::Instant::now();
+        assert!(reg.read_range(&digest(), 0, 8).is_err());
+        assert!(
+            t.elapsed() < Duration::from_millis(600),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_async_client_runs_on_the_callers_runtime_and_the_facade_inside_it() {
+        let (addr, seen) = stub();
+        let reference = format!("{addr}/test/repo");
+        let client = RegistryClient::new(&reference, &RegistryOptions::default()).unwrap();
+        let mut buf = [0u8; 4];
+        assert_eq!(
+            client
+                .read_range_into(&digest(), 10, &mut buf)
+                .await
+                .unwrap(),
+            4
+        );
+        assert_eq!(buf, [10, 11, 12, 13]);
+        // The blocking facade, called where `block_on` would panic.
+        let reg = Registry::new(&reference, &RegistryOptions::default()).unwrap();
+        assert_eq!(reg.read_range(&digest(), 20, 2).unwrap(), vec![20, 21]);
+        assert_eq!(seen.lock().unwrap().len(), 4);
+    }
+
+    /// A registry stub that takes HTTP basic auth with `user:<password>` only, where the
+    /// password can be changed; serves ranged reads of a 64-byte blob.
+    fn basic_auth_stub() -> (String, Arc<Mutex<String>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let password = Arc::new(Mutex::new("old".to_string()));
+        let pw = password.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                let pw = pw.clone();
+                std::thread::spawn(move || {
+                    use base64::Engine as _;
+                    let mut out = conn.try_clone().unwrap();
+                    let mut r = BufReader::new(conn);
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let mut authorized = false;
+                        let want = format!(
+                            "basic {}",
+                            base64::engine::general_purpose::STANDARD
+                                .encode(format!("user:{}", pw.lock().unwrap()))
+                        )
+                        .to_ascii_lowercase();
+                        loop {
+                            let mut h = String::new();
+                            r.read_line(&mut h).unwrap();
+                            if h.trim().is_empty() {
+                                break;
+                            }
+                            let h = h.trim().to_ascii_lowercase();
+                            if h.strip_prefix("authorization: ") == Some(want.as_str()) {
+                                authorized = true;
+                            }
+                        }
+                        let reply: Vec<u8> = if !authorized {
+                            b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"t\"\r\nContent-Length: 0\r\n\r\n".to_vec()
+                        } else if line.starts_with("GET /v2/ ") {
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}".to_vec()
+                        } else {
+                            b"HTTP/1.1 206 Partial Content\r\nContent-Length: 2\r\nContent-Range: bytes 0-1/64\r\n\r\nok".to_vec()
+                        };
+                        out.write_all(&reply).unwrap();
+                    }
+                });
+            }
+        });
+        (addr, password)
+    }
+
+    #[test]
+    fn credentials_are_replaced_on_a_live_client() {
+        let (addr, password) = basic_auth_stub();
+        let opts = RegistryOptions {
+            credentials: Some(Credentials {
+                username: "user".into(),
+                password: "old".into(),
+            }),
+            ..Default::default()
+        };
+        let reg = Registry::new(&format!("{addr}/test/repo"), &opts).unwrap();
+        assert_eq!(reg.read_range(&digest(), 0, 2).unwrap(), b"ok");
+        // The password is rotated: the old one is refused...
+        *password.lock().unwrap() = "new".into();
+        let err = reg.read_range(&digest(), 0, 2).unwrap_err();
+        assert!(matches!(err, RegistryError::Unauthorized { .. }), "{err:?}");
+        // ...and the client goes on with the new one, without being rebuilt.
+        reg.set_credentials(Some(Credentials {
+            username: "user".into(),
+            password: "new".into(),
+        }));
+        assert_eq!(reg.read_range(&digest(), 0, 2).unwrap(), b"ok");
     }
 
     #[test]

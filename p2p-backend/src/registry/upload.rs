@@ -12,7 +12,7 @@
 //! each of which saves and restores the upload's hash state; a registry that refuses it
 //! gets the chunks.
 
-use super::{Registry, Result};
+use super::{Registry, RegistryClient, Result};
 use bytes::Bytes;
 use oci_client::errors::OciDistributionError;
 use std::io::{self, Read};
@@ -143,6 +143,18 @@ fn status_error(code: u16, url: &str, what: &str) -> OciDistributionError {
 }
 
 impl Registry {
+    /// See [`RegistryClient::push_growing_file`].
+    pub fn push_growing_file(
+        &self,
+        path: &Path,
+        name: &str,
+        progress: watch::Receiver<BlobProgress>,
+    ) -> Result<GrowingPush> {
+        self.block(self.client.push_growing_file(path, name, progress))
+    }
+}
+
+impl RegistryClient {
     /// Uploads the blob being written to `path` while it is written, as `progress`
     /// reports; commits it only once `progress` says it is complete (and the registry
     /// does not have it yet). Transient failures restart the upload from the file's
@@ -154,53 +166,59 @@ impl Registry {
     /// once it is complete.
     ///
     /// `name` says which blob this is in messages (say, "the blob of layer sha256:…").
-    pub fn push_growing_file(
+    pub async fn push_growing_file(
         &self,
         path: &Path,
         name: &str,
         progress: watch::Receiver<BlobProgress>,
     ) -> Result<GrowingPush> {
         let mut first = progress.clone();
-        let first = self.rt.block_on(async {
-            first
-                .wait_for(|p| match p {
-                    BlobProgress::Writing(n) => *n >= UPLOAD_PIECE,
-                    BlobProgress::Complete { .. } => true,
-                })
-                .await
-                .map(|p| p.clone())
-        });
+        let first = first
+            .wait_for(|p| match p {
+                BlobProgress::Writing(n) => *n >= UPLOAD_PIECE,
+                BlobProgress::Complete { .. } => true,
+            })
+            .await
+            .map(|p| p.clone());
         match first {
             // Abandoned before a first piece: no session was opened.
             Err(_) => return Ok(GrowingPush::Abandoned),
             // Small blobs complete before a first piece: an ordinary upload.
-            Ok(BlobProgress::Complete { digest, .. }) => return self.push_complete(&digest, path),
+            Ok(BlobProgress::Complete { digest, .. }) => {
+                return self.push_complete(&digest, path).await
+            }
             Ok(BlobProgress::Writing(_)) => {}
         }
         let what = format!("Uploading {name} to {} while it is written", self.repo());
         let abandoned = Arc::new(AtomicBool::new(false));
         // `stream_once` takes the push credentials `pushing` negotiated (again, after a
         // 401), and starts over from the file's start on every attempt.
-        let streamed = self.pushing(|_| {
-            self.retry(&what, || {
-                let feed = std::fs::File::open(path).map(|file| Feed {
-                    file,
-                    at: 0,
-                    progress: progress.clone(),
-                    abandoned: abandoned.clone(),
-                });
-                let abandoned = abandoned.load(Ordering::Relaxed);
-                async move {
-                    // A blob its writer gave up is not tried again (in a new session).
-                    if abandoned {
-                        return Err(OciDistributionError::GenericError(Some(
-                            "the blob was abandoned by its writer".into(),
-                        )));
+        let what = &what;
+        let abandoned = &abandoned;
+        let progress = &progress;
+        let streamed = self
+            .pushing(|_| async move {
+                self.retry_streamed(what, || {
+                    let feed = std::fs::File::open(path).map(|file| Feed {
+                        file,
+                        at: 0,
+                        progress: progress.clone(),
+                        abandoned: abandoned.clone(),
+                    });
+                    let abandoned = abandoned.load(Ordering::Relaxed);
+                    async move {
+                        // A blob its writer gave up is not tried again (in a new session).
+                        if abandoned {
+                            return Err(OciDistributionError::GenericError(Some(
+                                "the blob was abandoned by its writer".into(),
+                            )));
+                        }
+                        self.stream_once(feed?).await
                     }
-                    self.stream_once(feed?).await
-                }
+                })
+                .await
             })
-        });
+            .await;
         if abandoned.load(Ordering::Relaxed) {
             return Ok(GrowingPush::Abandoned);
         }
@@ -208,8 +226,8 @@ impl Registry {
             Streamed::Done(outcome) => Ok(outcome),
             Streamed::Refused(code) => {
                 tracing::info!("{what}: streamed upload refused ({code}); uploading in chunks");
-                match self.rt.block_on(completion(progress)) {
-                    Some((digest, _)) => self.push_complete(&digest, path),
+                match completion(progress.clone()).await {
+                    Some((digest, _)) => self.push_complete(&digest, path).await,
                     None => Ok(GrowingPush::Abandoned),
                 }
             }
@@ -217,8 +235,8 @@ impl Registry {
     }
 
     /// The ordinary upload of a complete blob file (`HEAD` first).
-    fn push_complete(&self, digest: &str, path: &Path) -> Result<GrowingPush> {
-        Ok(if self.push_blob_file(digest, path)? {
+    async fn push_complete(&self, digest: &str, path: &Path) -> Result<GrowingPush> {
+        Ok(if self.push_blob_file(digest, path).await? {
             GrowingPush::Uploaded(digest.to_string())
         } else {
             GrowingPush::Existed(digest.to_string())
@@ -230,8 +248,8 @@ impl Registry {
     async fn stream_once(&self, feed: Feed) -> std::result::Result<Streamed, OciDistributionError> {
         let http = self.http.get_or_init(|| {
             reqwest::Client::builder()
-                .connect_timeout(std::time::Duration::from_secs(10))
-                .read_timeout(std::time::Duration::from_secs(60))
+                .connect_timeout(self.connect_timeout)
+                .read_timeout(self.timeout)
                 .build()
                 .unwrap_or_default()
         });
