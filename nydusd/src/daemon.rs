@@ -229,10 +229,113 @@ impl FileSystem for NoFs {
     type Handle = u64;
 }
 
-/// A mounted FUSE session served by a pool of threads.
+/// Most FUSE threads a session grows to (see [`FuseService`]).
+pub const MAX_FUSE_THREADS: usize = 512;
+
+/// A mounted FUSE session served by a pool of threads that grows when every thread is
+/// busy: a request waiting on the backend (a cold read of a registry that does not
+/// answer) holds its thread until the backend's timeout, and the threads it holds must
+/// not be the ones `stat`, `ls` and reads of cached files need. A new thread is started
+/// whenever the last idle one takes a request, up to [`MAX_FUSE_THREADS`]; the pool
+/// keeps the threads it grew (they wait in `epoll`, idle, at no cost but their stacks).
 pub struct FuseService {
-    session: FuseSession,
-    threads: Vec<JoinHandle<()>>,
+    pool: Arc<Pool>,
+}
+
+/// The threads of a [`FuseService`] and what starting one more needs.
+struct Pool {
+    /// The session (channels are made from it); `None` once stopped.
+    session: std::sync::Mutex<Option<FuseSession>>,
+    server: Arc<Server<Arc<Vfs>>>,
+    init: Arc<InitState>,
+    events: Sender<Event>,
+    /// Threads started, and threads waiting for a request.
+    started: std::sync::atomic::AtomicUsize,
+    idle: std::sync::atomic::AtomicUsize,
+    threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Pool {
+    /// Starts one more thread, unless the pool is full or stopping.
+    fn grow(self: &Arc<Self>) -> Result<()> {
+        let session = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(session) = session.as_ref() else {
+            return Ok(());
+        };
+        let i = self.started.fetch_add(1, Ordering::AcqRel);
+        if i >= MAX_FUSE_THREADS {
+            self.started.fetch_sub(1, Ordering::AcqRel);
+            return Ok(());
+        }
+        let channel = session
+            .new_channel()
+            .map_err(|e| Error::Fuse(format!("channel: {e}")));
+        let channel = match channel {
+            Ok(c) => c,
+            Err(e) => {
+                self.started.fetch_sub(1, Ordering::AcqRel);
+                return Err(e);
+            }
+        };
+        self.idle.fetch_add(1, Ordering::AcqRel);
+        let pool = self.clone();
+        let spawned = thread::Builder::new()
+            .name(format!("fuse-{i}"))
+            .spawn(move || pool.serve(channel));
+        match spawned {
+            Ok(h) => {
+                self.threads
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(h);
+                if i >= 4 {
+                    debug!("FUSE thread {i} started: every other thread is busy");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.idle.fetch_sub(1, Ordering::AcqRel);
+                self.started.fetch_sub(1, Ordering::AcqRel);
+                Err(Error::io("Starting a FUSE thread", e))
+            }
+        }
+    }
+
+    /// One thread's loop: takes requests until the session ends.
+    fn serve(self: Arc<Self>, mut channel: fuse_backend_rs::transport::FuseChannel) {
+        loop {
+            match channel.get_request() {
+                Ok(Some((reader, writer))) => {
+                    // The last idle thread took a request: one more waits for the next.
+                    if self.idle.fetch_sub(1, Ordering::AcqRel) == 1 {
+                        if let Err(e) = self.grow() {
+                            warn!("{}", Chain(&e));
+                        }
+                    }
+                    let init = &self.init;
+                    let answered = init.pending.load(Ordering::Relaxed)
+                        && init.pending.swap(false, Ordering::AcqRel)
+                        && answer_init(&self.server, &reader, init);
+                    if !answered {
+                        if let Err(e) =
+                            self.server
+                                .handle_message(reader, writer.into(), None, None)
+                        {
+                            debug!("FUSE request failed: {e}");
+                        }
+                    }
+                    self.idle.fetch_add(1, Ordering::AcqRel);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    error!("FUSE channel: {e}");
+                    break;
+                }
+            }
+        }
+        self.idle.fetch_sub(1, Ordering::AcqRel);
+        let _ = self.events.send(Event::FuseEnded);
+    }
 }
 
 /// Sets the kernel readahead window of the FUSE mount at `mountpoint` to `kb` KiB;
@@ -366,48 +469,23 @@ impl FuseService {
                 .try_clone()
                 .map_err(|e| Error::io("Duplicating the FUSE device", e))?,
         });
-        let mut handles = Vec::new();
-        for i in 0..threads.max(1) {
-            let mut channel = session
-                .new_channel()
-                .map_err(|e| Error::Fuse(format!("channel: {e}")))?;
-            let server = server.clone();
-            let events = events.clone();
-            let init = init.clone();
-            let h = thread::Builder::new()
-                .name(format!("fuse-{i}"))
-                .spawn(move || {
-                    loop {
-                        match channel.get_request() {
-                            Ok(Some((reader, writer))) => {
-                                if init.pending.load(Ordering::Relaxed)
-                                    && init.pending.swap(false, Ordering::AcqRel)
-                                    && answer_init(&server, &reader, &init)
-                                {
-                                    continue;
-                                }
-                                if let Err(e) =
-                                    server.handle_message(reader, writer.into(), None, None)
-                                {
-                                    debug!("FUSE request failed: {e}");
-                                }
-                            }
-                            Ok(None) => break,
-                            Err(e) => {
-                                error!("FUSE channel: {e}");
-                                break;
-                            }
-                        }
-                    }
-                    let _ = events.send(Event::FuseEnded);
-                })
-                .map_err(|e| Error::io("Starting a FUSE thread", e))?;
-            handles.push(h);
+        let pool = Arc::new(Pool {
+            session: std::sync::Mutex::new(Some(session)),
+            server,
+            init,
+            events,
+            started: Default::default(),
+            idle: Default::default(),
+            threads: Default::default(),
+        });
+        let service = FuseService { pool };
+        for _ in 0..threads.max(1) {
+            service.pool.grow()?;
         }
         info!(
-            "serving {} with {} FUSE threads",
+            "serving {} with {} FUSE threads (up to {MAX_FUSE_THREADS} when they are busy)",
             mountpoint.display(),
-            handles.len()
+            threads.max(1)
         );
         if readahead_kb > 0 {
             match set_readahead(mountpoint, readahead_kb) {
@@ -418,21 +496,34 @@ impl FuseService {
                 ),
             }
         }
-        Ok(FuseService {
-            session,
-            threads: handles,
-        })
+        Ok(service)
+    }
+
+    /// FUSE threads started so far.
+    pub fn threads(&self) -> usize {
+        self.pool.started.load(Ordering::Acquire)
     }
 
     /// Wakes the threads, unmounts and waits for the threads to end.
-    pub fn stop(mut self) {
-        if let Err(e) = self.session.wake() {
-            error!("waking FUSE threads: {e}");
+    pub fn stop(self) {
+        // Taken under the lock `grow` holds: no thread starts after the wake.
+        let session = self
+            .pool
+            .session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(mut session) = session {
+            if let Err(e) = session.wake() {
+                error!("waking FUSE threads: {e}");
+            }
+            if let Err(e) = session.umount() {
+                error!("unmounting: {}", Chain(&e));
+            }
         }
-        if let Err(e) = self.session.umount() {
-            error!("unmounting: {}", Chain(&e));
-        }
-        for t in self.threads.drain(..) {
+        let threads =
+            std::mem::take(&mut *self.pool.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in threads {
             let _ = t.join();
         }
     }

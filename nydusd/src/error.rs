@@ -67,6 +67,17 @@ pub enum Error {
         #[source]
         source: rafs::Error,
     },
+    /// A chunk could not be fetched: the fetch the read waited for failed, or one failed
+    /// after the backend's timeout a moment ago (it is not asked again so soon).
+    #[error("Chunk {ci_index} of blob {blob_id} is unavailable: {reason}")]
+    Unavailable {
+        /// Blob id.
+        blob_id: String,
+        /// ci index.
+        ci_index: u32,
+        /// Why.
+        reason: String,
+    },
     /// The bootstrap's metadata (inode, chunk index, chunk table) is inconsistent.
     #[error("Corrupt metadata")]
     Metadata(#[source] rafs::Error),

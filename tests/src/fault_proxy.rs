@@ -24,6 +24,9 @@ pub enum Fault {
     Status(u16),
     /// Close the connection after reading the request head, answering nothing.
     Drop,
+    /// Read the request and never answer, holding the connection open until the client
+    /// closes it (for at most two minutes): a registry that hangs.
+    Hang,
     /// Forward the request, relay only the first this many bytes of the answer (its
     /// head included), then close the connection: a download cut short.
     Cut(usize),
@@ -221,6 +224,12 @@ fn serve(mut client: TcpStream, state: &State) -> io::Result<()> {
             None
         }
     };
+    if fault == Some(Fault::Hang) {
+        state.faulted.fetch_add(1, Ordering::SeqCst);
+        client.set_read_timeout(Some(Duration::from_secs(120)))?;
+        let _ = io::copy(&mut client, &mut io::sink());
+        return Ok(());
+    }
     let limit = match fault {
         Some(Fault::Cut(n)) => {
             state.faulted.fetch_add(1, Ordering::SeqCst);

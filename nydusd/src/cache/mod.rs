@@ -45,13 +45,23 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tracing::{debug, error, info, warn};
 
 /// No chunk-table record for this ci index.
 const NO_RECORD: u32 = u32::MAX;
 /// How often a reader re-examines a chunk whose fetches keep failing before giving up.
 const MAX_ROUNDS: usize = 4;
+/// How long after its start an on-demand read may still fetch a chunk itself that
+/// another fetch (prefetch, readahead, another reader) failed to bring: a fetch that
+/// failed at once (a corrupt chunk) is tried again; one that failed after the backend's
+/// timeout is not, so that a read never waits for two timeouts (see [`ChunkCache::ensure`]).
+const REFETCH_WINDOW: Duration = Duration::from_millis(500);
+/// How long chunks whose fetch failed slowly (after more than [`REFETCH_WINDOW`]: the
+/// backend did not answer) fail at once instead of being fetched again. The kernel reads
+/// a page again after its readahead failed: without this, a read of a hung backend would
+/// wait for two timeouts.
+const FAILURE_MEMORY: Duration = Duration::from_secs(1);
 /// A readahead window, in `amplify_io`s.
 pub const READAHEAD_WINDOWS: u64 = 2;
 /// Readahead windows fetched at once.
@@ -100,6 +110,8 @@ struct BlobState {
     spare: Mutex<Vec<File>>,
     inflight: Mutex<HashSet<u32>>,
     done: Condvar,
+    /// Chunks whose last fetch failed slowly, and when (see [`FAILURE_MEMORY`]).
+    failed: Mutex<std::collections::HashMap<u32, Instant>>,
 }
 
 impl std::ops::Deref for BlobCache {
@@ -174,6 +186,25 @@ impl BlobState {
         if spare.len() < MAX_SPARE_FILES {
             spare.push(f);
         }
+    }
+
+    /// Remembers that fetching `cis` failed slowly just now.
+    fn note_failed(&self, cis: impl Iterator<Item = u32>) {
+        let now = Instant::now();
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        failed.retain(|_, at| now.duration_since(*at) < FAILURE_MEMORY);
+        failed.extend(cis.map(|ci| (ci, now)));
+    }
+
+    /// The first of `cis` whose fetch failed slowly less than [`FAILURE_MEMORY`] ago,
+    /// and how long ago.
+    fn recently_failed(&self, cis: impl Iterator<Item = u32>) -> Option<(u32, Duration)> {
+        let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        if failed.is_empty() {
+            return None;
+        }
+        cis.filter_map(|ci| Some((ci, failed.get(&ci)?.elapsed())))
+            .find(|(_, ago)| *ago < FAILURE_MEMORY)
     }
 
     fn io(&self, source: std::io::Error) -> Error {
@@ -499,6 +530,11 @@ impl ChunkCache {
 
     /// Makes `chunks` (all of blob `blob_index`) ready and verified, fetching what is
     /// missing (one fetch per chunk however many readers wait for it).
+    ///
+    /// An on-demand read waits at most one backend request's worst case (its timeouts
+    /// and retries): for its own fetch, or for the fetch it waits on, started before it;
+    /// when that one failed after more than [`REFETCH_WINDOW`], the read fails too
+    /// instead of starting another.
     pub fn ensure(&self, blob_index: u32, chunks: &[ChunkInfo], prio: Priority) -> Result<()> {
         self.ensure_inner(blob_index, chunks, prio).map(|_| ())
     }
@@ -513,11 +549,15 @@ impl ChunkCache {
         prio: Priority,
     ) -> Result<Option<u32>> {
         let blob = &self.blobs[blob_index as usize];
+        let started = Instant::now();
         let mut sequential = None;
         let mut pending: Vec<ChunkInfo> = chunks.to_vec();
         pending.sort_by_key(|c| c.ci_index);
         pending.dedup_by_key(|c| c.ci_index);
         for round in 0..MAX_ROUNDS {
+            if round > 0 && prio == Priority::OnDemand && started.elapsed() > REFETCH_WINDOW {
+                break;
+            }
             // Chunks ready and verified are done; ready but unverified ones are checked.
             let mut missing = Vec::new();
             let asked = pending.len();
@@ -531,6 +571,17 @@ impl ChunkCache {
             }
             if missing.is_empty() {
                 return Ok(sequential);
+            }
+            if let Some((ci, ago)) = blob.recently_failed(missing.iter().map(|c| c.ci_index)) {
+                return Err(Error::Unavailable {
+                    blob_id: blob.info.id.clone(),
+                    ci_index: ci,
+                    reason: format!(
+                        "its fetch failed {} ms ago after the backend's timeout; \
+                         not asked again yet",
+                        ago.as_millis()
+                    ),
+                });
             }
             // Claim what nobody fetches; wait for the rest.
             let (mine, theirs) = self.claim(blob, &missing, prio);
@@ -555,13 +606,13 @@ impl ChunkCache {
             }
             pending = missing;
         }
-        // Someone else's fetches kept failing; a last check says which chunk is missing.
+        // Someone else's fetches failed; a last check says which chunk is missing.
         for c in &pending {
             if !self.usable(blob, c)? {
-                return Err(Error::Integrity {
+                return Err(Error::Unavailable {
                     blob_id: blob.info.id.clone(),
                     ci_index: c.ci_index,
-                    source: rafs::Error::invalid("chunk", "could not be fetched"),
+                    reason: "the fetch this read waited for failed".into(),
                 });
             }
         }
@@ -764,18 +815,32 @@ impl ChunkCache {
             }
             let run = &chunks[i..j];
             i = j;
+            // A backend that failed one request (after its timeouts and retries) is not
+            // asked for the next: the claims are released and waiting readers fail now.
+            let t = Instant::now();
             if let Err(e) = self.fetch_run(blob, run, prio) {
-                if run.iter().any(|c| requested.contains(&c.ci_index)) && first_err.is_none() {
-                    first_err = Some(e);
+                if matches!(e, Error::Backend { .. }) && t.elapsed() > REFETCH_WINDOW {
+                    blob.note_failed(
+                        claims
+                            .cis
+                            .iter()
+                            .copied()
+                            .filter(|ci| !blob.map.is_ready(*ci)),
+                    );
                 }
+                first_err = Some(e);
+                break;
             }
         }
         // A requested chunk that failed alone (digest) is reported by the check below.
+        let unready = |ci: &u32| claims.cis.contains(ci) && !blob.map.is_ready(*ci);
         if let Some(e) = first_err {
-            return Err(e);
+            if requested.iter().any(unready) {
+                return Err(e);
+            }
         }
         for ci in requested {
-            if claims.cis.contains(ci) && !blob.map.is_ready(*ci) {
+            if unready(ci) {
                 return Err(Error::Integrity {
                     blob_id: blob.info.id.clone(),
                     ci_index: *ci,
@@ -993,5 +1058,6 @@ fn open_files(work: &Path, info: &BlobInfo) -> Result<BlobState> {
         spare: Mutex::new(Vec::new()),
         inflight: Mutex::new(HashSet::new()),
         done: Condvar::new(),
+        failed: Mutex::new(Default::default()),
     })
 }

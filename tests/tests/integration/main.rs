@@ -5,6 +5,7 @@ mod guards;
 mod judges;
 mod layers;
 mod nydusd;
+mod nydusd_faults;
 mod nydusd_mount;
 mod nydusify;
 mod nydusify_bad;

@@ -35,7 +35,7 @@ pub(crate) fn build(src: &Path, work: &Path, flags: &[&str]) -> Image {
 }
 
 impl Image {
-    fn blob_path(&self) -> PathBuf {
+    pub(crate) fn blob_path(&self) -> PathBuf {
         let bs = Bootstrap::open(&self.boot).unwrap();
         self.blobs.join(&bs.blobs()[0].id)
     }
@@ -67,11 +67,15 @@ pub(crate) struct Daemon {
 
 impl Daemon {
     pub(crate) fn start(img: &Image, name: &str, config_extra: &str) -> Daemon {
+        Daemon::start_config(img, name, &img.config(config_extra))
+    }
+
+    /// [`Daemon::start`] with the config file `cfg`.
+    pub(crate) fn start_config(img: &Image, name: &str, cfg: &Path) -> Daemon {
         let mnt = img.work.join(format!("mnt-{name}"));
         std::fs::create_dir_all(&mnt).unwrap();
         let sock = img.work.join(format!("api-{name}.sock"));
         let log = img.work.join(format!("nydusd-{name}.log"));
-        let cfg = img.config(config_extra);
         let logf = std::fs::File::create(&log).unwrap();
         let child = ChildGuard::spawn(
             Command::new(bin("nydusd"))
@@ -81,7 +85,7 @@ impl Daemon {
                 .arg("--mountpoint")
                 .arg(&mnt)
                 .arg("--config")
-                .arg(&cfg)
+                .arg(cfg)
                 .arg("--apisock")
                 .arg(&sock)
                 .args(["--fuse-threads", "4", "--log-level", "info"])

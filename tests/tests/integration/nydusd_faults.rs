@@ -1,0 +1,178 @@
+//! nydusd under faults of its registry and its cache disk: what keeps answering, how
+//! soon a read that cannot be served fails, and that nothing wrong is ever served.
+
+use crate::nydusd::{build, Daemon, Image};
+use rafs_e2e::*;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const EIO: i32 = 5;
+
+/// An image of `src` pushed to a local registry, and a nydusd config reading it through
+/// a fault proxy with `backend_extra` added to the backend config.
+struct RegistryImage {
+    img: Image,
+    /// Kept running for the proxy.
+    _registry: Registry,
+    proxy: FaultProxy,
+}
+
+impl RegistryImage {
+    fn new(src: &Path, work: &Path, repo: &str) -> RegistryImage {
+        let img = build(src, &work.join("img"), &["--compressor", "none"]);
+        let blob = img.blob_path();
+        let id = blob.file_name().unwrap().to_str().unwrap().to_string();
+        let registry = Registry::start_in(work, "");
+        registry.push_blob(repo, &id, &blob);
+        let proxy = FaultProxy::start(&registry.addr);
+        RegistryImage {
+            img,
+            _registry: registry,
+            proxy,
+        }
+    }
+
+    fn config(&self, repo: &str, backend_extra: &str, extra: &str) -> PathBuf {
+        let cfg = self
+            .img
+            .work
+            .join(format!("registry-{repo}.json").replace('/', "-"));
+        std::fs::write(
+            &cfg,
+            format!(
+                r#"{{"device":{{"backend":{{"type":"registry","config":{{"scheme":"http",
+                "host":"{}","repo":"{repo}"{backend_extra}}}}},
+                "cache":{{"type":"blobcache","config":{{"work_dir":"{}"}}}}}}{extra}}}"#,
+                self.proxy.addr,
+                self.img.cache.display()
+            ),
+        )
+        .unwrap();
+        cfg
+    }
+}
+
+/// Reads `path` after dropping its pages from the page cache, so that the read reaches
+/// the daemon (unless the file is passed through).
+fn read_uncached(path: &Path) -> std::io::Result<Vec<u8>> {
+    let f = std::fs::File::open(path)?;
+    // SAFETY: fadvise on an open descriptor, no memory involved.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::posix_fadvise(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            0,
+            0,
+            libc::POSIX_FADV_DONTNEED,
+        );
+    }
+    let len = f.metadata()?.len() as usize;
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, 0)?;
+    Ok(buf)
+}
+
+/// With 64 cold reads hung on a registry that accepts connections and never answers,
+/// the mount keeps answering: `stat` of paths never looked up, `ls`, and reads of cached
+/// files each in under 100 ms. Every hung read fails with EIO within `timeout ×
+/// (retry_limit + 1)` plus the backoff plus 1 s, and once the registry answers again
+/// every file reads right.
+#[test]
+fn a_silent_registry_never_freezes_the_mount() {
+    require_root_tools(&["umount", "docker-registry", "curl"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(src.join("cold")).unwrap();
+    std::fs::create_dir_all(src.join("other")).unwrap();
+    const READERS: usize = 64;
+    for i in 0..READERS {
+        let data = noise(100_000 + i * 1000, i as u64 + 300);
+        std::fs::write(src.join(format!("cold/f{i:02}")), data).unwrap();
+    }
+    for i in 0..40 {
+        std::fs::write(src.join(format!("other/o{i:02}")), format!("{i}")).unwrap();
+    }
+    // Last in the blob (the builder goes breadth first): reading it fetches nothing else.
+    std::fs::create_dir_all(src.join("zz")).unwrap();
+    std::fs::write(src.join("zz/warm"), noise(300_000, 7)).unwrap();
+    let ri = RegistryImage::new(&src, tmp.path(), "test/silent");
+    // 2 attempts of at most 2 s, 200 ms between them.
+    let (timeout, retry_limit) = (2u64, 1u64);
+    let bound = Duration::from_secs(timeout * (retry_limit + 1))
+        + Duration::from_millis(200)
+        + Duration::from_secs(1);
+    let cfg = ri.config(
+        "test/silent",
+        &format!(r#","timeout":{timeout},"connect_timeout":{timeout},"retry_limit":{retry_limit}"#),
+        "",
+    );
+    let d = Daemon::start_config(&ri.img, "silent", &cfg);
+    let warm = std::fs::read(src.join("zz/warm")).unwrap();
+    assert_eq!(std::fs::read(d.path("zz/warm")).unwrap(), warm);
+
+    ri.proxy.fault(Fault::Hang, "/blobs/", usize::MAX);
+    let readers: Vec<_> = (0..READERS)
+        .map(|i| {
+            let path = d.path(&format!("cold/f{i:02}"));
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                let r = std::fs::read(&path);
+                (t.elapsed(), r.map(|_| ()).map_err(|e| e.raw_os_error()))
+            })
+        })
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(2), || ri.proxy.faulted() >= 1),
+        "no read reached the registry:\n{}",
+        d.log_text()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+
+    // While they hang: lookups, listings and cached reads answer at once.
+    let mut slowest = Duration::ZERO;
+    for i in 0..40 {
+        let t = Instant::now();
+        let md = std::fs::metadata(d.path(&format!("other/o{i:02}"))).unwrap();
+        slowest = slowest.max(t.elapsed());
+        assert_eq!(md.len(), format!("{i}").len() as u64);
+    }
+    let t = Instant::now();
+    assert_eq!(std::fs::read_dir(d.path("cold")).unwrap().count(), READERS);
+    slowest = slowest.max(t.elapsed());
+    for _ in 0..5 {
+        let t = Instant::now();
+        assert_eq!(read_uncached(&d.path("zz/warm")).unwrap(), warm);
+        slowest = slowest.max(t.elapsed());
+    }
+    assert!(
+        slowest < Duration::from_millis(100),
+        "the mount answered in {slowest:?} while reads hung:\n{}",
+        d.log_text()
+    );
+    let hung = ri.proxy.faulted();
+
+    // Every hung read fails, and soon enough.
+    for (i, r) in readers.into_iter().enumerate() {
+        let (took, res) = r.join().unwrap();
+        assert_eq!(res, Err(Some(EIO)), "cold/f{i:02}");
+        assert!(
+            took <= bound,
+            "cold/f{i:02} failed after {took:?} (bound {bound:?})"
+        );
+    }
+    println!("{READERS} hung reads: {hung} requests hung, stat/ls/cached reads in {slowest:?}, EIO within {bound:?}");
+
+    // The registry answers again: everything reads right, from the same daemon.
+    ri.proxy.fault(Fault::Hang, "", 0);
+    std::thread::sleep(Duration::from_millis(1100));
+    let diffs = compare_trees_with(
+        &src,
+        &d.mnt,
+        &CompareOptions {
+            ignore_root_mtime: true,
+            ..Default::default()
+        },
+    );
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+}
