@@ -20,7 +20,10 @@
 //! their config flag is off (all three are off by default, as upstream).
 //!
 //! A deliberately small HTTP/1.1 server: one request per connection (`Connection:
-//! close`), bounded header and body sizes, a read timeout, one connection at a time.
+//! close`), bounded header and body sizes. Each connection is served by its own thread
+//! (at most [`MAX_CONNECTIONS`] at once; more are answered 503 at once), with its own
+//! deadline for the whole request ([`REQUEST_DEADLINE`]) and write timeout, so that an
+//! idle or slow client, or a mount validating a large bootstrap, delays nobody else.
 
 use crate::config::Config;
 use crate::daemon::{self, Event, StateCell};
@@ -30,9 +33,10 @@ use crate::vfs::{MountError, Mounted, Vfs};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -41,6 +45,12 @@ use tracing::{debug, warn};
 
 const MAX_HEADER_BYTES: usize = 16 << 10;
 const MAX_BODY_BYTES: usize = 1 << 20;
+/// Connections served at once.
+pub const MAX_CONNECTIONS: usize = 256;
+/// How long a client may take to send its whole request.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
+/// How long writing the answer may take.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the API serves from.
 pub struct ApiContext {
@@ -71,16 +81,13 @@ impl ApiServer {
         let listener = UnixListener::bind(path)
             .map_err(|e| Error::io(format!("Binding API socket {}", path.display()), e))?;
         let ctx = Arc::new(ctx);
+        let active = Arc::new(AtomicUsize::new(0));
         let thread = thread::Builder::new()
             .name("api".into())
             .spawn(move || {
                 for conn in listener.incoming() {
                     match conn {
-                        Ok(s) => {
-                            if let Err(e) = handle(&ctx, s) {
-                                debug!("API connection: {e}");
-                            }
-                        }
+                        Ok(s) => serve_connection(&ctx, &active, s),
                         Err(e) => warn!("API accept: {e}"),
                     }
                 }
@@ -512,29 +519,87 @@ fn reason(status: u16) -> &'static str {
         405 => "Method Not Allowed",
         409 => "Conflict",
         500 => "Internal Server Error",
+        503 => "Service Unavailable",
         _ => "Error",
     }
 }
 
-fn handle(ctx: &ApiContext, stream: UnixStream) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let req = read_request(&mut reader)?;
-    let (status, ctype, body) = match &req {
-        Some(req) => route(ctx, req),
-        None => error_response(400, "malformed request"),
-    };
-    let mut out = stream;
+/// Serves `stream` on a thread of its own, or answers 503 when [`MAX_CONNECTIONS`] are
+/// being served.
+fn serve_connection(ctx: &Arc<ApiContext>, active: &Arc<AtomicUsize>, stream: UnixStream) {
+    if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+        active.fetch_sub(1, Ordering::AcqRel);
+        warn!("API: {MAX_CONNECTIONS} connections are being served; answering 503");
+        let _ = stream.set_nonblocking(true);
+        let _ = reply(
+            &stream,
+            error_response(503, "too many API connections; try again"),
+        );
+        return;
+    }
+    let (ctx, done) = (ctx.clone(), active.clone());
+    let spawned = thread::Builder::new()
+        .name("api-conn".into())
+        .spawn(move || {
+            if let Err(e) = handle(&ctx, stream) {
+                debug!("API connection: {e}");
+            }
+            done.fetch_sub(1, Ordering::AcqRel);
+        });
+    if let Err(e) = spawned {
+        active.fetch_sub(1, Ordering::AcqRel);
+        warn!("API: starting a connection thread: {e}");
+    }
+}
+
+/// A connection read under one deadline for the whole request: a client sending a byte
+/// now and then cannot hold its thread longer than [`REQUEST_DEADLINE`].
+struct DeadlineReader {
+    stream: UnixStream,
+    deadline: std::time::Instant,
+}
+
+impl Read for DeadlineReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self
+            .deadline
+            .saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the request did not arrive within {REQUEST_DEADLINE:?}"),
+            ));
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
+}
+
+/// Writes `response` (with `Connection: close`).
+fn reply(mut out: &UnixStream, (status, ctype, body): Response) -> std::io::Result<()> {
     let head = format!(
         "HTTP/1.1 {status} {}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         reason(status),
         body.len()
     );
-    let written = out
-        .write_all(head.as_bytes())
+    out.write_all(head.as_bytes())
         .and_then(|()| out.write_all(&body))
-        .and_then(|()| out.flush());
+        .and_then(|()| out.flush())
+}
+
+fn handle(ctx: &ApiContext, stream: UnixStream) -> std::io::Result<()> {
+    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    let mut reader = BufReader::new(DeadlineReader {
+        stream: stream.try_clone()?,
+        deadline: std::time::Instant::now() + REQUEST_DEADLINE,
+    });
+    let req = read_request(&mut reader)?;
+    let response = match &req {
+        Some(req) => route(ctx, req),
+        None => error_response(400, "malformed request"),
+    };
+    let status = response.0;
+    let written = reply(&stream, response);
     // Announced after the reply: the daemon may exit as soon as it hears it, and the
     // caller would otherwise see the connection closed without its 204.
     if status == 204 && req.is_some_and(|r| r.method == "PUT" && r.path == "/api/v1/daemon/exit") {

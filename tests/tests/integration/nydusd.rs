@@ -61,7 +61,7 @@ pub(crate) struct Daemon {
     mount: Option<Mount>,
     child: Option<ChildGuard>,
     pub(crate) mnt: PathBuf,
-    sock: PathBuf,
+    pub(crate) sock: PathBuf,
     log: PathBuf,
 }
 

@@ -176,3 +176,61 @@ fn a_silent_registry_never_freezes_the_mount() {
     );
     assert!(diffs.is_empty(), "{}", diffs.join("\n"));
 }
+
+/// 50 clients holding API connections and sending a byte a second (ten of them a
+/// `POST /api/v1/mount` body), and one connected and silent: `GET /api/v1/daemon`
+/// still answers in under 0.2 s.
+#[test]
+fn the_api_answers_while_fifty_slow_clients_are_connected() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    require_root_tools(&["umount"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), b"api").unwrap();
+    let img = build(&src, &tmp.path().join("img"), &[]);
+    let d = Daemon::start(&img, "api", "");
+    let stop = Arc::new(AtomicBool::new(false));
+    let _idle = UnixStream::connect(&d.sock).unwrap();
+    let slow: Vec<_> = (0..50)
+        .map(|i| {
+            let (sock, stop) = (d.sock.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut s = UnixStream::connect(&sock).unwrap();
+                let request = if i % 5 == 0 {
+                    "POST /api/v1/mount?mountpoint=/slow HTTP/1.1\r\nContent-Length: 4096\r\n\r\n{\"source\":"
+                } else {
+                    "GET /api/v1/daemon HTTP/1.1\r\nHost: nydusd\r\n\r\n"
+                };
+                for b in request.bytes() {
+                    if stop.load(Ordering::Relaxed) || s.write_all(&[b]).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut slowest = Duration::ZERO;
+    for _ in 0..10 {
+        let t = Instant::now();
+        let body = d.api("GET", "/api/v1/daemon");
+        slowest = slowest.max(t.elapsed());
+        assert!(body.contains("\"state\":\"RUNNING\""), "{body}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in slow {
+        t.join().unwrap();
+    }
+    println!(
+        "GET /api/v1/daemon with 51 slow or idle clients connected: slowest of 10 in {slowest:?}"
+    );
+    assert!(
+        slowest < Duration::from_millis(200),
+        "GET /api/v1/daemon took {slowest:?}"
+    );
+}
