@@ -7,7 +7,7 @@
 //! one — mapped by [`InodeMap`]. File data comes from the verified [`ChunkCache`]; any
 //! metadata or integrity failure is `EIO`, never wrong bytes.
 
-use crate::cache::ChunkCache;
+use crate::cache::{ChunkCache, Piece};
 use crate::metrics::{FileStats, Metrics};
 use crate::passthrough::{passthrough_open_options, BackingMount, FuseBacking};
 use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, Attr, FsOptions, OpenOptions};
@@ -523,8 +523,9 @@ impl FileSystem for RafsFs {
         // Straight from the cache file into the reply (no buffer in between).
         let n = self
             .cache
-            .read_with(&i, offset, size as u64, &mut |file, off, len| {
-                w.write_all_from(file, len, off)
+            .read_with(&i, offset, size as u64, &mut |piece| match piece {
+                Piece::File { file, offset, len } => w.write_all_from(file, len, offset),
+                Piece::Bytes(b) => w.write_all(b),
             })
             .map_err(|e| {
                 self.fail(

@@ -47,6 +47,9 @@ pub struct CacheMetrics {
     pub prefetch_planned_chunks: AtomicU64,
     /// Whether prefetch has finished (1) or not (0).
     pub prefetch_done: AtomicU64,
+    /// Chunks served straight from the backend because they could not be written to
+    /// the cache (a full cache disk).
+    pub uncached_chunks: AtomicU64,
 }
 
 /// Filesystem operations (`/api/v1/metrics`).
@@ -113,6 +116,7 @@ impl Metrics {
             "prefetch_chunks": get(&c.prefetch_chunks),
             "prefetch_planned_chunks": get(&c.prefetch_planned_chunks),
             "prefetch_done": get(&c.prefetch_done) == 1,
+            "uncached_chunks": get(&c.uncached_chunks),
         })
     }
 
@@ -134,7 +138,7 @@ impl Metrics {
 /// `backend="localfs",id="/sub"`).
 pub fn prometheus(mounts: &[(String, &Metrics)]) -> String {
     type Get = fn(&Metrics) -> u64;
-    let counters: [(&str, &str, Get); 12] = [
+    let counters: [(&str, &str, Get); 13] = [
         ("backend_read_count", "Backend requests made.", |m| {
             get(&m.backend.read_count)
         }),
@@ -162,6 +166,11 @@ pub fn prometheus(mounts: &[(String, &Metrics)]) -> String {
         ("cache_corruptions", "Cached chunks found corrupt.", |m| {
             get(&m.cache.cache_corruptions)
         }),
+        (
+            "cache_uncached_chunks",
+            "Chunks served from the backend without caching (the cache disk is full).",
+            |m| get(&m.cache.uncached_chunks),
+        ),
         ("prefetch_bytes", "Bytes fetched by prefetch.", |m| {
             get(&m.cache.prefetch_bytes)
         }),

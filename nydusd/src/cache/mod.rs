@@ -66,10 +66,27 @@ const FAILURE_MEMORY: Duration = Duration::from_secs(1);
 pub const READAHEAD_WINDOWS: u64 = 2;
 /// Readahead windows fetched at once.
 pub const MAX_READAHEAD_JOBS: u64 = 2;
+/// Chunks held in memory per image and blob when the cache disk cannot take them.
+const SPILL_CHUNKS: usize = 32;
 /// Spare data file handles kept per blob (about one per FUSE thread).
 const MAX_SPARE_FILES: usize = 16;
 /// How far past ready or in-flight chunks a readahead looks for missing ones.
 const READAHEAD_SKIP: u32 = 1024;
+
+/// A piece of a read, handed to the sink of [`ChunkCache::read_with`].
+pub enum Piece<'a> {
+    /// `len` bytes at `offset` of a cache data file.
+    File {
+        /// The data file (a handle of its own, positioned nowhere in particular).
+        file: &'a mut File,
+        /// Where the bytes are.
+        offset: u64,
+        /// How many.
+        len: usize,
+    },
+    /// Bytes of a chunk the cache could not take (verified like any other).
+    Bytes(&'a [u8]),
+}
 
 /// Who is asking for chunks: on-demand reads go ahead of prefetch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,6 +110,9 @@ struct BlobCache {
     /// module docs). Per image, not shared: a chunk another image verified is checked
     /// against this image's own digest before this image serves it.
     verified: Vec<AtomicU8>,
+    /// Chunks fetched and verified for this image that could not be written to the
+    /// cache (a full disk), newest last, for the readers that wait for them.
+    spill: Mutex<std::collections::VecDeque<(u32, Arc<Vec<u8>>)>>,
     state: Arc<BlobState>,
 }
 
@@ -145,6 +165,27 @@ impl Drop for Claims<'_> {
 impl BlobCache {
     fn is_verified(&self, ci: u32) -> bool {
         self.verified[(ci / 8) as usize].load(Ordering::Acquire) & (0x80 >> (ci & 7)) != 0
+    }
+
+    /// The bytes of chunk `ci` if it is held in memory only (see `spill`).
+    fn spilled(&self, ci: u32) -> Option<Arc<Vec<u8>>> {
+        let spill = self.spill.lock().unwrap_or_else(|e| e.into_inner());
+        spill
+            .iter()
+            .rev()
+            .find(|(c, _)| *c == ci)
+            .map(|(_, d)| d.clone())
+    }
+
+    /// Holds chunk `ci`'s verified bytes in memory, dropping the oldest beyond
+    /// [`SPILL_CHUNKS`].
+    fn spill(&self, ci: u32, data: Vec<u8>) {
+        let mut spill = self.spill.lock().unwrap_or_else(|e| e.into_inner());
+        spill.retain(|(c, _)| *c != ci);
+        if spill.len() >= SPILL_CHUNKS {
+            spill.pop_front();
+        }
+        spill.push_back((ci, Arc::new(data)));
     }
 
     fn set_verified(&self, ci: u32, on: bool) {
@@ -227,6 +268,8 @@ pub struct ChunkCache {
     ondemand: AtomicU64,
     /// Readahead jobs running.
     readaheads: AtomicU64,
+    /// Whether the first chunk the cache could not take has been logged.
+    uncacheable_logged: std::sync::atomic::AtomicBool,
 }
 
 /// A blob id is used as a file name in the work directory.
@@ -290,6 +333,7 @@ impl ChunkCache {
             metrics,
             ondemand: AtomicU64::new(0),
             readaheads: AtomicU64::new(0),
+            uncacheable_logged: Default::default(),
         })
     }
 
@@ -441,24 +485,31 @@ impl ChunkCache {
         size: u64,
         out: &mut Vec<u8>,
     ) -> Result<()> {
-        self.read_with(inode, offset, size, &mut |file, off, len| {
-            let at = out.len();
-            out.resize(at + len, 0);
-            file.read_exact_at(&mut out[at..], off)
+        self.read_with(inode, offset, size, &mut |piece| match piece {
+            Piece::File { file, offset, len } => {
+                let at = out.len();
+                out.resize(at + len, 0);
+                file.read_exact_at(&mut out[at..], offset)
+            }
+            Piece::Bytes(b) => {
+                out.extend_from_slice(b);
+                Ok(())
+            }
         })?;
         Ok(())
     }
 
-    /// Like [`ChunkCache::read`], but hands each piece of the range to `sink` as a cache
-    /// data file, an offset in it and a length, once its chunk is ready and verified
+    /// Like [`ChunkCache::read`], but hands each piece of the range to `sink`, once its
+    /// chunk is ready and verified, as a cache data file, an offset in it and a length
     /// (so that a FUSE reply can be filled straight from the file, without a buffer in
-    /// between). `sink` must consume exactly `len` bytes. Returns the bytes handed over.
+    /// between; `sink` must consume exactly `len` bytes), or as bytes in memory when the
+    /// cache could not take the chunk. Returns the bytes handed over.
     pub fn read_with(
         self: &Arc<Self>,
         inode: &Inode,
         offset: u64,
         size: u64,
-        sink: &mut dyn FnMut(&mut File, u64, usize) -> std::io::Result<()>,
+        sink: &mut dyn FnMut(Piece<'_>) -> std::io::Result<()>,
     ) -> Result<u64> {
         let slices = self
             .bs
@@ -500,13 +551,38 @@ impl ChunkCache {
         let mut total = 0;
         for (s, c) in slices.iter().zip(&infos) {
             let blob = &self.blobs[s.chunk.blob_index as usize];
-            let mut file = blob.take_file()?;
-            let res = sink(
-                &mut file,
-                c.uncompressed_offset + s.offset as u64,
-                s.len as usize,
-            );
-            blob.put_file(file);
+            let (at, len) = (s.offset as usize, s.len as usize);
+            let mut tries = 0;
+            let res = loop {
+                if blob.map.is_ready(c.ci_index) {
+                    let mut file = blob.take_file()?;
+                    let res = sink(Piece::File {
+                        file: &mut file,
+                        offset: c.uncompressed_offset + at as u64,
+                        len,
+                    });
+                    blob.put_file(file);
+                    break res;
+                }
+                // Not cached (a full disk): served from memory.
+                if let Some(data) = blob.spilled(c.ci_index) {
+                    break sink(Piece::Bytes(&data[at..at + len]));
+                }
+                // Dropped from memory meanwhile: fetched again, once.
+                tries += 1;
+                if tries > 2 {
+                    return Err(Error::Unavailable {
+                        blob_id: blob.info.id.clone(),
+                        ci_index: c.ci_index,
+                        reason: "the cache cannot hold it and other reads pushed it out".into(),
+                    });
+                }
+                self.ensure_inner(
+                    s.chunk.blob_index,
+                    std::slice::from_ref(c),
+                    Priority::OnDemand,
+                )?;
+            };
             res.map_err(|e| blob.io(e))?;
             total += s.len as u64;
         }
@@ -695,7 +771,7 @@ impl ChunkCache {
     /// process and clears it when it is corrupt.
     fn usable(&self, blob: &BlobCache, c: &ChunkInfo) -> Result<bool> {
         if !blob.map.is_ready(c.ci_index) {
-            return Ok(false);
+            return Ok(blob.spilled(c.ci_index).is_some());
         }
         if !self.validate || blob.is_verified(c.ci_index) {
             return Ok(true);
@@ -833,7 +909,9 @@ impl ChunkCache {
             }
         }
         // A requested chunk that failed alone (digest) is reported by the check below.
-        let unready = |ci: &u32| claims.cis.contains(ci) && !blob.map.is_ready(*ci);
+        let unready = |ci: &u32| {
+            claims.cis.contains(ci) && !blob.map.is_ready(*ci) && blob.spilled(*ci).is_none()
+        };
         if let Some(e) = first_err {
             if requested.iter().any(unready) {
                 return Err(e);
@@ -909,9 +987,20 @@ impl ChunkCache {
                     continue;
                 }
             };
-            blob.data
-                .write_all_at(&data, c.uncompressed_offset)
-                .map_err(|e| blob.io(e))?;
+            if let Err(e) = blob.data.write_all_at(&data, c.uncompressed_offset) {
+                // A full cache disk (or one failing): the chunk is served from memory,
+                // verified, and fetched again next time.
+                Metrics::add(&m.cache.uncached_chunks, 1);
+                if !self.uncacheable_logged.swap(true, Ordering::AcqRel) {
+                    warn!(
+                        "cache file {}: {e}; chunks that cannot be cached are served \
+                         straight from the backend (counted in uncached_chunks; logged once)",
+                        blob.data_path.display()
+                    );
+                }
+                blob.spill(c.ci_index, data);
+                continue;
+            }
             blob.set_verified(c.ci_index, true);
             blob.map.set_ready(c.ci_index)?;
             match prio {
@@ -966,6 +1055,7 @@ fn open_blob(work: &Path, info: &BlobInfo, records: Vec<u32>) -> Result<BlobCach
         info: info.clone(),
         records,
         verified: bits(info.chunk_count),
+        spill: Mutex::new(Default::default()),
         state,
     })
 }

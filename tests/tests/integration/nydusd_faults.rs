@@ -234,3 +234,46 @@ fn the_api_answers_while_fifty_slow_clients_are_connected() {
         "GET /api/v1/daemon took {slowest:?}"
     );
 }
+
+/// A cache disk that fills up: every file still reads right (the chunks the cache
+/// cannot take are served from the backend, verified), the metrics count them, and the
+/// log says why once.
+#[test]
+fn a_full_cache_disk_still_serves_every_byte() {
+    require_root_tools(&["umount"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(src.join("big")).unwrap();
+    for i in 0..6u64 {
+        std::fs::write(src.join(format!("big/b{i}")), noise(1 << 20, i + 500)).unwrap();
+    }
+    std::fs::create_dir_all(src.join("z")).unwrap();
+    std::fs::write(src.join("z/small"), b"6bytes").unwrap();
+    let img = build(&src, &tmp.path().join("img"), &[]);
+    std::fs::create_dir_all(&img.cache).unwrap();
+    // 2 MiB of cache for 6 MiB of data.
+    let _disk = Mount::kernel("tmpfs", Path::new("tmpfs"), &img.cache, "size=2m").unwrap();
+    let d = Daemon::start(&img, "full", r#","amplify_io":0"#);
+    let diffs = compare_trees_with(
+        &src,
+        &d.mnt,
+        &CompareOptions {
+            ignore_root_mtime: true,
+            ..Default::default()
+        },
+    );
+    assert!(diffs.is_empty(), "{}\n{}", diffs.join("\n"), d.log_text());
+    // Read again (the page cache dropped): still right, from the backend again.
+    for i in 0..6u64 {
+        let want = noise(1 << 20, i + 500);
+        assert_eq!(read_uncached(&d.path(&format!("big/b{i}"))).unwrap(), want);
+    }
+    assert_eq!(read_uncached(&d.path("z/small")).unwrap(), b"6bytes");
+    let uncached = d.metric("/api/v1/metrics/blobcache", "uncached_chunks");
+    assert!(uncached >= 4, "{uncached} chunks uncached");
+    let log = d.log_text();
+    assert_eq!(log.matches("logged once").count(), 1, "{log}");
+    assert!(log.contains("No space left on device"), "{log}");
+    println!("full cache disk: every file read right, {uncached} chunks served uncached");
+    drop(d);
+}
