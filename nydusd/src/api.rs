@@ -25,6 +25,7 @@
 //! deadline for the whole request ([`REQUEST_DEADLINE`]) and write timeout, so that an
 //! idle or slow client, or a mount validating a large bootstrap, delays nobody else.
 
+use crate::cache::OpenBlobs;
 use crate::config::Config;
 use crate::daemon::{self, Event, StateCell};
 use crate::error::{Chain, Error, Result};
@@ -62,6 +63,8 @@ pub struct ApiContext {
     pub vfs: Arc<Vfs>,
     /// Where `PUT /api/v1/daemon/exit` is announced.
     pub events: Sender<Event>,
+    /// The daemon's open cache files, for the images mounted through the API.
+    pub open_blobs: Arc<OpenBlobs>,
 }
 
 /// A running API server; dropping it leaves the thread running until the process ends,
@@ -308,6 +311,7 @@ fn post_mount(ctx: &ApiContext, req: &Request) -> Response {
         &config,
         index,
         body.prefetch_files.as_deref(),
+        &ctx.open_blobs,
     ) {
         Ok(m) => m,
         Err(e) => {

@@ -2,7 +2,7 @@
 //! threads, with one event channel that ends the daemon (signal, API exit, or the mount
 //! going away).
 
-use crate::cache::ChunkCache;
+use crate::cache::{ChunkCache, OpenBlobs};
 use crate::config::{BackendConfig, Config};
 use crate::error::{Chain, Error, Result};
 use crate::fs::RafsFs;
@@ -163,11 +163,12 @@ pub fn build_fs(
     config: &Config,
     metrics: Arc<Metrics>,
     index: u16,
+    open: &Arc<OpenBlobs>,
 ) -> Result<Arc<RafsFs>> {
     let bs = open_bootstrap(bootstrap)?;
     let backend = backend(&config.backend)?;
     let cache = Arc::new(
-        ChunkCache::new(bs, backend, config, metrics.clone()).map_err(|e| match e {
+        ChunkCache::new(bs, backend, config, metrics.clone(), open).map_err(|e| match e {
             Error::Metadata(source) => Error::Bootstrap {
                 path: bootstrap.display().to_string(),
                 source,
@@ -191,9 +192,10 @@ pub fn mount_image(
     config: &Config,
     index: u16,
     prefetch_files: Option<&[String]>,
+    open: &Arc<OpenBlobs>,
 ) -> Result<Mounted> {
     let metrics = Arc::new(Metrics::default());
-    let fs = build_fs(bootstrap, config, metrics.clone(), index)?;
+    let fs = build_fs(bootstrap, config, metrics.clone(), index, open)?;
     let cache = fs.cache().clone();
     if !config.digest_validate {
         warn!("{mountpoint}: digest_validate is off: chunks are served without verification");

@@ -5,6 +5,7 @@
 use anyhow::{bail, Context as _, Result};
 use clap::Parser;
 use nydusd::api::{ApiContext, ApiServer};
+use nydusd::cache::OpenBlobs;
 use nydusd::config::Config;
 use nydusd::daemon::{self, Event, FuseService, State, StateCell};
 use nydusd::vfs::Vfs;
@@ -111,7 +112,7 @@ fn init_logging(opt: &Opt) -> Result<()> {
 }
 
 /// The filesystem to serve: the --bootstrap image at the root, or an empty pseudo-root.
-fn build_vfs(opt: &Opt) -> Result<Vfs> {
+fn build_vfs(opt: &Opt, open: &Arc<OpenBlobs>) -> Result<Vfs> {
     let Some(bootstrap) = &opt.bootstrap else {
         if opt.apisock.is_none() {
             bail!("without --bootstrap, give --apisock to mount images through the API");
@@ -137,7 +138,7 @@ fn build_vfs(opt: &Opt) -> Result<Vfs> {
         }
         None => None,
     };
-    let image = daemon::mount_image("/", bootstrap, &config, 0, files.as_deref())?;
+    let image = daemon::mount_image("/", bootstrap, &config, 0, files.as_deref(), open)?;
     info!(
         "serving {} ({} blobs, digest validation {})",
         bootstrap.display(),
@@ -148,7 +149,8 @@ fn build_vfs(opt: &Opt) -> Result<Vfs> {
 }
 
 fn run(opt: Opt) -> Result<()> {
-    let vfs = Arc::new(build_vfs(&opt)?);
+    let open_blobs = OpenBlobs::new();
+    let vfs = Arc::new(build_vfs(&opt, &open_blobs)?);
 
     let (tx, rx) = mpsc::channel();
     let mut signals = signal_hook::iterator::Signals::new([
@@ -178,6 +180,7 @@ fn run(opt: Opt) -> Result<()> {
                 state: state.clone(),
                 vfs: vfs.clone(),
                 events: tx.clone(),
+                open_blobs: open_blobs.clone(),
             },
         )?),
         None => None,

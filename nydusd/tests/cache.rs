@@ -2,7 +2,7 @@
 //! restart, single-flight fetches, merging, and corruption from the backend or in the
 //! cache file never served.
 
-use nydusd::cache::ChunkCache;
+use nydusd::cache::{ChunkCache, OpenBlobs};
 use nydusd::config::Config;
 use nydusd::metrics::Metrics;
 use p2p_backend::localfs::LocalFs;
@@ -135,7 +135,7 @@ fn open(img: &Image, backend: Arc<Counting>, cfg: &Config) -> (Arc<ChunkCache>, 
     let bs = Arc::new(Bootstrap::open(&img.boot).unwrap());
     let metrics = Arc::new(Metrics::default());
     (
-        Arc::new(ChunkCache::new(bs, backend, cfg, metrics.clone()).unwrap()),
+        Arc::new(ChunkCache::new(bs, backend, cfg, metrics.clone(), &OpenBlobs::new()).unwrap()),
         metrics,
     )
 }

@@ -27,7 +27,13 @@ fn directories_need_no_opendir_and_list_without_a_handle() {
     let bs = Arc::new(Bootstrap::open(&boot).unwrap());
     let metrics = Arc::new(Metrics::default());
     let cfg = Config::localfs(blobs.clone(), tmp.path().join("cache"));
-    let cache = ChunkCache::new(bs, Arc::new(LocalFs::new(&blobs)), &cfg, metrics.clone());
+    let cache = ChunkCache::new(
+        bs,
+        Arc::new(LocalFs::new(&blobs)),
+        &cfg,
+        metrics.clone(),
+        &nydusd::cache::OpenBlobs::new(),
+    );
     let fs = RafsFs::new(Arc::new(cache.unwrap()), true, metrics, 0);
     let ctx = Context::default();
 

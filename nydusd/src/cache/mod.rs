@@ -48,8 +48,6 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{debug, error, info, warn};
 
-/// No chunk-table record for this ci index.
-const NO_RECORD: u32 = u32::MAX;
 /// How often a reader re-examines a chunk whose fetches keep failing before giving up.
 const MAX_ROUNDS: usize = 4;
 /// How long after its start an on-demand read may still fetch a chunk itself that
@@ -99,13 +97,12 @@ pub enum Priority {
     Readahead,
 }
 
-/// One blob as an image sees it: its table entry and chunk records, over the blob's
-/// cache state, which every image of the daemon that has this blob (in the same work
-/// directory) shares.
+/// One blob as an image sees it: its table entry, over the blob's cache state, which
+/// every image of the daemon that has this blob (in the same work directory) shares.
 struct BlobCache {
     info: BlobInfo,
-    /// ci index → chunk-table record index ([`NO_RECORD`] if absent).
-    records: Vec<u32>,
+    /// Its index in the blob table.
+    index: u32,
     /// One bit per ci: verified by this process against this image's digests (see the
     /// module docs). Per image, not shared: a chunk another image verified is checked
     /// against this image's own digest before this image serves it.
@@ -117,7 +114,7 @@ struct BlobCache {
 }
 
 /// The cache state of one blob: its files, and who is fetching what. One per cache file
-/// per process (see [`open_blob`]): two images sharing a base layer fetch its chunks
+/// per process (see [`OpenBlobs`]): two images sharing a base layer fetch its chunks
 /// once, wait for each other's fetches, and never write the same chunk map through two
 /// handles.
 struct BlobState {
@@ -142,8 +139,56 @@ impl std::ops::Deref for BlobCache {
     }
 }
 
-/// The blob states open in this process, by cache data file.
-static OPEN_BLOBS: Mutex<Vec<(PathBuf, std::sync::Weak<BlobState>)>> = Mutex::new(Vec::new());
+/// The blob cache states a daemon has open, by cache data file: one per file, shared by
+/// every image of the daemon that has the blob. Made once per daemon and given to each
+/// of its images' [`ChunkCache`]s.
+#[derive(Default)]
+pub struct OpenBlobs {
+    open: Mutex<Vec<(PathBuf, std::sync::Weak<BlobState>)>>,
+}
+
+impl OpenBlobs {
+    /// No blob open yet.
+    pub fn new() -> Arc<OpenBlobs> {
+        Arc::new(OpenBlobs::default())
+    }
+
+    /// The state of `info`'s blob in `work`: the one already open (by another image),
+    /// or newly opened. An open blob whose shape differs from `info`'s is an error:
+    /// resizing its files would pull them from under the other image.
+    fn state(&self, work: &Path, info: &BlobInfo) -> Result<Arc<BlobState>> {
+        let work = work.canonicalize().map_err(|source| Error::CacheIo {
+            path: work.display().to_string(),
+            source,
+        })?;
+        let key = work.join(format!("{}.blob.data", info.id));
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.retain(|(_, w)| w.strong_count() > 0);
+        if let Some(state) = open
+            .iter()
+            .find(|(p, _)| *p == key)
+            .and_then(|(_, w)| w.upgrade())
+        {
+            let size = state.data.metadata().map(|m| m.len()).unwrap_or(0);
+            if state.map.count() != info.chunk_count || size != info.uncompressed_size {
+                return Err(Error::Metadata(rafs::Error::invalid(
+                    format!("blob {}", info.id),
+                    format!(
+                        "another image of this daemon has it with {} chunks and {size} bytes, \
+                         this one says {} chunks and {} bytes",
+                        state.map.count(),
+                        info.chunk_count,
+                        info.uncompressed_size
+                    ),
+                )));
+            }
+            return Ok(state);
+        }
+        let state = Arc::new(open_files(&work, info)?);
+        open.push((key, Arc::downgrade(&state)));
+        Ok(state)
+    }
+}
 
 /// Releases claimed chunks (and wakes waiters) when dropped, also on panic.
 struct Claims<'a> {
@@ -288,41 +333,32 @@ fn check_blob_id(id: &str) -> Result<()> {
 
 impl ChunkCache {
     /// Opens (or creates) the cache files of every blob of `bs` in `config.cache.work_dir`
-    /// and indexes the bootstrap's chunk table, rejecting an invalid record.
+    /// (or takes them from `open`, where another image of the daemon opened them), and
+    /// checks the bootstrap's chunk table, rejecting an invalid record.
     pub fn new(
         bs: Arc<Bootstrap>,
         backend: Arc<dyn BlobBackend>,
         config: &Config,
         metrics: Arc<Metrics>,
+        open: &Arc<OpenBlobs>,
     ) -> Result<ChunkCache> {
         let work = &config.cache.work_dir;
         std::fs::create_dir_all(work).map_err(|source| Error::CacheIo {
             path: work.display().to_string(),
             source,
         })?;
-        let mut records: Vec<Vec<u32>> = bs
-            .blobs()
-            .iter()
-            .map(|b| vec![NO_RECORD; b.chunk_count as usize])
-            .collect();
-        for i in 0..bs.chunk_table_len() {
-            let r = bs.chunk_record(i).map_err(Error::Metadata)?;
-            let slot = &mut records[r.blob_index as usize][r.ci_index as usize];
-            if *slot != NO_RECORD {
-                return Err(Error::Metadata(rafs::Error::invalid(
-                    format!("chunk table record {i}"),
-                    format!(
-                        "duplicates record {} for chunk {} of blob {}",
-                        *slot, r.ci_index, r.blob_index
-                    ),
-                )));
-            }
-            *slot = i as u32;
-        }
+        // Two records for one chunk: which digest to trust would be ambiguous.
+        bs.check_unique_chunks().map_err(Error::Metadata)?;
         let mut blobs = Vec::new();
-        for (info, records) in bs.blobs().iter().zip(records) {
+        for (index, info) in bs.blobs().iter().enumerate() {
             check_blob_id(&info.id)?;
-            blobs.push(open_blob(work, info, records)?);
+            blobs.push(BlobCache {
+                info: info.clone(),
+                index: index as u32,
+                verified: bits(info.chunk_count),
+                spill: Mutex::new(Default::default()),
+                state: open.state(work, info)?,
+            });
         }
         Ok(ChunkCache {
             bs,
@@ -379,40 +415,18 @@ impl ChunkCache {
 
     /// The trusted description of a chunk a file refers to.
     pub fn chunk_info(&self, addr: &ChunkAddr) -> Result<ChunkInfo> {
-        let blob = &self.blobs[addr.blob_index as usize];
-        let unknown = || Error::UnknownChunk {
-            blob_id: blob.info.id.clone(),
-            ci_index: addr.ci_index,
-        };
-        let rec = *blob
-            .records
-            .get(addr.ci_index as usize)
-            .ok_or_else(unknown)?;
-        if rec == NO_RECORD {
-            return Err(unknown());
-        }
-        let info = self
-            .bs
-            .chunk_record(rec as usize)
-            .map_err(Error::Metadata)?;
-        if info.uncompressed_offset != addr.uncompressed_offset {
-            return Err(Error::Metadata(rafs::Error::invalid(
-                format!("chunk table record {rec}"),
-                format!(
-                    "uncompressed offset {} differs from the chunk index's {}",
-                    info.uncompressed_offset, addr.uncompressed_offset
-                ),
-            )));
-        }
-        Ok(info)
+        self.bs
+            .chunk_info(addr)
+            .map_err(Error::Metadata)?
+            .ok_or_else(|| Error::UnknownChunk {
+                blob_id: self.blobs[addr.blob_index as usize].info.id.clone(),
+                ci_index: addr.ci_index,
+            })
     }
 
     /// The chunk `ci` of blob `blob_index`, if the chunk table knows it.
     pub fn chunk_by_ci(&self, blob_index: u32, ci: u32) -> Option<ChunkInfo> {
-        let rec = *self.blobs[blob_index as usize].records.get(ci as usize)?;
-        (rec != NO_RECORD)
-            .then(|| self.bs.chunk_record(rec as usize).ok())
-            .flatten()
+        self.bs.chunk_by_ci(blob_index, ci).ok().flatten()
     }
 
     /// Number of chunks of blob `blob_index`.
@@ -853,10 +867,7 @@ impl ChunkCache {
     }
 
     fn chunk_by_ci_in(&self, blob: &BlobCache, ci: u32) -> Option<ChunkInfo> {
-        let rec = *blob.records.get(ci as usize)?;
-        (rec != NO_RECORD)
-            .then(|| self.bs.chunk_record(rec as usize).ok())
-            .flatten()
+        self.bs.chunk_by_ci(blob.index, ci).ok().flatten()
     }
 
     /// Fetches the claimed chunks in merged requests, verifies and caches them. Fails when
@@ -1045,55 +1056,6 @@ fn decode_unverified(info: &BlobInfo, c: &ChunkInfo, stored: &[u8]) -> rafs::Res
             reason: "stored size differs from uncompressed size".into(),
         })
     }
-}
-
-/// Opens the data file and chunk map of one blob, resetting the map when the data file
-/// does not have the blob's uncompressed size (it cannot be trusted then).
-fn open_blob(work: &Path, info: &BlobInfo, records: Vec<u32>) -> Result<BlobCache> {
-    let state = open_state(work, info)?;
-    Ok(BlobCache {
-        info: info.clone(),
-        records,
-        verified: bits(info.chunk_count),
-        spill: Mutex::new(Default::default()),
-        state,
-    })
-}
-
-/// The state of `info`'s blob in `work`: the one already open in this process (by
-/// another image), or newly opened. An open blob whose shape differs from `info`'s is
-/// an error: resizing its files would pull them from under the other image.
-fn open_state(work: &Path, info: &BlobInfo) -> Result<Arc<BlobState>> {
-    let work = work.canonicalize().map_err(|source| Error::CacheIo {
-        path: work.display().to_string(),
-        source,
-    })?;
-    let key = work.join(format!("{}.blob.data", info.id));
-    let mut open = OPEN_BLOBS.lock().unwrap_or_else(|e| e.into_inner());
-    open.retain(|(_, w)| w.strong_count() > 0);
-    if let Some(state) = open
-        .iter()
-        .find(|(p, _)| *p == key)
-        .and_then(|(_, w)| w.upgrade())
-    {
-        let size = state.data.metadata().map(|m| m.len()).unwrap_or(0);
-        if state.map.count() != info.chunk_count || size != info.uncompressed_size {
-            return Err(Error::Metadata(rafs::Error::invalid(
-                format!("blob {}", info.id),
-                format!(
-                    "another image of this daemon has it with {} chunks and {size} bytes, \
-                     this one says {} chunks and {} bytes",
-                    state.map.count(),
-                    info.chunk_count,
-                    info.uncompressed_size
-                ),
-            )));
-        }
-        return Ok(state);
-    }
-    let state = Arc::new(open_files(&work, info)?);
-    open.push((key, Arc::downgrade(&state)));
-    Ok(state)
 }
 
 /// One bit per chunk, all clear.

@@ -11,14 +11,22 @@ use std::sync::OnceLock;
 use zerocopy::FromBytes;
 
 /// `(blob_index, ci_index, chunk table record)`, sorted: the lookup index of the chunk table.
-type ChunkKey = (u32, u32, u32);
+/// No chunk-table record for a ci index (see [`ChunkTableIndex`]).
+const NO_RECORD: u32 = u32::MAX;
+
+/// The chunk table by `(blob index, ci index)`: per blob, the record of each ci index
+/// (the first one when several claim it), and the first such duplicate, if any.
+struct ChunkTableIndex {
+    records: Vec<Vec<u32>>,
+    duplicate: Option<String>,
+}
 
 /// An opened, validated bootstrap.
 pub struct Bootstrap {
     data: Data,
     sb: SuperInfo,
     blobs: Vec<BlobInfo>,
-    chunk_index: OnceLock<Result<Vec<ChunkKey>, String>>,
+    chunk_index: OnceLock<Result<ChunkTableIndex, String>>,
 }
 
 /// A decoded inode.
@@ -765,38 +773,77 @@ impl Bootstrap {
         Ok(c)
     }
 
-    /// The chunk-info record of `(blob_index, ci_index)`, or `None` if the table lacks it.
-    pub fn chunk_info(&self, addr: &ChunkAddr) -> Result<Option<ChunkInfo>> {
-        let index = self
-            .chunk_index
+    /// The chunk index, built on first use (one pass over the chunk table).
+    fn chunk_index(&self) -> Result<&ChunkTableIndex> {
+        self.chunk_index
             .get_or_init(|| {
-                let mut v = Vec::with_capacity(self.chunk_table_len());
+                let mut records: Vec<Vec<u32>> = self
+                    .blobs
+                    .iter()
+                    .map(|b| vec![NO_RECORD; b.chunk_count as usize])
+                    .collect();
+                let mut duplicate = None;
                 for i in 0..self.chunk_table_len() {
                     let c = self.chunk_record(i).map_err(|e| e.to_string())?;
-                    v.push((c.blob_index, c.ci_index, i as u32));
+                    // `chunk_record` checked both indexes against the blob table.
+                    let slot = &mut records[c.blob_index as usize][c.ci_index as usize];
+                    if *slot == NO_RECORD {
+                        *slot = i as u32;
+                    } else if duplicate.is_none() {
+                        duplicate = Some(format!(
+                            "chunk table record {i} duplicates record {} for chunk {} of blob {}",
+                            *slot, c.ci_index, c.blob_index
+                        ));
+                    }
                 }
-                v.sort_unstable();
-                Ok(v)
+                Ok(ChunkTableIndex { records, duplicate })
             })
             .as_ref()
-            .map_err(|e| Error::invalid("chunk table", e.clone()))?;
-        let pos = index.partition_point(|(b, c, _)| (*b, *c) < (addr.blob_index, addr.ci_index));
-        match index.get(pos) {
-            Some((b, c, i)) if (*b, *c) == (addr.blob_index, addr.ci_index) => {
-                let info = self.chunk_record(*i as usize)?;
-                if info.uncompressed_offset != addr.uncompressed_offset {
-                    return Err(Error::invalid(
-                        format!("chunk table record {i}"),
-                        format!(
-                            "uncompressed offset {} differs from the chunk index's {}",
-                            info.uncompressed_offset, addr.uncompressed_offset
-                        ),
-                    ));
-                }
-                Ok(Some(info))
-            }
+            .map_err(|e| Error::invalid("chunk table", e.clone()))
+    }
+
+    /// Fails when two chunk-table records claim one chunk (which one holds its digest
+    /// would be ambiguous); [`Self::chunk_info`] takes the first.
+    pub fn check_unique_chunks(&self) -> Result<()> {
+        match &self.chunk_index()?.duplicate {
+            Some(d) => Err(Error::invalid("chunk table", d.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// The chunk-info record of chunk `ci_index` of blob `blob_index`, or `None` if the
+    /// table lacks it (or the blob index is out of range).
+    pub fn chunk_by_ci(&self, blob_index: u32, ci_index: u32) -> Result<Option<ChunkInfo>> {
+        let index = self.chunk_index()?;
+        match index
+            .records
+            .get(blob_index as usize)
+            .and_then(|r| r.get(ci_index as usize))
+        {
+            Some(&i) if i != NO_RECORD => self.chunk_record(i as usize).map(Some),
             _ => Ok(None),
         }
+    }
+
+    /// The chunk-info record of `(blob_index, ci_index)`, or `None` if the table lacks it;
+    /// an error when the record's uncompressed offset differs from the chunk index's.
+    pub fn chunk_info(&self, addr: &ChunkAddr) -> Result<Option<ChunkInfo>> {
+        let Some(info) = self.chunk_by_ci(addr.blob_index, addr.ci_index)? else {
+            return Ok(None);
+        };
+        if info.uncompressed_offset != addr.uncompressed_offset {
+            return Err(Error::invalid(
+                format!(
+                    "chunk table record of chunk {} of blob {}",
+                    addr.ci_index, addr.blob_index
+                ),
+                format!(
+                    "uncompressed offset {} differs from the chunk index's {}",
+                    info.uncompressed_offset, addr.uncompressed_offset
+                ),
+            ));
+        }
+        Ok(Some(info))
     }
 
     /// Visits every entry below the root depth first, in pre-order: each entry, and for a
