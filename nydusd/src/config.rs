@@ -91,6 +91,11 @@ pub const DEFAULT_REGISTRY_TIMEOUT: u64 = 5;
 pub struct CacheConfig {
     /// `config.work_dir`: where `<blob_id>.blob.data` and `<blob_id>.chunk_map` live.
     pub work_dir: PathBuf,
+    /// `config.size_limit` (ours; upstream has none): the most bytes the work dir's files
+    /// may take on disk, in bytes or with a binary unit (`"512MiB"`, `"10G"`). Chunks
+    /// read least recently are evicted to stay under it (see `cache::evict`). `None`:
+    /// no limit.
+    pub size_limit: Option<u64>,
 }
 
 /// `fs_prefetch`.
@@ -228,6 +233,8 @@ struct RawCacheInner {
     #[serde(default)]
     disable_indexed_map: Option<bool>,
     #[serde(default)]
+    size_limit: Option<serde_json::Value>,
+    #[serde(default)]
     enable_encryption: Option<bool>,
     #[serde(default)]
     enable_convergent_encryption: Option<bool>,
@@ -292,7 +299,10 @@ impl Config {
                 dir: Some(dir),
                 blob_file: None,
             },
-            cache: CacheConfig { work_dir },
+            cache: CacheConfig {
+                work_dir,
+                size_limit: None,
+            },
             digest_validate: true,
             enable_xattr: true,
             amplify_io: DEFAULT_AMPLIFY_IO,
@@ -493,7 +503,48 @@ fn cache(raw: RawCache) -> Result<CacheConfig> {
         .work_dir
         .filter(|d| !d.as_os_str().is_empty())
         .ok_or_else(|| Error::config("device.cache.config.work_dir", "missing"))?;
-    Ok(CacheConfig { work_dir })
+    let size_limit = match inner.size_limit {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v) => Some(parse_size(&v).ok_or_else(|| {
+            Error::config(
+                "device.cache.config.size_limit",
+                format!(
+                    "{v} is not a size of at least 1 MiB (bytes, or a number with K, M, G or T, \
+                     binary units: \"512MiB\", \"10G\")"
+                ),
+            )
+        })?),
+    };
+    Ok(CacheConfig {
+        work_dir,
+        size_limit,
+    })
+}
+
+/// A size in bytes: a number, or a string of a number and an optional binary unit
+/// (`K`/`KiB`/`KB`, `M`, `G`, `T`; case-insensitive). At least 1 MiB.
+fn parse_size(v: &serde_json::Value) -> Option<u64> {
+    use serde_json::Value;
+    let bytes = match v {
+        Value::Number(n) => n.as_u64()?,
+        Value::String(s) => {
+            let s = s.trim();
+            let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+            let (num, unit) = s.split_at(split);
+            let num: u64 = num.parse().ok()?;
+            let shift = match unit.trim().to_ascii_lowercase().as_str() {
+                "" | "b" => 0,
+                "k" | "kb" | "kib" => 10,
+                "m" | "mb" | "mib" => 20,
+                "g" | "gb" | "gib" => 30,
+                "t" | "tb" | "tib" => 40,
+                _ => return None,
+            };
+            num.checked_mul(1u64 << shift)?
+        }
+        _ => return None,
+    };
+    (bytes >= 1 << 20).then_some(bytes)
 }
 
 fn prefetch(raw: Option<RawPrefetch>) -> Result<PrefetchConfig> {
@@ -682,6 +733,26 @@ mod tests {
         }
         let bad = j.replace(r#""timeout": 7"#, r#""timeout": 0"#);
         assert_eq!(err(&bad).0, "device.backend.config.timeout");
+    }
+
+    #[test]
+    fn cache_size_limit_takes_bytes_or_binary_units() {
+        let with = |v: &str| {
+            GOOD.replace(
+                "\"work_dir\": \"/cache\"",
+                &format!("\"work_dir\": \"/cache\", \"size_limit\": {v}"),
+            )
+        };
+        let limit = |v: &str| Config::from_json(&with(v)).unwrap().cache.size_limit;
+        assert_eq!(limit("2097152"), Some(2 << 20));
+        assert_eq!(limit("\"512MiB\""), Some(512 << 20));
+        assert_eq!(limit("\"10G\""), Some(10 << 30));
+        assert_eq!(limit("\"3 m\""), Some(3 << 20));
+        assert_eq!(limit("null"), None);
+        assert_eq!(Config::from_json(GOOD).unwrap().cache.size_limit, None);
+        for bad in ["\"lots\"", "\"1KiB\"", "-5", "\"5X\"", "[1]"] {
+            assert_eq!(err(&with(bad)).0, "device.cache.config.size_limit", "{bad}");
+        }
     }
 
     #[test]

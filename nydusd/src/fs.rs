@@ -252,10 +252,14 @@ impl RafsFs {
         }
         // The first open: whether the file can be passed through is found out without
         // the lock (the first one of an image mounts it); opens meanwhile are counted.
+        // Its chunks are pinned first (never evicted while the kernel may read them),
+        // and unpinned unless it is passed through.
+        self.cache.pin_file(&i, true);
         let file = self.backing_file(&i, dev);
         let mut modes = self.io_modes.lock().unwrap_or_else(|e| e.into_inner());
         let m = modes.entry(i.nid).or_default();
         if let Some(reply) = self.join_mode(m) {
+            self.cache.pin_file(&i, false);
             return Ok(reply);
         }
         if let Some(id) = file.and_then(|f| dev.open(&f)) {
@@ -263,6 +267,7 @@ impl RafsFs {
             m.dev = Some(dev.clone());
             return Ok(self.join_mode(m).expect("open passed through"));
         }
+        self.cache.pin_file(&i, false);
         m.cached += 1;
         Ok((Some(HANDLE_CACHED), OpenOptions::KEEP_CACHE, None))
     }
@@ -570,6 +575,9 @@ impl FileSystem for RafsFs {
                 if let Some(dev) = m.dev.take() {
                     if let Err(e) = dev.close(m.backing_id) {
                         error!("closing backing file {} of nid {nid}: {e}", m.backing_id);
+                    }
+                    if let Ok(i) = self.bs.inode(nid) {
+                        self.cache.pin_file(&i, false);
                     }
                 }
             }

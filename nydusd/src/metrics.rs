@@ -50,6 +50,14 @@ pub struct CacheMetrics {
     /// Chunks served straight from the backend because they could not be written to
     /// the cache (a full cache disk).
     pub uncached_chunks: AtomicU64,
+    /// Chunks evicted to keep the work dir under `size_limit`.
+    pub evicted_chunks: AtomicU64,
+    /// Whole blobs evicted (no daemon had them open).
+    pub evicted_blobs: AtomicU64,
+    /// Bytes freed on disk by eviction.
+    pub evicted_bytes: AtomicU64,
+    /// Bytes the work dir's files took on disk when last looked at (with `size_limit`).
+    pub cache_bytes: AtomicU64,
 }
 
 /// Filesystem operations (`/api/v1/metrics`).
@@ -117,6 +125,10 @@ impl Metrics {
             "prefetch_planned_chunks": get(&c.prefetch_planned_chunks),
             "prefetch_done": get(&c.prefetch_done) == 1,
             "uncached_chunks": get(&c.uncached_chunks),
+            "evicted_chunks": get(&c.evicted_chunks),
+            "evicted_blobs": get(&c.evicted_blobs),
+            "evicted_bytes": get(&c.evicted_bytes),
+            "cache_bytes": get(&c.cache_bytes),
         })
     }
 
@@ -138,7 +150,7 @@ impl Metrics {
 /// `backend="localfs",id="/sub"`).
 pub fn prometheus(mounts: &[(String, &Metrics)]) -> String {
     type Get = fn(&Metrics) -> u64;
-    let counters: [(&str, &str, Get); 13] = [
+    let counters: [(&str, &str, Get); 16] = [
         ("backend_read_count", "Backend requests made.", |m| {
             get(&m.backend.read_count)
         }),
@@ -170,6 +182,21 @@ pub fn prometheus(mounts: &[(String, &Metrics)]) -> String {
             "cache_uncached_chunks",
             "Chunks served from the backend without caching (the cache disk is full).",
             |m| get(&m.cache.uncached_chunks),
+        ),
+        (
+            "cache_evicted_chunks",
+            "Chunks evicted to keep the cache under size_limit.",
+            |m| get(&m.cache.evicted_chunks),
+        ),
+        (
+            "cache_evicted_bytes",
+            "Bytes freed on disk by eviction.",
+            |m| get(&m.cache.evicted_bytes),
+        ),
+        (
+            "cache_bytes",
+            "Bytes the cache work dir took on disk when last looked at (with size_limit).",
+            |m| get(&m.cache.cache_bytes),
         ),
         ("prefetch_bytes", "Bytes fetched by prefetch.", |m| {
             get(&m.cache.prefetch_bytes)

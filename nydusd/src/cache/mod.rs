@@ -31,6 +31,7 @@
 //! data file is only written by it.
 
 pub mod chunk_map;
+mod evict;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -106,7 +107,7 @@ struct BlobCache {
     /// One bit per ci: verified by this process against this image's digests (see the
     /// module docs). Per image, not shared: a chunk another image verified is checked
     /// against this image's own digest before this image serves it.
-    verified: Vec<AtomicU8>,
+    verified: Arc<Vec<AtomicU8>>,
     /// Chunks fetched and verified for this image that could not be written to the
     /// cache (a full disk), newest last, for the readers that wait for them.
     spill: Mutex<std::collections::VecDeque<(u32, Arc<Vec<u8>>)>>,
@@ -129,6 +130,30 @@ struct BlobState {
     done: Condvar,
     /// Chunks whose last fetch failed slowly, and when (see [`FAILURE_MEMORY`]).
     failed: Mutex<std::collections::HashMap<u32, Instant>>,
+    /// The chunk map file, through which this process holds a read lock on it for as
+    /// long as the blob is open: the sign to other processes that it is in use (see
+    /// [`evict`]).
+    lock: File,
+    /// When each chunk was last read or fetched ([`evict::tick`]), for eviction.
+    last_use: Vec<std::sync::atomic::AtomicU32>,
+    /// Chunks of files passed through to the kernel (which reads them from the cache
+    /// files, unchecked): never evicted while counted here.
+    pins: Mutex<std::collections::HashMap<u32, u32>>,
+    /// Held for reading while a chunk's bytes are read from the data file, for writing
+    /// while a chunk is evicted: a reader never reads a punched hole.
+    evict_lock: std::sync::RwLock<()>,
+    /// The images that have this blob open: their chunk layout (for eviction) and their
+    /// verified bits (cleared when a chunk is evicted).
+    images: Mutex<Vec<ImageOf>>,
+    /// Whether the blob's chunks may have holes punched (see [`evict`]); found out once.
+    punchable: std::sync::OnceLock<bool>,
+}
+
+/// An image that has a blob open, as the blob's state sees it.
+struct ImageOf {
+    bs: std::sync::Weak<Bootstrap>,
+    blob_index: u32,
+    verified: std::sync::Weak<Vec<AtomicU8>>,
 }
 
 impl std::ops::Deref for BlobCache {
@@ -151,6 +176,28 @@ impl OpenBlobs {
     /// No blob open yet.
     pub fn new() -> Arc<OpenBlobs> {
         Arc::new(OpenBlobs::default())
+    }
+
+    /// The open blobs' states.
+    fn live(&self) -> Vec<(PathBuf, Arc<BlobState>)> {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.iter()
+            .filter_map(|(p, w)| Some((p.clone(), w.upgrade()?)))
+            .collect()
+    }
+
+    /// The data files of the open blobs (canonical paths).
+    fn data_paths(&self) -> Vec<PathBuf> {
+        self.live().into_iter().map(|(p, _)| p).collect()
+    }
+
+    /// The open blobs whose files are in `work` (a canonical path).
+    fn states_in(&self, work: &Path) -> Vec<Arc<BlobState>> {
+        self.live()
+            .into_iter()
+            .filter(|(p, _)| p.parent() == Some(work))
+            .map(|(_, s)| s)
+            .collect()
     }
 
     /// The state of `info`'s blob in `work`: the one already open (by another image),
@@ -274,6 +321,24 @@ impl BlobState {
         }
     }
 
+    /// Records an image that has this blob open.
+    fn add_image(&self, bs: &Arc<Bootstrap>, blob_index: u32, verified: &Arc<Vec<AtomicU8>>) {
+        let mut images = self.images.lock().unwrap_or_else(|e| e.into_inner());
+        images.retain(|i| i.bs.strong_count() > 0);
+        images.push(ImageOf {
+            bs: Arc::downgrade(bs),
+            blob_index,
+            verified: Arc::downgrade(verified),
+        });
+    }
+
+    /// Notes that chunk `ci` was just used.
+    fn touch(&self, ci: u32) {
+        if let Some(t) = self.last_use.get(ci as usize) {
+            t.store(evict::tick(), Ordering::Relaxed);
+        }
+    }
+
     /// Remembers that fetching `cis` failed slowly just now.
     fn note_failed(&self, cis: impl Iterator<Item = u32>) {
         let now = Instant::now();
@@ -315,6 +380,8 @@ pub struct ChunkCache {
     readaheads: AtomicU64,
     /// Whether the first chunk the cache could not take has been logged.
     uncacheable_logged: std::sync::atomic::AtomicBool,
+    /// Keeps the work dir under `size_limit`, when the config sets one.
+    evictor: Option<evict::Evictor>,
 }
 
 /// A blob id is used as a file name in the work directory.
@@ -355,10 +422,12 @@ impl ChunkCache {
             blobs.push(BlobCache {
                 info: info.clone(),
                 index: index as u32,
-                verified: bits(info.chunk_count),
+                verified: Arc::new(bits(info.chunk_count)),
                 spill: Mutex::new(Default::default()),
                 state: open.state(work, info)?,
             });
+            let b = blobs.last().expect("just pushed");
+            b.state.add_image(&bs, b.index, &b.verified);
         }
         Ok(ChunkCache {
             bs,
@@ -370,6 +439,10 @@ impl ChunkCache {
             ondemand: AtomicU64::new(0),
             readaheads: AtomicU64::new(0),
             uncacheable_logged: Default::default(),
+            evictor: config
+                .cache
+                .size_limit
+                .map(|limit| evict::Evictor::new(work, limit, open.clone())),
         })
     }
 
@@ -490,6 +563,29 @@ impl ChunkCache {
         })
     }
 
+    /// Pins (`on`) or unpins the chunks of regular file `inode`: pinned chunks are never
+    /// evicted. A file is pinned before it is found wholly cached for passthrough, and
+    /// unpinned when it is not passed through or its last passthrough open is released.
+    pub fn pin_file(&self, inode: &Inode, on: bool) {
+        for i in 0..self.bs.chunk_count(inode) {
+            let Ok(addr) = self.bs.chunk(inode, i) else {
+                continue;
+            };
+            let Some(blob) = self.blobs.get(addr.blob_index as usize) else {
+                continue;
+            };
+            let mut pins = blob.pins.lock().unwrap_or_else(|e| e.into_inner());
+            if on {
+                *pins.entry(addr.ci_index).or_insert(0) += 1;
+            } else if let Some(n) = pins.get_mut(&addr.ci_index) {
+                *n -= 1;
+                if *n == 0 {
+                    pins.remove(&addr.ci_index);
+                }
+            }
+        }
+    }
+
     /// Reads `size` bytes at `offset` of a regular file (clamped to its size), appending
     /// them to `out`. Every byte comes from a verified chunk (unless validation is off).
     pub fn read(
@@ -567,7 +663,10 @@ impl ChunkCache {
             let blob = &self.blobs[s.chunk.blob_index as usize];
             let (at, len) = (s.offset as usize, s.len as usize);
             let mut tries = 0;
+            blob.touch(c.ci_index);
             let res = loop {
+                // Checked and read under the eviction lock: never a punched hole.
+                let readers = blob.evict_lock.read().unwrap_or_else(|e| e.into_inner());
                 if blob.map.is_ready(c.ci_index) {
                     let mut file = blob.take_file()?;
                     let res = sink(Piece::File {
@@ -578,6 +677,7 @@ impl ChunkCache {
                     blob.put_file(file);
                     break res;
                 }
+                drop(readers);
                 // Not cached (a full disk): served from memory.
                 if let Some(data) = blob.spilled(c.ci_index) {
                     break sink(Piece::Bytes(&data[at..at + len]));
@@ -791,9 +891,15 @@ impl ChunkCache {
             return Ok(true);
         }
         let mut data = vec![0u8; c.uncompressed_size as usize];
-        blob.data
-            .read_exact_at(&mut data, c.uncompressed_offset)
-            .map_err(|e| blob.io(e))?;
+        {
+            let _readers = blob.evict_lock.read().unwrap_or_else(|e| e.into_inner());
+            if !blob.map.is_ready(c.ci_index) {
+                return Ok(false);
+            }
+            blob.data
+                .read_exact_at(&mut data, c.uncompressed_offset)
+                .map_err(|e| blob.io(e))?;
+        }
         match rafs::read::verify_chunk(&blob.info, c, &data) {
             Ok(()) => {
                 blob.set_verified(c.ci_index, true);
@@ -919,6 +1025,9 @@ impl ChunkCache {
                 break;
             }
         }
+        if let Some(e) = &self.evictor {
+            e.check(self);
+        }
         // A requested chunk that failed alone (digest) is reported by the check below.
         let unready = |ci: &u32| {
             claims.cis.contains(ci) && !blob.map.is_ready(*ci) && blob.spilled(*ci).is_none()
@@ -1013,7 +1122,11 @@ impl ChunkCache {
                 continue;
             }
             blob.set_verified(c.ci_index, true);
+            blob.touch(c.ci_index);
             blob.map.set_ready(c.ci_index)?;
+            if let Some(e) = &self.evictor {
+                e.wrote(data.len() as u64);
+            }
             match prio {
                 Priority::OnDemand | Priority::Readahead => Metrics::add(&m.cache.misses, 1),
                 Priority::Prefetch => {
@@ -1070,6 +1183,7 @@ fn open_files(work: &Path, info: &BlobInfo) -> Result<BlobState> {
         path: p.display().to_string(),
         source,
     };
+    let lock = evict::lock_in_use(&map_path).map_err(|e| io(&map_path, e))?;
     let data = OpenOptions::new()
         .read(true)
         .write(true)
@@ -1085,7 +1199,8 @@ fn open_files(work: &Path, info: &BlobInfo) -> Result<BlobState> {
                 data_path.display(),
                 info.uncompressed_size
             );
-            let _ = std::fs::remove_file(&map_path);
+            // Emptied, not removed: this process's lock is on this file.
+            lock.set_len(0).map_err(|e| io(&map_path, e))?;
         }
         data.set_len(info.uncompressed_size)
             .map_err(|e| io(&data_path, e))?;
@@ -1111,5 +1226,13 @@ fn open_files(work: &Path, info: &BlobInfo) -> Result<BlobState> {
         inflight: Mutex::new(HashSet::new()),
         done: Condvar::new(),
         failed: Mutex::new(Default::default()),
+        lock,
+        last_use: (0..info.chunk_count)
+            .map(|_| std::sync::atomic::AtomicU32::new(0))
+            .collect(),
+        pins: Mutex::new(Default::default()),
+        evict_lock: std::sync::RwLock::new(()),
+        images: Mutex::new(Vec::new()),
+        punchable: std::sync::OnceLock::new(),
     })
 }

@@ -1,5 +1,6 @@
 //! End-to-end tests, one binary with a module per area (run as root: `bash tests/run.sh`).
 
+mod cache_limit;
 mod growing_upload;
 mod guards;
 mod judges;
