@@ -53,6 +53,15 @@ pub enum BackendError {
         /// Why it failed.
         reason: String,
     },
+    /// A remote request got no answer in time (after retries, where the backend
+    /// retries): the remote is up but does not answer, or the network drops packets.
+    #[error("{what}: no answer in time: {reason}")]
+    TimedOut {
+        /// What was being requested.
+        what: String,
+        /// The last attempt's error.
+        reason: String,
+    },
     /// The backend configuration is invalid.
     #[error("Invalid backend configuration: {0}")]
     Config(String),

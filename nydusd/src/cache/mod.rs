@@ -56,8 +56,8 @@ const MAX_ROUNDS: usize = 4;
 /// failed at once (a corrupt chunk) is tried again; one that failed after the backend's
 /// timeout is not, so that a read never waits for two timeouts (see [`ChunkCache::ensure`]).
 const REFETCH_WINDOW: Duration = Duration::from_millis(500);
-/// How long chunks whose fetch failed slowly (after more than [`REFETCH_WINDOW`]: the
-/// backend did not answer) fail at once instead of being fetched again. The kernel reads
+/// How long chunks whose fetch timed out (the backend did not answer) fail at once
+/// instead of being fetched again. The kernel reads
 /// a page again after its readahead failed: without this, a read of a hung backend would
 /// wait for two timeouts.
 const FAILURE_MEMORY: Duration = Duration::from_secs(1);
@@ -1012,7 +1012,14 @@ impl ChunkCache {
             // asked for the next: the claims are released and waiting readers fail now.
             let t = Instant::now();
             if let Err(e) = self.fetch_run(blob, run, prio) {
-                if matches!(e, Error::Backend { .. }) && t.elapsed() > REFETCH_WINDOW {
+                let timed_out = matches!(
+                    e,
+                    Error::Backend {
+                        source: p2p_backend::BackendError::TimedOut { .. },
+                        ..
+                    }
+                );
+                if timed_out && t.elapsed() > REFETCH_WINDOW {
                     blob.note_failed(
                         claims
                             .cis

@@ -32,6 +32,10 @@ impl RegistryBackend {
 fn remote(blob_id: &str, e: RegistryError) -> BackendError {
     match e {
         RegistryError::NotFound(_) => BackendError::NotFound(blob_id.to_string()),
+        e if e.is_timeout() => BackendError::TimedOut {
+            what: format!("blob {blob_id}"),
+            reason: crate::error_chain(&e),
+        },
         e => BackendError::Remote {
             what: format!("blob {blob_id}"),
             reason: crate::error_chain(&e),

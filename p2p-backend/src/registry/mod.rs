@@ -111,6 +111,21 @@ pub enum RegistryError {
     },
 }
 
+impl RegistryError {
+    /// Whether the request failed because the registry did not answer in time
+    /// (connecting or answering), as opposed to refusing or failing fast.
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            RegistryError::Request { source, .. } => match source {
+                OciDistributionError::IoError(e) => e.kind() == std::io::ErrorKind::TimedOut,
+                OciDistributionError::RequestError(e) => e.is_timeout(),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+}
+
 fn gave_up(attempts: u32) -> String {
     if attempts > 1 {
         format!(" (gave up after {attempts} attempts)")
@@ -1141,6 +1156,7 @@ mod tests {
             "{took:?}"
         );
         assert_eq!(opts.worst_case(), Duration::from_millis(700));
+        assert!(err.is_timeout(), "{err:?}");
         let msg = crate::error_chain(&err);
         assert!(msg.contains("gave up after 2 attempts"), "{msg}");
         assert!(

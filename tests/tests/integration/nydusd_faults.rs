@@ -153,6 +153,7 @@ fn a_silent_registry_never_freezes_the_mount() {
     let hung = ri.proxy.faulted();
 
     // Every hung read fails, and soon enough.
+    let mut last = Duration::ZERO;
     for (i, r) in readers.into_iter().enumerate() {
         let (took, res) = r.join().unwrap();
         assert_eq!(res, Err(Some(EIO)), "cold/f{i:02}");
@@ -160,8 +161,12 @@ fn a_silent_registry_never_freezes_the_mount() {
             took <= bound,
             "cold/f{i:02} failed after {took:?} (bound {bound:?})"
         );
+        last = last.max(took);
     }
-    println!("{READERS} hung reads: {hung} requests hung, stat/ls/cached reads in {slowest:?}, EIO within {bound:?}");
+    println!(
+        "{READERS} reads hung ({hung} requests): stat/ls/cached reads answered in at most \
+         {slowest:?}; the last read failed (EIO) after {last:?} (bound {bound:?})"
+    );
 
     // The registry answers again: everything reads right, from the same daemon.
     ri.proxy.fault(Fault::Hang, "", 0);
@@ -276,4 +281,70 @@ fn a_full_cache_disk_still_serves_every_byte() {
     assert!(log.contains("No space left on device"), "{log}");
     println!("full cache disk: every file read right, {uncached} chunks served uncached");
     drop(d);
+}
+
+/// Reads that find their chunks claimed by prefetch (started at mount, before them, and
+/// hung on the silent registry) fail within the same bound as their own fetch would:
+/// prefetch adds nothing to the wait.
+#[test]
+fn prefetch_hung_on_a_silent_registry_adds_nothing_to_a_read() {
+    require_root_tools(&["umount", "docker-registry", "curl"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(src.join("cold")).unwrap();
+    for i in 0..32 {
+        let data = noise(100_000 + i * 1000, i as u64 + 600);
+        std::fs::write(src.join(format!("cold/f{i:02}")), data).unwrap();
+    }
+    let ri = RegistryImage::new(&src, tmp.path(), "test/prefetch");
+    let (timeout, retry_limit) = (2u64, 1u64);
+    let bound = Duration::from_secs(timeout * (retry_limit + 1))
+        + Duration::from_millis(200)
+        + Duration::from_secs(1);
+    let cfg = ri.config(
+        "test/prefetch",
+        &format!(r#","timeout":{timeout},"retry_limit":{retry_limit}"#),
+        r#","fs_prefetch":{"enable":true,"prefetch_all":true,"threads_count":4}"#,
+    );
+    // The registry hangs from the start: prefetch claims chunks at mount and waits.
+    ri.proxy.fault(Fault::Hang, "/blobs/", usize::MAX);
+    let d = Daemon::start_config(&ri.img, "prefetch", &cfg);
+    assert!(
+        wait_until(Duration::from_secs(5), || ri.proxy.faulted() >= 1),
+        "prefetch never reached the registry:\n{}",
+        d.log_text()
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let readers: Vec<_> = (0..32)
+        .map(|i| {
+            let path = d.path(&format!("cold/f{i:02}"));
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                let r = std::fs::read(&path);
+                (t.elapsed(), r.map(|_| ()).map_err(|e| e.raw_os_error()))
+            })
+        })
+        .collect();
+    let mut last = Duration::ZERO;
+    for (i, r) in readers.into_iter().enumerate() {
+        let (took, res) = r.join().unwrap();
+        assert_eq!(res, Err(Some(EIO)), "cold/f{i:02}:\n{}", d.log_text());
+        assert!(
+            took <= bound,
+            "cold/f{i:02} failed after {took:?} (bound {bound:?})"
+        );
+        last = last.max(took);
+    }
+    println!("32 reads behind a hung prefetch: the last failed after {last:?} (bound {bound:?})");
+    ri.proxy.fault(Fault::Hang, "", 0);
+    std::thread::sleep(Duration::from_millis(1100));
+    let diffs = compare_trees_with(
+        &src,
+        &d.mnt,
+        &CompareOptions {
+            ignore_root_mtime: true,
+            ..Default::default()
+        },
+    );
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
 }
