@@ -254,12 +254,23 @@ impl RafsFs {
         // the lock (the first one of an image mounts it); opens meanwhile are counted.
         // Its chunks are pinned first (never evicted while the kernel may read them),
         // and unpinned unless it is passed through.
-        self.cache.pin_file(&i, true);
-        let file = self.backing_file(&i, dev);
+        let pinned = self.cache.pin_file(&i, true);
+        let file = match &pinned {
+            Ok(()) => self.backing_file(&i, dev),
+            Err(e) => {
+                self.fail(&format!("pinning the chunks of inode {}", i.nid), e);
+                None
+            }
+        };
+        let unpin = || {
+            if pinned.is_ok() {
+                let _ = self.cache.pin_file(&i, false);
+            }
+        };
         let mut modes = self.io_modes.lock().unwrap_or_else(|e| e.into_inner());
         let m = modes.entry(i.nid).or_default();
         if let Some(reply) = self.join_mode(m) {
-            self.cache.pin_file(&i, false);
+            unpin();
             return Ok(reply);
         }
         if let Some(id) = file.and_then(|f| dev.open(&f)) {
@@ -267,7 +278,7 @@ impl RafsFs {
             m.dev = Some(dev.clone());
             return Ok(self.join_mode(m).expect("open passed through"));
         }
-        self.cache.pin_file(&i, false);
+        unpin();
         m.cached += 1;
         Ok((Some(HANDLE_CACHED), OpenOptions::KEEP_CACHE, None))
     }
@@ -577,7 +588,7 @@ impl FileSystem for RafsFs {
                         error!("closing backing file {} of nid {nid}: {e}", m.backing_id);
                     }
                     if let Ok(i) = self.bs.inode(nid) {
-                        self.cache.pin_file(&i, false);
+                        let _ = self.cache.pin_file(&i, false);
                     }
                 }
             }

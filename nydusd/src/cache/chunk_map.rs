@@ -42,6 +42,15 @@ pub struct ChunkMap {
     /// Serialises "update byte, then write it" so concurrent setters of bits in one byte
     /// never persist a stale byte.
     write: Mutex<()>,
+    /// Where the bits' bytes are locked across processes while read, changed and
+    /// written back (see [`ChunkMap::share`]); `None`: this process alone writes the map.
+    shared: Option<Shared>,
+}
+
+/// The lock file of a map shared by processes, and where its byte locks start.
+struct Shared {
+    file: File,
+    base: u64,
 }
 
 fn mask(ci: u32) -> u8 {
@@ -99,6 +108,7 @@ impl ChunkMap {
                 bits,
                 ready: AtomicU32::new(ready),
                 write: Mutex::new(()),
+                shared: None,
             },
             reset,
         ))
@@ -126,6 +136,73 @@ impl ChunkMap {
         }
     }
 
+    /// Shares the map with other processes: from now on a bit is written by reading its
+    /// byte from the file, changing the bit and writing it back under a lock of byte
+    /// `base + byte index` of `lock_file` (an open file description of this process's
+    /// own: its locks are the process's), so that no process writes back a bit another
+    /// one cleared or set meanwhile.
+    pub fn share(&mut self, lock_file: File, base: u64) {
+        self.shared = Some(Shared {
+            file: lock_file,
+            base,
+        });
+    }
+
+    /// Writes bit `ci` of the file as `on`: the byte as in memory, or — shared — as in the
+    /// file, under its lock.
+    fn persist(&self, ci: u32, on: bool, in_memory: u8) -> std::io::Result<()> {
+        let at = HEADER_SIZE + (ci / 8) as u64;
+        let Some(shared) = &self.shared else {
+            return self.file.write_all_at(&[in_memory], at);
+        };
+        let byte = shared.base + (ci / 8) as u64;
+        crate::cache::range_lock(&shared.file, crate::cache::Lock::Write, byte, 1, true)?;
+        let res = (|| {
+            let mut b = [0u8];
+            self.file.read_exact_at(&mut b, at)?;
+            let new = if on {
+                b[0] | mask(ci)
+            } else {
+                b[0] & !mask(ci)
+            };
+            if new != b[0] {
+                self.file.write_all_at(&[new], at)?;
+            }
+            Ok(())
+        })();
+        crate::cache::range_lock(&shared.file, crate::cache::Lock::Unlock, byte, 1, true)?;
+        res
+    }
+
+    /// Whether the file (not this process's view of it) says chunk `ci` is ready.
+    pub fn ready_on_disk(&self, ci: u32) -> Result<bool> {
+        let mut b = [0u8];
+        self.file
+            .read_exact_at(&mut b, HEADER_SIZE + (ci / 8) as u64)
+            .map_err(|e| self.io(e))?;
+        Ok(b[0] & mask(ci) != 0)
+    }
+
+    /// Reads the bitmap as the file has it into `bits` (one byte per 8 chunks).
+    pub fn read_disk_bits(&self, bits: &mut [u8]) -> Result<()> {
+        self.file
+            .read_exact_at(bits, HEADER_SIZE)
+            .map_err(|e| self.io(e))
+    }
+
+    /// Forgets, in this process only, that chunk `ci` is ready (another process evicted
+    /// it; the file says so already).
+    pub fn forget(&self, ci: u32) {
+        if ci >= self.count {
+            return;
+        }
+        let _w = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.bits[(ci / 8) as usize].fetch_and(!mask(ci), Ordering::AcqRel);
+        if old & mask(ci) != 0 {
+            self.ready.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
     /// Marks chunk `ci` ready and persists the bit (and `all_ready` when it completes
     /// the map).
     pub fn set_ready(&self, ci: u32) -> Result<()> {
@@ -138,8 +215,7 @@ impl ChunkMap {
         if old & mask(ci) != 0 {
             return Ok(());
         }
-        self.file
-            .write_all_at(&[old | mask(ci)], HEADER_SIZE + (ci / 8) as u64)
+        self.persist(ci, true, old | mask(ci))
             .map_err(|e| self.io(e))?;
         if self.ready.fetch_add(1, Ordering::AcqRel) + 1 == self.count {
             self.file
@@ -149,7 +225,8 @@ impl ChunkMap {
         Ok(())
     }
 
-    /// Clears chunk `ci` (its cached bytes were found corrupt) and persists that.
+    /// Clears chunk `ci` (its cached bytes were found corrupt, or evicted) and persists
+    /// that.
     pub fn clear(&self, ci: u32) -> Result<()> {
         if ci >= self.count {
             return Ok(());
@@ -157,16 +234,16 @@ impl ChunkMap {
         let _w = self.write.lock().unwrap_or_else(|e| e.into_inner());
         let slot = &self.bits[(ci / 8) as usize];
         let old = slot.fetch_and(!mask(ci), Ordering::AcqRel);
-        if old & mask(ci) == 0 {
+        if old & mask(ci) == 0 && self.shared.is_none() {
             return Ok(());
         }
-        if self.ready.fetch_sub(1, Ordering::AcqRel) == self.count {
+        // Shared, the file may say ready where this process's view does not.
+        if old & mask(ci) != 0 && self.ready.fetch_sub(1, Ordering::AcqRel) == self.count {
             self.file
                 .write_all_at(&0u32.to_le_bytes(), 12)
                 .map_err(|e| self.io(e))?;
         }
-        self.file
-            .write_all_at(&[old & !mask(ci)], HEADER_SIZE + (ci / 8) as u64)
+        self.persist(ci, false, old & !mask(ci))
             .map_err(|e| self.io(e))
     }
 }

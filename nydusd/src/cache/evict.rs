@@ -1,47 +1,52 @@
-//! Keeping a work dir under `size_limit` (`device.cache.config.size_limit`).
+//! Keeping a work dir under `size_limit` (`device.cache.config.size_limit`), with every
+//! daemon that shares the work dir.
 //!
 //! # What is counted
 //! The bytes the work dir's files take on disk (their allocated blocks): every daemon
 //! sharing the work dir sees the same figure, whoever wrote what. A daemon counts what it
 //! writes as it goes and looks at the disk again when its count passes the limit (or a
-//! second after it last looked), then evicts down to [`LOW_WATER`] of the limit.
+//! second after it last looked), then evicts down to [`LOW_WATER`] percent of the limit.
 //!
 //! # What is evicted, in order
 //! 1. Whole blobs no daemon has open (an image unmounted, a daemon gone), least recently
-//!    written first: their data file and chunk map are removed.
-//! 2. Chunks of blobs this daemon alone has open, read least recently first: the chunk's
-//!    ready bit is cleared (and persisted), then a hole is punched in the data file.
+//!    written first: their files are removed.
+//! 2. Chunks of the blobs this daemon has open — also those other daemons have open —
+//!    used least recently by any daemon first: the chunk's ready bit is cleared in the
+//!    chunk map, its generation moves on, and a hole is punched in the data file.
+//!
+//! # Shared state: `<blob_id>.chunk_meta`
+//! Next to upstream's two files, ours: 8 bytes per chunk — its eviction generation and
+//! when a daemon last used it (seconds, for the least-recently-used order across daemons)
+//! — and, as open-file-description byte-range locks on it:
+//! - bytes `8 × ci ..+8`: a daemon *holds* chunk `ci` (read lock) while it looks at and
+//!   reads the chunk, while it writes it and marks it ready, and while a file passed
+//!   through to the kernel has it (the kernel reads it unchecked: a hole reads as zeros).
+//!   Eviction takes the write lock without waiting, so it passes over held chunks; a
+//!   daemon that wants to hold one being evicted waits the moment that takes;
+//! - bytes [`MAP_LOCKS`] `+ i`: byte `i` of the chunk map's bitmap is read, changed and
+//!   written back under it, so that no daemon writes back a bit another one changed.
 //!
 //! # Never a wrong byte
-//! - A reader of a chunk holds the blob's `evict_lock` for reading from checking its ready
-//!   bit to reading its bytes; eviction takes it for writing: a reader sees the chunk
-//!   ready and whole, or not ready (and fetches it again, verified).
-//! - Every image's verified bit of an evicted chunk is cleared: the bytes written when it
-//!   is fetched again are checked against each image's own digest before it serves them.
-//! - Chunks of files passed through to the kernel are pinned (see
-//!   `ChunkCache::pin_file`) from before the file is found cached until its last open is
-//!   released: the kernel reads them from the cache files unchecked, and a hole reads as
-//!   zeros. An evicted chunk makes its files ineligible for passthrough (they are not
-//!   wholly cached) until they are fetched and verified again.
-//! - Only blobs no other process has open are touched. Each process holds a read lock
-//!   (POSIX, whole file) on the chunk map of every blob it has open; an evicting process
-//!   upgrades its own to a write lock without waiting — which succeeds only when no other
-//!   process holds one — and downgrades it after (both atomic for POSIX locks). Blobs
-//!   open in two daemons (the old and new daemon of an upgrade, dedicated daemons sharing
-//!   a base layer) are left alone until one closes them: neither can see what the other
-//!   reads. One process evicts at a time (a write lock on `.evict.lock` in the work dir).
+//! - A chunk is served only while held, ready, and at the generation this daemon last saw
+//!   it at: a chunk evicted by another daemon is forgotten (ready and verified bits) and
+//!   fetched again, verified against this image's own digests.
+//! - Within a daemon, holds are counted (the lock belongs to the daemon's open file, not
+//!   to a thread), and eviction passes over chunks it holds itself.
 //! - A hole covers whole pages of the chunk only: chunks start on 4 KiB boundaries
 //!   (`rafs` checks), and a blob whose chunks' pages overlap is never punched.
+//! - One process evicts at a time (a write lock on `.evict.lock` in the work dir); a
+//!   whole blob is removed only under a write lock on its chunk map, which no daemon that
+//!   has the blob open lets it have.
 
-use super::{BlobState, ChunkCache, OpenBlobs};
+use super::{range_lock, BlobState, ChunkCache, Lock, OpenBlobs};
 use crate::error::Result;
 use crate::metrics::Metrics;
 use rustix::fs::{fcntl_lock, FlockOperation};
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
@@ -51,12 +56,147 @@ pub const LOW_WATER: u64 = 90;
 /// How long a daemon trusts its own count of the work dir before looking again.
 const RESCAN: Duration = Duration::from_secs(1);
 const PAGE: u64 = 4096;
+/// Where the locks of the chunk map's bitmap bytes start in `chunk_meta` (past any
+/// chunk's record).
+pub const MAP_LOCKS: u64 = 1 << 40;
+/// Bytes per chunk in `chunk_meta`: the generation, then the last use.
+const RECORD: u64 = 8;
 
-/// Now, as a tick of 10 ms since the process started: when a chunk was last used.
-pub(super) fn tick() -> u32 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    let start = *START.get_or_init(Instant::now);
-    (start.elapsed().as_millis() / 10).min(u32::MAX as u128) as u32
+/// Seconds since the epoch, as stored for a chunk's last use.
+fn now_secs() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs().min(u32::MAX as u64) as u32)
+        .unwrap_or(0)
+}
+
+/// Opens (creating, or resizing when it is for another chunk count) the `chunk_meta` of
+/// a blob of `count` chunks; returns it and each chunk's generation in it.
+pub(super) fn open_meta(
+    path: &Path,
+    count: u32,
+) -> std::io::Result<(File, Vec<std::sync::atomic::AtomicU32>)> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    let want = count as u64 * RECORD;
+    if f.metadata()?.len() != want {
+        f.set_len(0)?;
+        f.set_len(want)?;
+    }
+    let mut bytes = vec![0u8; want as usize];
+    f.read_exact_at(&mut bytes, 0)?;
+    let gens = bytes
+        .chunks_exact(RECORD as usize)
+        .map(|r| std::sync::atomic::AtomicU32::new(u32::from_le_bytes([r[0], r[1], r[2], r[3]])))
+        .collect();
+    Ok((f, gens))
+}
+
+/// A hold of one chunk (see the module docs), released when dropped.
+pub(super) struct Hold<'a> {
+    state: &'a BlobState,
+    ci: u32,
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        self.state.release_raw(self.ci);
+    }
+}
+
+impl BlobState {
+    /// Holds chunk `ci` until the hold is dropped.
+    pub(super) fn hold(&self, ci: u32) -> std::io::Result<Hold<'_>> {
+        self.hold_raw(ci)?;
+        Ok(Hold { state: self, ci })
+    }
+
+    /// Holds chunk `ci` until [`BlobState::release_raw`]: locks its record when this
+    /// process holds it no other way (waiting while another process evicts it).
+    pub(super) fn hold_raw(&self, ci: u32) -> std::io::Result<()> {
+        let mut holds = self.holds.lock().unwrap_or_else(|e| e.into_inner());
+        let n = holds.entry(ci).or_insert(0);
+        if *n == 0 {
+            if let Err(e) = range_lock(&self.meta, Lock::Read, ci as u64 * RECORD, RECORD, true) {
+                holds.remove(&ci);
+                return Err(e);
+            }
+        }
+        *holds.get_mut(&ci).expect("just counted") += 1;
+        Ok(())
+    }
+
+    /// Releases one hold of chunk `ci` (the lock goes with the last one).
+    pub(super) fn release_raw(&self, ci: u32) {
+        let mut holds = self.holds.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(n) = holds.get_mut(&ci) else {
+            return;
+        };
+        *n -= 1;
+        if *n == 0 {
+            holds.remove(&ci);
+            if let Err(e) = range_lock(&self.meta, Lock::Unlock, ci as u64 * RECORD, RECORD, true) {
+                warn!("releasing chunk {ci} of {}: {e}", self.data_path.display());
+            }
+        }
+    }
+
+    fn generation(&self, ci: u32) -> std::io::Result<u32> {
+        let mut b = [0u8; 4];
+        self.meta.read_exact_at(&mut b, ci as u64 * RECORD)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    /// Whether chunk `ci` is at the generation this process last saw it at. If another
+    /// process evicted it since, this process forgets it was ready and verified (it is
+    /// fetched again) and returns false. Call with the chunk held.
+    pub(super) fn fresh(&self, ci: u32) -> std::io::Result<bool> {
+        let Some(seen) = self.seen_gen.get(ci as usize) else {
+            return Ok(true);
+        };
+        let now = self.generation(ci)?;
+        if now == seen.load(Ordering::Acquire) {
+            return Ok(true);
+        }
+        self.map.forget(ci);
+        self.clear_verified(ci);
+        seen.store(now, Ordering::Release);
+        Ok(false)
+    }
+
+    /// Notes, with chunk `ci` held and just written, the generation it was written at.
+    pub(super) fn note_written(&self, ci: u32) -> std::io::Result<()> {
+        if let Some(seen) = self.seen_gen.get(ci as usize) {
+            seen.store(self.generation(ci)?, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Records that chunk `ci` is being used now (written at most once a second).
+    pub(super) fn touch(&self, ci: u32) {
+        let Some(last) = self.last_written.get(ci as usize) else {
+            return;
+        };
+        let now = now_secs();
+        if last.swap(now, Ordering::AcqRel) != now {
+            let _ = self
+                .meta
+                .write_all_at(&now.to_le_bytes(), ci as u64 * RECORD + 4);
+        }
+    }
+
+    /// Clears chunk `ci`'s verified bit in every image of this process.
+    fn clear_verified(&self, ci: u32) {
+        for image in self.images.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            if let Some(v) = image.verified.upgrade() {
+                v[(ci / 8) as usize].fetch_and(!(0x80 >> (ci & 7)), Ordering::AcqRel);
+            }
+        }
+    }
 }
 
 /// Opens (creating) the chunk map at `path` and takes this process's read lock on it,
@@ -236,6 +376,7 @@ impl Evictor {
             let map_bytes = f.metadata().map(|md| md.blocks() * 512).unwrap_or(0);
             if std::fs::remove_file(&data).is_ok() {
                 let _ = std::fs::remove_file(&map);
+                let _ = std::fs::remove_file(self.work.join(format!("{id}.chunk_meta")));
                 usage = usage.saturating_sub(bytes + map_bytes);
                 Metrics::add(&m.cache.evicted_blobs, 1);
                 Metrics::add(&m.cache.evicted_bytes, bytes);
@@ -246,26 +387,26 @@ impl Evictor {
         usage
     }
 
-    /// Evicts chunks of the blobs of this work dir this process alone has open, least
-    /// recently used first, until `usage` is at most `target`. Returns the new usage.
+    /// Evicts chunks of the blobs of this work dir this process has open, used least
+    /// recently by any process first, until `usage` is at most `target`. Returns the new
+    /// usage.
     fn evict_chunks(&self, mut usage: u64, target: u64, m: &Metrics) -> u64 {
-        let mut exclusive = Vec::new();
-        for state in self.open.states_in(&self.work) {
-            // Upgraded only when no other process holds the blob (atomic, not waiting).
-            if fcntl_lock(&state.lock, FlockOperation::NonBlockingLockExclusive).is_ok() {
-                exclusive.push(state);
-            }
-        }
+        let states = self.open.states_in(&self.work);
         let mut candidates = Vec::new();
-        for (i, state) in exclusive.iter().enumerate() {
+        for (i, state) in states.iter().enumerate() {
             let Some(layout) = layout_of(state) else {
                 continue;
             };
+            let Some((ready, last_use)) = shared_view(state) else {
+                continue;
+            };
             for (ci, (offset, len)) in layout.into_iter().enumerate() {
-                let ci = ci as u32;
-                if len > 0 && state.map.is_ready(ci) {
-                    let at = state.last_use[ci as usize].load(Ordering::Relaxed);
-                    candidates.push((at, i, ci, offset, len));
+                if len > 0
+                    && ready
+                        .get(ci / 8)
+                        .is_some_and(|b| b & (0x80 >> (ci & 7)) != 0)
+                {
+                    candidates.push((last_use[ci], i, ci as u32, offset, len));
                 }
             }
         }
@@ -274,7 +415,7 @@ impl Evictor {
             if usage <= target {
                 break;
             }
-            match exclusive[i].evict_chunk(ci, offset, len) {
+            match states[i].evict_chunk(ci, offset, len) {
                 Ok(Some(freed)) => {
                     usage = usage.saturating_sub(freed);
                     Metrics::add(&m.cache.evicted_chunks, 1);
@@ -287,13 +428,23 @@ impl Evictor {
                 }
             }
         }
-        for state in &exclusive {
-            if let Err(e) = fcntl_lock(&state.lock, FlockOperation::LockShared) {
-                warn!("keeping the lock of {}: {e}", state.data_path.display());
-            }
-        }
         usage
     }
+}
+
+/// The chunk map's bitmap as the file has it, and each chunk's last use, as every
+/// process sees them.
+fn shared_view(state: &BlobState) -> Option<(Vec<u8>, Vec<u32>)> {
+    let count = state.map.count() as usize;
+    let mut bits = vec![0u8; count.div_ceil(8)];
+    state.map.read_disk_bits(&mut bits).ok()?;
+    let mut meta = vec![0u8; count * RECORD as usize];
+    state.meta.read_exact_at(&mut meta, 0).ok()?;
+    let last_use = meta
+        .chunks_exact(RECORD as usize)
+        .map(|r| u32::from_le_bytes([r[4], r[5], r[6], r[7]]))
+        .collect();
+    Some((bits, last_use))
 }
 
 /// The bytes the regular files directly in `dir` take on disk.
@@ -345,42 +496,47 @@ fn layout_of(state: &BlobState) -> Option<Vec<(u64, u64)>> {
 }
 
 impl BlobState {
-    /// Evicts chunk `ci` (bytes `offset..offset+len` of the data file) unless it is
-    /// pinned, being fetched or not ready. Returns the bytes freed, if evicted.
+    /// Evicts chunk `ci` (bytes `offset..offset+len` of the data file) unless a process
+    /// holds it or it is not ready. Returns the bytes freed, if evicted.
     fn evict_chunk(&self, ci: u32, offset: u64, len: u64) -> Result<Option<u64>> {
-        let _readers = self.evict_lock.write().unwrap_or_else(|e| e.into_inner());
-        // Held throughout: a file found wholly cached under it keeps its chunks (see
-        // `ChunkCache::pin_file`).
-        let pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
-        if pins.contains_key(&ci) || !self.map.is_ready(ci) {
+        let io = |e: std::io::Error| self.io(e);
+        // This process's holds are counted under this lock; the others' are locks.
+        let holds = self.holds.lock().unwrap_or_else(|e| e.into_inner());
+        if holds.contains_key(&ci) {
             return Ok(None);
         }
-        if self
-            .inflight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&ci)
-        {
+        let record = ci as u64 * RECORD;
+        if !range_lock(&self.meta, Lock::Write, record, RECORD, false).map_err(io)? {
             return Ok(None);
         }
-        self.map.clear(ci)?;
-        for image in self.images.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            if let Some(v) = image.verified.upgrade() {
-                v[(ci / 8) as usize].fetch_and(!(0x80 >> (ci & 7)), Ordering::AcqRel);
+        let res = (|| -> Result<Option<u64>> {
+            if !self.map.ready_on_disk(ci)? {
+                return Ok(None);
             }
-        }
-        let end = (offset + len).div_ceil(PAGE) * PAGE;
-        let start = offset.div_ceil(PAGE) * PAGE;
-        if end > start {
-            rustix::fs::fallocate(
-                &self.data,
-                rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
-                start,
-                end - start,
-            )
-            .map_err(|e| self.io(e.into()))?;
-        }
-        drop(pins);
-        Ok(Some(end.saturating_sub(start)))
+            self.map.clear(ci)?;
+            let next = self.generation(ci).map_err(io)?.wrapping_add(1);
+            self.meta
+                .write_all_at(&next.to_le_bytes(), record)
+                .map_err(io)?;
+            if let Some(seen) = self.seen_gen.get(ci as usize) {
+                seen.store(next, Ordering::Release);
+            }
+            self.clear_verified(ci);
+            let end = (offset + len).div_ceil(PAGE) * PAGE;
+            let start = offset.div_ceil(PAGE) * PAGE;
+            if end > start {
+                rustix::fs::fallocate(
+                    &self.data,
+                    rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+                    start,
+                    end - start,
+                )
+                .map_err(|e| io(e.into()))?;
+            }
+            Ok(Some(end.saturating_sub(start)))
+        })();
+        let _ = range_lock(&self.meta, Lock::Unlock, record, RECORD, true);
+        drop(holds);
+        res
     }
 }

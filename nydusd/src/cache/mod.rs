@@ -72,6 +72,60 @@ const MAX_SPARE_FILES: usize = 16;
 /// How far past ready or in-flight chunks a readahead looks for missing ones.
 const READAHEAD_SKIP: u32 = 1024;
 
+/// A byte-range lock operation (see [`range_lock`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Lock {
+    /// Shared.
+    Read,
+    /// Exclusive.
+    Write,
+    /// Released.
+    Unlock,
+}
+
+/// Locks (or unlocks) bytes `start..start+len` of `file` with an open-file-description
+/// lock (its owner is the open file, shared by the handles duplicated from it), waiting
+/// when `wait`. Returns false when the range is locked elsewhere and `wait` is false.
+pub(crate) fn range_lock(
+    file: &File,
+    op: Lock,
+    start: u64,
+    len: u64,
+    wait: bool,
+) -> std::io::Result<bool> {
+    use nix::fcntl::{fcntl, FcntlArg};
+    use std::os::fd::AsRawFd;
+    let l_type = match op {
+        Lock::Read => libc::F_RDLCK,
+        Lock::Write => libc::F_WRLCK,
+        Lock::Unlock => libc::F_UNLCK,
+    };
+    let fl = libc::flock {
+        l_type: l_type as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: start as libc::off_t,
+        l_len: len as libc::off_t,
+        l_pid: 0,
+    };
+    let arg = || {
+        if wait {
+            FcntlArg::F_OFD_SETLKW(&fl)
+        } else {
+            FcntlArg::F_OFD_SETLK(&fl)
+        }
+    };
+    loop {
+        match fcntl(file.as_raw_fd(), arg()) {
+            Ok(_) => return Ok(true),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES) if !wait => {
+                return Ok(false)
+            }
+            Err(e) => return Err(std::io::Error::from_raw_os_error(e as i32)),
+        }
+    }
+}
+
 /// A piece of a read, handed to the sink of [`ChunkCache::read_with`].
 pub enum Piece<'a> {
     /// `len` bytes at `offset` of a cache data file.
@@ -133,15 +187,19 @@ struct BlobState {
     /// The chunk map file, through which this process holds a read lock on it for as
     /// long as the blob is open: the sign to other processes that it is in use (see
     /// [`evict`]).
-    lock: File,
-    /// When each chunk was last read or fetched ([`evict::tick`]), for eviction.
-    last_use: Vec<std::sync::atomic::AtomicU32>,
-    /// Chunks of files passed through to the kernel (which reads them from the cache
-    /// files, unchecked): never evicted while counted here.
-    pins: Mutex<std::collections::HashMap<u32, u32>>,
-    /// Held for reading while a chunk's bytes are read from the data file, for writing
-    /// while a chunk is evicted: a reader never reads a punched hole.
-    evict_lock: std::sync::RwLock<()>,
+    _in_use: File,
+    /// `<blob_id>.chunk_meta`, shared by the processes that have the blob open: per
+    /// chunk its eviction generation and when it was last used, and the byte-range locks
+    /// by which chunks are held (see [`evict`]).
+    meta: File,
+    /// Holds of chunks by this process (readers, fetches, files passed through): a
+    /// chunk is locked in `meta` while its count is not 0.
+    holds: Mutex<std::collections::HashMap<u32, u32>>,
+    /// Each chunk's eviction generation when this process last saw it: a chunk whose
+    /// generation moved on was evicted by another process.
+    seen_gen: Vec<std::sync::atomic::AtomicU32>,
+    /// The last-use time (seconds) this process last wrote for each chunk.
+    last_written: Vec<std::sync::atomic::AtomicU32>,
     /// The images that have this blob open: their chunk layout (for eviction) and their
     /// verified bits (cleared when a chunk is evicted).
     images: Mutex<Vec<ImageOf>>,
@@ -330,13 +388,6 @@ impl BlobState {
             blob_index,
             verified: Arc::downgrade(verified),
         });
-    }
-
-    /// Notes that chunk `ci` was just used.
-    fn touch(&self, ci: u32) {
-        if let Some(t) = self.last_use.get(ci as usize) {
-            t.store(evict::tick(), Ordering::Relaxed);
-        }
     }
 
     /// Remembers that fetching `cis` failed slowly just now.
@@ -537,7 +588,10 @@ impl ChunkCache {
                 return Ok(false);
             }
             let blob = &self.blobs[addr.blob_index as usize];
-            if !blob.map.is_ready(c.ci_index) || (self.validate && !blob.is_verified(c.ci_index)) {
+            if !blob.map.is_ready(c.ci_index)
+                || !blob.fresh(c.ci_index).map_err(|e| blob.io(e))?
+                || (self.validate && !blob.is_verified(c.ci_index))
+            {
                 return Ok(false);
             }
             let (start, end) = (
@@ -563,27 +617,31 @@ impl ChunkCache {
         })
     }
 
-    /// Pins (`on`) or unpins the chunks of regular file `inode`: pinned chunks are never
-    /// evicted. A file is pinned before it is found wholly cached for passthrough, and
-    /// unpinned when it is not passed through or its last passthrough open is released.
-    pub fn pin_file(&self, inode: &Inode, on: bool) {
+    /// Pins (`on`) or unpins the chunks of regular file `inode`: pinned chunks are held
+    /// (see [`evict`]), never evicted by any process. A file is pinned before it is found
+    /// wholly cached for passthrough, and unpinned when it is not passed through or its
+    /// last passthrough open is released.
+    /// Pinning either holds every chunk or, failing, none.
+    pub fn pin_file(&self, inode: &Inode, on: bool) -> Result<()> {
+        let mut chunks = Vec::new();
         for i in 0..self.bs.chunk_count(inode) {
-            let Ok(addr) = self.bs.chunk(inode, i) else {
-                continue;
-            };
-            let Some(blob) = self.blobs.get(addr.blob_index as usize) else {
-                continue;
-            };
-            let mut pins = blob.pins.lock().unwrap_or_else(|e| e.into_inner());
-            if on {
-                *pins.entry(addr.ci_index).or_insert(0) += 1;
-            } else if let Some(n) = pins.get_mut(&addr.ci_index) {
-                *n -= 1;
-                if *n == 0 {
-                    pins.remove(&addr.ci_index);
-                }
+            let addr = self.bs.chunk(inode, i).map_err(Error::Metadata)?;
+            if (addr.blob_index as usize) < self.blobs.len() {
+                chunks.push((addr.blob_index as usize, addr.ci_index));
             }
         }
+        for (n, &(b, ci)) in chunks.iter().enumerate() {
+            let blob = &self.blobs[b];
+            if !on {
+                blob.release_raw(ci);
+            } else if let Err(e) = blob.hold_raw(ci) {
+                for &(b, ci) in &chunks[..n] {
+                    self.blobs[b].release_raw(ci);
+                }
+                return Err(blob.io(e));
+            }
+        }
+        Ok(())
     }
 
     /// Reads `size` bytes at `offset` of a regular file (clamped to its size), appending
@@ -639,6 +697,13 @@ impl ChunkCache {
             }
             infos.push(c);
         }
+        // Every chunk of the range is held from before it is made ready until its bytes
+        // are handed over: no process evicts it in between.
+        let mut holds = Vec::with_capacity(slices.len());
+        for s in &slices {
+            let blob = &self.blobs[s.chunk.blob_index as usize];
+            holds.push(blob.hold(s.chunk.ci_index).map_err(|e| blob.io(e))?);
+        }
         // A file's chunks are usually all in one blob: no grouping needed then.
         let first_blob = slices.first().map_or(0, |s| s.chunk.blob_index);
         if slices.iter().all(|s| s.chunk.blob_index == first_blob) {
@@ -665,8 +730,6 @@ impl ChunkCache {
             let mut tries = 0;
             blob.touch(c.ci_index);
             let res = loop {
-                // Checked and read under the eviction lock: never a punched hole.
-                let readers = blob.evict_lock.read().unwrap_or_else(|e| e.into_inner());
                 if blob.map.is_ready(c.ci_index) {
                     let mut file = blob.take_file()?;
                     let res = sink(Piece::File {
@@ -677,7 +740,6 @@ impl ChunkCache {
                     blob.put_file(file);
                     break res;
                 }
-                drop(readers);
                 // Not cached (a full disk): served from memory.
                 if let Some(data) = blob.spilled(c.ci_index) {
                     break sink(Piece::Bytes(&data[at..at + len]));
@@ -700,6 +762,7 @@ impl ChunkCache {
             res.map_err(|e| blob.io(e))?;
             total += s.len as u64;
         }
+        drop(holds);
         Ok(total)
     }
 
@@ -884,22 +947,19 @@ impl ChunkCache {
     /// Whether a chunk can be served now; verifies a ready chunk not yet verified by this
     /// process and clears it when it is corrupt.
     fn usable(&self, blob: &BlobCache, c: &ChunkInfo) -> Result<bool> {
-        if !blob.map.is_ready(c.ci_index) {
-            return Ok(blob.spilled(c.ci_index).is_some());
+        let ci = c.ci_index;
+        // Held while looked at and read: no process evicts it meanwhile.
+        let _hold = blob.hold(ci).map_err(|e| blob.io(e))?;
+        if !blob.map.is_ready(ci) || !blob.fresh(ci).map_err(|e| blob.io(e))? {
+            return Ok(blob.spilled(ci).is_some());
         }
-        if !self.validate || blob.is_verified(c.ci_index) {
+        if !self.validate || blob.is_verified(ci) {
             return Ok(true);
         }
         let mut data = vec![0u8; c.uncompressed_size as usize];
-        {
-            let _readers = blob.evict_lock.read().unwrap_or_else(|e| e.into_inner());
-            if !blob.map.is_ready(c.ci_index) {
-                return Ok(false);
-            }
-            blob.data
-                .read_exact_at(&mut data, c.uncompressed_offset)
-                .map_err(|e| blob.io(e))?;
-        }
+        blob.data
+            .read_exact_at(&mut data, c.uncompressed_offset)
+            .map_err(|e| blob.io(e))?;
         match rafs::read::verify_chunk(&blob.info, c, &data) {
             Ok(()) => {
                 blob.set_verified(c.ci_index, true);
@@ -1114,6 +1174,8 @@ impl ChunkCache {
                     continue;
                 }
             };
+            // Held from the write to the ready bit: no process evicts it in between.
+            let _hold = blob.hold(c.ci_index).map_err(|e| blob.io(e))?;
             if let Err(e) = blob.data.write_all_at(&data, c.uncompressed_offset) {
                 // A full cache disk (or one failing): the chunk is served from memory,
                 // verified, and fetched again next time.
@@ -1129,8 +1191,9 @@ impl ChunkCache {
                 continue;
             }
             blob.set_verified(c.ci_index, true);
-            blob.touch(c.ci_index);
+            blob.note_written(c.ci_index).map_err(|e| blob.io(e))?;
             blob.map.set_ready(c.ci_index)?;
+            blob.touch(c.ci_index);
             if let Some(e) = &self.evictor {
                 e.wrote(data.len() as u64);
             }
@@ -1212,7 +1275,14 @@ fn open_files(work: &Path, info: &BlobInfo) -> Result<BlobState> {
         data.set_len(info.uncompressed_size)
             .map_err(|e| io(&data_path, e))?;
     }
-    let (map, reset) = ChunkMap::open(&map_path, info.chunk_count)?;
+    let meta_path = work.join(format!("{}.chunk_meta", info.id));
+    let (meta, seen_gen) =
+        evict::open_meta(&meta_path, info.chunk_count).map_err(|e| io(&meta_path, e))?;
+    let (mut map, reset) = ChunkMap::open(&map_path, info.chunk_count)?;
+    map.share(
+        meta.try_clone().map_err(|e| io(&meta_path, e))?,
+        evict::MAP_LOCKS,
+    );
     if reset {
         warn!("chunk map {} was malformed: reset", map_path.display());
     }
@@ -1233,12 +1303,13 @@ fn open_files(work: &Path, info: &BlobInfo) -> Result<BlobState> {
         inflight: Mutex::new(HashSet::new()),
         done: Condvar::new(),
         failed: Mutex::new(Default::default()),
-        lock,
-        last_use: (0..info.chunk_count)
+        _in_use: lock,
+        meta,
+        holds: Mutex::new(Default::default()),
+        seen_gen,
+        last_written: (0..info.chunk_count)
             .map(|_| std::sync::atomic::AtomicU32::new(0))
             .collect(),
-        pins: Mutex::new(Default::default()),
-        evict_lock: std::sync::RwLock::new(()),
         images: Mutex::new(Vec::new()),
         punchable: std::sync::OnceLock::new(),
     })

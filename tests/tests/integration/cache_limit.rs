@@ -151,12 +151,13 @@ fn the_cache_stays_under_its_limit_and_keeps_passed_through_files() {
     );
 }
 
-/// Two daemons, two images, one work dir with one limit: each may evict chunks of its
-/// own blob only (the other's is open in the other process), together they stay under
-/// the limit plus what is in flight, and every byte is right. Once one daemon is gone, the
-/// other evicts its blob whole.
+/// Three daemons on one work dir with one limit: `a` and `c` serve image X (one blob,
+/// open in both, as the old and new daemon of an upgrade have it), `b` serves image Y.
+/// Reading all three at once, they stay under the limit plus the chunks in flight, each
+/// evicting chunks of the blobs it has open — also of the blob it shares — and every
+/// byte read is right. Once `b` is gone, Y's blob is open nowhere and goes whole.
 #[test]
-fn two_daemons_share_a_work_dir_and_its_limit() {
+fn daemons_share_a_work_dir_and_its_limit() {
     require_root_tools(&["umount"]);
     let tmp = tempfile::tempdir().unwrap();
     let (src_x, src_y) = (tmp.path().join("x"), tmp.path().join("y"));
@@ -168,51 +169,62 @@ fn two_daemons_share_a_work_dir_and_its_limit() {
     let limit = 6 * MIB;
     let a = Daemon::start_config(&x, "a", &config_with_limit(&x, limit));
     let b = Daemon::start_config(&y, "b", &config_with_limit(&y, limit));
+    let c = Daemon::start_config(&x, "c", &config_with_limit(&x, limit));
 
     let mut most = 0;
-    for _ in 0..3 {
+    for round in 0..3 {
         std::thread::scope(|s| {
-            let ta = s.spawn(|| {
-                for i in 0..8 {
-                    read_file_checked(&a, &src_x, &format!("d/f{i:02}"));
-                }
-            });
-            let tb = s.spawn(|| {
-                for i in 0..8 {
-                    read_file_checked(&b, &src_y, &format!("d/f{i:02}"));
-                }
-            });
-            while !(ta.is_finished() && tb.is_finished()) {
+            let readers = [(&a, &src_x, false), (&b, &src_y, false), (&c, &src_x, true)].map(
+                |(d, src, backwards)| {
+                    s.spawn(move || {
+                        for i in 0..8 {
+                            // c goes the other way: the shared blob's chunks are read by
+                            // both daemons at different times.
+                            let i = if backwards { 7 - i } else { i };
+                            read_file_checked(d, src, &format!("d/f{i:02}"));
+                        }
+                    })
+                },
+            );
+            while !readers.iter().all(|t| t.is_finished()) {
                 most = most.max(usage(&x.cache));
                 std::thread::sleep(Duration::from_millis(5));
             }
         });
         drop_caches();
+        println!("round {round}: at most {most} bytes");
     }
-    let (ea, eb) = (
-        a.metric("/api/v1/metrics/blobcache", "evicted_chunks"),
-        b.metric("/api/v1/metrics/blobcache", "evicted_chunks"),
+    let evicted = |d: &Daemon| d.metric("/api/v1/metrics/blobcache", "evicted_chunks");
+    let (ea, eb, ec) = (evicted(&a), evicted(&b), evicted(&c));
+    assert!(
+        ea + ec >= 4,
+        "chunks of the shared blob evicted: {ea} by a, {ec} by c"
     );
-    // Each evicts chunks of its own blob only; which one finds room to make first (one
-    // process evicts at a time) depends on timing.
-    assert!(ea + eb >= 8, "evicted: {ea} by a, {eb} by b");
+    assert!(
+        ea + eb + ec >= 12,
+        "evicted: {ea} by a, {eb} by b, {ec} by c"
+    );
     // The limit, plus a chunk in flight in each daemon and the chunk maps.
     assert!(
-        most <= limit + 2 * MIB + 64 * 1024,
+        most <= limit + 3 * MIB + 64 * 1024,
         "the work dir took {most} bytes with a limit of {limit}"
     );
 
-    // b is gone: its blob is open nowhere, and a removes it whole when it needs room.
+    // b is gone: its blob is open nowhere, and is removed whole when room is needed.
     drop(b);
-    for i in 0..8 {
-        read_file_checked(&a, &src_x, &format!("d/f{i:02}"));
+    for d in [&a, &c] {
+        for i in 0..8 {
+            read_file_checked(d, &src_x, &format!("d/f{i:02}"));
+        }
+        drop_caches();
     }
-    drop_caches();
-    for i in 0..8 {
-        read_file_checked(&a, &src_x, &format!("d/f{i:02}"));
-    }
-    let blobs = a.metric("/api/v1/metrics/blobcache", "evicted_blobs");
+    let blobs = a.metric("/api/v1/metrics/blobcache", "evicted_blobs")
+        + c.metric("/api/v1/metrics/blobcache", "evicted_blobs");
     assert_eq!(blobs, 1, "{}", a.log_text());
-    assert!(usage(&x.cache) <= limit + MIB + 64 * 1024);
-    println!("two daemons on one {} MiB work dir: at most {most} bytes, {ea} + {eb} chunks evicted, then b's blob whole", limit / MIB);
+    assert!(usage(&x.cache) <= limit + 2 * MIB + 64 * 1024);
+    println!(
+        "three daemons (two sharing a blob) on one {} MiB work dir: at most {most} bytes, \
+         {ea} + {eb} + {ec} chunks evicted, then b's blob whole",
+        limit / MIB
+    );
 }
