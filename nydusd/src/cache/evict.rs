@@ -3,9 +3,10 @@
 //!
 //! # What is counted
 //! The bytes the work dir's files take on disk (their allocated blocks): every daemon
-//! sharing the work dir sees the same figure, whoever wrote what. A daemon counts what it
-//! writes as it goes and looks at the disk again when its count passes the limit (or a
-//! second after it last looked), then evicts down to [`LOW_WATER`] percent of the limit.
+//! sharing the work dir sees the same figure, whoever wrote what. The daemons keep a
+//! shared count in `.evict.lock` — the size when last looked at, plus every chunk any of
+//! them wrote since — and the first to see it pass the limit (or a second after it last
+//! looked) looks at the disk again and evicts down to [`LOW_WATER`] percent of the limit.
 //!
 //! # What is evicted, in order
 //! 1. Whole blobs no daemon has open (an image unmounted, a daemon gone), least recently
@@ -34,7 +35,7 @@
 //!   to a thread), and eviction passes over chunks it holds itself.
 //! - A hole covers whole pages of the chunk only: chunks start on 4 KiB boundaries
 //!   (`rafs` checks), and a blob whose chunks' pages overlap is never punched.
-//! - One process evicts at a time (a write lock on `.evict.lock` in the work dir); a
+//! - One process evicts at a time (a write lock on a byte of `.evict.lock`); a
 //!   whole blob is removed only under a write lock on its chunk map, which no daemon that
 //!   has the blob open lets it have.
 
@@ -45,7 +46,7 @@ use rustix::fs::{fcntl_lock, FlockOperation};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
@@ -225,57 +226,104 @@ pub(super) struct Evictor {
     work: PathBuf,
     limit: u64,
     open: Arc<OpenBlobs>,
-    /// The work dir's size when last looked at, plus what this image wrote since.
-    estimate: AtomicU64,
+    /// `.evict.lock` in the work dir, shared by every daemon: bytes 0..8 hold the work
+    /// dir's size when last looked at plus what every daemon wrote since (updated under
+    /// a lock of those bytes); a lock of byte 8 is held by the process evicting.
+    shared: File,
     scanned: Mutex<Instant>,
     /// Held while evicting (one thread of the process at a time).
     running: Mutex<()>,
-    /// Said once: the limit cannot be kept (blobs open elsewhere, pinned chunks).
+    /// Said once: the limit cannot be kept.
     warned: AtomicBool,
 }
 
+/// Bytes of `.evict.lock`: the shared count, and the evicting process's lock.
+const COUNT: (u64, u64) = (0, 8);
+const EVICTING: (u64, u64) = (8, 1);
+
 impl Evictor {
-    pub(super) fn new(work: &Path, limit: u64, open: Arc<OpenBlobs>) -> Evictor {
-        Evictor {
-            work: work.canonicalize().unwrap_or_else(|_| work.to_path_buf()),
+    pub(super) fn new(work: &Path, limit: u64, open: Arc<OpenBlobs>) -> std::io::Result<Evictor> {
+        let work = work.canonicalize()?;
+        let shared = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(work.join(".evict.lock"))?;
+        Ok(Evictor {
+            work,
             limit,
             open,
-            estimate: AtomicU64::new(u64::MAX),
+            shared,
             scanned: Mutex::new(Instant::now() - RESCAN),
             running: Mutex::new(()),
             warned: AtomicBool::new(false),
-        }
+        })
     }
 
-    /// Counts `n` bytes just written to the cache.
+    /// The shared count, changed by `f` under its lock.
+    fn update_count(&self, f: impl FnOnce(u64) -> std::io::Result<u64>) -> std::io::Result<u64> {
+        range_lock(&self.shared, Lock::Write, COUNT.0, COUNT.1, true)?;
+        let res = (|| {
+            let mut b = [0u8; 8];
+            // A new file reads short: a count of 0.
+            let n = self.shared.read_at(&mut b, COUNT.0)?;
+            let old = if n == 8 { u64::from_le_bytes(b) } else { 0 };
+            let new = f(old)?;
+            self.shared.write_all_at(&new.to_le_bytes(), COUNT.0)?;
+            Ok(new)
+        })();
+        range_lock(&self.shared, Lock::Unlock, COUNT.0, COUNT.1, true)?;
+        res
+    }
+
+    /// Counts `n` bytes just written to the cache, in the count every daemon of the work
+    /// dir shares.
     pub(super) fn wrote(&self, n: u64) {
-        let _ = self
-            .estimate
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |e| {
-                Some(e.saturating_add(n))
-            });
+        if let Err(e) = self.update_count(|c| Ok(c.saturating_add(n))) {
+            debug!("counting cache bytes in {}: {e}", self.work.display());
+        }
     }
 
-    /// Whether the work dir should be looked at: the count passed the limit, or it is
-    /// older than [`RESCAN`].
-    fn due(&self) -> bool {
-        self.estimate.load(Ordering::Acquire) > self.limit
-            || self
-                .scanned
-                .lock()
-                .map(|t| t.elapsed() >= RESCAN)
-                .unwrap_or(true)
+    /// Whether the shared count is over the limit.
+    fn over(&self) -> bool {
+        let mut b = [0u8; 8];
+        self.shared.read_at(&mut b, COUNT.0).is_ok_and(|n| n == 8)
+            && u64::from_le_bytes(b) > self.limit
     }
 
-    /// Looks at the work dir when due, and evicts when it is over the limit. Returns
-    /// without waiting when another thread or process is evicting.
+    /// Looks at the work dir when the shared count passed the limit (or this daemon last
+    /// looked more than [`RESCAN`] ago), and evicts when it is over the limit. Over the
+    /// limit, a writer waits for an eviction under way (in this process or another), then
+    /// looks again: so the work dir exceeds the limit by at most the chunks being written
+    /// at that moment.
     pub(super) fn check(&self, cache: &ChunkCache) {
-        if !self.due() {
+        let over = self.over();
+        let stale = self
+            .scanned
+            .lock()
+            .map(|t| t.elapsed() >= RESCAN)
+            .unwrap_or(true);
+        if !over && !stale {
             return;
         }
-        let Ok(_running) = self.running.try_lock() else {
-            return;
+        let _running = if over {
+            self.running.lock().unwrap_or_else(|e| e.into_inner())
+        } else {
+            match self.running.try_lock() {
+                Ok(g) => g,
+                Err(_) => return,
+            }
         };
+        match range_lock(&self.shared, Lock::Write, EVICTING.0, EVICTING.1, over) {
+            Ok(true) => {}
+            // Another process evicts; this one looks again at its next write.
+            Ok(false) => return,
+            Err(e) => {
+                warn!("locking {}/.evict.lock: {e}", self.work.display());
+                return;
+            }
+        }
         if let Err(e) = self.run(cache) {
             warn!(
                 "evicting from {}: {}",
@@ -283,6 +331,14 @@ impl Evictor {
                 crate::error::Chain(&e)
             );
         }
+        let _ = range_lock(&self.shared, Lock::Unlock, EVICTING.0, EVICTING.1, true);
+    }
+
+    /// Looks at the work dir's size (under the count's lock: writes meanwhile are
+    /// counted on top of it) and makes it the shared count.
+    fn rescan(&self) -> std::io::Result<u64> {
+        *self.scanned.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        self.update_count(|_| dir_usage(&self.work))
     }
 
     fn run(&self, cache: &ChunkCache) -> Result<()> {
@@ -291,21 +347,7 @@ impl Evictor {
             path: self.work.display().to_string(),
             source,
         };
-        // One evicting process at a time; the others go on and look again later.
-        let lock_path = self.work.join(".evict.lock");
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(io)?;
-        if fcntl_lock(&lock, FlockOperation::NonBlockingLockExclusive).is_err() {
-            return Ok(());
-        }
-        let mut usage = dir_usage(&self.work).map_err(io)?;
-        *self.scanned.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
-        self.estimate.store(usage, Ordering::Release);
+        let mut usage = self.rescan().map_err(io)?;
         m.cache.cache_bytes.store(usage, Ordering::Relaxed);
         if usage <= self.limit {
             return Ok(());
@@ -317,8 +359,7 @@ impl Evictor {
             usage = self.evict_chunks(usage, target, m);
         }
         // The figure the disk gives, not the estimate of what was freed.
-        let after = dir_usage(&self.work).map_err(io)?;
-        self.estimate.store(after, Ordering::Release);
+        let after = self.rescan().map_err(io)?;
         m.cache.cache_bytes.store(after, Ordering::Relaxed);
         debug!(
             "{}: {before} bytes over the limit of {}; evicted down to {after} (estimated {usage})",

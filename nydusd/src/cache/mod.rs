@@ -27,8 +27,16 @@
 //! tampered with while no daemon ran) is read back and verified on first use. A chunk that
 //! fails is cleared from the bitmap and fetched again, never served. Verifying on every
 //! read would hash a whole chunk (1 MiB by default) for every 4–128 KiB the kernel asks
-//! for, costing the warm-read throughput this cache exists for; while the daemon runs the
-//! data file is only written by it.
+//! for, costing the warm-read throughput this cache exists for. A chunk evicted (by this
+//! daemon or another one sharing the work dir, see [`evict`]) is forgotten and verified
+//! again once fetched. Other daemons sharing the work dir write the data file too: a
+//! chunk they fetch is verified by them against their image's digests, and this daemon
+//! trusts their writes of chunks it has verified already (as it trusts its own).
+//!
+//! # A full disk, a size limit
+//! A chunk the cache file cannot take (no space) is served from memory, verified, and
+//! fetched again next time (`uncached_chunks`). With `size_limit`, chunks used least
+//! recently are evicted to stay under it ([`evict`]).
 
 pub mod chunk_map;
 mod evict;
@@ -490,10 +498,15 @@ impl ChunkCache {
             ondemand: AtomicU64::new(0),
             readaheads: AtomicU64::new(0),
             uncacheable_logged: Default::default(),
-            evictor: config
-                .cache
-                .size_limit
-                .map(|limit| evict::Evictor::new(work, limit, open.clone())),
+            evictor: match config.cache.size_limit {
+                Some(limit) => Some(evict::Evictor::new(work, limit, open.clone()).map_err(
+                    |source| Error::CacheIo {
+                        path: work.join(".evict.lock").display().to_string(),
+                        source,
+                    },
+                )?),
+                None => None,
+            },
         })
     }
 
