@@ -760,14 +760,19 @@ impl Bootstrap {
             ));
         }
         if c.uncompressed_offset % BLOCK_SIZE != 0
-            || c.uncompressed_offset + c.uncompressed_size as u64 > blob.uncompressed_size
+            || c.uncompressed_offset
+                .checked_add(c.uncompressed_size as u64)
+                .is_none_or(|end| end > blob.uncompressed_size)
         {
             return Err(bad(format!(
                 "uncompressed range {}+{} invalid",
                 c.uncompressed_offset, c.uncompressed_size
             )));
         }
-        if c.compressed_offset + c.compressed_size as u64 > BLOB_MAX_SIZE_COMPRESSED {
+        if c.compressed_offset
+            .checked_add(c.compressed_size as u64)
+            .is_none_or(|end| end > BLOB_MAX_SIZE_COMPRESSED)
+        {
             return Err(bad("compressed range beyond 2^40".into()));
         }
         Ok(c)
