@@ -216,8 +216,14 @@ pub fn prometheus(mounts: &[(String, &Metrics)]) -> String {
     ];
     let mut out = String::new();
     for (name, help, value) in counters {
+        // The one value that goes down as well as up.
+        let kind = if name == "cache_bytes" {
+            "gauge"
+        } else {
+            "counter"
+        };
         out.push_str(&format!(
-            "# HELP nydusd_{name} {help}\n# TYPE nydusd_{name} counter\n"
+            "# HELP nydusd_{name} {help}\n# TYPE nydusd_{name} {kind}\n"
         ));
         for (labels, m) in mounts {
             out.push_str(&format!("nydusd_{name}{{{labels}}} {}\n", value(m)));
@@ -378,6 +384,7 @@ mod tests {
         Metrics::add(&b.fs.nr_opens, 3);
         let text = prometheus(&[("id=\"/a\"".to_string(), &a), ("id=\"/b\"".to_string(), &b)]);
         assert_eq!(text.matches("# TYPE nydusd_fs_opens counter").count(), 1);
+        assert_eq!(text.matches("# TYPE nydusd_cache_bytes gauge").count(), 1);
         assert!(text.contains("nydusd_fs_opens{id=\"/a\"} 0\nnydusd_fs_opens{id=\"/b\"} 3\n"));
     }
 }
