@@ -21,6 +21,9 @@ struct ChunkTableIndex {
     duplicate: Option<String>,
 }
 
+/// The largest bootstrap [`Bootstrap::open`] reads (4 GiB; a 100k-file image's is 19 MiB).
+pub const MAX_BOOTSTRAP_SIZE: u64 = 4 << 30;
+
 /// An opened, validated bootstrap.
 pub struct Bootstrap {
     data: Data,
@@ -209,10 +212,40 @@ impl Bootstrap {
     }
 
     /// Reads and opens the bootstrap at `path`.
+    ///
+    /// Only a regular file of at most [`MAX_BOOTSTRAP_SIZE`] bytes is read: a FIFO or a
+    /// device (`/dev/zero`) is refused at once instead of blocking or reading forever.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        use std::io::Read as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
         let path = path.as_ref();
-        let bytes = std::fs::read(path)
-            .map_err(|e| Error::io(format!("Reading bootstrap {}", path.display()), e))?;
+        let what = || format!("Reading bootstrap {}", path.display());
+        // Non-blocking: opening a FIFO without a writer would wait for one.
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|e| Error::io(what(), e))?;
+        let md = f.metadata().map_err(|e| Error::io(what(), e))?;
+        if !md.is_file() {
+            return Err(Error::invalid(
+                format!("bootstrap {}", path.display()),
+                "is not a regular file",
+            ));
+        }
+        if md.len() > MAX_BOOTSTRAP_SIZE {
+            return Err(Error::invalid(
+                format!("bootstrap {}", path.display()),
+                format!(
+                    "{} bytes is more than the {MAX_BOOTSTRAP_SIZE} a bootstrap may have",
+                    md.len()
+                ),
+            ));
+        }
+        let mut bytes = Vec::with_capacity(md.len() as usize);
+        f.take(md.len())
+            .read_to_end(&mut bytes)
+            .map_err(|e| Error::io(what(), e))?;
         Self::from_bytes(bytes)
     }
 

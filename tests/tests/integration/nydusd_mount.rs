@@ -311,6 +311,18 @@ fn nydusd_mount_api_refuses_bad_requests_with_the_reason() {
         400,
         "unusable",
     );
+    // A FIFO nobody writes and a device that never ends: refused at once, not read.
+    let fifo = tmp.path().join("fifo.boot");
+    run_ok(Command::new("mkfifo").arg(&fifo));
+    for source in [fifo.as_path(), Path::new("/dev/zero")] {
+        let t = std::time::Instant::now();
+        expect(
+            d.mount_body("/c", &good(source, config_text(&img, ""))),
+            400,
+            "is not a regular file",
+        );
+        assert!(t.elapsed() < Duration::from_secs(2), "{source:?}");
+    }
     expect(
         d.mount(
             "/c",
