@@ -73,8 +73,9 @@ const FAILURE_MEMORY: Duration = Duration::from_secs(1);
 pub const READAHEAD_WINDOWS: u64 = 2;
 /// Readahead windows fetched at once.
 pub const MAX_READAHEAD_JOBS: u64 = 2;
-/// Chunks held in memory per image and blob when the cache disk cannot take them.
-const SPILL_CHUNKS: usize = 32;
+/// Bytes of chunks held in memory per image when the cache disk cannot take them (at
+/// least the newest chunk is held, whatever its size).
+const SPILL_BYTES: usize = 64 << 20;
 /// Spare data file handles kept per blob (about one per FUSE thread).
 const MAX_SPARE_FILES: usize = 16;
 /// How far past ready or in-flight chunks a readahead looks for missing ones.
@@ -170,9 +171,6 @@ struct BlobCache {
     /// module docs). Per image, not shared: a chunk another image verified is checked
     /// against this image's own digest before this image serves it.
     verified: Arc<Vec<AtomicU8>>,
-    /// Chunks fetched and verified for this image that could not be written to the
-    /// cache (a full disk), newest last, for the readers that wait for them.
-    spill: Mutex<std::collections::VecDeque<(u32, Arc<Vec<u8>>)>>,
     state: Arc<BlobState>,
 }
 
@@ -325,27 +323,6 @@ impl BlobCache {
         self.verified[(ci / 8) as usize].load(Ordering::Acquire) & (0x80 >> (ci & 7)) != 0
     }
 
-    /// The bytes of chunk `ci` if it is held in memory only (see `spill`).
-    fn spilled(&self, ci: u32) -> Option<Arc<Vec<u8>>> {
-        let spill = self.spill.lock().unwrap_or_else(|e| e.into_inner());
-        spill
-            .iter()
-            .rev()
-            .find(|(c, _)| *c == ci)
-            .map(|(_, d)| d.clone())
-    }
-
-    /// Holds chunk `ci`'s verified bytes in memory, dropping the oldest beyond
-    /// [`SPILL_CHUNKS`].
-    fn spill(&self, ci: u32, data: Vec<u8>) {
-        let mut spill = self.spill.lock().unwrap_or_else(|e| e.into_inner());
-        spill.retain(|(c, _)| *c != ci);
-        if spill.len() >= SPILL_CHUNKS {
-            spill.pop_front();
-        }
-        spill.push_back((ci, Arc::new(data)));
-    }
-
     fn set_verified(&self, ci: u32, on: bool) {
         let slot = &self.verified[(ci / 8) as usize];
         if on {
@@ -441,7 +418,14 @@ pub struct ChunkCache {
     uncacheable_logged: std::sync::atomic::AtomicBool,
     /// Keeps the work dir under `size_limit`, when the config sets one.
     evictor: Option<evict::Evictor>,
+    /// Chunks fetched and verified for this image that the cache disk could not take,
+    /// by blob and ci, newest last, for the readers that wait for them (at most
+    /// [`SPILL_BYTES`]).
+    spill: Mutex<std::collections::VecDeque<Spilled>>,
 }
+
+/// A chunk held in memory: its blob index, ci, and bytes.
+type Spilled = (u32, u32, Arc<Vec<u8>>);
 
 /// A blob id is used as a file name in the work directory.
 fn check_blob_id(id: &str) -> Result<()> {
@@ -482,7 +466,6 @@ impl ChunkCache {
                 info: info.clone(),
                 index: index as u32,
                 verified: Arc::new(bits(info.chunk_count)),
-                spill: Mutex::new(Default::default()),
                 state: open.state(work, info)?,
             });
             let b = blobs.last().expect("just pushed");
@@ -498,6 +481,7 @@ impl ChunkCache {
             ondemand: AtomicU64::new(0),
             readaheads: AtomicU64::new(0),
             uncacheable_logged: Default::default(),
+            spill: Mutex::new(Default::default()),
             evictor: match config.cache.size_limit {
                 Some(limit) => Some(evict::Evictor::new(work, limit, open.clone()).map_err(
                     |source| Error::CacheIo {
@@ -630,6 +614,31 @@ impl ChunkCache {
         })
     }
 
+    /// The bytes of chunk `ci` of `blob` if it is held in memory only (see `spill`).
+    fn spilled(&self, blob: &BlobCache, ci: u32) -> Option<Arc<Vec<u8>>> {
+        let spill = self.spill.lock().unwrap_or_else(|e| e.into_inner());
+        spill
+            .iter()
+            .rev()
+            .find(|(b, c, _)| *b == blob.index && *c == ci)
+            .map(|(_, _, d)| d.clone())
+    }
+
+    /// Holds chunk `ci` of `blob` in memory, verified, dropping the oldest chunks beyond
+    /// [`SPILL_BYTES`].
+    fn spill(&self, blob: &BlobCache, ci: u32, data: Vec<u8>) {
+        let mut spill = self.spill.lock().unwrap_or_else(|e| e.into_inner());
+        spill.retain(|(b, c, _)| (*b, *c) != (blob.index, ci));
+        let mut total: usize = spill.iter().map(|(_, _, d)| d.len()).sum::<usize>() + data.len();
+        while total > SPILL_BYTES {
+            match spill.pop_front() {
+                Some((_, _, d)) => total -= d.len(),
+                None => break,
+            }
+        }
+        spill.push_back((blob.index, ci, Arc::new(data)));
+    }
+
     /// Pins (`on`) or unpins the chunks of regular file `inode`: pinned chunks are held
     /// (see [`evict`]), never evicted by any process. A file is pinned before it is found
     /// wholly cached for passthrough, and unpinned when it is not passed through or its
@@ -754,7 +763,7 @@ impl ChunkCache {
                     break res;
                 }
                 // Not cached (a full disk): served from memory.
-                if let Some(data) = blob.spilled(c.ci_index) {
+                if let Some(data) = self.spilled(blob, c.ci_index) {
                     break sink(Piece::Bytes(&data[at..at + len]));
                 }
                 // Dropped from memory meanwhile: fetched again, once.
@@ -964,7 +973,7 @@ impl ChunkCache {
         // Held while looked at and read: no process evicts it meanwhile.
         let _hold = blob.hold(ci).map_err(|e| blob.io(e))?;
         if !blob.map.is_ready(ci) || !blob.fresh(ci).map_err(|e| blob.io(e))? {
-            return Ok(blob.spilled(ci).is_some());
+            return Ok(self.spilled(blob, ci).is_some());
         }
         if !self.validate || blob.is_verified(ci) {
             return Ok(true);
@@ -1110,7 +1119,7 @@ impl ChunkCache {
         }
         // A requested chunk that failed alone (digest) is reported by the check below.
         let unready = |ci: &u32| {
-            claims.cis.contains(ci) && !blob.map.is_ready(*ci) && blob.spilled(*ci).is_none()
+            claims.cis.contains(ci) && !blob.map.is_ready(*ci) && self.spilled(blob, *ci).is_none()
         };
         if let Some(e) = first_err {
             if requested.iter().any(unready) {
@@ -1200,7 +1209,7 @@ impl ChunkCache {
                         blob.data_path.display()
                     );
                 }
-                blob.spill(c.ci_index, data);
+                self.spill(blob, c.ci_index, data);
                 continue;
             }
             blob.set_verified(c.ci_index, true);
