@@ -183,6 +183,20 @@ impl ChunkMap {
         Ok(b[0] & mask(ci) != 0)
     }
 
+    /// Whether every chunk is ready in the file (not only in this process's view: another
+    /// process sharing the map may have cleared some). Unshared, the view is the file.
+    fn all_ready_on_disk(&self) -> Result<bool> {
+        if self.shared.is_none() {
+            return Ok(true);
+        }
+        let mut bits = vec![0u8; self.bits.len()];
+        self.read_disk_bits(&mut bits)?;
+        let full = self.count / 8;
+        let rest = self.count % 8;
+        Ok(bits[..full as usize].iter().all(|b| *b == 0xFF)
+            && (rest == 0 || bits[full as usize] & !(0xFFu8 >> rest) == !(0xFFu8 >> rest)))
+    }
+
     /// Reads the bitmap as the file has it into `bits` (one byte per 8 chunks).
     pub fn read_disk_bits(&self, bits: &mut [u8]) -> Result<()> {
         self.file
@@ -215,9 +229,13 @@ impl ChunkMap {
         if old & mask(ci) != 0 {
             return Ok(());
         }
-        self.persist(ci, true, old | mask(ci))
-            .map_err(|e| self.io(e))?;
-        if self.ready.fetch_add(1, Ordering::AcqRel) + 1 == self.count {
+        if let Err(e) = self.persist(ci, true, old | mask(ci)) {
+            slot.fetch_and(!mask(ci), Ordering::AcqRel);
+            return Err(self.io(e));
+        }
+        if self.ready.fetch_add(1, Ordering::AcqRel) + 1 == self.count
+            && self.all_ready_on_disk()?
+        {
             self.file
                 .write_all_at(&MAGIC_ALL_READY.to_le_bytes(), 12)
                 .map_err(|e| self.io(e))?;
@@ -237,8 +255,11 @@ impl ChunkMap {
         if old & mask(ci) == 0 && self.shared.is_none() {
             return Ok(());
         }
-        // Shared, the file may say ready where this process's view does not.
-        if old & mask(ci) != 0 && self.ready.fetch_sub(1, Ordering::AcqRel) == self.count {
+        // Shared, the file may say ready where this process's view does not: `all_ready`
+        // is cleared whatever this process counted (upstream nydusd trusts it).
+        let was_all =
+            old & mask(ci) != 0 && self.ready.fetch_sub(1, Ordering::AcqRel) == self.count;
+        if was_all || self.shared.is_some() {
             self.file
                 .write_all_at(&0u32.to_le_bytes(), 12)
                 .map_err(|e| self.io(e))?;
@@ -301,5 +322,42 @@ mod tests {
         let (m, reset) = ChunkMap::open(&p, 16).unwrap();
         assert!(reset, "a map for another chunk count must not be trusted");
         assert!(!m.is_ready(0));
+    }
+
+    #[test]
+    fn a_shared_map_says_all_ready_only_when_the_file_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.chunk_map");
+        let locks = dir.path().join("x.chunk_meta");
+        std::fs::write(&locks, b"").unwrap();
+        // Two processes' views of one map.
+        let (mut a, _) = ChunkMap::open(&p, 3).unwrap();
+        let (mut b, _) = ChunkMap::open(&p, 3).unwrap();
+        let rw = || {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&locks)
+                .unwrap()
+        };
+        a.share(rw(), 1 << 40);
+        b.share(rw(), 1 << 40);
+        let header = || std::fs::read(&p).unwrap()[12..16].to_vec();
+        a.set_ready(0).unwrap();
+        a.set_ready(1).unwrap();
+        b.set_ready(2).unwrap();
+        // b cleared chunk 1 (evicted it); a's view still has it.
+        b.clear(1).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap()[4096], 0xA0);
+        // a completes its view: the file is not complete, so no all_ready.
+        a.set_ready(2).unwrap();
+        assert_eq!(header(), [0; 4]);
+        b.set_ready(1).unwrap();
+        b.set_ready(0).unwrap();
+        assert_eq!(header(), b"PAMM");
+        // Any clear of a shared map clears it, whatever the clearer counted.
+        a.clear(2).unwrap();
+        assert_eq!(header(), [0; 4]);
+        assert_eq!(std::fs::read(&p).unwrap()[4096], 0xC0);
     }
 }

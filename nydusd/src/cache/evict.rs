@@ -42,7 +42,6 @@
 use super::{range_lock, BlobState, ChunkCache, Lock, OpenBlobs};
 use crate::error::Result;
 use crate::metrics::Metrics;
-use rustix::fs::{fcntl_lock, FlockOperation};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -203,6 +202,9 @@ impl BlobState {
 /// Opens (creating) the chunk map at `path` and takes this process's read lock on it,
 /// waiting while another process evicts the blob. A file that was removed meanwhile (its
 /// blob evicted whole) is opened again.
+///
+/// The lock is an open-file-description lock of the whole file: the other handles of the
+/// process (another image opening the blob, a handle closed) neither share nor drop it.
 pub(super) fn lock_in_use(path: &Path) -> std::io::Result<File> {
     for _ in 0..16 {
         let f = OpenOptions::new()
@@ -211,7 +213,7 @@ pub(super) fn lock_in_use(path: &Path) -> std::io::Result<File> {
             .create(true)
             .truncate(false)
             .open(path)?;
-        fcntl_lock(&f, FlockOperation::LockShared)?;
+        lock_shared(&f)?;
         if f.metadata()?.nlink() > 0 {
             return Ok(f);
         }
@@ -219,6 +221,46 @@ pub(super) fn lock_in_use(path: &Path) -> std::io::Result<File> {
     Err(std::io::Error::other(
         "the chunk map keeps being removed by eviction while it is opened",
     ))
+}
+
+/// Takes (or turns a held read lock into, atomically) the write lock of the whole of
+/// `f`, without waiting: false when any other open file holds a lock on it.
+pub(super) fn lock_exclusive(f: &File) -> std::io::Result<bool> {
+    range_lock(f, Lock::Write, 0, 0, false)
+}
+
+/// Takes the read lock of the whole of `f` (turning a held write lock into it).
+pub(super) fn lock_shared(f: &File) -> std::io::Result<()> {
+    range_lock(f, Lock::Read, 0, 0, true).map(|_| ())
+}
+
+/// What differs, if anything, between a blob of `size` bytes in `chunks` chunks and the
+/// shape of its existing cache files (an empty or missing file is no difference: it is
+/// made).
+pub(super) fn shape_mismatch(
+    data: &Path,
+    map: &Path,
+    meta: &Path,
+    size: u64,
+    chunks: u32,
+) -> std::io::Result<Option<String>> {
+    let len = |p: &Path| match std::fs::metadata(p) {
+        Ok(m) => Ok(m.len()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e),
+    };
+    let map_len = super::chunk_map::HEADER_SIZE + (chunks as u64).div_ceil(8);
+    for (p, want, what) in [
+        (data, size, "data file"),
+        (map, map_len, "chunk map"),
+        (meta, chunks as u64 * RECORD, "chunk meta"),
+    ] {
+        let have = len(p)?;
+        if have != 0 && have != want {
+            return Ok(Some(format!("its {what} has {have} bytes, not {want}")));
+        }
+    }
+    Ok(None)
 }
 
 /// The eviction of one image's cache (each image of a daemon has its own limit).
@@ -324,6 +366,15 @@ impl Evictor {
                 return;
             }
         }
+        // Released however `run` ends (a panic included): writers of other daemons may
+        // be waiting for it.
+        struct Evicting<'a>(&'a File);
+        impl Drop for Evicting<'_> {
+            fn drop(&mut self) {
+                let _ = range_lock(self.0, Lock::Unlock, EVICTING.0, EVICTING.1, true);
+            }
+        }
+        let _evicting = Evicting(&self.shared);
         if let Err(e) = self.run(cache) {
             warn!(
                 "evicting from {}: {}",
@@ -331,7 +382,6 @@ impl Evictor {
                 crate::error::Chain(&e)
             );
         }
-        let _ = range_lock(&self.shared, Lock::Unlock, EVICTING.0, EVICTING.1, true);
     }
 
     /// Looks at the work dir's size (under the count's lock: writes meanwhile are
@@ -393,8 +443,7 @@ impl Evictor {
             };
             let data = e.path();
             if open.contains(&data) {
-                // Never open another handle of a chunk map this process has locked:
-                // closing it would drop the process's lock.
+                // Open here: not a candidate (its lock would refuse anyway).
                 continue;
             }
             let Ok(md) = e.metadata() else { continue };
@@ -411,13 +460,15 @@ impl Evictor {
             let Ok(f) = OpenOptions::new().read(true).write(true).open(&map) else {
                 continue;
             };
-            if fcntl_lock(&f, FlockOperation::NonBlockingLockExclusive).is_err() {
+            if !lock_exclusive(&f).unwrap_or(false) {
                 continue;
             }
             let map_bytes = f.metadata().map(|md| md.blocks() * 512).unwrap_or(0);
+            // The map last: a daemon opening the blob meanwhile waits on its lock and,
+            // finding it removed, makes all three files anew.
             if std::fs::remove_file(&data).is_ok() {
-                let _ = std::fs::remove_file(&map);
                 let _ = std::fs::remove_file(self.work.join(format!("{id}.chunk_meta")));
+                let _ = std::fs::remove_file(&map);
                 usage = usage.saturating_sub(bytes + map_bytes);
                 Metrics::add(&m.cache.evicted_blobs, 1);
                 Metrics::add(&m.cache.evicted_bytes, bytes);
@@ -579,5 +630,55 @@ impl BlobState {
         let _ = range_lock(&self.meta, Lock::Unlock, record, RECORD, true);
         drop(holds);
         res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_in_use_lock_belongs_to_its_open_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.chunk_map");
+        let a = lock_in_use(&p).unwrap();
+        // Another open file of the same process is another holder: no write lock.
+        let b = lock_in_use(&p).unwrap();
+        assert!(!lock_exclusive(&a).unwrap());
+        // Closing some other handle of the file drops nobody's lock.
+        drop(File::open(&p).unwrap());
+        drop(b);
+        assert!(lock_exclusive(&a).unwrap());
+        // Held for writing, nobody else gets it even for reading.
+        let c = File::open(&p).unwrap();
+        assert!(!range_lock(&c, Lock::Read, 0, 0, false).unwrap());
+        lock_shared(&a).unwrap();
+        assert!(range_lock(&c, Lock::Read, 0, 0, false).unwrap());
+    }
+
+    #[test]
+    fn cache_files_of_another_shape_are_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (data, map, meta) = (
+            dir.path().join("b.blob.data"),
+            dir.path().join("b.chunk_map"),
+            dir.path().join("b.chunk_meta"),
+        );
+        // Missing or empty files are made, not a difference.
+        assert_eq!(shape_mismatch(&data, &map, &meta, 40960, 10).unwrap(), None);
+        std::fs::write(&data, vec![0u8; 40960]).unwrap();
+        std::fs::write(&map, vec![0u8; 4096 + 2]).unwrap();
+        std::fs::write(&meta, vec![0u8; 80]).unwrap();
+        assert_eq!(shape_mismatch(&data, &map, &meta, 40960, 10).unwrap(), None);
+        std::fs::write(&meta, vec![0u8; 88]).unwrap();
+        let what = shape_mismatch(&data, &map, &meta, 40960, 10)
+            .unwrap()
+            .unwrap();
+        assert!(what.contains("chunk meta has 88 bytes, not 80"), "{what}");
+        std::fs::write(&data, vec![0u8; 4096]).unwrap();
+        let what = shape_mismatch(&data, &map, &meta, 40960, 10)
+            .unwrap()
+            .unwrap();
+        assert!(what.contains("data file"), "{what}");
     }
 }

@@ -1275,6 +1275,7 @@ fn open_files(work: &Path, info: &BlobInfo) -> Result<BlobState> {
         path: p.display().to_string(),
         source,
     };
+    let meta_path = work.join(format!("{}.chunk_meta", info.id));
     let lock = evict::lock_in_use(&map_path).map_err(|e| io(&map_path, e))?;
     let data = OpenOptions::new()
         .read(true)
@@ -1284,6 +1285,32 @@ fn open_files(work: &Path, info: &BlobInfo) -> Result<BlobState> {
         .open(&data_path)
         .map_err(|e| io(&data_path, e))?;
     let len = data.metadata().map_err(|e| io(&data_path, e))?.len();
+    // Files of another shape are reset below — only when no other daemon has the blob
+    // open: it would go on serving from them.
+    let mismatch = evict::shape_mismatch(
+        &data_path,
+        &map_path,
+        &meta_path,
+        info.uncompressed_size,
+        info.chunk_count,
+    )
+    .map_err(|e| io(&map_path, e))?;
+    let exclusive = match &mismatch {
+        Some(what) => {
+            if !evict::lock_exclusive(&lock).map_err(|e| io(&map_path, e))? {
+                return Err(Error::Metadata(rafs::Error::invalid(
+                    format!("blob {}", info.id),
+                    format!(
+                        "another daemon has its cache files in {} open with another shape \
+                         ({what}); they are not reset under it",
+                        work.display()
+                    ),
+                )));
+            }
+            true
+        }
+        None => false,
+    };
     if len != info.uncompressed_size {
         if len != 0 {
             warn!(
@@ -1297,7 +1324,6 @@ fn open_files(work: &Path, info: &BlobInfo) -> Result<BlobState> {
         data.set_len(info.uncompressed_size)
             .map_err(|e| io(&data_path, e))?;
     }
-    let meta_path = work.join(format!("{}.chunk_meta", info.id));
     let (meta, seen_gen) =
         evict::open_meta(&meta_path, info.chunk_count).map_err(|e| io(&meta_path, e))?;
     let (mut map, reset) = ChunkMap::open(&map_path, info.chunk_count)?;
@@ -1307,6 +1333,9 @@ fn open_files(work: &Path, info: &BlobInfo) -> Result<BlobState> {
     );
     if reset {
         warn!("chunk map {} was malformed: reset", map_path.display());
+    }
+    if exclusive {
+        evict::lock_shared(&lock).map_err(|e| io(&map_path, e))?;
     }
     if map.ready_count() > 0 {
         info!(
