@@ -473,3 +473,63 @@ fn a_sequential_reader_gets_the_next_window_fetched_ahead() {
     assert!(!cache.is_ready(a.blob_index, a.ci_index));
     assert_eq!(backend.reads(), 2);
 }
+
+/// A bootstrap that lays a blob's chunks out otherwise than the one whose daemon has the
+/// blob's cache files open (another source of offsets, a lying bootstrap) is refused:
+/// it would write and punch other bytes than the first one's chunks. Once nobody has the
+/// files open, they are made anew for it.
+#[test]
+fn a_blob_laid_out_otherwise_does_not_share_its_cache_files() {
+    let img = image();
+    let backend = Counting::new(&img.blobs);
+    let cfg = config(&img, 0);
+    // Record 0 of the chunk table, its compressed offset moved: another layout.
+    let mut other = std::fs::read(&img.boot).unwrap();
+    let bs = Bootstrap::from_bytes(other.clone()).unwrap();
+    let at = bs.superblock().chunk_table_offset as usize + 48;
+    let off = u64::from_le_bytes(other[at..at + 8].try_into().unwrap());
+    other[at..at + 8].copy_from_slice(&(off + 1).to_le_bytes());
+    let other = Arc::new(Bootstrap::from_bytes(other).unwrap());
+
+    let (first, _) = open(&img, backend.clone(), &cfg);
+    assert_eq!(read_file(&first, "/big0").unwrap(), bytes(1, 300_000));
+    let refused = |open_blobs: &Arc<OpenBlobs>| {
+        let metrics = Arc::new(Metrics::default());
+        match ChunkCache::new(other.clone(), backend.clone(), &cfg, metrics, open_blobs) {
+            Ok(_) => panic!("a blob laid out otherwise shared the cache files"),
+            Err(e) => nydusd::error::Chain(&e).to_string(),
+        }
+    };
+    // Another daemon (another set of open files)...
+    let msg = refused(&OpenBlobs::new());
+    assert!(msg.contains("lays its chunks out otherwise"), "{msg}");
+    // ...and the first daemon's own other image.
+    let mine = OpenBlobs::new();
+    let bs = Arc::new(Bootstrap::open(&img.boot).unwrap());
+    let _also = ChunkCache::new(
+        bs,
+        backend.clone(),
+        &cfg,
+        Arc::new(Metrics::default()),
+        &mine,
+    )
+    .unwrap();
+    let msg = refused(&mine);
+    assert!(msg.contains("lays its chunks out otherwise"), "{msg}");
+    drop(_also);
+    // Nobody has them open: made anew for the other layout; the first image, opened
+    // again, reads right (the files made anew for it in turn).
+    drop(first);
+    let metrics = Arc::new(Metrics::default());
+    let cache = ChunkCache::new(
+        other.clone(),
+        backend.clone(),
+        &cfg,
+        metrics,
+        &OpenBlobs::new(),
+    )
+    .unwrap();
+    drop(cache);
+    let (first, _) = open(&img, backend.clone(), &cfg);
+    assert_eq!(read_file(&first, "/big0").unwrap(), bytes(1, 300_000));
+}

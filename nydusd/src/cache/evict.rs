@@ -16,10 +16,12 @@
 //!    chunk map, its generation moves on, and a hole is punched in the data file.
 //!
 //! # Shared state: `<blob_id>.chunk_meta`
-//! Next to upstream's two files, ours: 8 bytes per chunk — its eviction generation and
-//! when a daemon last used it (seconds, for the least-recently-used order across daemons)
-//! — and, as open-file-description byte-range locks on it:
-//! - bytes `8 × ci ..+8`: a daemon *holds* chunk `ci` (read lock) while it looks at and
+//! Next to upstream's two files, ours: a header with the digest of the blob's chunk
+//! layout ([`layout_digest`]: daemons share a blob's cache files only when their
+//! bootstraps agree on it), then 8 bytes per chunk — its eviction generation and when a
+//! daemon last used it (seconds, for the least-recently-used order across daemons) —
+//! and, as open-file-description byte-range locks on it:
+//! - chunk `ci`'s record: a daemon *holds* chunk `ci` (read lock) while it looks at and
 //!   reads the chunk, while it writes it and marks it ready, and while a file passed
 //!   through to the kernel has it (the kernel reads it unchecked: a hole reads as zeros).
 //!   Eviction takes the write lock without waiting, so it passes over held chunks; a
@@ -61,6 +63,39 @@ const PAGE: u64 = 4096;
 pub const MAP_LOCKS: u64 = 1 << 40;
 /// Bytes per chunk in `chunk_meta`: the generation, then the last use.
 const RECORD: u64 = 8;
+/// The header of `chunk_meta`: [`META_MAGIC`], then the digest of the blob's chunk layout
+/// ([`layout_digest`]); the chunks' records follow it.
+const META_HEADER: u64 = 4096;
+const META_MAGIC: &[u8; 8] = b"RAFSMET1";
+
+/// Where chunk `ci`'s record is in `chunk_meta`.
+fn record_at(ci: u32) -> u64 {
+    META_HEADER + ci as u64 * RECORD
+}
+
+/// The digest of how a bootstrap lays out a blob's chunks: for each ci, where its stored
+/// bytes are, how they decode, and where they go in the data file. Daemons share a
+/// blob's cache files only when their bootstraps agree on it: then a chunk any of them
+/// writes holds the bytes every one of them would write (each writes only what its own
+/// digest check passed), and a hole one punches covers the chunk it means for all.
+pub fn layout_digest(bs: &rafs::read::Bootstrap, blob_index: u32, count: u32) -> [u8; 32] {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    for ci in 0..count {
+        match bs.chunk_by_ci(blob_index, ci) {
+            Ok(Some(c)) => {
+                h.update([1]);
+                h.update(c.compressed_offset.to_le_bytes());
+                h.update(c.compressed_size.to_le_bytes());
+                h.update(c.uncompressed_offset.to_le_bytes());
+                h.update(c.uncompressed_size.to_le_bytes());
+                h.update([c.compressed as u8]);
+            }
+            _ => h.update([0]),
+        }
+    }
+    h.finalize().into()
+}
 
 /// Seconds since the epoch, as stored for a chunk's last use.
 fn now_secs() -> u32 {
@@ -70,11 +105,21 @@ fn now_secs() -> u32 {
         .unwrap_or(0)
 }
 
-/// Opens (creating, or resizing when it is for another chunk count) the `chunk_meta` of
-/// a blob of `count` chunks; returns it and each chunk's generation in it.
+/// The header `chunk_meta` has for a blob laid out as `layout` says.
+fn meta_header(layout: &[u8; 32]) -> Vec<u8> {
+    let mut h = META_MAGIC.to_vec();
+    h.extend_from_slice(layout);
+    h
+}
+
+/// Opens (creating, or making anew when it is for another chunk count or layout) the
+/// `chunk_meta` of a blob of `count` chunks laid out as `layout` says; returns it and
+/// each chunk's generation in it. The caller makes sure that nobody else has it open
+/// when it is made anew (see [`shape_mismatch`]).
 pub(super) fn open_meta(
     path: &Path,
     count: u32,
+    layout: &[u8; 32],
 ) -> std::io::Result<(File, Vec<std::sync::atomic::AtomicU32>)> {
     let f = OpenOptions::new()
         .read(true)
@@ -82,13 +127,18 @@ pub(super) fn open_meta(
         .create(true)
         .truncate(false)
         .open(path)?;
-    let want = count as u64 * RECORD;
-    if f.metadata()?.len() != want {
+    let want = record_at(count);
+    let header = meta_header(layout);
+    let mut have = vec![0u8; header.len()];
+    let same =
+        f.metadata()?.len() == want && f.read_exact_at(&mut have, 0).is_ok() && have == header;
+    if !same {
         f.set_len(0)?;
         f.set_len(want)?;
+        f.write_all_at(&header, 0)?;
     }
-    let mut bytes = vec![0u8; want as usize];
-    f.read_exact_at(&mut bytes, 0)?;
+    let mut bytes = vec![0u8; (want - META_HEADER) as usize];
+    f.read_exact_at(&mut bytes, META_HEADER)?;
     let gens = bytes
         .chunks_exact(RECORD as usize)
         .map(|r| std::sync::atomic::AtomicU32::new(u32::from_le_bytes([r[0], r[1], r[2], r[3]])))
@@ -121,7 +171,7 @@ impl BlobState {
         let mut holds = self.holds.lock().unwrap_or_else(|e| e.into_inner());
         let n = holds.entry(ci).or_insert(0);
         if *n == 0 {
-            if let Err(e) = range_lock(&self.meta, Lock::Read, ci as u64 * RECORD, RECORD, true) {
+            if let Err(e) = range_lock(&self.meta, Lock::Read, record_at(ci), RECORD, true) {
                 holds.remove(&ci);
                 return Err(e);
             }
@@ -139,7 +189,7 @@ impl BlobState {
         *n -= 1;
         if *n == 0 {
             holds.remove(&ci);
-            if let Err(e) = range_lock(&self.meta, Lock::Unlock, ci as u64 * RECORD, RECORD, true) {
+            if let Err(e) = range_lock(&self.meta, Lock::Unlock, record_at(ci), RECORD, true) {
                 warn!("releasing chunk {ci} of {}: {e}", self.data_path.display());
             }
         }
@@ -147,7 +197,7 @@ impl BlobState {
 
     fn generation(&self, ci: u32) -> std::io::Result<u32> {
         let mut b = [0u8; 4];
-        self.meta.read_exact_at(&mut b, ci as u64 * RECORD)?;
+        self.meta.read_exact_at(&mut b, record_at(ci))?;
         Ok(u32::from_le_bytes(b))
     }
 
@@ -185,7 +235,7 @@ impl BlobState {
         if last.swap(now, Ordering::AcqRel) != now {
             let _ = self
                 .meta
-                .write_all_at(&now.to_le_bytes(), ci as u64 * RECORD + 4);
+                .write_all_at(&now.to_le_bytes(), record_at(ci) + 4);
         }
     }
 
@@ -243,6 +293,7 @@ pub(super) fn shape_mismatch(
     meta: &Path,
     size: u64,
     chunks: u32,
+    layout: &[u8; 32],
 ) -> std::io::Result<Option<String>> {
     let len = |p: &Path| match std::fs::metadata(p) {
         Ok(m) => Ok(m.len()),
@@ -253,11 +304,21 @@ pub(super) fn shape_mismatch(
     for (p, want, what) in [
         (data, size, "data file"),
         (map, map_len, "chunk map"),
-        (meta, chunks as u64 * RECORD, "chunk meta"),
+        (meta, record_at(chunks), "chunk meta"),
     ] {
         let have = len(p)?;
         if have != 0 && have != want {
             return Ok(Some(format!("its {what} has {have} bytes, not {want}")));
+        }
+    }
+    if len(meta)? != 0 {
+        let header = meta_header(layout);
+        let mut have = vec![0u8; header.len()];
+        File::open(meta)?.read_exact_at(&mut have, 0)?;
+        if have != header {
+            return Ok(Some(
+                "another bootstrap lays its chunks out otherwise".to_string(),
+            ));
         }
     }
     Ok(None)
@@ -531,7 +592,7 @@ fn shared_view(state: &BlobState) -> Option<(Vec<u8>, Vec<u32>)> {
     let mut bits = vec![0u8; count.div_ceil(8)];
     state.map.read_disk_bits(&mut bits).ok()?;
     let mut meta = vec![0u8; count * RECORD as usize];
-    state.meta.read_exact_at(&mut meta, 0).ok()?;
+    state.meta.read_exact_at(&mut meta, META_HEADER).ok()?;
     let last_use = meta
         .chunks_exact(RECORD as usize)
         .map(|r| u32::from_le_bytes([r[4], r[5], r[6], r[7]]))
@@ -597,7 +658,7 @@ impl BlobState {
         if holds.contains_key(&ci) {
             return Ok(None);
         }
-        let record = ci as u64 * RECORD;
+        let record = record_at(ci);
         if !range_lock(&self.meta, Lock::Write, record, RECORD, false).map_err(io)? {
             return Ok(None);
         }
@@ -665,20 +726,23 @@ mod tests {
             dir.path().join("b.chunk_meta"),
         );
         // Missing or empty files are made, not a difference.
-        assert_eq!(shape_mismatch(&data, &map, &meta, 40960, 10).unwrap(), None);
+        let layout = [7u8; 32];
+        let check = |layout: &[u8; 32]| shape_mismatch(&data, &map, &meta, 40960, 10, layout);
+        assert_eq!(check(&layout).unwrap(), None);
         std::fs::write(&data, vec![0u8; 40960]).unwrap();
         std::fs::write(&map, vec![0u8; 4096 + 2]).unwrap();
-        std::fs::write(&meta, vec![0u8; 80]).unwrap();
-        assert_eq!(shape_mismatch(&data, &map, &meta, 40960, 10).unwrap(), None);
+        let (f, gens) = open_meta(&meta, 10, &layout).unwrap();
+        assert_eq!(gens.len(), 10);
+        drop(f);
+        assert_eq!(check(&layout).unwrap(), None);
+        // Another bootstrap's layout of the same blob.
+        let what = check(&[8; 32]).unwrap().unwrap();
+        assert!(what.contains("lays its chunks out otherwise"), "{what}");
         std::fs::write(&meta, vec![0u8; 88]).unwrap();
-        let what = shape_mismatch(&data, &map, &meta, 40960, 10)
-            .unwrap()
-            .unwrap();
-        assert!(what.contains("chunk meta has 88 bytes, not 80"), "{what}");
+        let what = check(&layout).unwrap().unwrap();
+        assert!(what.contains("chunk meta has 88 bytes, not 4176"), "{what}");
         std::fs::write(&data, vec![0u8; 4096]).unwrap();
-        let what = shape_mismatch(&data, &map, &meta, 40960, 10)
-            .unwrap()
-            .unwrap();
+        let what = check(&layout).unwrap().unwrap();
         assert!(what.contains("data file"), "{what}");
     }
 }

@@ -209,6 +209,9 @@ struct BlobState {
     /// The images that have this blob open: their chunk layout (for eviction) and their
     /// verified bits (cleared when a chunk is evicted).
     images: Mutex<Vec<ImageOf>>,
+    /// The digest of the chunk layout every image sharing these files agrees on
+    /// ([`evict::layout_digest`]).
+    layout: [u8; 32],
     /// Whether the blob's chunks may have holes punched (see [`evict`]); found out once.
     punchable: std::sync::OnceLock<bool>,
 }
@@ -267,7 +270,7 @@ impl OpenBlobs {
     /// The state of `info`'s blob in `work`: the one already open (by another image),
     /// or newly opened. An open blob whose shape differs from `info`'s is an error:
     /// resizing its files would pull them from under the other image.
-    fn state(&self, work: &Path, info: &BlobInfo) -> Result<Arc<BlobState>> {
+    fn state(&self, work: &Path, info: &BlobInfo, layout: &[u8; 32]) -> Result<Arc<BlobState>> {
         let work = work.canonicalize().map_err(|source| Error::CacheIo {
             path: work.display().to_string(),
             source,
@@ -281,6 +284,12 @@ impl OpenBlobs {
             .and_then(|(_, w)| w.upgrade())
         {
             let size = state.data.metadata().map(|m| m.len()).unwrap_or(0);
+            if state.layout != *layout {
+                return Err(Error::Metadata(rafs::Error::invalid(
+                    format!("blob {}", info.id),
+                    "another image of this daemon lays its chunks out otherwise",
+                )));
+            }
             if state.map.count() != info.chunk_count || size != info.uncompressed_size {
                 return Err(Error::Metadata(rafs::Error::invalid(
                     format!("blob {}", info.id),
@@ -295,7 +304,7 @@ impl OpenBlobs {
             }
             return Ok(state);
         }
-        let state = Arc::new(open_files(&work, info)?);
+        let state = Arc::new(open_files(&work, info, layout)?);
         open.push((key, Arc::downgrade(&state)));
         Ok(state)
     }
@@ -466,7 +475,11 @@ impl ChunkCache {
                 info: info.clone(),
                 index: index as u32,
                 verified: Arc::new(bits(info.chunk_count)),
-                state: open.state(work, info)?,
+                state: open.state(
+                    work,
+                    info,
+                    &evict::layout_digest(&bs, index as u32, info.chunk_count),
+                )?,
             });
             let b = blobs.last().expect("just pushed");
             b.state.add_image(&bs, b.index, &b.verified);
@@ -1268,7 +1281,7 @@ fn bits(count: u32) -> Vec<AtomicU8> {
     (0..count.div_ceil(8)).map(|_| AtomicU8::new(0)).collect()
 }
 
-fn open_files(work: &Path, info: &BlobInfo) -> Result<BlobState> {
+fn open_files(work: &Path, info: &BlobInfo, layout: &[u8; 32]) -> Result<BlobState> {
     let data_path = work.join(format!("{}.blob.data", info.id));
     let map_path = work.join(format!("{}.chunk_map", info.id));
     let io = |p: &Path, source| Error::CacheIo {
@@ -1293,6 +1306,7 @@ fn open_files(work: &Path, info: &BlobInfo) -> Result<BlobState> {
         &meta_path,
         info.uncompressed_size,
         info.chunk_count,
+        layout,
     )
     .map_err(|e| io(&map_path, e))?;
     let exclusive = match &mismatch {
@@ -1325,7 +1339,7 @@ fn open_files(work: &Path, info: &BlobInfo) -> Result<BlobState> {
             .map_err(|e| io(&data_path, e))?;
     }
     let (meta, seen_gen) =
-        evict::open_meta(&meta_path, info.chunk_count).map_err(|e| io(&meta_path, e))?;
+        evict::open_meta(&meta_path, info.chunk_count, layout).map_err(|e| io(&meta_path, e))?;
     let (mut map, reset) = ChunkMap::open(&map_path, info.chunk_count)?;
     map.share(
         meta.try_clone().map_err(|e| io(&meta_path, e))?,
@@ -1355,6 +1369,7 @@ fn open_files(work: &Path, info: &BlobInfo) -> Result<BlobState> {
         done: Condvar::new(),
         failed: Mutex::new(Default::default()),
         _in_use: lock,
+        layout: *layout,
         meta,
         holds: Mutex::new(Default::default()),
         seen_gen,
