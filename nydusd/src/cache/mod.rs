@@ -130,6 +130,26 @@ pub(crate) fn range_lock(
             Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES) if !wait => {
                 return Ok(false)
             }
+            // A work dir on a filesystem without byte-range locks: this daemon cannot
+            // coordinate with others there. It goes on as if alone, except that it never
+            // takes a lock it would need to be alone for (eviction, resetting files).
+            Err(
+                e @ (nix::errno::Errno::ENOSYS
+                | nix::errno::Errno::EOPNOTSUPP
+                | nix::errno::Errno::ENOLCK
+                | nix::errno::Errno::EINVAL),
+            ) => {
+                static SAID: std::sync::atomic::AtomicBool =
+                    std::sync::atomic::AtomicBool::new(false);
+                if !SAID.swap(true, Ordering::Relaxed) {
+                    warn!(
+                        "the cache's filesystem takes no byte-range locks ({e}): daemons \
+                         sharing this work dir cannot coordinate, and nothing is evicted \
+                         (said once)"
+                    );
+                }
+                return Ok(op != Lock::Write || wait);
+            }
             Err(e) => return Err(std::io::Error::from_raw_os_error(e as i32)),
         }
     }
