@@ -150,6 +150,11 @@ impl Daemon {
         number(&self.api("GET", path), field)
     }
 
+    /// The daemon's pid.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     pub(crate) fn kill9(mut self) {
         let mut child = self.child.take().unwrap();
         child.child_mut().kill().unwrap();

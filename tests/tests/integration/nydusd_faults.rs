@@ -53,6 +53,21 @@ impl RegistryImage {
     }
 }
 
+/// The daemon's FUSE threads (named `fuse-N`).
+fn fuse_threads(d: &Daemon) -> usize {
+    std::fs::read_dir(format!("/proc/{}/task", d.pid()))
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .is_ok_and(|c| c.starts_with("fuse-") && !c.starts_with("fuse-watch"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 /// Reads `path` after dropping its pages from the page cache, so that the read reaches
 /// the daemon (unless the file is passed through).
 fn read_uncached(path: &Path) -> std::io::Result<Vec<u8>> {
@@ -110,6 +125,17 @@ fn a_silent_registry_never_freezes_the_mount() {
     let d = Daemon::start_config(&ri.img, "silent", &cfg);
     let warm = std::fs::read(src.join("zz/warm")).unwrap();
     assert_eq!(std::fs::read(d.path("zz/warm")).unwrap(), warm);
+    // Fast requests keep the pool as it is: 16 readers of a cached file at once.
+    std::thread::scope(|s| {
+        for _ in 0..16 {
+            s.spawn(|| {
+                for _ in 0..20 {
+                    assert_eq!(read_uncached(&d.path("zz/warm")).unwrap(), warm);
+                }
+            });
+        }
+    });
+    assert_eq!(fuse_threads(&d), 4, "the pool grew for fast requests");
 
     ri.proxy.fault(Fault::Hang, "/blobs/", usize::MAX);
     let readers: Vec<_> = (0..READERS)
@@ -152,6 +178,11 @@ fn a_silent_registry_never_freezes_the_mount() {
     );
     let hung = ri.proxy.faulted();
 
+    let grown = fuse_threads(&d);
+    assert!(
+        grown > READERS,
+        "{grown} FUSE threads for {READERS} hung reads"
+    );
     // Every hung read fails, and soon enough.
     let mut last = Duration::ZERO;
     for (i, r) in readers.into_iter().enumerate() {
@@ -168,6 +199,12 @@ fn a_silent_registry_never_freezes_the_mount() {
          {slowest:?}; the last read failed (EIO) after {last:?} (bound {bound:?})"
     );
 
+    // The threads grown for them leave once idle.
+    assert!(
+        wait_until(Duration::from_secs(5), || fuse_threads(&d) == 4),
+        "{} FUSE threads after the hang",
+        fuse_threads(&d)
+    );
     // The registry answers again: everything reads right, from the same daemon.
     ri.proxy.fault(Fault::Hang, "", 0);
     std::thread::sleep(Duration::from_millis(1100));
