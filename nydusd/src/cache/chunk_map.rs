@@ -15,7 +15,7 @@
 //! marked ready. Bits are persisted with a positional write of the byte that holds them.
 
 use crate::error::{Error, Result};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
@@ -66,13 +66,7 @@ impl ChunkMap {
             path: path.display().to_string(),
             source,
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(io)?;
+        let file = crate::cache::open_or_create(path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
         let want = HEADER_SIZE + (count as u64).div_ceil(8);
         let mut bytes = vec![0u8; want as usize];
@@ -333,13 +327,7 @@ mod tests {
         // Two processes' views of one map.
         let (mut a, _) = ChunkMap::open(&p, 3).unwrap();
         let (mut b, _) = ChunkMap::open(&p, 3).unwrap();
-        let rw = || {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&locks)
-                .unwrap()
-        };
+        let rw = || crate::cache::open_or_create(&locks).unwrap();
         a.share(rw(), 1 << 40);
         b.share(rw(), 1 << 40);
         let header = || std::fs::read(&p).unwrap()[12..16].to_vec();

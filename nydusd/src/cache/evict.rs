@@ -121,12 +121,7 @@ pub(super) fn open_meta(
     count: u32,
     layout: &[u8; 32],
 ) -> std::io::Result<(File, Vec<std::sync::atomic::AtomicU32>)> {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)?;
+    let f = super::open_or_create(path)?;
     let want = record_at(count);
     let header = meta_header(layout);
     let mut have = vec![0u8; header.len()];
@@ -257,12 +252,7 @@ impl BlobState {
 /// process (another image opening the blob, a handle closed) neither share nor drop it.
 pub(super) fn lock_in_use(path: &Path) -> std::io::Result<File> {
     for _ in 0..16 {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
+        let f = super::open_or_create(path)?;
         lock_shared(&f)?;
         if f.metadata()?.nlink() > 0 {
             return Ok(f);
@@ -347,12 +337,7 @@ const EVICTING: (u64, u64) = (8, 1);
 impl Evictor {
     pub(super) fn new(work: &Path, limit: u64, open: Arc<OpenBlobs>) -> std::io::Result<Evictor> {
         let work = work.canonicalize()?;
-        let shared = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(work.join(".evict.lock"))?;
+        let shared = super::open_or_create(&work.join(".evict.lock"))?;
         Ok(Evictor {
             work,
             limit,

@@ -81,6 +81,17 @@ const MAX_SPARE_FILES: usize = 16;
 /// How far past ready or in-flight chunks a readahead looks for missing ones.
 const READAHEAD_SKIP: u32 = 1024;
 
+/// Opens `path` for reading and writing, making it (empty) when missing and keeping
+/// what it holds otherwise: how every cache file is opened.
+pub(crate) fn open_or_create(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+}
+
 /// A byte-range lock operation (see [`range_lock`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Lock {
@@ -968,7 +979,7 @@ impl ChunkCache {
         let mut mine = Vec::new();
         let (mut start, mut end) = (0, 0);
         while ci < count {
-            let Some(c) = self.chunk_by_ci_in(blob, ci) else {
+            let Some(c) = self.chunk_by_ci(blob.index, ci) else {
                 break;
             };
             let c_end = c.compressed_offset + c.compressed_size as u64;
@@ -1068,7 +1079,7 @@ impl ChunkCache {
                 .unwrap_or(end);
             let mut ci = last.ci_index + 1;
             while ci < blob.map.count() {
-                let Some(next) = self.chunk_by_ci_in(blob, ci) else {
+                let Some(next) = self.chunk_by_ci(blob.index, ci) else {
                     break;
                 };
                 let next_end = next.compressed_offset + next.compressed_size as u64;
@@ -1087,10 +1098,6 @@ impl ChunkCache {
         (Claims { blob, cis: mine }, theirs)
     }
 
-    fn chunk_by_ci_in(&self, blob: &BlobCache, ci: u32) -> Option<ChunkInfo> {
-        self.bs.chunk_by_ci(blob.index, ci).ok().flatten()
-    }
-
     /// Fetches the claimed chunks in merged requests, verifies and caches them. Fails when
     /// a chunk in `requested` could not be made ready.
     fn fetch(&self, claims: &Claims<'_>, requested: &HashSet<u32>, prio: Priority) -> Result<()> {
@@ -1098,7 +1105,7 @@ impl ChunkCache {
         let mut chunks: Vec<ChunkInfo> = claims
             .cis
             .iter()
-            .filter_map(|ci| self.chunk_by_ci_in(blob, *ci))
+            .filter_map(|ci| self.chunk_by_ci(blob.index, *ci))
             .collect();
         chunks.sort_by_key(|c| c.compressed_offset);
         let bound = match prio {
@@ -1310,13 +1317,7 @@ fn open_files(work: &Path, info: &BlobInfo, layout: &[u8; 32]) -> Result<BlobSta
     };
     let meta_path = work.join(format!("{}.chunk_meta", info.id));
     let lock = evict::lock_in_use(&map_path).map_err(|e| io(&map_path, e))?;
-    let data = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&data_path)
-        .map_err(|e| io(&data_path, e))?;
+    let data = open_or_create(&data_path).map_err(|e| io(&data_path, e))?;
     let len = data.metadata().map_err(|e| io(&data_path, e))?.len();
     // Files of another shape are reset below — only when no other daemon has the blob
     // open: it would go on serving from them.

@@ -455,13 +455,7 @@ impl RegistryClient {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, OciDistributionError>>,
     {
-        let mut tries = self.tries(what);
-        loop {
-            match self.bounded(op()).await {
-                Ok(v) => return Ok(v),
-                Err(e) => tries.failed(e).await?,
-            }
-        }
+        self.retry_streamed(what, || self.bounded(op())).await
     }
 
     /// [`RegistryClient::retry`] of an operation with a streamed body, which only the
