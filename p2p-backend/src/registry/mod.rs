@@ -1051,17 +1051,17 @@ mod tests {
     use std::net::TcpListener;
     use std::sync::{Arc, Mutex};
 
-    /// A registry stub on loopback: anonymous `/v2/`, ranged GETs of one 64-byte blob.
-    /// Returns its address and the request lines it saw.
-    fn stub() -> (String, Arc<Mutex<Vec<String>>>) {
+    /// An HTTP/1.1 server on loopback that answers each request with what `answer`
+    /// makes of its request line and its header lines (trimmed, lower case), keeping
+    /// connections open. Returns its address.
+    fn http_stub(answer: impl Fn(&str, &[String]) -> Vec<u8> + Send + Sync + 'static) -> String {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let log = seen.clone();
+        let answer = Arc::new(answer);
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { return };
-                let log = log.clone();
+                let answer = answer.clone();
                 std::thread::spawn(move || {
                     let mut out = conn.try_clone().unwrap();
                     let mut r = BufReader::new(conn);
@@ -1070,39 +1070,47 @@ mod tests {
                         if r.read_line(&mut line).unwrap_or(0) == 0 {
                             return;
                         }
-                        let mut range = None;
+                        let mut headers = Vec::new();
                         loop {
                             let mut h = String::new();
                             r.read_line(&mut h).unwrap();
                             if h.trim().is_empty() {
                                 break;
                             }
-                            if let Some(v) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
-                                let (a, b) = v.trim().split_once('-').unwrap();
-                                range = Some((
-                                    a.parse::<usize>().unwrap(),
-                                    b.parse::<usize>().unwrap(),
-                                ));
-                            }
+                            headers.push(h.trim().to_ascii_lowercase());
                         }
-                        log.lock().unwrap().push(line.trim().to_string());
-                        let blob: Vec<u8> = (0..64u8).collect();
-                        let reply = match range {
-                            Some((a, b)) => {
-                                let body = &blob[a..=b];
-                                let mut v = format!(
-                                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {a}-{b}/64\r\n\r\n",
-                                    body.len()
-                                )
-                                .into_bytes();
-                                v.extend_from_slice(body);
-                                v
-                            }
-                            None => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}".to_vec(),
-                        };
-                        out.write_all(&reply).unwrap();
+                        out.write_all(&answer(line.trim(), &headers)).unwrap();
                     }
                 });
+            }
+        });
+        addr
+    }
+
+    /// A registry stub on loopback: anonymous `/v2/`, ranged GETs of one 64-byte blob.
+    /// Returns its address and the request lines it saw.
+    fn stub() -> (String, Arc<Mutex<Vec<String>>>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let addr = http_stub(move |line, headers| {
+            log.lock().unwrap().push(line.to_string());
+            let range = headers.iter().find_map(|h| {
+                let (a, b) = h.strip_prefix("range: bytes=")?.split_once('-')?;
+                Some((a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap()))
+            });
+            let blob: Vec<u8> = (0..64u8).collect();
+            match range {
+                Some((a, b)) => {
+                    let body = &blob[a..=b];
+                    let mut v = format!(
+                        "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {a}-{b}/64\r\n\r\n",
+                        body.len()
+                    )
+                    .into_bytes();
+                    v.extend_from_slice(body);
+                    v
+                }
+                None => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}".to_vec(),
             }
         });
         (addr, seen)
@@ -1202,51 +1210,22 @@ mod tests {
     /// A registry stub that takes HTTP basic auth with `user:<password>` only, where the
     /// password can be changed; serves ranged reads of a 64-byte blob.
     fn basic_auth_stub() -> (String, Arc<Mutex<String>>) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
+        use base64::Engine as _;
         let password = Arc::new(Mutex::new("old".to_string()));
         let pw = password.clone();
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { return };
-                let pw = pw.clone();
-                std::thread::spawn(move || {
-                    use base64::Engine as _;
-                    let mut out = conn.try_clone().unwrap();
-                    let mut r = BufReader::new(conn);
-                    loop {
-                        let mut line = String::new();
-                        if r.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        let mut authorized = false;
-                        let want = format!(
-                            "basic {}",
-                            base64::engine::general_purpose::STANDARD
-                                .encode(format!("user:{}", pw.lock().unwrap()))
-                        )
-                        .to_ascii_lowercase();
-                        loop {
-                            let mut h = String::new();
-                            r.read_line(&mut h).unwrap();
-                            if h.trim().is_empty() {
-                                break;
-                            }
-                            let h = h.trim().to_ascii_lowercase();
-                            if h.strip_prefix("authorization: ") == Some(want.as_str()) {
-                                authorized = true;
-                            }
-                        }
-                        let reply: Vec<u8> = if !authorized {
-                            b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"t\"\r\nContent-Length: 0\r\n\r\n".to_vec()
-                        } else if line.starts_with("GET /v2/ ") {
-                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}".to_vec()
-                        } else {
-                            b"HTTP/1.1 206 Partial Content\r\nContent-Length: 2\r\nContent-Range: bytes 0-1/64\r\n\r\nok".to_vec()
-                        };
-                        out.write_all(&reply).unwrap();
-                    }
-                });
+        let addr = http_stub(move |line, headers| {
+            let want = format!(
+                "authorization: basic {}",
+                base64::engine::general_purpose::STANDARD
+                    .encode(format!("user:{}", pw.lock().unwrap()))
+            )
+            .to_ascii_lowercase();
+            if !headers.contains(&want) {
+                b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"t\"\r\nContent-Length: 0\r\n\r\n".to_vec()
+            } else if line.starts_with("GET /v2/ ") {
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}".to_vec()
+            } else {
+                b"HTTP/1.1 206 Partial Content\r\nContent-Length: 2\r\nContent-Range: bytes 0-1/64\r\n\r\nok".to_vec()
             }
         });
         (addr, password)
