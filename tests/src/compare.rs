@@ -28,6 +28,28 @@ pub fn compare_trees(expected: &Path, actual: &Path) -> Vec<String> {
     compare_trees_with(expected, actual, &CompareOptions::default())
 }
 
+/// Panics, listing every difference, unless the tree at `actual` is the one at
+/// `expected`, the roots' mtimes aside (a mount point or an extraction directory has its
+/// own).
+pub fn assert_same_tree(expected: &Path, actual: &Path) {
+    let diffs = compare_trees_with(
+        expected,
+        actual,
+        &CompareOptions {
+            ignore_root_mtime: true,
+            ..Default::default()
+        },
+    );
+    assert!(
+        diffs.is_empty(),
+        "{} differences between {} and {}:\n{}",
+        diffs.len(),
+        expected.display(),
+        actual.display(),
+        diffs.join("\n")
+    );
+}
+
 /// Every difference between the trees at `expected` and `actual`, one line each, as
 /// `PATH: WHAT: expected X, got Y` with `PATH` relative to the roots (`/` is the root):
 /// the [`Difference`]s of [`differences`], shown.

@@ -77,16 +77,23 @@ pub fn start_upstream_nydusd(
     log: &Path,
 ) -> FuseDaemon {
     start_fuse_daemon(
-        Command::new(crate::upstream_bin("nydusd"))
-            .arg("--config")
-            .arg(config)
-            .arg("--bootstrap")
-            .arg(bootstrap)
-            .arg("--mountpoint")
-            .arg(mnt)
-            // 2.2's default (1,000,000) exceeds the hard limit of these machines.
-            .args(["--rlimit-nofile", "0", "--log-level", "warn"]),
+        &mut upstream_nydusd_command(bootstrap, config, mnt),
         mnt,
         log,
     )
+}
+
+/// The command line of [`start_upstream_nydusd`], for a test to add flags to (then
+/// started with [`start_fuse_daemon`]).
+pub fn upstream_nydusd_command(bootstrap: &Path, config: &Path, mnt: &Path) -> Command {
+    let mut cmd = Command::new(crate::upstream_bin("nydusd"));
+    cmd.arg("--config")
+        .arg(config)
+        .arg("--bootstrap")
+        .arg(bootstrap)
+        .arg("--mountpoint")
+        .arg(mnt)
+        // 2.2's default (1,000,000) exceeds the hard limit of these machines.
+        .args(["--rlimit-nofile", "0", "--log-level", "warn"]);
+    cmd
 }

@@ -44,9 +44,13 @@ mod tree;
 pub use bench::{limit_loop, median, LIMIT_CHUNK};
 pub use bins::{bin, require_root_tools, upstream_bin, UPSTREAM_BIN_DEFAULT};
 pub use compare::{
-    compare_trees, compare_trees_with, differences, sha256_file, CompareOptions, Difference, What,
+    assert_same_tree, compare_trees, compare_trees_with, differences, sha256_file, CompareOptions,
+    Difference, What,
 };
-pub use daemons::{localfs_config, run_ok, start_fuse_daemon, start_upstream_nydusd, FuseDaemon};
+pub use daemons::{
+    localfs_config, run_ok, start_fuse_daemon, start_upstream_nydusd, upstream_nydusd_command,
+    FuseDaemon,
+};
 pub use dragonfly::{
     dfdaemon_bin, finish_fetch, fresh_loopback_ip, metric_value, Dfdaemon, Scheduler,
     DRAGONFLY_ROOT_DEFAULT,

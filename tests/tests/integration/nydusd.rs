@@ -230,20 +230,7 @@ fn nydusd_shows_the_varied_tree_exactly() {
     ] {
         let img = build(&src, &tmp.path().join(name), flags);
         let d = Daemon::start(&img, name, "");
-        let diffs = compare_trees_with(
-            &src,
-            &d.mnt,
-            &CompareOptions {
-                ignore_root_mtime: true,
-                ..Default::default()
-            },
-        );
-        assert!(
-            diffs.is_empty(),
-            "{name}: {} differences:\n{}",
-            diffs.len(),
-            diffs.join("\n")
-        );
+        assert_same_tree(&src, &d.mnt);
         assert_eq!(d.metric("/api/v1/metrics/blobcache", "digest_errors"), 0);
         let status = d.terminate();
         assert!(status.success(), "{name}: nydusd exited with {status}");
@@ -325,16 +312,7 @@ fn kill_9_during_reads_then_restart_keeps_contents_and_cached_chunks() {
         (10..total_chunks).contains(&ready),
         "{ready} chunks cached at restart"
     );
-    let diffs = compare_trees_with(
-        &src,
-        &d.mnt,
-        &CompareOptions {
-            ignore_root_mtime: true,
-            ignore_nsec: false,
-            ignore_xattrs: false,
-        },
-    );
-    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+    assert_same_tree(&src, &d.mnt);
     let fetched = d.metric("/api/v1/metrics/blobcache", "misses");
     assert_eq!(
         fetched + ready,
@@ -569,15 +547,7 @@ fn upstream_nydusd_serves_from_a_cache_our_nydusd_filled() {
         &img.work.join("mnt-upstream"),
         &img.work.join("upstream.log"),
     );
-    let diffs = compare_trees_with(
-        &src,
-        &d.mnt,
-        &CompareOptions {
-            ignore_root_mtime: true,
-            ..Default::default()
-        },
-    );
-    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+    assert_same_tree(&src, &d.mnt);
 }
 
 #[test]
@@ -609,15 +579,7 @@ fn api_exit_unmounts_and_prefetch_fills_the_cache_in_the_background() {
     );
     assert!(number(&cache, "prefetch_data_amount") >= 12 << 20);
     let requests = d.metric("/api/v1/metrics/backend", "read_count");
-    let diffs = compare_trees_with(
-        &src,
-        &d.mnt,
-        &CompareOptions {
-            ignore_root_mtime: true,
-            ..Default::default()
-        },
-    );
-    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+    assert_same_tree(&src, &d.mnt);
     assert_eq!(
         d.metric("/api/v1/metrics/backend", "read_count"),
         requests,
@@ -733,15 +695,7 @@ fn registry_backend_reads_lazily_and_survives_a_registry_outage() {
     );
     // Back up: the same daemon recovers.
     reg.up();
-    let diffs = compare_trees_with(
-        &src,
-        &d.mnt,
-        &CompareOptions {
-            ignore_root_mtime: true,
-            ..Default::default()
-        },
-    );
-    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+    assert_same_tree(&src, &d.mnt);
 }
 
 /// The mount's kernel readahead window is opened to 16 MiB (`--readahead-kb`), well

@@ -88,6 +88,68 @@ fn read_uncached(path: &Path) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// The registry backend's `timeout` and `retry_limit` in the hung-registry tests.
+const HUNG_TIMEOUT: u64 = 2;
+const HUNG_RETRY_LIMIT: u64 = 1;
+
+/// How soon a read of a hung registry must fail: `timeout × (retry_limit + 1)`, plus
+/// the 200 ms backoff, plus 1 s.
+fn hung_read_bound() -> Duration {
+    Duration::from_secs(HUNG_TIMEOUT * (HUNG_RETRY_LIMIT + 1))
+        + Duration::from_millis(200)
+        + Duration::from_secs(1)
+}
+
+/// `n` files `cold/f00`, `cold/f01`, ... of about 100 kB under `src`, seeded from `seed`.
+fn cold_files(src: &Path, n: usize, seed: u64) {
+    std::fs::create_dir_all(src.join("cold")).unwrap();
+    for i in 0..n {
+        let data = noise(100_000 + i * 1000, i as u64 + seed);
+        std::fs::write(src.join(format!("cold/f{i:02}")), data).unwrap();
+    }
+}
+
+/// How a timed read ended: how long it took, and the errno if it failed.
+type TimedRead = std::thread::JoinHandle<(Duration, Result<(), Option<i32>>)>;
+
+/// Reads of the `n` cold files through `d`, at once, each on a thread of its own.
+fn read_cold_files(d: &Daemon, n: usize) -> Vec<TimedRead> {
+    (0..n)
+        .map(|i| {
+            let path = d.path(&format!("cold/f{i:02}"));
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                let r = std::fs::read(&path);
+                (t.elapsed(), r.map(|_| ()).map_err(|e| e.raw_os_error()))
+            })
+        })
+        .collect()
+}
+
+/// Waits for `readers`, each of which must have failed with EIO within `bound`;
+/// returns how long the last one took.
+fn assert_each_eio_within(readers: Vec<TimedRead>, bound: Duration, d: &Daemon) -> Duration {
+    let mut last = Duration::ZERO;
+    for (i, r) in readers.into_iter().enumerate() {
+        let (took, res) = r.join().unwrap();
+        assert_eq!(res, Err(Some(EIO)), "cold/f{i:02}:\n{}", d.log_text());
+        assert!(
+            took <= bound,
+            "cold/f{i:02} failed after {took:?} (bound {bound:?})"
+        );
+        last = last.max(took);
+    }
+    last
+}
+
+/// Lets the registry behind `ri` answer again and, once the daemon's second of memory
+/// of timed-out chunks has passed, checks that every file of `src` reads right from `d`.
+fn heal_and_check(ri: &RegistryImage, src: &Path, d: &Daemon) {
+    ri.proxy.fault(Fault::Hang, "", 0);
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_same_tree(src, &d.mnt);
+}
+
 /// With 64 cold reads hung on a registry that accepts connections and never answers,
 /// the mount keeps answering: `stat` of paths never looked up, `ls`, and reads of cached
 /// files each in under 100 ms. Every hung read fails with EIO within `timeout ×
@@ -98,13 +160,9 @@ fn a_silent_registry_never_freezes_the_mount() {
     require_root_tools(&["umount", "docker-registry", "curl"]);
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
-    std::fs::create_dir_all(src.join("cold")).unwrap();
     std::fs::create_dir_all(src.join("other")).unwrap();
     const READERS: usize = 64;
-    for i in 0..READERS {
-        let data = noise(100_000 + i * 1000, i as u64 + 300);
-        std::fs::write(src.join(format!("cold/f{i:02}")), data).unwrap();
-    }
+    cold_files(&src, READERS, 300);
     for i in 0..40 {
         std::fs::write(src.join(format!("other/o{i:02}")), format!("{i}")).unwrap();
     }
@@ -113,13 +171,12 @@ fn a_silent_registry_never_freezes_the_mount() {
     std::fs::write(src.join("zz/warm"), noise(300_000, 7)).unwrap();
     let ri = RegistryImage::new(&src, tmp.path(), "test/silent");
     // 2 attempts of at most 2 s, 200 ms between them.
-    let (timeout, retry_limit) = (2u64, 1u64);
-    let bound = Duration::from_secs(timeout * (retry_limit + 1))
-        + Duration::from_millis(200)
-        + Duration::from_secs(1);
+    let bound = hung_read_bound();
     let cfg = ri.config(
         "test/silent",
-        &format!(r#","timeout":{timeout},"connect_timeout":{timeout},"retry_limit":{retry_limit}"#),
+        &format!(
+            r#","timeout":{HUNG_TIMEOUT},"connect_timeout":{HUNG_TIMEOUT},"retry_limit":{HUNG_RETRY_LIMIT}"#
+        ),
         "",
     );
     let d = Daemon::start_config(&ri.img, "silent", &cfg);
@@ -138,16 +195,7 @@ fn a_silent_registry_never_freezes_the_mount() {
     assert_eq!(fuse_threads(&d), 4, "the pool grew for fast requests");
 
     ri.proxy.fault(Fault::Hang, "/blobs/", usize::MAX);
-    let readers: Vec<_> = (0..READERS)
-        .map(|i| {
-            let path = d.path(&format!("cold/f{i:02}"));
-            std::thread::spawn(move || {
-                let t = Instant::now();
-                let r = std::fs::read(&path);
-                (t.elapsed(), r.map(|_| ()).map_err(|e| e.raw_os_error()))
-            })
-        })
-        .collect();
+    let readers = read_cold_files(&d, READERS);
     assert!(
         wait_until(Duration::from_secs(2), || ri.proxy.faulted() >= 1),
         "no read reached the registry:\n{}",
@@ -184,16 +232,7 @@ fn a_silent_registry_never_freezes_the_mount() {
         "{grown} FUSE threads for {READERS} hung reads"
     );
     // Every hung read fails, and soon enough.
-    let mut last = Duration::ZERO;
-    for (i, r) in readers.into_iter().enumerate() {
-        let (took, res) = r.join().unwrap();
-        assert_eq!(res, Err(Some(EIO)), "cold/f{i:02}");
-        assert!(
-            took <= bound,
-            "cold/f{i:02} failed after {took:?} (bound {bound:?})"
-        );
-        last = last.max(took);
-    }
+    let last = assert_each_eio_within(readers, bound, &d);
     println!(
         "{READERS} reads hung ({hung} requests): stat/ls/cached reads answered in at most \
          {slowest:?}; the last read failed (EIO) after {last:?} (bound {bound:?})"
@@ -206,17 +245,7 @@ fn a_silent_registry_never_freezes_the_mount() {
         fuse_threads(&d)
     );
     // The registry answers again: everything reads right, from the same daemon.
-    ri.proxy.fault(Fault::Hang, "", 0);
-    std::thread::sleep(Duration::from_millis(1100));
-    let diffs = compare_trees_with(
-        &src,
-        &d.mnt,
-        &CompareOptions {
-            ignore_root_mtime: true,
-            ..Default::default()
-        },
-    );
-    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+    heal_and_check(&ri, &src, &d);
 }
 
 /// The slowest of 10 `GET /api/v1/daemon` on the API socket `sock` while 50 clients
@@ -310,16 +339,9 @@ fn the_api_answers_while_fifty_slow_clients_are_connected() {
     let sock = tmp.path().join("upstream-api.sock");
     let mnt = tmp.path().join("mnt-upstream");
     let _upstream = start_fuse_daemon(
-        std::process::Command::new(upstream_bin("nydusd"))
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--bootstrap")
-            .arg(&img.boot)
-            .arg("--mountpoint")
-            .arg(&mnt)
+        upstream_nydusd_command(&img.boot, &cfg, &mnt)
             .arg("--apisock")
-            .arg(&sock)
-            .args(["--rlimit-nofile", "0", "--log-level", "warn"]),
+            .arg(&sock),
         &mnt,
         &tmp.path().join("upstream.log"),
     );
@@ -354,15 +376,7 @@ fn a_full_cache_disk_still_serves_every_byte() {
     // 2 MiB of cache for 6 MiB of data.
     let _disk = Mount::kernel("tmpfs", Path::new("tmpfs"), &img.cache, "size=2m").unwrap();
     let d = Daemon::start(&img, "full", r#","amplify_io":0"#);
-    let diffs = compare_trees_with(
-        &src,
-        &d.mnt,
-        &CompareOptions {
-            ignore_root_mtime: true,
-            ..Default::default()
-        },
-    );
-    assert!(diffs.is_empty(), "{}\n{}", diffs.join("\n"), d.log_text());
+    assert_same_tree(&src, &d.mnt);
     // Read again (the page cache dropped): still right, from the backend again.
     for i in 0..6u64 {
         let want = noise(1 << 20, i + 500);
@@ -386,19 +400,12 @@ fn prefetch_hung_on_a_silent_registry_adds_nothing_to_a_read() {
     require_root_tools(&["umount", "docker-registry", "curl"]);
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
-    std::fs::create_dir_all(src.join("cold")).unwrap();
-    for i in 0..32 {
-        let data = noise(100_000 + i * 1000, i as u64 + 600);
-        std::fs::write(src.join(format!("cold/f{i:02}")), data).unwrap();
-    }
+    cold_files(&src, 32, 600);
     let ri = RegistryImage::new(&src, tmp.path(), "test/prefetch");
-    let (timeout, retry_limit) = (2u64, 1u64);
-    let bound = Duration::from_secs(timeout * (retry_limit + 1))
-        + Duration::from_millis(200)
-        + Duration::from_secs(1);
+    let bound = hung_read_bound();
     let cfg = ri.config(
         "test/prefetch",
-        &format!(r#","timeout":{timeout},"retry_limit":{retry_limit}"#),
+        &format!(r#","timeout":{HUNG_TIMEOUT},"retry_limit":{HUNG_RETRY_LIMIT}"#),
         r#","fs_prefetch":{"enable":true,"prefetch_all":true,"threads_count":4}"#,
     );
     // The registry hangs from the start: prefetch claims chunks at mount and waits.
@@ -410,36 +417,8 @@ fn prefetch_hung_on_a_silent_registry_adds_nothing_to_a_read() {
         d.log_text()
     );
     std::thread::sleep(Duration::from_millis(200));
-    let readers: Vec<_> = (0..32)
-        .map(|i| {
-            let path = d.path(&format!("cold/f{i:02}"));
-            std::thread::spawn(move || {
-                let t = Instant::now();
-                let r = std::fs::read(&path);
-                (t.elapsed(), r.map(|_| ()).map_err(|e| e.raw_os_error()))
-            })
-        })
-        .collect();
-    let mut last = Duration::ZERO;
-    for (i, r) in readers.into_iter().enumerate() {
-        let (took, res) = r.join().unwrap();
-        assert_eq!(res, Err(Some(EIO)), "cold/f{i:02}:\n{}", d.log_text());
-        assert!(
-            took <= bound,
-            "cold/f{i:02} failed after {took:?} (bound {bound:?})"
-        );
-        last = last.max(took);
-    }
+    let readers = read_cold_files(&d, 32);
+    let last = assert_each_eio_within(readers, bound, &d);
     println!("32 reads behind a hung prefetch: the last failed after {last:?} (bound {bound:?})");
-    ri.proxy.fault(Fault::Hang, "", 0);
-    std::thread::sleep(Duration::from_millis(1100));
-    let diffs = compare_trees_with(
-        &src,
-        &d.mnt,
-        &CompareOptions {
-            ignore_root_mtime: true,
-            ..Default::default()
-        },
-    );
-    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+    heal_and_check(&ri, &src, &d);
 }

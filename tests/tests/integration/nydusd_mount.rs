@@ -125,25 +125,6 @@ fn inodes(dir: &Path, out: &mut HashSet<u64>) {
     }
 }
 
-fn assert_same_tree(src: &Path, mnt: &Path) {
-    let diffs = compare_trees_with(
-        src,
-        mnt,
-        &CompareOptions {
-            ignore_root_mtime: true,
-            ..Default::default()
-        },
-    );
-    assert!(
-        diffs.is_empty(),
-        "{} differences between {} and {}:\n{}",
-        diffs.len(),
-        src.display(),
-        mnt.display(),
-        diffs.join("\n")
-    );
-}
-
 /// A small tree unlike the varied one: data files, a directory, a symlink.
 fn small_tree(dir: &Path) {
     std::fs::create_dir_all(dir.join("etc/conf.d")).unwrap();
