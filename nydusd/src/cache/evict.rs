@@ -538,7 +538,7 @@ impl Evictor {
             let Some((ready, last_use)) = shared_view(state) else {
                 continue;
             };
-            for (ci, (offset, len)) in layout.into_iter().enumerate() {
+            for (ci, &(offset, len)) in layout.iter().enumerate() {
                 if len > 0
                     && ready
                         .get(ci / 8)
@@ -598,10 +598,13 @@ fn dir_usage(dir: &Path) -> std::io::Result<u64> {
     Ok(total)
 }
 
-/// Each chunk's (uncompressed offset, size) in `state`'s blob, from an image that has it
-/// open (size 0 for a chunk no record describes); `None` when no image is left or the
-/// blob must not be punched (see the module docs).
-fn layout_of(state: &BlobState) -> Option<Vec<(u64, u64)>> {
+/// Each chunk's (uncompressed offset, size) in `state`'s blob (size 0 for a chunk no
+/// record describes), found once from an image that has it open; `None` while no image
+/// is left, or when the blob must not be punched (see the module docs).
+fn layout_of(state: &BlobState) -> Option<&[(u64, u64)]> {
+    if let Some(layout) = state.punch_layout.get() {
+        return layout.as_deref();
+    }
     let (bs, blob_index) = {
         let images = state.images.lock().unwrap_or_else(|e| e.into_inner());
         images
@@ -614,23 +617,23 @@ fn layout_of(state: &BlobState) -> Option<Vec<(u64, u64)>> {
             _ => (0, 0),
         })
         .collect();
-    let punchable = *state.punchable.get_or_init(|| {
-        let mut pages: Vec<(u64, u64)> = layout
-            .iter()
-            .filter(|(_, len)| *len > 0)
-            .map(|(off, len)| (off / PAGE, (off + len).div_ceil(PAGE)))
-            .collect();
-        pages.sort_unstable();
-        let ok = pages.windows(2).all(|w| w[0].1 <= w[1].0);
-        if !ok {
-            warn!(
-                "blob {}: chunks share pages; its chunks are never evicted",
-                state.data_path.display()
-            );
-        }
-        ok
-    });
-    punchable.then_some(layout)
+    let mut pages: Vec<(u64, u64)> = layout
+        .iter()
+        .filter(|(_, len)| *len > 0)
+        .map(|(off, len)| (off / PAGE, (off + len).div_ceil(PAGE)))
+        .collect();
+    pages.sort_unstable();
+    let punchable = pages.windows(2).all(|w| w[0].1 <= w[1].0);
+    if !punchable {
+        warn!(
+            "blob {}: chunks share pages; its chunks are never evicted",
+            state.data_path.display()
+        );
+    }
+    state
+        .punch_layout
+        .get_or_init(|| punchable.then_some(layout))
+        .as_deref()
 }
 
 impl BlobState {

@@ -243,8 +243,10 @@ struct BlobState {
     /// The digest of the chunk layout every image sharing these files agrees on
     /// ([`evict::layout_digest`]).
     layout: [u8; 32],
-    /// Whether the blob's chunks may have holes punched (see [`evict`]); found out once.
-    punchable: std::sync::OnceLock<bool>,
+    /// Each chunk's (uncompressed offset, size), found on the first eviction (every image
+    /// of the blob agrees on it: see `layout`); `None` when the blob must not have holes
+    /// punched (see [`evict`]).
+    punch_layout: std::sync::OnceLock<Option<Vec<(u64, u64)>>>,
 }
 
 /// An image that has a blob open, as the blob's state sees it.
@@ -1398,6 +1400,6 @@ fn open_files(work: &Path, info: &BlobInfo, layout: &[u8; 32]) -> Result<BlobSta
             .map(|_| std::sync::atomic::AtomicU32::new(0))
             .collect(),
         images: Mutex::new(Vec::new()),
-        punchable: std::sync::OnceLock::new(),
+        punch_layout: std::sync::OnceLock::new(),
     })
 }
