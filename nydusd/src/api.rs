@@ -7,6 +7,7 @@
 //! | `PUT /api/v1/daemon/exit` | 204, then the daemon unmounts and exits |
 //! | `POST /api/v1/mount?mountpoint=/sub` | body `{"source": BOOTSTRAP, "fs_type": "rafs", "config": "<v1 JSON as a string>", "prefetch_files": [...]}`: 204, or 400 (bad request, bootstrap or config; the message says which), 409 (mountpoint taken, or the daemon has a `--bootstrap`) |
 //! | `DELETE /api/v1/mount?mountpoint=/sub` | 204, or 404 when nothing is mounted there |
+//! | `PUT /api/v1/config?id=/sub` | body `{"registry_auth": "<base64 of user:password>"}`: the registry backends of that image (without `id`: of every image) use these credentials from their next request on; 204, 400 (bad body, no registry backend), 404 (no such image) |
 //! | `GET /api/v1/metrics` | filesystem counters |
 //! | `GET /api/v1/metrics/backend` | backend requests, bytes, errors, latency |
 //! | `GET /api/v1/metrics/blobcache` | cache hits, misses, digest errors, prefetch |
@@ -26,12 +27,12 @@
 //! idle or slow client, or a mount validating a large bootstrap, delays nobody else.
 
 use crate::cache::OpenBlobs;
+use crate::client::api::{ConfigUpdate, MountRequest};
 use crate::config::Config;
 use crate::daemon::{self, Event, StateCell};
 use crate::error::{Chain, Error, Result};
 use crate::metrics::{self as metrics};
 use crate::vfs::{MountError, Mounted, Vfs};
-use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -248,19 +249,6 @@ fn select(ctx: &ApiContext, req: &Request) -> std::result::Result<Arc<Mounted>, 
 }
 
 /// Upstream's mount request body.
-#[derive(Deserialize)]
-struct MountBody {
-    source: String,
-    #[serde(default = "rafs")]
-    fs_type: String,
-    config: String,
-    #[serde(default)]
-    prefetch_files: Option<Vec<String>>,
-}
-
-fn rafs() -> String {
-    "rafs".into()
-}
 
 fn mount_error(e: MountError) -> Response {
     let status = match e {
@@ -278,12 +266,50 @@ fn mountpoint(req: &Request) -> std::result::Result<String, Response> {
         .ok_or_else(|| error_response(400, "missing query parameter ?mountpoint=/sub"))
 }
 
+/// `PUT /api/v1/config` (`?id=/sub` for one image, else every image): upstream's
+/// hot-reloadable settings, today the registry credentials (`registry_auth`, base64 of
+/// `user:password`), handed to the images' registry backends for their next request.
+fn put_config(ctx: &ApiContext, req: &Request) -> Response {
+    let update: ConfigUpdate = match serde_json::from_slice(&req.body) {
+        Ok(u) => u,
+        Err(e) => return error_response(400, &format!("invalid config body: {e}")),
+    };
+    let Some(auth) = update.registry_auth else {
+        return error_response(400, "nothing to change: the body has no registry_auth");
+    };
+    let credentials = match crate::config::decode_auth(&auth) {
+        Some((username, password)) => p2p_backend::registry::Credentials { username, password },
+        None => return error_response(400, "registry_auth is not base64 of user:password"),
+    };
+    let wanted = match query(req) {
+        Ok(q) => q.get("id").cloned(),
+        Err(r) => return r,
+    };
+    let mounts = ctx.vfs.mounts();
+    let mut changed = 0;
+    for m in mounts.iter() {
+        if wanted.as_ref().is_some_and(|id| *id != m.mountpoint) {
+            continue;
+        }
+        if m.fs.cache().backend().set_credentials(Some(credentials.clone())) {
+            changed += 1;
+        }
+    }
+    match (wanted, changed) {
+        (Some(id), 0) if !mounts.iter().any(|m| m.mountpoint == id) => {
+            error_response(404, &format!("no image is mounted at {id}"))
+        }
+        (_, 0) => error_response(400, "no registry backend to give the credentials to"),
+        _ => (204, "application/json", Vec::new()),
+    }
+}
+
 fn post_mount(ctx: &ApiContext, req: &Request) -> Response {
     let mountpoint = match mountpoint(req) {
         Ok(m) => m,
         Err(r) => return r,
     };
-    let body: MountBody = match serde_json::from_slice(&req.body) {
+    let body: MountRequest = match serde_json::from_slice(&req.body) {
         Ok(b) => b,
         Err(e) => return error_response(400, &format!("invalid mount request body: {e}")),
     };
@@ -466,6 +492,7 @@ pub fn route(ctx: &ApiContext, req: &Request) -> Response {
         // The exit itself is announced once the reply is out (see `handle`).
         ("PUT", "/api/v1/daemon/exit") => (204, "application/json", Vec::new()),
         ("POST", "/api/v1/mount") => post_mount(ctx, req),
+        ("PUT", "/api/v1/config") => put_config(ctx, req),
         ("DELETE", "/api/v1/mount") => delete_mount(ctx, req),
         ("GET", "/api/v1/metrics") => one(&|m| json_response(200, m.metrics.fs_json())),
         ("GET", "/api/v1/metrics/backend") => {
@@ -501,7 +528,10 @@ pub fn route(ctx: &ApiContext, req: &Request) -> Response {
                 metrics::prometheus(&labelled).into_bytes(),
             )
         }
-        (_, "/api/v1/daemon" | "/api/v1/daemon/exit" | "/metrics" | "/api/v1/mount")
+        (
+            _,
+            "/api/v1/daemon" | "/api/v1/daemon/exit" | "/metrics" | "/api/v1/mount" | "/api/v1/config",
+        )
         | (
             _,
             "/api/v1/metrics"

@@ -125,140 +125,11 @@ impl Default for PrefetchConfig {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    device: RawDevice,
-    #[serde(default)]
-    mode: Option<String>,
-    #[serde(default)]
-    digest_validate: Option<bool>,
-    #[serde(default)]
-    iostats_files: Option<bool>,
-    #[serde(default)]
-    enable_xattr: Option<bool>,
-    #[serde(default)]
-    access_pattern: Option<bool>,
-    #[serde(default)]
-    latest_read_files: Option<bool>,
-    #[serde(default)]
-    amplify_io: Option<u64>,
-    #[serde(default)]
-    fs_prefetch: Option<RawPrefetch>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDevice {
-    #[serde(default)]
-    #[allow(dead_code)]
-    id: Option<String>,
-    backend: RawBackend,
-    cache: RawCache,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawBackend {
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(default)]
-    config: serde_json::Value,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawLocalfs {
-    #[serde(default)]
-    dir: Option<PathBuf>,
-    #[serde(default)]
-    blob_file: Option<PathBuf>,
-    #[serde(default)]
-    alt_dirs: Option<Vec<PathBuf>>,
-    #[serde(default)]
-    #[allow(dead_code)]
-    readahead: Option<bool>,
-    #[serde(default)]
-    #[allow(dead_code)]
-    readahead_sec: Option<u32>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRegistry {
-    #[serde(default)]
-    scheme: String,
-    host: String,
-    repo: String,
-    #[serde(default)]
-    auth: Option<String>,
-    #[serde(default)]
-    registry_token: Option<String>,
-    #[serde(default)]
-    skip_verify: Option<bool>,
-    #[serde(default)]
-    timeout: Option<u64>,
-    #[serde(default)]
-    connect_timeout: Option<u64>,
-    #[serde(default)]
-    retry_limit: Option<u32>,
-    #[serde(default)]
-    blob_url_scheme: Option<String>,
-    #[serde(default)]
-    blob_redirected_host: Option<String>,
-    #[serde(default)]
-    proxy: Option<serde_json::Value>,
-    #[serde(default)]
-    mirrors: Option<serde_json::Value>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawCache {
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(default)]
-    compressed: Option<bool>,
-    #[serde(default)]
-    validate: Option<bool>,
-    #[serde(default)]
-    config: Option<RawCacheInner>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawCacheInner {
-    #[serde(default)]
-    work_dir: Option<PathBuf>,
-    #[serde(default)]
-    disable_indexed_map: Option<bool>,
-    #[serde(default)]
-    size_limit: Option<serde_json::Value>,
-    #[serde(default)]
-    enable_encryption: Option<bool>,
-    #[serde(default)]
-    enable_convergent_encryption: Option<bool>,
-    #[serde(default)]
-    #[allow(dead_code)]
-    encryption_key: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPrefetch {
-    #[serde(default)]
-    enable: Option<bool>,
-    #[serde(default)]
-    threads_count: Option<u64>,
-    #[serde(default)]
-    merging_size: Option<u64>,
-    #[serde(default)]
-    bandwidth_rate: Option<u64>,
-    #[serde(default)]
-    prefetch_all: Option<bool>,
-    #[serde(default)]
-    stream_prefetch: Option<bool>,
-}
+use crate::client::config::{
+    BackendV1 as RawBackend, CacheV1 as RawCache, FsPrefetchConfig as RawPrefetch,
+    LocalfsBackendConfig as RawLocalfs, NydusdConfig as RawConfig,
+    RegistryBackendConfig as RawRegistry,
+};
 
 /// Parses `T` from JSON, turning serde's error into one naming the field's path.
 fn parse_json<'a, T: Deserialize<'a>>(text: &'a str, prefix: &str) -> Result<T> {
@@ -458,7 +329,7 @@ fn backend(raw: RawBackend) -> Result<BackendConfig> {
 }
 
 /// Decodes upstream's `auth`: base64 of `user:password`.
-fn decode_auth(a: &str) -> Option<(String, String)> {
+pub(crate) fn decode_auth(a: &str) -> Option<(String, String)> {
     use base64::Engine as _;
     let bytes = base64::engine::general_purpose::STANDARD.decode(a).ok()?;
     let text = String::from_utf8(bytes).ok()?;

@@ -10,17 +10,31 @@
 //! * [`passthrough`]: FUSE passthrough of fully cached files (the crate's only `unsafe`).
 //! * [`vfs`]: what the FUSE session serves: one image at the root, or a pseudo-root of
 //!   images mounted through the API.
+//! * [`client`]: the typed config, the API's types and a launcher, for programs that
+//!   drive daemons; all that is built without the `daemon` feature.
 #![deny(unsafe_code)]
 
+#[cfg(feature = "daemon")]
 pub mod api;
+#[cfg(feature = "daemon")]
 pub mod cache;
+pub mod client;
+#[cfg(feature = "daemon")]
 pub mod config;
+#[cfg(feature = "daemon")]
 pub mod daemon;
+#[cfg(feature = "daemon")]
 pub mod error;
+#[cfg(feature = "daemon")]
 pub mod fs;
+#[cfg(feature = "daemon")]
 pub mod metrics;
+#[cfg(feature = "daemon")]
 pub mod passthrough;
+#[cfg(feature = "daemon")]
 pub mod prefetch;
+#[cfg(feature = "daemon")]
 pub mod vfs;
 
+#[cfg(feature = "daemon")]
 pub use error::{Error, Result};

@@ -81,6 +81,13 @@ pub trait BlobBackend: Send + Sync {
 
     /// A short name for logs and metrics (`localfs`, `registry`, ...).
     fn kind(&self) -> &'static str;
+
+    /// Replaces the credentials the backend authenticates with (a refreshed token, a
+    /// rotated password); the next request uses them. Returns false for backends that
+    /// use none.
+    fn set_credentials(&self, _credentials: Option<registry::Credentials>) -> bool {
+        false
+    }
 }
 
 /// An error and its sources, `: `-separated (for messages that cross crate lines).

@@ -25,11 +25,7 @@ pub fn run_ok(cmd: &mut Command) -> Output {
 /// A nydusd v1 JSON config (the shape upstream and ours accept): blobs from the
 /// directory `blobs` (`localfs`), a `blobcache` in `cache`, digest validation as given.
 pub fn localfs_config(blobs: &Path, cache: &Path, digest_validate: bool) -> String {
-    format!(
-        r#"{{"device":{{"backend":{{"type":"localfs","config":{{"dir":"{}"}}}},"cache":{{"type":"blobcache","config":{{"work_dir":"{}"}}}}}},"mode":"direct","digest_validate":{digest_validate},"enable_xattr":true}}"#,
-        blobs.display(),
-        cache.display()
-    )
+    nydusd::client::NydusdConfig::localfs(blobs, cache, digest_validate).to_json()
 }
 
 /// A FUSE daemon serving a mount; dropping it unmounts, then stops the daemon.

@@ -7,7 +7,7 @@
 use super::check::{pick_manifest, read_bootstrap_layer};
 use super::store::RegistryStore;
 use super::{OciError, Result, ANNOTATION_NYDUS_BOOTSTRAP};
-use base64::Engine as _;
+use nydusd::client::config::{FsPrefetchConfig, ImageConfigOptions, NydusdConfig};
 use p2p_backend::registry::{Credentials, RegistryOptions};
 use std::path::{Path, PathBuf};
 
@@ -74,37 +74,36 @@ pub fn prepare(opts: &MountOptions) -> Result<Prepared> {
     let boot_path = opts.work_dir.join("image.boot");
     std::fs::write(&boot_path, &bootstrap).map_err(|e| io(&boot_path, e))?;
 
-    let reference = store.registry().reference();
-    let host = reference.resolve_registry().to_string();
-    let repo = reference.repository().to_string();
-    let loopback = host.starts_with("127.") || host.starts_with("localhost");
-    let mut registry = serde_json::json!({
-        "scheme": if opts.insecure || loopback { "http" } else { "https" },
-        "host": host,
-        "repo": repo,
-    });
-    if let Some(c) = &opts.credentials {
-        let auth = base64::engine::general_purpose::STANDARD
-            .encode(format!("{}:{}", c.username, c.password));
-        registry["auth"] = auth.into();
-    }
-    let config = serde_json::json!({
-        "device": {
-            "backend": {"type": "registry", "config": registry},
-            "cache": {"type": "blobcache", "config": {"work_dir": opts.work_dir.join("cache")}},
+    let mut config = NydusdConfig::for_image(
+        None,
+        &opts.target,
+        &ImageConfigOptions {
+            cache_dir: opts.work_dir.join("cache"),
+            auth: opts
+                .credentials
+                .as_ref()
+                .map(|c| (c.username.clone(), c.password.clone())),
+            insecure: opts.insecure,
         },
-        "mode": "direct",
-        "digest_validate": true,
-        "enable_xattr": true,
-        "fs_prefetch": {"enable": opts.prefetch, "prefetch_all": opts.prefetch},
+    )
+    .map_err(|e| OciError::invalid(format!("image {}", opts.target), e.to_string()))?;
+    config.fs_prefetch = Some(FsPrefetchConfig {
+        enable: Some(opts.prefetch),
+        prefetch_all: Some(opts.prefetch),
+        ..Default::default()
     });
+    let registry = config
+        .device
+        .backend
+        .as_registry()
+        .expect("for_image makes a registry backend");
     let config_path = opts.work_dir.join("nydusd.json");
-    let text = serde_json::to_vec_pretty(&config).expect("JSON value serializes");
+    let text = serde_json::to_vec_pretty(&config).expect("plain structs serialize");
     std::fs::write(&config_path, text).map_err(|e| io(&config_path, e))?;
     Ok(Prepared {
         bootstrap: boot_path,
         config: config_path,
-        host,
-        repo,
+        host: registry.host,
+        repo: registry.repo,
     })
 }

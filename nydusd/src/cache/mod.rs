@@ -555,6 +555,11 @@ impl ChunkCache {
         self.backend.kind()
     }
 
+    /// The backend.
+    pub fn backend(&self) -> &Arc<dyn BlobBackend> {
+        &self.backend
+    }
+
     /// The cache data files, for the metrics API.
     pub fn underlying_files(&self) -> Vec<String> {
         self.data_paths()

@@ -82,4 +82,9 @@ impl BlobBackend for RegistryBackend {
     fn kind(&self) -> &'static str {
         "registry"
     }
+
+    fn set_credentials(&self, credentials: Option<super::Credentials>) -> bool {
+        self.registry.set_credentials(credentials);
+        true
+    }
 }

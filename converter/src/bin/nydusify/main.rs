@@ -566,13 +566,15 @@ fn run_mount(a: MountArgs) -> Result<()> {
         prepared.repo,
         opts.work_dir.join("cache").display()
     );
-    let status = std::process::Command::new(&nydusd)
-        .arg("--bootstrap")
-        .arg(&prepared.bootstrap)
-        .arg("--config")
-        .arg(&prepared.config)
-        .arg("--mountpoint")
-        .arg(&a.mount_path)
+    let mut daemon = nydusd::client::DaemonCommand::new(
+        &nydusd,
+        &a.mount_path,
+        opts.work_dir.join("api.sock"),
+    );
+    daemon.bootstrap = Some(prepared.bootstrap);
+    daemon.config = Some(prepared.config);
+    let status = daemon
+        .command()
         .status()
         .with_context(|| format!("Starting {}", nydusd.display()))?;
     anyhow::ensure!(status.success(), "nydusd exited with {status}");
