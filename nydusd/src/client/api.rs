@@ -183,10 +183,15 @@ impl ApiClient {
         .map(drop)
     }
 
-    /// `PUT /api/v1/config`: new settings for every image the daemon serves.
-    pub fn update_config(&self, update: &ConfigUpdate) -> Result<(), ClientError> {
+    /// `PUT /api/v1/config[?id=/sub]`: new settings for the image mounted at `id`, or
+    /// for every image the daemon serves.
+    pub fn update_config(&self, id: Option<&str>, update: &ConfigUpdate) -> Result<(), ClientError> {
         let body = serde_json::to_vec(update).expect("plain struct serializes");
-        self.request("PUT", "/api/v1/config", Some(&body)).map(drop)
+        let path = match id {
+            Some(id) => format!("/api/v1/config?id={}", encode(id)),
+            None => "/api/v1/config".to_string(),
+        };
+        self.request("PUT", &path, Some(&body)).map(drop)
     }
 
     /// `PUT /api/v1/daemon/exit`.

@@ -1,0 +1,514 @@
+//! The nydusd instances behind nydus images: started on the first mount of an image,
+//! found again after a snapshotter restart, given refreshed credentials, stopped when
+//! their image goes.
+//!
+//! An *instance* is one image served by a daemon, keyed by the id of the image's meta
+//! (bootstrap) snapshot. In dedicated mode each instance has its own daemon, mounted at
+//! `<root>/snapshots/<meta id>/mnt`; in shared mode one daemon at `<root>/mnt` serves
+//! every instance at `<root>/mnt/<meta id>`, mounted through its API. All daemons share
+//! one cache directory, so a blob common to two images is fetched once.
+//!
+//! Daemons run in process groups of their own: a restarted (or killed) snapshotter
+//! leaves them serving, and finds them again by the pids and sockets in the store.
+
+use crate::auth::{self, Auths};
+use crate::config::{Config, DaemonMode, RecoverPolicy};
+use crate::metrics::Metrics;
+use crate::store::{DaemonRecord, InstanceRecord, Record, Store};
+use crate::{IMAGE_REF_LABEL, SHARED_DAEMON_ID};
+use nydusd::client::api::ConfigUpdate;
+use nydusd::client::config::{encode_auth, ImageConfigOptions, ImageRef, NydusdConfig};
+use nydusd::client::launcher::{detach_mount, is_mountpoint};
+use nydusd::client::{Daemon, DaemonCommand, MountRequest};
+use std::collections::{BTreeSet, HashMap};
+use std::net::ToSocketAddrs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tonic::Status;
+use tracing::{info, warn};
+
+/// How long a stopping daemon gets before `SIGKILL`.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long the registry may take to accept a connection at mount time.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The daemons and instances of one snapshotter.
+pub struct Manager {
+    config: Arc<Config>,
+    store: Arc<Store>,
+    template: Option<NydusdConfig>,
+    metrics: Metrics,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    daemons: HashMap<String, Daemon>,
+    auths: Auths,
+}
+
+/// Where the snapshot with id `id` keeps its files.
+pub fn snapshot_dir(root: &Path, id: u64) -> PathBuf {
+    root.join("snapshots").join(id.to_string())
+}
+
+/// The bootstrap of a meta snapshot, as containerd unpacked it.
+pub fn bootstrap_path(root: &Path, id: u64) -> PathBuf {
+    snapshot_dir(root, id).join("fs/image/image.boot")
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    p2p_backend::error_chain(e)
+}
+
+impl Manager {
+    /// A manager; reads the nydusd config template and the credentials file.
+    pub fn new(config: Arc<Config>, store: Arc<Store>, metrics: Metrics) -> Result<Manager, String> {
+        let template = match &config.nydusd_config {
+            Some(p) => Some(NydusdConfig::load(p).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let auths = auth::load(&config.docker_config)?;
+        Ok(Manager {
+            config,
+            store,
+            template,
+            metrics,
+            state: Mutex::new(State {
+                daemons: HashMap::new(),
+                auths,
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The lowerdir of the image whose meta snapshot is `meta_key`: its instance's
+    /// mountpoint, mounting the image first when no live daemon serves it.
+    pub fn ensure(&self, meta_key: &str, meta: &Record) -> Result<PathBuf, Status> {
+        let mut state = self.lock();
+        if let Some(inst) = self
+            .store
+            .instances()?
+            .into_iter()
+            .find(|(id, _)| *id == meta.id)
+            .map(|(_, i)| i)
+        {
+            if self.serving(&mut state, &inst) {
+                return Ok(inst.mountpoint);
+            }
+            warn!(image = %inst.image, snapshot = %meta_key, daemon = %inst.daemon_id,
+                  "the daemon of this image is gone; mounting the image again");
+            self.drop_instance(&mut state, meta.id, &inst);
+        }
+        self.mount(&mut state, meta_key, meta)
+    }
+
+    /// Whether the instance's daemon is alive and its mount is there.
+    fn serving(&self, state: &mut State, inst: &InstanceRecord) -> bool {
+        match state.daemons.get_mut(&inst.daemon_id) {
+            Some(d) => d.is_alive() && is_mountpoint(&d.mountpoint),
+            None => false,
+        }
+    }
+
+    fn mount(&self, state: &mut State, meta_key: &str, meta: &Record) -> Result<PathBuf, Status> {
+        let image = meta.labels.get(IMAGE_REF_LABEL).cloned().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "nydus image snapshot {meta_key} has no {IMAGE_REF_LABEL} label, so its registry \
+                 is unknown: pull through CRI with disable_snapshot_annotations = false"
+            ))
+        })?;
+        let bootstrap = bootstrap_path(&self.config.root, meta.id);
+        if let Err(e) = rafs::read::Bootstrap::open(&bootstrap) {
+            return Err(Status::failed_precondition(format!(
+                "image {image}: the bootstrap layer (snapshot {meta_key}) is unusable: {}",
+                chain(&e)
+            )));
+        }
+        let reference = ImageRef::parse(&image)
+            .map_err(|e| Status::invalid_argument(format!("image {image}: {e}")))?;
+        probe(&reference.host).map_err(|e| {
+            Status::unavailable(format!(
+                "image {image}: its registry {} is unreachable: {e}",
+                reference.host
+            ))
+        })?;
+        let config = NydusdConfig::for_image(
+            self.template.as_ref(),
+            &image,
+            &ImageConfigOptions {
+                cache_dir: self.config.cache_dir.clone(),
+                auth: state.auths.get(&reference.host).cloned(),
+                insecure: false,
+            },
+        )
+        .map_err(|e| Status::invalid_argument(format!("image {image}: {e}")))?;
+        let config_dir = self.config.root.join("config");
+        let io = |what: String| move |e: std::io::Error| Status::internal(format!("{what}: {e}"));
+        std::fs::create_dir_all(&config_dir).map_err(io(format!("creating {}", config_dir.display())))?;
+        let config_path = config_dir.join(format!("{}.json", meta.id));
+        std::fs::write(&config_path, config.to_json())
+            .map_err(io(format!("writing {}", config_path.display())))?;
+        let (daemon_id, mountpoint) = match self.config.daemon_mode {
+            DaemonMode::Dedicated => {
+                let id = format!("nydusd-{}", meta.id);
+                let mut cmd = self.command(&id, &snapshot_dir(&self.config.root, meta.id).join("mnt"));
+                cmd.bootstrap = Some(bootstrap.clone());
+                cmd.config = Some(config_path.clone());
+                let d = self.start(state, &id, cmd, false, &image, meta_key)?;
+                (id, d)
+            }
+            DaemonMode::Shared => {
+                let mnt = self.shared_daemon(state)?;
+                let sub = format!("/{}", meta.id);
+                let daemon = state.daemons.get(SHARED_DAEMON_ID).expect("just ensured");
+                let req = MountRequest {
+                    source: bootstrap.display().to_string(),
+                    fs_type: "rafs".into(),
+                    config: config.to_json(),
+                    prefetch_files: None,
+                };
+                match daemon.mount(&sub, &req) {
+                    Ok(()) => {}
+                    // Mounted before a restart of ours: the same image, keep it.
+                    Err(e) if e.status() == Some(409) => {
+                        let info = daemon.api.daemon_info().map_err(|e| Status::unavailable(e.to_string()))?;
+                        if info.mounts.get(&sub).map(|m| m.source.as_str()) != Some(req.source.as_str()) {
+                            return Err(Status::internal(format!("image {image}: shared daemon: {e}")));
+                        }
+                    }
+                    Err(e) => {
+                        return Err(Status::failed_precondition(format!(
+                            "image {image} (snapshot {meta_key}): the shared nydusd refused it: {e}"
+                        )))
+                    }
+                }
+                (SHARED_DAEMON_ID.to_string(), mnt.join(meta.id.to_string()))
+            }
+        };
+        let inst = InstanceRecord {
+            meta_key: meta_key.to_string(),
+            image: image.clone(),
+            daemon_id,
+            mountpoint: mountpoint.clone(),
+        };
+        self.store.put_instance(meta.id, &inst)?;
+        self.metrics.instances_mounted.inc();
+        info!(image = %image, snapshot = %meta_key, mountpoint = %mountpoint.display(), "image mounted");
+        Ok(mountpoint)
+    }
+
+    fn command(&self, id: &str, mountpoint: &Path) -> DaemonCommand {
+        let root = &self.config.root;
+        let mut cmd = DaemonCommand::new(
+            &self.config.nydusd_path,
+            mountpoint,
+            root.join("socket").join(id).join("api.sock"),
+        );
+        cmd.id = Some(id.to_string());
+        cmd.log_file = Some(root.join("logs").join(format!("{id}.log")));
+        cmd.log_level = self.config.log_level.clone();
+        cmd.threads = self.config.threads_number;
+        cmd.detach = true;
+        cmd
+    }
+
+    /// Starts daemon `id`, waits until it serves, and records it; returns its mountpoint.
+    fn start(
+        &self,
+        state: &mut State,
+        id: &str,
+        cmd: DaemonCommand,
+        shared: bool,
+        image: &str,
+        snapshot: &str,
+    ) -> Result<PathBuf, Status> {
+        if let Some(dir) = cmd.log_file.as_ref().and_then(|l| l.parent()) {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        // A mount left by a daemon that died would make the new one fail.
+        detach_mount(&cmd.mountpoint);
+        let started = std::time::Instant::now();
+        let mut d = cmd.start().map_err(|e| {
+            Status::internal(format!("image {image} (snapshot {snapshot}): {}", chain(&e)))
+        })?;
+        if let Err(e) = d.wait_running(self.config.ready_timeout) {
+            let timed_out = e.to_string().contains("was not serving after");
+            let pid = d.pid;
+            let _ = d.stop(STOP_GRACE);
+            self.metrics.daemon_failures.inc();
+            let msg = format!(
+                "image {image} (snapshot {snapshot}): nydusd {id} (pid {pid}) did not start serving: {}",
+                chain(&e)
+            );
+            return Err(if timed_out {
+                Status::deadline_exceeded(msg)
+            } else {
+                Status::unavailable(msg)
+            });
+        }
+        if !is_mountpoint(&cmd.mountpoint) {
+            let pid = d.pid;
+            let _ = d.stop(STOP_GRACE);
+            return Err(Status::internal(format!(
+                "image {image}: nydusd {id} (pid {pid}) is RUNNING but {} is not mounted",
+                cmd.mountpoint.display()
+            )));
+        }
+        self.store.put_daemon(
+            id,
+            &DaemonRecord {
+                pid: d.pid,
+                apisock: cmd.apisock.clone(),
+                mountpoint: cmd.mountpoint.clone(),
+                shared,
+            },
+        )?;
+        info!(image = %image, snapshot = %snapshot, daemon = %id, pid = d.pid,
+              "nydusd serving after {:?}", started.elapsed());
+        self.metrics.daemons_started.inc();
+        state.daemons.insert(id.to_string(), d);
+        Ok(cmd.mountpoint)
+    }
+
+    /// The shared daemon's mountpoint, starting it if it is not running.
+    fn shared_daemon(&self, state: &mut State) -> Result<PathBuf, Status> {
+        if let Some(d) = state.daemons.get_mut(SHARED_DAEMON_ID) {
+            if d.is_alive() && is_mountpoint(&d.mountpoint) {
+                return Ok(d.mountpoint.clone());
+            }
+            let d = state.daemons.remove(SHARED_DAEMON_ID).expect("present");
+            let _ = d.stop(STOP_GRACE);
+        }
+        let cmd = self.command(SHARED_DAEMON_ID, &self.config.root.join("mnt"));
+        self.start(state, SHARED_DAEMON_ID, cmd, true, "(shared daemon)", "-")
+    }
+
+    /// Unmounts the image whose meta snapshot has id `id` (its meta snapshot is being
+    /// removed): stops its dedicated daemon, or unmounts it from the shared one.
+    pub fn release(&self, id: u64) -> Result<(), Status> {
+        let mut state = self.lock();
+        if let Some((_, inst)) = self.store.instances()?.into_iter().find(|(i, _)| *i == id) {
+            info!(image = %inst.image, snapshot = %inst.meta_key, "unmounting image: its snapshot is removed");
+            self.drop_instance(&mut state, id, &inst);
+        }
+        Ok(())
+    }
+
+    fn drop_instance(&self, state: &mut State, id: u64, inst: &InstanceRecord) {
+        if inst.daemon_id == SHARED_DAEMON_ID {
+            if let Some(d) = state.daemons.get(SHARED_DAEMON_ID) {
+                if let Err(e) = d.umount(&format!("/{id}")) {
+                    if e.status() != Some(404) {
+                        warn!(image = %inst.image, snapshot = %inst.meta_key, "unmounting from the shared daemon: {e}");
+                    }
+                }
+            }
+        } else {
+            self.stop_daemon(state, &inst.daemon_id);
+        }
+        let _ = std::fs::remove_file(self.config.root.join("config").join(format!("{id}.json")));
+        if let Err(e) = self.store.remove_instance(id) {
+            warn!("forgetting instance {id}: {e}");
+        }
+    }
+
+    fn stop_daemon(&self, state: &mut State, id: &str) {
+        let d = match state.daemons.remove(id) {
+            Some(d) => Some(d),
+            None => self
+                .store
+                .daemons()
+                .ok()
+                .and_then(|all| all.into_iter().find(|(i, _)| i == id))
+                .map(|(_, r)| Daemon::adopt(r.pid, r.apisock, r.mountpoint)),
+        };
+        if let Some(d) = d {
+            let pid = d.pid;
+            match d.stop(STOP_GRACE) {
+                Ok(()) => info!(daemon = %id, pid, "nydusd stopped"),
+                Err(e) => warn!(daemon = %id, pid, "stopping nydusd: {e}"),
+            }
+        }
+        let _ = std::fs::remove_dir_all(self.config.root.join("socket").join(id));
+        if let Err(e) = self.store.remove_daemon(id) {
+            warn!("forgetting daemon {id}: {e}");
+        }
+    }
+
+    /// After a restart of the snapshotter: adopts the daemons still serving, cleans up
+    /// after dead ones and (policy `restart`) mounts their images again.
+    pub fn recover(&self) -> Result<(), Status> {
+        let mut state = self.lock();
+        for (id, rec) in self.store.daemons()? {
+            let mut d = Daemon::adopt(rec.pid, &rec.apisock, &rec.mountpoint);
+            let alive = d.is_alive()
+                && d.api.daemon_info().is_ok_and(|i| i.state == "RUNNING")
+                && is_mountpoint(&rec.mountpoint);
+            if alive {
+                info!(daemon = %id, pid = rec.pid, "found running nydusd");
+                state.daemons.insert(id, d);
+            } else {
+                warn!(daemon = %id, pid = rec.pid, "nydusd is gone; cleaning up after it");
+                self.stop_daemon(&mut state, &id);
+            }
+        }
+        for (id, inst) in self.store.instances()? {
+            if self.serving(&mut state, &inst) {
+                // In shared mode the daemon must still hold this image.
+                let held = state.daemons.get(&inst.daemon_id).is_some_and(|d| {
+                    inst.daemon_id != SHARED_DAEMON_ID
+                        || d.api
+                            .daemon_info()
+                            .is_ok_and(|i| i.mounts.contains_key(&format!("/{id}")))
+                });
+                if held {
+                    continue;
+                }
+            }
+            self.drop_instance(&mut state, id, &inst);
+            let meta = self.store.get(&inst.meta_key)?;
+            match (self.config.recover_policy, meta) {
+                (RecoverPolicy::Restart, Some(meta)) => {
+                    if let Err(e) = self.mount(&mut state, &inst.meta_key, &meta) {
+                        warn!(image = %inst.image, snapshot = %inst.meta_key, "mounting again: {}", e.message());
+                    }
+                }
+                _ => info!(image = %inst.image, snapshot = %inst.meta_key,
+                           "image unmounted; it is mounted again when a snapshot over it is"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the credentials file again; images whose registry's credentials changed
+    /// get them through their daemon's `PUT /api/v1/config`, without a restart.
+    pub fn refresh_auth(&self) {
+        let auths = match auth::load(&self.config.docker_config) {
+            Ok(a) => a,
+            Err(e) => {
+                warn!("credentials: {e}");
+                return;
+            }
+        };
+        let mut state = self.lock();
+        if auths == state.auths {
+            return;
+        }
+        let Ok(instances) = self.store.instances() else { return };
+        for (id, inst) in instances {
+            let Ok(r) = ImageRef::parse(&inst.image) else { continue };
+            let (old, new) = (state.auths.get(&r.host), auths.get(&r.host));
+            if old == new {
+                continue;
+            }
+            let Some((user, password)) = new else { continue };
+            let Some(d) = state.daemons.get(&inst.daemon_id) else { continue };
+            let target = (inst.daemon_id == SHARED_DAEMON_ID).then(|| format!("/{id}"));
+            let update = ConfigUpdate {
+                registry_auth: Some(encode_auth(user, password)),
+            };
+            match d.api.update_config(target.as_deref(), &update) {
+                Ok(()) => {
+                    self.metrics.auth_refreshes.inc();
+                    info!(image = %inst.image, snapshot = %inst.meta_key, "new registry credentials handed to nydusd")
+                }
+                Err(e) => warn!(image = %inst.image, snapshot = %inst.meta_key, "handing new credentials to nydusd: {e}"),
+            }
+        }
+        state.auths = auths;
+    }
+
+    /// Drops the instances whose meta snapshot no longer exists (Cleanup).
+    pub fn drop_orphans(&self) -> Result<(), Status> {
+        let mut state = self.lock();
+        for (id, inst) in self.store.instances()? {
+            if self.store.get(&inst.meta_key)?.is_none_or(|r| r.id != id) {
+                self.drop_instance(&mut state, id, &inst);
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes cache files of blobs that no image's bootstrap names (when the cache
+    /// manager is on); returns how many files went.
+    pub fn gc_cache(&self, metas: &[Record]) -> usize {
+        if !self.config.cache_gc {
+            return 0;
+        }
+        let mut wanted = BTreeSet::new();
+        for m in metas {
+            match rafs::read::Bootstrap::open(bootstrap_path(&self.config.root, m.id)) {
+                Ok(b) => wanted.extend(b.blobs().iter().map(|b| b.id.clone())),
+                // An unreadable bootstrap: keep everything rather than guess.
+                Err(_) => return 0,
+            }
+        }
+        let Ok(dir) = std::fs::read_dir(&self.config.cache_dir) else { return 0 };
+        let mut removed = 0;
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let blob = [".blob.data", ".chunk_map", ".chunk_meta"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s));
+            if let Some(blob) = blob {
+                if !wanted.contains(blob) && std::fs::remove_file(entry.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        if removed > 0 {
+            info!("cache: removed {removed} files of blobs no image uses");
+        }
+        removed
+    }
+
+    /// Stops every daemon (`cleanup_on_close`).
+    pub fn stop_all(&self) {
+        let mut state = self.lock();
+        if let Ok(instances) = self.store.instances() {
+            for (id, inst) in instances {
+                self.drop_instance(&mut state, id, &inst);
+            }
+        }
+        let ids: Vec<String> = self
+            .store
+            .daemons()
+            .map(|d| d.into_iter().map(|(i, _)| i).collect())
+            .unwrap_or_default();
+        for id in ids {
+            self.stop_daemon(&mut state, &id);
+        }
+    }
+
+    /// Daemons running now.
+    pub fn running(&self) -> usize {
+        self.lock().daemons.len()
+    }
+}
+
+/// Connects to the registry host (`host[:port]`, port 443 by default), within
+/// [`PROBE_TIMEOUT`].
+fn probe(host: &str) -> Result<(), String> {
+    let with_port = if host.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+        host.to_string()
+    } else {
+        format!("{host}:443")
+    };
+    let addrs: Vec<_> = with_port
+        .to_socket_addrs()
+        .map_err(|e| format!("resolving {with_port}: {e}"))?
+        .collect();
+    let mut last = format!("{with_port} has no address");
+    for a in addrs {
+        match std::net::TcpStream::connect_timeout(&a, PROBE_TIMEOUT) {
+            Ok(_) => return Ok(()),
+            Err(e) => last = format!("connecting to {a}: {e}"),
+        }
+    }
+    Err(last)
+}
