@@ -31,6 +31,7 @@
 mod bench;
 mod bins;
 mod compare;
+mod containerd;
 mod daemons;
 mod dragonfly;
 mod fault_proxy;
@@ -63,7 +64,11 @@ pub use image::{
     ErofsMount, LayerTar,
 };
 pub use netns::NetNs;
-pub use registry::Registry;
+pub use containerd::{
+    mounts_under, pids_mentioning, unmount_all_under, Containerd, NydusSnapshotter, SNAPSHOTTER,
+};
+pub use nydusd::client::launcher::pid_alive;
+pub use registry::{AccessEntry, Registry};
 pub use token_server::TokenServer;
 pub use tree::{
     long_name_path, make_varied_tree, noise, DEEP_LEVELS, HARD_LINK_NAMES, MULTI_CHUNK_FILE,

@@ -21,6 +21,8 @@ pub struct Registry {
     netns: Option<String>,
     /// `127.0.0.1:PORT`, the registry's host part of image references.
     pub addr: String,
+    /// Its output: the access log (one line per request, Apache's combined format).
+    log: PathBuf,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -92,6 +94,7 @@ impl Registry {
         .expect("writing the registry config");
         let mut r = Registry {
             child: None,
+            log: dir.join("registry.log"),
             config,
             netns,
             addr,
@@ -110,11 +113,16 @@ impl Registry {
             Some(ns) => crate::netns::exec_in(ns, "docker-registry"),
             None => Command::new("docker-registry"),
         };
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("opening the registry log");
         self.child = Some(
             ChildGuard::spawn(
                 cmd.arg("serve")
                     .arg(&self.config)
-                    .stdout(Stdio::null())
+                    .stdout(log.try_clone().expect("cloning the log file"))
                     .stderr(Stdio::null()),
             )
             .expect("starting docker-registry (package docker-registry)"),
@@ -135,6 +143,12 @@ impl Registry {
     /// Stops the registry; its storage is kept for [`Registry::up`].
     pub fn down(&mut self) {
         drop(self.child.take());
+    }
+
+    /// The requests served so far, from the registry's own access log.
+    pub fn access_log(&self) -> Vec<AccessEntry> {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        text.lines().filter_map(AccessEntry::parse).collect()
     }
 
     /// Uploads `file` as blob `sha256:<hex>` of `repo` (POST for a session, then one PUT).
@@ -176,5 +190,44 @@ impl Registry {
                 .arg(format!("@{}", file.display()))
                 .arg(format!("{url}{sep}digest=sha256:{hex}")),
         );
+    }
+}
+
+/// One line of the registry's access log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccessEntry {
+    /// `GET`, `HEAD`, ...
+    pub method: String,
+    /// The request path (with query).
+    pub path: String,
+    /// The response status.
+    pub status: u16,
+    /// Body bytes sent.
+    pub bytes: u64,
+}
+
+impl AccessEntry {
+    /// Parses `... "GET /v2/x/blobs/sha256:ab HTTP/1.1" 206 4096 "-" "ua"`.
+    fn parse(line: &str) -> Option<AccessEntry> {
+        let (_, rest) = line.split_once('"')?;
+        let (request, rest) = rest.split_once('"')?;
+        let mut req = request.split_whitespace();
+        let method = req.next()?.to_string();
+        let path = req.next()?.to_string();
+        let mut nums = rest.split_whitespace();
+        let status = nums.next()?.parse().ok()?;
+        let bytes = nums.next().and_then(|b| b.parse().ok()).unwrap_or(0);
+        Some(AccessEntry {
+            method,
+            path,
+            status,
+            bytes,
+        })
+    }
+
+    /// The blob digest (`sha256:...`) of a `/v2/<repo>/blobs/<digest>` request.
+    pub fn blob(&self) -> Option<&str> {
+        let (_, digest) = self.path.split_once("/blobs/")?;
+        (!digest.starts_with("uploads")).then_some(digest.split('?').next().unwrap_or(digest))
     }
 }

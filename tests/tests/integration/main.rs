@@ -12,4 +12,5 @@ mod nydusify;
 mod nydusify_bad;
 mod p2p_scheduler;
 mod passthrough;
+mod snapshotter;
 mod varied_tree;

@@ -1,0 +1,517 @@
+//! The containerd snapshotter (issue 12) with real components: Debian's containerd 1.6
+//! and `docker-registry`, nydus images converted by `nydusify`, CRI lazy pulls, `ctr run`,
+//! and nydusd mounts under overlayfs, in both daemon modes.
+
+use crate::nydusify::{add_layer, inspect_raw, make_busybox, nydusify_ok, push_python};
+use rafs_e2e::{
+    pid_alive, pull_nydus_image, require_root_tools, run_ok, umoci_rootfs, wait_until,
+    AccessEntry, Containerd, NydusSnapshotter, Registry,
+};
+use sha2::{Digest, Sha256};
+use snapshotter::proto::snapshots::snapshots_client::SnapshotsClient;
+use snapshotter::proto::snapshots::*;
+use std::collections::{BTreeSet, HashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const BLOB_LABEL: &str = "containerd.io/snapshot/nydus-blob";
+const BOOT_LABEL: &str = "containerd.io/snapshot/nydus-bootstrap";
+const REF_LABEL: &str = "containerd.io/snapshot.ref";
+const IMAGE_LABEL: &str = "containerd.io/snapshot/cri.image-ref";
+
+fn tools() {
+    require_root_tools(&[
+        "docker-registry", "skopeo", "umoci", "busybox", "tar", "containerd", "ctr", "runc", "fusermount3",
+    ]);
+}
+
+/// Pushes the busybox fixture as `busybox:TAG` and converts it to `busybox:TAG-nydus`;
+/// returns the OCI layout.
+fn busybox_images(reg: &Registry, dir: &Path, tag: &str) -> PathBuf {
+    let layout = dir.join(format!("oci-{tag}"));
+    make_busybox(&layout, "v1");
+    if tag != "v1" {
+        add_layer(&layout, "v1", &[("etc/extra", b"extra layer\n", 0o644)], dir);
+    }
+    push_and_convert(reg, &layout, "busybox", tag, dir);
+    layout
+}
+
+fn push_and_convert(reg: &Registry, layout: &Path, repo: &str, tag: &str, dir: &Path) {
+    run_ok(Command::new("skopeo").args([
+        "copy",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:v1", layout.display()),
+        &format!("docker://{}/{repo}:{tag}", reg.addr),
+    ]));
+    let work = dir.join(format!("work-{repo}-{tag}"));
+    fs::create_dir_all(&work).unwrap();
+    nydusify_ok(
+        &[
+            "convert",
+            "--source",
+            &format!("{}/{repo}:{tag}", reg.addr),
+            "--target",
+            &format!("{}/{repo}:{tag}-nydus", reg.addr),
+        ],
+        &work,
+    );
+}
+
+/// Digests of a nydus image's data layers and of its bootstrap layer.
+fn nydus_layers(reference: &str) -> (BTreeSet<String>, String) {
+    let m: serde_json::Value = serde_json::from_str(&inspect_raw(reference)).unwrap();
+    let mut data = BTreeSet::new();
+    let mut boot = None;
+    for l in m["layers"].as_array().unwrap() {
+        let d = l["digest"].as_str().unwrap().to_string();
+        if l["annotations"][BLOB_LABEL] == "true" {
+            data.insert(d);
+        } else if l["annotations"][BOOT_LABEL] == "true" {
+            boot = Some(d);
+        }
+    }
+    assert!(!data.is_empty(), "no data layers in {m}");
+    (data, boot.expect("a bootstrap layer"))
+}
+
+fn blob_gets<'a>(log: &'a [AccessEntry], digests: &BTreeSet<String>) -> Vec<&'a AccessEntry> {
+    log.iter()
+        .filter(|e| e.method == "GET" && e.blob().is_some_and(|b| digests.contains(b)))
+        .collect()
+}
+
+fn sha256_file(p: &Path) -> String {
+    hex::encode(Sha256::digest(fs::read(p).unwrap()))
+}
+
+/// Sums the samples of the Prometheus metric `name` (any labels) in `text`.
+fn prom_sum(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (metric, value) = l.rsplit_once(' ')?;
+            let bare = metric.split('{').next()?;
+            (bare == name || bare.ends_with(&format!("_{name}"))).then(|| value.parse::<f64>().ok())?
+        })
+        .map(|v| v as u64)
+        .sum()
+}
+
+/// Every nydusd of `snap`, asked for its Prometheus text.
+fn nydusd_metrics(snap: &NydusSnapshotter) -> String {
+    let mut out = String::new();
+    for entry in fs::read_dir(snap.root.join("socket")).unwrap().flatten() {
+        let sock = entry.path().join("api.sock");
+        if let Ok((_, body)) = nydusd::client::ApiClient::new(&sock).request("GET", "/metrics", None) {
+            out.push_str(&String::from_utf8_lossy(&body));
+        }
+    }
+    out
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    let out = run_ok(Command::new("curl").args(["-fsS", &format!("http://{addr}{path}")]));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Pulls and runs busybox and python from nydus images, and busybox as an ordinary OCI
+/// image, through CRI and `ctr run`, with the snapshotter in `mode`; then restarts
+/// containerd and the snapshotter and runs them again.
+fn images_run_lazily(mode: &str) {
+    tools();
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let reg = Registry::start_in(&{
+        let d = dir.join("reg");
+        fs::create_dir_all(&d).unwrap();
+        d
+    }, "");
+    let layout = busybox_images(&reg, dir, "v1");
+    let rootfs = umoci_rootfs(&layout, "v1", dir);
+    let python_src = push_python(&reg.addr, None);
+    let work = dir.join("work-python");
+    fs::create_dir_all(&work).unwrap();
+    let python = format!("{python_src}-nydus");
+    nydusify_ok(&["convert", "--source", &python_src, "--target", &python], &work);
+    let busybox = format!("{}/busybox:v1-nydus", reg.addr);
+    let (data_blobs, boot_blob) = nydus_layers(&busybox);
+
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let mut snap = NydusSnapshotter::start(
+        &dir.join("snap"),
+        &format!("daemon_mode = \"{mode}\"\n[metrics]\naddress = \"{metrics_addr}\""),
+    );
+    let mut ctd = Containerd::start(&dir.join("ctd"), &snap.sock);
+
+    // 1. The lazy pull: containerd fetches the bootstrap layer, never a data layer.
+    let before = reg.access_log().len();
+    let t0 = Instant::now();
+    ctd.cri_pull(&busybox).unwrap_or_else(|e| panic!("CRI pull: {e}\n{}", snap.log_text()));
+    eprintln!("[{mode}] CRI pull of {busybox}: {:?}", t0.elapsed());
+    let pull_log = reg.access_log()[before..].to_vec();
+    assert!(blob_gets(&pull_log, &data_blobs).is_empty(), "data blobs fetched during the pull: {pull_log:?}");
+    assert!(
+        pull_log.iter().any(|e| e.method == "GET" && e.blob() == Some(boot_blob.as_str())),
+        "the bootstrap layer was not fetched (is the access log read right?): {pull_log:?}"
+    );
+    let m = http_get(&metrics_addr, "/metrics");
+    assert_eq!(prom_sum(&m, "snapshotter_remote_layers_total"), data_blobs.len() as u64, "{m}");
+    assert!(snap.nydusd_pids().is_empty(), "a daemon started before any container");
+
+    // 2. A container: the rootfs lowerdir is our nydusd's FUSE mount; busybox is exec'd
+    // and mmapped through the overlay on it; its bytes equal the source's.
+    let before = reg.access_log().len();
+    let out = ctd.run(&busybox, "bb1", &["sh", "-c", "cat /etc/hostname; sha256sum /bin/busybox"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let want_host = fs::read_to_string(rootfs.join("etc/hostname")).unwrap();
+    assert!(text.starts_with(&want_host), "{text}");
+    assert!(text.contains(&sha256_file(&rootfs.join("bin/busybox"))), "{text}");
+    let fuse = snap.fuse_mounts();
+    assert_eq!(fuse.len(), 1, "one FUSE mount for the image: {fuse:?}");
+    let pids = snap.nydusd_pids();
+    assert_eq!(pids.len(), 1, "one nydusd: {pids:?}");
+    // The blob range GETs the registry saw while the command ran are nydusd's.
+    let run_log = reg.access_log()[before..].to_vec();
+    let gets = blob_gets(&run_log, &data_blobs);
+    assert!(!gets.is_empty(), "no blob read while the container ran");
+    let metrics = nydusd_metrics(&snap);
+    let registry_bytes: u64 = gets.iter().map(|e| e.bytes).sum();
+    assert_eq!(registry_bytes, prom_sum(&metrics, "backend_read_bytes"), "{gets:?}\n{metrics}");
+    assert_eq!(gets.len() as u64, prom_sum(&metrics, "backend_read_count"), "{metrics}");
+    // Run again: busybox is now fully cached, so nydusd passes it through to the kernel.
+    let out = ctd.run(&busybox, "bb2", &["busybox", "echo", "again"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "again");
+    let metrics = nydusd_metrics(&snap);
+    assert!(prom_sum(&metrics, "fs_passthrough_opens") > 0, "no passthrough open:\n{metrics}");
+
+    // 3. python from its nydus image.
+    ctd.cri_pull(&python).unwrap_or_else(|e| panic!("CRI pull {python}: {e}"));
+    let out = ctd.run(
+        &python,
+        "py1",
+        &["python3", "-c", "import hashlib, sys; print(hashlib.sha256(b'abc').hexdigest(), sys.version_info[0])"],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad 3"
+    );
+    let expect_daemons = if mode == "shared" { 1 } else { 2 };
+    assert_eq!(snap.nydusd_pids().len(), expect_daemons);
+    assert_eq!(snap.fuse_mounts().len(), expect_daemons, "{:?}", snap.fuse_mounts());
+
+    // 4. An ordinary OCI image through the same snapshotter.
+    let oci = format!("{}/busybox:v1", reg.addr);
+    ctd.cri_pull(&oci).unwrap_or_else(|e| panic!("CRI pull {oci}: {e}"));
+    let out = ctd.run(&oci, "oci1", &["cat", "/etc/hostname"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), want_host);
+
+    // 5. containerd restarted, then the snapshotter: the same daemons serve, images run.
+    let pids: BTreeSet<u32> = snap.nydusd_pids().into_iter().collect();
+    ctd.down();
+    ctd.up();
+    snap.down();
+    snap.up();
+    assert!(snap.log_text().contains("found running nydusd"), "{}", snap.log_text());
+    let out = ctd.run(&busybox, "bb3", &["cat", "/etc/hostname"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), want_host);
+    let out = ctd.run(&python, "py2", &["python3", "-c", "print(6*7)"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+    let out = ctd.run(&oci, "oci2", &["cat", "/etc/hostname"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), want_host);
+    let after: BTreeSet<u32> = snap.nydusd_pids().into_iter().collect();
+    assert_eq!(pids, after, "daemons were replaced or leaked by the restarts");
+    assert_eq!(snap.fuse_mounts().len(), expect_daemons);
+
+    // 6. Images removed: containerd's GC removes their snapshots; the daemons stop.
+    for image in [&busybox, &python, &oci] {
+        run_ok(ctd.ctr().args(["-n", "k8s.io", "images", "rm", "--sync", image]));
+    }
+    let gone = wait_until(Duration::from_secs(30), || {
+        snap.nydusd_pids().len() <= usize::from(mode == "shared") && snap.fuse_mounts().len() <= usize::from(mode == "shared")
+    });
+    assert!(gone, "daemons left after the images went: {:?}\n{}", snap.nydusd_pids(), snap.log_text());
+    for pid in pids {
+        if mode != "shared" {
+            assert!(!pid_alive(pid), "nydusd {pid} still runs");
+        }
+    }
+    drop(ctd);
+    drop(snap);
+}
+
+#[test]
+fn snapshotter_runs_nydus_and_oci_images_through_cri_dedicated() {
+    images_run_lazily("dedicated");
+}
+
+#[test]
+fn snapshotter_runs_nydus_and_oci_images_through_cri_shared() {
+    images_run_lazily("shared");
+}
+
+/// Two images sharing a base layer, each with its own nydusd (dedicated mode): the
+/// daemons share one cache, so the base layer's chunks are fetched once.
+#[test]
+fn dedicated_daemons_share_one_cache() {
+    tools();
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let reg_dir = dir.join("reg");
+    fs::create_dir_all(&reg_dir).unwrap();
+    let reg = Registry::start_in(&reg_dir, "");
+    busybox_images(&reg, dir, "v1");
+    busybox_images(&reg, dir, "v2");
+    let (a, b) = (format!("{}/busybox:v1-nydus", reg.addr), format!("{}/busybox:v2-nydus", reg.addr));
+    let (blobs_a, _) = nydus_layers(&a);
+    let (blobs_b, _) = nydus_layers(&b);
+    let common: BTreeSet<String> = blobs_a.intersection(&blobs_b).cloned().collect();
+    assert!(!common.is_empty(), "the images share no blob: {blobs_a:?} {blobs_b:?}");
+    let snap = NydusSnapshotter::start(&dir.join("snap"), "daemon_mode = \"dedicated\"");
+    let ctd = Containerd::start(&dir.join("ctd"), &snap.sock);
+    ctd.cri_pull(&a).unwrap();
+    ctd.cri_pull(&b).unwrap();
+    let before = reg.access_log().len();
+    let sums: Vec<String> = [(&a, "c1"), (&b, "c2")]
+        .iter()
+        .map(|(img, id)| String::from_utf8_lossy(&ctd.run(img, id, &["sha256sum", "/bin/busybox"]).stdout).into_owned())
+        .collect();
+    assert_eq!(sums[0], sums[1]);
+    assert_eq!(snap.nydusd_pids().len(), 2, "one daemon per image");
+    let log = reg.access_log()[before..].to_vec();
+    let sizes: HashMap<String, u64> = fs::read_dir(dir.join("snap/cache"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.strip_suffix(".blob.data").map(|id| (format!("sha256:{id}"), 0))
+        })
+        .collect();
+    assert!(!sizes.is_empty(), "nothing in the shared cache");
+    for blob in &common {
+        let gets = blob_gets(&log, &BTreeSet::from([blob.clone()]));
+        let bytes: u64 = gets.iter().map(|e| e.bytes).sum();
+        let size = blob_size(&reg, blob);
+        assert!(bytes <= size, "{blob}: {bytes} bytes fetched, more than the blob's {size}: {gets:?}");
+        eprintln!("shared blob {blob}: {} GETs, {bytes} of {size} bytes", gets.len());
+    }
+}
+
+fn blob_size(reg: &Registry, digest: &str) -> u64 {
+    let out = run_ok(Command::new("curl").args([
+        "-fsSI",
+        &format!("http://{}/v2/busybox/blobs/{digest}", reg.addr),
+    ]));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok())?
+        })
+        .expect("Content-Length")
+}
+
+/// The code of an error result.
+fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Code {
+    r.unwrap_err().code()
+}
+
+/// A client of the snapshotter's gRPC socket, for the error paths containerd would hide.
+struct Client {
+    rt: tokio::runtime::Runtime,
+    c: SnapshotsClient<tonic::transport::Channel>,
+}
+
+impl Client {
+    fn connect(sock: &Path) -> Client {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let sock = sock.to_path_buf();
+        let channel = rt
+            .block_on(
+                tonic::transport::Endpoint::try_from("http://[::]:50051")
+                    .unwrap()
+                    .connect_with_connector(tower::service_fn(move |_| {
+                        let sock = sock.clone();
+                        async move {
+                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                                tokio::net::UnixStream::connect(sock).await?,
+                            ))
+                        }
+                    })),
+            )
+            .unwrap();
+        Client {
+            rt,
+            c: SnapshotsClient::new(channel),
+        }
+    }
+
+    fn prepare(&mut self, key: &str, parent: &str, labels: &[(&str, &str)]) -> Result<Vec<snapshotter::proto::types::Mount>, tonic::Status> {
+        let req = PrepareSnapshotRequest {
+            snapshotter: "nydus".into(),
+            key: key.into(),
+            parent: parent.into(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        self.rt.block_on(self.c.prepare(req)).map(|r| r.into_inner().mounts)
+    }
+
+    fn commit(&mut self, name: &str, key: &str) -> Result<(), tonic::Status> {
+        let req = CommitSnapshotRequest {
+            snapshotter: "nydus".into(),
+            name: name.into(),
+            key: key.into(),
+            labels: Default::default(),
+        };
+        self.rt.block_on(self.c.commit(req)).map(drop)
+    }
+
+    fn stat(&mut self, key: &str) -> Result<Info, tonic::Status> {
+        let req = StatSnapshotRequest { snapshotter: "nydus".into(), key: key.into() };
+        self.rt.block_on(self.c.stat(req)).map(|r| r.into_inner().info.unwrap())
+    }
+
+    fn remove(&mut self, key: &str) -> Result<(), tonic::Status> {
+        let req = RemoveSnapshotRequest { snapshotter: "nydus".into(), key: key.into() };
+        self.rt.block_on(self.c.remove(req)).map(drop)
+    }
+
+    fn mounts(&mut self, key: &str) -> Result<Vec<snapshotter::proto::types::Mount>, tonic::Status> {
+        let req = MountsRequest { snapshotter: "nydus".into(), key: key.into() };
+        self.rt.block_on(self.c.mounts(req)).map(|r| r.into_inner().mounts)
+    }
+
+    fn list(&mut self, filters: &[&str]) -> Result<Vec<String>, tonic::Status> {
+        use futures_util::StreamExt as _;
+        let req = ListSnapshotsRequest {
+            snapshotter: "nydus".into(),
+            filters: filters.iter().map(|f| f.to_string()).collect(),
+        };
+        self.rt.block_on(async {
+            let mut s = self.c.list(req).await?.into_inner();
+            let mut names = Vec::new();
+            while let Some(batch) = s.next().await {
+                names.extend(batch?.info.into_iter().map(|i| i.name));
+            }
+            names.sort();
+            Ok(names)
+        })
+    }
+
+    /// A nydus image's meta snapshot `meta` over a data layer `data`, its bootstrap
+    /// copied from `boot`, labelled with `image`.
+    fn meta_layer(&mut self, data: &str, meta: &str, image: &str, boot: &[u8]) {
+        let e = self.prepare("extract-data", "", &[(REF_LABEL, data), (BLOB_LABEL, "true"), (IMAGE_LABEL, image)]).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e}");
+        let mounts = self
+            .prepare("extract-meta", data, &[(REF_LABEL, meta), (BOOT_LABEL, "true"), (IMAGE_LABEL, image)])
+            .unwrap();
+        // An unpack target over an empty data layer: the snapshot's own directory.
+        let upper = mounts[0]
+            .options
+            .iter()
+            .find_map(|o| o.strip_prefix("upperdir="))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(&mounts[0].source));
+        fs::create_dir_all(upper.join("image")).unwrap();
+        fs::write(upper.join("image/image.boot"), boot).unwrap();
+        self.commit(meta, "extract-meta").unwrap();
+    }
+}
+
+/// Unknown keys, missing parents, second Prepares, broken or missing bootstraps, an
+/// unreachable registry and a nydusd that never serves: gRPC errors with the right
+/// codes, naming the image, within bounds, leaving no snapshot, mount or daemon.
+#[test]
+fn snapshotter_refuses_bad_input_with_grpc_codes() {
+    tools();
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let reg_dir = dir.join("reg");
+    fs::create_dir_all(&reg_dir).unwrap();
+    let reg = Registry::start_in(&reg_dir, "");
+    busybox_images(&reg, dir, "v1");
+    let image = format!("{}/busybox:v1-nydus", reg.addr);
+    let (boot_path, _) = pull_nydus_image(&image, dir);
+    let boot = fs::read(&boot_path).unwrap();
+    let snap = NydusSnapshotter::start(&dir.join("snap"), "[daemon]\nready_timeout = 3");
+    let mut c = Client::connect(&snap.sock);
+
+    // Plain protocol errors.
+    let e = c.stat("nope").unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    assert!(e.message().contains("nope"), "{e}");
+    assert_eq!(code(c.mounts("nope")), tonic::Code::NotFound);
+    assert_eq!(code(c.remove("nope")), tonic::Code::NotFound);
+    assert_eq!(code(c.prepare("k", "no-parent", &[])), tonic::Code::NotFound);
+    c.prepare("k", "", &[]).unwrap();
+    assert_eq!(code(c.prepare("k", "", &[])), tonic::Code::AlreadyExists);
+    assert_eq!(code(c.prepare("k2", "k", &[])), tonic::Code::FailedPrecondition, "active parent");
+    assert_eq!(c.list(&["kind==active"]).unwrap(), vec!["k".to_string()]);
+    assert_eq!(code(c.list(&["size==1"])), tonic::Code::InvalidArgument);
+    c.remove("k").unwrap();
+
+    // Data layers but no bootstrap layer.
+    let e = c.prepare("extract-data", "", &[(REF_LABEL, "data0"), (BLOB_LABEL, "true")]).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists);
+    let e = c.prepare("ctr-a", "data0", &[]).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("no bootstrap layer"), "{e}");
+    assert_eq!(code(c.stat("ctr-a")), tonic::Code::NotFound, "a failed Prepare left its snapshot");
+
+    // A corrupt bootstrap, an unreachable registry, a good image.
+    let mut bad = boot.clone();
+    bad.truncate(bad.len() / 2);
+    c.meta_layer("data1", "meta-corrupt", &image, &bad);
+    let e = c.prepare("ctr-b", "meta-corrupt", &[]).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains(&image) && e.message().contains("bootstrap"), "{e}");
+    let closed = format!("127.0.0.1:{}/busybox:v1-nydus", free_port());
+    c.meta_layer("data2", "meta-unreachable", &closed, &boot);
+    let e = c.prepare("ctr-c", "meta-unreachable", &[]).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    assert!(e.message().contains(&closed) && e.message().contains("unreachable"), "{e}");
+    c.meta_layer("data3", "meta-good", &image, &boot);
+    let mounts = c.prepare("ctr-d", "meta-good", &[]).unwrap();
+    let lower = mounts[0].options.iter().find_map(|o| o.strip_prefix("lowerdir=")).unwrap().to_string();
+    assert!(rafs_e2e::is_mounted(Path::new(&lower)), "{mounts:?}");
+    assert_eq!(c.mounts("ctr-d").unwrap(), mounts, "Mounts() differs from Prepare()");
+    assert_eq!(code(c.remove("meta-good")), tonic::Code::FailedPrecondition, "parent of ctr-d");
+    c.remove("ctr-d").unwrap();
+    c.remove("meta-good").unwrap();
+    assert!(!rafs_e2e::is_mounted(Path::new(&lower)), "the image stayed mounted after its snapshot went");
+    assert!(snap.nydusd_pids().is_empty(), "{:?}", snap.nydusd_pids());
+    for key in ["ctr-b", "ctr-c"] {
+        assert_eq!(code(c.stat(key)), tonic::Code::NotFound);
+    }
+    assert!(snap.fuse_mounts().is_empty(), "{:?}", snap.fuse_mounts());
+    drop(c);
+    drop(snap);
+
+    // A nydusd that never serves: DEADLINE_EXCEEDED after ready_timeout, nothing left.
+    let fake = dir.join("fake-nydusd");
+    fs::write(&fake, "#!/bin/sh\nwhile :; do sleep 1; done\n").unwrap();
+    fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let root = dir.join("snap-hang");
+    let mut snap = NydusSnapshotter::start(&root, "[daemon]\nready_timeout = 2");
+    snap.nydusd = fake;
+    snap.down();
+    snap.up();
+    let mut c = Client::connect(&snap.sock);
+    c.meta_layer("data4", "meta-hang", &image, &boot);
+    let t0 = Instant::now();
+    let e = c.prepare("ctr-e", "meta-hang", &[]).unwrap_err();
+    let took = t0.elapsed();
+    assert_eq!(e.code(), tonic::Code::DeadlineExceeded, "{e}");
+    assert!(e.message().contains(&image), "{e}");
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    assert!(rafs_e2e::pids_mentioning(&root, "sh").is_empty(), "the hung daemon was left running");
+    assert!(snap.fuse_mounts().is_empty());
+    assert_eq!(code(c.stat("ctr-e")), tonic::Code::NotFound);
+}
