@@ -132,7 +132,7 @@ impl Filter {
         self.clauses.iter().all(|(path, op)| {
             let value: Option<&str> = match path[0].as_str() {
                 "name" => Some(name),
-                "parent" => Some(rec.parent.as_str()).filter(|p| !p.is_empty()),
+                "parent" => Some(rec.parent.as_str()),
                 "kind" => Some(match rec.kind {
                     Kind::View => "view",
                     Kind::Active => "active",
@@ -141,7 +141,7 @@ impl Filter {
                 _ => rec.labels.get(&path[1]).map(String::as_str),
             };
             match op {
-                Op::Present => value.is_some(),
+                Op::Present => value.is_some_and(|v| !v.is_empty()),
                 Op::Eq(v) => value == Some(v.as_str()),
                 Op::Ne(v) => value != Some(v.as_str()),
                 Op::Matches(re) => value.is_some_and(|s| re.is_match(s)),
@@ -184,7 +184,12 @@ mod tests {
             "labels.team==\"a b\"",
             "name~=^sha256:, kind!=view",
             "name==sha256:abc",
+            // What containerd asks after a remote snapshot's ALREADY_EXISTS.
+            r#"labels."containerd.io/gc.root"==x,parent=="p1""#,
         ];
+        let top = rec("", &[]);
+        assert!(parse(r#"name==a,parent=="""#).unwrap().matches("a", &top));
+        assert!(!parse("parent").unwrap().matches("a", &top));
         for f in yes {
             assert!(parse(f).unwrap().matches("sha256:abc", &r), "{f}");
         }

@@ -102,7 +102,11 @@ fn main() -> Result<()> {
         let (parsed, _) = Config::parse(&format!("daemon_mode = {m:?}")).map_err(anyhow::Error::msg)?;
         config.daemon_mode = parsed.daemon_mode;
     }
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
+    // The gRPC stack's own debug lines (every HTTP/2 frame) drown ours.
+    let filter = tracing_subscriber::EnvFilter::try_new(format!(
+        "{},h2=info,tower=info,hyper=info,tonic=info",
+        config.log_level
+    ))
         .with_context(|| format!("log level {:?}", config.log_level))?;
     tracing_subscriber::fmt()
         .with_env_filter(filter)

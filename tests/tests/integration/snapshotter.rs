@@ -219,6 +219,15 @@ fn images_run_lazily(mode: &str) {
     snap.down();
     snap.up();
     assert!(snap.log_text().contains("found running nydusd"), "{}", snap.log_text());
+    // containerd redials a restarted proxy plugin with gRPC's backoff (about 1 s first).
+    assert!(
+        wait_until(Duration::from_secs(30), || ctd
+            .ctr()
+            .args(["-n", "k8s.io", "snapshots", "--snapshotter", "nydus", "ls"])
+            .output()
+            .is_ok_and(|o| o.status.success())),
+        "containerd did not reach the restarted snapshotter"
+    );
     let out = ctd.run(&busybox, "bb3", &["cat", "/etc/hostname"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), want_host);
     let out = ctd.run(&python, "py2", &["python3", "-c", "print(6*7)"]);
@@ -229,14 +238,22 @@ fn images_run_lazily(mode: &str) {
     assert_eq!(pids, after, "daemons were replaced or leaked by the restarts");
     assert_eq!(snap.fuse_mounts().len(), expect_daemons);
 
-    // 6. Images removed: containerd's GC removes their snapshots; the daemons stop.
-    for image in [&busybox, &python, &oci] {
-        run_ok(ctd.ctr().args(["-n", "k8s.io", "images", "rm", "--sync", image]));
-    }
+    // 6. Images removed (CRI records each under its tag, digest and id): containerd's GC
+    // removes their snapshots, and the daemons stop.
+    let listed = run_ok(ctd.ctr().args(["-n", "k8s.io", "images", "ls", "-q"]));
+    let names: Vec<String> = String::from_utf8_lossy(&listed.stdout).lines().map(str::to_string).collect();
+    assert!(names.len() >= 3, "{names:?}");
+    run_ok(ctd.ctr().args(["-n", "k8s.io", "images", "rm", "--sync"]).args(&names));
     let gone = wait_until(Duration::from_secs(30), || {
         snap.nydusd_pids().len() <= usize::from(mode == "shared") && snap.fuse_mounts().len() <= usize::from(mode == "shared")
     });
-    assert!(gone, "daemons left after the images went: {:?}\n{}", snap.nydusd_pids(), snap.log_text());
+    assert!(
+        gone,
+        "daemons left after the images went: {:?}\nsnapshots: {}\n{}",
+        snap.nydusd_pids(),
+        String::from_utf8_lossy(&run_ok(ctd.ctr().args(["-n", "k8s.io", "snapshots", "--snapshotter", "nydus", "ls"])).stdout),
+        snap.log_text()
+    );
     for pid in pids {
         if mode != "shared" {
             assert!(!pid_alive(pid), "nydusd {pid} still runs");
