@@ -87,6 +87,8 @@ REQUIRED=(
     "debootstrap debootstrap"
     "cmake cmake"
     "protobuf-compiler protoc"
+    "containerd containerd ctr"
+    "runc runc"
     "pkg-config pkg-config"
     "build-essential cc c++ make"
 )

@@ -215,6 +215,17 @@ state = "{state}"
     /// Pulls `image` through CRI's `ImageService/PullImage` (the lazy path, as kubelet
     /// pulls), returning the image id, or the gRPC error's text.
     pub fn cri_pull(&self, image: &str) -> Result<String, String> {
+        self.cri_pull_auth(image, None)
+    }
+
+    /// [`Containerd::cri_pull`] with registry credentials `(user, password)`, as kubelet
+    /// passes an image pull secret.
+    pub fn cri_pull_auth(&self, image: &str, auth: Option<(&str, &str)>) -> Result<String, String> {
+        let auth = auth.map(|(u, p)| k8s_cri::v1::AuthConfig {
+            username: u.to_string(),
+            password: p.to_string(),
+            ..Default::default()
+        });
         let sock = self.sock.clone();
         let image = image.to_string();
         tokio::runtime::Builder::new_current_thread()
@@ -242,6 +253,7 @@ state = "{state}"
                             image,
                             ..Default::default()
                         }),
+                        auth,
                         ..Default::default()
                     })
                     .await
