@@ -291,7 +291,11 @@ fn put_config(ctx: &ApiContext, req: &Request) -> Response {
         if wanted.as_ref().is_some_and(|id| *id != m.mountpoint) {
             continue;
         }
-        if m.fs.cache().backend().set_credentials(Some(credentials.clone())) {
+        if m.fs
+            .cache()
+            .backend()
+            .set_credentials(Some(credentials.clone()))
+        {
             changed += 1;
         }
     }
@@ -530,7 +534,11 @@ pub fn route(ctx: &ApiContext, req: &Request) -> Response {
         }
         (
             _,
-            "/api/v1/daemon" | "/api/v1/daemon/exit" | "/metrics" | "/api/v1/mount" | "/api/v1/config",
+            "/api/v1/daemon"
+            | "/api/v1/daemon/exit"
+            | "/metrics"
+            | "/api/v1/mount"
+            | "/api/v1/config",
         )
         | (
             _,

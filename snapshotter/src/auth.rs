@@ -94,7 +94,10 @@ mod tests {
         .unwrap();
         let a = load(&p).unwrap();
         assert_eq!(a["127.0.0.1:5000"], ("u".to_string(), "p:w".to_string()));
-        assert_eq!(a["registry-1.docker.io"], ("d".to_string(), "x".to_string()));
+        assert_eq!(
+            a["registry-1.docker.io"],
+            ("d".to_string(), "x".to_string())
+        );
         assert_eq!(a.len(), 2);
         std::fs::write(&p, r#"{"auths":{"h":{"auth":"!!"}}}"#).unwrap();
         assert!(load(&p).unwrap_err().contains("auths.\"h\".auth"));

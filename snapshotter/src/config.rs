@@ -46,7 +46,8 @@ pub struct Config {
     /// `daemon.nydusd_path`: default `nydusd` next to this binary, else from `PATH`.
     pub nydusd_path: PathBuf,
     /// `daemon.nydusd_config`: the JSON template of every image's nydusd config (the
-    /// registry host, repository, auth and cache dir are filled in per image).
+    /// registry host, repository, auth and cache dir are filled in per image); default
+    /// `daemons::DEFAULT_AMPLIFY_IO` and digest validation.
     pub nydusd_config: Option<PathBuf>,
     /// `daemon.threads_number`: FUSE threads per nydusd (0: nydusd's default).
     pub threads_number: usize,
@@ -177,7 +178,10 @@ impl Config {
         }
         let root = raw.root.unwrap_or_else(|| DEFAULT_ROOT.into());
         if !root.is_absolute() {
-            return Err(format!("root = {}: must be an absolute path", root.display()));
+            return Err(format!(
+                "root = {}: must be an absolute path",
+                root.display()
+            ));
         }
         let daemon_mode = match raw.daemon_mode.as_deref().unwrap_or("multiple") {
             "multiple" | "dedicated" => DaemonMode::Dedicated,
@@ -212,13 +216,16 @@ impl Config {
                 .filter(|p| p.exists())
                 .unwrap_or_else(|| "nydusd".into())
         });
-        let docker_config = raw.remote.auth.docker_config.unwrap_or_else(|| {
-            match std::env::var_os("DOCKER_CONFIG") {
-                Some(d) => PathBuf::from(d).join("config.json"),
-                None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
-                    .join(".docker/config.json"),
-            }
-        });
+        let docker_config =
+            raw.remote.auth.docker_config.unwrap_or_else(|| {
+                match std::env::var_os("DOCKER_CONFIG") {
+                    Some(d) => PathBuf::from(d).join("config.json"),
+                    None => {
+                        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                            .join(".docker/config.json")
+                    }
+                }
+            });
         let refresh = raw.remote.auth.refresh_interval.unwrap_or(10);
         if refresh == 0 {
             return Err("remote.auth.refresh_interval = 0: must be at least 1 (seconds)".into());
@@ -271,7 +278,10 @@ mod tests {
         .unwrap();
         assert_eq!(c.daemon_mode, DaemonMode::Shared);
         assert_eq!(c.recover_policy, RecoverPolicy::None);
-        assert_eq!(ignored, vec!["cgroup".to_string(), "snapshot.sync_remove".to_string()]);
+        assert_eq!(
+            ignored,
+            vec!["cgroup".to_string(), "snapshot.sync_remove".to_string()]
+        );
     }
 
     #[test]
@@ -280,7 +290,10 @@ mod tests {
             ("daemon_mode = \"bogus\"", "daemon_mode = \"bogus\""),
             ("root = \"rel\"", "root = rel"),
             ("[daemon]\nfs_driver = \"fscache\"", "daemon.fs_driver"),
-            ("[daemon]\nrecover_policy = \"failover\"", "daemon.recover_policy"),
+            (
+                "[daemon]\nrecover_policy = \"failover\"",
+                "daemon.recover_policy",
+            ),
             ("version = 2", "version = 2"),
             ("daemon_mode = 3", "daemon_mode"),
         ] {

@@ -37,7 +37,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Manager {
     config: Arc<Config>,
     store: Arc<Store>,
-    template: Option<NydusdConfig>,
+    template: NydusdConfig,
     metrics: Metrics,
     state: Mutex<State>,
 }
@@ -46,6 +46,28 @@ pub struct Manager {
 struct State {
     daemons: HashMap<String, Daemon>,
     auths: Auths,
+}
+
+/// On-demand reads are extended to this many bytes of the following chunks when no
+/// `nydusd_config` says otherwise (nydusd's own default is 1 MiB). Measured on the python
+/// fixture's cold start (`cargo bench --bench snapshotter`, 5 ms per request and
+/// 200 Mbit/s, OCI through containerd's overlayfs about 5.1 s): 1 MiB fetched 25% of the
+/// image's bytes in 25 requests (1.25 s), 256 KiB 12.7% in 33 (1.02 s), 128 KiB 10.2% in
+/// 34 (0.91 s), 64 KiB 9.5% in 39 (0.98 s), none 7.9% in 46 (1.08 s, and 1.42 s at 20 ms
+/// per request against 1.12 s for 64 KiB). The kernel's readahead window made no
+/// difference there (128 KiB instead of nydusd's 16 MiB: the same bytes).
+pub const DEFAULT_AMPLIFY_IO: u64 = 64 << 10;
+
+/// The nydusd config of images when the snapshotter's config names no template: a
+/// verified `blobcache`, and [`DEFAULT_AMPLIFY_IO`].
+fn default_template() -> NydusdConfig {
+    NydusdConfig {
+        mode: Some("direct".into()),
+        digest_validate: Some(true),
+        enable_xattr: Some(true),
+        amplify_io: Some(DEFAULT_AMPLIFY_IO),
+        ..Default::default()
+    }
 }
 
 /// Where the snapshot with id `id` keeps its files.
@@ -64,10 +86,14 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 impl Manager {
     /// A manager; reads the nydusd config template and the credentials file.
-    pub fn new(config: Arc<Config>, store: Arc<Store>, metrics: Metrics) -> Result<Manager, String> {
+    pub fn new(
+        config: Arc<Config>,
+        store: Arc<Store>,
+        metrics: Metrics,
+    ) -> Result<Manager, String> {
         let template = match &config.nydusd_config {
-            Some(p) => Some(NydusdConfig::load(p).map_err(|e| e.to_string())?),
-            None => None,
+            Some(p) => NydusdConfig::load(p).map_err(|e| e.to_string())?,
+            None => default_template(),
         };
         let auths = auth::load(&config.docker_config)?;
         Ok(Manager {
@@ -138,7 +164,7 @@ impl Manager {
             ))
         })?;
         let config = NydusdConfig::for_image(
-            self.template.as_ref(),
+            Some(&self.template),
             &image,
             &ImageConfigOptions {
                 cache_dir: self.config.cache_dir.clone(),
@@ -149,14 +175,16 @@ impl Manager {
         .map_err(|e| Status::invalid_argument(format!("image {image}: {e}")))?;
         let config_dir = self.config.root.join("config");
         let io = |what: String| move |e: std::io::Error| Status::internal(format!("{what}: {e}"));
-        std::fs::create_dir_all(&config_dir).map_err(io(format!("creating {}", config_dir.display())))?;
+        std::fs::create_dir_all(&config_dir)
+            .map_err(io(format!("creating {}", config_dir.display())))?;
         let config_path = config_dir.join(format!("{}.json", meta.id));
         std::fs::write(&config_path, config.to_json())
             .map_err(io(format!("writing {}", config_path.display())))?;
         let (daemon_id, mountpoint) = match self.config.daemon_mode {
             DaemonMode::Dedicated => {
                 let id = format!("nydusd-{}", meta.id);
-                let mut cmd = self.command(&id, &snapshot_dir(&self.config.root, meta.id).join("mnt"));
+                let mut cmd =
+                    self.command(&id, &snapshot_dir(&self.config.root, meta.id).join("mnt"));
                 cmd.bootstrap = Some(bootstrap.clone());
                 cmd.config = Some(config_path.clone());
                 let d = self.start(state, &id, cmd, false, &image, meta_key)?;
@@ -176,9 +204,16 @@ impl Manager {
                     Ok(()) => {}
                     // Mounted before a restart of ours: the same image, keep it.
                     Err(e) if e.status() == Some(409) => {
-                        let info = daemon.api.daemon_info().map_err(|e| Status::unavailable(e.to_string()))?;
-                        if info.mounts.get(&sub).map(|m| m.source.as_str()) != Some(req.source.as_str()) {
-                            return Err(Status::internal(format!("image {image}: shared daemon: {e}")));
+                        let info = daemon
+                            .api
+                            .daemon_info()
+                            .map_err(|e| Status::unavailable(e.to_string()))?;
+                        if info.mounts.get(&sub).map(|m| m.source.as_str())
+                            != Some(req.source.as_str())
+                        {
+                            return Err(Status::internal(format!(
+                                "image {image}: shared daemon: {e}"
+                            )));
                         }
                     }
                     Err(e) => {
@@ -234,7 +269,10 @@ impl Manager {
         detach_mount(&cmd.mountpoint);
         let started = std::time::Instant::now();
         let mut d = cmd.start().map_err(|e| {
-            Status::internal(format!("image {image} (snapshot {snapshot}): {}", chain(&e)))
+            Status::internal(format!(
+                "image {image} (snapshot {snapshot}): {}",
+                chain(&e)
+            ))
         })?;
         if let Err(e) = d.wait_running(self.config.ready_timeout) {
             let timed_out = e.to_string().contains("was not serving after");
@@ -399,15 +437,23 @@ impl Manager {
         if auths == state.auths {
             return;
         }
-        let Ok(instances) = self.store.instances() else { return };
+        let Ok(instances) = self.store.instances() else {
+            return;
+        };
         for (id, inst) in instances {
-            let Ok(r) = ImageRef::parse(&inst.image) else { continue };
+            let Ok(r) = ImageRef::parse(&inst.image) else {
+                continue;
+            };
             let (old, new) = (state.auths.get(&r.host), auths.get(&r.host));
             if old == new {
                 continue;
             }
-            let Some((user, password)) = new else { continue };
-            let Some(d) = state.daemons.get(&inst.daemon_id) else { continue };
+            let Some((user, password)) = new else {
+                continue;
+            };
+            let Some(d) = state.daemons.get(&inst.daemon_id) else {
+                continue;
+            };
             let target = (inst.daemon_id == SHARED_DAEMON_ID).then(|| format!("/{id}"));
             let update = ConfigUpdate {
                 registry_auth: Some(encode_auth(user, password)),
@@ -417,7 +463,9 @@ impl Manager {
                     self.metrics.auth_refreshes.inc();
                     info!(image = %inst.image, snapshot = %inst.meta_key, "new registry credentials handed to nydusd")
                 }
-                Err(e) => warn!(image = %inst.image, snapshot = %inst.meta_key, "handing new credentials to nydusd: {e}"),
+                Err(e) => {
+                    warn!(image = %inst.image, snapshot = %inst.meta_key, "handing new credentials to nydusd: {e}")
+                }
             }
         }
         state.auths = auths;
@@ -448,7 +496,9 @@ impl Manager {
                 Err(_) => return 0,
             }
         }
-        let Ok(dir) = std::fs::read_dir(&self.config.cache_dir) else { return 0 };
+        let Ok(dir) = std::fs::read_dir(&self.config.cache_dir) else {
+            return 0;
+        };
         let mut removed = 0;
         for entry in dir.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -494,7 +544,10 @@ impl Manager {
 /// Connects to the registry host (`host[:port]`, port 443 by default), within
 /// [`PROBE_TIMEOUT`].
 fn probe(host: &str) -> Result<(), String> {
-    let with_port = if host.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+    let with_port = if host
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
         host.to_string()
     } else {
         format!("{host}:443")

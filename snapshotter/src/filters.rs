@@ -97,7 +97,11 @@ pub fn parse(text: &str) -> Result<Filter, String> {
                 while i < chars.len() && chars[i] != ',' {
                     i += 1;
                 }
-                chars[start..i].iter().collect::<String>().trim().to_string()
+                chars[start..i]
+                    .iter()
+                    .collect::<String>()
+                    .trim()
+                    .to_string()
             };
             match kind {
                 "==" => Op::Eq(value),
@@ -165,7 +169,10 @@ mod tests {
             id: 1,
             kind: Kind::Committed,
             parent: parent.into(),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>(),
             created: std::time::SystemTime::UNIX_EPOCH,
             updated: std::time::SystemTime::UNIX_EPOCH,
             size: 0,
@@ -193,7 +200,12 @@ mod tests {
         for f in yes {
             assert!(parse(f).unwrap().matches("sha256:abc", &r), "{f}");
         }
-        let no = ["parent==p2", "labels.other", "kind==active", "name~=^x, parent==p1"];
+        let no = [
+            "parent==p2",
+            "labels.other",
+            "kind==active",
+            "name~=^x, parent==p1",
+        ];
         for f in no {
             assert!(!parse(f).unwrap().matches("sha256:abc", &r), "{f}");
         }

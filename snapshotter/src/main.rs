@@ -37,7 +37,8 @@ use tracing::{info, warn};
 ///   cleanup_on_close = false     # stop every nydusd when the snapshotter exits
 ///   [daemon]
 ///   nydusd_path = "nydusd"       # default: next to this binary, else from PATH
-///   nydusd_config = ""           # JSON template of each image's nydusd config
+///   nydusd_config = ""           # JSON template of each image's nydusd config (default:
+///                                # digest_validate true, amplify_io 65536)
 ///   threads_number = 0           # FUSE threads per nydusd (0: nydusd's default)
 ///   recover_policy = "restart"   # or "none": what to do about a dead nydusd
 ///   ready_timeout = 30           # (ours) seconds a new nydusd may take to serve
@@ -86,7 +87,11 @@ fn main() -> Result<()> {
         config.address = a;
     }
     if let Some(r) = opt.root {
-        anyhow::ensure!(r.is_absolute(), "--root {}: must be an absolute path", r.display());
+        anyhow::ensure!(
+            r.is_absolute(),
+            "--root {}: must be an absolute path",
+            r.display()
+        );
         if config.cache_dir == config.root.join("cache") {
             config.cache_dir = r.join("cache");
         }
@@ -99,7 +104,8 @@ fn main() -> Result<()> {
         config.nydusd_path = n;
     }
     if let Some(m) = opt.daemon_mode {
-        let (parsed, _) = Config::parse(&format!("daemon_mode = {m:?}")).map_err(anyhow::Error::msg)?;
+        let (parsed, _) =
+            Config::parse(&format!("daemon_mode = {m:?}")).map_err(anyhow::Error::msg)?;
         config.daemon_mode = parsed.daemon_mode;
     }
     // The gRPC stack's own debug lines (every HTTP/2 frame) drown ours.
@@ -107,7 +113,7 @@ fn main() -> Result<()> {
         "{},h2=info,tower=info,hyper=info,tonic=info",
         config.log_level
     ))
-        .with_context(|| format!("log level {:?}", config.log_level))?;
+    .with_context(|| format!("log level {:?}", config.log_level))?;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
@@ -129,9 +135,12 @@ async fn serve(config: Arc<Config>) -> Result<()> {
     }
     std::fs::create_dir_all(&config.cache_dir)
         .with_context(|| format!("creating {}", config.cache_dir.display()))?;
-    let store = Arc::new(Store::open(&config.root.join("metadata.redb")).map_err(anyhow::Error::msg)?);
+    let store =
+        Arc::new(Store::open(&config.root.join("metadata.redb")).map_err(anyhow::Error::msg)?);
     let metrics = Metrics::default();
-    let manager = Arc::new(Manager::new(config.clone(), store.clone(), metrics.clone()).map_err(anyhow::Error::msg)?);
+    let manager = Arc::new(
+        Manager::new(config.clone(), store.clone(), metrics.clone()).map_err(anyhow::Error::msg)?,
+    );
     {
         let m = manager.clone();
         tokio::task::spawn_blocking(move || m.recover())
@@ -171,7 +180,12 @@ async fn serve(config: Arc<Config>) -> Result<()> {
     let _ = std::fs::remove_file(&config.address);
     let listener = tokio::net::UnixListener::bind(&config.address)
         .with_context(|| format!("binding {}", config.address.display()))?;
-    let service = Service(Arc::new(Snapshotter::new(config.clone(), store, manager.clone(), metrics)));
+    let service = Service(Arc::new(Snapshotter::new(
+        config.clone(),
+        store,
+        manager.clone(),
+        metrics,
+    )));
     info!(
         "serving containerd's snapshots API on {} (root {}, {:?} daemons, nydusd {})",
         config.address.display(),

@@ -50,16 +50,36 @@ impl Default for Metrics {
             auth_refreshes: Counter::default(),
             daemons: Gauge::default(),
         };
-        registry.register("requests", "gRPC requests by method and result code", m.requests.clone());
+        registry.register(
+            "requests",
+            "gRPC requests by method and result code",
+            m.requests.clone(),
+        );
         registry.register(
             "remote_layers",
             "nydus data layers answered ALREADY_EXISTS without download",
             m.remote_layers.clone(),
         );
-        registry.register("instances_mounted", "Images mounted through nydusd", m.instances_mounted.clone());
-        registry.register("daemons_started", "nydusd processes started", m.daemons_started.clone());
-        registry.register("daemon_failures", "nydusd processes that never served", m.daemon_failures.clone());
-        registry.register("auth_refreshes", "Credentials handed to running nydusd", m.auth_refreshes.clone());
+        registry.register(
+            "instances_mounted",
+            "Images mounted through nydusd",
+            m.instances_mounted.clone(),
+        );
+        registry.register(
+            "daemons_started",
+            "nydusd processes started",
+            m.daemons_started.clone(),
+        );
+        registry.register(
+            "daemon_failures",
+            "nydusd processes that never served",
+            m.daemon_failures.clone(),
+        );
+        registry.register(
+            "auth_refreshes",
+            "Credentials handed to running nydusd",
+            m.auth_refreshes.clone(),
+        );
         registry.register("daemons", "nydusd processes running", m.daemons.clone());
         Metrics {
             registry: Arc::new(registry),

@@ -46,7 +46,12 @@ fn io_status(what: String) -> impl FnOnce(std::io::Error) -> Status {
 
 impl Snapshotter {
     /// A snapshotter over `store`, with images served through `manager`.
-    pub fn new(config: Arc<Config>, store: Arc<Store>, manager: Arc<Manager>, metrics: Metrics) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        store: Arc<Store>,
+        manager: Arc<Manager>,
+        metrics: Metrics,
+    ) -> Self {
         Snapshotter {
             config,
             store,
@@ -69,7 +74,9 @@ impl Snapshotter {
         let mut seen = HashSet::new();
         while !parent.is_empty() {
             if !seen.insert(parent.clone()) {
-                return Err(Status::internal(format!("snapshot parents loop at {parent}")));
+                return Err(Status::internal(format!(
+                    "snapshot parents loop at {parent}"
+                )));
             }
             let rec = self.store.must_get(&parent)?;
             let next = rec.parent.clone();
@@ -100,7 +107,8 @@ impl Snapshotter {
         std::fs::create_dir_all(&fs).map_err(io_status(format!("creating {}", fs.display())))?;
         if rec.kind == StoreKind::Active {
             let work = self.work_dir(rec.id);
-            std::fs::create_dir_all(&work).map_err(io_status(format!("creating {}", work.display())))?;
+            std::fs::create_dir_all(&work)
+                .map_err(io_status(format!("creating {}", work.display())))?;
         }
         let parents = self.ancestors(rec.parent.clone())?;
         // A layer being unpacked for a pull is an ordinary directory, whatever the image.
@@ -111,7 +119,10 @@ impl Snapshotter {
                 debug!(snapshot = %key, image_snapshot = %meta_key, "nydus rootfs over {}", lower.display());
                 return Ok(self.overlay(rec, vec![lower], true));
             }
-            if let Some((blob_key, _)) = parents.iter().find(|(_, p)| is_true(&p.labels, NYDUS_BLOB_LABEL)) {
+            if let Some((blob_key, _)) = parents
+                .iter()
+                .find(|(_, p)| is_true(&p.labels, NYDUS_BLOB_LABEL))
+            {
                 return Err(Status::failed_precondition(format!(
                     "snapshot {key}: its image has nydus data layers ({blob_key}) but no bootstrap layer \
                      ({NYDUS_BOOTSTRAP_LABEL}): the image is incomplete or not a nydus image"
@@ -176,12 +187,17 @@ impl Snapshotter {
     ) -> Result<Vec<Mount>, Status> {
         if let Some(target) = labels.get(SNAPSHOT_REF_LABEL) {
             if self.store.get(target)?.is_some() {
-                return Err(Status::already_exists(format!("target snapshot {target} already exists")));
+                return Err(Status::already_exists(format!(
+                    "target snapshot {target} already exists"
+                )));
             }
             if kind == StoreKind::Active && is_true(&labels, NYDUS_BLOB_LABEL) {
-                let rec = self.store.create(target, StoreKind::Committed, parent, labels.clone())?;
+                let rec =
+                    self.store
+                        .create(target, StoreKind::Committed, parent, labels.clone())?;
                 let fs = self.fs_dir(rec.id);
-                std::fs::create_dir_all(&fs).map_err(io_status(format!("creating {}", fs.display())))?;
+                std::fs::create_dir_all(&fs)
+                    .map_err(io_status(format!("creating {}", fs.display())))?;
                 self.metrics.remote_layers.inc();
                 info!(snapshot = %target, image = %labels.get(crate::IMAGE_REF_LABEL).map_or("?", |s| s.as_str()),
                       "nydus data layer: committed without download");
@@ -205,12 +221,22 @@ impl Snapshotter {
     }
 
     /// Prepare: a writable snapshot over `parent`.
-    pub fn prepare(&self, key: &str, parent: &str, labels: BTreeMap<String, String>) -> Result<Vec<Mount>, Status> {
+    pub fn prepare(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>, Status> {
         self.create(key, parent, labels, StoreKind::Active)
     }
 
     /// View: a read-only snapshot over `parent`.
-    pub fn view(&self, key: &str, parent: &str, labels: BTreeMap<String, String>) -> Result<Vec<Mount>, Status> {
+    pub fn view(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>, Status> {
         self.create(key, parent, labels, StoreKind::View)
     }
 
@@ -226,7 +252,12 @@ impl Snapshotter {
     }
 
     /// Commit: active `key` becomes committed `name`.
-    pub fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<(), Status> {
+    pub fn commit(
+        &self,
+        name: &str,
+        key: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<(), Status> {
         let rec = self.store.must_get(key)?;
         let usage = disk_usage(&self.fs_dir(rec.id));
         let rec = self.store.commit(key, name, labels, usage)?;
@@ -333,12 +364,19 @@ impl Snapshotter {
         self.manager.drop_orphans()?;
         if let Ok(dir) = std::fs::read_dir(self.config.root.join("snapshots")) {
             for entry in dir.flatten() {
-                let Some(id) = entry.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) else {
+                let Some(id) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<u64>().ok())
+                else {
                     continue;
                 };
                 if !ids.contains(&id) {
                     nydusd::client::launcher::detach_mount(&entry.path().join("mnt"));
-                    info!("cleanup: removing {} (no snapshot owns it)", entry.path().display());
+                    info!(
+                        "cleanup: removing {} (no snapshot owns it)",
+                        entry.path().display()
+                    );
                     let _ = std::fs::remove_dir_all(entry.path());
                 }
             }
@@ -369,9 +407,13 @@ pub fn disk_usage(dir: &Path) -> (i64, i64) {
     let (mut size, mut inodes) = (0i64, 0i64);
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in entries.flatten() {
-            let Ok(md) = e.path().symlink_metadata() else { continue };
+            let Ok(md) = e.path().symlink_metadata() else {
+                continue;
+            };
             if seen.insert((md.dev(), md.ino())) {
                 size += (md.blocks() * 512) as i64;
                 inodes += 1;
@@ -400,10 +442,14 @@ impl Service {
         let result = tokio::task::spawn_blocking(move || f(&s))
             .await
             .map_err(|e| Status::internal(format!("{op}: {e}")))?;
-        let code = result.as_ref().map_or_else(|e| e.code(), |_| tonic::Code::Ok);
+        let code = result
+            .as_ref()
+            .map_or_else(|e| e.code(), |_| tonic::Code::Ok);
         self.0.metrics.request(op, code);
         match &result {
-            Err(e) if e.code() != tonic::Code::AlreadyExists && e.code() != tonic::Code::NotFound => {
+            Err(e)
+                if e.code() != tonic::Code::AlreadyExists && e.code() != tonic::Code::NotFound =>
+            {
                 warn!(snapshot = %key, "{op}: {}", e.message())
             }
             Err(e) => debug!(snapshot = %key, "{op}: {}", e.message()),
@@ -419,7 +465,10 @@ fn labels(m: std::collections::HashMap<String, String>) -> BTreeMap<String, Stri
 
 #[tonic::async_trait]
 impl Snapshots for Service {
-    async fn prepare(&self, r: Request<PrepareSnapshotRequest>) -> Result<Response<PrepareSnapshotResponse>, Status> {
+    async fn prepare(
+        &self,
+        r: Request<PrepareSnapshotRequest>,
+    ) -> Result<Response<PrepareSnapshotResponse>, Status> {
         let r = r.into_inner();
         self.run("prepare", r.key.clone(), move |s| {
             let mounts = s.prepare(&r.key, &r.parent, labels(r.labels))?;
@@ -428,7 +477,10 @@ impl Snapshots for Service {
         .await
     }
 
-    async fn view(&self, r: Request<ViewSnapshotRequest>) -> Result<Response<ViewSnapshotResponse>, Status> {
+    async fn view(
+        &self,
+        r: Request<ViewSnapshotRequest>,
+    ) -> Result<Response<ViewSnapshotResponse>, Status> {
         let r = r.into_inner();
         self.run("view", r.key.clone(), move |s| {
             let mounts = s.view(&r.key, &r.parent, labels(r.labels))?;
@@ -439,42 +491,70 @@ impl Snapshots for Service {
 
     async fn mounts(&self, r: Request<MountsRequest>) -> Result<Response<MountsResponse>, Status> {
         let r = r.into_inner();
-        self.run("mounts", r.key.clone(), move |s| Ok(MountsResponse { mounts: s.mounts_of(&r.key)? }))
-            .await
-    }
-
-    async fn commit(&self, r: Request<CommitSnapshotRequest>) -> Result<Response<()>, Status> {
-        let r = r.into_inner();
-        self.run("commit", r.key.clone(), move |s| s.commit(&r.name, &r.key, labels(r.labels)))
-            .await
-    }
-
-    async fn remove(&self, r: Request<RemoveSnapshotRequest>) -> Result<Response<()>, Status> {
-        let r = r.into_inner();
-        self.run("remove", r.key.clone(), move |s| s.remove(&r.key)).await
-    }
-
-    async fn stat(&self, r: Request<StatSnapshotRequest>) -> Result<Response<StatSnapshotResponse>, Status> {
-        let r = r.into_inner();
-        self.run("stat", r.key.clone(), move |s| Ok(StatSnapshotResponse { info: Some(s.stat(&r.key)?) }))
-            .await
-    }
-
-    async fn update(&self, r: Request<UpdateSnapshotRequest>) -> Result<Response<UpdateSnapshotResponse>, Status> {
-        let r = r.into_inner();
-        let info = r.info.ok_or_else(|| Status::invalid_argument("update without info"))?;
-        let mask = r.update_mask.map(|m| m.paths).unwrap_or_default();
-        self.run("update", info.name.clone(), move |s| {
-            Ok(UpdateSnapshotResponse { info: Some(s.update(info, mask)?) })
+        self.run("mounts", r.key.clone(), move |s| {
+            Ok(MountsResponse {
+                mounts: s.mounts_of(&r.key)?,
+            })
         })
         .await
     }
 
-    type ListStream = futures_util::stream::Iter<std::vec::IntoIter<Result<ListSnapshotsResponse, Status>>>;
-
-    async fn list(&self, r: Request<ListSnapshotsRequest>) -> Result<Response<Self::ListStream>, Status> {
+    async fn commit(&self, r: Request<CommitSnapshotRequest>) -> Result<Response<()>, Status> {
         let r = r.into_inner();
-        let all = self.run("list", String::new(), move |s| s.list(&r.filters)).await?.into_inner();
+        self.run("commit", r.key.clone(), move |s| {
+            s.commit(&r.name, &r.key, labels(r.labels))
+        })
+        .await
+    }
+
+    async fn remove(&self, r: Request<RemoveSnapshotRequest>) -> Result<Response<()>, Status> {
+        let r = r.into_inner();
+        self.run("remove", r.key.clone(), move |s| s.remove(&r.key))
+            .await
+    }
+
+    async fn stat(
+        &self,
+        r: Request<StatSnapshotRequest>,
+    ) -> Result<Response<StatSnapshotResponse>, Status> {
+        let r = r.into_inner();
+        self.run("stat", r.key.clone(), move |s| {
+            Ok(StatSnapshotResponse {
+                info: Some(s.stat(&r.key)?),
+            })
+        })
+        .await
+    }
+
+    async fn update(
+        &self,
+        r: Request<UpdateSnapshotRequest>,
+    ) -> Result<Response<UpdateSnapshotResponse>, Status> {
+        let r = r.into_inner();
+        let info = r
+            .info
+            .ok_or_else(|| Status::invalid_argument("update without info"))?;
+        let mask = r.update_mask.map(|m| m.paths).unwrap_or_default();
+        self.run("update", info.name.clone(), move |s| {
+            Ok(UpdateSnapshotResponse {
+                info: Some(s.update(info, mask)?),
+            })
+        })
+        .await
+    }
+
+    type ListStream =
+        futures_util::stream::Iter<std::vec::IntoIter<Result<ListSnapshotsResponse, Status>>>;
+
+    async fn list(
+        &self,
+        r: Request<ListSnapshotsRequest>,
+    ) -> Result<Response<Self::ListStream>, Status> {
+        let r = r.into_inner();
+        let all = self
+            .run("list", String::new(), move |s| s.list(&r.filters))
+            .await?
+            .into_inner();
         let batches: Vec<Result<ListSnapshotsResponse, Status>> = all
             .chunks(100)
             .map(|c| Ok(ListSnapshotsResponse { info: c.to_vec() }))
@@ -484,7 +564,8 @@ impl Snapshots for Service {
 
     async fn usage(&self, r: Request<UsageRequest>) -> Result<Response<UsageResponse>, Status> {
         let r = r.into_inner();
-        self.run("usage", r.key.clone(), move |s| s.usage(&r.key)).await
+        self.run("usage", r.key.clone(), move |s| s.usage(&r.key))
+            .await
     }
 
     async fn cleanup(&self, _r: Request<CleanupRequest>) -> Result<Response<()>, Status> {

@@ -153,7 +153,9 @@ impl Store {
         let rec = {
             let mut t = txn.open_table(SNAPSHOTS).map_err(internal)?;
             if t.get(key).map_err(internal)?.is_some() {
-                return Err(Status::already_exists(format!("snapshot {key} already exists")));
+                return Err(Status::already_exists(format!(
+                    "snapshot {key} already exists"
+                )));
             }
             if !parent.is_empty() {
                 let p: Record = match t.get(parent).map_err(internal)? {
@@ -204,7 +206,9 @@ impl Store {
         let rec = {
             let mut t = txn.open_table(SNAPSHOTS).map_err(internal)?;
             if t.get(name).map_err(internal)?.is_some() {
-                return Err(Status::already_exists(format!("snapshot {name} already exists")));
+                return Err(Status::already_exists(format!(
+                    "snapshot {name} already exists"
+                )));
             }
             let mut rec: Record = match t.remove(key).map_err(internal)? {
                 Some(v) => decode(v.value())?,
@@ -252,7 +256,11 @@ impl Store {
     }
 
     /// Replaces `key`'s labels.
-    pub fn set_labels(&self, key: &str, labels: BTreeMap<String, String>) -> Result<Record, Status> {
+    pub fn set_labels(
+        &self,
+        key: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Record, Status> {
         let txn = self.db.begin_write().map_err(internal)?;
         let rec = {
             let mut t = txn.open_table(SNAPSHOTS).map_err(internal)?;
@@ -282,7 +290,10 @@ impl Store {
     /// Forgets the instance of meta snapshot `id`.
     pub fn remove_instance(&self, id: u64) -> Result<(), Status> {
         let txn = self.db.begin_write().map_err(internal)?;
-        txn.open_table(INSTANCES).map_err(internal)?.remove(id).map_err(internal)?;
+        txn.open_table(INSTANCES)
+            .map_err(internal)?
+            .remove(id)
+            .map_err(internal)?;
         txn.commit().map_err(internal)
     }
 
@@ -311,7 +322,10 @@ impl Store {
     /// Forgets daemon `id`.
     pub fn remove_daemon(&self, id: &str) -> Result<(), Status> {
         let txn = self.db.begin_write().map_err(internal)?;
-        txn.open_table(DAEMONS).map_err(internal)?.remove(id).map_err(internal)?;
+        txn.open_table(DAEMONS)
+            .map_err(internal)?
+            .remove(id)
+            .map_err(internal)?;
         txn.commit().map_err(internal)
     }
 
@@ -340,11 +354,17 @@ mod tests {
             let s = Store::open(&path).unwrap();
             let a = s.create("a", Kind::Active, "", BTreeMap::new()).unwrap();
             assert_eq!(a.id, 1);
-            let e = s.create("a", Kind::Active, "", BTreeMap::new()).unwrap_err();
+            let e = s
+                .create("a", Kind::Active, "", BTreeMap::new())
+                .unwrap_err();
             assert_eq!(e.code(), tonic::Code::AlreadyExists);
-            let e = s.create("b", Kind::Active, "a", BTreeMap::new()).unwrap_err();
+            let e = s
+                .create("b", Kind::Active, "a", BTreeMap::new())
+                .unwrap_err();
             assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
-            let e = s.create("b", Kind::Active, "zz", BTreeMap::new()).unwrap_err();
+            let e = s
+                .create("b", Kind::Active, "zz", BTreeMap::new())
+                .unwrap_err();
             assert_eq!(e.code(), tonic::Code::NotFound);
             let labels = BTreeMap::from([("x".to_string(), "1".to_string())]);
             let c = s.commit("a", "c", labels, (4096, 2)).unwrap();
@@ -352,12 +372,24 @@ mod tests {
             s.create("b", Kind::Active, "c", BTreeMap::new()).unwrap();
             let e = s.remove("c").unwrap_err();
             assert_eq!(e.code(), tonic::Code::FailedPrecondition);
-            s.put_daemon("d1", &DaemonRecord { pid: 7, apisock: "/s".into(), mountpoint: "/m".into(), shared: false }).unwrap();
+            s.put_daemon(
+                "d1",
+                &DaemonRecord {
+                    pid: 7,
+                    apisock: "/s".into(),
+                    mountpoint: "/m".into(),
+                    shared: false,
+                },
+            )
+            .unwrap();
         }
         let s = Store::open(&path).unwrap();
         assert_eq!(s.must_get("c").unwrap().labels["x"], "1");
         assert!(s.get("a").unwrap().is_none());
-        assert_eq!(s.create("d", Kind::View, "c", BTreeMap::new()).unwrap().id, 3);
+        assert_eq!(
+            s.create("d", Kind::View, "c", BTreeMap::new()).unwrap().id,
+            3
+        );
         assert_eq!(s.daemons().unwrap()[0].1.pid, 7);
         s.remove("b").unwrap();
         s.remove("d").unwrap();

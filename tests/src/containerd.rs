@@ -47,7 +47,11 @@ impl NydusSnapshotter {
     /// Starts it (again).
     pub fn up(&mut self) {
         let _ = fs::remove_file(&self.sock);
-        let log = fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let child = ChildGuard::spawn(
             Command::new(crate::bin("containerd-nydus-grpc"))
                 .arg("--config")
@@ -129,6 +133,12 @@ pub struct Containerd {
 impl Containerd {
     /// Starts containerd and waits until `ctr version` answers.
     pub fn start(dir: &Path, snapshotter_sock: &Path) -> Containerd {
+        Containerd::start_with(dir, snapshotter_sock, SNAPSHOTTER)
+    }
+
+    /// [`Containerd::start`] with CRI pulling into `cri_snapshotter` (e.g. containerd's
+    /// own `overlayfs`) instead of ours.
+    pub fn start_with(dir: &Path, snapshotter_sock: &Path, cri_snapshotter: &str) -> Containerd {
         fs::create_dir_all(dir).unwrap();
         let sock = dir.join("containerd.sock");
         let config = dir.join("config.toml");
@@ -150,7 +160,7 @@ state = "{state}"
   disable_tcp_service = true
   restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "{SNAPSHOTTER}"
+    snapshotter = "{cri_snapshotter}"
     disable_snapshot_annotations = false
   [plugins."io.containerd.grpc.v1.cri".registry.mirrors."docker.io"]
     endpoint = []
@@ -191,7 +201,12 @@ state = "{state}"
         );
         assert!(
             wait_until(Duration::from_secs(20), || {
-                self.ctr().arg("version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+                self.ctr()
+                    .arg("version")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
             }),
             "containerd did not answer; log:\n{}",
             fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
@@ -265,9 +280,23 @@ state = "{state}"
     /// `ctr -n k8s.io run --rm --snapshotter nydus IMAGE ID ARGS...`: runs a container
     /// to its end; panics unless it succeeds.
     pub fn run(&self, image: &str, id: &str, args: &[&str]) -> Output {
+        self.run_with(SNAPSHOTTER, image, id, args)
+    }
+
+    /// [`Containerd::run`] with the rootfs from `snapshotter`.
+    pub fn run_with(&self, snapshotter: &str, image: &str, id: &str, args: &[&str]) -> Output {
         run_ok(
             self.ctr()
-                .args(["-n", "k8s.io", "run", "--rm", "--snapshotter", SNAPSHOTTER, image, id])
+                .args([
+                    "-n",
+                    "k8s.io",
+                    "run",
+                    "--rm",
+                    "--snapshotter",
+                    snapshotter,
+                    image,
+                    id,
+                ])
                 .args(args),
         )
     }
@@ -289,12 +318,16 @@ impl Drop for Containerd {
 pub fn pids_mentioning(path: &Path, name: &str) -> Vec<u32> {
     let want = path.to_string_lossy().into_owned();
     let mut out = Vec::new();
-    let Ok(dir) = fs::read_dir("/proc") else { return out };
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return out;
+    };
     for e in dir.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
-        let Ok(cmdline) = fs::read(e.path().join("cmdline")) else { continue };
+        let Ok(cmdline) = fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
         let args: Vec<String> = cmdline
             .split(|&b| b == 0)
             .map(|a| String::from_utf8_lossy(a).into_owned())

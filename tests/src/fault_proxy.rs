@@ -1,6 +1,8 @@
 //! A fault-injecting HTTP proxy on a free loopback port, to put in front of a
 //! [`crate::Registry`]: it answers `503 Service Unavailable`, or drops the connection,
-//! for chosen requests and forwards the others.
+//! for chosen requests and forwards the others. It can also shape the link
+//! ([`FaultProxy::shape`]): a delay before each request is forwarded, and one bandwidth
+//! limit shared by every connection, as a WAN link to a registry would have.
 //!
 //! Every forwarded request is sent upstream with `Connection: close`, so each client
 //! connection carries exactly one request and the proxy never has to parse a response:
@@ -40,9 +42,20 @@ struct Rule {
     remaining: usize,
 }
 
+/// The link's shape: latency per request and a shared bandwidth limit.
+#[derive(Default)]
+struct Shape {
+    delay: Duration,
+    /// Bytes per second (0: unlimited).
+    rate: u64,
+    /// When the link is free again (the token bucket's clock).
+    free_at: Option<std::time::Instant>,
+}
+
 struct State {
     upstream: String,
     rule: Mutex<Rule>,
+    shape: Mutex<Shape>,
     requests: AtomicUsize,
     faulted: AtomicUsize,
     relayed: AtomicU64,
@@ -76,6 +89,7 @@ impl FaultProxy {
                 path_contains: String::new(),
                 remaining: 0,
             }),
+            shape: Mutex::new(Shape::default()),
             requests: AtomicUsize::new(0),
             faulted: AtomicUsize::new(0),
             relayed: AtomicU64::new(0),
@@ -116,6 +130,17 @@ impl FaultProxy {
             fault,
             path_contains: path_contains.to_string(),
             remaining: count,
+        };
+    }
+
+    /// Shapes forwarded requests from now on: each waits `delay` before it is
+    /// forwarded, and answers share `bytes_per_second` (0: unlimited) over all
+    /// connections.
+    pub fn shape(&self, delay: Duration, bytes_per_second: u64) {
+        *self.state.shape.lock().unwrap() = Shape {
+            delay,
+            rate: bytes_per_second,
+            free_at: None,
         };
     }
 
@@ -183,14 +208,33 @@ fn close_after(head: &[u8]) -> Vec<u8> {
     out.into_bytes()
 }
 
-/// A writer that adds what it writes to a counter as it goes.
+/// A writer that adds what it writes to a counter as it goes, at most at the link's
+/// rate.
 struct Counted<'a, W> {
     inner: W,
     count: &'a AtomicU64,
+    shape: &'a Mutex<Shape>,
 }
 
 impl<W: Write> Write for Counted<'_, W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // At most 16 KiB at a time, so that connections share the link finely.
+        let buf = &buf[..buf.len().min(16 << 10)];
+        let wait = {
+            let mut s = self.shape.lock().unwrap();
+            if s.rate == 0 {
+                None
+            } else {
+                let now = std::time::Instant::now();
+                let start = s.free_at.filter(|t| *t > now).unwrap_or(now);
+                let done = start + Duration::from_secs_f64(buf.len() as f64 / s.rate as f64);
+                s.free_at = Some(done);
+                Some(done)
+            }
+        };
+        if let Some(done) = wait {
+            thread::sleep(done.saturating_duration_since(std::time::Instant::now()));
+        }
         let n = self.inner.write(buf)?;
         self.count.fetch_add(n as u64, Ordering::SeqCst);
         Ok(n)
@@ -260,6 +304,10 @@ fn serve(mut client: TcpStream, state: &State) -> io::Result<()> {
         }
         return client.shutdown(Shutdown::Both);
     }
+    let delay = state.shape.lock().unwrap().delay;
+    if !delay.is_zero() {
+        thread::sleep(delay);
+    }
     let mut upstream = TcpStream::connect(&state.upstream)?;
     upstream.write_all(&close_after(&head))?;
     upstream.write_all(&rest)?;
@@ -272,6 +320,7 @@ fn serve(mut client: TcpStream, state: &State) -> io::Result<()> {
     let mut counted = Counted {
         inner: &mut client,
         count: &state.relayed,
+        shape: &state.shape,
     };
     let _ = io::copy(&mut (&upstream).take(limit), &mut counted);
     let _ = client.shutdown(Shutdown::Both);
@@ -341,5 +390,38 @@ mod tests {
         let _ = c.read_to_string(&mut s);
         assert_eq!(s, format!("{head}0123"));
         server.join().unwrap();
+    }
+
+    #[test]
+    fn shaping_delays_requests_and_limits_bandwidth() {
+        let up = TcpListener::bind("127.0.0.1:0").unwrap();
+        let up_addr = up.local_addr().unwrap().to_string();
+        let body = vec![7u8; 200_000];
+        let server = {
+            let body = body.clone();
+            thread::spawn(move || {
+                let (mut c, _) = up.accept().unwrap();
+                read_head(&mut c).unwrap().unwrap();
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                );
+                let _ = c.write_all(&body);
+            })
+        };
+        let proxy = FaultProxy::start(&up_addr);
+        proxy.shape(Duration::from_millis(100), 1_000_000);
+        let t = std::time::Instant::now();
+        let mut c = TcpStream::connect(&proxy.addr).unwrap();
+        c.write_all(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n").unwrap();
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).unwrap();
+        let took = t.elapsed();
+        server.join().unwrap();
+        assert!(got.ends_with(&body));
+        // 100 ms of delay plus 200 kB at 1 MB/s.
+        assert!(took >= Duration::from_millis(290), "{took:?}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
     }
 }

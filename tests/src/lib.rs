@@ -48,6 +48,9 @@ pub use compare::{
     assert_same_tree, compare_trees, compare_trees_with, differences, sha256_file, CompareOptions,
     Difference, What,
 };
+pub use containerd::{
+    mounts_under, pids_mentioning, unmount_all_under, Containerd, NydusSnapshotter, SNAPSHOTTER,
+};
 pub use daemons::{
     localfs_config, run_ok, start_fuse_daemon, start_upstream_nydusd, upstream_nydusd_command,
     FuseDaemon,
@@ -64,9 +67,6 @@ pub use image::{
     ErofsMount, LayerTar,
 };
 pub use netns::NetNs;
-pub use containerd::{
-    mounts_under, pids_mentioning, unmount_all_under, Containerd, NydusSnapshotter, SNAPSHOTTER,
-};
 pub use nydusd::client::launcher::pid_alive;
 pub use registry::{AccessEntry, Registry};
 pub use token_server::TokenServer;

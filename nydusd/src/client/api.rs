@@ -104,10 +104,7 @@ impl ApiClient {
     ) -> Result<(u16, Vec<u8>), ClientError> {
         let request = format!("{method} {path}");
         let io = |e: std::io::Error| ClientError::Io {
-            what: format!(
-                "nydusd API {request} on {}",
-                self.socket.display()
-            ),
+            what: format!("nydusd API {request} on {}", self.socket.display()),
             source: e,
         };
         let mut stream = UnixStream::connect(&self.socket).map_err(io)?;
@@ -185,7 +182,11 @@ impl ApiClient {
 
     /// `PUT /api/v1/config[?id=/sub]`: new settings for the image mounted at `id`, or
     /// for every image the daemon serves.
-    pub fn update_config(&self, id: Option<&str>, update: &ConfigUpdate) -> Result<(), ClientError> {
+    pub fn update_config(
+        &self,
+        id: Option<&str>,
+        update: &ConfigUpdate,
+    ) -> Result<(), ClientError> {
         let body = serde_json::to_vec(update).expect("plain struct serializes");
         let path = match id {
             Some(id) => format!("/api/v1/config?id={}", encode(id)),
@@ -232,7 +233,10 @@ mod tests {
             let mut buf = [0u8; 4096];
             let _ = s.read(&mut buf).unwrap();
             let body = br#"{"code":"UNDEFINED","message":"mountpoint /a is taken"}"#;
-            let head = format!("HTTP/1.1 409 Conflict\r\nContent-Length: {}\r\n\r\n", body.len());
+            let head = format!(
+                "HTTP/1.1 409 Conflict\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
             s.write_all(head.as_bytes()).unwrap();
             s.write_all(body).unwrap();
         });

@@ -258,10 +258,7 @@ impl ImageRef {
         // A tag is a `:` after the last `/`.
         let last = rest.rfind('/').map_or(0, |i| i + 1);
         let (repo, tag) = match rest[last..].find(':') {
-            Some(i) => (
-                rest[..last + i].to_string(),
-                rest[last + i..].to_string(),
-            ),
+            Some(i) => (rest[..last + i].to_string(), rest[last + i..].to_string()),
             None => (rest.clone(), String::new()),
         };
         if repo.is_empty() || repo.split('/').any(str::is_empty) {
@@ -400,14 +397,20 @@ mod tests {
     #[test]
     fn image_references_split_like_docker() {
         let r = ImageRef::parse("127.0.0.1:5000/team/app:v1").unwrap();
-        assert_eq!((r.host.as_str(), r.repo.as_str()), ("127.0.0.1:5000", "team/app"));
+        assert_eq!(
+            (r.host.as_str(), r.repo.as_str()),
+            ("127.0.0.1:5000", "team/app")
+        );
         assert_eq!(r.tail, ":v1");
         assert!(r.is_loopback());
         let r = ImageRef::parse("busybox").unwrap();
         assert_eq!(r.host, "registry-1.docker.io");
         assert_eq!(r.repo, "library/busybox");
         let r = ImageRef::parse("localhost/x@sha256:ab").unwrap();
-        assert_eq!((r.host.as_str(), r.repo.as_str(), r.tail.as_str()), ("localhost", "x", "@sha256:ab"));
+        assert_eq!(
+            (r.host.as_str(), r.repo.as_str(), r.tail.as_str()),
+            ("localhost", "x", "@sha256:ab")
+        );
         let r = ImageRef::parse("quay.io/a/b:1@sha256:cd").unwrap();
         assert_eq!((r.repo.as_str(), r.tail.as_str()), ("a/b", ":1@sha256:cd"));
         assert!(!r.is_loopback());
@@ -432,7 +435,10 @@ mod tests {
         };
         let c = NydusdConfig::for_image(Some(&template), "reg.io/a/b:t", &opts).unwrap();
         let r = c.device.backend.as_registry().unwrap();
-        assert_eq!((r.scheme.as_str(), r.host.as_str(), r.repo.as_str()), ("https", "reg.io", "a/b"));
+        assert_eq!(
+            (r.scheme.as_str(), r.host.as_str(), r.repo.as_str()),
+            ("https", "reg.io", "a/b")
+        );
         assert_eq!(r.timeout, Some(9));
         assert_eq!(r.auth.as_deref(), Some(encode_auth("u", "p:w").as_str()));
         assert_eq!(
@@ -443,7 +449,9 @@ mod tests {
         // Written and read again, it is the same config.
         let again: NydusdConfig = serde_json::from_str(&c.to_json()).unwrap();
         assert_eq!(again, c);
-        let plain = NydusdConfig::for_image(None, "127.0.0.1:5000/x", &ImageConfigOptions::default()).unwrap();
+        let plain =
+            NydusdConfig::for_image(None, "127.0.0.1:5000/x", &ImageConfigOptions::default())
+                .unwrap();
         assert_eq!(plain.device.backend.as_registry().unwrap().scheme, "http");
         assert_eq!(plain.digest_validate, Some(true));
     }

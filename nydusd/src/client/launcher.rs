@@ -44,7 +44,11 @@ pub struct DaemonCommand {
 
 impl DaemonCommand {
     /// A command for `nydusd` serving `mountpoint` with its API on `apisock`.
-    pub fn new(nydusd: impl Into<PathBuf>, mountpoint: impl Into<PathBuf>, apisock: impl Into<PathBuf>) -> DaemonCommand {
+    pub fn new(
+        nydusd: impl Into<PathBuf>,
+        mountpoint: impl Into<PathBuf>,
+        apisock: impl Into<PathBuf>,
+    ) -> DaemonCommand {
         DaemonCommand {
             nydusd: nydusd.into(),
             mountpoint: mountpoint.into(),
@@ -96,8 +100,10 @@ impl DaemonCommand {
     /// not serving yet: see [`Daemon::wait_running`].
     pub fn start(&self) -> Result<Daemon, ClientError> {
         let io = |what: String| move |e| ClientError::Io { what, source: e };
-        std::fs::create_dir_all(&self.mountpoint)
-            .map_err(io(format!("Creating mountpoint {}", self.mountpoint.display())))?;
+        std::fs::create_dir_all(&self.mountpoint).map_err(io(format!(
+            "Creating mountpoint {}",
+            self.mountpoint.display()
+        )))?;
         if let Some(dir) = self.apisock.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(io(format!("Creating socket directory {}", dir.display())))?;
@@ -295,11 +301,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("log");
         std::fs::write(&log, "line 1\nerror: bootstrap is corrupt\n").unwrap();
-        let mut cmd = DaemonCommand::new("/bin/false", dir.path().join("mnt"), dir.path().join("s/api.sock"));
+        let mut cmd = DaemonCommand::new(
+            "/bin/false",
+            dir.path().join("mnt"),
+            dir.path().join("s/api.sock"),
+        );
         cmd.log_file = Some(log);
         let mut d = cmd.start().unwrap();
-        let e = d.wait_running(Duration::from_secs(10)).unwrap_err().to_string();
-        assert!(e.contains("exited before serving") && e.contains("bootstrap is corrupt"), "{e}");
+        let e = d
+            .wait_running(Duration::from_secs(10))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("exited before serving") && e.contains("bootstrap is corrupt"),
+            "{e}"
+        );
         assert!(dir.path().join("mnt").is_dir());
     }
 
@@ -316,7 +332,10 @@ mod tests {
             child: Some(child),
         };
         let t = Instant::now();
-        let e = d.wait_running(Duration::from_millis(300)).unwrap_err().to_string();
+        let e = d
+            .wait_running(Duration::from_millis(300))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("was not serving after"), "{e}");
         assert!(t.elapsed() < Duration::from_secs(5));
         let pid = d.pid;

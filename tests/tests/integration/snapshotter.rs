@@ -4,8 +4,8 @@
 
 use crate::nydusify::{add_layer, inspect_raw, make_busybox, nydusify_ok, push_python};
 use rafs_e2e::{
-    pid_alive, pull_nydus_image, require_root_tools, run_ok, umoci_rootfs, wait_until,
-    AccessEntry, Containerd, NydusSnapshotter, Registry,
+    pid_alive, pull_nydus_image, require_root_tools, run_ok, umoci_rootfs, wait_until, AccessEntry,
+    Containerd, NydusSnapshotter, Registry,
 };
 use sha2::{Digest, Sha256};
 use snapshotter::proto::snapshots::snapshots_client::SnapshotsClient;
@@ -23,7 +23,15 @@ const IMAGE_LABEL: &str = "containerd.io/snapshot/cri.image-ref";
 
 fn tools() {
     require_root_tools(&[
-        "docker-registry", "skopeo", "umoci", "busybox", "tar", "containerd", "ctr", "runc", "fusermount3",
+        "docker-registry",
+        "skopeo",
+        "umoci",
+        "busybox",
+        "tar",
+        "containerd",
+        "ctr",
+        "runc",
+        "fusermount3",
     ]);
 }
 
@@ -33,7 +41,12 @@ fn busybox_images(reg: &Registry, dir: &Path, tag: &str) -> PathBuf {
     let layout = dir.join(format!("oci-{tag}"));
     make_busybox(&layout, "v1");
     if tag != "v1" {
-        add_layer(&layout, "v1", &[("etc/extra", b"extra layer\n", 0o644)], dir);
+        add_layer(
+            &layout,
+            "v1",
+            &[("etc/extra", b"extra layer\n", 0o644)],
+            dir,
+        );
     }
     push_and_convert(reg, &layout, "busybox", tag, dir);
     layout
@@ -113,7 +126,8 @@ fn prom_sum(text: &str, name: &str) -> u64 {
         .filter_map(|l| {
             let (metric, value) = l.rsplit_once(' ')?;
             let bare = metric.split('{').next()?;
-            (bare == name || bare.ends_with(&format!("_{name}"))).then(|| value.parse::<f64>().ok())?
+            (bare == name || bare.ends_with(&format!("_{name}")))
+                .then(|| value.parse::<f64>().ok())?
         })
         .map(|v| v as u64)
         .sum()
@@ -124,7 +138,9 @@ fn nydusd_metrics(snap: &NydusSnapshotter) -> String {
     let mut out = String::new();
     for entry in fs::read_dir(snap.root.join("socket")).unwrap().flatten() {
         let sock = entry.path().join("api.sock");
-        if let Ok((_, body)) = nydusd::client::ApiClient::new(&sock).request("GET", "/metrics", None) {
+        if let Ok((_, body)) =
+            nydusd::client::ApiClient::new(&sock).request("GET", "/metrics", None)
+        {
             out.push_str(&String::from_utf8_lossy(&body));
         }
     }
@@ -137,7 +153,11 @@ fn http_get(addr: &str, path: &str) -> String {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Pulls and runs busybox and python from nydus images, and busybox as an ordinary OCI
@@ -147,18 +167,24 @@ fn images_run_lazily(mode: &str) {
     tools();
     let t = tempfile::tempdir().unwrap();
     let dir = t.path();
-    let reg = Registry::start_in(&{
-        let d = dir.join("reg");
-        fs::create_dir_all(&d).unwrap();
-        d
-    }, "");
+    let reg = Registry::start_in(
+        &{
+            let d = dir.join("reg");
+            fs::create_dir_all(&d).unwrap();
+            d
+        },
+        "",
+    );
     let layout = busybox_images(&reg, dir, "v1");
     let rootfs = umoci_rootfs(&layout, "v1", dir);
     let python_src = push_python(&reg.addr, None);
     let work = dir.join("work-python");
     fs::create_dir_all(&work).unwrap();
     let python = format!("{python_src}-nydus");
-    nydusify_ok(&["convert", "--source", &python_src, "--target", &python], &work);
+    nydusify_ok(
+        &["convert", "--source", &python_src, "--target", &python],
+        &work,
+    );
     let busybox = format!("{}/busybox:v1-nydus", reg.addr);
     let (data_blobs, boot_blob) = nydus_layers(&busybox);
 
@@ -172,26 +198,46 @@ fn images_run_lazily(mode: &str) {
     // 1. The lazy pull: containerd fetches the bootstrap layer, never a data layer.
     let before = reg.access_log().len();
     let t0 = Instant::now();
-    ctd.cri_pull(&busybox).unwrap_or_else(|e| panic!("CRI pull: {e}\n{}", snap.log_text()));
+    ctd.cri_pull(&busybox)
+        .unwrap_or_else(|e| panic!("CRI pull: {e}\n{}", snap.log_text()));
     eprintln!("[{mode}] CRI pull of {busybox}: {:?}", t0.elapsed());
     let pull_log = reg.access_log()[before..].to_vec();
-    assert!(blob_gets(&pull_log, &data_blobs).is_empty(), "data blobs fetched during the pull: {pull_log:?}");
     assert!(
-        pull_log.iter().any(|e| e.method == "GET" && e.blob() == Some(boot_blob.as_str())),
+        blob_gets(&pull_log, &data_blobs).is_empty(),
+        "data blobs fetched during the pull: {pull_log:?}"
+    );
+    assert!(
+        pull_log
+            .iter()
+            .any(|e| e.method == "GET" && e.blob() == Some(boot_blob.as_str())),
         "the bootstrap layer was not fetched (is the access log read right?): {pull_log:?}"
     );
     let m = http_get(&metrics_addr, "/metrics");
-    assert_eq!(prom_sum(&m, "snapshotter_remote_layers_total"), data_blobs.len() as u64, "{m}");
-    assert!(snap.nydusd_pids().is_empty(), "a daemon started before any container");
+    assert_eq!(
+        prom_sum(&m, "snapshotter_remote_layers_total"),
+        data_blobs.len() as u64,
+        "{m}"
+    );
+    assert!(
+        snap.nydusd_pids().is_empty(),
+        "a daemon started before any container"
+    );
 
     // 2. A container: the rootfs lowerdir is our nydusd's FUSE mount; busybox is exec'd
     // and mmapped through the overlay on it; its bytes equal the source's.
     let before = reg.access_log().len();
-    let out = ctd.run(&busybox, "bb1", &["sh", "-c", "cat /etc/hostname; sha256sum /bin/busybox"]);
+    let out = ctd.run(
+        &busybox,
+        "bb1",
+        &["sh", "-c", "cat /etc/hostname; sha256sum /bin/busybox"],
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     let want_host = fs::read_to_string(rootfs.join("etc/hostname")).unwrap();
     assert!(text.starts_with(&want_host), "{text}");
-    assert!(text.contains(&sha256_file(&rootfs.join("bin/busybox"))), "{text}");
+    assert!(
+        text.contains(&sha256_file(&rootfs.join("bin/busybox"))),
+        "{text}"
+    );
     let fuse = snap.fuse_mounts();
     assert_eq!(fuse.len(), 1, "one FUSE mount for the image: {fuse:?}");
     let pids = snap.nydusd_pids();
@@ -202,20 +248,36 @@ fn images_run_lazily(mode: &str) {
     assert!(!gets.is_empty(), "no blob read while the container ran");
     let metrics = nydusd_metrics(&snap);
     let registry_bytes: u64 = gets.iter().map(|e| e.bytes).sum();
-    assert_eq!(registry_bytes, prom_sum(&metrics, "backend_read_bytes"), "{gets:?}\n{metrics}");
-    assert_eq!(gets.len() as u64, prom_sum(&metrics, "backend_read_count"), "{metrics}");
+    assert_eq!(
+        registry_bytes,
+        prom_sum(&metrics, "backend_read_bytes"),
+        "{gets:?}\n{metrics}"
+    );
+    assert_eq!(
+        gets.len() as u64,
+        prom_sum(&metrics, "backend_read_count"),
+        "{metrics}"
+    );
     // Run again: busybox is now fully cached, so nydusd passes it through to the kernel.
     let out = ctd.run(&busybox, "bb2", &["busybox", "echo", "again"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "again");
     let metrics = nydusd_metrics(&snap);
-    assert!(prom_sum(&metrics, "fs_passthrough_opens") > 0, "no passthrough open:\n{metrics}");
+    assert!(
+        prom_sum(&metrics, "fs_passthrough_opens") > 0,
+        "no passthrough open:\n{metrics}"
+    );
 
     // 3. python from its nydus image.
-    ctd.cri_pull(&python).unwrap_or_else(|e| panic!("CRI pull {python}: {e}"));
+    ctd.cri_pull(&python)
+        .unwrap_or_else(|e| panic!("CRI pull {python}: {e}"));
     let out = ctd.run(
         &python,
         "py1",
-        &["python3", "-c", "import hashlib, sys; print(hashlib.sha256(b'abc').hexdigest(), sys.version_info[0])"],
+        &[
+            "python3",
+            "-c",
+            "import hashlib, sys; print(hashlib.sha256(b'abc').hexdigest(), sys.version_info[0])",
+        ],
     );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
@@ -223,21 +285,36 @@ fn images_run_lazily(mode: &str) {
     );
     let expect_daemons = if mode == "shared" { 1 } else { 2 };
     assert_eq!(snap.nydusd_pids().len(), expect_daemons);
-    assert_eq!(snap.fuse_mounts().len(), expect_daemons, "{:?}", snap.fuse_mounts());
+    assert_eq!(
+        snap.fuse_mounts().len(),
+        expect_daemons,
+        "{:?}",
+        snap.fuse_mounts()
+    );
 
     // 4. An ordinary OCI image through the same snapshotter.
     let oci = format!("{}/busybox:v1", reg.addr);
-    ctd.cri_pull(&oci).unwrap_or_else(|e| panic!("CRI pull {oci}: {e}"));
+    ctd.cri_pull(&oci)
+        .unwrap_or_else(|e| panic!("CRI pull {oci}: {e}"));
     let out = ctd.run(&oci, "oci1", &["cat", "/etc/hostname"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), want_host);
 
-    // 5. containerd restarted, then the snapshotter: the same daemons serve, images run.
+    // 5. containerd restarted, then the snapshotter (killed with SIGKILL in one mode,
+    // stopped in the other): the same daemons serve, images run.
     let pids: BTreeSet<u32> = snap.nydusd_pids().into_iter().collect();
     ctd.down();
     ctd.up();
-    snap.down();
+    if mode == "dedicated" {
+        snap.kill();
+    } else {
+        snap.down();
+    }
     snap.up();
-    assert!(snap.log_text().contains("found running nydusd"), "{}", snap.log_text());
+    assert!(
+        snap.log_text().contains("found running nydusd"),
+        "{}",
+        snap.log_text()
+    );
     // containerd redials a restarted proxy plugin with gRPC's backoff (about 1 s first).
     assert!(
         wait_until(Duration::from_secs(30), || ctd
@@ -254,23 +331,40 @@ fn images_run_lazily(mode: &str) {
     let out = ctd.run(&oci, "oci2", &["cat", "/etc/hostname"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), want_host);
     let after: BTreeSet<u32> = snap.nydusd_pids().into_iter().collect();
-    assert_eq!(pids, after, "daemons were replaced or leaked by the restarts");
+    assert_eq!(
+        pids, after,
+        "daemons were replaced or leaked by the restarts"
+    );
     assert_eq!(snap.fuse_mounts().len(), expect_daemons);
 
     // 6. Images removed (CRI records each under its tag, digest and id): containerd's GC
     // removes their snapshots, and the daemons stop.
     let listed = run_ok(ctd.ctr().args(["-n", "k8s.io", "images", "ls", "-q"]));
-    let names: Vec<String> = String::from_utf8_lossy(&listed.stdout).lines().map(str::to_string).collect();
+    let names: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
     assert!(names.len() >= 3, "{names:?}");
-    run_ok(ctd.ctr().args(["-n", "k8s.io", "images", "rm", "--sync"]).args(&names));
+    run_ok(
+        ctd.ctr()
+            .args(["-n", "k8s.io", "images", "rm", "--sync"])
+            .args(&names),
+    );
     let gone = wait_until(Duration::from_secs(30), || {
-        snap.nydusd_pids().len() <= usize::from(mode == "shared") && snap.fuse_mounts().len() <= usize::from(mode == "shared")
+        snap.nydusd_pids().len() <= usize::from(mode == "shared")
+            && snap.fuse_mounts().len() <= usize::from(mode == "shared")
     });
     assert!(
         gone,
         "daemons left after the images went: {:?}\nsnapshots: {}\n{}",
         snap.nydusd_pids(),
-        String::from_utf8_lossy(&run_ok(ctd.ctr().args(["-n", "k8s.io", "snapshots", "--snapshotter", "nydus", "ls"])).stdout),
+        String::from_utf8_lossy(
+            &run_ok(
+                ctd.ctr()
+                    .args(["-n", "k8s.io", "snapshots", "--snapshotter", "nydus", "ls"])
+            )
+            .stdout
+        ),
         snap.log_text()
     );
     for pid in pids {
@@ -312,11 +406,17 @@ fn dedicated_daemons_share_one_cache() {
     let reg = Registry::start_in(&reg_dir, "");
     busybox_images(&reg, dir, "v1");
     busybox_images(&reg, dir, "v2");
-    let (a, b) = (format!("{}/busybox:v1-nydus", reg.addr), format!("{}/busybox:v2-nydus", reg.addr));
+    let (a, b) = (
+        format!("{}/busybox:v1-nydus", reg.addr),
+        format!("{}/busybox:v2-nydus", reg.addr),
+    );
     let (blobs_a, _) = nydus_layers(&a);
     let (blobs_b, _) = nydus_layers(&b);
     let common: BTreeSet<String> = blobs_a.intersection(&blobs_b).cloned().collect();
-    assert!(!common.is_empty(), "the images share no blob: {blobs_a:?} {blobs_b:?}");
+    assert!(
+        !common.is_empty(),
+        "the images share no blob: {blobs_a:?} {blobs_b:?}"
+    );
     let snap = NydusSnapshotter::start(&dir.join("snap"), "daemon_mode = \"dedicated\"");
     let ctd = Containerd::start(&dir.join("ctd"), &snap.sock);
     ctd.cri_pull(&a).unwrap();
@@ -324,7 +424,13 @@ fn dedicated_daemons_share_one_cache() {
     let before = reg.access_log().len();
     let sums: Vec<String> = [(&a, "c1"), (&b, "c2")]
         .iter()
-        .map(|(img, id)| String::from_utf8_lossy(&ctd.run(img, id, &["busybox", "sha256sum", "/bin/busybox"]).stdout).into_owned())
+        .map(|(img, id)| {
+            String::from_utf8_lossy(
+                &ctd.run(img, id, &["busybox", "sha256sum", "/bin/busybox"])
+                    .stdout,
+            )
+            .into_owned()
+        })
         .collect();
     assert_eq!(sums[0], sums[1]);
     assert_eq!(snap.nydusd_pids().len(), 2, "one daemon per image");
@@ -339,8 +445,14 @@ fn dedicated_daemons_share_one_cache() {
         let gets = blob_gets(&log, &BTreeSet::from([blob.clone()]));
         let bytes: u64 = gets.iter().map(|e| e.bytes).sum();
         let size = blob_size(&reg, blob);
-        assert!(bytes <= size, "{blob}: {bytes} bytes fetched, more than the blob's {size}: {gets:?}");
-        eprintln!("shared blob {blob}: {} GETs, {bytes} of {size} bytes", gets.len());
+        assert!(
+            bytes <= size,
+            "{blob}: {bytes} bytes fetched, more than the blob's {size}: {gets:?}"
+        );
+        eprintln!(
+            "shared blob {blob}: {} GETs, {bytes} of {size} bytes",
+            gets.len()
+        );
     }
 }
 
@@ -353,7 +465,8 @@ fn blob_size(reg: &Registry, digest: &str) -> u64 {
         .lines()
         .find_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok())?
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
         })
         .expect("Content-Length")
 }
@@ -385,7 +498,10 @@ fn registry_credentials_reach_nydusd_and_are_refreshed_live() {
         fs::write(&htpasswd, out.stdout).unwrap();
     };
     set_password("first");
-    let auth = format!("auth:\n  htpasswd:\n    realm: test\n    path: {}\n", htpasswd.display());
+    let auth = format!(
+        "auth:\n  htpasswd:\n    realm: test\n    path: {}\n",
+        htpasswd.display()
+    );
     let config = reg_dir.join("registry.yml");
     let text = fs::read_to_string(&config).unwrap();
     fs::write(&config, format!("{text}{auth}")).unwrap();
@@ -394,7 +510,11 @@ fn registry_credentials_reach_nydusd_and_are_refreshed_live() {
     let host = reg.addr.clone();
     let write_docker_config = |p: &str| {
         let a = nydusd::client::config::encode_auth("user", p);
-        fs::write(&docker_config, format!(r#"{{"auths":{{"{host}":{{"auth":"{a}"}}}}}}"#)).unwrap();
+        fs::write(
+            &docker_config,
+            format!(r#"{{"auths":{{"{host}":{{"auth":"{a}"}}}}}}"#),
+        )
+        .unwrap();
     };
     write_docker_config("first");
     let metrics_addr = format!("127.0.0.1:{}", free_port());
@@ -407,7 +527,10 @@ fn registry_credentials_reach_nydusd_and_are_refreshed_live() {
     );
     let ctd = Containerd::start(&dir.join("ctd"), &snap.sock);
     let e = ctd.cri_pull(&image).unwrap_err();
-    assert!(e.contains("401") || e.to_lowercase().contains("unauthorized"), "{e}");
+    assert!(
+        e.contains("401") || e.to_lowercase().contains("unauthorized"),
+        "{e}"
+    );
     ctd.cri_pull_auth(&image, Some(("user", "first"))).unwrap();
     let out = ctd.run(&image, "c1", &["cat", "/etc/hostname"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "busybox-fixture-3\n");
@@ -434,7 +557,8 @@ fn registry_credentials_reach_nydusd_and_are_refreshed_live() {
     let (blobs, _) = nydus_layers_with(&image, Some("user:second"));
     let log = reg.access_log();
     assert!(
-        log.iter().any(|e| e.blob().is_some_and(|b| blobs.contains(b)) && e.status == 206),
+        log.iter()
+            .any(|e| e.blob().is_some_and(|b| blobs.contains(b)) && e.status == 206),
         "no ranged blob read at all: {log:?}"
     );
 }
@@ -447,7 +571,10 @@ struct Client {
 
 impl Client {
     fn connect(sock: &Path) -> Client {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let sock = sock.to_path_buf();
         let channel = rt
             .block_on(
@@ -469,14 +596,40 @@ impl Client {
         }
     }
 
-    fn prepare(&mut self, key: &str, parent: &str, labels: &[(&str, &str)]) -> Result<Vec<snapshotter::proto::types::Mount>, tonic::Status> {
+    fn prepare(
+        &mut self,
+        key: &str,
+        parent: &str,
+        labels: &[(&str, &str)],
+    ) -> Result<Vec<snapshotter::proto::types::Mount>, tonic::Status> {
         let req = PrepareSnapshotRequest {
             snapshotter: "nydus".into(),
             key: key.into(),
             parent: parent.into(),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
-        self.rt.block_on(self.c.prepare(req)).map(|r| r.into_inner().mounts)
+        self.rt
+            .block_on(self.c.prepare(req))
+            .map(|r| r.into_inner().mounts)
+    }
+
+    fn view(
+        &mut self,
+        key: &str,
+        parent: &str,
+    ) -> Result<Vec<snapshotter::proto::types::Mount>, tonic::Status> {
+        let req = ViewSnapshotRequest {
+            snapshotter: "nydus".into(),
+            key: key.into(),
+            parent: parent.into(),
+            labels: Default::default(),
+        };
+        self.rt
+            .block_on(self.c.view(req))
+            .map(|r| r.into_inner().mounts)
     }
 
     fn commit(&mut self, name: &str, key: &str) -> Result<(), tonic::Status> {
@@ -490,18 +643,34 @@ impl Client {
     }
 
     fn stat(&mut self, key: &str) -> Result<Info, tonic::Status> {
-        let req = StatSnapshotRequest { snapshotter: "nydus".into(), key: key.into() };
-        self.rt.block_on(self.c.stat(req)).map(|r| r.into_inner().info.unwrap())
+        let req = StatSnapshotRequest {
+            snapshotter: "nydus".into(),
+            key: key.into(),
+        };
+        self.rt
+            .block_on(self.c.stat(req))
+            .map(|r| r.into_inner().info.unwrap())
     }
 
     fn remove(&mut self, key: &str) -> Result<(), tonic::Status> {
-        let req = RemoveSnapshotRequest { snapshotter: "nydus".into(), key: key.into() };
+        let req = RemoveSnapshotRequest {
+            snapshotter: "nydus".into(),
+            key: key.into(),
+        };
         self.rt.block_on(self.c.remove(req)).map(drop)
     }
 
-    fn mounts(&mut self, key: &str) -> Result<Vec<snapshotter::proto::types::Mount>, tonic::Status> {
-        let req = MountsRequest { snapshotter: "nydus".into(), key: key.into() };
-        self.rt.block_on(self.c.mounts(req)).map(|r| r.into_inner().mounts)
+    fn mounts(
+        &mut self,
+        key: &str,
+    ) -> Result<Vec<snapshotter::proto::types::Mount>, tonic::Status> {
+        let req = MountsRequest {
+            snapshotter: "nydus".into(),
+            key: key.into(),
+        };
+        self.rt
+            .block_on(self.c.mounts(req))
+            .map(|r| r.into_inner().mounts)
     }
 
     fn list(&mut self, filters: &[&str]) -> Result<Vec<String>, tonic::Status> {
@@ -524,10 +693,28 @@ impl Client {
     /// A nydus image's meta snapshot `meta` over a data layer `data`, its bootstrap
     /// copied from `boot`, labelled with `image`.
     fn meta_layer(&mut self, data: &str, meta: &str, image: &str, boot: &[u8]) {
-        let e = self.prepare("extract-data", "", &[(REF_LABEL, data), (BLOB_LABEL, "true"), (IMAGE_LABEL, image)]).unwrap_err();
+        let e = self
+            .prepare(
+                "extract-data",
+                "",
+                &[
+                    (REF_LABEL, data),
+                    (BLOB_LABEL, "true"),
+                    (IMAGE_LABEL, image),
+                ],
+            )
+            .unwrap_err();
         assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e}");
         let mounts = self
-            .prepare("extract-meta", data, &[(REF_LABEL, meta), (BOOT_LABEL, "true"), (IMAGE_LABEL, image)])
+            .prepare(
+                "extract-meta",
+                data,
+                &[
+                    (REF_LABEL, meta),
+                    (BOOT_LABEL, "true"),
+                    (IMAGE_LABEL, image),
+                ],
+            )
             .unwrap();
         // An unpack target over an empty data layer: the snapshot's own directory.
         let upper = mounts[0]
@@ -566,21 +753,38 @@ fn snapshotter_refuses_bad_input_with_grpc_codes() {
     assert!(e.message().contains("nope"), "{e}");
     assert_eq!(code(c.mounts("nope")), tonic::Code::NotFound);
     assert_eq!(code(c.remove("nope")), tonic::Code::NotFound);
-    assert_eq!(code(c.prepare("k", "no-parent", &[])), tonic::Code::NotFound);
+    assert_eq!(
+        code(c.prepare("k", "no-parent", &[])),
+        tonic::Code::NotFound
+    );
     c.prepare("k", "", &[]).unwrap();
     assert_eq!(code(c.prepare("k", "", &[])), tonic::Code::AlreadyExists);
-    assert_eq!(code(c.prepare("k2", "k", &[])), tonic::Code::FailedPrecondition, "active parent");
+    assert_eq!(
+        code(c.prepare("k2", "k", &[])),
+        tonic::Code::FailedPrecondition,
+        "active parent"
+    );
     assert_eq!(c.list(&["kind==active"]).unwrap(), vec!["k".to_string()]);
     assert_eq!(code(c.list(&["size==1"])), tonic::Code::InvalidArgument);
     c.remove("k").unwrap();
 
     // Data layers but no bootstrap layer.
-    let e = c.prepare("extract-data", "", &[(REF_LABEL, "data0"), (BLOB_LABEL, "true")]).unwrap_err();
+    let e = c
+        .prepare(
+            "extract-data",
+            "",
+            &[(REF_LABEL, "data0"), (BLOB_LABEL, "true")],
+        )
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::AlreadyExists);
     let e = c.prepare("ctr-a", "data0", &[]).unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
     assert!(e.message().contains("no bootstrap layer"), "{e}");
-    assert_eq!(code(c.stat("ctr-a")), tonic::Code::NotFound, "a failed Prepare left its snapshot");
+    assert_eq!(
+        code(c.stat("ctr-a")),
+        tonic::Code::NotFound,
+        "a failed Prepare left its snapshot"
+    );
 
     // A corrupt bootstrap, an unreachable registry, a good image.
     let mut bad = boot.clone();
@@ -588,21 +792,57 @@ fn snapshotter_refuses_bad_input_with_grpc_codes() {
     c.meta_layer("data1", "meta-corrupt", &image, &bad);
     let e = c.prepare("ctr-b", "meta-corrupt", &[]).unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
-    assert!(e.message().contains(&image) && e.message().contains("bootstrap"), "{e}");
+    assert!(
+        e.message().contains(&image) && e.message().contains("bootstrap"),
+        "{e}"
+    );
     let closed = format!("127.0.0.1:{}/busybox:v1-nydus", free_port());
     c.meta_layer("data2", "meta-unreachable", &closed, &boot);
     let e = c.prepare("ctr-c", "meta-unreachable", &[]).unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
-    assert!(e.message().contains(&closed) && e.message().contains("unreachable"), "{e}");
+    assert!(
+        e.message().contains(&closed) && e.message().contains("unreachable"),
+        "{e}"
+    );
     c.meta_layer("data3", "meta-good", &image, &boot);
     let mounts = c.prepare("ctr-d", "meta-good", &[]).unwrap();
-    let lower = mounts[0].options.iter().find_map(|o| o.strip_prefix("lowerdir=")).unwrap().to_string();
+    let lower = mounts[0]
+        .options
+        .iter()
+        .find_map(|o| o.strip_prefix("lowerdir="))
+        .unwrap()
+        .to_string();
     assert!(rafs_e2e::is_mounted(Path::new(&lower)), "{mounts:?}");
-    assert_eq!(c.mounts("ctr-d").unwrap(), mounts, "Mounts() differs from Prepare()");
-    assert_eq!(code(c.remove("meta-good")), tonic::Code::FailedPrecondition, "parent of ctr-d");
+    assert_eq!(
+        c.mounts("ctr-d").unwrap(),
+        mounts,
+        "Mounts() differs from Prepare()"
+    );
+    // A view of the image: read-only, its own directory over the same nydusd mount.
+    let view = c.view("view-d", "meta-good").unwrap();
+    let view_lower = view[0]
+        .options
+        .iter()
+        .find_map(|o| o.strip_prefix("lowerdir="))
+        .unwrap();
+    assert!(view_lower.ends_with(&format!(":{lower}")), "{view:?}");
+    assert!(
+        !view[0].options.iter().any(|o| o.starts_with("upperdir=")),
+        "{view:?}"
+    );
+    assert_eq!(c.mounts("view-d").unwrap(), view);
+    c.remove("view-d").unwrap();
+    assert_eq!(
+        code(c.remove("meta-good")),
+        tonic::Code::FailedPrecondition,
+        "parent of ctr-d"
+    );
     c.remove("ctr-d").unwrap();
     c.remove("meta-good").unwrap();
-    assert!(!rafs_e2e::is_mounted(Path::new(&lower)), "the image stayed mounted after its snapshot went");
+    assert!(
+        !rafs_e2e::is_mounted(Path::new(&lower)),
+        "the image stayed mounted after its snapshot went"
+    );
     assert!(snap.nydusd_pids().is_empty(), "{:?}", snap.nydusd_pids());
     for key in ["ctr-b", "ctr-c"] {
         assert_eq!(code(c.stat(key)), tonic::Code::NotFound);
@@ -628,7 +868,10 @@ fn snapshotter_refuses_bad_input_with_grpc_codes() {
     assert_eq!(e.code(), tonic::Code::DeadlineExceeded, "{e}");
     assert!(e.message().contains(&image), "{e}");
     assert!(took < Duration::from_secs(15), "took {took:?}");
-    assert!(rafs_e2e::pids_mentioning(&root, "sh").is_empty(), "the hung daemon was left running");
+    assert!(
+        rafs_e2e::pids_mentioning(&root, "sh").is_empty(),
+        "the hung daemon was left running"
+    );
     assert!(snap.fuse_mounts().is_empty());
     assert_eq!(code(c.stat("ctr-e")), tonic::Code::NotFound);
 }

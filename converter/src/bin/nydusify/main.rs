@@ -566,11 +566,8 @@ fn run_mount(a: MountArgs) -> Result<()> {
         prepared.repo,
         opts.work_dir.join("cache").display()
     );
-    let mut daemon = nydusd::client::DaemonCommand::new(
-        &nydusd,
-        &a.mount_path,
-        opts.work_dir.join("api.sock"),
-    );
+    let mut daemon =
+        nydusd::client::DaemonCommand::new(&nydusd, &a.mount_path, opts.work_dir.join("api.sock"));
     daemon.bootstrap = Some(prepared.bootstrap);
     daemon.config = Some(prepared.config);
     let status = daemon
