@@ -248,8 +248,6 @@ fn select(ctx: &ApiContext, req: &Request) -> std::result::Result<Arc<Mounted>, 
     }
 }
 
-/// Upstream's mount request body.
-
 fn mount_error(e: MountError) -> Response {
     let status = match e {
         MountError::Conflict(_) => 409,
