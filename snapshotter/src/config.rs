@@ -216,16 +216,10 @@ impl Config {
                 .filter(|p| p.exists())
                 .unwrap_or_else(|| "nydusd".into())
         });
-        let docker_config =
-            raw.remote.auth.docker_config.unwrap_or_else(|| {
-                match std::env::var_os("DOCKER_CONFIG") {
-                    Some(d) => PathBuf::from(d).join("config.json"),
-                    None => {
-                        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
-                            .join(".docker/config.json")
-                    }
-                }
-            });
+        let docker_config = raw.remote.auth.docker_config.unwrap_or_else(|| {
+            p2p_backend::registry::docker_config_path()
+                .unwrap_or_else(|| "/root/.docker/config.json".into())
+        });
         let refresh = raw.remote.auth.refresh_interval.unwrap_or(10);
         if refresh == 0 {
             return Err("remote.auth.refresh_interval = 0: must be at least 1 (seconds)".into());

@@ -168,7 +168,7 @@ impl Manager {
             &image,
             &ImageConfigOptions {
                 cache_dir: self.config.cache_dir.clone(),
-                auth: state.auths.get(&reference.host).cloned(),
+                auth: state.auths.get(&reference.host),
                 insecure: false,
             },
         )
@@ -451,6 +451,7 @@ impl Manager {
             let Some((user, password)) = new else {
                 continue;
             };
+            let (user, password) = (&user, &password);
             let Some(d) = state.daemons.get(&inst.daemon_id) else {
                 continue;
             };

@@ -250,16 +250,7 @@ state = "{state}"
             .block_on(async move {
                 use k8s_cri::v1::image_service_client::ImageServiceClient;
                 use k8s_cri::v1::{ImageSpec, PullImageRequest};
-                let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")
-                    .unwrap()
-                    .connect_with_connector(tower::service_fn(move |_| {
-                        let sock = sock.clone();
-                        async move {
-                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                                tokio::net::UnixStream::connect(sock).await?,
-                            ))
-                        }
-                    }))
+                let channel = uds_channel(sock)
                     .await
                     .map_err(|e| format!("connecting to containerd: {e}"))?;
                 let reply = ImageServiceClient::new(channel)
@@ -311,6 +302,23 @@ impl Drop for Containerd {
         }
         unmount_all_under(&self.dir);
     }
+}
+
+/// A gRPC channel over the unix socket `sock` (containerd's, a snapshotter's).
+pub async fn uds_channel(
+    sock: PathBuf,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    tonic::transport::Endpoint::try_from("http://[::]:50051")
+        .expect("a valid placeholder URI")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let sock = sock.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(sock).await?,
+                ))
+            }
+        }))
+        .await
 }
 
 /// Pids of processes whose command line mentions `path` and whose name starts with

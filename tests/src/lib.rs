@@ -49,7 +49,8 @@ pub use compare::{
     Difference, What,
 };
 pub use containerd::{
-    mounts_under, pids_mentioning, unmount_all_under, Containerd, NydusSnapshotter, SNAPSHOTTER,
+    mounts_under, pids_mentioning, uds_channel, unmount_all_under, Containerd, NydusSnapshotter,
+    SNAPSHOTTER,
 };
 pub use daemons::{
     localfs_config, run_ok, start_fuse_daemon, start_upstream_nydusd, upstream_nydusd_command,

@@ -37,7 +37,7 @@ struct DockerAuth {
 }
 
 /// The docker config file: `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
-fn docker_config_path() -> Option<PathBuf> {
+pub fn docker_config_path() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("DOCKER_CONFIG") {
         return Some(PathBuf::from(dir).join("config.json"));
     }
@@ -66,36 +66,26 @@ pub fn credentials_from_docker_config(host: &str) -> Result<Option<Credentials>>
     })
 }
 
-/// Looks `host` up in the text of a docker config (keys may carry a scheme and path,
-/// as `https://index.docker.io/v1/`).
-pub fn parse_docker_config(
+/// Every registry's credentials in the text of a docker config, by host (a key's scheme
+/// and path dropped: `https://index.docker.io/v1/` is `index.docker.io`). Entries
+/// without credentials are left out; one that cannot be decoded is an error naming it.
+pub fn docker_config_entries(
     text: &[u8],
-    host: &str,
-) -> std::result::Result<Option<Credentials>, String> {
+) -> std::result::Result<BTreeMap<String, Credentials>, String> {
     let cfg: DockerConfig = serde_json::from_slice(text).map_err(|e| e.to_string())?;
-    let key_host = |k: &str| {
-        let k = k
+    let mut out = BTreeMap::new();
+    for (k, a) in &cfg.auths {
+        let host = k
             .strip_prefix("https://")
             .or_else(|| k.strip_prefix("http://"))
             .unwrap_or(k);
-        k.split('/').next().unwrap_or(k).to_string()
-    };
-    let wanted: Vec<&str> = if host == "docker.io" || host == "index.docker.io" {
-        vec!["index.docker.io", "docker.io", "registry-1.docker.io"]
-    } else {
-        vec![host]
-    };
-    for (k, a) in &cfg.auths {
-        if !wanted.contains(&key_host(k).as_str()) {
-            continue;
-        }
-        if let (Some(u), Some(p)) = (&a.username, &a.password) {
-            return Ok(Some(Credentials {
+        let host = host.split('/').next().unwrap_or(host).to_string();
+        let credentials = if let (Some(u), Some(p)) = (&a.username, &a.password) {
+            Credentials {
                 username: u.clone(),
                 password: p.clone(),
-            }));
-        }
-        if let Some(auth) = &a.auth {
+            }
+        } else if let Some(auth) = a.auth.as_deref().filter(|a| !a.is_empty()) {
             let raw = base64::engine::general_purpose::STANDARD
                 .decode(auth.trim())
                 .map_err(|e| format!("auth of {k} is not base64: {e}"))?;
@@ -103,13 +93,36 @@ pub fn parse_docker_config(
             let (u, p) = raw
                 .split_once(':')
                 .ok_or_else(|| format!("auth of {k} is not user:password"))?;
-            return Ok(Some(Credentials {
+            Credentials {
                 username: u.to_string(),
                 password: p.to_string(),
-            }));
-        }
+            }
+        } else {
+            continue;
+        };
+        out.insert(host, credentials);
     }
-    Ok(None)
+    Ok(out)
+}
+
+/// The credentials for `host` among `entries` (Docker Hub answers to `docker.io`,
+/// `index.docker.io` and `registry-1.docker.io` alike).
+pub fn credentials_for(entries: &BTreeMap<String, Credentials>, host: &str) -> Option<Credentials> {
+    const HUB: [&str; 3] = ["index.docker.io", "docker.io", "registry-1.docker.io"];
+    if HUB.contains(&host) {
+        HUB.iter().find_map(|h| entries.get(*h)).cloned()
+    } else {
+        entries.get(host).cloned()
+    }
+}
+
+/// Looks `host` up in the text of a docker config (keys may carry a scheme and path,
+/// as `https://index.docker.io/v1/`).
+pub fn parse_docker_config(
+    text: &[u8],
+    host: &str,
+) -> std::result::Result<Option<Credentials>, String> {
+    Ok(credentials_for(&docker_config_entries(text)?, host))
 }
 
 #[cfg(test)]

@@ -22,7 +22,10 @@ mod backend;
 mod reference;
 mod upload;
 
-pub use auth::{credentials_from_docker_config, Credentials};
+pub use auth::{
+    credentials_for, credentials_from_docker_config, docker_config_entries, docker_config_path,
+    Credentials,
+};
 pub use backend::RegistryBackend;
 pub use reference::parse_reference;
 pub use upload::{wait_complete, BlobProgress, GrowingPush, UPLOAD_PIECE};

@@ -73,6 +73,18 @@ fn push_and_convert(reg: &Registry, layout: &Path, repo: &str, tag: &str, dir: &
     );
 }
 
+/// A registry (its files under `dir/reg`, access log included) holding the busybox
+/// fixture and its nydus conversion under each of `tags`.
+fn registry_with_busybox(dir: &Path, tags: &[&str]) -> Registry {
+    let reg_dir = dir.join("reg");
+    fs::create_dir_all(&reg_dir).unwrap();
+    let reg = Registry::start_in(&reg_dir, "");
+    for tag in tags {
+        busybox_images(&reg, dir, tag);
+    }
+    reg
+}
+
 /// Digests of a nydus image's data layers and of its bootstrap layer.
 fn nydus_layers(reference: &str) -> (BTreeSet<String>, String) {
     nydus_layers_with(reference, None)
@@ -167,15 +179,8 @@ fn images_run_lazily(mode: &str) {
     tools();
     let t = tempfile::tempdir().unwrap();
     let dir = t.path();
-    let reg = Registry::start_in(
-        &{
-            let d = dir.join("reg");
-            fs::create_dir_all(&d).unwrap();
-            d
-        },
-        "",
-    );
-    let layout = busybox_images(&reg, dir, "v1");
+    let reg = registry_with_busybox(dir, &["v1"]);
+    let layout = dir.join("oci-v1");
     let rootfs = umoci_rootfs(&layout, "v1", dir);
     let python_src = push_python(&reg.addr, None);
     let work = dir.join("work-python");
@@ -401,11 +406,7 @@ fn dedicated_daemons_share_one_cache() {
     tools();
     let t = tempfile::tempdir().unwrap();
     let dir = t.path();
-    let reg_dir = dir.join("reg");
-    fs::create_dir_all(&reg_dir).unwrap();
-    let reg = Registry::start_in(&reg_dir, "");
-    busybox_images(&reg, dir, "v1");
-    busybox_images(&reg, dir, "v2");
+    let reg = registry_with_busybox(dir, &["v1", "v2"]);
     let (a, b) = (
         format!("{}/busybox:v1-nydus", reg.addr),
         format!("{}/busybox:v2-nydus", reg.addr),
@@ -485,11 +486,9 @@ fn registry_credentials_reach_nydusd_and_are_refreshed_live() {
     require_root_tools(&["htpasswd"]);
     let t = tempfile::tempdir().unwrap();
     let dir = t.path();
-    let reg_dir = dir.join("reg");
-    fs::create_dir_all(&reg_dir).unwrap();
     // Images are pushed and converted before the registry asks for credentials.
-    let mut reg = Registry::start_in(&reg_dir, "");
-    busybox_images(&reg, dir, "v2");
+    let mut reg = registry_with_busybox(dir, &["v2"]);
+    let reg_dir = dir.join("reg");
     let image = format!("{}/busybox:v2-nydus", reg.addr);
     reg.down();
     let htpasswd = dir.join("htpasswd");
@@ -575,20 +574,8 @@ impl Client {
             .enable_all()
             .build()
             .unwrap();
-        let sock = sock.to_path_buf();
         let channel = rt
-            .block_on(
-                tonic::transport::Endpoint::try_from("http://[::]:50051")
-                    .unwrap()
-                    .connect_with_connector(tower::service_fn(move |_| {
-                        let sock = sock.clone();
-                        async move {
-                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                                tokio::net::UnixStream::connect(sock).await?,
-                            ))
-                        }
-                    })),
-            )
+            .block_on(rafs_e2e::uds_channel(sock.to_path_buf()))
             .unwrap();
         Client {
             rt,
@@ -737,10 +724,7 @@ fn snapshotter_refuses_bad_input_with_grpc_codes() {
     tools();
     let t = tempfile::tempdir().unwrap();
     let dir = t.path();
-    let reg_dir = dir.join("reg");
-    fs::create_dir_all(&reg_dir).unwrap();
-    let reg = Registry::start_in(&reg_dir, "");
-    busybox_images(&reg, dir, "v1");
+    let reg = registry_with_busybox(dir, &["v1"]);
     let image = format!("{}/busybox:v1-nydus", reg.addr);
     let (boot_path, _) = pull_nydus_image(&image, dir);
     let boot = fs::read(&boot_path).unwrap();
