@@ -23,6 +23,7 @@ use nydusd::client::{Daemon, DaemonCommand, MountRequest};
 use std::collections::{BTreeSet, HashMap};
 use std::net::ToSocketAddrs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tonic::Status;
@@ -40,6 +41,9 @@ pub struct Manager {
     template: NydusdConfig,
     metrics: Metrics,
     state: Mutex<State>,
+    /// `state.daemons.len()`, readable without the lock (a metrics scrape must not wait
+    /// behind a daemon start).
+    running: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -75,9 +79,66 @@ pub fn snapshot_dir(root: &Path, id: u64) -> PathBuf {
     root.join("snapshots").join(id.to_string())
 }
 
-/// The bootstrap of a meta snapshot, as containerd unpacked it.
-pub fn bootstrap_path(root: &Path, id: u64) -> PathBuf {
-    snapshot_dir(root, id).join("fs/image/image.boot")
+/// Where the bootstrap sits in a meta snapshot, as containerd unpacked it.
+const BOOTSTRAP_IN_LAYER: &str = "image/image.boot";
+
+/// The bootstrap of meta snapshot `id`, read from the layer containerd unpacked without
+/// following a symbolic link anywhere below the snapshot's directory (the layer is the
+/// image's to write: a link could point at another image's bootstrap or at a FIFO), and
+/// only if it is a regular file of at most `rafs::read::MAX_BOOTSTRAP_SIZE` bytes.
+pub fn read_bootstrap(root: &Path, id: u64) -> std::io::Result<Vec<u8>> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    use std::io::Read as _;
+    let fs = snapshot_dir(root, id).join("fs");
+    let dir = rustix::fs::open(
+        &fs,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let fd = rustix::fs::openat2(
+        &dir,
+        BOOTSTRAP_IN_LAYER,
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )?;
+    let mut file = std::fs::File::from(fd);
+    let md = file.metadata()?;
+    if !md.is_file() || md.len() > rafs::read::MAX_BOOTSTRAP_SIZE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "{BOOTSTRAP_IN_LAYER} is not a regular file of at most {} bytes",
+                rafs::read::MAX_BOOTSTRAP_SIZE
+            ),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(md.len() as usize);
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Whether meta snapshot `id`'s layer holds a bootstrap (a regular file, not a link).
+pub fn has_bootstrap(root: &Path, id: u64) -> bool {
+    snapshot_dir(root, id)
+        .join("fs")
+        .join(BOOTSTRAP_IN_LAYER)
+        .symlink_metadata()
+        .is_ok_and(|m| m.is_file())
+}
+
+/// Writes `bytes` to `path`, readable by root only (configs hold credentials, and
+/// bootstraps describe images).
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
@@ -105,6 +166,7 @@ impl Manager {
                 daemons: HashMap::new(),
                 auths,
             }),
+            running: AtomicUsize::new(0),
         })
     }
 
@@ -135,10 +197,20 @@ impl Manager {
 
     /// Whether the instance's daemon is alive and its mount is there.
     fn serving(&self, state: &mut State, inst: &InstanceRecord) -> bool {
-        match state.daemons.get_mut(&inst.daemon_id) {
-            Some(d) => d.is_alive() && is_mountpoint(&d.mountpoint),
-            None => false,
+        let Some(d) = state.daemons.get_mut(&inst.daemon_id) else {
+            return false;
+        };
+        if !d.is_alive() || !is_mountpoint(&d.mountpoint) {
+            return false;
         }
+        // A shared daemon started again holds only the images mounted since.
+        inst.daemon_id != SHARED_DAEMON_ID
+            || inst.mountpoint.file_name().is_some_and(|sub| {
+                let sub = format!("/{}", sub.to_string_lossy());
+                d.api
+                    .daemon_info()
+                    .is_ok_and(|i| i.mounts.contains_key(&sub))
+            })
     }
 
     fn mount(&self, state: &mut State, meta_key: &str, meta: &Record) -> Result<PathBuf, Status> {
@@ -148,16 +220,25 @@ impl Manager {
                  is unknown: pull through CRI with disable_snapshot_annotations = false"
             ))
         })?;
-        let bootstrap = bootstrap_path(&self.config.root, meta.id);
-        if let Err(e) = rafs::read::Bootstrap::open(&bootstrap) {
-            return Err(Status::failed_precondition(format!(
-                "image {image}: the bootstrap layer (snapshot {meta_key}) is unusable: {}",
-                chain(&e)
-            )));
-        }
+        // The daemon gets a copy of its own: what the layer holds is checked once, and
+        // nothing the image writes later is read.
+        let unusable = |why: String| {
+            Status::failed_precondition(format!(
+                "image {image}: the bootstrap layer (snapshot {meta_key}) is unusable: {why}"
+            ))
+        };
+        let bytes = read_bootstrap(&self.config.root, meta.id)
+            .map_err(|e| unusable(format!("{BOOTSTRAP_IN_LAYER}: {e}")))?;
+        rafs::read::Bootstrap::from_bytes(bytes.clone()).map_err(|e| unusable(chain(&e)))?;
+        let boot_dir = self.config.root.join("bootstraps");
+        std::fs::create_dir_all(&boot_dir)
+            .map_err(|e| Status::internal(format!("creating {}: {e}", boot_dir.display())))?;
+        let bootstrap = boot_dir.join(format!("{}.boot", meta.id));
+        write_private(&bootstrap, &bytes)
+            .map_err(|e| Status::internal(format!("writing {}: {e}", bootstrap.display())))?;
         let reference = ImageRef::parse(&image)
             .map_err(|e| Status::invalid_argument(format!("image {image}: {e}")))?;
-        probe(&reference.host).map_err(|e| {
+        probe(&reference.host, !reference.is_loopback()).map_err(|e| {
             Status::unavailable(format!(
                 "image {image}: its registry {} is unreachable: {e}",
                 reference.host
@@ -178,7 +259,7 @@ impl Manager {
         std::fs::create_dir_all(&config_dir)
             .map_err(io(format!("creating {}", config_dir.display())))?;
         let config_path = config_dir.join(format!("{}.json", meta.id));
-        std::fs::write(&config_path, config.to_json())
+        write_private(&config_path, config.to_json().as_bytes())
             .map_err(io(format!("writing {}", config_path.display())))?;
         let (daemon_id, mountpoint) = match self.config.daemon_mode {
             DaemonMode::Dedicated => {
@@ -274,10 +355,27 @@ impl Manager {
                 chain(&e)
             ))
         })?;
+        // Recorded before it is waited for: a snapshotter killed meanwhile finds it again
+        // (and stops it) instead of leaving it running unknown.
+        let record = DaemonRecord {
+            pid: d.pid,
+            start_time: d.start_time,
+            apisock: cmd.apisock.clone(),
+            mountpoint: cmd.mountpoint.clone(),
+            shared,
+        };
+        if let Err(e) = self.store.put_daemon(id, &record) {
+            let _ = d.stop(STOP_GRACE);
+            return Err(e);
+        }
+        let fail = |d: Daemon| {
+            let _ = d.stop(STOP_GRACE);
+            let _ = self.store.remove_daemon(id);
+        };
         if let Err(e) = d.wait_running(self.config.ready_timeout) {
             let timed_out = e.to_string().contains("was not serving after");
             let pid = d.pid;
-            let _ = d.stop(STOP_GRACE);
+            fail(d);
             self.metrics.daemon_failures.inc();
             let msg = format!(
                 "image {image} (snapshot {snapshot}): nydusd {id} (pid {pid}) did not start serving: {}",
@@ -291,25 +389,17 @@ impl Manager {
         }
         if !is_mountpoint(&cmd.mountpoint) {
             let pid = d.pid;
-            let _ = d.stop(STOP_GRACE);
+            fail(d);
             return Err(Status::internal(format!(
                 "image {image}: nydusd {id} (pid {pid}) is RUNNING but {} is not mounted",
                 cmd.mountpoint.display()
             )));
         }
-        self.store.put_daemon(
-            id,
-            &DaemonRecord {
-                pid: d.pid,
-                apisock: cmd.apisock.clone(),
-                mountpoint: cmd.mountpoint.clone(),
-                shared,
-            },
-        )?;
         info!(image = %image, snapshot = %snapshot, daemon = %id, pid = d.pid,
               "nydusd serving after {:?}", started.elapsed());
         self.metrics.daemons_started.inc();
         state.daemons.insert(id.to_string(), d);
+        self.running.store(state.daemons.len(), Ordering::Relaxed);
         Ok(cmd.mountpoint)
     }
 
@@ -350,6 +440,12 @@ impl Manager {
             self.stop_daemon(state, &inst.daemon_id);
         }
         let _ = std::fs::remove_file(self.config.root.join("config").join(format!("{id}.json")));
+        let _ = std::fs::remove_file(
+            self.config
+                .root
+                .join("bootstraps")
+                .join(format!("{id}.boot")),
+        );
         if let Err(e) = self.store.remove_instance(id) {
             warn!("forgetting instance {id}: {e}");
         }
@@ -363,7 +459,7 @@ impl Manager {
                 .daemons()
                 .ok()
                 .and_then(|all| all.into_iter().find(|(i, _)| i == id))
-                .map(|(_, r)| Daemon::adopt(r.pid, r.apisock, r.mountpoint)),
+                .map(|(_, r)| Daemon::adopt(r.pid, r.start_time, r.apisock, r.mountpoint)),
         };
         if let Some(d) = d {
             let pid = d.pid;
@@ -376,6 +472,7 @@ impl Manager {
         if let Err(e) = self.store.remove_daemon(id) {
             warn!("forgetting daemon {id}: {e}");
         }
+        self.running.store(state.daemons.len(), Ordering::Relaxed);
     }
 
     /// After a restart of the snapshotter: adopts the daemons still serving, cleans up
@@ -383,13 +480,14 @@ impl Manager {
     pub fn recover(&self) -> Result<(), Status> {
         let mut state = self.lock();
         for (id, rec) in self.store.daemons()? {
-            let mut d = Daemon::adopt(rec.pid, &rec.apisock, &rec.mountpoint);
+            let mut d = Daemon::adopt(rec.pid, rec.start_time, &rec.apisock, &rec.mountpoint);
             let alive = d.is_alive()
                 && d.api.daemon_info().is_ok_and(|i| i.state == "RUNNING")
                 && is_mountpoint(&rec.mountpoint);
             if alive {
                 info!(daemon = %id, pid = rec.pid, "found running nydusd");
                 state.daemons.insert(id, d);
+                self.running.store(state.daemons.len(), Ordering::Relaxed);
             } else {
                 warn!(daemon = %id, pid = rec.pid, "nydusd is gone; cleaning up after it");
                 self.stop_daemon(&mut state, &id);
@@ -397,16 +495,7 @@ impl Manager {
         }
         for (id, inst) in self.store.instances()? {
             if self.serving(&mut state, &inst) {
-                // In shared mode the daemon must still hold this image.
-                let held = state.daemons.get(&inst.daemon_id).is_some_and(|d| {
-                    inst.daemon_id != SHARED_DAEMON_ID
-                        || d.api
-                            .daemon_info()
-                            .is_ok_and(|i| i.mounts.contains_key(&format!("/{id}")))
-                });
-                if held {
-                    continue;
-                }
+                continue;
             }
             self.drop_instance(&mut state, id, &inst);
             let meta = self.store.get(&inst.meta_key)?;
@@ -440,6 +529,7 @@ impl Manager {
         let Ok(instances) = self.store.instances() else {
             return;
         };
+        let mut all_given = true;
         for (id, inst) in instances {
             let Ok(r) = ImageRef::parse(&inst.image) else {
                 continue;
@@ -465,11 +555,17 @@ impl Manager {
                     info!(image = %inst.image, snapshot = %inst.meta_key, "new registry credentials handed to nydusd")
                 }
                 Err(e) => {
-                    warn!(image = %inst.image, snapshot = %inst.meta_key, "handing new credentials to nydusd: {e}")
+                    all_given = false;
+                    warn!(image = %inst.image, snapshot = %inst.meta_key,
+                          "handing new credentials to nydusd (tried again at the next read of the file): {e}")
                 }
             }
         }
-        state.auths = auths;
+        // Kept as the last seen only once every daemon has them: a failed hand-over is
+        // tried again.
+        if all_given {
+            state.auths = auths;
+        }
     }
 
     /// Drops the instances whose meta snapshot no longer exists (Cleanup).
@@ -491,7 +587,10 @@ impl Manager {
         }
         let mut wanted = BTreeSet::new();
         for m in metas {
-            match rafs::read::Bootstrap::open(bootstrap_path(&self.config.root, m.id)) {
+            let read = read_bootstrap(&self.config.root, m.id)
+                .map_err(|e| e.to_string())
+                .and_then(|b| rafs::read::Bootstrap::from_bytes(b).map_err(|e| e.to_string()));
+            match read {
                 Ok(b) => wanted.extend(b.blobs().iter().map(|b| b.id.clone())),
                 // An unreadable bootstrap: keep everything rather than guess.
                 Err(_) => return 0,
@@ -538,20 +637,22 @@ impl Manager {
 
     /// Daemons running now.
     pub fn running(&self) -> usize {
-        self.lock().daemons.len()
+        self.running.load(Ordering::Relaxed)
     }
 }
 
-/// Connects to the registry host (`host[:port]`, port 443 by default), within
-/// [`PROBE_TIMEOUT`].
-fn probe(host: &str) -> Result<(), String> {
+/// Connects to the registry host (`host[:port]`; without a port, 443 for HTTPS and 80 for
+/// plain HTTP), within [`PROBE_TIMEOUT`].
+fn probe(host: &str, https: bool) -> Result<(), String> {
     let with_port = if host
         .rsplit_once(':')
         .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
     {
         host.to_string()
-    } else {
+    } else if https {
         format!("{host}:443")
+    } else {
+        format!("{host}:80")
     };
     let addrs: Vec<_> = with_port
         .to_socket_addrs()

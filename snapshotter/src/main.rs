@@ -129,7 +129,16 @@ fn main() -> Result<()> {
 }
 
 async fn serve(config: Arc<Config>) -> Result<()> {
-    for dir in ["snapshots", "socket", "logs", "config"] {
+    // Root only: configs hold credentials, and the snapshots' files (setuid binaries of
+    // images included) must not be reachable by other users.
+    std::fs::create_dir_all(&config.root)
+        .with_context(|| format!("creating {}", config.root.display()))?;
+    std::fs::set_permissions(
+        &config.root,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .with_context(|| format!("making {} private", config.root.display()))?;
+    for dir in ["snapshots", "socket", "logs", "config", "bootstraps"] {
         let d = config.root.join(dir);
         std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
     }

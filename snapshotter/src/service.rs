@@ -92,7 +92,7 @@ impl Snapshotter {
     fn is_meta(&self, rec: &Record) -> bool {
         rec.kind == StoreKind::Committed
             && (is_true(&rec.labels, NYDUS_BOOTSTRAP_LABEL)
-                || (crate::daemons::bootstrap_path(&self.config.root, rec.id).is_file()
+                || (crate::daemons::has_bootstrap(&self.config.root, rec.id)
                     && self
                         .store
                         .get(&rec.parent)
@@ -114,10 +114,18 @@ impl Snapshotter {
         // A layer being unpacked for a pull is an ordinary directory, whatever the image.
         let unpacking = rec.labels.contains_key(SNAPSHOT_REF_LABEL);
         if !unpacking {
-            if let Some((meta_key, meta)) = parents.iter().find(|(_, p)| self.is_meta(p)) {
+            if let Some(at) = parents.iter().position(|(_, p)| self.is_meta(p)) {
+                let (meta_key, meta) = &parents[at];
                 let lower = self.manager.ensure(meta_key, meta)?;
                 debug!(snapshot = %key, image_snapshot = %meta_key, "nydus rootfs over {}", lower.display());
-                return Ok(self.overlay(rec, vec![lower], true));
+                // Layers committed over the image (a container committed as a new image)
+                // stay above it.
+                let mut lowers: Vec<PathBuf> = parents[..at]
+                    .iter()
+                    .map(|(_, p)| self.fs_dir(p.id))
+                    .collect();
+                lowers.push(lower);
+                return Ok(self.overlay(rec, lowers, true));
             }
             if let Some((blob_key, _)) = parents
                 .iter()
@@ -210,8 +218,9 @@ impl Snapshotter {
         match self.mounts(key, &rec) {
             Ok(m) => Ok(m),
             Err(e) => {
-                // Nothing of a failed Prepare stays behind.
-                if let Err(r) = self.store.remove(key) {
+                // Nothing of a failed Prepare stays behind (and nothing else: the key may
+                // have been removed and prepared again meanwhile).
+                if let Err(r) = self.store.remove_if(key, rec.id) {
                     warn!(snapshot = %key, "rolling back a failed prepare: {r}");
                 }
                 let _ = std::fs::remove_dir_all(snapshot_dir(&self.config.root, rec.id));

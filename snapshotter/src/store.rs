@@ -2,7 +2,7 @@
 //! write transaction, durable when it returns, so the store survives restarts and
 //! `kill -9` whole (redb commits are crash-safe).
 //!
-//! Tables: `snapshots` (key → [`Record`] as JSON), `instances` (meta snapshot id →
+//! Tables: `snapshots` (key → [`Record`] as JSON), `instances` (meta snapshot id, in decimal →
 //! [`InstanceRecord`]), `daemons` (daemon id → [`DaemonRecord`]), `ids` (the next
 //! snapshot id).
 
@@ -14,8 +14,11 @@ use std::time::SystemTime;
 use tonic::Status;
 
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
-const INSTANCES: TableDefinition<u64, &[u8]> = TableDefinition::new("instances");
-const DAEMONS: TableDefinition<&str, &[u8]> = TableDefinition::new("daemons");
+/// A table of JSON records by string key.
+type Table = TableDefinition<'static, &'static str, &'static [u8]>;
+
+const INSTANCES: Table = TableDefinition::new("instances");
+const DAEMONS: Table = TableDefinition::new("daemons");
 const IDS: TableDefinition<&str, u64> = TableDefinition::new("ids");
 
 /// containerd's snapshot kinds.
@@ -68,6 +71,10 @@ pub struct InstanceRecord {
 pub struct DaemonRecord {
     /// Its pid.
     pub pid: u32,
+    /// Its process start time (see `nydusd::client::launcher::process_start_time`): a
+    /// pid reused by another process after a reboot is not mistaken for the daemon.
+    #[serde(default)]
+    pub start_time: u64,
     /// Its API socket.
     pub apisock: PathBuf,
     /// Its FUSE mountpoint.
@@ -232,6 +239,15 @@ impl Store {
 
     /// Removes `key`; FAILED_PRECONDITION while another snapshot has it as parent.
     pub fn remove(&self, key: &str) -> Result<Record, Status> {
+        self.remove_matching(key, None)
+    }
+
+    /// [`Store::remove`], only if `key` is still the snapshot with id `id`.
+    pub fn remove_if(&self, key: &str, id: u64) -> Result<Record, Status> {
+        self.remove_matching(key, Some(id))
+    }
+
+    fn remove_matching(&self, key: &str, id: Option<u64>) -> Result<Record, Status> {
         let txn = self.db.begin_write().map_err(internal)?;
         let rec = {
             let mut t = txn.open_table(SNAPSHOTS).map_err(internal)?;
@@ -245,10 +261,17 @@ impl Store {
                     )));
                 }
             }
-            let rec = match t.remove(key).map_err(internal)? {
+            let rec: Record = match t.get(key).map_err(internal)? {
                 Some(v) => decode(v.value())?,
                 None => return Err(Status::not_found(format!("snapshot {key} does not exist"))),
             };
+            if id.is_some_and(|id| id != rec.id) {
+                return Err(Status::not_found(format!(
+                    "snapshot {key} is another snapshot now (id {})",
+                    rec.id
+                )));
+            }
+            t.remove(key).map_err(internal)?;
             rec
         };
         txn.commit().map_err(internal)?;
@@ -279,60 +302,58 @@ impl Store {
 
     /// Records (or replaces) the instance of meta snapshot `id`.
     pub fn put_instance(&self, id: u64, rec: &InstanceRecord) -> Result<(), Status> {
-        let txn = self.db.begin_write().map_err(internal)?;
-        txn.open_table(INSTANCES)
-            .map_err(internal)?
-            .insert(id, encode(rec).as_slice())
-            .map_err(internal)?;
-        txn.commit().map_err(internal)
+        self.put(INSTANCES, &id.to_string(), rec)
     }
 
     /// Forgets the instance of meta snapshot `id`.
     pub fn remove_instance(&self, id: u64) -> Result<(), Status> {
-        let txn = self.db.begin_write().map_err(internal)?;
-        txn.open_table(INSTANCES)
-            .map_err(internal)?
-            .remove(id)
-            .map_err(internal)?;
-        txn.commit().map_err(internal)
+        self.delete(INSTANCES, &id.to_string())
     }
 
     /// Every instance.
     pub fn instances(&self) -> Result<Vec<(u64, InstanceRecord)>, Status> {
-        let txn = self.db.begin_read().map_err(internal)?;
-        let t = txn.open_table(INSTANCES).map_err(internal)?;
-        let mut out = Vec::new();
-        for row in t.iter().map_err(internal)? {
-            let (k, v) = row.map_err(internal)?;
-            out.push((k.value(), decode(v.value())?));
-        }
-        Ok(out)
+        self.all(INSTANCES)?
+            .into_iter()
+            .map(|(k, v)| Ok((k.parse().map_err(internal)?, v)))
+            .collect()
     }
 
     /// Records (or replaces) daemon `id`.
     pub fn put_daemon(&self, id: &str, rec: &DaemonRecord) -> Result<(), Status> {
-        let txn = self.db.begin_write().map_err(internal)?;
-        txn.open_table(DAEMONS)
-            .map_err(internal)?
-            .insert(id, encode(rec).as_slice())
-            .map_err(internal)?;
-        txn.commit().map_err(internal)
+        self.put(DAEMONS, id, rec)
     }
 
     /// Forgets daemon `id`.
     pub fn remove_daemon(&self, id: &str) -> Result<(), Status> {
-        let txn = self.db.begin_write().map_err(internal)?;
-        txn.open_table(DAEMONS)
-            .map_err(internal)?
-            .remove(id)
-            .map_err(internal)?;
-        txn.commit().map_err(internal)
+        self.delete(DAEMONS, id)
     }
 
     /// Every daemon.
     pub fn daemons(&self) -> Result<Vec<(String, DaemonRecord)>, Status> {
+        self.all(DAEMONS)
+    }
+
+    fn put<T: Serialize>(&self, table: Table, key: &str, v: &T) -> Result<(), Status> {
+        let txn = self.db.begin_write().map_err(internal)?;
+        txn.open_table(table)
+            .map_err(internal)?
+            .insert(key, encode(v).as_slice())
+            .map_err(internal)?;
+        txn.commit().map_err(internal)
+    }
+
+    fn delete(&self, table: Table, key: &str) -> Result<(), Status> {
+        let txn = self.db.begin_write().map_err(internal)?;
+        txn.open_table(table)
+            .map_err(internal)?
+            .remove(key)
+            .map_err(internal)?;
+        txn.commit().map_err(internal)
+    }
+
+    fn all<T: for<'a> Deserialize<'a>>(&self, table: Table) -> Result<Vec<(String, T)>, Status> {
         let txn = self.db.begin_read().map_err(internal)?;
-        let t = txn.open_table(DAEMONS).map_err(internal)?;
+        let t = txn.open_table(table).map_err(internal)?;
         let mut out = Vec::new();
         for row in t.iter().map_err(internal)? {
             let (k, v) = row.map_err(internal)?;
@@ -376,6 +397,7 @@ mod tests {
                 "d1",
                 &DaemonRecord {
                     pid: 7,
+                    start_time: 1,
                     apisock: "/s".into(),
                     mountpoint: "/m".into(),
                     shared: false,

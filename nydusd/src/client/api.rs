@@ -89,6 +89,12 @@ impl ApiClient {
         }
     }
 
+    /// The same client with each request bounded by `timeout` (default 30 s).
+    pub fn with_timeout(mut self, timeout: Duration) -> ApiClient {
+        self.timeout = timeout;
+        self
+    }
+
     /// The socket.
     pub fn socket(&self) -> &Path {
         &self.socket

@@ -119,6 +119,7 @@ impl DaemonCommand {
             .map_err(io(format!("Starting {}", self.nydusd.display())))?;
         Ok(Daemon {
             pid: child.id(),
+            start_time: process_start_time(child.id()).unwrap_or(0),
             api: ApiClient::new(&self.apisock),
             mountpoint: self.mountpoint.clone(),
             log_file: self.log_file.clone(),
@@ -132,6 +133,9 @@ impl DaemonCommand {
 pub struct Daemon {
     /// Its pid.
     pub pid: u32,
+    /// When the process started (clock ticks after boot, `/proc/<pid>/stat` field 22):
+    /// with the pid, what tells this daemon from a later process given the same pid.
+    pub start_time: u64,
     /// Its API.
     pub api: ApiClient,
     /// Its FUSE mountpoint.
@@ -141,10 +145,18 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// A daemon started by someone else (an earlier process), known by pid and socket.
-    pub fn adopt(pid: u32, apisock: impl Into<PathBuf>, mountpoint: impl Into<PathBuf>) -> Daemon {
+    /// A daemon started by someone else (an earlier process), known by pid, process start
+    /// time and socket. If the pid now names another process (a reboot, a reused pid), the
+    /// daemon counts as dead and is never signalled.
+    pub fn adopt(
+        pid: u32,
+        start_time: u64,
+        apisock: impl Into<PathBuf>,
+        mountpoint: impl Into<PathBuf>,
+    ) -> Daemon {
         Daemon {
             pid,
+            start_time,
             api: ApiClient::new(apisock),
             mountpoint: mountpoint.into(),
             log_file: None,
@@ -156,7 +168,7 @@ impl Daemon {
     pub fn is_alive(&mut self) -> bool {
         match &mut self.child {
             Some(c) => matches!(c.try_wait(), Ok(None)),
-            None => pid_alive(self.pid),
+            None => pid_alive(self.pid) && process_start_time(self.pid) == Some(self.start_time),
         }
     }
 
@@ -169,7 +181,14 @@ impl Daemon {
             if !self.is_alive() {
                 return Err(self.failure(format!("exited before serving ({last})")));
             }
-            match self.api.daemon_info() {
+            // Each question within what is left of the wait (a daemon that accepts and
+            // never answers must not stretch it).
+            let left = deadline.saturating_duration_since(Instant::now());
+            let api = self
+                .api
+                .clone()
+                .with_timeout(left.clamp(Duration::from_millis(100), Duration::from_secs(2)));
+            match api.daemon_info() {
                 Ok(info) if info.state == "RUNNING" => return Ok(()),
                 Ok(info) => last = format!("state {}", info.state),
                 Err(e) => last = e.to_string(),
@@ -194,7 +213,16 @@ impl Daemon {
     /// Stops the daemon: the API's exit, `SIGKILL` when it has not exited within
     /// `grace`, then a lazy unmount of its mountpoint if the mount is still there.
     pub fn stop(mut self, grace: Duration) -> Result<(), ClientError> {
-        let _ = self.api.exit();
+        if !self.is_alive() {
+            // Gone, or the pid is someone else's now: nothing to signal.
+            if let Some(c) = &mut self.child {
+                let _ = c.wait();
+            }
+            detach_mount(&self.mountpoint);
+            let _ = std::fs::remove_file(self.api.socket());
+            return Ok(());
+        }
+        let _ = self.api.clone().with_timeout(grace).exit();
         let deadline = Instant::now() + grace;
         while self.is_alive() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
@@ -214,7 +242,7 @@ impl Daemon {
         }
         detach_mount(&self.mountpoint);
         let _ = std::fs::remove_file(self.api.socket());
-        if pid_alive(self.pid) {
+        if self.is_alive() {
             return Err(ClientError::Daemon {
                 pid: self.pid,
                 reason: "did not exit after SIGKILL".into(),
@@ -263,24 +291,36 @@ pub fn detach_mount(path: &Path) {
     }
 }
 
-/// Whether `path` is a mountpoint (by `/proc/self/mountinfo`).
+/// Whether `path` is a mountpoint (by `/proc/self/mountinfo`, compared as bytes: a
+/// mount elsewhere whose path is not UTF-8 must not hide this one).
 pub fn is_mountpoint(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+    use std::os::unix::ffi::OsStrExt as _;
+    let Ok(info) = std::fs::read("/proc/self/mountinfo") else {
         return false;
     };
-    let want = path.to_string_lossy();
-    info.lines()
-        .filter_map(|l| l.split(' ').nth(4))
+    let want = path.as_os_str().as_bytes();
+    info.split(|&b| b == b'\n')
+        .filter_map(|l| l.split(|&b| b == b' ').nth(4))
         .any(|m| unescape_mountinfo(m) == want)
 }
 
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
+/// When process `pid` started, in clock ticks after boot (`/proc/<pid>/stat` field 22).
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (in parentheses, which may hold anything): the
+    // state is field 3, so the start time is the 20th of these.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Decodes mountinfo's octal escapes (`\040` for a space).
+fn unescape_mountinfo(b: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'\\' && i + 3 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+            let oct = std::str::from_utf8(&b[i + 1..i + 4]).ok();
+            if let Some(v) = oct.and_then(|o| u8::from_str_radix(o, 8).ok()) {
                 out.push(v);
                 i += 4;
                 continue;
@@ -289,7 +329,7 @@ fn unescape_mountinfo(s: &str) -> String {
         out.push(b[i]);
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 #[cfg(test)]
@@ -326,6 +366,7 @@ mod tests {
         let child = Command::new("/bin/sleep").arg("30").spawn().unwrap();
         let mut d = Daemon {
             pid: child.id(),
+            start_time: process_start_time(child.id()).unwrap(),
             api: ApiClient::new(dir.path().join("api.sock")),
             mountpoint: dir.path().join("mnt"),
             log_file: None,
@@ -338,14 +379,27 @@ mod tests {
             .to_string();
         assert!(e.contains("was not serving after"), "{e}");
         assert!(t.elapsed() < Duration::from_secs(5));
-        let pid = d.pid;
+        let (pid, start) = (d.pid, d.start_time);
+        // Adopted with another start time, the same pid is not this daemon: not signalled.
+        let mut other = Daemon::adopt(
+            pid,
+            start + 1,
+            dir.path().join("api.sock"),
+            dir.path().join("mnt"),
+        );
+        assert!(!other.is_alive());
+        other.stop(Duration::from_millis(10)).unwrap();
+        assert!(
+            pid_alive(pid),
+            "a process that is not the daemon was killed"
+        );
         d.stop(Duration::from_millis(100)).unwrap();
         assert!(!pid_alive(pid));
     }
 
     #[test]
     fn mountinfo_escapes_are_read() {
-        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
+        assert_eq!(unescape_mountinfo(b"/a\\040b"), b"/a b");
         assert!(is_mountpoint(Path::new("/proc")));
         assert!(!is_mountpoint(Path::new("/proc/self")));
     }

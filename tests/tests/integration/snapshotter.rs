@@ -385,6 +385,16 @@ fn images_run_lazily(mode: &str) {
         .filter(|n| n.to_string_lossy().ends_with(".blob.data"))
         .collect();
     assert!(left.is_empty(), "cache blobs left: {left:?}");
+    if mode == "shared" {
+        let info = nydusd::client::ApiClient::new(snap.root.join("socket/shared/api.sock"))
+            .daemon_info()
+            .unwrap();
+        assert!(
+            info.mounts.is_empty(),
+            "the shared daemon still serves {:?}",
+            info.mounts
+        );
+    }
     drop(ctd);
     drop(snap);
 }
@@ -455,6 +465,58 @@ fn dedicated_daemons_share_one_cache() {
             gets.len()
         );
     }
+
+    // v2 removed (under each name CRI gave it): its daemon stops, its own blob leaves the
+    // cache, the blobs v1 still uses stay, and v1 still runs.
+    // v2's own layer read, so that its blob is in the cache.
+    let out = ctd.run(&b, "c2b", &["cat", "/etc/extra"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "extra layer\n");
+    let cached = |blob: &str| {
+        dir.join("snap/cache")
+            .join(format!("{}.blob.data", blob.trim_start_matches("sha256:")))
+            .exists()
+    };
+    let only_b: Vec<&String> = blobs_b.difference(&blobs_a).collect();
+    assert!(!only_b.is_empty());
+    assert!(
+        only_b.iter().any(|b| cached(b)),
+        "v2's own blob was never cached"
+    );
+    let listed = run_ok(ctd.ctr().args(["-n", "k8s.io", "images", "ls"]));
+    let rows: Vec<Vec<String>> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().map(str::to_string).collect())
+        .collect();
+    let digest = rows
+        .iter()
+        .find(|r| r[0] == b)
+        .map(|r| r[2].clone())
+        .expect("v2 is listed");
+    let names: Vec<&str> = rows
+        .iter()
+        .filter(|r| r[2] == digest)
+        .map(|r| r[0].as_str())
+        .collect();
+    run_ok(
+        ctd.ctr()
+            .args(["-n", "k8s.io", "images", "rm", "--sync"])
+            .args(&names),
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || snap.nydusd_pids().len() == 1),
+        "v2's daemon did not stop: {:?}",
+        snap.nydusd_pids()
+    );
+    for blob in &only_b {
+        assert!(!cached(blob), "{blob}, used by v2 only, is still cached");
+    }
+    assert!(
+        common.iter().any(|b| cached(b)),
+        "the blobs v1 uses were dropped"
+    );
+    let out = ctd.run(&a, "c3", &["busybox", "sha256sum", "/bin/busybox"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), sums[0]);
 }
 
 fn blob_size(reg: &Registry, digest: &str) -> u64 {
@@ -550,15 +612,16 @@ fn registry_credentials_reach_nydusd_and_are_refreshed_live() {
         snap.log_text()
     );
     // A file of a blob nobody read yet: fetched with the new password by the same nydusd.
+    let before = reg.access_log().len();
     let out = ctd.run(&image, "c2", &["cat", "/etc/extra"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "extra layer\n");
     assert_eq!(snap.nydusd_pids(), pids, "nydusd was restarted");
     let (blobs, _) = nydus_layers_with(&image, Some("user:second"));
-    let log = reg.access_log();
+    let log = reg.access_log()[before..].to_vec();
     assert!(
         log.iter()
             .any(|e| e.blob().is_some_and(|b| blobs.contains(b)) && e.status == 206),
-        "no ranged blob read at all: {log:?}"
+        "no ranged blob read with the new password: {log:?}"
     );
 }
 
@@ -680,6 +743,11 @@ impl Client {
     /// A nydus image's meta snapshot `meta` over a data layer `data`, its bootstrap
     /// copied from `boot`, labelled with `image`.
     fn meta_layer(&mut self, data: &str, meta: &str, image: &str, boot: &[u8]) {
+        self.meta_layer_with(data, meta, image, |path| fs::write(path, boot).unwrap());
+    }
+
+    /// [`Client::meta_layer`] with `image/image.boot` made by `make`.
+    fn meta_layer_with(&mut self, data: &str, meta: &str, image: &str, make: impl FnOnce(&Path)) {
         let e = self
             .prepare(
                 "extract-data",
@@ -711,7 +779,7 @@ impl Client {
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(&mounts[0].source));
         fs::create_dir_all(upper.join("image")).unwrap();
-        fs::write(upper.join("image/image.boot"), boot).unwrap();
+        make(&upper.join("image/image.boot"));
         self.commit(meta, "extract-meta").unwrap();
     }
 }
@@ -780,6 +848,14 @@ fn snapshotter_refuses_bad_input_with_grpc_codes() {
         e.message().contains(&image) && e.message().contains("bootstrap"),
         "{e}"
     );
+    // A bootstrap that is a symbolic link (here to a good bootstrap outside the layer;
+    // it could be another image's, or a FIFO): refused, not followed.
+    c.meta_layer_with("data5", "meta-link", &image, |path| {
+        std::os::unix::fs::symlink(&boot_path, path).unwrap()
+    });
+    let e = c.prepare("ctr-f", "meta-link", &[]).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("image/image.boot"), "{e}");
     let closed = format!("127.0.0.1:{}/busybox:v1-nydus", free_port());
     c.meta_layer("data2", "meta-unreachable", &closed, &boot);
     let e = c.prepare("ctr-c", "meta-unreachable", &[]).unwrap_err();
@@ -816,6 +892,26 @@ fn snapshotter_refuses_bad_input_with_grpc_codes() {
     );
     assert_eq!(c.mounts("view-d").unwrap(), view);
     c.remove("view-d").unwrap();
+    // A layer committed over the image (a container committed as a new image) stays
+    // above the nydusd mount in a rootfs over it.
+    let m = c.prepare("commit-me", "meta-good", &[]).unwrap();
+    let upper = m[0]
+        .options
+        .iter()
+        .find_map(|o| o.strip_prefix("upperdir="))
+        .unwrap()
+        .to_string();
+    fs::write(Path::new(&upper).join("added"), b"x").unwrap();
+    c.commit("layer-above", "commit-me").unwrap();
+    let m = c.prepare("ctr-g", "layer-above", &[]).unwrap();
+    let lowers = m[0]
+        .options
+        .iter()
+        .find_map(|o| o.strip_prefix("lowerdir="))
+        .unwrap();
+    assert_eq!(lowers, format!("{upper}:{lower}"), "{m:?}");
+    c.remove("ctr-g").unwrap();
+    c.remove("layer-above").unwrap();
     assert_eq!(
         code(c.remove("meta-good")),
         tonic::Code::FailedPrecondition,
