@@ -6,9 +6,7 @@
 //! the mount is then undone first.
 
 use std::ffi::OsStr;
-use std::fs;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output};
 use std::thread;
@@ -231,53 +229,15 @@ pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
 }
 
 /// Whether `path` (absolute, as the mount table spells it) is a mount point, from
-/// `/proc/self/mountinfo`. Does not touch the path itself, so it never blocks on a
-/// dead FUSE mount.
+/// `/proc/self/mountinfo` (nydusd's client reads it the same way for the snapshotter).
+/// Does not touch the path itself, so it never blocks on a dead FUSE mount.
 pub fn is_mounted(path: &Path) -> bool {
-    let Ok(table) = fs::read(Path::new("/proc/self/mountinfo")) else {
-        return false;
-    };
-    table.split(|&b| b == b'\n').any(|line| {
-        line.split(|&b| b == b' ')
-            .nth(4)
-            .is_some_and(|field| unescape_mount_field(field) == path.as_os_str().as_bytes())
-    })
-}
-
-/// Decodes the octal escapes (`\040` for a space) of a mountinfo field.
-fn unescape_mount_field(field: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(field.len());
-    let mut i = 0;
-    while i < field.len() {
-        let octal = field
-            .get(i + 1..i + 4)
-            .filter(|d| field[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match octal {
-            Some(d) => {
-                out.push(
-                    d.iter()
-                        .fold(0u8, |acc, c| acc.wrapping_mul(8) + (c - b'0')),
-                );
-                i += 4;
-            }
-            None => {
-                out.push(field[i]);
-                i += 1;
-            }
-        }
-    }
-    out
+    nydusd::client::launcher::is_mountpoint(path)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mountinfo_escapes_are_decoded() {
-        assert_eq!(unescape_mount_field(br"/mnt/a\040b"), b"/mnt/a b");
-        assert_eq!(unescape_mount_field(br"/x\134y\"), b"/x\\y\\");
-    }
 
     #[test]
     fn root_is_mounted() {
@@ -301,7 +261,7 @@ mod tests {
         let pid = guard.id();
         drop(guard);
         // Reaped, so no /proc entry remains (or, at worst, a new process reused the id).
-        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
         assert_ne!(comm.trim(), "sleep");
     }
 

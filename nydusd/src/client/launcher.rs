@@ -400,6 +400,7 @@ mod tests {
     #[test]
     fn mountinfo_escapes_are_read() {
         assert_eq!(unescape_mountinfo(b"/a\\040b"), b"/a b");
+        assert_eq!(unescape_mountinfo(br"/x\134y\"), b"/x\\y\\");
         assert!(is_mountpoint(Path::new("/proc")));
         assert!(!is_mountpoint(Path::new("/proc/self")));
     }
