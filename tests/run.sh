@@ -89,6 +89,8 @@ REQUIRED=(
     "protobuf-compiler protoc"
     "containerd containerd ctr"
     "runc runc"
+    "qemu-system-x86 qemu-system-x86_64"
+    "xz-utils xz"
     "pkg-config pkg-config"
     "build-essential cc c++ make"
 )

@@ -35,6 +35,8 @@ pub enum Event {
     ApiExit,
     /// A FUSE thread ended (the filesystem was unmounted, or the channel failed).
     FuseEnded,
+    /// The VMM of a virtio-fs guest disconnected.
+    TransportEnded,
 }
 
 /// Daemon states reported by `GET /api/v1/daemon` (upstream's names).

@@ -10,6 +10,7 @@
 //! * [`passthrough`]: FUSE passthrough of fully cached files (the crate's only `unsafe`).
 //! * [`vfs`]: what the FUSE session serves: one image at the root, or a pseudo-root of
 //!   images mounted through the API.
+//! * [`virtiofs`]: the same filesystem served to VM guests over vhost-user-fs.
 //! * [`client`]: the typed config, the API's types and a launcher, for programs that
 //!   drive daemons; all that is built without the `daemon` feature.
 #![deny(unsafe_code)]
@@ -35,6 +36,8 @@ pub mod passthrough;
 pub mod prefetch;
 #[cfg(feature = "daemon")]
 pub mod vfs;
+#[cfg(feature = "daemon")]
+pub mod virtiofs;
 
 #[cfg(feature = "daemon")]
 pub use error::{Error, Result};

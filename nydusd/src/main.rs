@@ -9,6 +9,7 @@ use nydusd::cache::OpenBlobs;
 use nydusd::config::Config;
 use nydusd::daemon::{self, Event, FuseService, State, StateCell};
 use nydusd::vfs::Vfs;
+use nydusd::virtiofs::VirtioFsService;
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -19,6 +20,10 @@ use tracing::info;
 ///
 /// Example: nydusd --bootstrap image.boot --mountpoint /mnt --config nydusd.json
 /// (the optional first word `fuse` selects the FUSE mode, as upstream's nydusd).
+///
+/// For a VM guest: nydusd virtiofs --sock /run/vfs.sock --apisock /run/api.sock serves
+/// the same filesystem over vhost-user-fs (QEMU's `vhost-user-fs-pci`); without a
+/// subcommand, --sock and no --mountpoint select it too (as Kata starts nydusd).
 ///
 /// Without --bootstrap, the mountpoint shows an empty directory and images are mounted
 /// into it at run time: `POST /api/v1/mount?mountpoint=/sub` on the --apisock socket
@@ -31,9 +36,12 @@ struct Opt {
     /// mountpoint is an empty directory that images are mounted into through the API.
     #[arg(short = 'B', long, value_name = "FILE")]
     bootstrap: Option<PathBuf>,
-    /// Directory to mount the filesystem on.
+    /// Directory to mount the filesystem on (FUSE).
     #[arg(short = 'M', long, value_name = "DIR")]
-    mountpoint: PathBuf,
+    mountpoint: Option<PathBuf>,
+    /// The vhost-user socket a VMM connects to (virtio-fs).
+    #[arg(long, value_name = "SOCKET")]
+    sock: Option<PathBuf>,
     /// Configuration in upstream nydusd's v1 JSON shape (backend, cache, prefetch) of
     /// the --bootstrap image (API mounts bring their own). Needed with --bootstrap.
     #[arg(short = 'C', long, value_name = "FILE")]
@@ -72,19 +80,42 @@ struct Opt {
     rlimit_nofile: Option<u64>,
 }
 
-/// Drops upstream's optional `fuse` mode word; refuses modes not built here.
-fn args() -> Result<Vec<std::ffi::OsString>> {
+/// The transport the daemon serves on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Mode {
+    /// A FUSE mount at this directory.
+    Fuse(PathBuf),
+    /// vhost-user-fs on this socket.
+    Virtiofs(PathBuf),
+}
+
+/// Drops upstream's optional mode word (`fuse` or `virtiofs`), saying which was given;
+/// refuses modes not built here.
+fn args() -> Result<(Vec<std::ffi::OsString>, Option<&'static str>)> {
     let mut args: Vec<_> = std::env::args_os().collect();
-    match args.get(1).and_then(|a| a.to_str()) {
-        Some("fuse") => {
-            args.remove(1);
+    let word = match args.get(1).and_then(|a| a.to_str()) {
+        Some("fuse") => Some("fuse"),
+        Some("virtiofs") => Some("virtiofs"),
+        Some(mode @ ("singleton" | "nbd" | "uffd")) => {
+            bail!("mode '{mode}' is not supported by this build (supported: fuse, virtiofs)")
         }
-        Some(mode @ ("virtiofs" | "singleton" | "nbd" | "uffd")) => {
-            bail!("mode '{mode}' is not supported by this build (supported: fuse)")
-        }
-        _ => {}
+        _ => None,
+    };
+    if word.is_some() {
+        args.remove(1);
     }
-    Ok(args)
+    Ok((args, word))
+}
+
+/// The mode from the mode word and the flags.
+fn mode(opt: &Opt, word: Option<&str>) -> Result<Mode> {
+    match (word, &opt.mountpoint, &opt.sock) {
+        (Some("virtiofs"), _, Some(s)) | (None, None, Some(s)) => Ok(Mode::Virtiofs(s.clone())),
+        (Some("virtiofs"), _, None) => bail!("virtiofs needs --sock (the vhost-user socket)"),
+        (_, Some(m), None) => Ok(Mode::Fuse(m.clone())),
+        (_, Some(_), Some(_)) => bail!("give --mountpoint (FUSE) or --sock (virtio-fs), not both"),
+        (_, None, _) => bail!("give --mountpoint (FUSE) or --sock (virtio-fs)"),
+    }
 }
 
 fn init_logging(opt: &Opt) -> Result<()> {
@@ -148,7 +179,7 @@ fn build_vfs(opt: &Opt, open: &Arc<OpenBlobs>) -> Result<Vfs> {
     Ok(Vfs::single(image))
 }
 
-fn run(opt: Opt) -> Result<()> {
+fn run(opt: Opt, mode: Mode) -> Result<()> {
     let open_blobs = OpenBlobs::new();
     let vfs = Arc::new(build_vfs(&opt, &open_blobs)?);
 
@@ -173,10 +204,9 @@ fn run(opt: Opt) -> Result<()> {
         Some(path) => Some(ApiServer::start(
             path,
             ApiContext {
-                id: opt
-                    .id
-                    .clone()
-                    .unwrap_or_else(|| opt.mountpoint.display().to_string()),
+                id: opt.id.clone().unwrap_or_else(|| match &mode {
+                    Mode::Fuse(m) | Mode::Virtiofs(m) => m.display().to_string(),
+                }),
                 state: state.clone(),
                 vfs: vfs.clone(),
                 events: tx.clone(),
@@ -186,23 +216,30 @@ fn run(opt: Opt) -> Result<()> {
         None => None,
     };
 
-    let fuse = FuseService::start(
-        vfs.clone(),
-        &opt.mountpoint,
-        opt.fuse_threads,
-        opt.readahead_kb,
-        opt.passthrough,
-        tx.clone(),
-    )?;
+    let what = match &opt.bootstrap {
+        Some(b) => b.display().to_string(),
+        None => "an empty directory for API mounts".into(),
+    };
+    let transport = match &mode {
+        Mode::Fuse(mountpoint) => {
+            let fuse = FuseService::start(
+                vfs.clone(),
+                mountpoint,
+                opt.fuse_threads,
+                opt.readahead_kb,
+                opt.passthrough,
+                tx.clone(),
+            )?;
+            info!("mounted {what} on {}", mountpoint.display());
+            Transport::Fuse(fuse)
+        }
+        Mode::Virtiofs(sock) => {
+            let service = VirtioFsService::start(vfs.clone(), sock, opt.fuse_threads, tx.clone())?;
+            info!("serving {what} over virtio-fs on {}", sock.display());
+            Transport::Virtiofs(service)
+        }
+    };
     state.set(State::Running);
-    info!(
-        "mounted {} on {}",
-        match &opt.bootstrap {
-            Some(b) => b.display().to_string(),
-            None => "an empty directory for API mounts".into(),
-        },
-        opt.mountpoint.display(),
-    );
 
     let event = rx.recv().unwrap_or(Event::FuseEnded);
     info!("stopping: {event:?}");
@@ -210,7 +247,10 @@ fn run(opt: Opt) -> Result<()> {
     for m in vfs.mounts() {
         m.stop_prefetch();
     }
-    fuse.stop();
+    match transport {
+        Transport::Fuse(f) => f.stop(),
+        Transport::Virtiofs(v) => v.stop(),
+    }
     if let Some(api) = api {
         api.close();
     }
@@ -218,9 +258,19 @@ fn run(opt: Opt) -> Result<()> {
     Ok(())
 }
 
+/// The running transport.
+enum Transport {
+    Fuse(FuseService),
+    Virtiofs(VirtioFsService),
+}
+
 fn main() {
-    let opt = match args() {
-        Ok(a) => Opt::parse_from(a),
+    let (opt, mode) = match args().and_then(|(a, word)| {
+        let opt = Opt::parse_from(a);
+        let mode = mode(&opt, word)?;
+        Ok((opt, mode))
+    }) {
+        Ok(x) => x,
         Err(e) => {
             eprintln!("nydusd: {e:#}");
             std::process::exit(2);
@@ -230,7 +280,7 @@ fn main() {
         eprintln!("nydusd: {e:#}");
         std::process::exit(2);
     }
-    if let Err(e) = run(opt) {
+    if let Err(e) = run(opt, mode) {
         tracing::error!("{e:#}");
         eprintln!("nydusd: {e:#}");
         std::process::exit(1);

@@ -41,6 +41,7 @@ mod netns;
 mod registry;
 mod token_server;
 mod tree;
+mod vm;
 
 pub use bench::{limit_loop, median, LIMIT_CHUNK};
 pub use bins::{bin, require_root_tools, upstream_bin, UPSTREAM_BIN_DEFAULT};
@@ -75,3 +76,4 @@ pub use tree::{
     long_name_path, make_varied_tree, noise, DEEP_LEVELS, HARD_LINK_NAMES, MULTI_CHUNK_FILE,
     WIDE_DIR, WIDE_DIR_ENTRIES,
 };
+pub use vm::{guest_files, Guest};

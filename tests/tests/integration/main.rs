@@ -14,3 +14,4 @@ mod p2p_scheduler;
 mod passthrough;
 mod snapshotter;
 mod varied_tree;
+mod virtiofs;

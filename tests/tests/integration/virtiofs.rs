@@ -1,0 +1,214 @@
+//! nydusd over virtio-fs (issue 16) with a real guest: QEMU (TCG) boots Debian's kernel
+//! with a busybox initramfs (`fixtures/make-virtiofs-guest.sh`), mounts the share over
+//! `vhost-user-fs-pci` and reads it, while our nydusd serves the image from a lazily
+//! filled, verified cache.
+
+use rafs_e2e::{
+    build_image, localfs_config, require_root_tools, wait_until, BuiltImage, ChildGuard, Guest,
+};
+use sha2::{Digest, Sha256};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const BIG: usize = 8 << 20;
+
+/// A small tree: nested directories, a symlink, many small files and one 8 MiB file of
+/// incompressible bytes.
+fn source_tree(dir: &Path) -> PathBuf {
+    let src = dir.join("src");
+    fs::create_dir_all(src.join("a/b/c")).unwrap();
+    fs::create_dir_all(src.join("many")).unwrap();
+    fs::write(
+        src.join("hello.txt"),
+        b"hello from the host, over virtio-fs\n",
+    )
+    .unwrap();
+    fs::write(src.join("a/b/c/deep.txt"), b"deep\n").unwrap();
+    std::os::unix::fs::symlink("hello.txt", src.join("link")).unwrap();
+    for i in 0..64 {
+        fs::write(
+            src.join(format!("many/f{i:03}")),
+            format!("file {i}\n").repeat(i + 1),
+        )
+        .unwrap();
+    }
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let big: Vec<u8> = (0..BIG)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    fs::write(src.join("big.bin"), big).unwrap();
+    src
+}
+
+/// `sha256sum` lines (`HASH  ./path`) of every regular file under `root`, sorted by path.
+fn host_sums(root: &Path) -> String {
+    let mut lines = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            let md = p.symlink_metadata().unwrap();
+            if md.is_dir() {
+                stack.push(p);
+            } else if md.is_file() {
+                let rel = p.strip_prefix(root).unwrap().display().to_string();
+                lines.push((
+                    rel.clone(),
+                    format!(
+                        "{}  ./{rel}",
+                        hex::encode(Sha256::digest(fs::read(&p).unwrap()))
+                    ),
+                ));
+            }
+        }
+    }
+    lines.sort();
+    lines
+        .into_iter()
+        .map(|(_, l)| l)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `nydusd virtiofs` serving `img` on `dir/vfs.sock`, its API on `dir/api.sock`.
+struct VirtioFsDaemon {
+    child: ChildGuard,
+    sock: PathBuf,
+    api: nydusd::client::ApiClient,
+    log: PathBuf,
+}
+
+impl VirtioFsDaemon {
+    fn start(img: &BuiltImage, dir: &Path) -> VirtioFsDaemon {
+        let cfg = dir.join("nydusd.json");
+        let cache = dir.join("cache");
+        fs::create_dir_all(&cache).unwrap();
+        fs::write(&cfg, localfs_config(&img.blobs, &cache, true)).unwrap();
+        let (sock, apisock, log) = (
+            dir.join("vfs.sock"),
+            dir.join("api.sock"),
+            dir.join("nydusd.log"),
+        );
+        let logf = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = ChildGuard::spawn(
+            Command::new(rafs_e2e::bin("nydusd"))
+                .arg("virtiofs")
+                .arg("--sock")
+                .arg(&sock)
+                .arg("--apisock")
+                .arg(&apisock)
+                .arg("--bootstrap")
+                .arg(&img.boot)
+                .arg("--config")
+                .arg(&cfg)
+                .stdin(Stdio::null())
+                .stdout(logf.try_clone().unwrap())
+                .stderr(logf),
+        )
+        .unwrap();
+        let api = nydusd::client::ApiClient::new(&apisock);
+        assert!(
+            wait_until(Duration::from_secs(10), || sock.exists()
+                && api.daemon_info().is_ok_and(|i| i.state == "RUNNING")),
+            "nydusd virtiofs did not start; log:\n{}",
+            fs::read_to_string(&log).unwrap_or_default()
+        );
+        VirtioFsDaemon {
+            child,
+            sock,
+            api,
+            log,
+        }
+    }
+
+    /// Bytes read from the backend so far.
+    fn backend_bytes(&self) -> u64 {
+        let (_, body) = self
+            .api
+            .request("GET", "/api/v1/metrics/backend", None)
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        v["read_amount_total"].as_u64().unwrap()
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// The guest mounts the share, lists the tree (`.` and `..` included), reads one small
+/// file lazily (the backend sends little more than it), then every file, each equal to
+/// the source. When QEMU goes, the daemon notices and exits; a new daemon serves a new
+/// guest on the same socket path.
+#[test]
+fn guest_reads_the_image_over_virtiofs() {
+    require_root_tools(&["qemu-system-x86_64", "busybox"]);
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let src = source_tree(dir);
+    let img = build_image(&src, &dir.join("img"), &[]);
+    let mut d = VirtioFsDaemon::start(&img, dir);
+    let mut g = Guest::boot(&d.sock, "myfs");
+    g.run("mount -t virtiofs myfs /mnt");
+    let ls = g.run("ls -la /mnt");
+    let names: Vec<&str> = ls
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(8))
+        .collect();
+    for want in [".", "..", "hello.txt", "a", "many", "big.bin", "link"] {
+        assert!(
+            names.contains(&want),
+            "{want} missing from the listing:\n{ls}"
+        );
+    }
+    assert_eq!(
+        g.run("cat /mnt/hello.txt"),
+        "hello from the host, over virtio-fs"
+    );
+    assert_eq!(g.run("readlink /mnt/link"), "hello.txt");
+    // Lazy: one small file read, the 8 MiB file untouched.
+    let fetched = d.backend_bytes();
+    assert!(
+        fetched < (BIG / 4) as u64,
+        "{fetched} bytes fetched for one small file"
+    );
+    let sums = g.run("cd /mnt && find . -type f | sort | xargs sha256sum");
+    assert_eq!(sums, host_sums(&src));
+    assert!(
+        d.backend_bytes() >= BIG as u64,
+        "the big file was not read through the backend"
+    );
+    g.run("cd / && umount /mnt");
+
+    // QEMU gone: the daemon sees the disconnect and exits by itself.
+    drop(g);
+    assert!(
+        wait_until(Duration::from_secs(10), || d
+            .child
+            .try_wait()
+            .unwrap()
+            .is_some()),
+        "nydusd did not exit after QEMU went; log:\n{}",
+        d.log()
+    );
+    assert!(d.log().contains("disconnected"), "{}", d.log());
+    // Started again on the same socket path, it serves a new guest (from its cache).
+    let d2 = VirtioFsDaemon::start(&img, dir);
+    let mut g = Guest::boot(&d2.sock, "myfs");
+    g.run("mount -t virtiofs myfs /mnt");
+    assert_eq!(
+        g.run("sha256sum /mnt/a/b/c/deep.txt | cut -d' ' -f1"),
+        hex::encode(Sha256::digest(b"deep\n"))
+    );
+}
