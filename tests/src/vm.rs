@@ -37,6 +37,12 @@ impl Guest {
     /// Boots a guest whose virtio-fs device (tag `tag`) talks to the vhost-user backend
     /// on `sock`, and waits up to 90 s for its shell.
     pub fn boot(sock: &Path, tag: &str) -> Guest {
+        Guest::boot_with(sock, tag, "")
+    }
+
+    /// [`Guest::boot`] with options added to the vhost-user socket's `-chardev` (e.g.
+    /// `",reconnect=1"`: QEMU connects again when the backend comes back).
+    pub fn boot_with(sock: &Path, tag: &str, chardev_options: &str) -> Guest {
         let files = guest_files();
         let mut child = ChildGuard::spawn(
             Command::new("qemu-system-x86_64")
@@ -53,7 +59,7 @@ impl Guest {
                 .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
                 .args(["-numa", "node,memdev=mem"])
                 .arg("-chardev")
-                .arg(format!("socket,id=char0,path={}", sock.display()))
+                .arg(format!("socket,id=char0,path={}{chardev_options}", sock.display()))
                 .arg("-device")
                 .arg(format!("vhost-user-fs-pci,chardev=char0,tag={tag}"))
                 .arg("-kernel")

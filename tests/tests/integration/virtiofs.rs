@@ -4,7 +4,8 @@
 //! filled, verified cache.
 
 use rafs_e2e::{
-    build_image, localfs_config, require_root_tools, wait_until, BuiltImage, ChildGuard, Guest,
+    build_image, localfs_config, require_root_tools, wait_until, BuiltImage, ChildGuard, Fault,
+    FaultProxy, Guest, Registry,
 };
 use sha2::{Digest, Sha256};
 use std::fs;
@@ -87,10 +88,15 @@ struct VirtioFsDaemon {
 
 impl VirtioFsDaemon {
     fn start(img: &BuiltImage, dir: &Path) -> VirtioFsDaemon {
-        let cfg = dir.join("nydusd.json");
         let cache = dir.join("cache");
         fs::create_dir_all(&cache).unwrap();
-        fs::write(&cfg, localfs_config(&img.blobs, &cache, true)).unwrap();
+        VirtioFsDaemon::start_config(img, dir, &localfs_config(&img.blobs, &cache, true))
+    }
+
+    /// [`VirtioFsDaemon::start`] with the nydusd config `config`.
+    fn start_config(img: &BuiltImage, dir: &Path, config: &str) -> VirtioFsDaemon {
+        let cfg = dir.join("nydusd.json");
+        fs::write(&cfg, config).unwrap();
         let (sock, apisock, log) = (
             dir.join("vfs.sock"),
             dir.join("api.sock"),
@@ -211,4 +217,54 @@ fn guest_reads_the_image_over_virtiofs() {
         g.run("sha256sum /mnt/a/b/c/deep.txt | cut -d' ' -f1"),
         hex::encode(Sha256::digest(b"deep\n"))
     );
+}
+
+
+/// A backend failure during a guest read gives the guest EIO, within the backend's
+/// timeout, not a hang; once the registry answers again, the same read succeeds.
+#[test]
+fn backend_failure_is_eio_in_the_guest_then_heals() {
+    require_root_tools(&["qemu-system-x86_64", "busybox", "docker-registry", "curl"]);
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let src = source_tree(dir);
+    let img = build_image(&src, &dir.join("img"), &[]);
+    let reg_dir = dir.join("reg");
+    fs::create_dir_all(&reg_dir).unwrap();
+    let reg = Registry::start_in(&reg_dir, "");
+    for blob in fs::read_dir(&img.blobs).unwrap().flatten() {
+        let id = blob.file_name().to_string_lossy().into_owned();
+        reg.push_blob("test/vfs", &id, &blob.path());
+    }
+    let proxy = FaultProxy::start(&reg.addr);
+    let mut config = nydusd::client::NydusdConfig::for_image(
+        None,
+        &format!("{}/test/vfs", proxy.addr),
+        &nydusd::client::ImageConfigOptions {
+            cache_dir: dir.join("cache"),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    config.amplify_io = Some(0);
+    let mut registry = config.device.backend.as_registry().unwrap();
+    registry.timeout = Some(2);
+    config.device.backend = nydusd::client::config::BackendV1::registry(&registry);
+    let d = VirtioFsDaemon::start_config(&img, dir, &config.to_json());
+    let mut g = Guest::boot(&d.sock, "myfs");
+    g.run("mount -t virtiofs myfs /mnt");
+    assert_eq!(g.run("cat /mnt/many/f000"), "file 0");
+    proxy.fault(Fault::Unavailable, "/blobs/", usize::MAX);
+    let t0 = std::time::Instant::now();
+    let (out, status) = g
+        .try_run("cat /mnt/big.bin > /dev/null", Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("the guest read hung: {e}\n{}", d.log()));
+    assert_ne!(status, 0, "the read succeeded with the registry down: {out}");
+    assert!(out.contains("Input/output error"), "{out}");
+    eprintln!("EIO in the guest after {:?}", t0.elapsed());
+    proxy.fault(Fault::Unavailable, "", 0);
+    // Failed chunks are not asked for again for a second (nydusd's failure memory).
+    std::thread::sleep(Duration::from_millis(1500));
+    let sum = g.run("sha256sum /mnt/big.bin | cut -d' ' -f1");
+    assert_eq!(sum, hex::encode(Sha256::digest(fs::read(src.join("big.bin")).unwrap())));
 }
