@@ -548,12 +548,12 @@ impl FuseService {
             .try_clone()
             .map_err(|e| Error::io("Duplicating the FUSE device", e))?;
         let notifier = Server::new(NoFs);
-        fs.set_notifier(Box::new(move |name| {
+        fs.set_notifier(Box::new(move |parent, name| {
             let mut buf = vec![0u8; 4096];
             let w = FuseDevWriter::<()>::new(notify_file.as_raw_fd(), &mut buf)
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
             notifier
-                .notify_inval_entry(w, crate::fs::ROOT_ID, name)
+                .notify_inval_entry(w, parent, name)
                 .map(|_| ())
                 .map_err(|e| match e {
                     fuse_backend_rs::Error::InvalidMessage(io) => io,

@@ -83,15 +83,82 @@ pub enum MountError {
     Invalid(String),
 }
 
-/// Tells the kernel to forget a cached name in the root directory.
-pub type Notifier = Box<dyn Fn(&CStr) -> io::Result<()> + Send + Sync>;
+/// Tells the kernel to forget a cached name (in the directory with the given inode).
+pub type Notifier = Box<dyn Fn(u64, &CStr) -> io::Result<()> + Send + Sync>;
 
-#[derive(Default)]
+/// Deepest mountpoint accepted (`/rafs/<id>/lowerdir` is 3).
+pub const MAX_MOUNT_DEPTH: usize = 16;
+
+/// An entry of a pseudo directory.
+#[derive(Clone)]
+enum Child {
+    /// Another pseudo directory (its inode).
+    Dir(u64),
+    /// An image's root.
+    Image(Arc<Mounted>),
+}
+
+/// A directory of the pseudo tree above the images: the root, and the directories on
+/// the way to nested mountpoints (`/rafs/<id>` of `/rafs/<id>/lowerdir`). They exist
+/// while something is mounted below them.
+struct Dir {
+    parent: u64,
+    children: BTreeMap<String, Child>,
+}
+
 struct Table {
+    /// Images by mountpoint (`/sub`, `/rafs/<id>/lowerdir`).
     by_name: BTreeMap<String, Arc<Mounted>>,
     by_index: HashMap<u16, Arc<Mounted>>,
+    /// The pseudo directory each image's root is in, by index (its `..`).
+    parent_of: HashMap<u16, u64>,
+    /// Pseudo directories by inode; the root is [`ROOT_ID`].
+    dirs: HashMap<u64, Dir>,
     /// Next index never handed out.
     next_index: u32,
+    /// Next pseudo directory inode never handed out (they live below the first image
+    /// index's inodes, and are never reused either).
+    next_dir: u64,
+}
+
+impl Default for Table {
+    fn default() -> Self {
+        Table {
+            by_name: BTreeMap::new(),
+            by_index: HashMap::new(),
+            parent_of: HashMap::new(),
+            dirs: HashMap::from([(
+                ROOT_ID,
+                Dir {
+                    parent: ROOT_ID,
+                    children: BTreeMap::new(),
+                },
+            )]),
+            next_index: 0,
+            next_dir: ROOT_ID + 1,
+        }
+    }
+}
+
+impl Table {
+    /// Walks `parts` but the last from the root: the pseudo directory holding the last
+    /// part, or why there can be none (an image on the way).
+    fn walk(&self, parts: &[&str], mountpoint: &str) -> Result<Option<u64>, MountError> {
+        let mut dir = ROOT_ID;
+        for (i, part) in parts[..parts.len() - 1].iter().enumerate() {
+            match self.dirs[&dir].children.get(*part) {
+                None => return Ok(None),
+                Some(Child::Dir(ino)) => dir = *ino,
+                Some(Child::Image(_)) => {
+                    return Err(MountError::Conflict(format!(
+                        "mountpoint {mountpoint} is inside the image mounted at /{}",
+                        parts[..=i].join("/")
+                    )))
+                }
+            }
+        }
+        Ok(Some(dir))
+    }
 }
 
 /// The root of the FUSE session.
@@ -109,25 +176,32 @@ fn errno(e: i32) -> io::Error {
     io::Error::from_raw_os_error(e)
 }
 
-/// The directory name of an API mountpoint: `/sub` → `sub`. One level below the root,
-/// not `.` or `..`, at most 255 bytes.
-pub fn mount_name(mountpoint: &str) -> Result<&str, MountError> {
-    let name = mountpoint.strip_prefix('/').unwrap_or("");
+/// The components of an API mountpoint: `/sub` → `[sub]`, `/rafs/x/lowerdir` →
+/// `[rafs, x, lowerdir]`. Absolute, at most [`MAX_MOUNT_DEPTH`] levels, each a valid
+/// name (not empty, `.` or `..`, no NUL, at most 255 bytes).
+pub fn mount_path(mountpoint: &str) -> Result<Vec<&str>, MountError> {
     let bad = |why: &str| {
         MountError::Invalid(format!(
-            "mountpoint {mountpoint:?} {why} (expected one directory below the root, like /sub)"
+            "mountpoint {mountpoint:?} {why} (expected an absolute path of directories, like \
+             /sub or /rafs/<id>/lowerdir)"
         ))
     };
-    if name.is_empty() {
+    let Some(rest) = mountpoint.strip_prefix('/') else {
+        return Err(bad("is not absolute"));
+    };
+    if rest.is_empty() {
         return Err(bad("names no directory"));
     }
-    if name.contains('/') {
-        return Err(bad("has more than one level"));
+    let parts: Vec<&str> = rest.split('/').collect();
+    if parts.len() > MAX_MOUNT_DEPTH {
+        return Err(bad(&format!("is deeper than {MAX_MOUNT_DEPTH} levels")));
     }
-    if name == "." || name == ".." || name.contains('\0') || name.len() > 255 {
-        return Err(bad("is not a valid directory name"));
+    for p in &parts {
+        if p.is_empty() || *p == "." || *p == ".." || p.contains('\0') || p.len() > 255 {
+            return Err(bad("has a component that is not a valid directory name"));
+        }
     }
-    Ok(name)
+    Ok(parts)
 }
 
 impl Vfs {
@@ -142,7 +216,7 @@ impl Vfs {
         }
     }
 
-    /// An empty pseudo-root, to mount images into.
+    /// An empty pseudo-root, to mount images into (at any depth).
     pub fn pseudo() -> Vfs {
         Vfs {
             root: None,
@@ -191,10 +265,7 @@ impl Vfs {
     pub fn get(&self, mountpoint: &str) -> Option<Arc<Mounted>> {
         match &self.root {
             Some(r) => (mountpoint == r.mountpoint).then(|| r.clone()),
-            None => {
-                let name = mountpoint.strip_prefix('/')?;
-                self.read_table().by_name.get(name).cloned()
-            }
+            None => self.read_table().by_name.get(mountpoint).cloned(),
         }
     }
 
@@ -207,13 +278,9 @@ impl Vfs {
                     .into(),
             ));
         }
-        let name = mount_name(mountpoint)?;
+        let parts = mount_path(mountpoint)?;
         let mut t = self.write_table();
-        if t.by_name.contains_key(name) {
-            return Err(MountError::Conflict(format!(
-                "mountpoint {mountpoint} is already mounted"
-            )));
-        }
+        Self::check_free(&t, &parts, mountpoint)?;
         if t.next_index > MAX_MOUNT_INDEX {
             return Err(MountError::Conflict(format!(
                 "this daemon has handed out all {MAX_MOUNT_INDEX} mount indices; restart it"
@@ -224,19 +291,65 @@ impl Vfs {
         Ok(index)
     }
 
-    /// Adds an image built with an index from [`Vfs::reserve`].
+    /// Whether `parts` can take an image: nothing there, and no image on the way.
+    fn check_free(t: &Table, parts: &[&str], mountpoint: &str) -> Result<(), MountError> {
+        let Some(dir) = t.walk(parts, mountpoint)? else {
+            return Ok(());
+        };
+        match t.dirs[&dir].children.get(*parts.last().expect("not empty")) {
+            None => Ok(()),
+            Some(Child::Image(_)) => Err(MountError::Conflict(format!(
+                "mountpoint {mountpoint} is already mounted"
+            ))),
+            Some(Child::Dir(_)) => Err(MountError::Conflict(format!(
+                "mountpoint {mountpoint} holds other mounts below it"
+            ))),
+        }
+    }
+
+    /// Adds an image built with an index from [`Vfs::reserve`], making the pseudo
+    /// directories on the way.
     pub fn mount(&self, image: Mounted) -> Result<(), MountError> {
-        let name = mount_name(&image.mountpoint)?.to_string();
+        let mountpoint = image.mountpoint.clone();
+        let parts = mount_path(&mountpoint)?;
         let mut t = self.write_table();
-        if t.by_name.contains_key(&name) {
-            return Err(MountError::Conflict(format!(
-                "mountpoint {} is already mounted",
-                image.mountpoint
-            )));
+        Self::check_free(&t, &parts, &mountpoint)?;
+        let mut dir = ROOT_ID;
+        for part in &parts[..parts.len() - 1] {
+            dir = match t.dirs[&dir].children.get(*part) {
+                Some(Child::Dir(ino)) => *ino,
+                _ => {
+                    if t.next_dir >= 1 << MOUNT_SHIFT {
+                        return Err(MountError::Conflict(
+                            "this daemon has made all the directories it can; restart it".into(),
+                        ));
+                    }
+                    let ino = t.next_dir;
+                    t.next_dir += 1;
+                    t.dirs.insert(
+                        ino,
+                        Dir {
+                            parent: dir,
+                            children: BTreeMap::new(),
+                        },
+                    );
+                    t.dirs
+                        .get_mut(&dir)
+                        .expect("walked")
+                        .children
+                        .insert(part.to_string(), Child::Dir(ino));
+                    ino
+                }
+            };
         }
         let image = Arc::new(image);
+        t.dirs.get_mut(&dir).expect("made").children.insert(
+            parts.last().expect("not empty").to_string(),
+            Child::Image(image.clone()),
+        );
+        t.parent_of.insert(image.index, dir);
         t.by_index.insert(image.index, image.clone());
-        t.by_name.insert(name, image.clone());
+        t.by_name.insert(mountpoint, image.clone());
         info!(
             "mounted {} at {} (index {})",
             image.source.display(),
@@ -256,20 +369,45 @@ impl Vfs {
                     .into(),
             ));
         }
-        let name = mount_name(mountpoint)?;
-        let image = {
+        let parts = mount_path(mountpoint)?;
+        let (image, gone_dir, gone_name) = {
             let mut t = self.write_table();
-            let image = t.by_name.remove(name).ok_or_else(|| {
+            let image = t.by_name.remove(mountpoint).ok_or_else(|| {
                 MountError::NotFound(format!("nothing is mounted at {mountpoint}"))
             })?;
             t.by_index.remove(&image.index);
-            image
+            let mut dir = t.parent_of.remove(&image.index).unwrap_or(ROOT_ID);
+            let mut name = parts.last().expect("not empty").to_string();
+            t.dirs
+                .get_mut(&dir)
+                .expect("the image's directory")
+                .children
+                .remove(&name);
+            // Directories left empty go too; the kernel is told about the highest.
+            while dir != ROOT_ID && t.dirs[&dir].children.is_empty() {
+                let parent = t.dirs.remove(&dir).expect("present").parent;
+                let dir_name = t.dirs[&parent]
+                    .children
+                    .iter()
+                    .find(|(_, c)| matches!(c, Child::Dir(i) if *i == dir))
+                    .map(|(n, _)| n.clone())
+                    .expect("listed in its parent");
+                t.dirs
+                    .get_mut(&parent)
+                    .expect("present")
+                    .children
+                    .remove(&dir_name);
+                dir = parent;
+                name = dir_name;
+            }
+            (image, dir, name)
         };
         image.stop_prefetch();
-        if let (Some(notify), Ok(cname)) =
-            (self.notifier.get(), std::ffi::CString::new(name.as_bytes()))
-        {
-            match notify(&cname) {
+        if let (Some(notify), Ok(cname)) = (
+            self.notifier.get(),
+            std::ffi::CString::new(gone_name.as_bytes()),
+        ) {
+            match notify(gone_dir, &cname) {
                 Ok(()) => {}
                 // Not in the kernel's cache: nothing to drop.
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
@@ -294,19 +432,35 @@ impl Vfs {
             .ok_or_else(|| errno(libc::ENOENT))
     }
 
-    /// Whether `ino` is the pseudo-root.
+    /// Whether `ino` is a pseudo directory (the pseudo-root or one on the way to a
+    /// nested mountpoint).
     fn is_root(&self, ino: u64) -> bool {
-        self.root.is_none() && ino == ROOT_ID
+        self.root.is_none() && ino >> MOUNT_SHIFT == 0 && self.read_table().dirs.contains_key(&ino)
     }
 
-    fn root_attr(&self) -> stat64 {
+    /// How long the guest or kernel may keep pseudo directories' entries and image
+    /// roots: for ever where unmounts are told to the kernel (FUSE), else
+    /// [`UNNOTIFIED_ENTRY_TIMEOUT`].
+    fn mount_entry_timeout(&self) -> Duration {
+        if self.notifier.get().is_some() {
+            TIMEOUT
+        } else {
+            UNNOTIFIED_ENTRY_TIMEOUT
+        }
+    }
+
+    fn dir_attr(&self, ino: u64) -> stat64 {
         let t = self
             .started
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default();
-        let n = self.read_table().by_name.len() as u32;
+        let n = self
+            .read_table()
+            .dirs
+            .get(&ino)
+            .map_or(0, |d| d.children.len() as u32);
         Attr {
-            ino: ROOT_ID,
+            ino,
             size: 4096,
             blocks: 8,
             atime: t.as_secs(),
@@ -326,48 +480,63 @@ impl Vfs {
         .into()
     }
 
-    /// The pseudo-root's entries after `.` and `..`: (name, image) by name.
-    fn root_entries(&self) -> Vec<(String, Arc<RafsFs>)> {
-        self.read_table()
-            .by_name
-            .iter()
-            .map(|(n, m)| (n.clone(), m.fs.clone()))
-            .collect()
+    /// Pseudo directory `ino`'s parent and entries after `.` and `..`, by name.
+    fn dir_entries(&self, ino: u64) -> io::Result<(u64, Vec<(String, Child)>)> {
+        let t = self.read_table();
+        let d = t.dirs.get(&ino).ok_or_else(|| errno(libc::ENOENT))?;
+        Ok((
+            d.parent,
+            d.children
+                .iter()
+                .map(|(n, c)| (n.clone(), c.clone()))
+                .collect(),
+        ))
     }
 
-    fn image_entry(ctx: &Context, fs: &RafsFs) -> io::Result<Entry> {
-        let ino = fs.root_ino();
-        let (attr, _) = fs.getattr(ctx, ino, None)?;
+    fn child_entry(&self, ctx: &Context, child: &Child) -> io::Result<Entry> {
+        let (inode, attr) = match child {
+            Child::Image(m) => {
+                let ino = m.fs.root_ino();
+                (ino, m.fs.getattr(ctx, ino, None)?.0)
+            }
+            Child::Dir(ino) => (*ino, self.dir_attr(*ino)),
+        };
+        let timeout = self.mount_entry_timeout();
         Ok(Entry {
-            inode: ino,
+            inode,
             generation: 0,
             attr,
             attr_flags: 0,
-            attr_timeout: TIMEOUT,
-            entry_timeout: TIMEOUT,
+            attr_timeout: timeout,
+            entry_timeout: timeout,
         })
     }
 
-    /// Lists the pseudo-root from `offset`: `.`, `..`, then the images.
+    /// Lists pseudo directory `dir` from `offset`: `.`, `..`, then its entries.
     fn root_readdir(
         &self,
         ctx: &Context,
+        dir: u64,
         offset: u64,
         add: &mut dyn FnMut(DirEntry, Option<Entry>) -> io::Result<usize>,
     ) -> io::Result<()> {
-        let images = self.root_entries();
-        let dots = [(".", ROOT_ID), ("..", ROOT_ID)];
+        let (parent, children) = self.dir_entries(dir)?;
+        let dots = [(".", dir), ("..", parent)];
         let dot_entries = dots.iter().map(|(n, ino)| (n.as_bytes(), *ino, None));
-        let image_entries = images
-            .iter()
-            .map(|(n, fs)| (n.as_bytes(), fs.root_ino(), Some(fs)));
-        for (i, (name, ino, fs)) in dot_entries
-            .chain(image_entries)
+        let child_entries = children.iter().map(|(n, c)| {
+            let ino = match c {
+                Child::Image(m) => m.fs.root_ino(),
+                Child::Dir(i) => *i,
+            };
+            (n.as_bytes(), ino, Some(c))
+        });
+        for (i, (name, ino, child)) in dot_entries
+            .chain(child_entries)
             .enumerate()
             .skip(offset as usize)
         {
-            let entry = match fs {
-                Some(fs) => Some(Self::image_entry(ctx, fs)?),
+            let entry = match child {
+                Some(c) => Some(self.child_entry(ctx, c)?),
                 None => None,
             };
             let n = add(
@@ -384,6 +553,22 @@ impl Vfs {
             }
         }
         Ok(())
+    }
+}
+
+/// How long entries of pseudo directories and image roots are kept where no unmount is
+/// told to the kernel (virtio-fs): an unmounted image leaves the guest's view within it.
+pub const UNNOTIFIED_ENTRY_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl Vfs {
+    /// The pseudo directory holding the root of the image inode `ino` belongs to.
+    fn image_parent(&self, ino: u64) -> u64 {
+        let index = (ino >> MOUNT_SHIFT) as u16;
+        self.read_table()
+            .parent_of
+            .get(&index)
+            .copied()
+            .unwrap_or(ROOT_ID)
     }
 }
 
@@ -438,11 +623,14 @@ impl FileSystem for Vfs {
         if !self.is_root(parent) {
             return self.image(parent)?.lookup(ctx, parent, name);
         }
-        let fs = std::str::from_utf8(name.to_bytes())
-            .ok()
-            .and_then(|n| self.read_table().by_name.get(n).map(|m| m.fs.clone()));
-        match fs {
-            Some(fs) => Self::image_entry(ctx, &fs),
+        let child = std::str::from_utf8(name.to_bytes()).ok().and_then(|n| {
+            self.read_table()
+                .dirs
+                .get(&parent)
+                .and_then(|d| d.children.get(n).cloned())
+        });
+        match child {
+            Some(c) => self.child_entry(ctx, &c),
             // An error, not a negative entry: the kernel must ask again after a mount.
             None => Err(errno(libc::ENOENT)),
         }
@@ -469,7 +657,7 @@ impl FileSystem for Vfs {
         handle: Option<u64>,
     ) -> io::Result<(stat64, Duration)> {
         if self.is_root(inode) {
-            return Ok((self.root_attr(), Duration::ZERO));
+            return Ok((self.dir_attr(inode), Duration::ZERO));
         }
         self.image(inode)?.getattr(ctx, inode, handle)
     }
@@ -592,16 +780,17 @@ impl FileSystem for Vfs {
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
         if self.is_root(inode) {
-            return self.root_readdir(ctx, offset, &mut |d, _| add_entry(d));
+            return self.root_readdir(ctx, inode, offset, &mut |d, _| add_entry(d));
         }
         let fs = self.image(inode)?;
         if self.root.is_some() || inode != fs.root_ino() {
             return fs.readdir(ctx, inode, handle, size, offset, add_entry);
         }
-        // An image's root: its `..` is the pseudo-root.
+        // An image's root: its `..` is the pseudo directory it is in.
+        let up = self.image_parent(inode);
         fs.readdir(ctx, inode, handle, size, offset, &mut |mut d| {
             if d.name == b".." {
-                d.ino = ROOT_ID;
+                d.ino = up;
             }
             add_entry(d)
         })
@@ -617,7 +806,7 @@ impl FileSystem for Vfs {
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
         if self.is_root(inode) {
-            return self.root_readdir(ctx, offset, &mut |d, e| {
+            return self.root_readdir(ctx, inode, offset, &mut |d, e| {
                 add_entry(d, e.unwrap_or_else(bare_entry))
             });
         }
@@ -625,9 +814,10 @@ impl FileSystem for Vfs {
         if self.root.is_some() || inode != fs.root_ino() {
             return fs.readdirplus(ctx, inode, handle, size, offset, add_entry);
         }
+        let up = self.image_parent(inode);
         fs.readdirplus(ctx, inode, handle, size, offset, &mut |mut d, e| {
             if d.name == b".." {
-                d.ino = ROOT_ID;
+                d.ino = up;
             }
             add_entry(d, e)
         })
@@ -660,11 +850,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn mountpoints_are_one_level_below_the_root() {
-        assert_eq!(mount_name("/sub").unwrap(), "sub");
-        for bad in ["", "/", "sub", "/a/b", "/..", "/.", "/a\0b"] {
+    fn mountpoints_are_absolute_paths_of_names() {
+        assert_eq!(mount_path("/sub").unwrap(), ["sub"]);
+        assert_eq!(
+            mount_path("/rafs/x/lowerdir").unwrap(),
+            ["rafs", "x", "lowerdir"]
+        );
+        let deep = "/a".repeat(MAX_MOUNT_DEPTH + 1);
+        for bad in [
+            "",
+            "/",
+            "sub",
+            "/a//b",
+            "/a/",
+            "/..",
+            "/a/./b",
+            "/a\0b",
+            deep.as_str(),
+        ] {
             assert!(
-                matches!(mount_name(bad), Err(MountError::Invalid(_))),
+                matches!(mount_path(bad), Err(MountError::Invalid(_))),
                 "{bad:?} accepted"
             );
         }
@@ -676,6 +881,6 @@ mod tests {
         assert_eq!(v.reserve("/a").unwrap(), 1);
         assert_eq!(v.reserve("/a").unwrap(), 2, "indices are never reused");
         assert!(matches!(v.umount("/a"), Err(MountError::NotFound(_))));
-        assert!(matches!(v.reserve("/a/b"), Err(MountError::Invalid(_))));
+        assert!(matches!(v.reserve("/a//b"), Err(MountError::Invalid(_))));
     }
 }

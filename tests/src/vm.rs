@@ -59,7 +59,10 @@ impl Guest {
                 .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
                 .args(["-numa", "node,memdev=mem"])
                 .arg("-chardev")
-                .arg(format!("socket,id=char0,path={}{chardev_options}", sock.display()))
+                .arg(format!(
+                    "socket,id=char0,path={}{chardev_options}",
+                    sock.display()
+                ))
                 .arg("-device")
                 .arg(format!("vhost-user-fs-pci,chardev=char0,tag={tag}"))
                 .arg("-kernel")
@@ -147,14 +150,19 @@ impl Guest {
         let marker = format!("@@END{}@@", self.seq);
         writeln!(self.stdin, "{cmd}; echo \"{marker} $?\"").map_err(|e| e.to_string())?;
         self.stdin.flush().map_err(|e| e.to_string())?;
-        let mut status = 0;
-        let out = self.wait_for(timeout, |l| match l.strip_prefix(&marker) {
-            Some(rest) => {
-                status = rest.trim().parse().unwrap_or(-1);
+        let (mut status, mut last) = (0, String::new());
+        // The marker may follow output that ended without a newline, on the same line.
+        let mut out = self.wait_for(timeout, |l| match l.find(&marker) {
+            Some(at) => {
+                status = l[at + marker.len()..].trim().parse().unwrap_or(-1);
+                last = l[..at].to_string();
                 true
             }
             None => false,
         })?;
+        if !last.is_empty() {
+            out.push(last);
+        }
         Ok((out.join("\n"), status))
     }
 

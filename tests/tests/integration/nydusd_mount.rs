@@ -336,11 +336,30 @@ fn nydusd_mount_api_refuses_bad_requests_with_the_reason() {
         "mountpoint",
     );
     expect(
-        d.mount("/x/y", &img, ""),
+        d.mount("/x//y", &img, ""),
         400,
-        "one directory below the root",
+        "not a valid directory name",
     );
+    expect(d.mount("rel", &img, ""), 400, "is not absolute");
     // Nothing half-mounted is left behind.
+    assert_eq!(ls_a(d.mnt()), [".", "..", "a"]);
+    // Nested mountpoints, as Kata mounts images (`/rafs/<id>/lowerdir`): the directories
+    // on the way appear, and go with the last image below them.
+    expect(d.mount("/rafs/i1/lowerdir", &img, ""), 204, "");
+    assert_eq!(ls_a(d.mnt()), [".", "..", "a", "rafs"]);
+    assert_eq!(ls_a(&d.mnt().join("rafs/i1")), [".", "..", "lowerdir"]);
+    assert_same_tree(&src, &d.mnt().join("rafs/i1/lowerdir"));
+    expect(d.mount("/rafs/i1", &img, ""), 409, "holds other mounts");
+    expect(
+        d.mount("/a/inside", &img, ""),
+        409,
+        "inside the image mounted at /a",
+    );
+    expect(
+        d.call("DELETE", "/api/v1/mount?mountpoint=/rafs/i1/lowerdir", ""),
+        204,
+        "",
+    );
     assert_eq!(ls_a(d.mnt()), [".", "..", "a"]);
     // A percent-encoded mountpoint (as Go's url.Values encodes it) works.
     let cfg = localfs_config(&img.blobs, &tmp.path().join("cache-enc"), true);
