@@ -99,6 +99,7 @@ impl VirtioFsDaemon {
         fs::write(&cfg, config).unwrap();
         VirtioFsDaemon::spawn(
             dir,
+            Some("virtiofs"),
             &[
                 "--bootstrap".as_ref(),
                 img.boot.as_os_str(),
@@ -108,13 +109,13 @@ impl VirtioFsDaemon {
         )
     }
 
-    /// A daemon with no image of its own (Kata's way): images are mounted through its
-    /// API.
+    /// A daemon with no image of its own, started as Kata starts it (no subcommand, no
+    /// mountpoint: `--sock` selects virtio-fs): images are mounted through its API.
     fn start_empty(dir: &Path) -> VirtioFsDaemon {
-        VirtioFsDaemon::spawn(dir, &[])
+        VirtioFsDaemon::spawn(dir, None, &[])
     }
 
-    fn spawn(dir: &Path, image_args: &[&std::ffi::OsStr]) -> VirtioFsDaemon {
+    fn spawn(dir: &Path, mode: Option<&str>, image_args: &[&std::ffi::OsStr]) -> VirtioFsDaemon {
         let (sock, apisock, log) = (
             dir.join("vfs.sock"),
             dir.join("api.sock"),
@@ -127,7 +128,7 @@ impl VirtioFsDaemon {
             .unwrap();
         let child = ChildGuard::spawn(
             Command::new(rafs_e2e::bin("nydusd"))
-                .arg("virtiofs")
+                .args(mode)
                 .arg("--sock")
                 .arg(&sock)
                 .arg("--apisock")
@@ -234,15 +235,9 @@ fn guest_reads_the_image_over_virtiofs() {
     );
 }
 
-/// A backend failure during a guest read gives the guest EIO, within the backend's
-/// timeout, not a hang; once the registry answers again, the same read succeeds.
-#[test]
-fn backend_failure_is_eio_in_the_guest_then_heals() {
-    require_root_tools(&["qemu-system-x86_64", "busybox", "docker-registry", "curl"]);
-    let t = tempfile::tempdir().unwrap();
-    let dir = t.path();
-    let src = source_tree(dir);
-    let img = build_image(&src, &dir.join("img"), &[]);
+/// The image's blobs in a registry behind a [`FaultProxy`], and a nydusd config reading
+/// them through the proxy (2 s per try, no amplification), its cache in `dir/cache`.
+fn registry_image(img: &BuiltImage, dir: &Path) -> (Registry, FaultProxy, String) {
     let reg_dir = dir.join("reg");
     fs::create_dir_all(&reg_dir).unwrap();
     let reg = Registry::start_in(&reg_dir, "");
@@ -264,7 +259,20 @@ fn backend_failure_is_eio_in_the_guest_then_heals() {
     let mut registry = config.device.backend.as_registry().unwrap();
     registry.timeout = Some(2);
     config.device.backend = nydusd::client::config::BackendV1::registry(&registry);
-    let d = VirtioFsDaemon::start_config(&img, dir, &config.to_json());
+    (reg, proxy, config.to_json())
+}
+
+/// A backend failure during a guest read gives the guest EIO, within the backend's
+/// timeout, not a hang; once the registry answers again, the same read succeeds.
+#[test]
+fn backend_failure_is_eio_in_the_guest_then_heals() {
+    require_root_tools(&["qemu-system-x86_64", "busybox", "docker-registry", "curl"]);
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let src = source_tree(dir);
+    let img = build_image(&src, &dir.join("img"), &[]);
+    let (_reg, proxy, config) = registry_image(&img, dir);
+    let d = VirtioFsDaemon::start_config(&img, dir, &config);
     let mut g = Guest::boot(&d.sock, "myfs");
     g.run("mount -t virtiofs myfs /mnt");
     assert_eq!(g.run("cat /mnt/many/f000"), "file 0");
@@ -345,4 +353,50 @@ fn nested_api_mounts_come_and_go_in_the_guest() {
     let e = d.api.mount("/rafs/../x", &bad).unwrap_err();
     assert_eq!(e.status(), Some(400), "{e}");
     assert_eq!(g.run("ls -a /mnt/rafs | tr '\\n' ' '"), ". .. i2 ");
+}
+
+/// The guest's VMM killed in the middle of a cold read: the daemon exits cleanly, and
+/// a new daemon on the same cache serves a new guest the whole file, right.
+#[test]
+fn vmm_killed_mid_request_leaves_the_cache_usable() {
+    require_root_tools(&["qemu-system-x86_64", "busybox", "docker-registry", "curl"]);
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let src = source_tree(dir);
+    let img = build_image(&src, &dir.join("img"), &[]);
+    let (_reg, proxy, config) = registry_image(&img, dir);
+    let mut d = VirtioFsDaemon::start_config(&img, dir, &config);
+    let mut g = Guest::boot(&d.sock, "myfs");
+    g.run("mount -t virtiofs myfs /mnt");
+    // 8 MiB at 1 MB/s: the read is under way when QEMU goes.
+    proxy.shape(Duration::ZERO, 1_000_000);
+    let _ = g.try_run("cat /mnt/big.bin > /dev/null", Duration::from_secs(2));
+    assert!(
+        d.backend_bytes() < BIG as u64,
+        "the read finished before QEMU was killed"
+    );
+    drop(g);
+    assert!(
+        wait_until(Duration::from_secs(15), || d
+            .child
+            .try_wait()
+            .unwrap()
+            .is_some()),
+        "nydusd did not exit after QEMU was killed; log:\n{}",
+        d.log()
+    );
+    let status = d.child.try_wait().unwrap().unwrap();
+    assert!(
+        status.success(),
+        "nydusd exited with {status}; log:\n{}",
+        d.log()
+    );
+    proxy.shape(Duration::ZERO, 0);
+    let d = VirtioFsDaemon::start_config(&img, dir, &config);
+    let mut g = Guest::boot(&d.sock, "myfs");
+    g.run("mount -t virtiofs myfs /mnt");
+    assert_eq!(
+        g.run("sha256sum /mnt/big.bin | cut -d' ' -f1"),
+        hex::encode(Sha256::digest(fs::read(src.join("big.bin")).unwrap()))
+    );
 }
