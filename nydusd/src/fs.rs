@@ -1,6 +1,7 @@
 //! The read-only filesystem over one bootstrap, written once against fuse-backend-rs'
-//! [`FileSystem`] trait so that FUSE and (later) virtio-fs are two transports over the
-//! same code.
+//! [`FileSystem`] trait so that FUSE and virtio-fs are two transports over the same
+//! code. FUSE passthrough, which only the FUSE transport has, is not here: see
+//! [`crate::fuse_opens`].
 //!
 //! Inodes are plain data decoded from the bootstrap on every request (nothing is kept per
 //! inode, so `forget` has nothing to release). Inode numbers are nids — hard links share
@@ -9,19 +10,16 @@
 
 use crate::cache::{ChunkCache, Piece};
 use crate::metrics::{FileStats, Metrics};
-use crate::passthrough::{passthrough_open_options, BackingMount, FuseBacking};
 use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, Attr, FsOptions, OpenOptions};
 use fuse_backend_rs::api::filesystem::{
     Context, DirEntry, Entry, FileSystem, GetxattrReply, ListxattrReply, ZeroCopyWriter,
 };
 use rafs::read::{Bootstrap, DirEntry as RafsDirEntry, Inode};
-use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tracing::{debug, error, info};
+use tracing::error;
 
 /// How long the kernel may cache attributes and names: the image never changes.
 pub const TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -90,32 +88,7 @@ pub struct RafsFs {
     recent_dirs: Mutex<RecentDirs>,
     /// Per-file records, when the config asks for them.
     file_stats: Option<Arc<FileStats>>,
-    /// How each open regular file is open, by nid, when the session can pass through.
-    io_modes: Mutex<HashMap<u64, IoMode>>,
-    /// The kernel's EROFS mount of this image over its cache files, made at the first
-    /// passthrough open; `None` when it could not be made (said once in the log).
-    backing: OnceLock<Option<BackingMount>>,
-    /// Opening a file in the backing mount failed once (said once in the log).
-    backing_open_failed: AtomicBool,
 }
-
-/// The opens of one regular file. The kernel refuses (with `EIO` to the opener) to have
-/// one inode open both through its page cache and passed through, so an inode stays in
-/// the mode of its open files until they are all released; and it passes through to one
-/// backing file at a time.
-#[derive(Debug, Default)]
-struct IoMode {
-    cached: u32,
-    passthrough: u32,
-    backing_id: u32,
-    /// The connection `backing_id` belongs to, while passthrough opens last.
-    dev: Option<Arc<FuseBacking>>,
-}
-
-/// Handle of a file open through the page cache, when passthrough is possible.
-const HANDLE_CACHED: u64 = 1;
-/// Handle of a file open in passthrough mode.
-const HANDLE_PASSTHROUGH: u64 = 2;
 
 fn eio() -> io::Error {
     io::Error::from_raw_os_error(libc::EIO)
@@ -183,9 +156,6 @@ impl RafsFs {
             metrics,
             recent_dirs: Mutex::new(Vec::new()),
             file_stats: None,
-            io_modes: Mutex::new(HashMap::new()),
-            backing: OnceLock::new(),
-            backing_open_failed: AtomicBool::new(false),
         }
     }
 
@@ -215,16 +185,9 @@ impl RafsFs {
         &self.cache
     }
 
-    /// The FUSE open of `inode`: through the page cache, or — when `backing` is given
-    /// (the session negotiated passthrough) and every chunk of the file is cached and
-    /// verified — passed through to the file of this image's [`BackingMount`], so that
-    /// the kernel reads it without asking the daemon (see [`crate::passthrough`]).
-    pub fn open_file(
-        &self,
-        inode: u64,
-        flags: u32,
-        backing: Option<&Arc<FuseBacking>>,
-    ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
+    /// Opens `inode` for reading (read-only, not a directory), counting the open; the
+    /// inode, for a transport that decides how the kernel reads it (FUSE passthrough).
+    pub fn open_checked(&self, inode: u64, flags: u32) -> io::Result<Inode> {
         if flags as i32 & libc::O_ACCMODE != libc::O_RDONLY {
             return Err(errno(libc::EROFS));
         }
@@ -236,123 +199,21 @@ impl RafsFs {
         if let Some(s) = &self.file_stats {
             s.opened(i.nid);
         }
-        // O_DIRECT readers stay with the daemon: passed through, their reads would have
-        // to be aligned to EROFS' 4 KiB blocks.
-        let Some(dev) =
-            backing.filter(|_| i.is_reg() && i.size > 0 && flags as i32 & libc::O_DIRECT == 0)
-        else {
-            return Ok((None, OpenOptions::KEEP_CACHE, None));
-        };
-        {
-            let mut modes = self.io_modes.lock().unwrap_or_else(|e| e.into_inner());
-            let m = modes.entry(i.nid).or_default();
-            if let Some(reply) = self.join_mode(m) {
-                return Ok(reply);
-            }
-        }
-        // The first open: whether the file can be passed through is found out without
-        // the lock (the first one of an image mounts it); opens meanwhile are counted.
-        // Its chunks are pinned first (never evicted while the kernel may read them),
-        // and unpinned unless it is passed through.
-        let pinned = self.cache.pin_file(&i, true);
-        let file = match &pinned {
-            Ok(()) => self.backing_file(&i, dev),
-            Err(e) => {
-                self.fail(&format!("pinning the chunks of inode {}", i.nid), e);
-                None
-            }
-        };
-        let unpin = || {
-            if pinned.is_ok() {
-                let _ = self.cache.pin_file(&i, false);
-            }
-        };
-        let mut modes = self.io_modes.lock().unwrap_or_else(|e| e.into_inner());
-        let m = modes.entry(i.nid).or_default();
-        if let Some(reply) = self.join_mode(m) {
-            unpin();
-            return Ok(reply);
-        }
-        if let Some(id) = file.and_then(|f| dev.open(&f)) {
-            m.backing_id = id;
-            m.dev = Some(dev.clone());
-            return Ok(self.join_mode(m).expect("open passed through"));
-        }
-        unpin();
-        m.cached += 1;
-        Ok((Some(HANDLE_CACHED), OpenOptions::KEEP_CACHE, None))
+        Ok(i)
     }
 
-    /// Counts one more open of a file already open, in the mode of its other opens (the
-    /// kernel refuses mixed modes); `None` when the file is not open.
-    fn join_mode(&self, m: &mut IoMode) -> Option<(Option<u64>, OpenOptions, Option<u32>)> {
-        if m.dev.is_some() {
-            m.passthrough += 1;
-            Metrics::add(&self.metrics.fs.passthrough_opens, 1);
-            Some((
-                Some(HANDLE_PASSTHROUGH),
-                passthrough_open_options(),
-                Some(m.backing_id),
-            ))
-        } else if m.cached > 0 {
-            m.cached += 1;
-            Some((Some(HANDLE_CACHED), OpenOptions::KEEP_CACHE, None))
-        } else {
-            None
-        }
+    /// The image's counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
-    /// The file of regular file `i` in this image's [`BackingMount`], if all of it is
-    /// cached, verified and written back, and the kernel maps it as the daemon does.
-    fn backing_file(&self, i: &Inode, dev: &FuseBacking) -> Option<std::fs::File> {
-        // Just-fetched chunks stay with the daemon until written back: the kernel's
-        // direct reads of the cache files would wait for that writeback first.
-        let ready = self.cache.file_on_disk(i).and_then(|ready| {
-            Ok(ready
-                && self
-                    .bs
-                    .kernel_maps_like_chunk_indexes(i)
-                    .map_err(crate::Error::Metadata)?)
-        });
-        match ready {
-            Ok(true) => {}
-            Ok(false) => return None,
-            Err(e) => {
-                self.fail(&format!("chunks of inode {}", i.nid), e);
-                return None;
-            }
-        }
-        let mount = self
-            .backing
-            .get_or_init(|| {
-                let paths = self.cache.data_paths();
-                match BackingMount::new(self.bs.bytes(), &paths, dev.readahead_kb()) {
-                    Ok(m) => {
-                        info!("cached files are passed through to an EROFS mount of the image");
-                        Some(m)
-                    }
-                    Err(e) => {
-                        info!("files of this image are not passed through: mounting it with EROFS over its cache files failed: {e}");
-                        None
-                    }
-                }
-            })
-            .as_ref()?;
-        match mount.open(i.nid, i.size) {
-            Ok(f) => Some(f),
-            Err(e) => {
-                // Said once per image: the next files would most likely say the same.
-                if !self.backing_open_failed.swap(true, Ordering::Relaxed) {
-                    error!("nid {} in the EROFS mount of the image: {e}", i.nid);
-                } else {
-                    debug!("nid {} in the EROFS mount of the image: {e}", i.nid);
-                }
-                None
-            }
-        }
+    /// The bootstrap.
+    pub fn bootstrap(&self) -> &Arc<Bootstrap> {
+        &self.bs
     }
 
-    fn fail(&self, what: &str, e: impl std::fmt::Display) -> io::Error {
+    /// Logs `e` about `what`, counts a failed operation, and returns `EIO`.
+    pub fn fail(&self, what: &str, e: impl std::fmt::Display) -> io::Error {
         Metrics::add(&self.metrics.fs.fop_errors, 1);
         error!("{what}: {e}");
         eio()
@@ -433,19 +294,6 @@ impl RafsFs {
     }
 }
 
-impl Drop for RafsFs {
-    /// An image unmounted while files of it are open passed through: their backing
-    /// files stay with them in the kernel; only the ids go.
-    fn drop(&mut self) {
-        let modes = self.io_modes.get_mut().unwrap_or_else(|e| e.into_inner());
-        for m in modes.values() {
-            if let Some(dev) = &m.dev {
-                let _ = dev.close(m.backing_id);
-            }
-        }
-    }
-}
-
 impl FileSystem for RafsFs {
     type Inode = u64;
     type Handle = u64;
@@ -514,7 +362,8 @@ impl FileSystem for RafsFs {
         flags: u32,
         _fuse_flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
-        self.open_file(inode, flags, None)
+        self.open_checked(inode, flags)?;
+        Ok((None, OpenOptions::KEEP_CACHE, None))
     }
 
     fn read(
@@ -554,49 +403,6 @@ impl FileSystem for RafsFs {
             s.read(i.nid, n);
         }
         Ok(n as usize)
-    }
-
-    fn release(
-        &self,
-        _ctx: &Context,
-        inode: u64,
-        _flags: u32,
-        handle: u64,
-        _flush: bool,
-        _flock_release: bool,
-        _lock_owner: Option<u64>,
-    ) -> io::Result<()> {
-        if handle != HANDLE_CACHED && handle != HANDLE_PASSTHROUGH {
-            return Ok(());
-        }
-        let Some(nid) = self.map.to_nid(inode) else {
-            return Ok(());
-        };
-        // The kernel has left the file's io mode before it sends RELEASE: counting
-        // down here never lags behind it into a mode it would refuse.
-        let mut modes = self.io_modes.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(m) = modes.get_mut(&nid) else {
-            return Ok(());
-        };
-        if handle == HANDLE_CACHED {
-            m.cached = m.cached.saturating_sub(1);
-        } else {
-            m.passthrough = m.passthrough.saturating_sub(1);
-            if m.passthrough == 0 {
-                if let Some(dev) = m.dev.take() {
-                    if let Err(e) = dev.close(m.backing_id) {
-                        error!("closing backing file {} of nid {nid}: {e}", m.backing_id);
-                    }
-                    if let Ok(i) = self.bs.inode(nid) {
-                        let _ = self.cache.pin_file(&i, false);
-                    }
-                }
-            }
-        }
-        if m.cached == 0 && m.passthrough == 0 {
-            modes.remove(&nid);
-        }
-        Ok(())
     }
 
     fn statfs(&self, _ctx: &Context, _inode: u64) -> io::Result<statvfs64> {

@@ -2,13 +2,14 @@
 //!
 //! * [`config`]: upstream's v1 JSON configuration, validated.
 //! * [`fs`]: the filesystem over a bootstrap, against fuse-backend-rs' `FileSystem` trait
-//!   (one implementation for FUSE and, later, virtio-fs).
+//!   (one implementation for FUSE and virtio-fs).
 //! * [`cache`]: the verified chunk cache in front of a blob backend.
 //! * [`daemon`]: wiring — backend, cache, filesystem, FUSE session and its threads.
 //! * [`api`]: the HTTP API on a unix socket; [`metrics`]: the counters it serves.
 //! * [`prefetch`]: background prefetch of listed files and whole blobs.
+//! * [`fuse_opens`]: which opens are passed through, per image (FUSE only).
 //! * [`passthrough`]: FUSE passthrough of fully cached files (the crate's only `unsafe`).
-//! * [`vfs`]: what the FUSE session serves: one image at the root, or a pseudo-root of
+//! * [`vfs`]: what either transport serves: one image at the root, or a pseudo tree of
 //!   images mounted through the API.
 //! * [`virtiofs`]: the same filesystem served to VM guests over vhost-user-fs.
 //! * [`client`]: the typed config, the API's types and a launcher, for programs that
@@ -28,6 +29,8 @@ pub mod daemon;
 pub mod error;
 #[cfg(feature = "daemon")]
 pub mod fs;
+#[cfg(feature = "daemon")]
+pub mod fuse_opens;
 #[cfg(feature = "daemon")]
 pub mod metrics;
 #[cfg(feature = "daemon")]

@@ -21,6 +21,7 @@
 //! entry (`FUSE_NOTIFY_INVAL_ENTRY`).
 
 use crate::fs::{empty_statvfs, fuse_options, RafsFs, MOUNT_SHIFT, ROOT_ID, TIMEOUT};
+use crate::fuse_opens::Passthrough;
 use crate::metrics::Metrics;
 use crate::passthrough::FuseBacking;
 use crate::prefetch::Prefetch;
@@ -168,7 +169,7 @@ pub struct Vfs {
     table: RwLock<Table>,
     notifier: OnceLock<Notifier>,
     /// The session's backing-file table, once it negotiated passthrough.
-    passthrough: OnceLock<Arc<FuseBacking>>,
+    passthrough: OnceLock<Passthrough>,
     started: SystemTime,
 }
 
@@ -243,7 +244,7 @@ impl Vfs {
     /// Lets files whose chunks are all cached be passed through (the session negotiated
     /// it; see [`crate::passthrough`]).
     pub fn set_passthrough(&self, backing: FuseBacking) {
-        let _ = self.passthrough.set(Arc::new(backing));
+        let _ = self.passthrough.set(Passthrough::new(backing));
     }
 
     fn read_table(&self) -> std::sync::RwLockReadGuard<'_, Table> {
@@ -403,6 +404,9 @@ impl Vfs {
             (image, dir, name)
         };
         image.stop_prefetch();
+        if let Some(p) = self.passthrough.get() {
+            p.forget(image.index);
+        }
         if let (Some(notify), Ok(cname)) = (
             self.notifier.get(),
             std::ffi::CString::new(gone_name.as_bytes()),
@@ -430,6 +434,15 @@ impl Vfs {
             .get(&index)
             .map(|m| ImageRef::Mounted(m.fs.clone()))
             .ok_or_else(|| errno(libc::ENOENT))
+    }
+
+    /// The mount index of the image `ino` belongs to (0: the `--bootstrap` image).
+    fn index_of(&self, ino: u64) -> u16 {
+        if self.root.is_some() {
+            0
+        } else {
+            (ino >> MOUNT_SHIFT) as u16
+        }
     }
 
     /// Whether `ino` is a pseudo directory (the pseudo-root or one on the way to a
@@ -679,8 +692,14 @@ impl FileSystem for Vfs {
         if self.is_root(inode) {
             return Err(errno(libc::EISDIR));
         }
-        self.image(inode)?
-            .open_file(inode, flags, self.passthrough.get())
+        let fs = self.image(inode)?;
+        match self.passthrough.get() {
+            Some(p) => p.open(self.index_of(inode), &fs, inode, flags),
+            None => {
+                fs.open_checked(inode, flags)?;
+                Ok((None, OpenOptions::KEEP_CACHE, None))
+            }
+        }
     }
 
     fn read(
@@ -714,10 +733,16 @@ impl FileSystem for Vfs {
         if self.is_root(inode) {
             return Ok(());
         }
-        match self.image(inode) {
-            Ok(fs) => fs.release(ctx, inode, flags, handle, flush, flock_release, lock_owner),
+        match (self.image(inode), self.passthrough.get()) {
+            (Ok(fs), Some(p)) => {
+                p.release(self.index_of(inode), &fs, inode, handle);
+                Ok(())
+            }
+            (Ok(fs), None) => {
+                fs.release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
+            }
             // Unmounted while open: nothing left to release.
-            Err(_) => Ok(()),
+            (Err(_), _) => Ok(()),
         }
     }
 
