@@ -4,7 +4,8 @@
 //! * [`fs`]: the filesystem over a bootstrap, against fuse-backend-rs' `FileSystem` trait
 //!   (one implementation for FUSE and virtio-fs).
 //! * [`cache`]: the verified chunk cache in front of a blob backend.
-//! * [`daemon`]: wiring — backend, cache, filesystem, FUSE session and its threads.
+//! * [`daemon`]: wiring shared by the transports — backend, cache, filesystem, state.
+//! * [`fuse`]: the FUSE transport (session, threads, INIT, invalidation).
 //! * [`api`]: the HTTP API on a unix socket; [`metrics`]: the counters it serves.
 //! * [`prefetch`]: background prefetch of listed files and whole blobs.
 //! * [`fuse_opens`]: which opens are passed through, per image (FUSE only).
@@ -29,6 +30,8 @@ pub mod daemon;
 pub mod error;
 #[cfg(feature = "daemon")]
 pub mod fs;
+#[cfg(feature = "daemon")]
+pub mod fuse;
 #[cfg(feature = "daemon")]
 pub mod fuse_opens;
 #[cfg(feature = "daemon")]
