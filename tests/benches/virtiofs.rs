@@ -27,15 +27,7 @@ fn source(base: &Path) -> PathBuf {
     }
     let _ = std::fs::remove_dir_all(&src);
     std::fs::create_dir_all(&src).unwrap();
-    let mut x = 0x2545_F491_4F6C_DD1Du64;
-    let mut big = Vec::with_capacity(BIG as usize);
-    while (big.len() as u64) < BIG {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        big.extend_from_slice(&x.to_le_bytes());
-    }
-    std::fs::write(src.join("big.bin"), &big).unwrap();
+    std::fs::write(src.join("big.bin"), noise(BIG as usize, 0x2545_F491)).unwrap();
     for i in 0..FILES {
         let d = src.join(format!("tree/d{:02}", i % 100));
         std::fs::create_dir_all(&d).unwrap();

@@ -35,17 +35,20 @@ fn source_tree(dir: &Path) -> PathBuf {
         )
         .unwrap();
     }
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    let big: Vec<u8> = (0..BIG)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    fs::write(src.join("big.bin"), big).unwrap();
+    fs::write(src.join("big.bin"), rafs_e2e::noise(BIG, 0x9E37_79B9)).unwrap();
     src
+}
+
+/// The tools a guest test needs (and `more`), a temporary directory, the source tree in
+/// it and its image.
+fn guest_fixture(more: &[&str]) -> (tempfile::TempDir, PathBuf, BuiltImage) {
+    let mut tools = vec!["qemu-system-x86_64", "busybox"];
+    tools.extend_from_slice(more);
+    require_root_tools(&tools);
+    let t = tempfile::tempdir().unwrap();
+    let src = source_tree(t.path());
+    let img = build_image(&src, &t.path().join("img"), &[]);
+    (t, src, img)
 }
 
 /// `sha256sum` lines (`HASH  ./path`) of every regular file under `root`, sorted by path.
@@ -175,11 +178,8 @@ impl VirtioFsDaemon {
 /// guest on the same socket path.
 #[test]
 fn guest_reads_the_image_over_virtiofs() {
-    require_root_tools(&["qemu-system-x86_64", "busybox"]);
-    let t = tempfile::tempdir().unwrap();
+    let (t, src, img) = guest_fixture(&[]);
     let dir = t.path();
-    let src = source_tree(dir);
-    let img = build_image(&src, &dir.join("img"), &[]);
     let mut d = VirtioFsDaemon::start(&img, dir);
     let mut g = Guest::boot(&d.sock, "myfs");
     g.run("mount -t virtiofs myfs /mnt");
@@ -266,11 +266,8 @@ fn registry_image(img: &BuiltImage, dir: &Path) -> (Registry, FaultProxy, String
 /// timeout, not a hang; once the registry answers again, the same read succeeds.
 #[test]
 fn backend_failure_is_eio_in_the_guest_then_heals() {
-    require_root_tools(&["qemu-system-x86_64", "busybox", "docker-registry", "curl"]);
-    let t = tempfile::tempdir().unwrap();
+    let (t, src, img) = guest_fixture(&["docker-registry", "curl"]);
     let dir = t.path();
-    let src = source_tree(dir);
-    let img = build_image(&src, &dir.join("img"), &[]);
     let (_reg, proxy, config) = registry_image(&img, dir);
     let d = VirtioFsDaemon::start_config(&img, dir, &config);
     let mut g = Guest::boot(&d.sock, "myfs");
@@ -303,11 +300,8 @@ fn backend_failure_is_eio_in_the_guest_then_heals() {
 /// invalidation here: short entry timeouts), and the other stays readable.
 #[test]
 fn nested_api_mounts_come_and_go_in_the_guest() {
-    require_root_tools(&["qemu-system-x86_64", "busybox"]);
-    let t = tempfile::tempdir().unwrap();
+    let (t, _src, img) = guest_fixture(&[]);
     let dir = t.path();
-    let src = source_tree(dir);
-    let img = build_image(&src, &dir.join("img"), &[]);
     let d = VirtioFsDaemon::start_empty(dir);
     for (i, id) in ["i1", "i2"].iter().enumerate() {
         let cache = dir.join(format!("cache-{i}"));
@@ -359,11 +353,8 @@ fn nested_api_mounts_come_and_go_in_the_guest() {
 /// a new daemon on the same cache serves a new guest the whole file, right.
 #[test]
 fn vmm_killed_mid_request_leaves_the_cache_usable() {
-    require_root_tools(&["qemu-system-x86_64", "busybox", "docker-registry", "curl"]);
-    let t = tempfile::tempdir().unwrap();
+    let (t, src, img) = guest_fixture(&["docker-registry", "curl"]);
     let dir = t.path();
-    let src = source_tree(dir);
-    let img = build_image(&src, &dir.join("img"), &[]);
     let (_reg, proxy, config) = registry_image(&img, dir);
     let mut d = VirtioFsDaemon::start_config(&img, dir, &config);
     let mut g = Guest::boot(&d.sock, "myfs");
