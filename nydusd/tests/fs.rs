@@ -74,3 +74,85 @@ fn directories_need_no_opendir_and_list_without_a_handle() {
         .collect();
     assert_eq!(names, want);
 }
+
+/// What a guest (or a confused kernel) may send over either transport: requests for
+/// inodes and handles that do not exist, files treated as directories and the other way
+/// round, writes, requests after an unmount, on a pseudo tree with a nested mount:
+/// errors, never a panic.
+#[test]
+fn requests_for_unknown_inodes_and_handles_are_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(src.join("d")).unwrap();
+    std::fs::write(src.join("d/f"), b"twelve bytes").unwrap();
+    let boot = tmp.path().join("image.boot");
+    let blobs = tmp.path().join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let mut o = converter::CreateOptions::new(&src, converter::SourceType::Directory);
+    o.bootstrap = Some(boot.clone());
+    o.blob_dir = Some(blobs.clone());
+    converter::create(&o).unwrap();
+    let cfg = Config::localfs(blobs.clone(), tmp.path().join("cache"));
+    let vfs = nydusd::vfs::Vfs::pseudo();
+    let index = vfs.reserve("/rafs/x/lowerdir").unwrap();
+    let open = nydusd::cache::OpenBlobs::new();
+    let image =
+        nydusd::daemon::mount_image("/rafs/x/lowerdir", &boot, &cfg, index, None, &open).unwrap();
+    vfs.mount(image).unwrap();
+    let ctx = Context::default();
+    let errno = |e: std::io::Error| e.raw_os_error();
+
+    let rafs = vfs.lookup(&ctx, ROOT_ID, c"rafs").unwrap();
+    let x = vfs.lookup(&ctx, rafs.inode, c"x").unwrap();
+    let lower = vfs.lookup(&ctx, x.inode, c"lowerdir").unwrap();
+    let d = vfs.lookup(&ctx, lower.inode, c"d").unwrap();
+    let f = vfs.lookup(&ctx, d.inode, c"f").unwrap();
+    // Inodes nobody handed out: in the pseudo tree's range, and in an unused mount index.
+    for bogus in [ROOT_ID + 1000, (4242u64 << 48) | 7, u64::MAX] {
+        assert_eq!(
+            vfs.getattr(&ctx, bogus, None).map_err(errno).unwrap_err(),
+            Some(libc::ENOENT),
+            "{bogus:#x}"
+        );
+        assert!(vfs.lookup(&ctx, bogus, c"d").is_err());
+        assert!(vfs.open(&ctx, bogus, libc::O_RDONLY as u32, 0).is_err());
+        vfs.release(&ctx, bogus, 0, 99, false, false, None).unwrap();
+    }
+    // Names that do not exist, files as directories and directories as files.
+    assert_eq!(
+        errno(vfs.lookup(&ctx, ROOT_ID, c"nope").unwrap_err()),
+        Some(libc::ENOENT)
+    );
+    assert!(vfs.lookup(&ctx, f.inode, c"x").is_err());
+    assert_eq!(
+        errno(
+            vfs.open(&ctx, d.inode, libc::O_RDONLY as u32, 0)
+                .unwrap_err()
+        ),
+        Some(libc::EISDIR)
+    );
+    assert_eq!(
+        errno(
+            vfs.open(&ctx, x.inode, libc::O_RDONLY as u32, 0)
+                .unwrap_err()
+        ),
+        Some(libc::EISDIR)
+    );
+    assert_eq!(
+        errno(vfs.open(&ctx, f.inode, libc::O_RDWR as u32, 0).unwrap_err()),
+        Some(libc::EROFS)
+    );
+
+    // Unmounted under an open file: its requests get ENOENT, nothing panics.
+    vfs.umount("/rafs/x/lowerdir").unwrap();
+    assert_eq!(
+        errno(vfs.getattr(&ctx, f.inode, None).unwrap_err()),
+        Some(libc::ENOENT)
+    );
+    vfs.release(&ctx, f.inode, 0, 1, false, false, None)
+        .unwrap();
+    assert_eq!(
+        errno(vfs.lookup(&ctx, ROOT_ID, c"rafs").unwrap_err()),
+        Some(libc::ENOENT)
+    );
+}
