@@ -391,3 +391,39 @@ fn vmm_killed_mid_request_leaves_the_cache_usable() {
         hex::encode(Sha256::digest(fs::read(src.join("big.bin")).unwrap()))
     );
 }
+
+/// One cold read waiting on a registry that does not answer does not stall the guest's
+/// other requests: cached files and directory listings are served meanwhile.
+#[test]
+fn a_hung_cold_read_does_not_stall_the_guest() {
+    let (t, _src, img) = guest_fixture(&["docker-registry", "curl"]);
+    let dir = t.path();
+    let (_reg, proxy, config) = registry_image(&img, dir);
+    let d = VirtioFsDaemon::start_config(&img, dir, &config);
+    let mut g = Guest::boot(&d.sock, "myfs");
+    g.run("mount -t virtiofs myfs /mnt");
+    g.run("cat /mnt/hello.txt /mnt/many/* > /dev/null");
+    proxy.fault(Fault::Hang, "/blobs/", usize::MAX);
+    g.run("(cat /mnt/big.bin > /dev/null 2>&1 &)");
+    std::thread::sleep(Duration::from_millis(300));
+    for cmd in [
+        "cat /mnt/hello.txt",
+        "ls /mnt/many | wc -l",
+        "stat -c %s /mnt/big.bin",
+    ] {
+        let t0 = std::time::Instant::now();
+        let (out, status) = g
+            .try_run(cmd, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("`{cmd}` stalled behind the hung read: {e}\n{}", d.log()));
+        assert_eq!(status, 0, "{cmd}: {out}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "`{cmd}` took {:?}",
+            t0.elapsed()
+        );
+    }
+    assert!(
+        proxy.faulted() >= 1,
+        "the cold read never reached the registry"
+    );
+}
