@@ -7,7 +7,20 @@ use nydusd::fs::{RafsFs, ROOT_ID};
 use nydusd::metrics::Metrics;
 use p2p_backend::localfs::LocalFs;
 use rafs::read::Bootstrap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// Builds `src` into `dir/image.boot` and blobs in `dir/blobs`.
+fn build(src: &Path, dir: &Path) -> (PathBuf, PathBuf) {
+    let boot = dir.join("image.boot");
+    let blobs = dir.join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let mut o = converter::CreateOptions::new(src, converter::SourceType::Directory);
+    o.bootstrap = Some(boot.clone());
+    o.blob_dir = Some(blobs.clone());
+    converter::create(&o).unwrap();
+    (boot, blobs)
+}
 
 #[test]
 fn directories_need_no_opendir_and_list_without_a_handle() {
@@ -17,13 +30,7 @@ fn directories_need_no_opendir_and_list_without_a_handle() {
     for i in 0..300 {
         std::fs::write(src.join(format!("d/file-with-a-longish-name-{i:03}")), "x").unwrap();
     }
-    let boot = tmp.path().join("image.boot");
-    let blobs = tmp.path().join("blobs");
-    std::fs::create_dir_all(&blobs).unwrap();
-    let mut o = converter::CreateOptions::new(&src, converter::SourceType::Directory);
-    o.bootstrap = Some(boot.clone());
-    o.blob_dir = Some(blobs.clone());
-    converter::create(&o).unwrap();
+    let (boot, blobs) = build(&src, tmp.path());
     let bs = Arc::new(Bootstrap::open(&boot).unwrap());
     let metrics = Arc::new(Metrics::default());
     let cfg = Config::localfs(blobs.clone(), tmp.path().join("cache"));
@@ -85,13 +92,7 @@ fn requests_for_unknown_inodes_and_handles_are_errors() {
     let src = tmp.path().join("src");
     std::fs::create_dir_all(src.join("d")).unwrap();
     std::fs::write(src.join("d/f"), b"twelve bytes").unwrap();
-    let boot = tmp.path().join("image.boot");
-    let blobs = tmp.path().join("blobs");
-    std::fs::create_dir_all(&blobs).unwrap();
-    let mut o = converter::CreateOptions::new(&src, converter::SourceType::Directory);
-    o.bootstrap = Some(boot.clone());
-    o.blob_dir = Some(blobs.clone());
-    converter::create(&o).unwrap();
+    let (boot, blobs) = build(&src, tmp.path());
     let cfg = Config::localfs(blobs.clone(), tmp.path().join("cache"));
     let vfs = nydusd::vfs::Vfs::pseudo();
     let index = vfs.reserve("/rafs/x/lowerdir").unwrap();
