@@ -281,7 +281,10 @@ impl Snapshotter {
     /// image's meta snapshot.
     pub fn remove(&self, key: &str) -> Result<(), Status> {
         let rec = self.store.remove(key)?;
-        if self.is_meta(&rec) {
+        // Decided before the directory goes: without the label, a meta snapshot is known
+        // by the bootstrap in it.
+        let meta = self.is_meta(&rec);
+        if meta {
             self.manager.release(rec.id)?;
         }
         let dir = snapshot_dir(&self.config.root, rec.id);
@@ -291,7 +294,7 @@ impl Snapshotter {
                 warn!(snapshot = %key, "removing {}: {e}", dir.display());
             }
         }
-        if self.is_meta(&rec) {
+        if meta {
             self.gc_cache()?;
         }
         Ok(())
