@@ -692,6 +692,39 @@ impl Client {
         self.rt.block_on(self.c.commit(req)).map(drop)
     }
 
+    fn update(
+        &mut self,
+        key: &str,
+        labels: &[(&str, &str)],
+        mask: &[&str],
+    ) -> Result<Info, tonic::Status> {
+        let req = UpdateSnapshotRequest {
+            snapshotter: "nydus".into(),
+            info: Some(Info {
+                name: key.into(),
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: mask.iter().map(|p| p.to_string()).collect(),
+            }),
+        };
+        self.rt
+            .block_on(self.c.update(req))
+            .map(|r| r.into_inner().info.unwrap())
+    }
+
+    fn usage(&mut self, key: &str) -> Result<UsageResponse, tonic::Status> {
+        let req = UsageRequest {
+            snapshotter: "nydus".into(),
+            key: key.into(),
+        };
+        self.rt.block_on(self.c.usage(req)).map(|r| r.into_inner())
+    }
+
     fn stat(&mut self, key: &str) -> Result<Info, tonic::Status> {
         let req = StatSnapshotRequest {
             snapshotter: "nydus".into(),
@@ -809,8 +842,30 @@ fn snapshotter_refuses_bad_input_with_grpc_codes() {
         code(c.prepare("k", "no-parent", &[])),
         tonic::Code::NotFound
     );
-    c.prepare("k", "", &[]).unwrap();
+    let m = c.prepare("k", "", &[("a", "1"), ("b", "2")]).unwrap();
     assert_eq!(code(c.prepare("k", "", &[])), tonic::Code::AlreadyExists);
+    // Update: the labels named in the mask change, the others stay; other fields are
+    // not updatable.
+    let info = c
+        .update("k", &[("a", "9"), ("c", "3")], &["labels.a", "labels.c"])
+        .unwrap();
+    let labels: std::collections::BTreeMap<_, _> = info.labels.into_iter().collect();
+    assert_eq!(
+        labels,
+        [("a", "9"), ("b", "2"), ("c", "3")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    );
+    assert_eq!(
+        code(c.update("k", &[], &["parent"])),
+        tonic::Code::InvalidArgument
+    );
+    assert_eq!(code(c.update("nope", &[], &[])), tonic::Code::NotFound);
+    // Usage of an active snapshot is measured now.
+    fs::write(Path::new(&m[0].source).join("data"), vec![1u8; 64 << 10]).unwrap();
+    let u = c.usage("k").unwrap();
+    assert!(u.size >= 64 << 10 && u.inodes == 1, "{u:?}");
     assert_eq!(
         code(c.prepare("k2", "k", &[])),
         tonic::Code::FailedPrecondition,
