@@ -10,8 +10,9 @@
 #      Dragonfly peers (dragonfly-client 1.5.10: dfdaemon), the P2P judge, likewise
 #      (about 25 min the first time);
 # then runs, stopping at the first failure:
-#   3. cargo fmt --check;  4. cargo clippy -D warnings;  5. cargo test (release);
-#   6. each cargo-fuzz target in fuzz/ for FUZZ_SECONDS (default 30) seconds.
+#   3. cargo fmt --check;  4. cargo clippy -D warnings;  5. cargo build of the
+#   workspace binaries, then cargo test (release);  6. each cargo-fuzz target in fuzz/
+#   for FUZZ_SECONDS (default 30) seconds.
 # Benchmarks are not part of it.
 #
 # Environment: FUZZ_SECONDS (per fuzz target), NYDUS_UPSTREAM_ROOT (where upstream
@@ -188,6 +189,12 @@ cargo fmt --all -- --check || fail "code is not formatted: run 'cargo fmt --all'
 stage "cargo clippy"
 cargo clippy --workspace --all-targets --release -- -D warnings ||
     fail "clippy found warnings (treated as errors)"
+
+# The end-to-end tests start every workspace binary (nydusd, nydusify, p2p-*,
+# containerd-nydus-grpc). `cargo test` builds a package's binaries only when that package
+# has integration tests of its own, so build them all first, in the same profile.
+stage "cargo build"
+cargo build --workspace --release --bins || fail "cargo build of the workspace binaries failed"
 
 stage "cargo test"
 TEST_LOG=$(mktemp)
