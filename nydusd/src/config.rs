@@ -16,6 +16,10 @@ use std::path::{Path, PathBuf};
 pub const MAX_AMPLIFY_IO: u64 = 256 << 20;
 /// Default `amplify_io`: 1 MiB.
 pub const DEFAULT_AMPLIFY_IO: u64 = 1 << 20;
+/// Default `readahead_window`: 32 MiB.
+pub const DEFAULT_READAHEAD_WINDOW: u64 = 32 << 20;
+/// Largest `readahead_window` accepted.
+pub const MAX_READAHEAD_WINDOW: u64 = 1 << 30;
 
 /// A validated daemon configuration.
 #[derive(Clone, Debug, PartialEq)]
@@ -31,6 +35,10 @@ pub struct Config {
     /// Bound in bytes of one merged backend request for on-demand reads; small reads are
     /// extended with the following chunks of the blob up to it (0 = no amplification).
     pub amplify_io: u64,
+    /// Bytes of sequential readahead requests in flight at most (its memory bound; 0 =
+    /// no readahead; at most `amplify_io`: one request at a time). See
+    /// [`crate::cache`].
+    pub readahead_window: u64,
     /// Background prefetch.
     pub prefetch: PrefetchConfig,
     /// Per-file records for `/api/v1/metrics/files` and `/api/v1/metrics/pattern`
@@ -177,6 +185,7 @@ impl Config {
             digest_validate: true,
             enable_xattr: true,
             amplify_io: DEFAULT_AMPLIFY_IO,
+            readahead_window: DEFAULT_READAHEAD_WINDOW,
             prefetch: PrefetchConfig::default(),
             file_stats: FileStatsConfig::default(),
         }
@@ -199,12 +208,20 @@ impl Config {
                 format!("{amplify_io} exceeds the maximum of {MAX_AMPLIFY_IO} bytes"),
             ));
         }
+        let readahead_window = raw.readahead_window.unwrap_or(DEFAULT_READAHEAD_WINDOW);
+        if readahead_window > MAX_READAHEAD_WINDOW {
+            return Err(Error::config(
+                "readahead_window",
+                format!("{readahead_window} exceeds the maximum of {MAX_READAHEAD_WINDOW} bytes"),
+            ));
+        }
         Ok(Config {
             backend: backend(raw.device.backend)?,
             cache: cache(raw.device.cache)?,
             digest_validate: raw.digest_validate.unwrap_or(true),
             enable_xattr: raw.enable_xattr.unwrap_or(true),
             amplify_io,
+            readahead_window,
             prefetch: prefetch(raw.fs_prefetch)?,
             file_stats: FileStatsConfig {
                 iostats_files: raw.iostats_files.unwrap_or(false),
@@ -458,6 +475,7 @@ mod tests {
         "mode": "direct",
         "enable_xattr": true,
         "amplify_io": 524288,
+        "readahead_window": 8388608,
         "fs_prefetch": {"enable": true, "threads_count": 4, "merging_size": 131072,
                         "bandwidth_rate": 1000000, "prefetch_all": false}
     }"#;
@@ -483,6 +501,7 @@ mod tests {
         assert!(c.digest_validate, "digest_validate must default to true");
         assert!(!c.file_stats.any(), "per-file records are off by default");
         assert_eq!(c.amplify_io, 524288);
+        assert_eq!(c.readahead_window, 8 << 20);
         assert_eq!(
             c.prefetch,
             PrefetchConfig {
@@ -530,6 +549,10 @@ mod tests {
     #[test]
     fn invalid_values_name_the_field() {
         assert_eq!(err(&GOOD.replace("524288", "999999999999")).0, "amplify_io");
+        assert_eq!(
+            err(&GOOD.replace("8388608", "4294967296")).0,
+            "readahead_window"
+        );
         assert_eq!(
             err(&GOOD.replace("\"threads_count\": 4", "\"threads_count\": 0")).0,
             "fs_prefetch.threads_count"

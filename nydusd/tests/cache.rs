@@ -13,13 +13,19 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// A localfs backend that counts requests and can corrupt or refuse them.
+/// A localfs backend that counts requests and can corrupt or refuse them, or answer
+/// them slowly and out of order.
 struct Counting {
     inner: LocalFs,
     reads: AtomicU64,
     bytes: AtomicU64,
     corrupt_at: Mutex<Option<u64>>,
     down: AtomicBool,
+    /// Each request takes 1 to 3 times this long (by its offset), microseconds: later
+    /// requests often finish first.
+    delay_us: AtomicU64,
+    inflight: AtomicU64,
+    max_inflight: AtomicU64,
 }
 
 impl Counting {
@@ -30,10 +36,43 @@ impl Counting {
             bytes: AtomicU64::new(0),
             corrupt_at: Mutex::new(None),
             down: AtomicBool::new(false),
+            delay_us: AtomicU64::new(0),
+            inflight: AtomicU64::new(0),
+            max_inflight: AtomicU64::new(0),
         })
     }
     fn reads(&self) -> u64 {
         self.reads.load(Ordering::SeqCst)
+    }
+    fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::SeqCst)
+    }
+    /// Waits until no request is in flight (readahead settled), at most 10 s.
+    fn settle(&self) {
+        let t = std::time::Instant::now();
+        while self.inflight.load(Ordering::SeqCst) > 0 {
+            assert!(t.elapsed().as_secs() < 10, "requests still in flight");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(self.inflight.load(Ordering::SeqCst), 0);
+    }
+}
+
+/// Counts a request in flight while alive.
+struct InFlight<'a>(&'a Counting);
+
+impl<'a> InFlight<'a> {
+    fn new(c: &'a Counting) -> Self {
+        let now = c.inflight.fetch_add(1, Ordering::SeqCst) + 1;
+        c.max_inflight.fetch_max(now, Ordering::SeqCst);
+        InFlight(c)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -41,6 +80,12 @@ impl BlobBackend for Counting {
     fn read_at(&self, blob_id: &str, offset: u64, buf: &mut [u8]) -> p2p_backend::Result<()> {
         self.reads.fetch_add(1, Ordering::SeqCst);
         self.bytes.fetch_add(buf.len() as u64, Ordering::SeqCst);
+        let _inflight = InFlight::new(self);
+        let delay = self.delay_us.load(Ordering::SeqCst);
+        if delay > 0 {
+            let factor = 1 + (offset / 0x10000) % 3;
+            std::thread::sleep(std::time::Duration::from_micros(delay * factor));
+        }
         if self.down.load(Ordering::SeqCst) {
             return Err(BackendError::Remote {
                 what: blob_id.into(),
@@ -90,22 +135,24 @@ fn bytes(seed: u64, len: usize) -> Vec<u8> {
 
 /// Files: 3 big ones (several 64 KiB chunks each) and 40 small ones.
 fn image() -> Image {
-    let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    std::fs::create_dir_all(src.join("small")).unwrap();
+    let mut files = Vec::new();
     for i in 0..3u64 {
-        std::fs::write(
-            src.join(format!("big{i}")),
-            bytes(i + 1, 300_000 + i as usize * 7),
-        )
-        .unwrap();
+        files.push((format!("big{i}"), bytes(i + 1, 300_000 + i as usize * 7)));
     }
     for i in 0..40u64 {
-        std::fs::write(
-            src.join(format!("small/f{i:02}")),
-            bytes(100 + i, 1000 + i as usize),
-        )
-        .unwrap();
+        files.push((format!("small/f{i:02}"), bytes(100 + i, 1000 + i as usize)));
+    }
+    image_of(&files)
+}
+
+/// An image of `files` (paths relative to the root, and contents), in 64 KiB chunks.
+fn image_of(files: &[(String, Vec<u8>)]) -> Image {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    for (path, data) in files {
+        let p = src.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, data).unwrap();
     }
     let boot = tmp.path().join("image.boot");
     let blobs = tmp.path().join("blobs");
@@ -419,59 +466,161 @@ fn prefetch_is_paced_to_the_bandwidth_limit() {
     assert_eq!(cache.ready_chunks().0, cache.ready_chunks().1);
 }
 
-#[test]
-fn a_sequential_reader_gets_the_next_window_fetched_ahead() {
-    let img = image();
+/// A 4 MiB file (64 chunks of 64 KiB) read from its start in 128 KiB reads, through a
+/// backend that answers slowly and out of order, with a 64 KiB `amplify_io` and
+/// readahead of at most `window` bytes. Returns (requests, most requests in flight at
+/// once, bytes fetched, bytes of the blob's chunks).
+fn sequential_read(img: &Image, want: &[u8], window: u64) -> (u64, u64, u64, u64) {
     let backend = Counting::new(&img.blobs);
-    // A 1-byte bound: every request and every readahead window is a single chunk.
-    let (cache, _) = open(&img, backend.clone(), &config(&img, 1));
-    let bs = cache.bootstrap().clone();
-    let inode = bs.lookup_path("/big0").unwrap();
-    let ci = |i| bs.chunk(&inode, i).unwrap();
-    let read_chunk = |i: u32| {
-        let mut out = Vec::new();
-        cache
-            .read(&inode, i as u64 * 0x10000, 0x10000, &mut out)
-            .unwrap();
-        assert_eq!(out.len(), 0x10000);
-    };
-    let ready = |i| {
-        let a = ci(i);
-        cache.is_ready(a.blob_index, a.ci_index)
-    };
-    let wait_ready = |i| {
-        let t = std::time::Instant::now();
-        while !ready(i) {
-            assert!(t.elapsed().as_secs() < 10, "chunk {i} was not read ahead");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-    };
-    read_chunk(0);
-    // The second read continues the first: the third chunk comes in the background.
-    read_chunk(1);
-    wait_ready(2);
-    assert!(!ready(3), "one window ahead, not more");
-    // Reaching the window's first chunk starts the next one.
-    read_chunk(2);
-    wait_ready(3);
-    assert_eq!(backend.reads(), 4);
-
-    // `amplify_io: 0` turns readahead off.
-    let img = image();
-    let backend = Counting::new(&img.blobs);
-    let (cache, _) = open(&img, backend.clone(), &config(&img, 0));
-    let bs = cache.bootstrap().clone();
-    let inode = bs.lookup_path("/big0").unwrap();
-    for i in 0..2u32 {
-        let mut out = Vec::new();
-        cache
-            .read(&inode, i as u64 * 0x10000, 0x10000, &mut out)
-            .unwrap();
+    backend.delay_us.store(2000, Ordering::SeqCst);
+    let mut cfg = config(img, 0x10000);
+    cfg.readahead_window = window;
+    cfg.cache.work_dir = img.work.join(format!("window-{window}"));
+    let (cache, _) = open(img, backend.clone(), &cfg);
+    let inode = cache.bootstrap().lookup_path("/model").unwrap();
+    let mut out = Vec::new();
+    for off in (0..want.len() as u64).step_by(0x20000) {
+        cache.read(&inode, off, 0x20000, &mut out).unwrap();
     }
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    let a = bs.chunk(&inode, 2).unwrap();
-    assert!(!cache.is_ready(a.blob_index, a.ci_index));
-    assert_eq!(backend.reads(), 2);
+    assert!(out == want, "the bytes read differ from the file");
+    backend.settle();
+    let chunk_bytes: u64 = (0..cache.chunk_count(0))
+        .map(|ci| cache.chunk_by_ci(0, ci).unwrap().compressed_size as u64)
+        .sum();
+    (
+        backend.reads(),
+        backend.max_inflight.load(Ordering::SeqCst),
+        backend.bytes(),
+        chunk_bytes,
+    )
+}
+
+/// An image of one file `/model` of `len` bytes.
+fn model_image(len: usize) -> (Image, Vec<u8>) {
+    let data = bytes(7, len);
+    (image_of(&[("model".to_string(), data.clone())]), data)
+}
+
+#[test]
+fn a_sequential_reader_keeps_several_merged_requests_in_flight() {
+    let (img, want) = model_image(4 << 20);
+    // A 1 MiB window: requests of up to 256 KiB (4 chunks), up to 4 at once.
+    let (reads, most, fetched, chunks) = sequential_read(&img, &want, 1 << 20);
+    assert!(most >= 3, "at most {most} requests were in flight at once");
+    assert!(
+        reads <= 64 / 2,
+        "{reads} requests for 64 chunks: not merged"
+    );
+    assert_eq!(fetched, chunks, "every chunk fetched exactly once");
+
+    // The window capped at one request (`amplify_io`): the reader's own request and one
+    // readahead request at a time, as before windows grew.
+    let (reads, most, fetched, chunks) = sequential_read(&img, &want, 0x10000);
+    assert!(most <= 2, "{most} requests in flight at once");
+    assert!(
+        reads >= 64 / 2,
+        "{reads} requests: larger than the cap allows"
+    );
+    assert_eq!(fetched, chunks);
+
+    // No readahead at all: one request at a time.
+    let (_, most, fetched, chunks) = sequential_read(&img, &want, 0);
+    assert_eq!(most, 1);
+    assert_eq!(fetched, chunks);
+}
+
+#[test]
+fn a_reader_that_jumps_pulls_at_most_one_window_ahead() {
+    // 128 chunks.
+    let (img, want) = model_image(8 << 20);
+    let backend = Counting::new(&img.blobs);
+    let mut cfg = config(&img, 0x10000);
+    cfg.readahead_window = 1 << 20;
+    let (cache, _) = open(&img, backend.clone(), &cfg);
+    let inode = cache.bootstrap().lookup_path("/model").unwrap();
+    let read = |chunk: u64, len: u64| {
+        let mut out = Vec::new();
+        let off = chunk * 0x10000;
+        cache.read(&inode, off, len, &mut out).unwrap();
+        assert!(
+            out == want[off as usize..(off + len) as usize],
+            "chunk {chunk}"
+        );
+    };
+    // Sequential through 8 chunks (the window grows to its cap), then jumps around, each
+    // time further than 2 MiB from where any earlier read went on.
+    for chunk in 0..8 {
+        read(chunk, 0x10000);
+    }
+    let jumps = [120, 85, 50];
+    for chunk in jumps {
+        read(chunk, 4096);
+    }
+    backend.settle();
+    // What was read (each read amplified to its one chunk), plus one window at most.
+    let touched = (8 + jumps.len() as u64) * 0x10000;
+    assert!(
+        backend.bytes() <= touched + (1 << 20),
+        "{} bytes fetched for {touched} bytes of chunks read",
+        backend.bytes()
+    );
+    let blob_index = cache.bootstrap().chunk(&inode, 0).unwrap().blob_index;
+    let (ready, total) = cache.ready_chunks();
+    assert!(ready < total, "the whole file was pulled in");
+    // The chunks just after each jump were not read ahead (all past the first window).
+    for chunk in jumps {
+        let next = cache.bootstrap().chunk(&inode, chunk + 1).unwrap();
+        {
+            assert!(
+                !cache.is_ready(blob_index, next.ci_index),
+                "chunk {} after the jump to {chunk} was read ahead",
+                chunk + 1
+            );
+        }
+    }
+}
+
+#[test]
+fn a_corrupt_chunk_fetched_ahead_fails_only_the_reads_that_need_it() {
+    let (img, want) = model_image(4 << 20);
+    let backend = Counting::new(&img.blobs);
+    backend.delay_us.store(1000, Ordering::SeqCst);
+    let mut cfg = config(&img, 0x10000);
+    cfg.readahead_window = 1 << 20;
+    let (cache, metrics) = open(&img, backend.clone(), &cfg);
+    let inode = cache.bootstrap().lookup_path("/model").unwrap();
+    let bad = cache.bootstrap().chunk(&inode, 20).unwrap();
+    let c = cache.chunk_info(&bad).unwrap();
+    *backend.corrupt_at.lock().unwrap() = Some(c.compressed_offset + 10);
+    for chunk in 0..64u64 {
+        let mut out = Vec::new();
+        let off = chunk * 0x10000;
+        let res = cache.read(&inode, off, 0x10000, &mut out);
+        if chunk == 20 {
+            let err = res.unwrap_err();
+            assert!(
+                matches!(err, nydusd::Error::Integrity { ci_index, .. } if ci_index == c.ci_index),
+                "{err:?}"
+            );
+        } else {
+            res.unwrap_or_else(|e| panic!("chunk {chunk}: {e}"));
+            assert!(
+                out == want[off as usize..off as usize + 0x10000],
+                "chunk {chunk}"
+            );
+        }
+    }
+    backend.settle();
+    assert!(
+        !cache.is_ready(bad.blob_index, c.ci_index),
+        "a corrupt chunk was cached"
+    );
+    assert!(metrics.cache.digest_errors.load(Ordering::SeqCst) >= 1);
+    // Healed: the chunk is fetched again, right.
+    *backend.corrupt_at.lock().unwrap() = None;
+    let mut out = Vec::new();
+    cache.read(&inode, 20 * 0x10000, 0x10000, &mut out).unwrap();
+    assert!(out == want[20 * 0x10000..21 * 0x10000]);
 }
 
 /// A bootstrap that lays a blob's chunks out otherwise than the one whose daemon has the

@@ -250,11 +250,7 @@ fn warm(base: &Path) {
     } else {
         println!("ours: target/release/nydusd not built; skipped");
     }
-    let up = PathBuf::from(
-        std::env::var("NYDUS_UPSTREAM_BIN").unwrap_or_else(|_| UPSTREAM_BIN_DEFAULT.into()),
-    )
-    .join("nydusd");
-    if up.exists() {
+    if let Some(up) = upstream_nydusd() {
         daemons.push(("upstream nydusd 2.2 (validation off)", up, false, &[]));
     }
     let work = base.join("nydusd-work");
@@ -451,55 +447,187 @@ fn api_get(sock: &Path, path: &str) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// One cold read of the whole image by our nydusd with the registry backend; returns
-/// (seconds, file bytes read, backend bytes, backend requests).
-fn cold_ours(ours: &Path, image: &Path, work: &Path, host: &str) -> (f64, u64, u64, u64) {
+/// The model-like source: two 2 GiB weight files, each half incompressible (random)
+/// and half compressible about 2:1 (random low nibbles), as safetensors shards are
+/// laid out in a model folder: 4 GiB in all.
+fn prepare_model(base: &Path) -> PathBuf {
+    let dir = base.join("nydusd-model");
+    if dir.join(".complete").exists() {
+        return dir;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for shard in 1..=2u64 {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ shard);
+        let name = format!("model-{shard:05}-of-00002.safetensors");
+        let mut f = std::io::BufWriter::new(File::create(dir.join(name)).unwrap());
+        let mut block = vec![0u8; 1 << 20];
+        for i in 0..MODEL_SHARD / block.len() as u64 {
+            let compressible = i >= MODEL_SHARD / block.len() as u64 / 2;
+            for c in block.chunks_mut(8) {
+                let v = rng.next();
+                let v = if compressible {
+                    v & 0x0F0F_0F0F_0F0F_0F0F
+                } else {
+                    v
+                };
+                c.copy_from_slice(&v.to_le_bytes());
+            }
+            std::io::Write::write_all(&mut f, &block).unwrap();
+        }
+    }
+    std::fs::write(dir.join(".complete"), "").unwrap();
+    dir
+}
+
+/// Upstream nydusd 2.2, when installed.
+fn upstream_nydusd() -> Option<PathBuf> {
+    let up = PathBuf::from(
+        std::env::var("NYDUS_UPSTREAM_BIN").unwrap_or_else(|_| UPSTREAM_BIN_DEFAULT.into()),
+    )
+    .join("nydusd");
+    up.exists().then_some(up)
+}
+
+/// Bytes of each model shard.
+const MODEL_SHARD: u64 = 2 << 30;
+
+/// A daemon's peak RSS, sampled every 50 ms until the returned flag is set.
+struct RssSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<f64>,
+}
+
+impl RssSampler {
+    fn start(pid: u32) -> RssSampler {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut peak: f64 = 0.0;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(rss_mib(pid));
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            peak.max(rss_mib(pid))
+        });
+        RssSampler { stop, handle }
+    }
+
+    /// The peak, in MiB.
+    fn peak(self) -> f64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.join().unwrap()
+    }
+}
+
+/// What one cold read of an image measured.
+struct Cold {
+    secs: f64,
+    /// File bytes read through the mount.
+    read: u64,
+    /// Backend bytes and requests (ours only).
+    fetched: Option<(u64, u64)>,
+    /// The daemon's peak RSS during the read, MiB.
+    rss: f64,
+}
+
+/// One cold read of the whole image `repo` (bootstrap `image/image.boot`) through a
+/// daemon with the registry backend at `host`: ours (validating digests, its default),
+/// or upstream 2.2 (which cannot validate RAFS v6). The page cache is dropped and the
+/// registry's blobs read back into it first, so that every contender starts alike.
+fn cold_read(
+    daemon: &Path,
+    image: &Path,
+    work: &Path,
+    host: &str,
+    repo: &str,
+    reg_dir: &Path,
+) -> Cold {
     let _ = std::fs::remove_dir_all(work);
     std::fs::create_dir_all(work.join("cache")).unwrap();
+    let upstream = Some(daemon.to_path_buf()) == upstream_nydusd();
     let cfg = work.join("registry.json");
     std::fs::write(
         &cfg,
         format!(
-            r#"{{"device":{{"backend":{{"type":"registry","config":{{"scheme":"http","host":"{host}","repo":"bench/mixed"}}}},"cache":{{"type":"blobcache","config":{{"work_dir":"{}"}}}}}},"digest_validate":true}}"#,
-            work.join("cache").display()
+            r#"{{"device":{{"backend":{{"type":"registry","config":{{"scheme":"http","host":"{host}","repo":"{repo}"}}}},"cache":{{"type":"blobcache","config":{{"work_dir":"{}"}}}}}},"mode":"direct","digest_validate":{}}}"#,
+            work.join("cache").display(),
+            !upstream
         ),
     )
     .unwrap();
     let mnt = work.join("mnt");
     let sock = work.join("api.sock");
-    let d = start_fuse_daemon(
-        Command::new(ours)
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--bootstrap")
-            .arg(image.join("image.boot"))
-            .arg("--mountpoint")
-            .arg(&mnt)
-            .arg("--apisock")
-            .arg(&sock)
-            .args(["--log-level", "warn"]),
-        &mnt,
-        &work.join("daemon.log"),
-    );
+    let boot = image.join("image.boot");
+    let d = if upstream {
+        start_upstream_nydusd(&boot, &cfg, &mnt, &work.join("daemon.log"))
+    } else {
+        start_fuse_daemon(
+            Command::new(daemon)
+                .arg("--config")
+                .arg(&cfg)
+                .arg("--bootstrap")
+                .arg(&boot)
+                .arg("--mountpoint")
+                .arg(&mnt)
+                .arg("--apisock")
+                .arg(&sock)
+                .args(["--log-level", "warn"]),
+            &mnt,
+            &work.join("daemon.log"),
+        )
+    };
+    drop_caches();
+    warm_registry(reg_dir);
+    let rss = RssSampler::start(d.pid());
     let t = Instant::now();
-    let bytes = read_all(&d.mnt);
+    let read = read_all(&d.mnt);
     let secs = t.elapsed().as_secs_f64();
-    let m = api_get(&sock, "/api/v1/metrics/backend");
-    let fetched = m["read_amount_total"].as_u64().unwrap_or(0);
-    let requests = m["read_count"].as_u64().unwrap_or(0);
+    let rss = rss.peak();
+    let fetched = (!upstream).then(|| {
+        let m = api_get(&sock, "/api/v1/metrics/backend");
+        (
+            m["read_amount_total"].as_u64().unwrap_or(0),
+            m["read_count"].as_u64().unwrap_or(0),
+        )
+    });
     drop(d);
-    (secs, bytes, fetched, requests)
+    let _ = std::fs::remove_dir_all(work);
+    Cold {
+        secs,
+        read,
+        fetched,
+        rss,
+    }
+}
+
+/// Reads every file the registry stores into the page cache (curl and the daemons
+/// then all find the blobs there, as a registry serving a hot image has them).
+fn warm_registry(dir: &Path) {
+    let mut stack = vec![dir.to_path_buf()];
+    let mut buf = vec![0u8; 1 << 20];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let mut f = File::open(&p).unwrap();
+                while f.read(&mut buf).unwrap() > 0 {}
+            }
+        }
+    }
 }
 
 /// Downloads every blob with curl, one after the other; returns the seconds taken.
-fn cold_curl(host: &str, blobs: &[(String, u64)]) -> f64 {
+fn cold_curl(host: &str, repo: &str, blobs: &[(String, u64)]) -> f64 {
     let t = Instant::now();
     for (id, size) in blobs {
         let out = run_ok(
             Command::new("curl")
                 .args(["-fsS", "--max-time", "300", "-o", "/dev/null", "-w"])
                 .arg("%{size_download}")
-                .arg(format!("http://{host}/v2/bench/mixed/blobs/sha256:{id}")),
+                .arg(format!("http://{host}/v2/{repo}/blobs/sha256:{id}")),
         );
         assert_eq!(
             String::from_utf8_lossy(&out.stdout).trim(),
@@ -509,62 +637,150 @@ fn cold_curl(host: &str, blobs: &[(String, u64)]) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
-/// Benchmark 3: cold read through the registry backend vs curl, shaped then unshaped.
+/// An image of the cold benchmark, pushed to the registry.
+struct ColdImage {
+    name: &'static str,
+    repo: String,
+    image: PathBuf,
+    blobs: Vec<(String, u64)>,
+    blob_bytes: u64,
+    file_bytes: u64,
+}
+
+impl ColdImage {
+    fn new(name: &'static str, src: &Path, image: PathBuf, reg: &Registry) -> ColdImage {
+        build(src, &image);
+        let mut blobs: Vec<(String, u64)> = std::fs::read_dir(image.join("blobs"))
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    e.metadata().unwrap().len(),
+                )
+            })
+            .collect();
+        blobs.sort();
+        let repo = format!("bench/{name}");
+        for (id, _) in &blobs {
+            reg.push_blob(&repo, id, &image.join("blobs").join(id));
+        }
+        ColdImage {
+            name,
+            repo,
+            blob_bytes: blobs.iter().map(|b| b.1).sum(),
+            file_bytes: read_all(src),
+            image,
+            blobs,
+        }
+    }
+}
+
+/// Benchmark 3: cold reads through the registry backend next to curl, upstream nydusd
+/// 2.2 and the decode limit; the mixed image through 200 Mbit/s too.
 fn cold(base: &Path) {
     require_root_tools(&["docker-registry", "curl", "ip", "tc"]);
     let ours = bin("nydusd");
-    let src = prepare_mixed(base);
-    let image = base.join("nydusd-mixed-img");
-    build(&src, &image);
-    let mut blobs: Vec<(String, u64)> = std::fs::read_dir(image.join("blobs"))
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                e.metadata().unwrap().len(),
-            )
-        })
-        .collect();
-    blobs.sort();
-    let blob_bytes: u64 = blobs.iter().map(|b| b.1).sum();
-    let file_bytes = read_all(&src);
+    let upstream = upstream_nydusd();
+    let mixed_src = prepare_mixed(base);
+    let model_src = prepare_model(base);
 
-    // Guards in drop order: the daemon (inside cold_ours), the registry, the namespace.
+    // Guards in drop order: the daemons (inside cold_read), the registry, the namespace.
     let ns = NetNs::create("bench");
     let reg_dir = tempfile::tempdir_in(base).unwrap();
     let reg = Registry::start_in_netns(reg_dir.path(), &ns);
-    for (id, _) in &blobs {
-        reg.push_blob("bench/mixed", id, &image.join("blobs").join(id));
-    }
-    println!(
-        "cold read of {:.0} MiB of files ({} blobs, {:.0} MiB) from a registry in a network namespace:",
-        file_bytes as f64 / MIB as f64,
-        blobs.len(),
-        blob_bytes as f64 / MIB as f64
-    );
+    let images = [
+        ColdImage::new("mixed", &mixed_src, base.join("nydusd-mixed-img"), &reg),
+        ColdImage::new("model", &model_src, base.join("nydusd-model-img"), &reg),
+    ];
     let work = base.join("nydusd-cold");
-    for shaped in [true, false] {
-        if shaped {
-            ns.shape(200);
-        } else {
-            ns.unshape();
-        }
-        let curl_s = cold_curl(&reg.addr, &blobs);
-        let (ours_s, read, fetched, requests) = cold_ours(&ours, &image, &work, &reg.addr);
-        assert_eq!(read, file_bytes, "bytes read through the mount");
-        let rate = |s: f64| blob_bytes as f64 / MIB as f64 / s;
-        println!(
-            "  {}: curl {:.1} MiB/s, ours {:.1} MiB/s of blobs ({:.2}x curl; {:.1} MiB/s of files; {:.0} MiB fetched in {requests} requests)",
-            if shaped { "200 Mbit/s" } else { "unshaped  " },
-            rate(curl_s),
-            rate(ours_s),
-            curl_s / ours_s,
-            read as f64 / MIB as f64 / ours_s,
-            fetched as f64 / MIB as f64,
+    let mib = |b: u64| b as f64 / MIB as f64;
+    println!(
+        "cold reads from docker-registry in a network namespace (rates in MiB/s of files read):"
+    );
+    let shaped = std::env::var("RAFS_BENCH_SHAPED").as_deref() != Ok("0");
+    if shaped {
+        let img = &images[0];
+        ns.shape(200);
+        let curl_s = cold_curl(&reg.addr, &img.repo, &img.blobs);
+        let c = cold_read(
+            &ours,
+            &img.image,
+            &work,
+            &reg.addr,
+            &img.repo,
+            reg_dir.path(),
         );
+        assert_eq!(c.read, img.file_bytes, "bytes read through the mount");
+        println!(
+            "  {} through 200 Mbit/s: ours {:.1} MiB/s of blob vs curl {:.1} MiB/s -> {:.2}x curl",
+            img.name,
+            mib(img.blob_bytes) / c.secs,
+            mib(img.blob_bytes) / curl_s,
+            curl_s / c.secs
+        );
+        ns.unshape();
     }
-    let _ = std::fs::remove_dir_all(&work);
+    for img in &images {
+        let (limit_s, limit_bytes) =
+            decode_limit(&img.image.join("image.boot"), &img.image.join("blobs"), 2);
+        drop_caches();
+        warm_registry(reg_dir.path());
+        let curl_s = cold_curl(&reg.addr, &img.repo, &img.blobs);
+        let c = cold_read(
+            &ours,
+            &img.image,
+            &work,
+            &reg.addr,
+            &img.repo,
+            reg_dir.path(),
+        );
+        assert_eq!(c.read, img.file_bytes, "bytes read through the mount");
+        let up = upstream.as_ref().map(|u| {
+            let c = cold_read(u, &img.image, &work, &reg.addr, &img.repo, reg_dir.path());
+            assert_eq!(
+                c.read, img.file_bytes,
+                "bytes read through upstream's mount"
+            );
+            c
+        });
+        let rate = |s: f64| mib(img.file_bytes) / s;
+        let (fetched, requests) = c.fetched.unwrap_or_default();
+        println!(
+            "  {} ({:.0} MiB of files, {} blob(s), {:.0} MiB), unshaped:",
+            img.name,
+            mib(img.file_bytes),
+            img.blobs.len(),
+            mib(img.blob_bytes)
+        );
+        println!(
+            "    ours      {:>7.1} MiB/s  ({:.0} MiB fetched in {requests} requests, peak RSS {:.0} MiB)",
+            rate(c.secs),
+            mib(fetched),
+            c.rss
+        );
+        println!(
+            "    limit     {:>7.1} MiB/s  (its {:.0} MiB of chunks decompressed and verified from memory on 2 threads) -> ours {:.2}x (target >= 0.8x)",
+            mib(limit_bytes) / limit_s,
+            mib(limit_bytes),
+            rate(c.secs) / (mib(limit_bytes) / limit_s)
+        );
+        println!(
+            "    curl      {:>7.1} MiB/s  (the blobs, {:.1} MiB/s of blob) -> ours {:.2}x",
+            rate(curl_s),
+            mib(img.blob_bytes) / curl_s,
+            curl_s / c.secs
+        );
+        match up {
+            Some(u) => println!(
+                "    upstream  {:>7.1} MiB/s  (nydusd 2.2, digests not validated, peak RSS {:.0} MiB) -> ours {:.2}x (target > 1x)",
+                rate(u.secs),
+                u.rss,
+                u.secs / c.secs
+            ),
+            None => println!("    upstream  not installed (run tests/run.sh)"),
+        }
+    }
     drop(reg);
     drop(ns);
 }

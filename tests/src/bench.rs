@@ -1,8 +1,8 @@
-//! What the benchmarks share: the builder's limit loop and medians.
+//! What the benchmarks share: the builder's limit loop, the cold-read limit and medians.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
@@ -54,6 +54,49 @@ pub fn limit_loop(files: &[PathBuf], threads: usize) -> f64 {
         }
     });
     start.elapsed().as_secs_f64()
+}
+
+/// The cold-read limit of an image: every chunk of every blob (read into memory first,
+/// not timed) decompressed and digest-checked with [`rafs::read::decode_chunk`], on
+/// `threads` threads taking chunks in order, and nothing else. Returns (wall seconds,
+/// uncompressed bytes).
+///
+/// # Panics
+/// When the bootstrap or a blob cannot be read, or a chunk fails to decode.
+pub fn decode_limit(bootstrap: &Path, blobs_dir: &Path, threads: usize) -> (f64, u64) {
+    let bs = rafs::read::Bootstrap::open(bootstrap)
+        .unwrap_or_else(|e| panic!("{}: {e}", bootstrap.display()));
+    let mut blobs = Vec::new();
+    let mut work = Vec::new();
+    for (index, info) in bs.blobs().iter().enumerate() {
+        let path = blobs_dir.join(&info.id);
+        blobs.push(std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())));
+        for ci in 0..info.chunk_count {
+            let c = bs
+                .chunk_by_ci(index as u32, ci)
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| panic!("blob {}: no chunk {ci}", info.id));
+            work.push((index, c));
+        }
+    }
+    let bytes = work.iter().map(|(_, c)| c.uncompressed_size as u64).sum();
+    let next = AtomicUsize::new(0);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| {
+                while let Some((index, c)) = work.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    let at = c.compressed_offset as usize;
+                    let stored = &blobs[*index][at..at + c.compressed_size as usize];
+                    let data = rafs::read::decode_chunk(&bs.blobs()[*index], c, stored)
+                        .unwrap_or_else(|e| panic!("chunk {}: {e}", c.ci_index));
+                    std::hint::black_box(data);
+                }
+            });
+        }
+    });
+    (start.elapsed().as_secs_f64(), bytes)
 }
 
 /// The median of `v` (the upper middle value for an even count).

@@ -186,8 +186,10 @@ impl Registry {
                     "-H",
                     "Content-Type: application/octet-stream",
                 ])
-                .arg("--data-binary")
-                .arg(format!("@{}", file.display()))
+                // Streamed from the file (`--data-binary @` reads it all into memory
+                // first, and fails for blobs of more than 2 GiB).
+                .arg("-T")
+                .arg(file)
                 .arg(format!("{url}{sep}digest=sha256:{hex}")),
         );
     }

@@ -12,13 +12,24 @@
 //! only then marked ready.
 //!
 //! # Sequential readahead
-//! A reader going through a blob in order (a file read from its start, an image read
-//! file after file) would otherwise leave the network idle while it waits for each
-//! amplified request in turn. When an on-demand miss continues a ready chunk, the next
-//! window ([`READAHEAD_WINDOWS`] × `amplify_io` bytes of the following missing chunks) is
-//! fetched in the background; the first chunk of every such window carries a mark, and the reader that
-//! reaches it starts the window after, so one window stays ahead of the reader (at most
-//! [`MAX_READAHEAD_JOBS`] at a time). `amplify_io: 0` turns readahead off as well.
+//! A reader going through a blob in order (a large file read from its start, an image
+//! read file after file) would otherwise leave the network idle while it waits for each
+//! request in turn, and the CPU idle while it waits for the network. Each blob follows
+//! up to [`MAX_STREAMS`] sequential readers (*streams*): an on-demand read that starts
+//! within [`STREAM_SLACK`] (at least 4 chunks) of where a stream's reads went on, and
+//! not before its first chunk, continues that stream; any other read starts a new one
+//! (a reader that jumps). Each
+//! time a stream moves on to a new chunk, its *window* — the compressed bytes kept in
+//! flight or ready ahead of it — grows (one `amplify_io`, then doubling, up to
+//! `readahead_window`); a new stream has none. The window is fetched in the background
+//! in requests of up to a quarter of it (at least `amplify_io`, at most
+//! [`MAX_RA_REQUEST`]), several at once, each on a thread of its own that decompresses
+//! and verifies its chunks while the others' bytes arrive: the wire, the decompressor
+//! and the verifier run at once. Readahead of all streams of an image holds at most
+//! `readahead_window` bytes of requests at once (memory stays bounded). With
+//! `readahead_window` at most `amplify_io`, one request at a time is fetched ahead of
+//! the reader; `readahead_window: 0` or `amplify_io: 0` turns readahead off. A reader
+//! that jumps pulls nothing after it until it reads on from where it landed.
 //!
 //! # When cached chunks are verified
 //! Each chunk is verified **once per daemon lifetime**: a chunk fetched by this process is
@@ -69,17 +80,20 @@ const REFETCH_WINDOW: Duration = Duration::from_millis(500);
 /// a page again after its readahead failed: without this, a read of a hung backend would
 /// wait for two timeouts.
 const FAILURE_MEMORY: Duration = Duration::from_secs(1);
-/// A readahead window, in `amplify_io`s.
-pub const READAHEAD_WINDOWS: u64 = 2;
-/// Readahead windows fetched at once.
-pub const MAX_READAHEAD_JOBS: u64 = 2;
+/// Sequential readers followed per blob (see the module docs).
+pub const MAX_STREAMS: usize = 4;
+/// Largest readahead request: registries answer large ranges much faster per byte
+/// (docker-registry reads 4 MiB per range request however small the range).
+pub const MAX_RA_REQUEST: u64 = 8 << 20;
+/// How far (uncompressed bytes) from where a stream's reads went on a read still
+/// continues it: the kernel's own readahead sends a sequential reader's requests a
+/// little out of order, on several FUSE threads.
+const STREAM_SLACK: u64 = 2 << 20;
 /// Bytes of chunks held in memory per image when the cache disk cannot take them (at
 /// least the newest chunk is held, whatever its size).
 const SPILL_BYTES: usize = 64 << 20;
 /// Spare data file handles kept per blob (about one per FUSE thread).
 const MAX_SPARE_FILES: usize = 16;
-/// How far past ready or in-flight chunks a readahead looks for missing ones.
-const READAHEAD_SKIP: u32 = 1024;
 
 /// Opens `path` for reading and writing, making it (empty) when missing and keeping
 /// what it holds otherwise: how every cache file is opened.
@@ -203,6 +217,23 @@ struct BlobCache {
     /// against this image's own digest before this image serves it.
     verified: Arc<Vec<AtomicU8>>,
     state: Arc<BlobState>,
+    /// The sequential readers readahead follows (see the module docs).
+    streams: Mutex<Vec<Stream>>,
+}
+
+/// A sequential reader of a blob, as readahead follows it.
+#[derive(Clone, Copy, Debug)]
+struct Stream {
+    /// The first chunk it read: reads from here on continue it.
+    start: u32,
+    /// The chunk after the furthest one it read.
+    next: u32,
+    /// The first chunk readahead has not handed out yet.
+    ahead: u32,
+    /// Compressed bytes kept in flight or ready past `next` (0: no readahead yet).
+    window: u64,
+    /// When it last read: the stream read longest ago makes room for a new one.
+    used: Instant,
 }
 
 /// The cache state of one blob: its files, and who is fetching what. One per cache file
@@ -213,12 +244,12 @@ struct BlobState {
     data: File,
     data_path: PathBuf,
     map: ChunkMap,
-    /// One bit per ci: the first chunk of a readahead window (see the module docs).
-    ra_marks: Vec<AtomicU8>,
     /// Duplicates of `data` for readers (see [`BlobState::take_file`]).
     spare: Mutex<Vec<File>>,
     inflight: Mutex<HashSet<u32>>,
     done: Condvar,
+    /// Held while a fetched chunk is written to `data` (see [`ChunkCache::fetch_run`]).
+    writing: Mutex<()>,
     /// Chunks whose last fetch failed slowly, and when (see [`FAILURE_MEMORY`]).
     failed: Mutex<std::collections::HashMap<u32, Instant>>,
     /// The chunk map file, through which this process holds a read lock on it for as
@@ -376,18 +407,6 @@ impl BlobCache {
 }
 
 impl BlobState {
-    fn set_ra_mark(&self, ci: u32) {
-        self.ra_marks[(ci / 8) as usize].fetch_or(0x80 >> (ci & 7), Ordering::AcqRel);
-    }
-
-    /// Clears the readahead mark of `ci`; whether it was set.
-    fn take_ra_mark(&self, ci: u32) -> bool {
-        let slot = &self.ra_marks[(ci / 8) as usize];
-        let bit = 0x80 >> (ci & 7);
-        // A plain load first: the common case (no mark) writes nothing.
-        slot.load(Ordering::Relaxed) & bit != 0 && slot.fetch_and(!bit, Ordering::AcqRel) & bit != 0
-    }
-
     /// A handle of the data file for one read (a `&mut File` is what zero-copy FUSE
     /// replies read from): a spare one, or a new duplicate.
     fn take_file(&self) -> Result<File> {
@@ -451,11 +470,15 @@ pub struct ChunkCache {
     blobs: Vec<BlobCache>,
     validate: bool,
     amplify_io: u64,
+    /// Bytes of readahead requests in flight at most (see the module docs).
+    readahead_window: u64,
+    /// Reads within this many chunks of where a stream went on continue it.
+    stream_slack: u32,
     metrics: Arc<Metrics>,
     /// On-demand fetches in progress (prefetch backs off while non-zero).
     ondemand: AtomicU64,
-    /// Readahead jobs running.
-    readaheads: AtomicU64,
+    /// Bytes of readahead requests in flight.
+    readahead_bytes: AtomicU64,
     /// Whether the first chunk the cache could not take has been logged.
     uncacheable_logged: std::sync::atomic::AtomicBool,
     /// Keeps the work dir under `size_limit`, when the config sets one.
@@ -513,19 +536,23 @@ impl ChunkCache {
                     info,
                     &evict::layout_digest(&bs, index as u32, info.chunk_count),
                 )?,
+                streams: Mutex::new(Vec::new()),
             });
             let b = blobs.last().expect("just pushed");
             b.state.add_image(&bs, b.index, &b.verified);
         }
+        let chunk_size = (bs.superblock().chunk_size as u64).max(1);
         Ok(ChunkCache {
+            stream_slack: (STREAM_SLACK / chunk_size).clamp(4, u32::MAX as u64) as u32,
             bs,
             backend,
             blobs,
             validate: config.digest_validate,
             amplify_io: config.amplify_io,
+            readahead_window: config.readahead_window,
             metrics,
             ondemand: AtomicU64::new(0),
-            readaheads: AtomicU64::new(0),
+            readahead_bytes: AtomicU64::new(0),
             uncacheable_logged: Default::default(),
             spill: Mutex::new(Default::default()),
             evictor: match config.cache.size_limit {
@@ -839,19 +866,15 @@ impl ChunkCache {
         Ok(total)
     }
 
-    /// [`ChunkCache::ensure`] for an on-demand read, starting readahead for a sequential
-    /// reader (see the module docs).
+    /// [`ChunkCache::ensure`] for an on-demand read, keeping a sequential reader's
+    /// readahead window filled first (see the module docs).
     fn ensure_for_read(self: &Arc<Self>, blob_index: u32, chunks: &[ChunkInfo]) -> Result<()> {
-        let blob = &self.blobs[blob_index as usize];
-        for c in chunks {
-            if blob.take_ra_mark(c.ci_index) {
-                self.start_readahead(blob_index, c.ci_index + 1);
-            }
+        let first = chunks.iter().map(|c| c.ci_index).min();
+        let last = chunks.iter().map(|c| c.ci_index).max();
+        if let (Some(first), Some(last)) = (first, last) {
+            self.follow(blob_index, first, last);
         }
-        if let Some(next) = self.ensure_inner(blob_index, chunks, Priority::OnDemand)? {
-            self.start_readahead(blob_index, next);
-        }
-        Ok(())
+        self.ensure_inner(blob_index, chunks, Priority::OnDemand)
     }
 
     /// Makes `chunks` (all of blob `blob_index`) ready and verified, fetching what is
@@ -862,21 +885,12 @@ impl ChunkCache {
     /// when that one failed after more than [`REFETCH_WINDOW`], the read fails too
     /// instead of starting another.
     pub fn ensure(&self, blob_index: u32, chunks: &[ChunkInfo], prio: Priority) -> Result<()> {
-        self.ensure_inner(blob_index, chunks, prio).map(|_| ())
+        self.ensure_inner(blob_index, chunks, prio)
     }
 
-    /// [`ChunkCache::ensure`]; returns, when this call fetched chunks for an on-demand
-    /// read that continues a ready chunk (a sequential reader), the ci after them: where
-    /// readahead should go on.
-    fn ensure_inner(
-        &self,
-        blob_index: u32,
-        chunks: &[ChunkInfo],
-        prio: Priority,
-    ) -> Result<Option<u32>> {
+    fn ensure_inner(&self, blob_index: u32, chunks: &[ChunkInfo], prio: Priority) -> Result<()> {
         let blob = &self.blobs[blob_index as usize];
         let started = Instant::now();
-        let mut sequential = None;
         let mut pending: Vec<ChunkInfo> = chunks.to_vec();
         pending.sort_by_key(|c| c.ci_index);
         pending.dedup_by_key(|c| c.ci_index);
@@ -896,7 +910,7 @@ impl ChunkCache {
                 Metrics::add(&self.metrics.cache.hits, (asked - missing.len()) as u64);
             }
             if missing.is_empty() {
-                return Ok(sequential);
+                return Ok(());
             }
             if let Some((ci, ago)) = blob.recently_failed(missing.iter().map(|c| c.ci_index)) {
                 return Err(Error::Unavailable {
@@ -912,14 +926,6 @@ impl ChunkCache {
             // Claim what nobody fetches; wait for the rest.
             let (mine, theirs) = self.claim(blob, &missing, prio);
             if !mine.cis.is_empty() {
-                let first = missing[0].ci_index;
-                if prio == Priority::OnDemand
-                    && self.amplify_io > 0
-                    && first > 0
-                    && blob.map.is_ready(first - 1)
-                {
-                    sequential = mine.cis.iter().max().map(|ci| ci + 1);
-                }
                 let requested: HashSet<u32> = missing.iter().map(|c| c.ci_index).collect();
                 self.fetch(&mine, &requested, prio)?;
                 drop(mine);
@@ -942,79 +948,154 @@ impl ChunkCache {
                 });
             }
         }
-        Ok(sequential)
+        Ok(())
     }
 
-    /// Starts fetching, in the background, the next window of missing chunks of blob
-    /// `blob_index` from ci `from` on, unless readahead is off or enough windows are
-    /// being fetched already.
-    fn start_readahead(self: &Arc<Self>, blob_index: u32, from: u32) {
-        if self.amplify_io == 0 || from >= self.blobs[blob_index as usize].map.count() {
+    /// Follows an on-demand read of chunks `first..=last` of blob `blob_index`: finds the
+    /// stream it continues (or starts one), grows that stream's window when the read
+    /// moved on to a new chunk, and hands the part of the window not yet fetched to
+    /// readahead (see the module docs).
+    fn follow(self: &Arc<Self>, blob_index: u32, first: u32, last: u32) {
+        if self.readahead_window == 0 || self.amplify_io == 0 {
             return;
         }
-        if self.readaheads.fetch_add(1, Ordering::AcqRel) >= MAX_READAHEAD_JOBS {
-            self.readaheads.fetch_sub(1, Ordering::AcqRel);
-            return;
-        }
-        let me = self.clone();
-        let spawned = std::thread::Builder::new()
-            .name("readahead".into())
-            .spawn(move || {
-                me.readahead(blob_index, from);
-                me.readaheads.fetch_sub(1, Ordering::AcqRel);
-            });
-        if spawned.is_err() {
-            self.readaheads.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-
-    /// One readahead window: past the ready and in-flight chunks from `from`, claims the
-    /// following missing, compressed-contiguous chunks up to [`READAHEAD_WINDOWS`] ×
-    /// `amplify_io` bytes, marks
-    /// the first and fetches them.
-    fn readahead(&self, blob_index: u32, from: u32) {
         let blob = &self.blobs[blob_index as usize];
-        let count = blob.map.count();
-        let mut inflight = blob.inflight.lock().unwrap_or_else(|e| e.into_inner());
-        let mut ci = from;
-        while ci < count && (blob.map.is_ready(ci) || inflight.contains(&ci)) {
-            ci += 1;
-            if ci - from > READAHEAD_SKIP {
-                return;
-            }
-        }
-        let mut mine = Vec::new();
-        let (mut start, mut end) = (0, 0);
-        while ci < count {
-            let Some(c) = self.chunk_by_ci(blob.index, ci) else {
-                break;
+        let mut streams = blob.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let slack = self.stream_slack;
+        let found = streams.iter().position(|s| {
+            s.start <= first
+                && first.saturating_add(slack) >= s.next
+                && first <= s.next.saturating_add(slack)
+        });
+        let Some(i) = found else {
+            let stream = Stream {
+                start: first,
+                next: last + 1,
+                ahead: last + 1,
+                window: 0,
+                used: now,
             };
-            let c_end = c.compressed_offset + c.compressed_size as u64;
-            if mine.is_empty() {
-                (start, end) = (c.compressed_offset, c.compressed_offset);
+            if streams.len() < MAX_STREAMS {
+                streams.push(stream);
+            } else if let Some(oldest) = streams.iter_mut().min_by_key(|s| s.used) {
+                *oldest = stream;
             }
-            if c.compressed_offset != end
-                || (c_end - start > READAHEAD_WINDOWS * self.amplify_io && !mine.is_empty())
-                || blob.map.is_ready(ci)
-                || !inflight.insert(ci)
-            {
+            return;
+        };
+        let s = &mut streams[i];
+        s.used = now;
+        if last < s.next {
+            // Still within chunks it read: nothing new to fetch ahead.
+            return;
+        }
+        s.window = if s.window == 0 {
+            self.amplify_io
+        } else {
+            s.window.saturating_mul(2)
+        }
+        .min(self.readahead_window);
+        s.next = last + 1;
+        s.ahead = s.ahead.max(s.next);
+        self.fill_window(blob, s);
+    }
+
+    /// Claims the missing chunks of stream `s`'s window not handed out yet and fetches
+    /// them in the background, in requests of compressed-contiguous chunks, while the
+    /// image's readahead stays within `readahead_window` bytes in flight.
+    fn fill_window(self: &Arc<Self>, blob: &BlobCache, s: &mut Stream) {
+        let count = blob.map.count();
+        let Some(base) = self.chunk_by_ci(blob.index, s.next.min(count.saturating_sub(1))) else {
+            return;
+        };
+        if s.next >= count {
+            return;
+        }
+        let limit = base.compressed_offset.saturating_add(s.window);
+        let request_max =
+            (s.window / 4).clamp(self.amplify_io, MAX_RA_REQUEST.max(self.amplify_io));
+        let mut ci = s.ahead;
+        // Requests of a full size, unless the reader has caught up with readahead: the
+        // window is topped up a request at a time, not a chunk at a time.
+        if ci > s.next {
+            match self.chunk_by_ci(blob.index, ci.min(count.saturating_sub(1))) {
+                Some(c) if c.compressed_offset + request_max <= limit => {}
+                _ => return,
+            }
+        }
+        'requests: while ci < count {
+            let mut inflight = blob.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            let mut mine = Vec::new();
+            let (mut start, mut end) = (0, 0);
+            while ci < count {
+                let Some(c) = self.chunk_by_ci(blob.index, ci) else {
+                    break 'requests;
+                };
+                let c_end = c.compressed_offset + c.compressed_size as u64;
+                // Past the window (a chunk that starts inside it is taken whole).
+                if c.compressed_offset >= limit && c.compressed_offset > base.compressed_offset {
+                    break;
+                }
+                if blob.map.is_ready(ci) || inflight.contains(&ci) {
+                    if mine.is_empty() {
+                        ci += 1;
+                        continue;
+                    }
+                    break;
+                }
+                if mine.is_empty() {
+                    (start, end) = (c.compressed_offset, c.compressed_offset);
+                }
+                if c.compressed_offset != end || (c_end - start > request_max && !mine.is_empty()) {
+                    break;
+                }
+                inflight.insert(ci);
+                mine.push(ci);
+                end = c_end;
+                ci += 1;
+            }
+            drop(inflight);
+            if mine.is_empty() {
                 break;
             }
-            mine.push(ci);
-            end = c_end;
-            ci += 1;
+            let len = end - start;
+            let held = self.readahead_bytes.fetch_add(len, Ordering::AcqRel);
+            if held > 0 && held + len > self.readahead_window {
+                // The budget is spent: these wait for a later read to hand them out.
+                self.readahead_bytes.fetch_sub(len, Ordering::AcqRel);
+                ci = mine[0];
+                drop(Claims { blob, cis: mine });
+                break;
+            }
+            let (copy, first) = (mine.clone(), mine[0]);
+            let me = self.clone();
+            let blob_index = blob.index;
+            let spawned = std::thread::Builder::new()
+                .name("readahead".into())
+                .spawn(move || {
+                    let claims = Claims {
+                        blob: &me.blobs[blob_index as usize],
+                        cis: mine,
+                    };
+                    if let Err(e) = me.fetch(&claims, &HashSet::new(), Priority::Readahead) {
+                        debug!(
+                            "readahead in blob {}: {}",
+                            claims.blob.info.id,
+                            crate::error::Chain(&e)
+                        );
+                    }
+                    drop(claims);
+                    me.readahead_bytes.fetch_sub(len, Ordering::AcqRel);
+                });
+            if spawned.is_err() {
+                // The claims went with a closure that never ran: released here.
+                drop(Claims { blob, cis: copy });
+                self.readahead_bytes.fetch_sub(len, Ordering::AcqRel);
+                ci = first;
+                break;
+            }
         }
-        drop(inflight);
-        let Some(&first) = mine.first() else { return };
-        blob.set_ra_mark(first);
-        let claims = Claims { blob, cis: mine };
-        if let Err(e) = self.fetch(&claims, &HashSet::new(), Priority::Readahead) {
-            debug!(
-                "readahead in blob {}: {}",
-                blob.info.id,
-                crate::error::Chain(&e)
-            );
-        }
+        s.ahead = ci;
     }
 
     /// Whether a chunk can be served now; verifies a ready chunk not yet verified by this
@@ -1117,8 +1198,7 @@ impl ChunkCache {
         chunks.sort_by_key(|c| c.compressed_offset);
         let bound = match prio {
             Priority::OnDemand => self.amplify_io,
-            Priority::Readahead => READAHEAD_WINDOWS * self.amplify_io,
-            Priority::Prefetch => u64::MAX,
+            Priority::Readahead | Priority::Prefetch => u64::MAX,
         };
         let _busy = (prio != Priority::Prefetch).then(|| OnDemandGuard::new(&self.ondemand));
         let mut first_err = None;
@@ -1226,7 +1306,7 @@ impl ChunkCache {
             let off = (c.compressed_offset - start) as usize;
             let stored = &buf[off..off + c.compressed_size as usize];
             let decoded = if self.validate {
-                rafs::read::decode_chunk(&blob.info, c, stored)
+                rafs::read::decode_chunk_cow(&blob.info, c, stored)
             } else {
                 decode_unverified(&blob.info, c, stored)
             };
@@ -1245,7 +1325,14 @@ impl ChunkCache {
             };
             // Held from the write to the ready bit: no process evicts it in between.
             let _hold = blob.hold(c.ci_index).map_err(|e| blob.io(e))?;
-            if let Err(e) = blob.data.write_all_at(&data, c.uncompressed_offset) {
+            // One writer at a time, waiting asleep: concurrent writes to one file
+            // serialize on its inode lock anyway, where waiters spin on the CPU the
+            // other fetches need.
+            let written = {
+                let _one = blob.writing.lock().unwrap_or_else(|e| e.into_inner());
+                blob.data.write_all_at(&data, c.uncompressed_offset)
+            };
+            if let Err(e) = written {
                 // A full cache disk (or one failing): the chunk is served from memory,
                 // verified, and fetched again next time.
                 Metrics::add(&m.cache.uncached_chunks, 1);
@@ -1256,7 +1343,7 @@ impl ChunkCache {
                         blob.data_path.display()
                     );
                 }
-                self.spill(blob, c.ci_index, data);
+                self.spill(blob, c.ci_index, data.into_owned());
                 continue;
             }
             blob.set_verified(c.ci_index, true);
@@ -1295,13 +1382,18 @@ impl Drop for OnDemandGuard<'_> {
 }
 
 /// Decompresses without checking the digest (`"digest_validate": false`).
-fn decode_unverified(info: &BlobInfo, c: &ChunkInfo, stored: &[u8]) -> rafs::Result<Vec<u8>> {
+fn decode_unverified<'a>(
+    info: &BlobInfo,
+    c: &ChunkInfo,
+    stored: &'a [u8],
+) -> rafs::Result<std::borrow::Cow<'a, [u8]>> {
     let what = format!("chunk {} of blob {}", c.ci_index, info.id);
     if c.compressed {
         info.compressor
             .decompress(stored, c.uncompressed_size as usize, &what)
+            .map(std::borrow::Cow::Owned)
     } else if stored.len() == c.uncompressed_size as usize {
-        Ok(stored.to_vec())
+        Ok(std::borrow::Cow::Borrowed(stored))
     } else {
         Err(rafs::Error::Decompress {
             what,
@@ -1391,10 +1483,10 @@ fn open_files(work: &Path, info: &BlobInfo, layout: &[u8; 32]) -> Result<BlobSta
         data,
         data_path,
         map,
-        ra_marks: bits(info.chunk_count),
         spare: Mutex::new(Vec::new()),
         inflight: Mutex::new(HashSet::new()),
         done: Condvar::new(),
+        writing: Mutex::new(()),
         failed: Mutex::new(Default::default()),
         _in_use: lock,
         layout: *layout,

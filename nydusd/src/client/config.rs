@@ -37,6 +37,10 @@ pub struct NydusdConfig {
     /// Bytes an on-demand read is extended to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub amplify_io: Option<u64>,
+    /// Bytes of sequential readahead in flight at most (this project's; upstream has
+    /// no such field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readahead_window: Option<u64>,
     /// Background prefetch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fs_prefetch: Option<FsPrefetchConfig>,

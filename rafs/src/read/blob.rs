@@ -312,18 +312,31 @@ pub fn read_digest_array(blob: &(impl ReadAt + ?Sized), info: &BlobInfo) -> Resu
 /// Decompresses the stored bytes of `chunk` and verifies its digest. Never returns data
 /// that does not match the digest.
 pub fn decode_chunk(info: &BlobInfo, chunk: &ChunkInfo, stored: &[u8]) -> Result<Vec<u8>> {
-    let what = format!("chunk {} of blob {}", chunk.ci_index, info.id);
+    decode_chunk_cow(info, chunk, stored).map(std::borrow::Cow::into_owned)
+}
+
+/// [`decode_chunk`] without a copy for a chunk stored uncompressed: its verified bytes
+/// are `stored` itself.
+pub fn decode_chunk_cow<'a>(
+    info: &BlobInfo,
+    chunk: &ChunkInfo,
+    stored: &'a [u8],
+) -> Result<std::borrow::Cow<'a, [u8]>> {
+    let what = || format!("chunk {} of blob {}", chunk.ci_index, info.id);
     let data = if chunk.compressed {
-        info.compressor
-            .decompress(stored, chunk.uncompressed_size as usize, &what)?
+        std::borrow::Cow::Owned(info.compressor.decompress(
+            stored,
+            chunk.uncompressed_size as usize,
+            &what(),
+        )?)
     } else {
         if stored.len() != chunk.uncompressed_size as usize {
             return Err(Error::Decompress {
-                what,
+                what: what(),
                 reason: "stored size differs from uncompressed size".into(),
             });
         }
-        stored.to_vec()
+        std::borrow::Cow::Borrowed(stored)
     };
     verify_chunk(info, chunk, &data)?;
     Ok(data)
