@@ -46,6 +46,9 @@ struct Rule {
 #[derive(Default)]
 struct Shape {
     delay: Duration,
+    /// Each request waits 1 to 3 times `delay`, by its number (3, 1, 2, 3, 1, ...):
+    /// answers come back out of order.
+    out_of_order: bool,
     /// Bytes per second (0: unlimited).
     rate: u64,
     /// When the link is free again (the token bucket's clock).
@@ -59,6 +62,9 @@ struct State {
     requests: AtomicUsize,
     faulted: AtomicUsize,
     relayed: AtomicU64,
+    /// Requests being served now, and the most at once.
+    serving: AtomicUsize,
+    most_serving: AtomicUsize,
 }
 
 /// A running fault-injecting proxy; stopped when dropped.
@@ -93,6 +99,8 @@ impl FaultProxy {
             requests: AtomicUsize::new(0),
             faulted: AtomicUsize::new(0),
             relayed: AtomicU64::new(0),
+            serving: AtomicUsize::new(0),
+            most_serving: AtomicUsize::new(0),
         });
         let stop = Arc::new(AtomicBool::new(false));
         let accept = {
@@ -139,9 +147,29 @@ impl FaultProxy {
     pub fn shape(&self, delay: Duration, bytes_per_second: u64) {
         *self.state.shape.lock().unwrap() = Shape {
             delay,
+            out_of_order: false,
             rate: bytes_per_second,
             free_at: None,
         };
+    }
+
+    /// Like [`FaultProxy::shape`] with no bandwidth limit, but each request waits 3, 1
+    /// or 2 times `delay` in turn: of requests sent at once, later ones are often
+    /// answered first.
+    pub fn shape_out_of_order(&self, delay: Duration) {
+        *self.state.shape.lock().unwrap() = Shape {
+            delay,
+            out_of_order: true,
+            rate: 0,
+            free_at: None,
+        };
+    }
+
+    /// The most requests the proxy was serving at once since the last call (or since
+    /// it started).
+    pub fn take_most_concurrent(&self) -> usize {
+        let now = self.state.serving.load(Ordering::SeqCst);
+        self.state.most_serving.swap(now, Ordering::SeqCst)
     }
 
     /// Requests seen so far (faulted or forwarded).
@@ -245,13 +273,31 @@ impl<W: Write> Write for Counted<'_, W> {
     }
 }
 
+/// Counts a request being served while alive.
+struct Serving<'a>(&'a State);
+
+impl<'a> Serving<'a> {
+    fn new(state: &'a State) -> Self {
+        let now = state.serving.fetch_add(1, Ordering::SeqCst) + 1;
+        state.most_serving.fetch_max(now, Ordering::SeqCst);
+        Serving(state)
+    }
+}
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        self.0.serving.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn serve(mut client: TcpStream, state: &State) -> io::Result<()> {
     client.set_nonblocking(false)?;
     client.set_read_timeout(Some(Duration::from_secs(60)))?;
     let Some((head, rest)) = read_head(&mut client)? else {
         return Ok(());
     };
-    state.requests.fetch_add(1, Ordering::SeqCst);
+    let number = state.requests.fetch_add(1, Ordering::SeqCst);
+    let _serving = Serving::new(state);
     let path = String::from_utf8_lossy(&head)
         .split_whitespace()
         .nth(1)
@@ -304,7 +350,14 @@ fn serve(mut client: TcpStream, state: &State) -> io::Result<()> {
         }
         return client.shutdown(Shutdown::Both);
     }
-    let delay = state.shape.lock().unwrap().delay;
+    let delay = {
+        let shape = state.shape.lock().unwrap();
+        if shape.out_of_order {
+            shape.delay * [3, 1, 2][number % 3]
+        } else {
+            shape.delay
+        }
+    };
     if !delay.is_zero() {
         thread::sleep(delay);
     }

@@ -374,17 +374,48 @@ impl OpenBlobs {
     }
 }
 
-/// Releases claimed chunks (and wakes waiters) when dropped, also on panic.
+/// Releases claimed chunks (and wakes waiters) when dropped, also on panic; a fetch
+/// releases each chunk earlier, as soon as it is ready ([`Claims::release`]).
 struct Claims<'a> {
     blob: &'a BlobCache,
     cis: Vec<u32>,
+    /// Chunks of `cis` released already (no longer this fetch's to release: another
+    /// fetch may have claimed them since).
+    released: Mutex<HashSet<u32>>,
+}
+
+impl<'a> Claims<'a> {
+    fn new(blob: &'a BlobCache, cis: Vec<u32>) -> Claims<'a> {
+        Claims {
+            blob,
+            cis,
+            released: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Releases claimed chunk `ci` now, waking the readers that wait for it.
+    fn release(&self, ci: u32) {
+        if !self.cis.contains(&ci) {
+            return;
+        }
+        let mut released = self.released.lock().unwrap_or_else(|e| e.into_inner());
+        if released.insert(ci) {
+            let mut inflight = self.blob.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            inflight.remove(&ci);
+            drop(inflight);
+            self.blob.done.notify_all();
+        }
+    }
 }
 
 impl Drop for Claims<'_> {
     fn drop(&mut self) {
+        let released = self.released.get_mut().unwrap_or_else(|e| e.into_inner());
         let mut inflight = self.blob.inflight.lock().unwrap_or_else(|e| e.into_inner());
         for ci in &self.cis {
-            inflight.remove(ci);
+            if !released.contains(ci) {
+                inflight.remove(ci);
+            }
         }
         drop(inflight);
         self.blob.done.notify_all();
@@ -487,6 +518,89 @@ pub struct ChunkCache {
     /// by blob and ci, newest last, for the readers that wait for them (at most
     /// [`SPILL_BYTES`]).
     spill: Mutex<std::collections::VecDeque<Spilled>>,
+    /// Request buffers for reuse (see [`Buffers`]).
+    buffers: Arc<Buffers>,
+}
+
+/// A request buffer size kept for reuse however small `amplify_io` is.
+const DEFAULT_BUFFER: u64 = 1 << 20;
+
+/// Buffers of backend requests kept for the next ones, up to a byte bound: without
+/// them every request allocates (and zeroes) a fresh buffer of up to [`MAX_RA_REQUEST`],
+/// and the allocator keeps the freed ones in per-thread arenas, where they add up to
+/// far more than the readahead window (a 4 GiB cold read peaked at 247 MiB of RSS).
+struct Buffers {
+    free: Mutex<Vec<Vec<u8>>>,
+    /// Bytes of capacity kept at most.
+    bound: u64,
+}
+
+impl Buffers {
+    fn new(bound: u64) -> Arc<Buffers> {
+        Arc::new(Buffers {
+            free: Mutex::new(Vec::new()),
+            bound,
+        })
+    }
+
+    /// A buffer of `len` bytes (their values unspecified), returned to the pool when
+    /// dropped.
+    fn take(self: &Arc<Self>, len: usize) -> PooledBuf {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        // The smallest that fits, else the largest (grown).
+        let fits = free
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.capacity() >= len)
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i);
+        let mut buf = match fits.or_else(|| {
+            free.iter()
+                .enumerate()
+                .max_by_key(|(_, b)| b.capacity())
+                .map(|(i, _)| i)
+        }) {
+            Some(i) => free.swap_remove(i),
+            None => Vec::new(),
+        };
+        drop(free);
+        // Only bytes never used before are zeroed.
+        buf.resize(len, 0);
+        PooledBuf {
+            buf,
+            pool: self.clone(),
+        }
+    }
+}
+
+/// A buffer of [`Buffers`].
+struct PooledBuf {
+    buf: Vec<u8>,
+    pool: Arc<Buffers>,
+}
+
+impl std::ops::Deref for PooledBuf {
+    type Target = Vec<u8>;
+    fn deref(&self) -> &Vec<u8> {
+        &self.buf
+    }
+}
+
+impl std::ops::DerefMut for PooledBuf {
+    fn deref_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.buf
+    }
+}
+
+impl Drop for PooledBuf {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        let mut free = self.pool.free.lock().unwrap_or_else(|e| e.into_inner());
+        let kept: u64 = free.iter().map(|b| b.capacity() as u64).sum();
+        if kept + buf.capacity() as u64 <= self.pool.bound {
+            free.push(buf);
+        }
+    }
 }
 
 /// A chunk held in memory: its blob index, ci, and bytes.
@@ -555,6 +669,11 @@ impl ChunkCache {
             readahead_bytes: AtomicU64::new(0),
             uncacheable_logged: Default::default(),
             spill: Mutex::new(Default::default()),
+            buffers: Buffers::new(
+                config
+                    .readahead_window
+                    .saturating_add(4 * config.amplify_io.max(DEFAULT_BUFFER)),
+            ),
             evictor: match config.cache.size_limit {
                 Some(limit) => Some(evict::Evictor::new(work, limit, open.clone()).map_err(
                     |source| Error::CacheIo {
@@ -1064,7 +1183,7 @@ impl ChunkCache {
                 // The budget is spent: these wait for a later read to hand them out.
                 self.readahead_bytes.fetch_sub(len, Ordering::AcqRel);
                 ci = mine[0];
-                drop(Claims { blob, cis: mine });
+                drop(Claims::new(blob, mine));
                 break;
             }
             let (copy, first) = (mine.clone(), mine[0]);
@@ -1073,10 +1192,7 @@ impl ChunkCache {
             let spawned = std::thread::Builder::new()
                 .name("readahead".into())
                 .spawn(move || {
-                    let claims = Claims {
-                        blob: &me.blobs[blob_index as usize],
-                        cis: mine,
-                    };
+                    let claims = Claims::new(&me.blobs[blob_index as usize], mine);
                     if let Err(e) = me.fetch(&claims, &HashSet::new(), Priority::Readahead) {
                         debug!(
                             "readahead in blob {}: {}",
@@ -1089,7 +1205,7 @@ impl ChunkCache {
                 });
             if spawned.is_err() {
                 // The claims went with a closure that never ran: released here.
-                drop(Claims { blob, cis: copy });
+                drop(Claims::new(blob, copy));
                 self.readahead_bytes.fetch_sub(len, Ordering::AcqRel);
                 ci = first;
                 break;
@@ -1183,7 +1299,7 @@ impl ChunkCache {
                 ci += 1;
             }
         }
-        (Claims { blob, cis: mine }, theirs)
+        (Claims::new(blob, mine), theirs)
     }
 
     /// Fetches the claimed chunks in merged requests, verifies and caches them. Fails when
@@ -1220,7 +1336,7 @@ impl ChunkCache {
             // A backend that failed one request (after its timeouts and retries) is not
             // asked for the next: the claims are released and waiting readers fail now.
             let t = Instant::now();
-            if let Err(e) = self.fetch_run(blob, run, prio) {
+            if let Err(e) = self.fetch_run(claims, run, prio) {
                 let timed_out = matches!(
                     e,
                     Error::Backend {
@@ -1267,11 +1383,12 @@ impl ChunkCache {
 
     /// One backend request for compressed-contiguous chunks; each chunk is decoded,
     /// verified and cached on its own. Returns the backend error if the request failed.
-    fn fetch_run(&self, blob: &BlobCache, run: &[ChunkInfo], prio: Priority) -> Result<()> {
+    fn fetch_run(&self, claims: &Claims<'_>, run: &[ChunkInfo], prio: Priority) -> Result<()> {
+        let blob = claims.blob;
         let start = run[0].compressed_offset;
         let last = run.last().expect("non-empty run");
         let len = last.compressed_offset + last.compressed_size as u64 - start;
-        let mut buf = vec![0u8; len as usize];
+        let mut buf = self.buffers.take(len as usize);
         let m = &self.metrics;
         let t = Instant::now();
         Metrics::add(&m.backend.read_count, 1);
@@ -1320,6 +1437,7 @@ impl ChunkCache {
                         c.ci_index,
                         self.backend.kind()
                     );
+                    claims.release(c.ci_index);
                     continue;
                 }
             };
@@ -1344,12 +1462,15 @@ impl ChunkCache {
                     );
                 }
                 self.spill(blob, c.ci_index, data.into_owned());
+                claims.release(c.ci_index);
                 continue;
             }
             blob.set_verified(c.ci_index, true);
             blob.note_written(c.ci_index).map_err(|e| blob.io(e))?;
             blob.map.set_ready(c.ci_index)?;
             blob.touch(c.ci_index);
+            // Ready: its readers go on now, not when the whole request is done.
+            claims.release(c.ci_index);
             if let Some(e) = &self.evictor {
                 e.wrote(data.len() as u64);
             }

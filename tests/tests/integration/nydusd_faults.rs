@@ -422,3 +422,85 @@ fn prefetch_hung_on_a_silent_registry_adds_nothing_to_a_read() {
     println!("32 reads behind a hung prefetch: the last failed after {last:?} (bound {bound:?})");
     heal_and_check(&ri, &src, &d);
 }
+
+/// Reads `path` in 1 MiB reads with the kernel's readahead off for it, so that the
+/// daemon sees one read at a time: what it fetches meanwhile is its own readahead.
+fn read_one_at_a_time(path: &Path) -> Vec<u8> {
+    let f = std::fs::File::open(path).unwrap();
+    // SAFETY: fadvise on an open descriptor, no memory involved.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::posix_fadvise(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            0,
+            0,
+            libc::POSIX_FADV_RANDOM,
+        );
+    }
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read_at(&mut buf, out.len() as u64).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// A 24 MiB file read cold from its start, one read at a time, through a registry that
+/// answers slowly and out of order: every byte right, with several ranges in flight at
+/// once. With the
+/// readahead window capped at one request (`amplify_io`), at most the reader's own range
+/// and one readahead range are in flight, as before windows grew: still right.
+#[test]
+fn a_cold_sequential_read_through_a_slow_out_of_order_registry_is_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let data: Vec<u8> = (0..24usize << 20)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Every other MiB compressible, as model weights are in part.
+            if (i >> 20) % 2 == 0 {
+                x as u8
+            } else {
+                (x as u8) & 0x0f
+            }
+        })
+        .collect();
+    std::fs::write(src.join("model.bin"), &data).unwrap();
+    let ri = RegistryImage::new(&src, tmp.path(), "test/model");
+    ri.proxy.shape_out_of_order(Duration::from_millis(20));
+    for (name, extra) in [("wide", ""), ("capped", r#","readahead_window":1048576"#)] {
+        let _ = std::fs::remove_dir_all(&ri.img.cache);
+        let cfg = ri.config("test/model", "", extra);
+        let d = Daemon::start_config(&ri.img, name, &cfg);
+        ri.proxy.take_most_concurrent();
+        let requests = ri.proxy.requests();
+        let read = read_one_at_a_time(&d.path("model.bin"));
+        assert!(
+            read == data,
+            "{name}: the bytes read differ:\n{}",
+            d.log_text()
+        );
+        let most = ri.proxy.take_most_concurrent();
+        let requests = ri.proxy.requests() - requests;
+        println!("{name}: {most} ranges at once at most, {requests} requests");
+        if name == "wide" {
+            assert!(
+                most >= 3,
+                "{name}: at most {most} ranges in flight at once ({requests} requests)"
+            );
+        } else {
+            assert!(
+                most <= 2,
+                "{name}: {most} ranges in flight at once ({requests} requests)"
+            );
+        }
+        drop(d);
+    }
+}
