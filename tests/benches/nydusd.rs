@@ -544,10 +544,46 @@ struct Cold {
 fn cold_read(
     daemon: &Path,
     image: &Path,
+    dirs: (&Path, &Path),
+    link: (&str, &str),
+    reg_dir: &Path,
+) -> Cold {
+    let (d, sock, upstream) = start_cold(daemon, image, dirs, link, reg_dir, "");
+    let rss = RssSampler::start(d.pid());
+    let t = Instant::now();
+    let read = read_all(&d.mnt);
+    let secs = t.elapsed().as_secs_f64();
+    let rss = rss.peak();
+    let fetched = (!upstream).then(|| {
+        let m = api_get(&sock, "/api/v1/metrics/backend");
+        (
+            m["read_amount_total"].as_u64().unwrap_or(0),
+            m["read_count"].as_u64().unwrap_or(0),
+        )
+    });
+    drop(d);
+    let _ = std::fs::remove_dir_all(dirs.0);
+    let _ = std::fs::remove_dir_all(dirs.1);
+    Cold {
+        secs,
+        read,
+        fetched,
+        rss,
+    }
+}
+
+/// Starts `daemon` on `image` with the registry backend at `host`/`repo` and its cache in
+/// `cache` (both dirs emptied first), `extra` added to its config, after dropping the
+/// page cache and reading the registry's blobs back into it. Returns the daemon, its API
+/// socket and whether it is upstream's.
+fn start_cold(
+    daemon: &Path,
+    image: &Path,
     (work, cache): (&Path, &Path),
     (host, repo): (&str, &str),
     reg_dir: &Path,
-) -> Cold {
+    extra: &str,
+) -> (FuseDaemon, PathBuf, bool) {
     let _ = std::fs::remove_dir_all(work);
     let _ = std::fs::remove_dir_all(cache);
     std::fs::create_dir_all(work).unwrap();
@@ -557,12 +593,14 @@ fn cold_read(
     std::fs::write(
         &cfg,
         format!(
-            r#"{{"device":{{"backend":{{"type":"registry","config":{{"scheme":"http","host":"{host}","repo":"{repo}"}}}},"cache":{{"type":"blobcache","config":{{"work_dir":"{}"}}}}}},"mode":"direct","digest_validate":{}}}"#,
+            r#"{{"device":{{"backend":{{"type":"registry","config":{{"scheme":"http","host":"{host}","repo":"{repo}"}}}},"cache":{{"type":"blobcache","config":{{"work_dir":"{}"}}}}}},"mode":"direct","digest_validate":{}{extra}}}"#,
             cache.display(),
             !upstream
         ),
     )
     .unwrap();
+    drop_caches();
+    warm_registry(reg_dir);
     let mnt = work.join("mnt");
     let sock = work.join("api.sock");
     let boot = image.join("image.boot");
@@ -584,29 +622,50 @@ fn cold_read(
             &work.join("daemon.log"),
         )
     };
-    drop_caches();
-    warm_registry(reg_dir);
-    let rss = RssSampler::start(d.pid());
+    (d, sock, upstream)
+}
+
+/// On-demand reads while a model image is prefetched: ten 4 KiB reads of chunks of the
+/// second shard (which prefetch reaches last), 100 ms apart, each timed. Returns the
+/// seconds until prefetch was done, and the reads' latencies in ms.
+fn cold_prefetch(
+    ours: &Path,
+    image: &Path,
+    dirs: (&Path, &Path),
+    link: (&str, &str),
+    reg_dir: &Path,
+    prefetch: bool,
+) -> (f64, Vec<f64>) {
+    let extra = if prefetch {
+        r#","fs_prefetch":{"enable":true,"prefetch_all":true}"#
+    } else {
+        ""
+    };
     let t = Instant::now();
-    let read = read_all(&d.mnt);
-    let secs = t.elapsed().as_secs_f64();
-    let rss = rss.peak();
-    let fetched = (!upstream).then(|| {
-        let m = api_get(&sock, "/api/v1/metrics/backend");
-        (
-            m["read_amount_total"].as_u64().unwrap_or(0),
-            m["read_count"].as_u64().unwrap_or(0),
-        )
-    });
-    drop(d);
-    let _ = std::fs::remove_dir_all(work);
-    let _ = std::fs::remove_dir_all(cache);
-    Cold {
-        secs,
-        read,
-        fetched,
-        rss,
+    let (d, sock, _) = start_cold(ours, image, dirs, link, reg_dir, extra);
+    let shard = d.mnt.join("model-00002-of-00002.safetensors");
+    let f = File::open(&shard).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let mut lat = Vec::new();
+    for k in 0..10u64 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let at = Instant::now();
+        f.read_exact_at(&mut buf, k * 197 * MIB + 12345).unwrap();
+        lat.push(at.elapsed().as_secs_f64() * 1000.0);
     }
+    let done = loop {
+        let m = api_get(&sock, "/api/v1/metrics/blobcache");
+        if !prefetch || m["prefetch_done"].as_bool() == Some(true) {
+            break t.elapsed().as_secs_f64();
+        }
+        assert!(t.elapsed().as_secs() < 600, "prefetch did not finish");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    drop(f);
+    drop(d);
+    let _ = std::fs::remove_dir_all(dirs.0);
+    let _ = std::fs::remove_dir_all(dirs.1);
+    (done, lat)
 }
 
 /// Reads every file the registry stores into the page cache (curl and the daemons
@@ -714,15 +773,10 @@ fn cold(base: &Path) {
     let shaped = std::env::var("RAFS_BENCH_SHAPED").as_deref() != Ok("0");
     if shaped {
         let img = &images[0];
+        let link = (reg.addr.as_str(), img.repo.as_str());
         ns.shape(200);
         let curl_s = cold_curl(&reg.addr, &img.repo, &img.blobs);
-        let c = cold_read(
-            &ours,
-            &img.image,
-            disk,
-            (reg.addr.as_str(), img.repo.as_str()),
-            reg_dir.path(),
-        );
+        let c = cold_read(&ours, &img.image, disk, link, reg_dir.path());
         assert_eq!(c.read, img.file_bytes, "bytes read through the mount");
         println!(
             "  {} through 200 Mbit/s: ours {:.1} MiB/s of blob vs curl {:.1} MiB/s -> {:.2}x curl",
@@ -734,38 +788,21 @@ fn cold(base: &Path) {
         ns.unshape();
     }
     for img in &images {
+        let link = (reg.addr.as_str(), img.repo.as_str());
         let (limit_s, limit_bytes) =
             decode_limit(&img.image.join("image.boot"), &img.image.join("blobs"), 2);
         drop_caches();
         warm_registry(reg_dir.path());
         let curl_s = cold_curl(&reg.addr, &img.repo, &img.blobs);
-        let c = cold_read(
-            &ours,
-            &img.image,
-            disk,
-            (reg.addr.as_str(), img.repo.as_str()),
-            reg_dir.path(),
-        );
+        let c = cold_read(&ours, &img.image, disk, link, reg_dir.path());
         assert_eq!(c.read, img.file_bytes, "bytes read through the mount");
         let tmpfs = (img.name == "model").then(|| {
-            let c = cold_read(
-                &ours,
-                &img.image,
-                shm,
-                (reg.addr.as_str(), img.repo.as_str()),
-                reg_dir.path(),
-            );
+            let c = cold_read(&ours, &img.image, shm, link, reg_dir.path());
             assert_eq!(c.read, img.file_bytes, "bytes read through the mount");
             c
         });
         let up = upstream.as_ref().map(|u| {
-            let c = cold_read(
-                u,
-                &img.image,
-                disk,
-                (reg.addr.as_str(), img.repo.as_str()),
-                reg_dir.path(),
-            );
+            let c = cold_read(u, &img.image, disk, link, reg_dir.path());
             assert_eq!(
                 c.read, img.file_bytes,
                 "bytes read through upstream's mount"
@@ -806,6 +843,17 @@ fn cold(base: &Path) {
             mib(img.blob_bytes) / curl_s,
             curl_s / c.secs
         );
+        if img.name == "model" {
+            let (done, during) = cold_prefetch(&ours, &img.image, disk, link, reg_dir.path(), true);
+            let (_, idle) = cold_prefetch(&ours, &img.image, disk, link, reg_dir.path(), false);
+            let stats = |v: &[f64]| (median(v.to_vec()), v.iter().cloned().fold(0.0, f64::max));
+            let ((dm, dx), (im, ix)) = (stats(&during), stats(&idle));
+            println!(
+                "    prefetch  {:>7.1} MiB/s  (prefetch_all from mount to done: {done:.1} s) -> {:.2}x ours' read; 4 KiB reads of chunks it had not reached: median {dm:.1} ms, max {dx:.1} ms (without prefetch: {im:.1}, {ix:.1})",
+                mib(img.file_bytes) / done,
+                (mib(img.file_bytes) / done) / rate(c.secs)
+            );
+        }
         match up {
             Some(u) => println!(
                 "    upstream  {:>7.1} MiB/s  (nydusd 2.2, digests not validated, peak RSS {:.0} MiB) -> ours {:.2}x (target > 1x)",
