@@ -21,7 +21,8 @@
 //! (a reader that jumps). Each
 //! time a stream moves on to a new chunk, its *window* — the compressed bytes kept in
 //! flight or ready ahead of it — grows (one `amplify_io`, then doubling, up to
-//! `readahead_window`); a new stream has none. The window is fetched in the background
+//! `readahead_window`); a new stream has none, and nothing is fetched ahead of a stream
+//! until it meets a chunk that is not cached. The window is fetched in the background
 //! in requests of up to a quarter of it (at least `amplify_io`, at most
 //! [`MAX_RA_REQUEST`]), several at once, each on a thread of its own that decompresses
 //! and verifies its chunks while the others' bytes arrive: the wire, the decompressor
@@ -234,6 +235,8 @@ struct Stream {
     window: u64,
     /// When it last read: the stream read longest ago makes room for a new one.
     used: Instant,
+    /// Whether it met a chunk that was not cached: only then is readahead started.
+    active: bool,
 }
 
 /// The cache state of one blob: its files, and who is fetching what. One per cache file
@@ -473,6 +476,13 @@ impl BlobState {
         let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
         failed.retain(|_, at| now.duration_since(*at) < FAILURE_MEMORY);
         failed.extend(cis.map(|ci| (ci, now)));
+    }
+
+    /// Whether a fetch of this blob failed slowly less than [`FAILURE_MEMORY`] ago: a
+    /// backend that does not answer gets no readahead, only the reads waited for.
+    fn failing(&self) -> bool {
+        let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        failed.values().any(|at| at.elapsed() < FAILURE_MEMORY)
     }
 
     /// The first of `cis` whose fetch failed slowly less than [`FAILURE_MEMORY`] ago,
@@ -991,7 +1001,9 @@ impl ChunkCache {
         let first = chunks.iter().map(|c| c.ci_index).min();
         let last = chunks.iter().map(|c| c.ci_index).max();
         if let (Some(first), Some(last)) = (first, last) {
-            self.follow(blob_index, first, last);
+            let blob = &self.blobs[blob_index as usize];
+            let missed = chunks.iter().any(|c| !blob.map.is_ready(c.ci_index));
+            self.follow(blob_index, first, last, missed);
         }
         self.ensure_inner(blob_index, chunks, Priority::OnDemand)
     }
@@ -1073,8 +1085,9 @@ impl ChunkCache {
     /// Follows an on-demand read of chunks `first..=last` of blob `blob_index`: finds the
     /// stream it continues (or starts one), grows that stream's window when the read
     /// moved on to a new chunk, and hands the part of the window not yet fetched to
-    /// readahead (see the module docs).
-    fn follow(self: &Arc<Self>, blob_index: u32, first: u32, last: u32) {
+    /// readahead (see the module docs) — once the stream has `missed` a chunk: a reader
+    /// of cached (prefetched) files pulls nothing in after them.
+    fn follow(self: &Arc<Self>, blob_index: u32, first: u32, last: u32, missed: bool) {
         if self.readahead_window == 0 || self.amplify_io == 0 {
             return;
         }
@@ -1094,6 +1107,7 @@ impl ChunkCache {
                 ahead: last + 1,
                 window: 0,
                 used: now,
+                active: false,
             };
             if streams.len() < MAX_STREAMS {
                 streams.push(stream);
@@ -1116,7 +1130,10 @@ impl ChunkCache {
         .min(self.readahead_window);
         s.next = last + 1;
         s.ahead = s.ahead.max(s.next);
-        self.fill_window(blob, s);
+        s.active |= missed;
+        if s.active {
+            self.fill_window(blob, s);
+        }
     }
 
     /// Claims the missing chunks of stream `s`'s window not handed out yet and fetches
@@ -1127,7 +1144,7 @@ impl ChunkCache {
         let Some(base) = self.chunk_by_ci(blob.index, s.next.min(count.saturating_sub(1))) else {
             return;
         };
-        if s.next >= count {
+        if s.next >= count || blob.failing() {
             return;
         }
         let limit = base.compressed_offset.saturating_add(s.window);
@@ -1142,13 +1159,16 @@ impl ChunkCache {
                 _ => return,
             }
         }
-        'requests: while ci < count {
+        // A chunk the chunk table lacks ends readahead (after the request before it).
+        let mut unknown = false;
+        while ci < count && !unknown {
             let mut inflight = blob.inflight.lock().unwrap_or_else(|e| e.into_inner());
             let mut mine = Vec::new();
             let (mut start, mut end) = (0, 0);
             while ci < count {
                 let Some(c) = self.chunk_by_ci(blob.index, ci) else {
-                    break 'requests;
+                    unknown = true;
+                    break;
                 };
                 let c_end = c.compressed_offset + c.compressed_size as u64;
                 // Past the window (a chunk that starts inside it is taken whole).

@@ -135,7 +135,8 @@ fn assert_each_eio_within(readers: Vec<TimedRead>, bound: Duration, d: &Daemon) 
         assert_eq!(res, Err(Some(EIO)), "cold/f{i:02}:\n{}", d.log_text());
         assert!(
             took <= bound,
-            "cold/f{i:02} failed after {took:?} (bound {bound:?})"
+            "cold/f{i:02} failed after {took:?} (bound {bound:?}):\n{}",
+            d.log_text()
         );
         last = last.max(took);
     }
