@@ -265,7 +265,18 @@ enum Transport {
     Virtiofs(VirtioFsService),
 }
 
+/// Allocations of at least this many bytes are mapped afresh and unmapped when freed.
+/// glibc's default raises its threshold to the size of each mapped block freed, so the
+/// multi-MiB request buffers of readahead end up in per-thread arenas that keep them:
+/// a 2 GiB cold read peaked at about 200 MiB of RSS instead of about 110.
+const MMAP_THRESHOLD: i32 = 4 << 20;
+
 fn main() {
+    // SAFETY: mallopt only tunes the allocator, before any other thread exists.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+    }
     let (opt, mode) = match args().and_then(|(a, word)| {
         let opt = Opt::parse_from(a);
         let mode = mode(&opt, word)?;

@@ -27,10 +27,15 @@
 //! [`MAX_RA_REQUEST`]), several at once, each on a thread of its own that decompresses
 //! and verifies its chunks while the others' bytes arrive: the wire, the decompressor
 //! and the verifier run at once. Readahead of all streams of an image holds at most
-//! `readahead_window` bytes of requests at once (memory stays bounded). With
+//! `readahead_window` bytes of requests at once (the first request always goes, however
+//! large; a chunk is taken whole) and [`MAX_RA_JOBS`] requests; their buffers are reused
+//! from a pool of about that size: memory stays bounded per image. With
 //! `readahead_window` at most `amplify_io`, one request at a time is fetched ahead of
 //! the reader; `readahead_window: 0` or `amplify_io: 0` turns readahead off. A reader
-//! that jumps pulls nothing after it until it reads on from where it landed.
+//! that jumps pulls nothing after it until it reads on from where it landed; only a read
+//! that missed starts a stream, and nothing is fetched ahead while a fetch of the blob
+//! timed out less than [`FAILURE_MEMORY`] ago or chunks the cache disk could not take
+//! are held in memory.
 //!
 //! # When cached chunks are verified
 //! Each chunk is verified **once per daemon lifetime**: a chunk fetched by this process is
@@ -83,6 +88,8 @@ const REFETCH_WINDOW: Duration = Duration::from_millis(500);
 const FAILURE_MEMORY: Duration = Duration::from_secs(1);
 /// Sequential readers followed per blob (see the module docs).
 pub const MAX_STREAMS: usize = 4;
+/// Readahead requests in flight per image at most (each is a thread).
+pub const MAX_RA_JOBS: u64 = 16;
 /// Largest readahead request: registries answer large ranges much faster per byte
 /// (docker-registry reads 4 MiB per range request however small the range).
 pub const MAX_RA_REQUEST: u64 = 8 << 20;
@@ -225,7 +232,8 @@ struct BlobCache {
 /// A sequential reader of a blob, as readahead follows it.
 #[derive(Clone, Copy, Debug)]
 struct Stream {
-    /// The first chunk it read: reads from here on continue it.
+    /// The first chunk it read: reads from here on (less the slack), and within the
+    /// slack of `next`, continue it.
     start: u32,
     /// The chunk after the furthest one it read.
     next: u32,
@@ -520,6 +528,8 @@ pub struct ChunkCache {
     ondemand: AtomicU64,
     /// Bytes of readahead requests in flight.
     readahead_bytes: AtomicU64,
+    /// Readahead requests in flight (at most [`MAX_RA_JOBS`]).
+    readahead_jobs: AtomicU64,
     /// Whether the first chunk the cache could not take has been logged.
     uncacheable_logged: std::sync::atomic::AtomicBool,
     /// Keeps the work dir under `size_limit`, when the config sets one.
@@ -530,6 +540,40 @@ pub struct ChunkCache {
     spill: Mutex<std::collections::VecDeque<Spilled>>,
     /// Request buffers for reuse (see [`Buffers`]).
     buffers: Arc<Buffers>,
+}
+
+/// A readahead request in flight: its bytes and itself counted against the image's
+/// budget until dropped (also when its thread panics, or never started).
+struct RaJob {
+    cache: Arc<ChunkCache>,
+    len: u64,
+}
+
+impl RaJob {
+    /// Reserves `len` bytes and one request, unless the budget is spent (the first
+    /// request always fits, however large).
+    fn reserve(cache: &Arc<ChunkCache>, len: u64) -> Option<RaJob> {
+        let jobs = cache.readahead_jobs.fetch_add(1, Ordering::AcqRel);
+        let held = cache.readahead_bytes.fetch_add(len, Ordering::AcqRel);
+        if jobs >= MAX_RA_JOBS || (held > 0 && held + len > cache.readahead_window) {
+            cache.readahead_jobs.fetch_sub(1, Ordering::AcqRel);
+            cache.readahead_bytes.fetch_sub(len, Ordering::AcqRel);
+            return None;
+        }
+        Some(RaJob {
+            cache: cache.clone(),
+            len,
+        })
+    }
+}
+
+impl Drop for RaJob {
+    fn drop(&mut self) {
+        self.cache.readahead_jobs.fetch_sub(1, Ordering::AcqRel);
+        self.cache
+            .readahead_bytes
+            .fetch_sub(self.len, Ordering::AcqRel);
+    }
 }
 
 /// A request buffer size kept for reuse however small `amplify_io` is.
@@ -557,21 +601,19 @@ impl Buffers {
     /// dropped.
     fn take(self: &Arc<Self>, len: usize) -> PooledBuf {
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        // The smallest that fits, else the largest (grown).
+        // The smallest that fits, else a new one (growing one would copy its bytes).
         let fits = free
             .iter()
             .enumerate()
             .filter(|(_, b)| b.capacity() >= len)
             .min_by_key(|(_, b)| b.capacity())
             .map(|(i, _)| i);
-        let mut buf = match fits.or_else(|| {
-            free.iter()
-                .enumerate()
-                .max_by_key(|(_, b)| b.capacity())
-                .map(|(i, _)| i)
-        }) {
+        let mut buf = match fits {
             Some(i) => free.swap_remove(i),
-            None => Vec::new(),
+            // One size for every request up to the largest readahead request: any
+            // buffer kept fits the next request (a buffer's pages are only touched as
+            // far as its requests went).
+            None => Vec::with_capacity(len.max(MAX_RA_REQUEST as usize)),
         };
         drop(free);
         // Only bytes never used before are zeroed.
@@ -677,12 +719,13 @@ impl ChunkCache {
             metrics,
             ondemand: AtomicU64::new(0),
             readahead_bytes: AtomicU64::new(0),
+            readahead_jobs: AtomicU64::new(0),
             uncacheable_logged: Default::default(),
             spill: Mutex::new(Default::default()),
             buffers: Buffers::new(
                 config
                     .readahead_window
-                    .saturating_add(4 * config.amplify_io.max(DEFAULT_BUFFER)),
+                    .saturating_add(4 * config.amplify_io.clamp(DEFAULT_BUFFER, MAX_RA_REQUEST)),
             ),
             evictor: match config.cache.size_limit {
                 Some(limit) => Some(evict::Evictor::new(work, limit, open.clone()).map_err(
@@ -1088,19 +1131,33 @@ impl ChunkCache {
     /// readahead (see the module docs) — once the stream has `missed` a chunk: a reader
     /// of cached (prefetched) files pulls nothing in after them.
     fn follow(self: &Arc<Self>, blob_index: u32, first: u32, last: u32, missed: bool) {
-        if self.readahead_window == 0 || self.amplify_io == 0 {
+        let slack = self.stream_slack;
+        // A read over distant chunks (deduplicated ones) is no sequential step.
+        if self.readahead_window == 0 || self.amplify_io == 0 || last - first > slack {
             return;
         }
         let blob = &self.blobs[blob_index as usize];
         let mut streams = blob.streams.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        let slack = self.stream_slack;
-        let found = streams.iter().position(|s| {
-            s.start <= first
-                && first.saturating_add(slack) >= s.next
-                && first <= s.next.saturating_add(slack)
-        });
+        // The stream whose reads went on closest to this one, within the slack either
+        // way (reads reach the daemon a little out of order).
+        let found = streams
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| {
+                first.saturating_add(slack) >= s.start
+                    && first.saturating_add(slack) >= s.next
+                    && first <= s.next.saturating_add(slack)
+            })
+            .min_by_key(|(_, s)| first.abs_diff(s.next))
+            .map(|(i, _)| i);
         let Some(i) = found else {
+            // Only a read that missed starts a stream: cache hits (another reader going
+            // back, small files read from the cache) do not push out the streams of
+            // readers waiting for the network.
+            if !missed {
+                return;
+            }
             let stream = Stream {
                 start: first,
                 next: last + 1,
@@ -1111,13 +1168,18 @@ impl ChunkCache {
             };
             if streams.len() < MAX_STREAMS {
                 streams.push(stream);
-            } else if let Some(oldest) = streams.iter_mut().min_by_key(|s| s.used) {
+            } else if let Some(oldest) = streams
+                .iter_mut()
+                .min_by_key(|s| (s.active, s.window > 0, s.used))
+            {
+                // The stream never active and read longest ago makes room.
                 *oldest = stream;
             }
             return;
         };
         let s = &mut streams[i];
         s.used = now;
+        s.start = s.start.min(first);
         if last < s.next {
             // Still within chunks it read: nothing new to fetch ahead.
             return;
@@ -1138,15 +1200,17 @@ impl ChunkCache {
 
     /// Claims the missing chunks of stream `s`'s window not handed out yet and fetches
     /// them in the background, in requests of compressed-contiguous chunks, while the
-    /// image's readahead stays within `readahead_window` bytes in flight.
+    /// image's readahead stays within `readahead_window` bytes and [`MAX_RA_JOBS`]
+    /// requests in flight. Chunks the chunk table lacks, and chunks the cache disk could
+    /// not take (held in memory), are left to the reads that need them.
     fn fill_window(self: &Arc<Self>, blob: &BlobCache, s: &mut Stream) {
         let count = blob.map.count();
-        let Some(base) = self.chunk_by_ci(blob.index, s.next.min(count.saturating_sub(1))) else {
-            return;
-        };
-        if s.next >= count || blob.failing() {
+        if s.next >= count || blob.failing() || self.spilling() {
             return;
         }
+        let Some(base) = self.chunk_by_ci(blob.index, s.next) else {
+            return;
+        };
         let limit = base.compressed_offset.saturating_add(s.window);
         let request_max =
             (s.window / 4).clamp(self.amplify_io, MAX_RA_REQUEST.max(self.amplify_io));
@@ -1154,25 +1218,30 @@ impl ChunkCache {
         // Requests of a full size, unless the reader has caught up with readahead: the
         // window is topped up a request at a time, not a chunk at a time.
         if ci > s.next {
-            match self.chunk_by_ci(blob.index, ci.min(count.saturating_sub(1))) {
+            match self.chunk_by_ci(blob.index, ci.min(count - 1)) {
                 Some(c) if c.compressed_offset + request_max <= limit => {}
                 _ => return,
             }
         }
-        // A chunk the chunk table lacks ends readahead (after the request before it).
-        let mut unknown = false;
-        while ci < count && !unknown {
+        while ci < count {
+            // The request is chosen and, once the budget is reserved, claimed under one
+            // hold of the lock: no reader sees a chunk claimed that is not fetched.
             let mut inflight = blob.inflight.lock().unwrap_or_else(|e| e.into_inner());
             let mut mine = Vec::new();
             let (mut start, mut end) = (0, 0);
+            let mut past_window = false;
             while ci < count {
                 let Some(c) = self.chunk_by_ci(blob.index, ci) else {
-                    unknown = true;
+                    if mine.is_empty() {
+                        ci += 1;
+                        continue;
+                    }
                     break;
                 };
                 let c_end = c.compressed_offset + c.compressed_size as u64;
                 // Past the window (a chunk that starts inside it is taken whole).
                 if c.compressed_offset >= limit && c.compressed_offset > base.compressed_offset {
+                    past_window = true;
                     break;
                 }
                 if blob.map.is_ready(ci) || inflight.contains(&ci) {
@@ -1188,24 +1257,22 @@ impl ChunkCache {
                 if c.compressed_offset != end || (c_end - start > request_max && !mine.is_empty()) {
                     break;
                 }
-                inflight.insert(ci);
                 mine.push(ci);
                 end = c_end;
                 ci += 1;
             }
-            drop(inflight);
             if mine.is_empty() {
                 break;
             }
-            let len = end - start;
-            let held = self.readahead_bytes.fetch_add(len, Ordering::AcqRel);
-            if held > 0 && held + len > self.readahead_window {
+            let Some(job) = RaJob::reserve(self, end - start) else {
                 // The budget is spent: these wait for a later read to hand them out.
-                self.readahead_bytes.fetch_sub(len, Ordering::AcqRel);
                 ci = mine[0];
-                drop(Claims::new(blob, mine));
                 break;
+            };
+            for ci in &mine {
+                inflight.insert(*ci);
             }
+            drop(inflight);
             let (copy, first) = (mine.clone(), mine[0]);
             let me = self.clone();
             let blob_index = blob.index;
@@ -1213,25 +1280,33 @@ impl ChunkCache {
                 .name("readahead".into())
                 .spawn(move || {
                     let claims = Claims::new(&me.blobs[blob_index as usize], mine);
-                    if let Err(e) = me.fetch(&claims, &HashSet::new(), Priority::Readahead) {
-                        debug!(
-                            "readahead in blob {}: {}",
-                            claims.blob.info.id,
-                            crate::error::Chain(&e)
-                        );
-                    }
+                    // Errors are logged by the fetch; readers needing these chunks
+                    // fetch them again or fail on their own.
+                    let _ = me.fetch(&claims, &HashSet::new(), Priority::Readahead);
                     drop(claims);
-                    me.readahead_bytes.fetch_sub(len, Ordering::AcqRel);
+                    drop(job);
                 });
             if spawned.is_err() {
-                // The claims went with a closure that never ran: released here.
+                // The claims went with a closure that never ran (the budget too).
                 drop(Claims::new(blob, copy));
-                self.readahead_bytes.fetch_sub(len, Ordering::AcqRel);
                 ci = first;
+                break;
+            }
+            if past_window {
                 break;
             }
         }
         s.ahead = ci;
+    }
+
+    /// Whether chunks the cache disk could not take are held in memory: readahead would
+    /// push them out from under the readers waiting for them.
+    fn spilling(&self) -> bool {
+        !self
+            .spill
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
     }
 
     /// Whether a chunk can be served now; verifies a ready chunk not yet verified by this
