@@ -4,8 +4,9 @@
 //! One planner thread walks the list in order and cuts it into batches of
 //! compressed-contiguous chunks of one blob, at most `merging_size` bytes each, which
 //! `threads_count` workers fetch through the same cache (and single-flight) as on-demand
-//! reads. Workers yield while on-demand fetches are running, so reads that a process waits
-//! for go first, and the whole prefetch is paced to `bandwidth_rate` bytes per second.
+//! reads. Workers yield while on-demand fetches are running, and all but two pause for a
+//! moment after one, so reads that a process waits for go first; the whole prefetch is
+//! paced to `bandwidth_rate` bytes per second.
 
 use crate::cache::{ChunkCache, Priority};
 use crate::config::PrefetchConfig;
@@ -19,6 +20,13 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
+
+/// Workers that go on fetching while readers have waited for the backend within
+/// [`READER_ACTIVE`]: fewer prefetch requests in flight leave more of the link and the
+/// CPUs to the next read.
+const BUSY_WORKERS: usize = 2;
+/// How recently a read waited for the backend for prefetch to hold back.
+const READER_ACTIVE: Duration = Duration::from_millis(250);
 
 /// What to prefetch first.
 #[derive(Clone, Debug, Default)]
@@ -103,8 +111,12 @@ fn run(cache: Arc<ChunkCache>, list: PrefetchList, cfg: PrefetchConfig, stop: Ar
                     if stop.load(Ordering::Acquire) {
                         break;
                     }
-                    // On-demand reads go first.
-                    while cache.ondemand_busy() && !stop.load(Ordering::Acquire) {
+                    // On-demand reads go first; while readers wait for the backend,
+                    // only the first [`BUSY_WORKERS`] workers go on.
+                    while (cache.ondemand_busy()
+                        || (i >= BUSY_WORKERS && cache.ondemand_recent(READER_ACTIVE)))
+                        && !stop.load(Ordering::Acquire)
+                    {
                         thread::sleep(Duration::from_millis(1));
                     }
                     let bytes: u64 = chunks.iter().map(|c| c.compressed_size as u64).sum();

@@ -526,6 +526,9 @@ pub struct ChunkCache {
     metrics: Arc<Metrics>,
     /// On-demand fetches in progress (prefetch backs off while non-zero).
     ondemand: AtomicU64,
+    /// When a read last waited for the backend, in ms since `epoch` (0: never).
+    last_ondemand_ms: AtomicU64,
+    epoch: Instant,
     /// Bytes of readahead requests in flight.
     readahead_bytes: AtomicU64,
     /// Readahead requests in flight (at most [`MAX_RA_JOBS`]).
@@ -718,6 +721,8 @@ impl ChunkCache {
             readahead_window: config.readahead_window,
             metrics,
             ondemand: AtomicU64::new(0),
+            last_ondemand_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
             readahead_bytes: AtomicU64::new(0),
             readahead_jobs: AtomicU64::new(0),
             uncacheable_logged: Default::default(),
@@ -782,6 +787,16 @@ impl ChunkCache {
     /// Whether on-demand fetches are running (prefetch yields to them).
     pub fn ondemand_busy(&self) -> bool {
         self.ondemand.load(Ordering::Acquire) > 0
+    }
+
+    /// Whether a read waited for the backend less than `within` ago (prefetch keeps
+    /// fewer requests in flight then, so that the next such read shares the link and
+    /// the CPUs with less of it).
+    pub fn ondemand_recent(&self, within: Duration) -> bool {
+        let last = self.last_ondemand_ms.load(Ordering::Acquire);
+        last > 0
+            && (self.epoch.elapsed().as_millis() as u64).saturating_sub(last)
+                < within.as_millis() as u64
     }
 
     /// The trusted description of a chunk a file refers to.
@@ -1412,6 +1427,7 @@ impl ChunkCache {
             Priority::Readahead | Priority::Prefetch => u64::MAX,
         };
         let _busy = (prio != Priority::Prefetch).then(|| OnDemandGuard::new(&self.ondemand));
+        let _waited = (prio == Priority::OnDemand).then(|| OnDemandMark(self));
         let mut first_err = None;
         let mut i = 0;
         while i < chunks.len() {
@@ -1578,6 +1594,16 @@ impl ChunkCache {
             }
         }
         Ok(())
+    }
+}
+
+/// Records, when dropped, that a read waited for the backend until now.
+struct OnDemandMark<'a>(&'a ChunkCache);
+
+impl Drop for OnDemandMark<'_> {
+    fn drop(&mut self) {
+        let now = (self.0.epoch.elapsed().as_millis() as u64).max(1);
+        self.0.last_ondemand_ms.store(now, Ordering::Release);
     }
 }
 
