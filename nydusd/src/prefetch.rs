@@ -111,8 +111,9 @@ fn run(cache: Arc<ChunkCache>, list: PrefetchList, cfg: PrefetchConfig, stop: Ar
                     if stop.load(Ordering::Acquire) {
                         break;
                     }
-                    // On-demand reads go first; while readers wait for the backend,
-                    // only the first [`BUSY_WORKERS`] workers go on.
+                    // Reads go first: every worker waits while on-demand or readahead
+                    // fetches run, and after a read waited for the backend all but the
+                    // first [`BUSY_WORKERS`] wait a while longer.
                     while (cache.ondemand_busy()
                         || (i >= BUSY_WORKERS && cache.ondemand_recent(READER_ACTIVE)))
                         && !stop.load(Ordering::Acquire)

@@ -16,9 +16,9 @@
 //! read file after file) would otherwise leave the network idle while it waits for each
 //! request in turn, and the CPU idle while it waits for the network. Each blob follows
 //! up to [`MAX_STREAMS`] sequential readers (*streams*): an on-demand read that starts
-//! within [`STREAM_SLACK`] (at least 4 chunks) of where a stream's reads went on, and
-//! not before its first chunk, continues that stream; any other read starts a new one
-//! (a reader that jumps). Each
+//! within 2 MiB (at least 4 chunks) of where a stream's reads went on
+//! continues that stream; any other read that missed a chunk starts a new one (a reader
+//! that jumps), in the place of the stream read longest ago. Each
 //! time a stream moves on to a new chunk, its *window* — the compressed bytes kept in
 //! flight or ready ahead of it — grows (one `amplify_io`, then doubling, up to
 //! `readahead_window`); a new stream has none, and nothing is fetched ahead of a stream
@@ -34,8 +34,7 @@
 //! the reader; `readahead_window: 0` or `amplify_io: 0` turns readahead off. A reader
 //! that jumps pulls nothing after it until it reads on from where it landed; only a read
 //! that missed starts a stream, and nothing is fetched ahead while a fetch of the blob
-//! timed out less than [`FAILURE_MEMORY`] ago or chunks the cache disk could not take
-//! are held in memory.
+//! timed out, or the cache disk refused a chunk, less than a second ago.
 //!
 //! # When cached chunks are verified
 //! Each chunk is verified **once per daemon lifetime**: a chunk fetched by this process is
@@ -51,8 +50,9 @@
 //! trusts their writes of chunks it has verified already (as it trusts its own).
 //!
 //! # A full disk, a size limit
-//! A chunk the cache file cannot take (no space) is served from memory, verified, and
-//! fetched again next time (`uncached_chunks`). With `size_limit`, chunks used least
+//! A chunk the cache file cannot take (no space) is served from memory, verified, for as
+//! long as it stays among the last 64 MiB of such chunks, and fetched again
+//! after that (`uncached_chunks`). With `size_limit`, chunks used least
 //! recently are evicted to stay under it ([`evict`]).
 
 pub mod chunk_map;
@@ -528,6 +528,8 @@ pub struct ChunkCache {
     ondemand: AtomicU64,
     /// When a read last waited for the backend, in ms since `epoch` (0: never).
     last_ondemand_ms: AtomicU64,
+    /// When the cache disk last refused a chunk, in ms since `epoch` (0: never).
+    last_spill_ms: AtomicU64,
     epoch: Instant,
     /// Bytes of readahead requests in flight.
     readahead_bytes: AtomicU64,
@@ -619,7 +621,7 @@ impl Buffers {
             None => Vec::with_capacity(len.max(MAX_RA_REQUEST as usize)),
         };
         drop(free);
-        // Only bytes never used before are zeroed.
+        // Bytes past the previous request's length are zeroed; the rest are not.
         buf.resize(len, 0);
         PooledBuf {
             buf,
@@ -722,6 +724,7 @@ impl ChunkCache {
             metrics,
             ondemand: AtomicU64::new(0),
             last_ondemand_ms: AtomicU64::new(0),
+            last_spill_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             readahead_bytes: AtomicU64::new(0),
             readahead_jobs: AtomicU64::new(0),
@@ -784,7 +787,7 @@ impl ChunkCache {
         })
     }
 
-    /// Whether on-demand fetches are running (prefetch yields to them).
+    /// Whether on-demand or readahead fetches are running (prefetch yields to them).
     pub fn ondemand_busy(&self) -> bool {
         self.ondemand.load(Ordering::Acquire) > 0
     }
@@ -902,6 +905,9 @@ impl ChunkCache {
             }
         }
         spill.push_back((blob.index, ci, Arc::new(data)));
+        drop(spill);
+        let now = (self.epoch.elapsed().as_millis() as u64).max(1);
+        self.last_spill_ms.store(now, Ordering::Release);
     }
 
     /// Pins (`on`) or unpins the chunks of regular file `inode`: pinned chunks are held
@@ -1183,11 +1189,8 @@ impl ChunkCache {
             };
             if streams.len() < MAX_STREAMS {
                 streams.push(stream);
-            } else if let Some(oldest) = streams
-                .iter_mut()
-                .min_by_key(|s| (s.active, s.window > 0, s.used))
-            {
-                // The stream never active and read longest ago makes room.
+            } else if let Some(oldest) = streams.iter_mut().min_by_key(|s| s.used) {
+                // The stream read longest ago makes room.
                 *oldest = stream;
             }
             return;
@@ -1216,8 +1219,8 @@ impl ChunkCache {
     /// Claims the missing chunks of stream `s`'s window not handed out yet and fetches
     /// them in the background, in requests of compressed-contiguous chunks, while the
     /// image's readahead stays within `readahead_window` bytes and [`MAX_RA_JOBS`]
-    /// requests in flight. Chunks the chunk table lacks, and chunks the cache disk could
-    /// not take (held in memory), are left to the reads that need them.
+    /// requests in flight. Chunks the chunk table lacks are left to the reads that need
+    /// them; nothing is read ahead for a while after the cache disk refused a chunk.
     fn fill_window(self: &Arc<Self>, blob: &BlobCache, s: &mut Stream) {
         let count = blob.map.count();
         if s.next >= count || blob.failing() || self.spilling() {
@@ -1314,14 +1317,13 @@ impl ChunkCache {
         s.ahead = ci;
     }
 
-    /// Whether chunks the cache disk could not take are held in memory: readahead would
-    /// push them out from under the readers waiting for them.
+    /// Whether the cache disk refused a chunk less than [`FAILURE_MEMORY`] ago: readahead
+    /// would push the chunks held in memory out from under the readers waiting for them.
     fn spilling(&self) -> bool {
-        !self
-            .spill
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty()
+        let last = self.last_spill_ms.load(Ordering::Acquire);
+        last > 0
+            && (self.epoch.elapsed().as_millis() as u64).saturating_sub(last)
+                < FAILURE_MEMORY.as_millis() as u64
     }
 
     /// Whether a chunk can be served now; verifies a ready chunk not yet verified by this
