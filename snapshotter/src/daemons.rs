@@ -62,14 +62,22 @@ struct State {
 /// difference there (128 KiB instead of nydusd's 16 MiB: the same bytes).
 pub const DEFAULT_AMPLIFY_IO: u64 = 64 << 10;
 
+/// `readahead_window` of the snapshotter's default config. nydusd's own default (32 MiB)
+/// suits large files read start to finish (model weights); a container start reads many
+/// small files, most of them in part: with it the python fixture's cold start fetched
+/// 11.4% of the image (7.7 MiB, 38 requests, 0.91 s at 5 ms + 200 Mbit/s) against 9.5%
+/// with nydusd's earlier fixed readahead of two 128 KiB windows, which this equals.
+pub const DEFAULT_READAHEAD_WINDOW: u64 = 256 << 10;
+
 /// The nydusd config of images when the snapshotter's config names no template: a
-/// verified `blobcache`, and [`DEFAULT_AMPLIFY_IO`].
+/// verified `blobcache`, [`DEFAULT_AMPLIFY_IO`] and [`DEFAULT_READAHEAD_WINDOW`].
 fn default_template() -> NydusdConfig {
     NydusdConfig {
         mode: Some("direct".into()),
         digest_validate: Some(true),
         enable_xattr: Some(true),
         amplify_io: Some(DEFAULT_AMPLIFY_IO),
+        readahead_window: Some(DEFAULT_READAHEAD_WINDOW),
         ..Default::default()
     }
 }

@@ -38,7 +38,8 @@ use tracing::{info, warn};
 ///   [daemon]
 ///   nydusd_path = "nydusd"       # default: next to this binary, else from PATH
 ///   nydusd_config = ""           # JSON template of each image's nydusd config (default:
-///                                # digest_validate true, amplify_io 65536)
+///                                # digest_validate true, amplify_io 65536,
+///                                # readahead_window 262144)
 ///   threads_number = 0           # FUSE threads per nydusd (0: nydusd's default)
 ///   recover_policy = "restart"   # or "none": what to do about a dead nydusd
 ///   ready_timeout = 30           # (ours) seconds a new nydusd may take to serve

@@ -141,7 +141,7 @@ fn main() {
         nydus_bytes as f64 / 1048576.0,
         boot_bytes as f64 / 1048576.0,
         std::env::var("NYDUSD_CONFIG").map_or_else(
-            |_| "the snapshotter's default config (prefetch off, amplify_io 64 KiB)".to_string(),
+            |_| "the snapshotter's default config (prefetch off, amplify_io 64 KiB, readahead_window 256 KiB)".to_string(),
             |c| format!("config {c}")
         )
     );
