@@ -376,21 +376,27 @@ fn a_full_cache_disk_still_serves_every_byte() {
     std::fs::create_dir_all(&img.cache).unwrap();
     // 2 MiB of cache for 6 MiB of data.
     let _disk = Mount::kernel("tmpfs", Path::new("tmpfs"), &img.cache, "size=2m").unwrap();
-    let d = Daemon::start(&img, "full", r#","amplify_io":0"#);
-    assert_same_tree(&src, &d.mnt);
-    // Read again (the page cache dropped): still right, from the backend again.
-    for i in 0..6u64 {
-        let want = noise(1 << 20, i + 500);
-        assert_eq!(read_uncached(&d.path(&format!("big/b{i}"))).unwrap(), want);
+    // Without amplification and readahead, then with nydusd's defaults (readahead on).
+    for (name, extra) in [("full", r#","amplify_io":0"#), ("full-readahead", "")] {
+        for e in std::fs::read_dir(&img.cache).unwrap() {
+            std::fs::remove_file(e.unwrap().path()).unwrap();
+        }
+        let d = Daemon::start(&img, name, extra);
+        assert_same_tree(&src, &d.mnt);
+        // Read again (the page cache dropped): still right, from the backend again.
+        for i in 0..6u64 {
+            let want = noise(1 << 20, i + 500);
+            assert_eq!(read_uncached(&d.path(&format!("big/b{i}"))).unwrap(), want);
+        }
+        assert_eq!(read_uncached(&d.path("z/small")).unwrap(), b"6bytes");
+        let uncached = d.metric("/api/v1/metrics/blobcache", "uncached_chunks");
+        assert!(uncached >= 4, "{name}: {uncached} chunks uncached");
+        let log = d.log_text();
+        assert_eq!(log.matches("logged once").count(), 1, "{log}");
+        assert!(log.contains("No space left on device"), "{log}");
+        println!("{name} cache disk: every file read right, {uncached} chunks served uncached");
+        drop(d);
     }
-    assert_eq!(read_uncached(&d.path("z/small")).unwrap(), b"6bytes");
-    let uncached = d.metric("/api/v1/metrics/blobcache", "uncached_chunks");
-    assert!(uncached >= 4, "{uncached} chunks uncached");
-    let log = d.log_text();
-    assert_eq!(log.matches("logged once").count(), 1, "{log}");
-    assert!(log.contains("No space left on device"), "{log}");
-    println!("full cache disk: every file read right, {uncached} chunks served uncached");
-    drop(d);
 }
 
 /// Reads that find their chunks claimed by prefetch (started at mount, before them, and
