@@ -1538,7 +1538,7 @@ impl ChunkCache {
             let decoded = if self.validate {
                 rafs::read::decode_chunk_cow(&blob.info, c, stored)
             } else {
-                decode_unverified(&blob.info, c, stored)
+                rafs::read::decompress_chunk(&blob.info, c, stored)
             };
             let data = match decoded {
                 Ok(d) => d,
@@ -1622,27 +1622,6 @@ impl<'a> OnDemandGuard<'a> {
 impl Drop for OnDemandGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// Decompresses without checking the digest (`"digest_validate": false`).
-fn decode_unverified<'a>(
-    info: &BlobInfo,
-    c: &ChunkInfo,
-    stored: &'a [u8],
-) -> rafs::Result<std::borrow::Cow<'a, [u8]>> {
-    let what = format!("chunk {} of blob {}", c.ci_index, info.id);
-    if c.compressed {
-        info.compressor
-            .decompress(stored, c.uncompressed_size as usize, &what)
-            .map(std::borrow::Cow::Owned)
-    } else if stored.len() == c.uncompressed_size as usize {
-        Ok(std::borrow::Cow::Borrowed(stored))
-    } else {
-        Err(rafs::Error::Decompress {
-            what,
-            reason: "stored size differs from uncompressed size".into(),
-        })
     }
 }
 

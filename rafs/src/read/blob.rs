@@ -322,24 +322,34 @@ pub fn decode_chunk_cow<'a>(
     chunk: &ChunkInfo,
     stored: &'a [u8],
 ) -> Result<std::borrow::Cow<'a, [u8]>> {
+    let data = decompress_chunk(info, chunk, stored)?;
+    verify_chunk(info, chunk, &data)?;
+    Ok(data)
+}
+
+/// The uncompressed bytes of `chunk` from its stored bytes (`stored` itself when it is
+/// stored uncompressed), **not** checked against its digest: for readers that were told
+/// not to ([`decode_chunk_cow`] checks).
+pub fn decompress_chunk<'a>(
+    info: &BlobInfo,
+    chunk: &ChunkInfo,
+    stored: &'a [u8],
+) -> Result<std::borrow::Cow<'a, [u8]>> {
     let what = || format!("chunk {} of blob {}", chunk.ci_index, info.id);
-    let data = if chunk.compressed {
-        std::borrow::Cow::Owned(info.compressor.decompress(
+    if chunk.compressed {
+        Ok(std::borrow::Cow::Owned(info.compressor.decompress(
             stored,
             chunk.uncompressed_size as usize,
             &what(),
-        )?)
+        )?))
+    } else if stored.len() == chunk.uncompressed_size as usize {
+        Ok(std::borrow::Cow::Borrowed(stored))
     } else {
-        if stored.len() != chunk.uncompressed_size as usize {
-            return Err(Error::Decompress {
-                what: what(),
-                reason: "stored size differs from uncompressed size".into(),
-            });
-        }
-        std::borrow::Cow::Borrowed(stored)
-    };
-    verify_chunk(info, chunk, &data)?;
-    Ok(data)
+        Err(Error::Decompress {
+            what: what(),
+            reason: "stored size differs from uncompressed size".into(),
+        })
+    }
 }
 
 /// Checks `data` against `chunk.digest`.
