@@ -526,11 +526,10 @@ pub struct ChunkCache {
     metrics: Arc<Metrics>,
     /// On-demand fetches in progress (prefetch backs off while non-zero).
     ondemand: AtomicU64,
-    /// When a read last waited for the backend, in ms since `epoch` (0: never).
-    last_ondemand_ms: AtomicU64,
-    /// When the cache disk last refused a chunk, in ms since `epoch` (0: never).
-    last_spill_ms: AtomicU64,
-    epoch: Instant,
+    /// When a read last waited for the backend.
+    last_ondemand: Stamp,
+    /// When the cache disk last refused a chunk.
+    last_spill: Stamp,
     /// Bytes of readahead requests in flight.
     readahead_bytes: AtomicU64,
     /// Readahead requests in flight (at most [`MAX_RA_JOBS`]).
@@ -723,9 +722,8 @@ impl ChunkCache {
             readahead_window: config.readahead_window,
             metrics,
             ondemand: AtomicU64::new(0),
-            last_ondemand_ms: AtomicU64::new(0),
-            last_spill_ms: AtomicU64::new(0),
-            epoch: Instant::now(),
+            last_ondemand: Stamp::default(),
+            last_spill: Stamp::default(),
             readahead_bytes: AtomicU64::new(0),
             readahead_jobs: AtomicU64::new(0),
             uncacheable_logged: Default::default(),
@@ -796,10 +794,7 @@ impl ChunkCache {
     /// fewer requests in flight then, so that the next such read shares the link and
     /// the CPUs with less of it).
     pub fn ondemand_recent(&self, within: Duration) -> bool {
-        let last = self.last_ondemand_ms.load(Ordering::Acquire);
-        last > 0
-            && (self.epoch.elapsed().as_millis() as u64).saturating_sub(last)
-                < within.as_millis() as u64
+        self.last_ondemand.within(within)
     }
 
     /// The trusted description of a chunk a file refers to.
@@ -906,8 +901,7 @@ impl ChunkCache {
         }
         spill.push_back((blob.index, ci, Arc::new(data)));
         drop(spill);
-        let now = (self.epoch.elapsed().as_millis() as u64).max(1);
-        self.last_spill_ms.store(now, Ordering::Release);
+        self.last_spill.mark();
     }
 
     /// Pins (`on`) or unpins the chunks of regular file `inode`: pinned chunks are held
@@ -1320,10 +1314,7 @@ impl ChunkCache {
     /// Whether the cache disk refused a chunk less than [`FAILURE_MEMORY`] ago: readahead
     /// would push the chunks held in memory out from under the readers waiting for them.
     fn spilling(&self) -> bool {
-        let last = self.last_spill_ms.load(Ordering::Acquire);
-        last > 0
-            && (self.epoch.elapsed().as_millis() as u64).saturating_sub(last)
-                < FAILURE_MEMORY.as_millis() as u64
+        self.last_spill.within(FAILURE_MEMORY)
     }
 
     /// Whether a chunk can be served now; verifies a ready chunk not yet verified by this
@@ -1604,8 +1595,38 @@ struct OnDemandMark<'a>(&'a ChunkCache);
 
 impl Drop for OnDemandMark<'_> {
     fn drop(&mut self) {
-        let now = (self.0.epoch.elapsed().as_millis() as u64).max(1);
-        self.0.last_ondemand_ms.store(now, Ordering::Release);
+        self.0.last_ondemand.mark();
+    }
+}
+
+/// When something last happened, readable and settable from any thread without a lock.
+struct Stamp {
+    epoch: Instant,
+    /// Milliseconds from `epoch` to the last time (0: never).
+    last_ms: AtomicU64,
+}
+
+impl Default for Stamp {
+    fn default() -> Self {
+        Stamp {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Stamp {
+    /// It happens now.
+    fn mark(&self) {
+        let now = (self.epoch.elapsed().as_millis() as u64).max(1);
+        self.last_ms.store(now, Ordering::Release);
+    }
+
+    /// Whether it last happened less than `d` ago.
+    fn within(&self, d: Duration) -> bool {
+        let last = self.last_ms.load(Ordering::Acquire);
+        last > 0
+            && (self.epoch.elapsed().as_millis() as u64).saturating_sub(last) < d.as_millis() as u64
     }
 }
 
