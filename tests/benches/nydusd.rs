@@ -48,11 +48,6 @@ impl Rng {
     }
 }
 
-fn drop_caches() {
-    let _ = Command::new("sync").status();
-    std::fs::write("/proc/sys/vm/drop_caches", "3").expect("dropping caches needs root");
-}
-
 /// The sources: one 256 MiB file (mixed compressibility) and 100k small files.
 fn prepare(base: &Path) -> (PathBuf, PathBuf) {
     let big = base.join("nydusd-big");

@@ -29,11 +29,6 @@ const COMMAND: &[&str] = &[
 ];
 const EXPECTED: &str = "{\"ok\": 5}";
 
-fn drop_caches() {
-    let _ = Command::new("sync").status();
-    std::fs::write("/proc/sys/vm/drop_caches", "3").expect("dropping caches needs root");
-}
-
 struct Sample {
     seconds: f64,
     bytes: u64,

@@ -1,10 +1,21 @@
-//! Running commands and FUSE daemons in tests: a checked command runner, the nydusd
+//! Running commands and FUSE daemons in tests: a checked command runner, dropping the
+//! page cache, the nydusd
 //! configuration with the `localfs` backend, and a daemon mounted and guarded.
 
 use crate::guards::{is_mounted, wait_until, ChildGuard, Mount};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
+
+/// Writes dirty pages back and drops the page cache (as root), so that the next reads
+/// reach their filesystem (a FUSE daemon, a disk) again.
+///
+/// # Panics
+/// When `sync` fails or the caches cannot be dropped (not root).
+pub fn drop_caches() {
+    run_ok(&mut Command::new("sync"));
+    std::fs::write("/proc/sys/vm/drop_caches", "3").expect("dropping caches needs root");
+}
 
 /// Runs `cmd` to completion; panics, showing its status and both output streams, unless
 /// it succeeded.

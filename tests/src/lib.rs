@@ -54,8 +54,8 @@ pub use containerd::{
     SNAPSHOTTER,
 };
 pub use daemons::{
-    localfs_config, run_ok, start_fuse_daemon, start_upstream_nydusd, upstream_nydusd_command,
-    FuseDaemon,
+    drop_caches, localfs_config, run_ok, start_fuse_daemon, start_upstream_nydusd,
+    upstream_nydusd_command, FuseDaemon,
 };
 pub use dragonfly::{
     dfdaemon_bin, finish_fetch, fresh_loopback_ip, metric_value, Dfdaemon, Scheduler,

@@ -3,7 +3,7 @@
 //! chunks, daemons sharing a work dir never evict under each other, and every byte read
 //! is right throughout.
 
-use super::nydusd::{build, drop_caches, Daemon, Image};
+use super::nydusd::{build, Daemon, Image};
 use rafs_e2e::*;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};

@@ -195,11 +195,6 @@ pub(crate) fn number(json: &str, field: &str) -> u64 {
         .unwrap_or_else(|_| panic!("{field} is not a number in {json}"))
 }
 
-pub(crate) fn drop_caches() {
-    run_ok(&mut Command::new("sync"));
-    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
-}
-
 /// Reads every regular file below `dir` (not following symlinks); the bytes read.
 fn read_all(dir: &Path) -> u64 {
     let mut total = 0;

@@ -3,7 +3,7 @@
 //! them, per-image metrics, and the access pattern fed back as a prefetch list. Needs
 //! root (FUSE).
 
-use super::nydusd::{build, drop_caches, number, Image};
+use super::nydusd::{build, number, Image};
 use rafs_e2e::*;
 use serde_json::{json, Value};
 use std::collections::HashSet;

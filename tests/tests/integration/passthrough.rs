@@ -2,7 +2,7 @@
 //! of the image over the cache files, without the daemon — and only once every chunk of
 //! the file is cached and verified. Needs root and Linux 6.9+ (FUSE passthrough).
 
-use super::nydusd::{build, drop_caches, Daemon};
+use super::nydusd::{build, Daemon};
 use rafs_e2e::*;
 use std::fs::File;
 use std::io::Read;
