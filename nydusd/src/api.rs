@@ -5,6 +5,9 @@
 //! |---|---|
 //! | `GET /api/v1/daemon` | `{"id", "version": {...}, "state": "RUNNING", "mounts": {"/sub": {"mountpoint", "fs_type", "source"}}, ...}` |
 //! | `PUT /api/v1/daemon/exit` | 204, then the daemon unmounts and exits |
+//! | `PUT /api/v1/daemon/fuse/sendfd` | the FUSE session handed to the supervisor now (`--supervisor`; it is also handed over after INIT and each mount and unmount): 204, 400 without a supervisor, 500 when the supervisor did not take it |
+//! | `PUT /api/v1/daemon/fuse/takeover` | (`--upgrade`) takes the session the supervisor holds and serves it at once: 204; 409 when already serving; 500 with the reason (no session, a state of another version, an image that cannot be mounted again) |
+//! | `PUT /api/v1/daemon/start` | 204 once serving; 409 before a takeover |
 //! | `POST /api/v1/mount?mountpoint=/sub` | body `{"source": BOOTSTRAP, "fs_type": "rafs", "config": "<v1 JSON as a string>", "prefetch_files": [...]}`: 204, or 400 (bad request, bootstrap or config; the message says which), 409 (mountpoint taken, or the daemon has a `--bootstrap`) |
 //! | `DELETE /api/v1/mount?mountpoint=/sub` | 204, or 404 when nothing is mounted there |
 //! | `PUT /api/v1/config?id=/sub` | body `{"registry_auth": "<base64 of user:password>"}`: the registry backends of that image (without `id`: of every image) use these credentials from their next request on; 204, 400 (bad body, no registry backend), 404 (no such image) |
@@ -29,10 +32,12 @@
 use crate::cache::OpenBlobs;
 use crate::client::api::{ConfigUpdate, MountRequest};
 use crate::config::Config;
-use crate::daemon::{self, Event, StateCell};
+use crate::daemon::{self, Event, State};
 use crate::error::{Chain, Error, Result};
+use crate::fuse::FuseOptions;
+use crate::handover::{Handover, Serving};
 use crate::metrics::{self as metrics};
-use crate::vfs::{MountError, Mounted, Vfs};
+use crate::vfs::{MountError, Mounted};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -58,10 +63,12 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct ApiContext {
     /// Daemon id (`--id`, or the mountpoint).
     pub id: String,
-    /// Daemon state.
-    pub state: Arc<StateCell>,
-    /// The images served (with their caches and counters).
-    pub vfs: Arc<Vfs>,
+    /// The images served (with their caches and counters), and the daemon's state.
+    pub serving: Arc<Serving>,
+    /// The hand-over of the FUSE session, with `--supervisor`.
+    pub handover: Option<Arc<Handover>>,
+    /// How a session taken over is served (`--upgrade`).
+    pub upgrade: Option<FuseOptions>,
     /// Where `PUT /api/v1/daemon/exit` is announced.
     pub events: Sender<Event>,
     /// The daemon's open cache files, for the images mounted through the API.
@@ -227,11 +234,12 @@ fn select(ctx: &ApiContext, req: &Request) -> std::result::Result<Arc<Mounted>, 
     let q = query(req)?;
     if let Some(id) = q.get("id").filter(|id| !id.is_empty()) {
         return ctx
-            .vfs
+            .serving
+            .vfs()
             .get(id)
             .ok_or_else(|| error_response(404, &format!("nothing is mounted at {id}")));
     }
-    let mut all = ctx.vfs.mounts();
+    let mut all = ctx.serving.vfs().mounts();
     match all.len() {
         0 => Err(error_response(404, "nothing is mounted")),
         1 => Ok(all.remove(0)),
@@ -283,7 +291,7 @@ fn put_config(ctx: &ApiContext, req: &Request) -> Response {
         Ok(q) => q.get("id").cloned(),
         Err(r) => return r,
     };
-    let mounts = ctx.vfs.mounts();
+    let mounts = ctx.serving.vfs().mounts();
     let mut changed = 0;
     for m in mounts.iter() {
         if wanted.as_ref().is_some_and(|id| *id != m.mountpoint) {
@@ -324,31 +332,37 @@ fn post_mount(ctx: &ApiContext, req: &Request) -> Response {
             ),
         );
     }
-    let config = match Config::from_json(&body.config) {
-        Ok(c) => c,
+    match Config::from_json(&body.config) {
+        Ok(_) => {}
         Err(e) => return error_response(400, &format!("config: {}", Chain(&e))),
     };
-    let index = match ctx.vfs.reserve(&mountpoint) {
+    let index = match ctx.serving.vfs().reserve(&mountpoint) {
         Ok(i) => i,
         Err(e) => return mount_error(e),
     };
-    let source = PathBuf::from(&body.source);
-    let image = match daemon::mount_image(
-        &mountpoint,
-        &source,
-        &config,
+    let spec = daemon::ImageSpec {
+        mountpoint: mountpoint.clone(),
+        source: PathBuf::from(&body.source),
         index,
-        body.prefetch_files.as_deref(),
-        &ctx.open_blobs,
-    ) {
+        config: body.config.clone(),
+        prefetch_files: body.prefetch_files.clone(),
+    };
+    let image = match daemon::mount_image(spec, &ctx.open_blobs) {
         Ok(m) => m,
         Err(e) => {
             warn!("mounting {} at {mountpoint}: {}", body.source, Chain(&e));
             return error_response(400, &format!("source {}: {}", body.source, Chain(&e)));
         }
     };
-    match ctx.vfs.mount(image) {
-        Ok(()) => (204, "application/json", Vec::new()),
+    let vfs = ctx.serving.vfs();
+    match vfs.mount(image) {
+        Ok(()) => {
+            // Before the answer: once the caller has it, a successor must know the image.
+            if let Some(h) = &ctx.handover {
+                h.save_or_warn(&vfs);
+            }
+            (204, "application/json", Vec::new())
+        }
         Err(e) => mount_error(e),
     }
 }
@@ -358,9 +372,75 @@ fn delete_mount(ctx: &ApiContext, req: &Request) -> Response {
         Ok(m) => m,
         Err(r) => return r,
     };
-    match ctx.vfs.umount(&mountpoint) {
-        Ok(_) => (204, "application/json", Vec::new()),
+    let vfs = ctx.serving.vfs();
+    match vfs.umount(&mountpoint) {
+        Ok(_) => {
+            if let Some(h) = &ctx.handover {
+                h.save_or_warn(&vfs);
+            }
+            (204, "application/json", Vec::new())
+        }
         Err(e) => mount_error(e),
+    }
+}
+
+/// `PUT /api/v1/daemon/fuse/sendfd`: the session handed to the supervisor now.
+fn sendfd(ctx: &ApiContext) -> Response {
+    let Some(h) = &ctx.handover else {
+        return error_response(
+            400,
+            "this nydusd was started without --supervisor: there is no supervisor to send the \
+             FUSE session to",
+        );
+    };
+    if !ctx.serving.has_fuse() {
+        return error_response(409, "no FUSE session is served yet");
+    }
+    match h.save(&ctx.serving.vfs()) {
+        Ok(()) => (204, "application/json", Vec::new()),
+        Err(e) => error_response(500, &Chain(&e).to_string()),
+    }
+}
+
+/// `PUT /api/v1/daemon/fuse/takeover`: takes the session the supervisor holds and
+/// serves it.
+fn takeover(ctx: &ApiContext) -> Response {
+    let (Some(h), Some(opts)) = (&ctx.handover, &ctx.upgrade) else {
+        return error_response(
+            400,
+            "only a nydusd started with --upgrade and --supervisor takes a FUSE session over",
+        );
+    };
+    let _one = ctx.serving.busy();
+    if ctx.serving.has_fuse() {
+        return error_response(
+            409,
+            "this nydusd already serves a FUSE session: there is nothing to take over",
+        );
+    }
+    match h.take_over(opts, &ctx.open_blobs, ctx.events.clone()) {
+        Ok((vfs, fuse)) => {
+            ctx.serving.set(vfs, fuse);
+            ctx.serving.state.set(State::Running);
+            (204, "application/json", Vec::new())
+        }
+        Err(e) => {
+            warn!("taking the FUSE session over: {}", Chain(&e));
+            error_response(500, &Chain(&e).to_string())
+        }
+    }
+}
+
+/// `PUT /api/v1/daemon/start`: a session taken over is served from the takeover on;
+/// this only says whether it is.
+fn start(ctx: &ApiContext) -> Response {
+    match ctx.serving.state.get() {
+        State::Running => (204, "application/json", Vec::new()),
+        State::Init => error_response(
+            409,
+            "nothing to start: take a FUSE session over first (PUT /api/v1/daemon/fuse/takeover)",
+        ),
+        State::Stopped => error_response(409, "the daemon is stopping"),
     }
 }
 
@@ -456,7 +536,8 @@ pub fn route(ctx: &ApiContext, req: &Request) -> Response {
     match (req.method.as_str(), req.path.as_str()) {
         ("GET", "/api/v1/daemon") => {
             let collection: serde_json::Map<String, Value> = ctx
-                .vfs
+                .serving
+                .vfs()
                 .mounts()
                 .iter()
                 .map(|m| {
@@ -481,8 +562,8 @@ pub fn route(ctx: &ApiContext, req: &Request) -> Response {
                         "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
                         "rustc": "",
                     },
-                    "supervisor": null,
-                    "state": ctx.state.get().as_str(),
+                    "supervisor": ctx.handover.as_ref().map(|h| h.supervisor().display().to_string()),
+                    "state": ctx.serving.state.get().as_str(),
                     // Upstream fills this with its own config structures, which
                     // nydusctl 2.2 insists on parsing (it panics on anything else):
                     // the images served are listed under `mounts` instead.
@@ -493,6 +574,9 @@ pub fn route(ctx: &ApiContext, req: &Request) -> Response {
         }
         // The exit itself is announced once the reply is out (see `handle`).
         ("PUT", "/api/v1/daemon/exit") => (204, "application/json", Vec::new()),
+        ("PUT", "/api/v1/daemon/fuse/sendfd") => sendfd(ctx),
+        ("PUT", "/api/v1/daemon/fuse/takeover") => takeover(ctx),
+        ("PUT", "/api/v1/daemon/start") => start(ctx),
         ("POST", "/api/v1/mount") => post_mount(ctx, req),
         ("PUT", "/api/v1/config") => put_config(ctx, req),
         ("DELETE", "/api/v1/mount") => delete_mount(ctx, req),
@@ -511,12 +595,12 @@ pub fn route(ctx: &ApiContext, req: &Request) -> Response {
         ("GET", "/api/v1/metrics/files") => one(&|m| file_metrics(m, req, false)),
         ("GET", "/api/v1/metrics/pattern") => one(&|m| file_metrics(m, req, true)),
         ("GET", "/metrics") => {
-            let mounts = ctx.vfs.mounts();
+            let mounts = ctx.serving.vfs().mounts();
             let labelled: Vec<(String, &metrics::Metrics)> = mounts
                 .iter()
                 .map(|m| {
                     let kind = m.fs.cache().backend_kind();
-                    let labels = if ctx.vfs.is_pseudo() {
+                    let labels = if ctx.serving.vfs().is_pseudo() {
                         format!("backend=\"{kind}\",id=\"{}\"", label(&m.mountpoint))
                     } else {
                         format!("backend=\"{kind}\"")
@@ -534,6 +618,9 @@ pub fn route(ctx: &ApiContext, req: &Request) -> Response {
             _,
             "/api/v1/daemon"
             | "/api/v1/daemon/exit"
+            | "/api/v1/daemon/fuse/sendfd"
+            | "/api/v1/daemon/fuse/takeover"
+            | "/api/v1/daemon/start"
             | "/metrics"
             | "/api/v1/mount"
             | "/api/v1/config",

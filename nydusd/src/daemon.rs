@@ -177,39 +177,51 @@ pub fn build_fs(
     Ok(Arc::new(fs))
 }
 
-/// Opens `bootstrap` as the image at `mountpoint` with mount `index`, and starts its
-/// background prefetch when the config enables it: of `prefetch_files` (absolute paths
-/// in the image) if given, else of the bootstrap's prefetch table.
-pub fn mount_image(
-    mountpoint: &str,
-    bootstrap: &Path,
-    config: &Config,
-    index: u16,
-    prefetch_files: Option<&[String]>,
-    open: &Arc<OpenBlobs>,
-) -> Result<Mounted> {
+/// What an image is mounted from: enough to mount it again the same way (a successor
+/// taking the FUSE session over does, see [`crate::handover`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ImageSpec {
+    /// Where it is, upstream's `mountpoint`: `/` for `--bootstrap`, `/sub` for API mounts.
+    pub mountpoint: String,
+    /// Its bootstrap file.
+    pub source: std::path::PathBuf,
+    /// Its mount index (the high bits of its inode numbers).
+    pub index: u16,
+    /// Its config, the v1 JSON text it was given.
+    pub config: String,
+    /// Files to prefetch first (absolute paths in the image), instead of the
+    /// bootstrap's prefetch table.
+    pub prefetch_files: Option<Vec<String>>,
+}
+
+/// Mounts the image `spec` describes, and starts its background prefetch when the config
+/// enables it: of `prefetch_files` if given, else of the bootstrap's prefetch table.
+pub fn mount_image(spec: ImageSpec, open: &Arc<OpenBlobs>) -> Result<Mounted> {
+    let config = Config::from_json(&spec.config)?;
     let metrics = Arc::new(Metrics::default());
-    let fs = build_fs(bootstrap, config, metrics.clone(), index, open)?;
+    let fs = build_fs(&spec.source, &config, metrics.clone(), spec.index, open)?;
     let cache = fs.cache().clone();
+    let mountpoint = &spec.mountpoint;
     if !config.digest_validate {
         warn!("{mountpoint}: digest_validate is off: chunks are served without verification");
     }
     let prefetch = if config.prefetch.enable {
-        let list = match prefetch_files {
+        let list = match &spec.prefetch_files {
             Some(paths) => PrefetchList::from_paths(&cache, &paths.join("\n")),
             None => PrefetchList::from_bootstrap(&cache),
         };
         Some(Prefetch::start(cache, list, config.prefetch.clone()))
     } else {
-        if prefetch_files.is_some() {
+        if spec.prefetch_files.is_some() {
             warn!("{mountpoint}: the prefetch list is ignored: fs_prefetch.enable is false");
         }
         None
     };
     Ok(Mounted {
-        mountpoint: mountpoint.to_string(),
-        source: bootstrap.to_path_buf(),
-        index,
+        mountpoint: spec.mountpoint.clone(),
+        source: spec.source.clone(),
+        index: spec.index,
+        spec,
         fs,
         metrics,
         prefetch: std::sync::Mutex::new(prefetch),

@@ -25,6 +25,10 @@ pub enum Error {
         /// Why it was rejected.
         reason: String,
     },
+    /// A session state handed over by a predecessor (through the supervisor) is
+    /// unusable.
+    #[error("The state of the FUSE session to take over is unusable: {0}")]
+    State(String),
     /// The bootstrap could not be opened or failed validation.
     #[error("Bootstrap {path} is unusable")]
     Bootstrap {

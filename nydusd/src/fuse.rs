@@ -5,6 +5,7 @@
 
 use crate::daemon::Event;
 use crate::error::{Chain, Error, Result};
+use crate::fuse_opens::OpenTable;
 use crate::passthrough::{self, FuseBacking};
 use crate::vfs::Vfs;
 use fuse_backend_rs::api::filesystem::FileSystem;
@@ -13,7 +14,7 @@ use fuse_backend_rs::transport::{FuseDevWriter, FuseSession, Reader};
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
@@ -49,6 +50,48 @@ const WATCH: std::time::Duration = std::time::Duration::from_millis(5);
 pub struct FuseService {
     pool: Arc<Pool>,
     watcher: Option<JoinHandle<()>>,
+    /// The mountpoint of a session taken over (unmounted by path at stop: the session
+    /// object was made without it, see [`FuseSource::Adopt`]).
+    adopted: Option<PathBuf>,
+}
+
+/// Where a [`FuseService`]'s session comes from.
+pub enum FuseSource {
+    /// A new mount at this directory.
+    Mount(PathBuf),
+    /// The FUSE device of a session mounted at `mountpoint` by a predecessor, whose INIT
+    /// is long done (see [`crate::handover`]).
+    Adopt {
+        /// Where the session is mounted.
+        mountpoint: PathBuf,
+        /// Its FUSE device.
+        file: File,
+    },
+}
+
+/// See [`FuseOptions::on_init`].
+pub type OnInit = Arc<dyn Fn(&File) + Send + Sync>;
+
+/// How a [`FuseService`] serves.
+#[derive(Clone)]
+pub struct FuseOptions {
+    /// Threads kept however idle.
+    pub threads: usize,
+    /// The mount's kernel readahead window in KiB (0: the kernel's); see
+    /// [`set_readahead`].
+    pub readahead_kb: u32,
+    /// Whether to ask the kernel for FUSE passthrough of fully cached files (see
+    /// [`crate::passthrough`]).
+    pub passthrough: bool,
+    /// Whether a session taken over asks the kernel to resend the requests its
+    /// predecessor left unanswered (`--failover-policy resend`).
+    pub resend: bool,
+    /// Where opens are recorded.
+    pub table: Arc<OpenTable>,
+    /// Called once the kernel's INIT is answered (passthrough set up, before the reply
+    /// when it is negotiated), with the session's FUSE device: a supervised daemon hands
+    /// its session over then.
+    pub on_init: Option<OnInit>,
 }
 
 /// The threads of a [`FuseService`] and what starting one more needs.
@@ -185,15 +228,21 @@ impl Pool {
                     self.idle.fetch_sub(1, Ordering::AcqRel);
                     slot.store(self.now_ms(), Ordering::Release);
                     let init = &self.init;
-                    let answered = init.pending.load(Ordering::Relaxed)
-                        && init.pending.swap(false, Ordering::AcqRel)
-                        && answer_init(&self.server, &reader, init);
+                    let is_init = init.pending.load(Ordering::Relaxed)
+                        && init.pending.swap(false, Ordering::AcqRel);
+                    let answered =
+                        is_init && init.passthrough && answer_init(&self.server, &reader, init);
                     if !answered {
                         if let Err(e) =
                             self.server
                                 .handle_message(reader, writer.into(), None, None)
                         {
                             debug!("FUSE request failed: {e}");
+                        }
+                        if is_init {
+                            if let Some(f) = &init.on_init {
+                                f(&init.dev);
+                            }
                         }
                     }
                     slot.store(0, Ordering::Release);
@@ -261,12 +310,18 @@ pub fn set_readahead(mountpoint: &Path, kb: u32) -> std::io::Result<String> {
 
 /// What the thread answering INIT needs.
 struct InitState {
-    /// INIT has not been seen yet (and passthrough is wanted).
+    /// INIT has not been seen yet.
     pending: AtomicBool,
+    /// Passthrough is wanted.
+    passthrough: bool,
     vfs: Arc<Vfs>,
     readahead_kb: u32,
     /// The FUSE device, where the reply goes.
     dev: File,
+    /// Where opens are recorded.
+    table: Arc<OpenTable>,
+    /// See [`FuseOptions::on_init`].
+    on_init: Option<OnInit>,
 }
 
 /// When `reader` holds an INIT whose kernel offers passthrough: answers it through
@@ -295,8 +350,15 @@ fn answer_init(server: &Server<Arc<Vfs>>, reader: &Reader<'_>, init: &InitState)
         if patched {
             // Before the reply: once the kernel has it, other threads take OPENs, and
             // each must be counted in its io mode (see `RafsFs::open_file`).
-            init.vfs
-                .set_passthrough(FuseBacking::new(init.dev.try_clone()?, init.readahead_kb));
+            init.vfs.set_passthrough(
+                FuseBacking::new(init.dev.try_clone()?, init.readahead_kb),
+                init.table.clone(),
+            );
+        }
+        // Before the reply too: once the kernel has it, files may be opened passed
+        // through, and a successor must know that the session negotiated it.
+        if let Some(f) = &init.on_init {
+            f(&init.dev);
         }
         passthrough::write_reply(&init.dev, &reply)?;
         Ok(patched)
@@ -318,63 +380,86 @@ fn answer_init(server: &Server<Arc<Vfs>>, reader: &Reader<'_>, init: &InitState)
 }
 
 impl FuseService {
-    /// Mounts `fs` read-only at `mountpoint` and serves it with `threads` threads. Each
-    /// thread sends [`Event::FuseEnded`] on `events` when it stops. Unmounts in `fs`
-    /// invalidate the kernel's cached names through this session. `readahead_kb`, when
-    /// not 0, becomes the mount's kernel readahead window (see [`set_readahead`]).
-    /// `passthrough` asks the kernel for FUSE passthrough of fully cached files (see
-    /// [`crate::passthrough`]); without kernel support the session serves all reads.
+    /// Serves `fs` on a FUSE session: mounted read-only now ([`FuseSource::Mount`]), or
+    /// taken over from a predecessor ([`FuseSource::Adopt`]: the kernel is asked to
+    /// resend what the predecessor read but did not answer). Each thread sends
+    /// [`Event::FuseEnded`] on `events` when it stops. Unmounts in `fs` invalidate the
+    /// kernel's cached names through this session. Without kernel support for
+    /// passthrough the session serves all reads.
     pub fn start(
         fs: Arc<Vfs>,
-        mountpoint: &Path,
-        threads: usize,
-        readahead_kb: u32,
-        passthrough: bool,
+        source: FuseSource,
+        opts: FuseOptions,
         events: Sender<Event>,
     ) -> Result<FuseService> {
-        let mut session = FuseSession::new(mountpoint, "rafs", "nydusfs", true)
-            .map_err(|e| Error::Fuse(format!("session at {}: {e}", mountpoint.display())))?;
-        session.set_allow_other(true);
-        session
-            .mount()
-            .map_err(|e| Error::Fuse(format!("mounting {}: {e}", mountpoint.display())))?;
-        let notify_file = session
+        let (session, mountpoint, adopted) = match source {
+            FuseSource::Mount(mountpoint) => {
+                let mut session =
+                    FuseSession::new(&mountpoint, "rafs", "nydusfs", true).map_err(|e| {
+                        Error::Fuse(format!("session at {}: {e}", mountpoint.display()))
+                    })?;
+                session.set_allow_other(true);
+                session
+                    .mount()
+                    .map_err(|e| Error::Fuse(format!("mounting {}: {e}", mountpoint.display())))?;
+                (session, mountpoint, false)
+            }
+            FuseSource::Adopt { mountpoint, file } => {
+                // Made at `/`, not at the mountpoint: looking the mountpoint up would
+                // wait for this very session to answer. It is never mounted or unmounted
+                // through this object (see `stop`).
+                let mut session = FuseSession::new(Path::new("/"), "rafs", "nydusfs", true)
+                    .map_err(|e| Error::Fuse(format!("session object: {e}")))?;
+                session.set_fuse_file(file);
+                (session, mountpoint, true)
+            }
+        };
+        let device = session
             .get_fuse_file()
             .ok_or_else(|| Error::Fuse("no FUSE device after mounting".into()))?
             .try_clone()
             .map_err(|e| Error::io("Duplicating the FUSE device", e))?;
-        let notifier = Server::new(NoFs);
-        fs.set_notifier(Box::new(move |parent, name| {
-            let mut buf = vec![0u8; 4096];
-            let w = FuseDevWriter::<()>::new(notify_file.as_raw_fd(), &mut buf)
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-            notifier
-                .notify_inval_entry(w, parent, name)
-                .map(|_| ())
-                .map_err(|e| match e {
-                    fuse_backend_rs::Error::InvalidMessage(io) => io,
-                    e => std::io::Error::other(e.to_string()),
-                })
-        }));
+        let dev = || -> Result<File> {
+            device
+                .try_clone()
+                .map_err(|e| Error::io("Duplicating the FUSE device", e))
+        };
+        let notify_file = dev()?;
+        let notifier = Arc::new(Server::new(NoFs));
+        {
+            let notifier = notifier.clone();
+            fs.set_notifier(Box::new(move |parent, name| {
+                let mut buf = vec![0u8; 4096];
+                let w = FuseDevWriter::<()>::new(notify_file.as_raw_fd(), &mut buf)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                notifier
+                    .notify_inval_entry(w, parent, name)
+                    .map(|_| ())
+                    .map_err(|e| match e {
+                        fuse_backend_rs::Error::InvalidMessage(io) => io,
+                        e => std::io::Error::other(e.to_string()),
+                    })
+            }));
+        }
         let server = Arc::new(Server::new(fs.clone()));
-        // The first request of the session is INIT; until it is answered, each thread
+        // The first request of a new session is INIT; until it is answered, each thread
         // looks whether its request is it (see `answer_init`).
         let init = Arc::new(InitState {
-            pending: AtomicBool::new(passthrough),
+            pending: AtomicBool::new(!adopted),
+            passthrough: opts.passthrough,
             vfs: fs,
-            readahead_kb,
-            dev: session
-                .get_fuse_file()
-                .ok_or_else(|| Error::Fuse("no FUSE device after mounting".into()))?
-                .try_clone()
-                .map_err(|e| Error::io("Duplicating the FUSE device", e))?,
+            readahead_kb: opts.readahead_kb,
+            dev: dev()?,
+            table: opts.table.clone(),
+            on_init: opts.on_init.clone(),
         });
+        let threads = opts.threads.max(1);
         let pool = Arc::new(Pool {
             session: std::sync::Mutex::new(Some(session)),
             server,
             init,
             events,
-            base: threads.max(1),
+            base: threads,
             started: Default::default(),
             idle: Default::default(),
             threads: Default::default(),
@@ -382,7 +467,7 @@ impl FuseService {
             busy: Default::default(),
             epoch: std::time::Instant::now(),
         });
-        for _ in 0..threads.max(1) {
+        for _ in 0..threads {
             pool.grow()?;
         }
         let watcher = {
@@ -395,15 +480,29 @@ impl FuseService {
         let service = FuseService {
             pool,
             watcher: Some(watcher),
+            adopted: adopted.then(|| mountpoint.clone()),
         };
         info!(
-            "serving {} with {} FUSE threads (up to {MAX_FUSE_THREADS} while requests are stuck)",
+            "serving {} with {threads} FUSE threads (up to {MAX_FUSE_THREADS} while requests are stuck)",
             mountpoint.display(),
-            threads.max(1)
         );
-        if readahead_kb > 0 {
-            match set_readahead(mountpoint, readahead_kb) {
-                Ok(bdi) => debug!("readahead of {bdi}: {readahead_kb} KiB"),
+        if adopted && opts.resend {
+            // Requests the predecessor read and never answered go back to the queue.
+            let dev = dev()?;
+            let mut buf = vec![0u8; 64];
+            let resent = FuseDevWriter::<()>::new(dev.as_raw_fd(), &mut buf)
+                .map_err(|e| e.to_string())
+                .and_then(|w| notifier.notify_resend(w).map_err(|e| e.to_string()));
+            match resent {
+                Ok(()) => info!("asked the kernel to resend the requests left unanswered"),
+                Err(e) => warn!(
+                    "the kernel did not take FUSE_NOTIFY_RESEND (Linux 6.9+): requests the \
+                     previous daemon read and did not answer stay unanswered: {e}"
+                ),
+            }
+        } else if opts.readahead_kb > 0 {
+            match set_readahead(&mountpoint, opts.readahead_kb) {
+                Ok(bdi) => debug!("readahead of {bdi}: {} KiB", opts.readahead_kb),
                 Err(e) => warn!(
                     "keeping the kernel's readahead for {}: {e}",
                     mountpoint.display()
@@ -431,8 +530,22 @@ impl FuseService {
             if let Err(e) = session.wake() {
                 error!("waking FUSE threads: {e}");
             }
-            if let Err(e) = session.umount() {
-                error!("unmounting: {}", Chain(&e));
+            match &self.adopted {
+                Some(mountpoint) => {
+                    // Made at `/`: never let it unmount that. The device closes with
+                    // the process.
+                    std::mem::forget(session);
+                    if let Err(e) =
+                        rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH)
+                    {
+                        error!("unmounting {}: {e}", mountpoint.display());
+                    }
+                }
+                None => {
+                    if let Err(e) = session.umount() {
+                        error!("unmounting: {}", Chain(&e));
+                    }
+                }
             }
         }
         let threads =

@@ -8,6 +8,13 @@
 //! they are all released; and it passes through to one backing file at a time. That
 //! state is kept here per image ([`ImageOpens`]), by the FUSE session's [`Passthrough`],
 //! which [`crate::vfs::Vfs`] consults only once the session negotiated passthrough.
+//!
+//! Every open is also written to an [`OpenTable`], a memory file that outlives the
+//! daemon: a successor that takes the FUSE session over (see [`crate::handover`]) reads
+//! which files the kernel holds open, in which mode and with which backing id, and goes
+//! on from there. Each open gets a file handle of its own (its slot in the table and the
+//! slot's generation), so that a `RELEASE` the kernel resends to a successor, after the
+//! dead daemon had counted it, finds its slot already free and counts nothing twice.
 
 use crate::fs::RafsFs;
 use crate::metrics::Metrics;
@@ -20,10 +27,199 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use tracing::{debug, error, info};
 
-/// Handle of a file open through the page cache.
-const HANDLE_CACHED: u64 = 1;
-/// Handle of a file open in passthrough mode.
-const HANDLE_PASSTHROUGH: u64 = 2;
+/// How a file is open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Through the page cache, read by the daemon.
+    Cached = 1,
+    /// Passed through to a backing file.
+    Passthrough = 2,
+}
+
+/// One open file, as the [`OpenTable`] records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpenRecord {
+    /// The image's mount index.
+    pub index: u16,
+    /// The file's nid in its image.
+    pub nid: u64,
+    /// Its mode.
+    pub mode: OpenMode,
+    /// Its backing id (passthrough only).
+    pub backing_id: u32,
+}
+
+/// First bytes of an [`OpenTable`]'s file (its layout's version is the last digit).
+const TABLE_MAGIC: &[u8; 8] = b"NYDOPEN1";
+/// Bytes before the first slot.
+const TABLE_HEADER: u64 = 16;
+/// Bytes of a slot: generation (u32), mode (u32, 0 when free), key (u64: index << 48 |
+/// nid), backing id (u32), unused (u32), little-endian.
+const SLOT: u64 = 24;
+/// Most slots a table file is read with (a successor refuses a larger one).
+pub const MAX_OPEN_SLOTS: u64 = 1 << 24;
+
+/// The open files of a FUSE session, in a memory file (`memfd`) handed to the supervisor
+/// with the FUSE device, so that it outlives the daemon. Each slot is written with one
+/// `pwrite`, which a `SIGKILL` does not cut in half. An open is recorded before the
+/// kernel hears of it and forgotten before the backing id is closed: a daemon killed in
+/// between leaves at worst a slot the kernel never got (a backing id kept open for
+/// nothing), never a file the successor does not know about.
+pub struct OpenTable {
+    file: std::fs::File,
+    slots: Mutex<Slots>,
+}
+
+#[derive(Default)]
+struct Slots {
+    /// Each slot's generation and record (`None` when free).
+    all: Vec<(u32, Option<OpenRecord>)>,
+    free: Vec<u32>,
+}
+
+impl OpenTable {
+    /// An empty table in a new memory file.
+    pub fn new() -> io::Result<OpenTable> {
+        let fd = rustix::fs::memfd_create("nydusd-opens", rustix::fs::MemfdFlags::CLOEXEC)?;
+        let file = std::fs::File::from(fd);
+        let mut head = [0u8; TABLE_HEADER as usize];
+        head[..8].copy_from_slice(TABLE_MAGIC);
+        std::os::unix::fs::FileExt::write_all_at(&file, &head, 0)?;
+        Ok(OpenTable {
+            file,
+            slots: Mutex::default(),
+        })
+    }
+
+    /// The table a predecessor left in `file`.
+    pub fn load(file: std::fs::File) -> io::Result<OpenTable> {
+        use std::os::unix::fs::FileExt;
+        let bad = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
+        let len = file.metadata()?.len();
+        let mut head = [0u8; TABLE_HEADER as usize];
+        file.read_exact_at(&mut head, 0)
+            .map_err(|e| bad(format!("the open-file table has no header: {e}")))?;
+        if &head[..8] != TABLE_MAGIC {
+            return Err(bad(format!(
+                "the open-file table starts with {:02x?}, not {:?} (another nydusd version?)",
+                &head[..8],
+                String::from_utf8_lossy(TABLE_MAGIC)
+            )));
+        }
+        let n = len.saturating_sub(TABLE_HEADER) / SLOT;
+        if n > MAX_OPEN_SLOTS {
+            return Err(bad(format!("the open-file table has {n} slots")));
+        }
+        let mut bytes = vec![0u8; (n * SLOT) as usize];
+        file.read_exact_at(&mut bytes, TABLE_HEADER)?;
+        let mut slots = Slots::default();
+        for (i, s) in bytes.chunks_exact(SLOT as usize).enumerate() {
+            let word = |a: usize| u32::from_le_bytes(s[a..a + 4].try_into().expect("4 bytes"));
+            let key = u64::from_le_bytes(s[8..16].try_into().expect("8 bytes"));
+            let mode = match word(4) {
+                1 => Some(OpenMode::Cached),
+                2 => Some(OpenMode::Passthrough),
+                _ => None,
+            };
+            let rec = mode.map(|mode| OpenRecord {
+                index: (key >> 48) as u16,
+                nid: key & ((1 << 48) - 1),
+                mode,
+                backing_id: word(16),
+            });
+            if rec.is_none() {
+                slots.free.push(i as u32);
+            }
+            slots.all.push((word(0), rec));
+        }
+        // Lowest slots first.
+        slots.free.reverse();
+        Ok(OpenTable {
+            file,
+            slots: Mutex::new(slots),
+        })
+    }
+
+    /// The memory file (what the supervisor keeps).
+    pub fn file(&self) -> &std::fs::File {
+        &self.file
+    }
+
+    /// Every open recorded, with its handle.
+    pub fn records(&self) -> Vec<(u64, OpenRecord)> {
+        let slots = self.lock();
+        slots
+            .all
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (gen, rec))| rec.map(|r| (handle(i as u32, *gen), r)))
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self, slot: u32, gen: u32, rec: Option<OpenRecord>) -> io::Result<()> {
+        let mut b = [0u8; SLOT as usize];
+        b[..4].copy_from_slice(&gen.to_le_bytes());
+        if let Some(r) = rec {
+            b[4..8].copy_from_slice(&(r.mode as u32).to_le_bytes());
+            b[8..16].copy_from_slice(&((r.index as u64) << 48 | r.nid).to_le_bytes());
+            b[16..20].copy_from_slice(&r.backing_id.to_le_bytes());
+        }
+        std::os::unix::fs::FileExt::write_all_at(&self.file, &b, TABLE_HEADER + slot as u64 * SLOT)
+    }
+
+    /// Records an open; its file handle.
+    pub fn add(&self, rec: OpenRecord) -> io::Result<u64> {
+        let mut slots = self.lock();
+        let slot = match slots.free.pop() {
+            Some(s) => s,
+            None => {
+                if slots.all.len() as u64 >= MAX_OPEN_SLOTS {
+                    return Err(io::Error::other("too many open files"));
+                }
+                slots.all.push((0, None));
+                (slots.all.len() - 1) as u32
+            }
+        };
+        let gen = slots.all[slot as usize].0.wrapping_add(1).max(1);
+        if let Err(e) = self.write(slot, gen, Some(rec)) {
+            slots.free.push(slot);
+            return Err(e);
+        }
+        slots.all[slot as usize] = (gen, Some(rec));
+        Ok(handle(slot, gen))
+    }
+
+    /// Forgets the open with handle `fh`, if it is recorded and of image `index`; what
+    /// it was.
+    pub fn remove(&self, fh: u64, index: u16) -> Option<OpenRecord> {
+        let (slot, gen) = ((fh >> 32) as u32, fh as u32);
+        let mut slots = self.lock();
+        let (g, rec) = *slots.all.get(slot as usize)?;
+        let rec = rec.filter(|r| g == gen && r.index == index)?;
+        if let Err(e) = self.write(slot, gen, None) {
+            error!("forgetting open file handle {fh:#x}: {e}");
+        }
+        slots.all[slot as usize].1 = None;
+        slots.free.push(slot);
+        Some(rec)
+    }
+
+    /// Forgets every open of image `index` (it is unmounted).
+    pub fn remove_image(&self, index: u16) {
+        for (fh, _) in self.records().into_iter().filter(|(_, r)| r.index == index) {
+            self.remove(fh, index);
+        }
+    }
+}
+
+/// The file handle of generation `gen` of `slot` (never 0: generations start at 1).
+fn handle(slot: u32, gen: u32) -> u64 {
+    (slot as u64) << 32 | gen as u64
+}
 
 /// What `open` answers: handle, options, backing id.
 type OpenReply = (Option<u64>, OpenOptions, Option<u32>);
@@ -59,6 +255,8 @@ impl ImageOpens {
         inode: u64,
         flags: u32,
         dev: &Arc<FuseBacking>,
+        table: &OpenTable,
+        index: u16,
     ) -> io::Result<OpenReply> {
         let i = fs.open_checked(inode, flags)?;
         // O_DIRECT readers stay with the daemon: passed through, their reads would have
@@ -69,8 +267,8 @@ impl ImageOpens {
         {
             let mut modes = self.io_modes.lock().unwrap_or_else(|e| e.into_inner());
             let m = modes.entry(i.nid).or_default();
-            if let Some(reply) = join_mode(fs, m) {
-                return Ok(reply);
+            if let Some(mode) = join_mode(m) {
+                return record(fs, m, mode, table, index, i.nid);
             }
         }
         // The first open: whether the file can be passed through is found out without
@@ -92,18 +290,19 @@ impl ImageOpens {
         };
         let mut modes = self.io_modes.lock().unwrap_or_else(|e| e.into_inner());
         let m = modes.entry(i.nid).or_default();
-        if let Some(reply) = join_mode(fs, m) {
+        if let Some(mode) = join_mode(m) {
             unpin();
-            return Ok(reply);
+            return record(fs, m, mode, table, index, i.nid);
         }
         if let Some(id) = file.and_then(|f| dev.open(&f)) {
             m.backing_id = id;
             m.dev = Some(dev.clone());
-            return Ok(join_mode(fs, m).expect("open passed through"));
+            let mode = join_mode(m).expect("open passed through");
+            return record(fs, m, mode, table, index, i.nid);
         }
         unpin();
         m.cached += 1;
-        Ok((Some(HANDLE_CACHED), OpenOptions::KEEP_CACHE, None))
+        record(fs, m, OpenMode::Cached, table, index, i.nid)
     }
 
     /// The file of regular file `i` in this image's [`BackingMount`], if all of it is
@@ -156,37 +355,61 @@ impl ImageOpens {
         }
     }
 
-    /// A release of `handle` on `inode` of `fs`.
-    fn release(&self, fs: &RafsFs, inode: u64, handle: u64) {
-        if handle != HANDLE_CACHED && handle != HANDLE_PASSTHROUGH {
-            return;
-        }
-        let Some(nid) = fs.inode_map().to_nid(inode) else {
-            return;
-        };
+    /// A release of the open `rec` of `fs` (already gone from the table).
+    fn release(&self, fs: &RafsFs, rec: OpenRecord) {
+        let nid = rec.nid;
         // The kernel has left the file's io mode before it sends RELEASE: counting
         // down here never lags behind it into a mode it would refuse.
         let mut modes = self.io_modes.lock().unwrap_or_else(|e| e.into_inner());
         let Some(m) = modes.get_mut(&nid) else {
             return;
         };
-        if handle == HANDLE_CACHED {
-            m.cached = m.cached.saturating_sub(1);
-        } else {
-            m.passthrough = m.passthrough.saturating_sub(1);
-            if m.passthrough == 0 {
-                if let Some(dev) = m.dev.take() {
-                    if let Err(e) = dev.close(m.backing_id) {
-                        error!("closing backing file {} of nid {nid}: {e}", m.backing_id);
-                    }
-                    if let Ok(i) = fs.bootstrap().inode(nid) {
-                        let _ = fs.cache().pin_file(&i, false);
+        match rec.mode {
+            OpenMode::Cached => m.cached = m.cached.saturating_sub(1),
+            OpenMode::Passthrough => {
+                m.passthrough = m.passthrough.saturating_sub(1);
+                if m.passthrough == 0 {
+                    if let Some(dev) = m.dev.take() {
+                        if let Err(e) = dev.close(m.backing_id) {
+                            error!("closing backing file {} of nid {nid}: {e}", m.backing_id);
+                        }
+                        if let Ok(i) = fs.bootstrap().inode(nid) {
+                            let _ = fs.cache().pin_file(&i, false);
+                        }
                     }
                 }
             }
         }
         if m.cached == 0 && m.passthrough == 0 {
             modes.remove(&nid);
+        }
+    }
+
+    /// Takes on the opens a predecessor recorded for this image (`fs`): their counts,
+    /// backing ids (still the connection's), and pins on the chunks of files passed
+    /// through (the predecessor's went with it).
+    fn adopt(&self, fs: &RafsFs, records: &[OpenRecord], dev: &Arc<FuseBacking>) {
+        let mut modes = self.io_modes.lock().unwrap_or_else(|e| e.into_inner());
+        for r in records {
+            let m = modes.entry(r.nid).or_default();
+            match r.mode {
+                OpenMode::Cached => m.cached += 1,
+                OpenMode::Passthrough => {
+                    if m.dev.is_none() {
+                        m.backing_id = r.backing_id;
+                        m.dev = Some(dev.clone());
+                        match fs.bootstrap().inode(r.nid) {
+                            Ok(i) => {
+                                if let Err(e) = fs.cache().pin_file(&i, true) {
+                                    fs.fail(&format!("pinning the chunks of nid {}", r.nid), e);
+                                }
+                            }
+                            Err(e) => error!("nid {} of an open file: {e}", r.nid),
+                        }
+                    }
+                    m.passthrough += 1;
+                }
+            }
         }
     }
 }
@@ -206,37 +429,84 @@ impl Drop for ImageOpens {
 
 /// Counts one more open of a file already open, in the mode of its other opens (the
 /// kernel refuses mixed modes); `None` when the file is not open.
-fn join_mode(fs: &RafsFs, m: &mut IoMode) -> Option<OpenReply> {
+fn join_mode(m: &mut IoMode) -> Option<OpenMode> {
     if m.dev.is_some() {
         m.passthrough += 1;
-        Metrics::add(&fs.metrics().fs.passthrough_opens, 1);
-        Some((
-            Some(HANDLE_PASSTHROUGH),
-            passthrough_open_options(),
-            Some(m.backing_id),
-        ))
+        Some(OpenMode::Passthrough)
     } else if m.cached > 0 {
         m.cached += 1;
-        Some((Some(HANDLE_CACHED), OpenOptions::KEEP_CACHE, None))
+        Some(OpenMode::Cached)
     } else {
         None
     }
 }
 
-/// The FUSE session's passthrough: its backing-file table, and the opens of each image
-/// by mount index.
+/// Records an open just counted in `m` (in `mode`) in the table: the kernel's answer.
+/// When the table cannot take it, the count is undone and the open fails.
+fn record(
+    fs: &RafsFs,
+    m: &mut IoMode,
+    mode: OpenMode,
+    table: &OpenTable,
+    index: u16,
+    nid: u64,
+) -> io::Result<OpenReply> {
+    let backing_id = if mode == OpenMode::Passthrough {
+        m.backing_id
+    } else {
+        0
+    };
+    let rec = OpenRecord {
+        index,
+        nid,
+        mode,
+        backing_id,
+    };
+    match table.add(rec) {
+        Ok(fh) => Ok(match mode {
+            OpenMode::Passthrough => {
+                Metrics::add(&fs.metrics().fs.passthrough_opens, 1);
+                (Some(fh), passthrough_open_options(), Some(backing_id))
+            }
+            OpenMode::Cached => (Some(fh), OpenOptions::KEEP_CACHE, None),
+        }),
+        Err(e) => {
+            error!("recording an open of nid {nid}: {e}");
+            match mode {
+                OpenMode::Passthrough => m.passthrough -= 1,
+                OpenMode::Cached => m.cached -= 1,
+            }
+            if m.passthrough == 0 {
+                if let Some(dev) = m.dev.take() {
+                    let _ = dev.close(m.backing_id);
+                }
+            }
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        }
+    }
+}
+
+/// The FUSE session's passthrough: its backing-file table, the opens of each image by
+/// mount index, and the [`OpenTable`] they are recorded in.
 pub struct Passthrough {
     dev: Arc<FuseBacking>,
+    table: Arc<OpenTable>,
     images: Mutex<HashMap<u16, Arc<ImageOpens>>>,
 }
 
 impl Passthrough {
-    /// Passthrough over the session's backing-file table.
-    pub fn new(dev: FuseBacking) -> Passthrough {
+    /// Passthrough over the session's backing-file table, recording opens in `table`.
+    pub fn new(dev: FuseBacking, table: Arc<OpenTable>) -> Passthrough {
         Passthrough {
             dev: Arc::new(dev),
+            table,
             images: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The readahead (KiB) of backing mounts.
+    pub fn readahead_kb(&self) -> u32 {
+        self.dev.readahead_kb()
     }
 
     fn image(&self, index: u16) -> Arc<ImageOpens> {
@@ -250,11 +520,16 @@ impl Passthrough {
 
     /// Opens `inode` of image `index` (`fs`).
     pub fn open(&self, index: u16, fs: &RafsFs, inode: u64, flags: u32) -> io::Result<OpenReply> {
-        self.image(index).open(fs, inode, flags, &self.dev)
+        self.image(index)
+            .open(fs, inode, flags, &self.dev, &self.table, index)
     }
 
-    /// Releases `handle` of `inode` of image `index` (`fs`).
-    pub fn release(&self, index: u16, fs: &RafsFs, inode: u64, handle: u64) {
+    /// Releases `handle` of image `index` (`fs`). A handle not in the table (released
+    /// already, by a predecessor, or never passed through) changes nothing.
+    pub fn release(&self, index: u16, fs: &RafsFs, handle: u64) {
+        let Some(rec) = self.table.remove(handle, index) else {
+            return;
+        };
         let image = self
             .images
             .lock()
@@ -262,12 +537,31 @@ impl Passthrough {
             .get(&index)
             .cloned();
         if let Some(image) = image {
-            image.release(fs, inode, handle);
+            image.release(fs, rec);
+        }
+    }
+
+    /// Takes on the opens a predecessor recorded for image `index` (`fs`).
+    pub fn adopt(&self, index: u16, fs: &RafsFs) {
+        let records: Vec<OpenRecord> = self
+            .table
+            .records()
+            .into_iter()
+            .map(|(_, r)| r)
+            .filter(|r| r.index == index)
+            .collect();
+        if !records.is_empty() {
+            info!(
+                "taking on {} open files of image {index} from the previous daemon",
+                records.len()
+            );
+            self.image(index).adopt(fs, &records, &self.dev);
         }
     }
 
     /// Image `index` is unmounted: its backing ids go (with its last release in flight).
     pub fn forget(&self, index: u16) {
+        self.table.remove_image(index);
         self.images
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -9,6 +9,8 @@
 //! * [`api`]: the HTTP API on a unix socket; [`metrics`]: the counters it serves.
 //! * [`prefetch`]: background prefetch of listed files and whole blobs.
 //! * [`fuse_opens`]: which opens are passed through, per image (FUSE only).
+//! * [`handover`]: failover and live upgrade: the FUSE session handed to a supervisor
+//!   and taken over by a successor.
 //! * [`passthrough`]: FUSE passthrough of fully cached files (the crate's only `unsafe`).
 //! * [`vfs`]: what either transport serves: one image at the root, or a pseudo tree of
 //!   images mounted through the API.
@@ -34,6 +36,8 @@ pub mod fs;
 pub mod fuse;
 #[cfg(feature = "daemon")]
 pub mod fuse_opens;
+#[cfg(feature = "daemon")]
+pub mod handover;
 #[cfg(feature = "daemon")]
 pub mod metrics;
 #[cfg(feature = "daemon")]

@@ -7,8 +7,10 @@ use clap::Parser;
 use nydusd::api::{ApiContext, ApiServer};
 use nydusd::cache::OpenBlobs;
 use nydusd::config::Config;
-use nydusd::daemon::{self, Event, State, StateCell};
-use nydusd::fuse::FuseService;
+use nydusd::daemon::{self, Event, ImageSpec, State, StateCell};
+use nydusd::fuse::{FuseOptions, FuseService, FuseSource};
+use nydusd::fuse_opens::OpenTable;
+use nydusd::handover::{Handover, Serving};
 use nydusd::vfs::Vfs;
 use nydusd::virtiofs::VirtioFsService;
 use std::path::PathBuf;
@@ -79,6 +81,23 @@ struct Opt {
     /// Accepted for compatibility with upstream's command line; ignored.
     #[arg(long, value_name = "N", hide = true)]
     rlimit_nofile: Option<u64>,
+    /// Hand the FUSE session (device, open files, mounted images) to the supervisor
+    /// listening on this unix socket, after INIT and after every mount and unmount, so
+    /// that a successor can take it over when this daemon dies or is upgraded (FUSE
+    /// only; the snapshotter's `recover_policy = "failover"` runs the supervisor).
+    #[arg(long, value_name = "SOCKET")]
+    supervisor: Option<PathBuf>,
+    /// Start as a successor: mount nothing, and take the FUSE session from --supervisor
+    /// on `PUT /api/v1/daemon/fuse/takeover` (the images come from the session's state;
+    /// --bootstrap and --config are not read).
+    #[arg(long, requires = "supervisor")]
+    upgrade: bool,
+    /// What a successor does with the requests its predecessor read and did not answer:
+    /// `resend` asks the kernel to queue them again (Linux 6.9+); `none` leaves them
+    /// unanswered (their callers wait for ever).
+    #[arg(long, default_value = "resend", value_name = "POLICY",
+          value_parser = ["resend", "none"])]
+    failover_policy: String,
 }
 
 /// The transport the daemon serves on.
@@ -161,7 +180,10 @@ fn build_vfs(opt: &Opt, open: &Arc<OpenBlobs>) -> Result<Vfs> {
     let Some(config) = &opt.config else {
         bail!("--bootstrap needs --config (the backend and cache of the image)");
     };
-    let config = Config::load(config)?;
+    let text = std::fs::read_to_string(config)
+        .with_context(|| format!("reading --config {}", config.display()))?;
+    let parsed =
+        Config::from_json(&text).with_context(|| format!("--config {}", config.display()))?;
     let files = match &opt.prefetch_files {
         Some(p) => {
             let text = std::fs::read_to_string(p)
@@ -170,7 +192,15 @@ fn build_vfs(opt: &Opt, open: &Arc<OpenBlobs>) -> Result<Vfs> {
         }
         None => None,
     };
-    let image = daemon::mount_image("/", bootstrap, &config, 0, files.as_deref(), open)?;
+    let spec = ImageSpec {
+        mountpoint: "/".into(),
+        source: bootstrap.clone(),
+        index: 0,
+        config: text,
+        prefetch_files: files,
+    };
+    let image = daemon::mount_image(spec, open)?;
+    let config = parsed;
     info!(
         "serving {} ({} blobs, digest validation {})",
         bootstrap.display(),
@@ -182,7 +212,26 @@ fn build_vfs(opt: &Opt, open: &Arc<OpenBlobs>) -> Result<Vfs> {
 
 fn run(opt: Opt, mode: Mode) -> Result<()> {
     let open_blobs = OpenBlobs::new();
-    let vfs = Arc::new(build_vfs(&opt, &open_blobs)?);
+    let handover = match (&opt.supervisor, &mode) {
+        (Some(s), Mode::Fuse(m)) => Some(Arc::new(Handover::new(s, m)?)),
+        (Some(_), Mode::Virtiofs(_)) => {
+            bail!("--supervisor hands over FUSE sessions: it does not apply to virtio-fs")
+        }
+        (None, _) => None,
+    };
+    if opt.upgrade && opt.apisock.is_none() {
+        bail!("--upgrade needs --apisock (the takeover is asked for through the API)");
+    }
+    let vfs = if opt.upgrade {
+        if opt.bootstrap.is_some() {
+            info!(
+                "--upgrade: the images come from the session taken over; --bootstrap is not read"
+            );
+        }
+        Arc::new(Vfs::pseudo())
+    } else {
+        Arc::new(build_vfs(&opt, &open_blobs)?)
+    };
 
     let (tx, rx) = mpsc::channel();
     let mut signals = signal_hook::iterator::Signals::new([
@@ -201,6 +250,28 @@ fn run(opt: Opt, mode: Mode) -> Result<()> {
         .context("starting the signal thread")?;
 
     let state = Arc::new(StateCell::default());
+    let serving = Arc::new(Serving::new(vfs.clone(), state.clone()));
+    let table = match &handover {
+        Some(h) => h.table(),
+        None => Arc::new(OpenTable::new().context("making the open-file table")?),
+    };
+    let on_init = handover.clone().map(|h| {
+        let serving = serving.clone();
+        Arc::new(move |dev: &std::fs::File| {
+            if let Err(e) = h.set_fuse(dev) {
+                tracing::warn!("{e}");
+            }
+            h.save_or_warn(&serving.vfs());
+        }) as nydusd::fuse::OnInit
+    });
+    let fuse_opts = FuseOptions {
+        threads: opt.fuse_threads,
+        readahead_kb: opt.readahead_kb,
+        passthrough: opt.passthrough,
+        resend: opt.failover_policy == "resend",
+        table,
+        on_init,
+    };
     let api = match &opt.apisock {
         Some(path) => Some(ApiServer::start(
             path,
@@ -208,8 +279,9 @@ fn run(opt: Opt, mode: Mode) -> Result<()> {
                 id: opt.id.clone().unwrap_or_else(|| match &mode {
                     Mode::Fuse(m) | Mode::Virtiofs(m) => m.display().to_string(),
                 }),
-                state: state.clone(),
-                vfs: vfs.clone(),
+                serving: serving.clone(),
+                handover: handover.clone(),
+                upgrade: opt.upgrade.then(|| fuse_opts.clone()),
                 events: tx.clone(),
                 open_blobs: open_blobs.clone(),
             },
@@ -221,48 +293,51 @@ fn run(opt: Opt, mode: Mode) -> Result<()> {
         Some(b) => b.display().to_string(),
         None => "an empty directory for API mounts".into(),
     };
-    let transport = match &mode {
+    let virtiofs = match &mode {
+        Mode::Fuse(mountpoint) if opt.upgrade => {
+            info!(
+                "waiting to take over the FUSE session of {} (PUT /api/v1/daemon/fuse/takeover)",
+                mountpoint.display()
+            );
+            None
+        }
         Mode::Fuse(mountpoint) => {
             let fuse = FuseService::start(
                 vfs.clone(),
-                mountpoint,
-                opt.fuse_threads,
-                opt.readahead_kb,
-                opt.passthrough,
+                FuseSource::Mount(mountpoint.clone()),
+                fuse_opts,
                 tx.clone(),
             )?;
+            serving.set_fuse(fuse);
             info!("mounted {what} on {}", mountpoint.display());
-            Transport::Fuse(fuse)
+            state.set(State::Running);
+            None
         }
         Mode::Virtiofs(sock) => {
             let service = VirtioFsService::start(vfs.clone(), sock, opt.fuse_threads, tx.clone())?;
             info!("serving {what} over virtio-fs on {}", sock.display());
-            Transport::Virtiofs(service)
+            state.set(State::Running);
+            Some(service)
         }
     };
-    state.set(State::Running);
 
     let event = rx.recv().unwrap_or(Event::FuseEnded);
     info!("stopping: {event:?}");
     state.set(State::Stopped);
-    for m in vfs.mounts() {
+    for m in serving.vfs().mounts() {
         m.stop_prefetch();
     }
-    match transport {
-        Transport::Fuse(f) => f.stop(),
-        Transport::Virtiofs(v) => v.stop(),
+    if let Some(f) = serving.take_fuse() {
+        f.stop();
+    }
+    if let Some(v) = virtiofs {
+        v.stop();
     }
     if let Some(api) = api {
         api.close();
     }
     info!("stopped");
     Ok(())
-}
-
-/// The running transport.
-enum Transport {
-    Fuse(FuseService),
-    Virtiofs(VirtioFsService),
 }
 
 /// Allocations of at least this many bytes that no free block fits are mapped afresh,

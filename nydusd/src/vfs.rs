@@ -21,7 +21,7 @@
 //! entry (`FUSE_NOTIFY_INVAL_ENTRY`).
 
 use crate::fs::{empty_statvfs, fuse_options, RafsFs, MOUNT_SHIFT, ROOT_ID, TIMEOUT};
-use crate::fuse_opens::Passthrough;
+use crate::fuse_opens::{OpenTable, Passthrough};
 use crate::metrics::Metrics;
 use crate::passthrough::FuseBacking;
 use crate::prefetch::Prefetch;
@@ -48,6 +48,8 @@ pub struct Mounted {
     pub source: PathBuf,
     /// Its mount index.
     pub index: u16,
+    /// How it was mounted (what a successor mounts again).
+    pub spec: crate::daemon::ImageSpec,
     /// Its filesystem (and through it, its cache).
     pub fs: Arc<RafsFs>,
     /// Its counters.
@@ -89,6 +91,33 @@ pub type Notifier = Box<dyn Fn(u64, &CStr) -> io::Result<()> + Send + Sync>;
 
 /// Deepest mountpoint accepted (`/rafs/<id>/lowerdir` is 3).
 pub const MAX_MOUNT_DEPTH: usize = 16;
+
+/// A pseudo directory, as a successor rebuilds it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DirState {
+    /// Its inode.
+    pub ino: u64,
+    /// Its parent's inode.
+    pub parent: u64,
+    /// Its name in the parent.
+    pub name: String,
+}
+
+/// The tree a [`Vfs`] serves, for a successor: its images and pseudo directories, and
+/// the numbers it hands out next (inode numbers the kernel holds are never reused).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TreeState {
+    /// The `--bootstrap` image, if the daemon has one.
+    pub root: Option<crate::daemon::ImageSpec>,
+    /// The images mounted through the API.
+    pub mounts: Vec<crate::daemon::ImageSpec>,
+    /// The pseudo directories but the root, parents first.
+    pub dirs: Vec<DirState>,
+    /// The next mount index.
+    pub next_index: u32,
+    /// The next pseudo directory inode.
+    pub next_dir: u64,
+}
 
 /// An entry of a pseudo directory.
 #[derive(Clone)]
@@ -243,8 +272,123 @@ impl Vfs {
 
     /// Lets files whose chunks are all cached be passed through (the session negotiated
     /// it; see [`crate::passthrough`]).
-    pub fn set_passthrough(&self, backing: FuseBacking) {
-        let _ = self.passthrough.set(Passthrough::new(backing));
+    pub fn set_passthrough(&self, backing: FuseBacking, table: Arc<OpenTable>) {
+        let _ = self.passthrough.set(Passthrough::new(backing, table));
+    }
+
+    /// The readahead (KiB) of passthrough's backing mounts, once the session negotiated
+    /// passthrough.
+    pub fn passthrough_readahead(&self) -> Option<u32> {
+        self.passthrough.get().map(|p| p.readahead_kb())
+    }
+
+    /// Takes on the open files a predecessor recorded, for every image served (after
+    /// [`Vfs::set_passthrough`] with the predecessor's table).
+    pub fn adopt_opens(&self) {
+        if let Some(p) = self.passthrough.get() {
+            for m in self.mounts() {
+                p.adopt(m.index, &m.fs);
+            }
+        }
+    }
+
+    /// What a successor needs to serve the same tree with the same inode numbers.
+    pub fn export(&self) -> TreeState {
+        let t = self.read_table();
+        let mut dirs: Vec<DirState> = Vec::new();
+        for (ino, d) in &t.dirs {
+            for (name, c) in &d.children {
+                if let Child::Dir(child) = c {
+                    dirs.push(DirState {
+                        ino: *child,
+                        parent: *ino,
+                        name: name.clone(),
+                    });
+                }
+            }
+        }
+        dirs.sort_by_key(|d| d.ino);
+        TreeState {
+            root: self.root.as_ref().map(|r| r.spec.clone()),
+            mounts: t.by_name.values().map(|m| m.spec.clone()).collect(),
+            dirs,
+            next_index: t.next_index,
+            next_dir: t.next_dir,
+        }
+    }
+
+    /// The tree `state` describes, its images mounted again through `mount` (which
+    /// gets each image's spec).
+    pub fn restore(
+        state: &TreeState,
+        mut mount: impl FnMut(&crate::daemon::ImageSpec) -> crate::Result<Mounted>,
+    ) -> crate::Result<Vfs> {
+        let bad = |why: String| crate::Error::State(why);
+        if let Some(root) = &state.root {
+            if !state.mounts.is_empty() || !state.dirs.is_empty() {
+                return Err(bad("an image at the root and images below it".into()));
+            }
+            return Ok(Vfs::single(mount(root)?));
+        }
+        let vfs = Vfs::pseudo();
+        {
+            let mut t = vfs.write_table();
+            t.next_index = state.next_index.clamp(1, MAX_MOUNT_INDEX + 1);
+            t.next_dir = state.next_dir.clamp(ROOT_ID + 1, 1 << MOUNT_SHIFT);
+            for d in &state.dirs {
+                let ok = d.ino > ROOT_ID
+                    && d.ino < t.next_dir
+                    && !t.dirs.contains_key(&d.ino)
+                    && t.dirs.contains_key(&d.parent)
+                    && mount_path(&format!("/{}", d.name)).is_ok_and(|p| p.len() == 1);
+                if !ok {
+                    return Err(bad(format!(
+                        "directory {:?} (inode {} in {})",
+                        d.name, d.ino, d.parent
+                    )));
+                }
+                t.dirs.insert(
+                    d.ino,
+                    Dir {
+                        parent: d.parent,
+                        children: BTreeMap::new(),
+                    },
+                );
+                t.dirs
+                    .get_mut(&d.parent)
+                    .expect("checked")
+                    .children
+                    .insert(d.name.clone(), Child::Dir(d.ino));
+            }
+        }
+        for spec in &state.mounts {
+            if spec.index == 0 || spec.index as u32 >= state.next_index {
+                return Err(bad(format!(
+                    "{} has index {}, beyond those handed out",
+                    spec.mountpoint, spec.index
+                )));
+            }
+            let image = Arc::new(mount(spec)?);
+            let parts = mount_path(&spec.mountpoint).map_err(|e| bad(e.to_string()))?;
+            let mut t = vfs.write_table();
+            let dir = t
+                .walk(&parts, &spec.mountpoint)
+                .map_err(|e| bad(e.to_string()))?
+                .ok_or_else(|| bad(format!("no directory holds {}", spec.mountpoint)))?;
+            let name = parts.last().expect("not empty").to_string();
+            if t.dirs[&dir].children.contains_key(&name) || t.by_index.contains_key(&spec.index) {
+                return Err(bad(format!("{} is listed twice", spec.mountpoint)));
+            }
+            t.dirs
+                .get_mut(&dir)
+                .expect("walked")
+                .children
+                .insert(name, Child::Image(image.clone()));
+            t.parent_of.insert(image.index, dir);
+            t.by_index.insert(image.index, image.clone());
+            t.by_name.insert(spec.mountpoint.clone(), image);
+        }
+        Ok(vfs)
     }
 
     fn read_table(&self) -> std::sync::RwLockReadGuard<'_, Table> {
@@ -735,7 +879,7 @@ impl FileSystem for Vfs {
         }
         match (self.image(inode), self.passthrough.get()) {
             (Ok(fs), Some(p)) => {
-                p.release(self.index_of(inode), &fs, inode, handle);
+                p.release(self.index_of(inode), &fs, handle);
                 Ok(())
             }
             (Ok(fs), None) => {

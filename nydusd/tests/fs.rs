@@ -93,12 +93,23 @@ fn requests_for_unknown_inodes_and_handles_are_errors() {
     std::fs::create_dir_all(src.join("d")).unwrap();
     std::fs::write(src.join("d/f"), b"twelve bytes").unwrap();
     let (boot, blobs) = build(&src, tmp.path());
-    let cfg = Config::localfs(blobs.clone(), tmp.path().join("cache"));
+    let cfg = serde_json::json!({
+        "device": {
+            "backend": {"type": "localfs", "config": {"dir": blobs}},
+            "cache": {"type": "blobcache", "config": {"work_dir": tmp.path().join("cache")}},
+        },
+    });
     let vfs = nydusd::vfs::Vfs::pseudo();
     let index = vfs.reserve("/rafs/x/lowerdir").unwrap();
     let open = nydusd::cache::OpenBlobs::new();
-    let image =
-        nydusd::daemon::mount_image("/rafs/x/lowerdir", &boot, &cfg, index, None, &open).unwrap();
+    let spec = nydusd::daemon::ImageSpec {
+        mountpoint: "/rafs/x/lowerdir".into(),
+        source: boot.clone(),
+        index,
+        config: cfg.to_string(),
+        prefetch_files: None,
+    };
+    let image = nydusd::daemon::mount_image(spec, &open).unwrap();
     vfs.mount(image).unwrap();
     let ctx = Context::default();
     let errno = |e: std::io::Error| e.raw_os_error();

@@ -156,6 +156,25 @@ impl ApiClient {
         Ok((status, body))
     }
 
+    /// `PUT /api/v1/daemon/fuse/takeover`: an `--upgrade` daemon takes the FUSE session
+    /// its supervisor holds, and serves it.
+    pub fn takeover(&self) -> Result<(), ClientError> {
+        self.request("PUT", "/api/v1/daemon/fuse/takeover", None)
+            .map(|_| ())
+    }
+
+    /// `PUT /api/v1/daemon/fuse/sendfd`: the daemon hands its session to its supervisor.
+    pub fn sendfd(&self) -> Result<(), ClientError> {
+        self.request("PUT", "/api/v1/daemon/fuse/sendfd", None)
+            .map(|_| ())
+    }
+
+    /// `PUT /api/v1/daemon/start`.
+    pub fn start(&self) -> Result<(), ClientError> {
+        self.request("PUT", "/api/v1/daemon/start", None)
+            .map(|_| ())
+    }
+
     /// `GET /api/v1/daemon`.
     pub fn daemon_info(&self) -> Result<DaemonInfo, ClientError> {
         let (_, body) = self.request("GET", "/api/v1/daemon", None)?;

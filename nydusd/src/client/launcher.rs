@@ -35,6 +35,10 @@ pub struct DaemonCommand {
     pub log_level: String,
     /// `--fuse-threads` (0: the daemon's default).
     pub threads: usize,
+    /// `--supervisor`: the socket the daemon hands its FUSE session to.
+    pub supervisor: Option<PathBuf>,
+    /// `--upgrade`: start as a successor, taking the session from the supervisor.
+    pub upgrade: bool,
     /// Flags added at the end.
     pub extra_args: Vec<OsString>,
     /// Start the daemon in a process group of its own, so that it outlives its starter
@@ -59,6 +63,8 @@ impl DaemonCommand {
             log_file: None,
             log_level: "info".into(),
             threads: 0,
+            supervisor: None,
+            upgrade: false,
             extra_args: Vec::new(),
             detach: false,
         }
@@ -87,6 +93,12 @@ impl DaemonCommand {
         }
         if self.threads > 0 {
             cmd.arg("--fuse-threads").arg(self.threads.to_string());
+        }
+        if let Some(s) = &self.supervisor {
+            cmd.arg("--supervisor").arg(s);
+        }
+        if self.upgrade {
+            cmd.arg("--upgrade");
         }
         cmd.args(&self.extra_args);
         if self.detach {
@@ -175,6 +187,20 @@ impl Daemon {
     /// Waits until the daemon answers with state `RUNNING`, for at most `timeout`.
     /// Fails at once when it exits, with the end of its log.
     pub fn wait_running(&mut self, timeout: Duration) -> Result<(), ClientError> {
+        self.wait_state(timeout, |s| s == "RUNNING")
+    }
+
+    /// Waits until the daemon's API answers, in any state (an `--upgrade` daemon waits
+    /// in `INIT` for its takeover), for at most `timeout`.
+    pub fn wait_api(&mut self, timeout: Duration) -> Result<(), ClientError> {
+        self.wait_state(timeout, |_| true)
+    }
+
+    fn wait_state(
+        &mut self,
+        timeout: Duration,
+        wanted: impl Fn(&str) -> bool,
+    ) -> Result<(), ClientError> {
         let deadline = Instant::now() + timeout;
         let mut last = String::from("its API socket never answered");
         loop {
@@ -189,7 +215,7 @@ impl Daemon {
                 .clone()
                 .with_timeout(left.clamp(Duration::from_millis(100), Duration::from_secs(2)));
             match api.daemon_info() {
-                Ok(info) if info.state == "RUNNING" => return Ok(()),
+                Ok(info) if wanted(&info.state) => return Ok(()),
                 Ok(info) => last = format!("state {}", info.state),
                 Err(e) => last = e.to_string(),
             }

@@ -11,6 +11,7 @@
 pub mod api;
 pub mod config;
 pub mod launcher;
+pub mod supervisor;
 
 pub use api::{ApiClient, DaemonInfo, MountRequest};
 pub use config::{ImageConfigOptions, ImageRef, NydusdConfig};

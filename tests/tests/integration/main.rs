@@ -1,6 +1,7 @@
 //! End-to-end tests, one binary with a module per area (run as root: `bash tests/run.sh`).
 
 mod cache_limit;
+mod failover;
 mod growing_upload;
 mod guards;
 mod judges;

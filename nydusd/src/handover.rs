@@ -1,0 +1,339 @@
+//! Failover and live upgrade: a FUSE daemon started with `--supervisor SOCK` hands its
+//! session to the supervisor (see [`crate::client::supervisor`]) — the FUSE device, the
+//! [`OpenTable`] of the files the kernel holds open, and a [`SessionState`] — whenever
+//! what a successor must know changes: after INIT, after each mount and unmount, and on
+//! `PUT /api/v1/daemon/fuse/sendfd`. A successor started with `--upgrade` takes the
+//! session on `PUT /api/v1/daemon/fuse/takeover`: it mounts the same images with the
+//! same mount indices and pseudo directories (so every inode number the kernel holds
+//! means what it meant), takes on the open files and their passthrough backing ids
+//! (which belong to the connection, not to the daemon that registered them), serves the
+//! device without mounting, and asks the kernel to resend the requests its predecessor
+//! had read but not answered (`FUSE_NOTIFY_RESEND`, Linux 6.9+).
+//!
+//! What a successor cannot learn again is all here: the kernel's INIT happened once per
+//! connection, and its outcome (passthrough, and the readahead of backing mounts) is in
+//! the state. File handles are slots of the open-file table; directory handles do not
+//! exist (`opendir` answers `ENOSYS`, which the kernel remembers per connection); lookup
+//! counts need no keeping (inodes are computed, `forget` does nothing).
+
+use crate::cache::OpenBlobs;
+use crate::client::supervisor;
+use crate::daemon::{self, StateCell};
+use crate::error::{Chain, Error, Result};
+use crate::fuse::{FuseOptions, FuseService, FuseSource};
+use crate::fuse_opens::OpenTable;
+use crate::passthrough::FuseBacking;
+use crate::vfs::{TreeState, Vfs};
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use tracing::{info, warn};
+
+/// The version of [`SessionState`] this nydusd writes and reads.
+pub const STATE_VERSION: u32 = 1;
+
+/// What a successor needs besides the FUSE device and the open-file table.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionState {
+    /// [`STATE_VERSION`] of the daemon that wrote it.
+    pub version: u32,
+    /// Its nydusd version, for messages.
+    pub nydusd: String,
+    /// The FUSE mountpoint.
+    pub mountpoint: PathBuf,
+    /// When the kernel's INIT negotiated passthrough: the readahead (KiB) of backing
+    /// mounts.
+    pub passthrough: Option<u32>,
+    /// The images and pseudo directories served.
+    pub tree: TreeState,
+}
+
+impl SessionState {
+    /// Parses a state, refusing other versions by name.
+    pub fn parse(bytes: &[u8]) -> Result<SessionState> {
+        let bad = |why: String| Error::State(why);
+        let v: serde_json::Value = serde_json::from_slice(bytes)
+            .map_err(|e| bad(format!("{} bytes that are not JSON: {e}", bytes.len())))?;
+        let version = v.get("version").and_then(|v| v.as_u64());
+        if version != Some(STATE_VERSION as u64) {
+            let by = v
+                .get("nydusd")
+                .and_then(|v| v.as_str())
+                .unwrap_or("unknown");
+            return Err(bad(format!(
+                "state version {} (written by nydusd {by}); this nydusd {} reads version \
+                 {STATE_VERSION}",
+                version.map_or("none".into(), |v| v.to_string()),
+                env!("CARGO_PKG_VERSION")
+            )));
+        }
+        serde_json::from_value(v).map_err(|e| bad(format!("{e}")))
+    }
+}
+
+/// A supervised FUSE daemon's side of the hand-over.
+pub struct Handover {
+    supervisor: PathBuf,
+    mountpoint: PathBuf,
+    /// The FUSE device, once mounted or taken over.
+    fuse: OnceLock<File>,
+    table: RwLock<Arc<OpenTable>>,
+    /// One save at a time (the latest state wins at the supervisor).
+    saving: Mutex<()>,
+}
+
+impl Handover {
+    /// The hand-over of the FUSE session at `mountpoint` to the supervisor at
+    /// `supervisor`, with a new open-file table.
+    pub fn new(supervisor: &Path, mountpoint: &Path) -> Result<Handover> {
+        let table = OpenTable::new().map_err(|e| Error::io("Making the open-file table", e))?;
+        Ok(Handover {
+            supervisor: supervisor.to_path_buf(),
+            mountpoint: mountpoint.to_path_buf(),
+            fuse: OnceLock::new(),
+            table: RwLock::new(Arc::new(table)),
+            saving: Mutex::new(()),
+        })
+    }
+
+    /// The supervisor's socket.
+    pub fn supervisor(&self) -> &Path {
+        &self.supervisor
+    }
+
+    /// The open-file table the session records opens in.
+    pub fn table(&self) -> Arc<OpenTable> {
+        self.table.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The FUSE device of the session (from the mount, or taken over).
+    pub fn set_fuse(&self, fuse: &File) -> Result<()> {
+        let dup = fuse
+            .try_clone()
+            .map_err(|e| Error::io("Duplicating the FUSE device", e))?;
+        let _ = self.fuse.set(dup);
+        Ok(())
+    }
+
+    /// Hands the session as `vfs` serves it now to the supervisor.
+    pub fn save(&self, vfs: &Vfs) -> Result<()> {
+        let Some(fuse) = self.fuse.get() else {
+            return Err(Error::Fuse("no FUSE session to hand over yet".into()));
+        };
+        let state = SessionState {
+            version: STATE_VERSION,
+            nydusd: env!("CARGO_PKG_VERSION").into(),
+            mountpoint: self.mountpoint.clone(),
+            passthrough: vfs.passthrough_readahead(),
+            tree: vfs.export(),
+        };
+        let bytes = serde_json::to_vec(&state).map_err(|e| Error::State(e.to_string()))?;
+        let table = self.table();
+        let _one = self.saving.lock().unwrap_or_else(|e| e.into_inner());
+        supervisor::save(
+            &self.supervisor,
+            &bytes,
+            &[fuse.as_fd(), table.file().as_fd()],
+        )
+        .map_err(|e| {
+            Error::io(
+                format!(
+                    "Handing the FUSE session to the supervisor {}",
+                    self.supervisor.display()
+                ),
+                e,
+            )
+        })
+    }
+
+    /// [`Handover::save`], with a failure logged: the session goes on serving, only a
+    /// successor would not know the latest change.
+    pub fn save_or_warn(&self, vfs: &Vfs) {
+        if let Err(e) = self.save(vfs) {
+            warn!("{}", Chain(&e));
+        }
+    }
+
+    /// Takes the session the supervisor holds and serves it: the images mounted again
+    /// as the state lists them, the open files taken on, FUSE threads serving the
+    /// device, and the requests the predecessor left unanswered resent.
+    pub fn take_over(
+        &self,
+        opts: &FuseOptions,
+        open: &Arc<OpenBlobs>,
+        events: Sender<daemon::Event>,
+    ) -> Result<(Arc<Vfs>, FuseService)> {
+        let saved = supervisor::restore(&self.supervisor).map_err(|e| {
+            Error::io(
+                format!(
+                    "Taking the FUSE session from the supervisor {}",
+                    self.supervisor.display()
+                ),
+                e,
+            )
+        })?;
+        let state = SessionState::parse(&saved.state)?;
+        if state.mountpoint != self.mountpoint {
+            return Err(Error::State(format!(
+                "the session is of {}, not of --mountpoint {}",
+                state.mountpoint.display(),
+                self.mountpoint.display()
+            )));
+        }
+        let mut fds = saved.fds.into_iter();
+        let fuse = File::from(
+            fds.next()
+                .ok_or_else(|| Error::State("no FUSE device came with it".into()))?,
+        );
+        check_fuse_device(&fuse)?;
+        let table = fds
+            .next()
+            .ok_or_else(|| Error::State("no open-file table came with it".into()))?;
+        let table = OpenTable::load(File::from(table))
+            .map_err(|e| Error::State(format!("the open-file table: {e}")))?;
+        let table = Arc::new(table);
+        let vfs = Vfs::restore(&state.tree, |spec| {
+            daemon::mount_image(spec.clone(), open).map_err(|e| {
+                Error::State(format!(
+                    "mounting {} again at {}: {}",
+                    spec.source.display(),
+                    spec.mountpoint,
+                    Chain(&e)
+                ))
+            })
+        })?;
+        let vfs = Arc::new(vfs);
+        if let Some(readahead_kb) = state.passthrough {
+            let dev = fuse
+                .try_clone()
+                .map_err(|e| Error::io("Duplicating the FUSE device", e))?;
+            vfs.set_passthrough(FuseBacking::new(dev, readahead_kb), table.clone());
+            vfs.adopt_opens();
+        }
+        *self.table.write().unwrap_or_else(|e| e.into_inner()) = table.clone();
+        self.set_fuse(&fuse)?;
+        let mut opts = opts.clone();
+        opts.table = table;
+        let service = FuseService::start(
+            vfs.clone(),
+            FuseSource::Adopt {
+                mountpoint: self.mountpoint.clone(),
+                file: fuse,
+            },
+            opts,
+            events,
+        )?;
+        info!(
+            "took over the FUSE session of {} from nydusd {} ({} images)",
+            self.mountpoint.display(),
+            state.nydusd,
+            vfs.mounts().len()
+        );
+        // The supervisor's copy is of the predecessor's table; ours is the same file.
+        self.save_or_warn(&vfs);
+        Ok((vfs, service))
+    }
+}
+
+/// Refuses a descriptor that is not the FUSE device.
+fn check_fuse_device(f: &File) -> Result<()> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let md = f
+        .metadata()
+        .map_err(|e| Error::io("Inspecting the FUSE device handed over", e))?;
+    let rdev = md.rdev();
+    if !md.file_type().is_char_device() || libc::major(rdev) != 10 || libc::minor(rdev) != 229 {
+        return Err(Error::State(
+            "the descriptor handed over is not /dev/fuse".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// What the API and the main thread share about the filesystem served: replaced once,
+/// when an `--upgrade` daemon takes a session over.
+pub struct Serving {
+    vfs: RwLock<Arc<Vfs>>,
+    fuse: Mutex<Option<FuseService>>,
+    /// The daemon's state.
+    pub state: Arc<StateCell>,
+    busy: Mutex<()>,
+}
+
+impl Serving {
+    /// Serving `vfs` (before any transport starts).
+    pub fn new(vfs: Arc<Vfs>, state: Arc<StateCell>) -> Serving {
+        Serving {
+            vfs: RwLock::new(vfs),
+            fuse: Mutex::new(None),
+            state,
+            busy: Mutex::new(()),
+        }
+    }
+
+    /// Held by a takeover (one at a time).
+    pub fn busy(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.busy.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Serving `fuse` (started at the daemon's start).
+    pub fn set_fuse(&self, fuse: FuseService) {
+        *self.fuse.lock().unwrap_or_else(|e| e.into_inner()) = Some(fuse);
+    }
+
+    /// The tree served now.
+    pub fn vfs(&self) -> Arc<Vfs> {
+        self.vfs.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the tree and the FUSE service (a takeover).
+    pub fn set(&self, vfs: Arc<Vfs>, fuse: FuseService) {
+        *self.vfs.write().unwrap_or_else(|e| e.into_inner()) = vfs;
+        *self.fuse.lock().unwrap_or_else(|e| e.into_inner()) = Some(fuse);
+    }
+
+    /// Whether a FUSE service runs (started or taken over).
+    pub fn has_fuse(&self) -> bool {
+        self.fuse
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// The FUSE service, to stop it.
+    pub fn take_fuse(&self) -> Option<FuseService> {
+        self.fuse.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_of_other_versions_or_cut_short_are_refused_by_name() {
+        let state = SessionState {
+            version: STATE_VERSION,
+            nydusd: "x".into(),
+            mountpoint: "/mnt".into(),
+            passthrough: Some(128),
+            tree: Vfs::pseudo().export(),
+        };
+        let bytes = serde_json::to_vec(&state).unwrap();
+        assert_eq!(SessionState::parse(&bytes).unwrap(), state);
+        let err = SessionState::parse(&bytes[..bytes.len() / 2]).unwrap_err();
+        assert!(err.to_string().contains("not JSON"), "{err}");
+        let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        v["version"] = 99.into();
+        v["nydusd"] = "9.9.9".into();
+        let err = SessionState::parse(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("state version 99 (written by nydusd 9.9.9)"),
+            "{err}"
+        );
+    }
+}
