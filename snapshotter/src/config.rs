@@ -30,6 +30,9 @@ pub enum RecoverPolicy {
     /// Start a new nydusd for its images (new containers see them again; containers
     /// running over the dead mount keep failing).
     Restart,
+    /// The snapshotter supervises each nydusd (`--supervisor`): when one dies, a
+    /// successor takes its FUSE session over, and running containers only wait.
+    Failover,
 }
 
 /// The whole config, with defaults applied.
@@ -51,8 +54,12 @@ pub struct Config {
     pub nydusd_config: Option<PathBuf>,
     /// `daemon.threads_number`: FUSE threads per nydusd (0: nydusd's default).
     pub threads_number: usize,
-    /// `daemon.recover_policy`: `none` or `restart` (default `restart`).
+    /// `daemon.recover_policy`: `none`, `restart` or `failover` (default `restart`).
     pub recover_policy: RecoverPolicy,
+    /// `system.enable` and `system.address`: the system controller's HTTP socket
+    /// (`GET /api/v1/daemons`, `PUT /api/v1/daemons/upgrade`); upstream's default
+    /// address is `/run/containerd-nydus/system.sock`.
+    pub system_address: Option<PathBuf>,
     /// `daemon.ready_timeout` (ours, seconds, default 30): how long a new nydusd may
     /// take to serve before Prepare fails.
     pub ready_timeout: Duration,
@@ -96,6 +103,14 @@ struct Raw {
     cache_manager: RawCacheManager,
     #[serde(default)]
     snapshot: RawSnapshot,
+    #[serde(default)]
+    system: RawSystem,
+}
+
+#[derive(Deserialize, Default)]
+struct RawSystem {
+    enable: Option<bool>,
+    address: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -203,9 +218,10 @@ impl Config {
         let recover_policy = match d.recover_policy.as_deref().unwrap_or("restart") {
             "none" => RecoverPolicy::None,
             "restart" => RecoverPolicy::Restart,
+            "failover" => RecoverPolicy::Failover,
             other => {
                 return Err(format!(
-                    "daemon.recover_policy = \"{other}\": not one of none, restart (failover is not built yet)"
+                    "daemon.recover_policy = \"{other}\": not one of none, restart, failover"
                 ))
             }
         };
@@ -242,6 +258,12 @@ impl Config {
                 nydusd_config: d.nydusd_config.filter(|p| !p.as_os_str().is_empty()),
                 threads_number: d.threads_number.unwrap_or(0),
                 recover_policy,
+                system_address: raw.system.enable.unwrap_or(false).then(|| {
+                    raw.system
+                        .address
+                        .filter(|a| !a.as_os_str().is_empty())
+                        .unwrap_or_else(|| "/run/containerd-nydus/system.sock".into())
+                }),
                 ready_timeout: Duration::from_secs(ready),
                 log_level: raw.log.level.unwrap_or_else(|| "info".into()),
                 metrics_address: raw.metrics.address.filter(|a| !a.is_empty()),
@@ -285,7 +307,7 @@ mod tests {
             ("root = \"rel\"", "root = rel"),
             ("[daemon]\nfs_driver = \"fscache\"", "daemon.fs_driver"),
             (
-                "[daemon]\nrecover_policy = \"failover\"",
+                "[daemon]\nrecover_policy = \"flush\"",
                 "daemon.recover_policy",
             ),
             ("version = 2", "version = 2"),

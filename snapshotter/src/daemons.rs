@@ -10,6 +10,13 @@
 //!
 //! Daemons run in process groups of their own: a restarted (or killed) snapshotter
 //! leaves them serving, and finds them again by the pids and sockets in the store.
+//!
+//! With `recover_policy = "failover"` the snapshotter supervises each daemon: it holds
+//! the daemon's FUSE session (see `nydusd::client::supervisor`), notices within
+//! [`WATCH_EVERY`] when the daemon dies, and starts a successor that takes the session
+//! over; containers reading meanwhile wait, and their reads the dead daemon had taken
+//! are resent to the successor. A live upgrade ([`Manager::upgrade`]) does the same
+//! with a new nydusd binary, killing the old daemon once its successor is ready.
 
 use crate::auth::{self, Auths};
 use crate::config::{Config, DaemonMode, RecoverPolicy};
@@ -19,6 +26,7 @@ use crate::{IMAGE_REF_LABEL, SHARED_DAEMON_ID};
 use nydusd::client::api::ConfigUpdate;
 use nydusd::client::config::{encode_auth, ImageConfigOptions, ImageRef, NydusdConfig};
 use nydusd::client::launcher::{detach_mount, is_mountpoint};
+use nydusd::client::supervisor::Supervisor;
 use nydusd::client::{Daemon, DaemonCommand, MountRequest};
 use std::collections::{BTreeSet, HashMap};
 use std::net::ToSocketAddrs;
@@ -28,6 +36,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tonic::Status;
 use tracing::{info, warn};
+
+/// How often daemons are looked at with `recover_policy = "failover"`: the longest a
+/// dead daemon goes unnoticed.
+pub const WATCH_EVERY: Duration = Duration::from_millis(20);
 
 /// How long a stopping daemon gets before `SIGKILL`.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -50,6 +62,26 @@ pub struct Manager {
 struct State {
     daemons: HashMap<String, Daemon>,
     auths: Auths,
+    /// With `recover_policy = "failover"`: each daemon's supervisor, holding its FUSE
+    /// session.
+    supervisors: HashMap<String, Supervisor>,
+    /// The nydusd binary of new daemons (changed by a live upgrade).
+    nydusd: Option<PathBuf>,
+}
+
+/// One daemon, as the system controller lists it.
+#[derive(Debug, serde::Serialize)]
+pub struct DaemonStatus {
+    /// Its id.
+    pub id: String,
+    /// Its pid.
+    pub pid: u32,
+    /// Its mountpoint.
+    pub mountpoint: PathBuf,
+    /// Whether it is alive.
+    pub alive: bool,
+    /// Whether the snapshotter holds its FUSE session (failover possible).
+    pub supervised: bool,
 }
 
 /// On-demand reads are extended to this many bytes of the following chunks when no
@@ -171,8 +203,8 @@ impl Manager {
             template,
             metrics,
             state: Mutex::new(State {
-                daemons: HashMap::new(),
                 auths,
+                ..State::default()
             }),
             running: AtomicUsize::new(0),
         })
@@ -186,6 +218,11 @@ impl Manager {
     /// mountpoint, mounting the image first when no live daemon serves it.
     pub fn ensure(&self, meta_key: &str, meta: &Record) -> Result<PathBuf, Status> {
         let mut state = self.lock();
+        if self.config.recover_policy == RecoverPolicy::Failover {
+            // A daemon that died since the watcher last looked is taken over, not
+            // replaced.
+            self.fail_over_dead(&mut state);
+        }
         if let Some(inst) = self
             .store
             .instances()?
@@ -272,8 +309,11 @@ impl Manager {
         let (daemon_id, mountpoint) = match self.config.daemon_mode {
             DaemonMode::Dedicated => {
                 let id = format!("nydusd-{}", meta.id);
-                let mut cmd =
-                    self.command(&id, &snapshot_dir(&self.config.root, meta.id).join("mnt"));
+                let mut cmd = self.command(
+                    state,
+                    &id,
+                    &snapshot_dir(&self.config.root, meta.id).join("mnt"),
+                );
                 cmd.bootstrap = Some(bootstrap.clone());
                 cmd.config = Some(config_path.clone());
                 let d = self.start(state, &id, cmd, false, &image, meta_key)?;
@@ -326,13 +366,16 @@ impl Manager {
         Ok(mountpoint)
     }
 
-    fn command(&self, id: &str, mountpoint: &Path) -> DaemonCommand {
+    fn command(&self, state: &State, id: &str, mountpoint: &Path) -> DaemonCommand {
         let root = &self.config.root;
         let mut cmd = DaemonCommand::new(
-            &self.config.nydusd_path,
+            state.nydusd.as_ref().unwrap_or(&self.config.nydusd_path),
             mountpoint,
             root.join("socket").join(id).join("api.sock"),
         );
+        if self.config.recover_policy == RecoverPolicy::Failover {
+            cmd.supervisor = Some(root.join("socket").join(id).join("supervisor.sock"));
+        }
         cmd.id = Some(id.to_string());
         cmd.log_file = Some(root.join("logs").join(format!("{id}.log")));
         cmd.log_level = self.config.log_level.clone();
@@ -356,13 +399,23 @@ impl Manager {
         }
         // A mount left by a daemon that died would make the new one fail.
         detach_mount(&cmd.mountpoint);
+        if let Some(path) = &cmd.supervisor {
+            let sup = Supervisor::bind(path).map_err(|e| {
+                Status::internal(format!("image {image} (snapshot {snapshot}): {e}"))
+            })?;
+            state.supervisors.insert(id.to_string(), sup);
+        }
         let started = std::time::Instant::now();
-        let mut d = cmd.start().map_err(|e| {
-            Status::internal(format!(
-                "image {image} (snapshot {snapshot}): {}",
-                chain(&e)
-            ))
-        })?;
+        let mut d = match cmd.start() {
+            Ok(d) => d,
+            Err(e) => {
+                state.supervisors.remove(id);
+                return Err(Status::internal(format!(
+                    "image {image} (snapshot {snapshot}): {}",
+                    chain(&e)
+                )));
+            }
+        };
         // Recorded before it is waited for: a snapshotter killed meanwhile finds it again
         // (and stops it) instead of leaving it running unknown.
         let record = DaemonRecord {
@@ -374,16 +427,18 @@ impl Manager {
         };
         if let Err(e) = self.store.put_daemon(id, &record) {
             let _ = d.stop(STOP_GRACE);
+            state.supervisors.remove(id);
             return Err(e);
         }
-        let fail = |d: Daemon| {
+        let fail = |d: Daemon, state: &mut State| {
             let _ = d.stop(STOP_GRACE);
             let _ = self.store.remove_daemon(id);
+            state.supervisors.remove(id);
         };
         if let Err(e) = d.wait_running(self.config.ready_timeout) {
             let timed_out = e.to_string().contains("was not serving after");
             let pid = d.pid;
-            fail(d);
+            fail(d, state);
             self.metrics.daemon_failures.inc();
             let msg = format!(
                 "image {image} (snapshot {snapshot}): nydusd {id} (pid {pid}) did not start serving: {}",
@@ -397,7 +452,7 @@ impl Manager {
         }
         if !is_mountpoint(&cmd.mountpoint) {
             let pid = d.pid;
-            fail(d);
+            fail(d, state);
             return Err(Status::internal(format!(
                 "image {image}: nydusd {id} (pid {pid}) is RUNNING but {} is not mounted",
                 cmd.mountpoint.display()
@@ -420,7 +475,7 @@ impl Manager {
             let d = state.daemons.remove(SHARED_DAEMON_ID).expect("present");
             let _ = d.stop(STOP_GRACE);
         }
-        let cmd = self.command(SHARED_DAEMON_ID, &self.config.root.join("mnt"));
+        let cmd = self.command(state, SHARED_DAEMON_ID, &self.config.root.join("mnt"));
         self.start(state, SHARED_DAEMON_ID, cmd, true, "(shared daemon)", "-")
     }
 
@@ -476,6 +531,9 @@ impl Manager {
                 Err(e) => warn!(daemon = %id, pid, "stopping nydusd: {e}"),
             }
         }
+        // After the daemon: holding its session, the supervisor kept the connection
+        // alive; now the mount is gone (or detached), and so can the session be.
+        state.supervisors.remove(id);
         let _ = std::fs::remove_dir_all(self.config.root.join("socket").join(id));
         if let Err(e) = self.store.remove_daemon(id) {
             warn!("forgetting daemon {id}: {e}");
@@ -494,6 +552,9 @@ impl Manager {
                 && is_mountpoint(&rec.mountpoint);
             if alive {
                 info!(daemon = %id, pid = rec.pid, "found running nydusd");
+                if self.config.recover_policy == RecoverPolicy::Failover {
+                    self.resupervise(&mut state, &id, &d);
+                }
                 state.daemons.insert(id, d);
                 self.running.store(state.daemons.len(), Ordering::Relaxed);
             } else {
@@ -508,7 +569,9 @@ impl Manager {
             self.drop_instance(&mut state, id, &inst);
             let meta = self.store.get(&inst.meta_key)?;
             match (self.config.recover_policy, meta) {
-                (RecoverPolicy::Restart, Some(meta)) => {
+                // With failover too: nothing held the session of a daemon that died
+                // while the snapshotter was down, so the kernel ended it.
+                (RecoverPolicy::Restart | RecoverPolicy::Failover, Some(meta)) => {
                     if let Err(e) = self.mount(&mut state, &inst.meta_key, &meta) {
                         warn!(image = %inst.image, snapshot = %inst.meta_key, "mounting again: {}", e.message());
                     }
@@ -518,6 +581,202 @@ impl Manager {
             }
         }
         Ok(())
+    }
+
+    /// Supervises again a daemon found running after a restart of the snapshotter (the
+    /// sessions held by the previous snapshotter went with it): binds its supervisor
+    /// socket again and asks the daemon to hand its session over.
+    fn resupervise(&self, state: &mut State, id: &str, d: &Daemon) {
+        let path = self
+            .config
+            .root
+            .join("socket")
+            .join(id)
+            .join("supervisor.sock");
+        let sup = match Supervisor::bind(&path) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(daemon = %id, "no failover for this daemon: {e}");
+                return;
+            }
+        };
+        match d.api.sendfd() {
+            Ok(()) => {
+                info!(daemon = %id, "holding its FUSE session again");
+                state.supervisors.insert(id.to_string(), sup);
+            }
+            Err(e) => {
+                warn!(daemon = %id, "no failover for this daemon (started without --supervisor?): {e}")
+            }
+        }
+    }
+
+    /// With `recover_policy = "failover"`, called every [`WATCH_EVERY`]: a successor
+    /// for each daemon that died. When a successor cannot take the session over, the
+    /// daemon's images are mounted again (containers over the old mount then fail, as
+    /// with `restart`).
+    pub fn watch(&self) {
+        if self.config.recover_policy != RecoverPolicy::Failover {
+            return;
+        }
+        let mut state = self.lock();
+        self.fail_over_dead(&mut state);
+    }
+
+    fn fail_over_dead(&self, state: &mut State) {
+        let dead: Vec<String> = state
+            .daemons
+            .iter_mut()
+            .filter_map(|(id, d)| (!d.is_alive()).then(|| id.clone()))
+            .collect();
+        for id in dead {
+            let pid = state.daemons.get(&id).map_or(0, |d| d.pid);
+            warn!(daemon = %id, pid, "nydusd died; a successor takes its FUSE session over");
+            let t = std::time::Instant::now();
+            let nydusd = state
+                .nydusd
+                .clone()
+                .unwrap_or_else(|| self.config.nydusd_path.clone());
+            match self.succeed(state, &id, &nydusd) {
+                Ok(next) => {
+                    self.metrics.failovers.inc();
+                    info!(daemon = %id, pid = next, "failover done in {:?}", t.elapsed());
+                }
+                Err(e) => {
+                    self.metrics.daemon_failures.inc();
+                    warn!(daemon = %id, "failover failed: {e}; its images are mounted again");
+                    self.remount(state, &id);
+                }
+            }
+        }
+    }
+
+    /// Stops daemon `id` and mounts its images again with a new one.
+    fn remount(&self, state: &mut State, id: &str) {
+        self.stop_daemon(state, id);
+        let Ok(instances) = self.store.instances() else {
+            return;
+        };
+        for (iid, inst) in instances.into_iter().filter(|(_, i)| i.daemon_id == id) {
+            self.drop_instance(state, iid, &inst);
+            if let Ok(Some(meta)) = self.store.get(&inst.meta_key) {
+                if let Err(e) = self.mount(state, &inst.meta_key, &meta) {
+                    warn!(image = %inst.image, snapshot = %inst.meta_key, "mounting again: {}", e.message());
+                }
+            }
+        }
+    }
+
+    /// Starts `nydusd` as the successor of daemon `id`, with `--upgrade`: once it
+    /// answers, the predecessor is killed (if it still runs: a live upgrade), and the
+    /// successor takes the FUSE session over. Returns its pid.
+    fn succeed(&self, state: &mut State, id: &str, nydusd: &Path) -> Result<u32, String> {
+        let sup = state
+            .supervisors
+            .get(id)
+            .ok_or("the snapshotter does not supervise it")?;
+        if !sup.has_session() {
+            return Err("its supervisor holds no FUSE session".into());
+        }
+        let rec = self
+            .store
+            .daemons()
+            .map_err(|e| e.message().to_string())?
+            .into_iter()
+            .find(|(i, _)| i == id)
+            .map(|(_, r)| r)
+            .ok_or("it is not in the store")?;
+        let mut cmd = self.command(state, id, &rec.mountpoint);
+        cmd.nydusd = nydusd.to_path_buf();
+        cmd.supervisor = Some(sup.path().to_path_buf());
+        cmd.upgrade = true;
+        let mut next = cmd.start().map_err(|e| chain(&e))?;
+        if let Err(e) = next.wait_api(self.config.ready_timeout) {
+            let _ = next.kill();
+            return Err(chain(&e));
+        }
+        if let Some(old) = state.daemons.remove(id) {
+            let pid = old.pid;
+            if let Err(e) = old.kill() {
+                let _ = next.kill();
+                return Err(format!("the old nydusd (pid {pid}): {}", chain(&e)));
+            }
+        }
+        let taken = next.api.takeover().map_err(|e| chain(&e)).and_then(|()| {
+            next.wait_running(self.config.ready_timeout)
+                .map_err(|e| chain(&e))
+        });
+        if let Err(e) = taken {
+            let _ = next.kill();
+            return Err(e);
+        }
+        let record = DaemonRecord {
+            pid: next.pid,
+            start_time: next.start_time,
+            ..rec
+        };
+        self.store
+            .put_daemon(id, &record)
+            .map_err(|e| e.message().to_string())?;
+        let pid = next.pid;
+        state.daemons.insert(id.to_string(), next);
+        Ok(pid)
+    }
+
+    /// A live upgrade: every daemon handed to a successor running `nydusd`, without a
+    /// failed read in the containers it serves; daemons started later run it too. Needs
+    /// `recover_policy = "failover"`. Returns the ids upgraded.
+    pub fn upgrade(&self, nydusd: &Path) -> Result<Vec<String>, String> {
+        if self.config.recover_policy != RecoverPolicy::Failover {
+            return Err(
+                "a live upgrade needs daemon.recover_policy = \"failover\" (the snapshotter \
+                 must hold the daemons' FUSE sessions)"
+                    .into(),
+            );
+        }
+        let mut state = self.lock();
+        let ids: Vec<String> = state.daemons.keys().cloned().collect();
+        let mut done = Vec::new();
+        for id in ids {
+            let t = std::time::Instant::now();
+            match self.succeed(&mut state, &id, nydusd) {
+                Ok(pid) => {
+                    info!(daemon = %id, pid, "upgraded to {} in {:?}", nydusd.display(), t.elapsed());
+                    done.push(id);
+                }
+                Err(e) => {
+                    warn!(daemon = %id, "upgrade failed: {e}; its images are mounted again");
+                    self.remount(&mut state, &id);
+                    return Err(format!("daemon {id}: {e} (upgraded before it: {done:?})"));
+                }
+            }
+        }
+        state.nydusd = Some(nydusd.to_path_buf());
+        Ok(done)
+    }
+
+    /// Every daemon, for the system controller.
+    pub fn daemons(&self) -> Vec<DaemonStatus> {
+        let mut state = self.lock();
+        let supervised: BTreeSet<String> = state
+            .supervisors
+            .iter()
+            .filter(|(_, s)| s.has_session())
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut v: Vec<DaemonStatus> = state
+            .daemons
+            .iter_mut()
+            .map(|(id, d)| DaemonStatus {
+                id: id.clone(),
+                pid: d.pid,
+                mountpoint: d.mountpoint.clone(),
+                alive: d.is_alive(),
+                supervised: supervised.contains(id),
+            })
+            .collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
     }
 
     /// Reads the credentials file again; images whose registry's credentials changed

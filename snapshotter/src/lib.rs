@@ -17,6 +17,7 @@ pub mod filters;
 pub mod metrics;
 pub mod service;
 pub mod store;
+pub mod system;
 
 /// containerd's snapshots API, generated from `proto/` (containerd 1.6's messages).
 #[allow(missing_docs)]

@@ -41,9 +41,14 @@ use tracing::{info, warn};
 ///                                # digest_validate true, amplify_io 65536,
 ///                                # readahead_window 262144)
 ///   threads_number = 0           # FUSE threads per nydusd (0: nydusd's default)
-///   recover_policy = "restart"   # or "none": what to do about a dead nydusd
+///   recover_policy = "restart"   # or "none", or "failover": what to do about a dead
+///                                # nydusd (failover: a successor takes its FUSE session
+///                                # over; running containers only wait)
 ///   ready_timeout = 30           # (ours) seconds a new nydusd may take to serve
 ///   fs_driver = "fusedev"        # the only driver built
+///   [system]
+///   enable = false               # the system controller (live upgrade of nydusd)
+///   address = "/run/containerd-nydus/system.sock"
 ///   [log]
 ///   level = "info"
 ///   [metrics]
@@ -156,6 +161,19 @@ async fn serve(config: Arc<Config>) -> Result<()> {
         tokio::task::spawn_blocking(move || m.recover())
             .await?
             .map_err(|s| anyhow::anyhow!("recovering daemons: {}", s.message()))?;
+    }
+    if config.recover_policy == snapshotter::config::RecoverPolicy::Failover {
+        let m = manager.clone();
+        std::thread::Builder::new()
+            .name("failover".into())
+            .spawn(move || loop {
+                std::thread::sleep(snapshotter::daemons::WATCH_EVERY);
+                m.watch();
+            })
+            .context("starting the failover watcher")?;
+    }
+    if let Some(addr) = &config.system_address {
+        snapshotter::system::start(addr, manager.clone())?;
     }
     let mut background = tokio::task::JoinSet::new();
     {

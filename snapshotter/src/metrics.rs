@@ -8,6 +8,8 @@
 //! * `snapshotter_daemons_started_total`, `snapshotter_daemon_failures_total`: nydusd
 //!   processes started, and those that never served;
 //! * `snapshotter_auth_refreshes_total`: credentials handed to running daemons;
+//! * `snapshotter_failovers_total`: dead daemons whose FUSE session a successor took
+//!   over (`recover_policy = "failover"`);
 //! * `snapshotter_daemons`: nydusd processes running now (read at each scrape).
 
 use prometheus_client::encoding::text::encode;
@@ -33,6 +35,8 @@ pub struct Metrics {
     pub daemon_failures: Counter,
     /// Credentials refreshed.
     pub auth_refreshes: Counter,
+    /// Dead daemons whose session a successor took over.
+    pub failovers: Counter,
     /// Daemons running (set before each scrape).
     pub daemons: Gauge,
 }
@@ -48,6 +52,7 @@ impl Default for Metrics {
             daemons_started: Counter::default(),
             daemon_failures: Counter::default(),
             auth_refreshes: Counter::default(),
+            failovers: Counter::default(),
             daemons: Gauge::default(),
         };
         registry.register(
@@ -79,6 +84,11 @@ impl Default for Metrics {
             "auth_refreshes",
             "Credentials handed to running nydusd",
             m.auth_refreshes.clone(),
+        );
+        registry.register(
+            "failovers",
+            "Dead nydusd whose FUSE session a successor took over",
+            m.failovers.clone(),
         );
         registry.register("daemons", "nydusd processes running", m.daemons.clone());
         Metrics {

@@ -352,7 +352,8 @@ pub fn pids_mentioning(path: &Path, name: &str) -> Vec<u32> {
     out
 }
 
-fn kill_pid(pid: u32) {
+/// Kills process `pid` with `SIGKILL` and waits (up to 5 s) until it is gone.
+pub fn kill_pid(pid: u32) {
     if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
         let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
     }

@@ -112,10 +112,14 @@ impl DaemonCommand {
     /// not serving yet: see [`Daemon::wait_running`].
     pub fn start(&self) -> Result<Daemon, ClientError> {
         let io = |what: String| move |e| ClientError::Io { what, source: e };
-        std::fs::create_dir_all(&self.mountpoint).map_err(io(format!(
-            "Creating mountpoint {}",
-            self.mountpoint.display()
-        )))?;
+        // A successor's mountpoint is a mount whose daemon may be dead: looking at it
+        // would wait for the successor itself.
+        if !self.upgrade {
+            std::fs::create_dir_all(&self.mountpoint).map_err(io(format!(
+                "Creating mountpoint {}",
+                self.mountpoint.display()
+            )))?;
+        }
         if let Some(dir) = self.apisock.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(io(format!("Creating socket directory {}", dir.display())))?;
@@ -268,6 +272,31 @@ impl Daemon {
         }
         detach_mount(&self.mountpoint);
         let _ = std::fs::remove_file(self.api.socket());
+        if self.is_alive() {
+            return Err(ClientError::Daemon {
+                pid: self.pid,
+                reason: "did not exit after SIGKILL".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Kills the daemon with `SIGKILL` and waits until it is gone, leaving its mount
+    /// (a successor takes the session over, see [`super::supervisor`]).
+    pub fn kill(mut self) -> Result<(), ClientError> {
+        if self.is_alive() {
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_raw(self.pid as i32).expect("pid is positive"),
+                rustix::process::Signal::KILL,
+            );
+        }
+        if let Some(c) = &mut self.child {
+            let _ = c.wait();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.is_alive() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         if self.is_alive() {
             return Err(ClientError::Daemon {
                 pid: self.pid,

@@ -9,6 +9,7 @@ use super::nydusd::{build, Image};
 use nydusd::client::supervisor::{Saved, Supervisor};
 use nydusd::client::{ApiClient, MountRequest};
 use rafs_e2e::*;
+use sha2::Digest;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Read;
@@ -565,4 +566,367 @@ fn bad_takeovers_are_refused_and_the_mount_serves_on() {
     first.api.exit().unwrap();
     assert!(wait_until(Duration::from_secs(10), || !is_mounted(&mnt)));
     std::mem::forget(_mount);
+}
+
+/// The container's loop: every round checks the warm files (small ones, a large one;
+/// each `sha256sum` also maps busybox again) and one cold file never read before, and
+/// prints `ok N` or `FAIL N`.
+const LOOP: &str = r#"i=0
+while true; do
+  r=ok
+  sha256sum -c -s /data/warm.sums 2>/dev/null || r=FAIL
+  if [ -e /data/cold/c$i ]; then
+    grep "/data/cold/c$i\$" /data/cold.sums | sha256sum -c -s 2>/dev/null || r=FAIL
+  fi
+  echo "$r $i"
+  i=$((i+1))
+done"#;
+
+/// Pushes busybox with a layer of data files (and their checksums) as `fo:v1`, and its
+/// nydus conversion as `fo:v1-nydus`.
+fn data_image(reg: &Registry, dir: &Path) -> String {
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    for i in 0..40u64 {
+        files.push((
+            format!("data/small/s{i}"),
+            noise(300 + (i as usize * 733) % 20_000, 50 + i),
+        ));
+    }
+    files.push(("data/large.bin".into(), noise(6 << 20, 99)));
+    let warm: String = files
+        .iter()
+        .map(|(p, b)| format!("{}  /{p}\n", hex::encode(sha2::Sha256::digest(b))))
+        .collect();
+    let mut cold = String::new();
+    for i in 0..400u64 {
+        let b = noise(256 << 10, 500 + i);
+        cold.push_str(&format!(
+            "{}  /data/cold/c{i}\n",
+            hex::encode(sha2::Sha256::digest(&b))
+        ));
+        files.push((format!("data/cold/c{i}"), b));
+    }
+    files.push(("data/warm.sums".into(), warm.into_bytes()));
+    files.push(("data/cold.sums".into(), cold.into_bytes()));
+    let layout = dir.join("oci-fo");
+    super::nydusify::make_busybox(&layout, "v1");
+    let entries: Vec<(&str, &[u8], u32)> = files
+        .iter()
+        .map(|(p, b)| (p.as_str(), b.as_slice(), 0o644))
+        .collect();
+    super::nydusify::add_layer(&layout, "v1", &entries, dir);
+    super::snapshotter::push_and_convert(reg, &layout, "fo", "v1", dir);
+    format!("{}/fo:v1-nydus", reg.addr)
+}
+
+/// A container running [`LOOP`], its lines collected with the time each arrived.
+struct Looper {
+    child: ChildGuard,
+    stderr: PathBuf,
+    lines: std::sync::mpsc::Receiver<(Instant, String)>,
+    seen: Vec<(Instant, String)>,
+    id: String,
+}
+
+impl Looper {
+    fn start(ctd: &Containerd, image: &str, id: &str, dir: &Path) -> Looper {
+        let stderr = dir.join(format!("{id}.stderr"));
+        let mut child = ChildGuard::spawn(
+            ctd.ctr()
+                .args([
+                    "-n",
+                    "k8s.io",
+                    "run",
+                    "--rm",
+                    "--snapshotter",
+                    "nydus",
+                    image,
+                    id,
+                ])
+                .args(["sh", "-c", LOOP])
+                .stdout(std::process::Stdio::piped())
+                .stderr(File::create(&stderr).unwrap()),
+        )
+        .unwrap();
+        let out = child.child_mut().stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send((Instant::now(), line)).is_err() {
+                    break;
+                }
+            }
+        });
+        Looper {
+            child,
+            stderr,
+            lines: rx,
+            seen: Vec::new(),
+            id: id.into(),
+        }
+    }
+
+    /// Waits for `n` more rounds (at most `within`); whether they came.
+    fn rounds(&mut self, n: usize, within: Duration) -> bool {
+        let want = self.seen.len() + n;
+        let deadline = Instant::now() + within;
+        while self.seen.len() < want {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => self.seen.push(l),
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    fn failures(&self) -> Vec<&str> {
+        self.seen
+            .iter()
+            .filter(|(_, l)| !l.starts_with("ok "))
+            .map(|(_, l)| l.as_str())
+            .collect()
+    }
+
+    /// The longest time between two rounds.
+    fn longest_gap(&self) -> Duration {
+        self.seen
+            .windows(2)
+            .map(|w| w[1].0 - w[0].0)
+            .max()
+            .unwrap_or_default()
+    }
+
+    fn stop(&mut self, ctd: &Containerd) {
+        let _ = ctd
+            .ctr()
+            .args(["-n", "k8s.io", "task", "kill", "-s", "KILL", &self.id])
+            .output();
+        let done = wait_until(Duration::from_secs(20), || {
+            self.child.try_wait().unwrap().is_some()
+        });
+        assert!(done, "container {} did not stop", self.id);
+    }
+}
+
+/// An HTTP request on a unix socket; status and body.
+fn unix_http(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, body.to_string())
+}
+
+/// The snapshotter's log and the ends of its daemons' logs.
+fn logs(snap: &NydusSnapshotter) -> String {
+    let mut out = snap.log_text();
+    if let Ok(dir) = std::fs::read_dir(snap.root.join("logs")) {
+        for e in dir.flatten() {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().filter(|l| !l.contains("DEBUG")).collect();
+            out.push_str(&format!(
+                "\n--- {}:\n{}",
+                e.path().display(),
+                lines[lines.len().saturating_sub(60)..].join("\n")
+            ));
+        }
+    }
+    out
+}
+
+/// The one nydusd of the snapshotter (one image, or the shared daemon).
+fn only_nydusd(snap: &NydusSnapshotter) -> u32 {
+    let pids = snap.nydusd_pids();
+    assert_eq!(
+        pids.len(),
+        1,
+        "nydusd processes: {pids:?}\n{}",
+        snap.log_text()
+    );
+    pids[0]
+}
+
+fn snapshotter_failover(mode: &str) {
+    super::snapshotter::tools();
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let reg_dir = dir.join("reg");
+    std::fs::create_dir_all(&reg_dir).unwrap();
+    let reg = Registry::start_in(&reg_dir, "");
+    let image = data_image(&reg, dir);
+    let system = dir.join("system.sock");
+    let mut snap = NydusSnapshotter::start(
+        &dir.join("snap"),
+        &format!(
+            "daemon_mode = \"{mode}\"\n[daemon]\nrecover_policy = \"failover\"\n\
+             [system]\nenable = true\naddress = \"{}\"\n",
+            system.display()
+        ),
+    );
+    let ctd = Containerd::start(&dir.join("ctd"), &snap.sock);
+    ctd.cri_pull(&image)
+        .unwrap_or_else(|e| panic!("CRI pull: {e}\n{}", snap.log_text()));
+
+    // 1. A container reading in a loop while its nydusd is killed three times.
+    let mut looper = Looper::start(&ctd, &image, "loop1", dir);
+    assert!(
+        looper.rounds(3, Duration::from_secs(60)),
+        "the loop did not start: {:?}\n{}\n{}",
+        looper.seen,
+        looper.stderr(),
+        logs(&snap)
+    );
+    let mut pid = only_nydusd(&snap);
+    for round in 1..=3 {
+        // Fully cached files are passed through once written back; dropped pages are
+        // read again (the kernel's or the daemon's way).
+        drop_caches();
+        kill_pid(pid);
+        let replaced = wait_until(Duration::from_secs(20), || {
+            snap.log_text().matches("failover done").count() == round
+        });
+        assert!(
+            replaced,
+            "no successor after kill {round}:\n{}",
+            logs(&snap)
+        );
+        assert!(
+            looper.rounds(5, Duration::from_secs(30)),
+            "the loop stalled after kill {round}: {:?}\n{}\n{}",
+            looper.seen.last(),
+            looper.stderr(),
+            logs(&snap)
+        );
+        pid = only_nydusd(&snap);
+    }
+    let log = snap.log_text();
+    assert!(!log.contains("failover failed"), "{}", logs(&snap));
+
+    // 2. A live upgrade to another nydusd binary under the same load.
+    let v2 = dir.join("nydusd-v2");
+    std::fs::copy(bin("nydusd"), &v2).unwrap();
+    let (status, body) = unix_http(
+        &system,
+        "PUT",
+        "/api/v1/daemons/upgrade",
+        &format!(
+            r#"{{"nydusd_path":"{}","version":"v2","policy":"rolling"}}"#,
+            v2.display()
+        ),
+    );
+    assert_eq!(status, 200, "{body}\n{}", snap.log_text());
+    let upgraded = only_nydusd(&snap);
+    assert_ne!(upgraded, pid);
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{upgraded}/exe")).unwrap(),
+        v2,
+        "the daemon does not run the new binary"
+    );
+    assert!(
+        looper.rounds(5, Duration::from_secs(30)),
+        "the loop stalled after the upgrade"
+    );
+    let (status, body) = unix_http(&system, "GET", "/api/v1/daemons", "");
+    assert_eq!(status, 200);
+    assert!(body.contains("\"supervised\":true"), "{body}");
+    let (status, body) = unix_http(
+        &system,
+        "PUT",
+        "/api/v1/daemons/upgrade",
+        r#"{"nydusd_path":"relative/nydusd"}"#,
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("not an absolute path"), "{body}");
+    looper.stop(&ctd);
+    let failures = looper.failures();
+    assert!(
+        failures.is_empty(),
+        "failed rounds: {failures:?}\n{}",
+        snap.log_text()
+    );
+    println!(
+        "[{mode}] {} rounds through 3 kills and a live upgrade, none failed; longest gap \
+         between rounds {:?}",
+        looper.seen.len(),
+        looper.longest_gap()
+    );
+
+    // 3. New containers start from the image; no mount or daemon leaked.
+    let out = ctd.run(
+        &image,
+        "after",
+        &["sh", "-c", "sha256sum -c -s /data/warm.sums"],
+    );
+    assert!(out.status.success());
+    only_nydusd(&snap);
+    assert_eq!(snap.fuse_mounts().len(), 1, "{:?}", snap.fuse_mounts());
+
+    // 4. The supervisor gone too: the snapshotter killed, then nydusd. Nothing holds
+    // the session: the kernel ends it, and the running container's reads fail at once
+    // (no hang). The snapshotter, back, mounts the image again for new containers.
+    let mut looper = Looper::start(&ctd, &image, "loop2", dir);
+    assert!(
+        looper.rounds(2, Duration::from_secs(60)),
+        "loop2 did not start"
+    );
+    snap.kill();
+    kill_pid(only_nydusd(&snap));
+    let t0 = Instant::now();
+    let ended = wait_until(Duration::from_secs(20), || {
+        while let Ok(l) = looper.lines.try_recv() {
+            looper.seen.push(l);
+        }
+        !looper.failures().is_empty() || looper.child.try_wait().unwrap().is_some()
+    });
+    assert!(
+        ended,
+        "with its nydusd and the snapshotter dead, the container's reads hung"
+    );
+    println!(
+        "[{mode}] nydusd and the snapshotter dead: the container's reads failed after {:?}",
+        t0.elapsed()
+    );
+    looper.stop(&ctd);
+    snap.up();
+    assert!(
+        wait_until(Duration::from_secs(30), || ctd
+            .ctr()
+            .args(["-n", "k8s.io", "snapshots", "--snapshotter", "nydus", "ls"])
+            .output()
+            .is_ok_and(|o| o.status.success())),
+        "containerd did not reach the restarted snapshotter"
+    );
+    let out = ctd.run(
+        &image,
+        "after2",
+        &["sh", "-c", "sha256sum -c -s /data/warm.sums"],
+    );
+    assert!(out.status.success(), "{}", snap.log_text());
+    drop(ctd);
+    drop(snap);
+}
+
+#[test]
+fn containers_read_through_nydusd_failovers_and_a_live_upgrade_dedicated() {
+    snapshotter_failover("dedicated");
+}
+
+#[test]
+fn containers_read_through_nydusd_failovers_and_a_live_upgrade_shared() {
+    snapshotter_failover("shared");
 }

@@ -21,7 +21,7 @@ const BOOT_LABEL: &str = "containerd.io/snapshot/nydus-bootstrap";
 const REF_LABEL: &str = "containerd.io/snapshot.ref";
 const IMAGE_LABEL: &str = "containerd.io/snapshot/cri.image-ref";
 
-fn tools() {
+pub(crate) fn tools() {
     require_root_tools(&[
         "docker-registry",
         "skopeo",
@@ -52,7 +52,7 @@ fn busybox_images(reg: &Registry, dir: &Path, tag: &str) -> PathBuf {
     layout
 }
 
-fn push_and_convert(reg: &Registry, layout: &Path, repo: &str, tag: &str, dir: &Path) {
+pub(crate) fn push_and_convert(reg: &Registry, layout: &Path, repo: &str, tag: &str, dir: &Path) {
     run_ok(Command::new("skopeo").args([
         "copy",
         "--dest-tls-verify=false",
