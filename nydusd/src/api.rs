@@ -302,7 +302,14 @@ fn put_config(ctx: &ApiContext, req: &Request) -> Response {
             .backend()
             .set_credentials(Some(credentials.clone()))
         {
+            m.set_auth(&auth);
             changed += 1;
+        }
+    }
+    if changed > 0 {
+        // A successor must not mount with the old credentials.
+        if let Some(h) = &ctx.handover {
+            h.save_or_warn(&ctx.serving.vfs());
         }
     }
     match (wanted, changed) {

@@ -221,7 +221,7 @@ pub fn mount_image(spec: ImageSpec, open: &Arc<OpenBlobs>) -> Result<Mounted> {
         mountpoint: spec.mountpoint.clone(),
         source: spec.source.clone(),
         index: spec.index,
-        spec,
+        spec: std::sync::Mutex::new(spec),
         fs,
         metrics,
         prefetch: std::sync::Mutex::new(prefetch),

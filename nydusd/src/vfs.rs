@@ -48,8 +48,9 @@ pub struct Mounted {
     pub source: PathBuf,
     /// Its mount index.
     pub index: u16,
-    /// How it was mounted (what a successor mounts again).
-    pub spec: crate::daemon::ImageSpec,
+    /// How it was mounted (what a successor mounts again), with the credentials
+    /// handed over since (see [`Mounted::set_auth`]).
+    pub spec: Mutex<crate::daemon::ImageSpec>,
     /// Its filesystem (and through it, its cache).
     pub fs: Arc<RafsFs>,
     /// Its counters.
@@ -59,6 +60,26 @@ pub struct Mounted {
 }
 
 impl Mounted {
+    /// How it was mounted, with the latest credentials.
+    pub fn spec(&self) -> crate::daemon::ImageSpec {
+        self.spec.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Records new registry credentials (`auth`: base64 of `user:password`) in the
+    /// config a successor mounts the image with.
+    pub fn set_auth(&self, auth: &str) {
+        let mut spec = self.spec.lock().unwrap_or_else(|e| e.into_inner());
+        if let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&spec.config) {
+            if let Some(c) = v
+                .pointer_mut("/device/backend/config")
+                .and_then(|c| c.as_object_mut())
+            {
+                c.insert("auth".into(), auth.into());
+                spec.config = v.to_string();
+            }
+        }
+    }
+
     /// Stops the background prefetch, if any, and waits for it.
     pub fn stop_prefetch(&self) {
         let p = self
@@ -309,8 +330,8 @@ impl Vfs {
         }
         dirs.sort_by_key(|d| d.ino);
         TreeState {
-            root: self.root.as_ref().map(|r| r.spec.clone()),
-            mounts: t.by_name.values().map(|m| m.spec.clone()).collect(),
+            root: self.root.as_ref().map(|r| r.spec()),
+            mounts: t.by_name.values().map(|m| m.spec()).collect(),
             dirs,
             next_index: t.next_index,
             next_dir: t.next_dir,

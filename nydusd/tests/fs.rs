@@ -110,7 +110,17 @@ fn requests_for_unknown_inodes_and_handles_are_errors() {
         prefetch_files: None,
     };
     let image = nydusd::daemon::mount_image(spec, &open).unwrap();
+    // Credentials handed over later reach the config a successor would mount with.
+    image.set_auth("dXNlcjpwYXNz");
     vfs.mount(image).unwrap();
+    let tree = vfs.export();
+    let config: serde_json::Value = serde_json::from_str(&tree.mounts[0].config).unwrap();
+    assert_eq!(
+        config["device"]["backend"]["config"]["auth"],
+        "dXNlcjpwYXNz"
+    );
+    assert_eq!(tree.mounts[0].mountpoint, "/rafs/x/lowerdir");
+    assert_eq!(tree.dirs.len(), 2, "{tree:?}");
     let ctx = Context::default();
     let errno = |e: std::io::Error| e.raw_os_error();
 
