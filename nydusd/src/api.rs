@@ -6,8 +6,8 @@
 //! | `GET /api/v1/daemon` | `{"id", "version": {...}, "state": "RUNNING", "mounts": {"/sub": {"mountpoint", "fs_type", "source"}}, ...}` |
 //! | `PUT /api/v1/daemon/exit` | 204, then the daemon unmounts and exits |
 //! | `PUT /api/v1/daemon/fuse/sendfd` | the FUSE session handed to the supervisor now (`--supervisor`; it is also handed over after INIT and each mount and unmount): 204, 400 without a supervisor, 500 when the supervisor did not take it |
-//! | `PUT /api/v1/daemon/fuse/takeover` | (`--upgrade`) takes the session the supervisor holds and serves it at once: 204; 409 when already serving; 500 with the reason (no session, a state of another version, an image that cannot be mounted again) |
-//! | `PUT /api/v1/daemon/start` | 204 once serving; 409 before a takeover |
+//! | `PUT /api/v1/daemon/fuse/takeover` | (`--upgrade`) takes the session the supervisor holds and mounts its images again, not serving yet (the predecessor may still serve): 204; 409 when already serving; 500 with the reason (no session, a state of another version, a kernel that cannot resend, no image that can be mounted again) |
+//! | `PUT /api/v1/daemon/start` | (`--upgrade`, once the predecessor is gone) serves the session taken over: its open files taken on, unanswered requests resent; 204, also when already serving; 409 before a takeover |
 //! | `POST /api/v1/mount?mountpoint=/sub` | body `{"source": BOOTSTRAP, "fs_type": "rafs", "config": "<v1 JSON as a string>", "prefetch_files": [...]}`: 204, or 400 (bad request, bootstrap or config; the message says which), 409 (mountpoint taken, or the daemon has a `--bootstrap`) |
 //! | `DELETE /api/v1/mount?mountpoint=/sub` | 204, or 404 when nothing is mounted there |
 //! | `PUT /api/v1/config?id=/sub` | body `{"registry_auth": "<base64 of user:password>"}`: the registry backends of that image (without `id`: of every image) use these credentials from their next request on; 204, 400 (bad body, no registry backend), 404 (no such image) |
@@ -365,8 +365,16 @@ fn post_mount(ctx: &ApiContext, req: &Request) -> Response {
     match vfs.mount(image) {
         Ok(()) => {
             // Before the answer: once the caller has it, a successor must know the image.
+            // When the supervisor cannot hear of it, the mount is undone.
             if let Some(h) = &ctx.handover {
-                h.save_or_warn(&vfs);
+                if let Err(e) = h.save(&vfs) {
+                    let _ = vfs.umount(&mountpoint);
+                    h.save_or_warn(&vfs);
+                    return error_response(
+                        500,
+                        &format!("{mountpoint} is not mounted: {}", Chain(&e)),
+                    );
+                }
             }
             (204, "application/json", Vec::new())
         }
@@ -410,7 +418,7 @@ fn sendfd(ctx: &ApiContext) -> Response {
 }
 
 /// `PUT /api/v1/daemon/fuse/takeover`: takes the session the supervisor holds and
-/// serves it.
+/// mounts its images again, without serving it yet (the predecessor may still serve).
 fn takeover(ctx: &ApiContext) -> Response {
     let (Some(h), Some(opts)) = (&ctx.handover, &ctx.upgrade) else {
         return error_response(
@@ -425,12 +433,8 @@ fn takeover(ctx: &ApiContext) -> Response {
             "this nydusd already serves a FUSE session: there is nothing to take over",
         );
     }
-    match h.take_over(opts, &ctx.open_blobs, ctx.events.clone()) {
-        Ok((vfs, fuse)) => {
-            ctx.serving.set(vfs, fuse);
-            ctx.serving.state.set(State::Running);
-            (204, "application/json", Vec::new())
-        }
+    match h.prepare(opts, &ctx.open_blobs) {
+        Ok(()) => (204, "application/json", Vec::new()),
         Err(e) => {
             warn!("taking the FUSE session over: {}", Chain(&e));
             error_response(500, &Chain(&e).to_string())
@@ -438,16 +442,33 @@ fn takeover(ctx: &ApiContext) -> Response {
     }
 }
 
-/// `PUT /api/v1/daemon/start`: a session taken over is served from the takeover on;
-/// this only says whether it is.
+/// `PUT /api/v1/daemon/start`: serves the session taken over (once its predecessor is
+/// gone); 204 at once for a daemon already serving.
 fn start(ctx: &ApiContext) -> Response {
+    let _one = ctx.serving.busy();
     match ctx.serving.state.get() {
-        State::Running => (204, "application/json", Vec::new()),
-        State::Init => error_response(
-            409,
-            "nothing to start: take a FUSE session over first (PUT /api/v1/daemon/fuse/takeover)",
-        ),
-        State::Stopped => error_response(409, "the daemon is stopping"),
+        State::Running => return (204, "application/json", Vec::new()),
+        State::Stopped => return error_response(409, "the daemon is stopping"),
+        State::Init => {}
+    }
+    let (Some(h), Some(opts)) = (&ctx.handover, &ctx.upgrade) else {
+        return error_response(409, "nothing to start");
+    };
+    match h.serve(opts, ctx.events.clone()) {
+        Ok((vfs, fuse)) => {
+            ctx.serving.set(vfs, fuse);
+            ctx.serving.state.set(State::Running);
+            (204, "application/json", Vec::new())
+        }
+        Err(e) => {
+            warn!("serving the FUSE session taken over: {}", Chain(&e));
+            let status = if matches!(e, crate::Error::State(_)) {
+                409
+            } else {
+                500
+            };
+            error_response(status, &Chain(&e).to_string())
+        }
     }
 }
 

@@ -194,29 +194,27 @@ pub struct ImageSpec {
     pub prefetch_files: Option<Vec<String>>,
 }
 
-/// Mounts the image `spec` describes, and starts its background prefetch when the config
-/// enables it: of `prefetch_files` if given, else of the bootstrap's prefetch table.
+/// Mounts the image `spec` describes, and starts its background prefetch (see
+/// [`start_prefetch`]).
 pub fn mount_image(spec: ImageSpec, open: &Arc<OpenBlobs>) -> Result<Mounted> {
+    let m = mount_image_quiet(spec, open)?;
+    start_prefetch(&m)?;
+    Ok(m)
+}
+
+/// Mounts the image `spec` describes, without its background prefetch (a successor
+/// starts it only once it serves: until then the predecessor's files passed through
+/// hold no pins, see [`crate::handover`]).
+pub fn mount_image_quiet(spec: ImageSpec, open: &Arc<OpenBlobs>) -> Result<Mounted> {
     let config = Config::from_json(&spec.config)?;
     let metrics = Arc::new(Metrics::default());
     let fs = build_fs(&spec.source, &config, metrics.clone(), spec.index, open)?;
-    let cache = fs.cache().clone();
-    let mountpoint = &spec.mountpoint;
     if !config.digest_validate {
-        warn!("{mountpoint}: digest_validate is off: chunks are served without verification");
+        warn!(
+            "{}: digest_validate is off: chunks are served without verification",
+            spec.mountpoint
+        );
     }
-    let prefetch = if config.prefetch.enable {
-        let list = match &spec.prefetch_files {
-            Some(paths) => PrefetchList::from_paths(&cache, &paths.join("\n")),
-            None => PrefetchList::from_bootstrap(&cache),
-        };
-        Some(Prefetch::start(cache, list, config.prefetch.clone()))
-    } else {
-        if spec.prefetch_files.is_some() {
-            warn!("{mountpoint}: the prefetch list is ignored: fs_prefetch.enable is false");
-        }
-        None
-    };
     Ok(Mounted {
         mountpoint: spec.mountpoint.clone(),
         source: spec.source.clone(),
@@ -224,6 +222,30 @@ pub fn mount_image(spec: ImageSpec, open: &Arc<OpenBlobs>) -> Result<Mounted> {
         spec: std::sync::Mutex::new(spec),
         fs,
         metrics,
-        prefetch: std::sync::Mutex::new(prefetch),
+        prefetch: std::sync::Mutex::new(None),
     })
+}
+
+/// Starts the background prefetch of `m` when its config enables it: of its
+/// `prefetch_files` if given, else of the bootstrap's prefetch table.
+pub fn start_prefetch(m: &Mounted) -> Result<()> {
+    let spec = m.spec();
+    let config = Config::from_json(&spec.config)?;
+    if !config.prefetch.enable {
+        if spec.prefetch_files.is_some() {
+            warn!(
+                "{}: the prefetch list is ignored: fs_prefetch.enable is false",
+                spec.mountpoint
+            );
+        }
+        return Ok(());
+    }
+    let cache = m.fs.cache().clone();
+    let list = match &spec.prefetch_files {
+        Some(paths) => PrefetchList::from_paths(&cache, &paths.join("\n")),
+        None => PrefetchList::from_bootstrap(&cache),
+    };
+    *m.prefetch.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some(Prefetch::start(cache, list, config.prefetch.clone()));
+    Ok(())
 }

@@ -70,7 +70,7 @@ pub enum FuseSource {
 }
 
 /// See [`FuseOptions::on_init`].
-pub type OnInit = Arc<dyn Fn(&File) + Send + Sync>;
+pub type OnInit = Arc<dyn Fn(&File, bool) + Send + Sync>;
 
 /// How a [`FuseService`] serves.
 #[derive(Clone)]
@@ -89,8 +89,9 @@ pub struct FuseOptions {
     /// Where opens are recorded.
     pub table: Arc<OpenTable>,
     /// Called once the kernel's INIT is answered (passthrough set up, before the reply
-    /// when it is negotiated), with the session's FUSE device: a supervised daemon hands
-    /// its session over then.
+    /// when it is negotiated), with the session's FUSE device and whether the kernel can
+    /// resend requests (`FUSE_HAS_RESEND`): a supervised daemon hands its session over
+    /// then.
     pub on_init: Option<OnInit>,
 }
 
@@ -230,8 +231,14 @@ impl Pool {
                     let init = &self.init;
                     let is_init = init.pending.load(Ordering::Relaxed)
                         && init.pending.swap(false, Ordering::AcqRel);
-                    let answered =
-                        is_init && init.passthrough && answer_init(&self.server, &reader, init);
+                    let resend = is_init && {
+                        let mut head = [0u8; 64];
+                        let n = reader.clone().read(&mut head).unwrap_or(0);
+                        passthrough::init_offers_resend(&head[..n])
+                    };
+                    let answered = is_init
+                        && init.passthrough
+                        && answer_init(&self.server, &reader, init, resend);
                     if !answered {
                         if let Err(e) =
                             self.server
@@ -241,7 +248,7 @@ impl Pool {
                         }
                         if is_init {
                             if let Some(f) = &init.on_init {
-                                f(&init.dev);
+                                f(&init.dev, resend);
                             }
                         }
                     }
@@ -329,7 +336,12 @@ struct InitState {
 /// device, and
 /// lets the filesystem pass files through. Returns whether the request was answered
 /// (otherwise the caller answers it as any other).
-fn answer_init(server: &Server<Arc<Vfs>>, reader: &Reader<'_>, init: &InitState) -> bool {
+fn answer_init(
+    server: &Server<Arc<Vfs>>,
+    reader: &Reader<'_>,
+    init: &InitState,
+    resend: bool,
+) -> bool {
     let mut head = [0u8; 64];
     let mut peek = reader.clone();
     let n = peek.read(&mut head).unwrap_or(0);
@@ -358,7 +370,7 @@ fn answer_init(server: &Server<Arc<Vfs>>, reader: &Reader<'_>, init: &InitState)
         // Before the reply too: once the kernel has it, files may be opened passed
         // through, and a successor must know that the session negotiated it.
         if let Some(f) = &init.on_init {
-            f(&init.dev);
+            f(&init.dev, resend);
         }
         passthrough::write_reply(&init.dev, &reply)?;
         Ok(patched)
@@ -405,10 +417,14 @@ impl FuseService {
                 (session, mountpoint, false)
             }
             FuseSource::Adopt { mountpoint, file } => {
-                // Made at `/`, not at the mountpoint: looking the mountpoint up would
-                // wait for this very session to answer. It is never mounted or unmounted
-                // through this object (see `stop`).
-                let mut session = FuseSession::new(Path::new("/"), "rafs", "nydusfs", true)
+                // Made at an empty directory of its own, not at the mountpoint: looking
+                // the mountpoint up would wait for this very session to answer. Whatever
+                // unmounting the object does on drop finds nothing mounted there; the
+                // mountpoint is unmounted by `stop`.
+                let dir = std::env::temp_dir().join(format!("nydusd-{}", std::process::id()));
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| Error::io(format!("Creating {}", dir.display()), e))?;
+                let mut session = FuseSession::new(&dir, "rafs", "nydusfs", true)
                     .map_err(|e| Error::Fuse(format!("session object: {e}")))?;
                 session.set_fuse_file(file);
                 (session, mountpoint, true)
@@ -453,6 +469,21 @@ impl FuseService {
             table: opts.table.clone(),
             on_init: opts.on_init.clone(),
         });
+        if adopted && opts.resend {
+            // Before any thread reads: the notification re-queues every request read and
+            // not answered, and must catch only the predecessor's.
+            let mut buf = vec![0u8; 64];
+            let resent = FuseDevWriter::<()>::new(device.as_raw_fd(), &mut buf)
+                .map_err(|e| e.to_string())
+                .and_then(|w| notifier.notify_resend(w).map_err(|e| e.to_string()));
+            match resent {
+                Ok(()) => info!("asked the kernel to resend the requests left unanswered"),
+                Err(e) => warn!(
+                    "the kernel did not take FUSE_NOTIFY_RESEND (Linux 6.9+): requests the \
+                     previous daemon read and did not answer stay unanswered: {e}"
+                ),
+            }
+        }
         let threads = opts.threads.max(1);
         let pool = Arc::new(Pool {
             session: std::sync::Mutex::new(Some(session)),
@@ -486,21 +517,8 @@ impl FuseService {
             "serving {} with {threads} FUSE threads (up to {MAX_FUSE_THREADS} while requests are stuck)",
             mountpoint.display(),
         );
-        if adopted && opts.resend {
-            // Requests the predecessor read and never answered go back to the queue.
-            let dev = dev()?;
-            let mut buf = vec![0u8; 64];
-            let resent = FuseDevWriter::<()>::new(dev.as_raw_fd(), &mut buf)
-                .map_err(|e| e.to_string())
-                .and_then(|w| notifier.notify_resend(w).map_err(|e| e.to_string()));
-            match resent {
-                Ok(()) => info!("asked the kernel to resend the requests left unanswered"),
-                Err(e) => warn!(
-                    "the kernel did not take FUSE_NOTIFY_RESEND (Linux 6.9+): requests the \
-                     previous daemon read and did not answer stay unanswered: {e}"
-                ),
-            }
-        } else if opts.readahead_kb > 0 {
+        // A session taken over keeps the readahead its first daemon set.
+        if !adopted && opts.readahead_kb > 0 {
             match set_readahead(&mountpoint, opts.readahead_kb) {
                 Ok(bdi) => debug!("readahead of {bdi}: {} KiB", opts.readahead_kb),
                 Err(e) => warn!(
@@ -517,8 +535,10 @@ impl FuseService {
         self.pool.started.load(Ordering::Acquire)
     }
 
-    /// Wakes the threads, unmounts and waits for the threads to end.
-    pub fn stop(mut self) {
+    /// Wakes the threads, unmounts (unless `unmount` is false: the session already
+    /// ended, and whatever is mounted at the mountpoint now is not this daemon's) and
+    /// waits for the threads to end.
+    pub fn stop(mut self, unmount: bool) {
         // Taken under the lock `grow` holds: no thread starts after the wake.
         let session = self
             .pool
@@ -532,13 +552,17 @@ impl FuseService {
             }
             match &self.adopted {
                 Some(mountpoint) => {
-                    // Made at `/`: never let it unmount that. The device closes with
-                    // the process.
-                    std::mem::forget(session);
-                    if let Err(e) =
-                        rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH)
-                    {
-                        error!("unmounting {}: {e}", mountpoint.display());
+                    // Its own unmount is of its private directory: nothing there.
+                    drop(session);
+                    let _ = std::fs::remove_dir(
+                        std::env::temp_dir().join(format!("nydusd-{}", std::process::id())),
+                    );
+                    if unmount {
+                        if let Err(e) =
+                            rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH)
+                        {
+                            error!("unmounting {}: {e}", mountpoint.display());
+                        }
                     }
                 }
                 None => {

@@ -52,19 +52,22 @@ pub struct OpenRecord {
 /// First bytes of an [`OpenTable`]'s file (its layout's version is the last digit).
 const TABLE_MAGIC: &[u8; 8] = b"NYDOPEN1";
 /// Bytes before the first slot.
-const TABLE_HEADER: u64 = 16;
+const TABLE_HEADER: u64 = 32;
 /// Bytes of a slot: generation (u32), mode (u32, 0 when free), key (u64: index << 48 |
-/// nid), backing id (u32), unused (u32), little-endian.
-const SLOT: u64 = 24;
+/// nid), backing id (u32), unused (12 bytes), little-endian. A power of two, so that no
+/// slot crosses a page: a write to memory files stops between pages when the writer is
+/// killed.
+const SLOT: u64 = 32;
 /// Most slots a table file is read with (a successor refuses a larger one).
 pub const MAX_OPEN_SLOTS: u64 = 1 << 24;
 
 /// The open files of a FUSE session, in a memory file (`memfd`) handed to the supervisor
 /// with the FUSE device, so that it outlives the daemon. Each slot is written with one
-/// `pwrite`, which a `SIGKILL` does not cut in half. An open is recorded before the
-/// kernel hears of it and forgotten before the backing id is closed: a daemon killed in
-/// between leaves at worst a slot the kernel never got (a backing id kept open for
-/// nothing), never a file the successor does not know about.
+/// `pwrite` within one page, which a `SIGKILL` does not cut in half. An open is recorded
+/// before the kernel hears of it and forgotten before its backing id is closed: a daemon
+/// killed in between leaves at worst a record the kernel no longer needs (the file then
+/// stays in its open mode, and its backing id and chunk pins are kept, until the daemon
+/// restarts), never an open the successor does not know about.
 pub struct OpenTable {
     file: std::fs::File,
     slots: Mutex<Slots>,
@@ -244,6 +247,9 @@ pub struct ImageOpens {
     backing: OnceLock<Option<BackingMount>>,
     /// Opening a file in the backing mount failed once (said once in the log).
     backing_open_failed: AtomicBool,
+    /// Dropped without closing the backing ids (a takeover that failed: they are
+    /// still the predecessor's, and the next successor's).
+    keep_backing: AtomicBool,
 }
 
 impl ImageOpens {
@@ -418,6 +424,9 @@ impl Drop for ImageOpens {
     /// An image unmounted while files of it are open passed through: their backing
     /// files stay with them in the kernel; only the ids go.
     fn drop(&mut self) {
+        if self.keep_backing.load(Ordering::Relaxed) {
+            return;
+        }
         let modes = self.io_modes.get_mut().unwrap_or_else(|e| e.into_inner());
         for m in modes.values() {
             if let Some(dev) = &m.dev {
@@ -556,6 +565,19 @@ impl Passthrough {
                 records.len()
             );
             self.image(index).adopt(fs, &records, &self.dev);
+        }
+    }
+
+    /// Leaves the backing ids of every image open when this is dropped (a takeover
+    /// that failed after taking on a predecessor's open files).
+    pub fn keep_backing(&self) {
+        for image in self
+            .images
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            image.keep_backing.store(true, Ordering::Relaxed);
         }
     }
 

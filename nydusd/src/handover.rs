@@ -47,6 +47,9 @@ pub struct SessionState {
     /// When the kernel's INIT negotiated passthrough: the readahead (KiB) of backing
     /// mounts.
     pub passthrough: Option<u32>,
+    /// Whether the kernel offered `FUSE_HAS_RESEND` at INIT: it requeues the requests a
+    /// dead daemon read and did not answer (Linux 6.9+).
+    pub resend: bool,
     /// The images and pseudo directories served.
     pub tree: TreeState,
 }
@@ -81,8 +84,20 @@ pub struct Handover {
     /// The FUSE device, once mounted or taken over.
     fuse: OnceLock<File>,
     table: RwLock<Arc<OpenTable>>,
-    /// One save at a time (the latest state wins at the supervisor).
+    /// Whether the kernel can resend (see [`SessionState::resend`]).
+    resend: std::sync::atomic::AtomicBool,
+    /// One save at a time, each made under it (the supervisor keeps the latest).
     saving: Mutex<()>,
+    /// A session taken from the supervisor and not served yet.
+    prepared: Mutex<Option<Prepared>>,
+}
+
+/// A session taken over, its images mounted again, not served yet.
+struct Prepared {
+    state: SessionState,
+    vfs: Arc<Vfs>,
+    fuse: File,
+    table: std::os::fd::OwnedFd,
 }
 
 impl Handover {
@@ -95,7 +110,9 @@ impl Handover {
             mountpoint: mountpoint.to_path_buf(),
             fuse: OnceLock::new(),
             table: RwLock::new(Arc::new(table)),
+            resend: Default::default(),
             saving: Mutex::new(()),
+            prepared: Mutex::new(None),
         })
     }
 
@@ -109,8 +126,15 @@ impl Handover {
         self.table.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The kernel's INIT was answered on `fuse`, offering resend or not.
+    pub fn initialized(&self, fuse: &File, resend: bool) -> Result<()> {
+        self.resend
+            .store(resend, std::sync::atomic::Ordering::Release);
+        self.set_fuse(fuse)
+    }
+
     /// The FUSE device of the session (from the mount, or taken over).
-    pub fn set_fuse(&self, fuse: &File) -> Result<()> {
+    fn set_fuse(&self, fuse: &File) -> Result<()> {
         let dup = fuse
             .try_clone()
             .map_err(|e| Error::io("Duplicating the FUSE device", e))?;
@@ -123,16 +147,18 @@ impl Handover {
         let Some(fuse) = self.fuse.get() else {
             return Err(Error::Fuse("no FUSE session to hand over yet".into()));
         };
+        // Made under the lock: a save never overtakes a later change's.
+        let _one = self.saving.lock().unwrap_or_else(|e| e.into_inner());
         let state = SessionState {
             version: STATE_VERSION,
             nydusd: env!("CARGO_PKG_VERSION").into(),
             mountpoint: self.mountpoint.clone(),
             passthrough: vfs.passthrough_readahead(),
+            resend: self.resend.load(std::sync::atomic::Ordering::Acquire),
             tree: vfs.export(),
         };
         let bytes = serde_json::to_vec(&state).map_err(|e| Error::State(e.to_string()))?;
         let table = self.table();
-        let _one = self.saving.lock().unwrap_or_else(|e| e.into_inner());
         supervisor::save(
             &self.supervisor,
             &bytes,
@@ -157,15 +183,12 @@ impl Handover {
         }
     }
 
-    /// Takes the session the supervisor holds and serves it: the images mounted again
-    /// as the state lists them, the open files taken on, FUSE threads serving the
-    /// device, and the requests the predecessor left unanswered resent.
-    pub fn take_over(
-        &self,
-        opts: &FuseOptions,
-        open: &Arc<OpenBlobs>,
-        events: Sender<daemon::Event>,
-    ) -> Result<(Arc<Vfs>, FuseService)> {
+    /// Takes the session the supervisor holds and mounts its images again (with their
+    /// mount indices and pseudo directories), without serving it yet: the predecessor
+    /// may still serve (a live upgrade) until it is stopped and [`Handover::serve`]
+    /// called. An image that cannot be mounted again is left out (its files fail with
+    /// `ENOENT`), unless none can.
+    pub fn prepare(&self, opts: &FuseOptions, open: &Arc<OpenBlobs>) -> Result<()> {
         let saved = supervisor::restore(&self.supervisor).map_err(|e| {
             Error::io(
                 format!(
@@ -183,6 +206,13 @@ impl Handover {
                 self.mountpoint.display()
             )));
         }
+        if opts.resend && !state.resend {
+            return Err(Error::State(
+                "the kernel offered no FUSE_HAS_RESEND at INIT (Linux 6.9+): the requests \
+                 the previous daemon read and did not answer would never be answered"
+                    .into(),
+            ));
+        }
         let mut fds = saved.fds.into_iter();
         let fuse = File::from(
             fds.next()
@@ -192,20 +222,60 @@ impl Handover {
         let table = fds
             .next()
             .ok_or_else(|| Error::State("no open-file table came with it".into()))?;
-        let table = OpenTable::load(File::from(table))
-            .map_err(|e| Error::State(format!("the open-file table: {e}")))?;
-        let table = Arc::new(table);
+        let mut left_out = Vec::new();
+        let images = state.tree.mounts.len() + usize::from(state.tree.root.is_some());
         let vfs = Vfs::restore(&state.tree, |spec| {
-            daemon::mount_image(spec.clone(), open).map_err(|e| {
-                Error::State(format!(
+            daemon::mount_image_quiet(spec.clone(), open).map_err(|e| {
+                let e = Error::State(format!(
                     "mounting {} again at {}: {}",
                     spec.source.display(),
                     spec.mountpoint,
                     Chain(&e)
-                ))
+                ));
+                left_out.push(e.to_string());
+                e
             })
         })?;
-        let vfs = Arc::new(vfs);
+        if images > 0 && left_out.len() == images {
+            return Err(Error::State(left_out.join("; ")));
+        }
+        for e in &left_out {
+            warn!("left out of the takeover: {e}");
+        }
+        *self.prepared.lock().unwrap_or_else(|e| e.into_inner()) = Some(Prepared {
+            state,
+            vfs: Arc::new(vfs),
+            fuse,
+            table,
+        });
+        Ok(())
+    }
+
+    /// Serves the session [`Handover::prepare`] took, once the predecessor is gone:
+    /// its open files taken on (the table read now, when nobody writes it any more),
+    /// FUSE threads on the device, the requests it left unanswered resent, prefetch
+    /// started.
+    pub fn serve(
+        &self,
+        opts: &FuseOptions,
+        events: Sender<daemon::Event>,
+    ) -> Result<(Arc<Vfs>, FuseService)> {
+        let Prepared {
+            state,
+            vfs,
+            fuse,
+            table,
+        } = self
+            .prepared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| {
+                Error::State("no session taken over yet (PUT /api/v1/daemon/fuse/takeover)".into())
+            })?;
+        let table = OpenTable::load(File::from(table))
+            .map_err(|e| Error::State(format!("the open-file table: {e}")))?;
+        let table = Arc::new(table);
         if let Some(readahead_kb) = state.passthrough {
             let dev = fuse
                 .try_clone()
@@ -214,6 +284,8 @@ impl Handover {
             vfs.adopt_opens();
         }
         *self.table.write().unwrap_or_else(|e| e.into_inner()) = table.clone();
+        self.resend
+            .store(state.resend, std::sync::atomic::Ordering::Release);
         self.set_fuse(&fuse)?;
         let mut opts = opts.clone();
         opts.table = table;
@@ -225,7 +297,13 @@ impl Handover {
             },
             opts,
             events,
-        )?;
+        )
+        .inspect_err(|_| vfs.keep_backing())?;
+        for m in vfs.mounts() {
+            if let Err(e) = daemon::start_prefetch(&m) {
+                warn!("{}: prefetch: {}", m.mountpoint, Chain(&e));
+            }
+        }
         info!(
             "took over the FUSE session of {} from nydusd {} ({} images)",
             self.mountpoint.display(),
@@ -320,6 +398,7 @@ mod tests {
             nydusd: "x".into(),
             mountpoint: "/mnt".into(),
             passthrough: Some(128),
+            resend: true,
             tree: Vfs::pseudo().export(),
         };
         let bytes = serde_json::to_vec(&state).unwrap();

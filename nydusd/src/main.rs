@@ -257,8 +257,8 @@ fn run(opt: Opt, mode: Mode) -> Result<()> {
     };
     let on_init = handover.clone().map(|h| {
         let serving = serving.clone();
-        Arc::new(move |dev: &std::fs::File| {
-            if let Err(e) = h.set_fuse(dev) {
+        Arc::new(move |dev: &std::fs::File, resend: bool| {
+            if let Err(e) = h.initialized(dev, resend) {
                 tracing::warn!("{e}");
             }
             h.save_or_warn(&serving.vfs());
@@ -321,14 +321,31 @@ fn run(opt: Opt, mode: Mode) -> Result<()> {
         }
     };
 
-    let event = rx.recv().unwrap_or(Event::FuseEnded);
+    let event = if opt.upgrade {
+        // A successor nobody hands a session to does not wait for ever.
+        let deadline = std::time::Instant::now() + UPGRADE_WAIT;
+        loop {
+            match rx.recv_timeout(std::time::Duration::from_millis(200)) {
+                Ok(e) => break e,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break Event::FuseEnded,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if state.get() == State::Init && std::time::Instant::now() > deadline {
+                        bail!("--upgrade: no session was taken over within {UPGRADE_WAIT:?}");
+                    }
+                }
+            }
+        }
+    } else {
+        rx.recv().unwrap_or(Event::FuseEnded)
+    };
     info!("stopping: {event:?}");
     state.set(State::Stopped);
     for m in serving.vfs().mounts() {
         m.stop_prefetch();
     }
     if let Some(f) = serving.take_fuse() {
-        f.stop();
+        // A session that ended (unmounted or aborted) leaves nothing to unmount.
+        f.stop(event != Event::FuseEnded);
     }
     if let Some(v) = virtiofs {
         v.stop();
@@ -339,6 +356,9 @@ fn run(opt: Opt, mode: Mode) -> Result<()> {
     info!("stopped");
     Ok(())
 }
+
+/// How long an `--upgrade` daemon waits for its takeover before it gives up.
+const UPGRADE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Allocations of at least this many bytes that no free block fits are mapped afresh,
 /// and unmapped when freed. glibc's default raises its threshold to the size of each mapped block freed, so the

@@ -93,6 +93,15 @@ fn offered_flags(request: &[u8]) -> Option<u64> {
     Some(flags)
 }
 
+/// `FUSE_HAS_RESEND` (`flags2` bit 7): the kernel takes `FUSE_NOTIFY_RESEND` (Linux 6.9+).
+const FUSE_HAS_RESEND: u64 = 1 << 39;
+
+/// Whether `request` (the raw bytes of a FUSE request, from its header on) is an INIT
+/// whose kernel can resend the requests a daemon read and did not answer.
+pub fn init_offers_resend(request: &[u8]) -> bool {
+    offered_flags(request).is_some_and(|f| f & FUSE_HAS_RESEND != 0 && f & FUSE_INIT_EXT != 0)
+}
+
 /// Whether `request` (the raw bytes of a FUSE request, from its header on) is an INIT
 /// whose kernel offers passthrough.
 pub fn init_offers_passthrough(request: &[u8]) -> bool {

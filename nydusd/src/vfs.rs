@@ -313,6 +313,14 @@ impl Vfs {
         }
     }
 
+    /// A takeover failed after [`Vfs::adopt_opens`]: dropping this must not close the
+    /// backing ids it took on.
+    pub fn keep_backing(&self) {
+        if let Some(p) = self.passthrough.get() {
+            p.keep_backing();
+        }
+    }
+
     /// What a successor needs to serve the same tree with the same inode numbers.
     pub fn export(&self) -> TreeState {
         let t = self.read_table();
@@ -339,7 +347,8 @@ impl Vfs {
     }
 
     /// The tree `state` describes, its images mounted again through `mount` (which
-    /// gets each image's spec).
+    /// gets each image's spec). An image `mount` fails for is left out (the caller
+    /// hears of it from `mount`), but the one at the root.
     pub fn restore(
         state: &TreeState,
         mut mount: impl FnMut(&crate::daemon::ImageSpec) -> crate::Result<Mounted>,
@@ -389,7 +398,10 @@ impl Vfs {
                     spec.mountpoint, spec.index
                 )));
             }
-            let image = Arc::new(mount(spec)?);
+            let Ok(image) = mount(spec) else {
+                continue;
+            };
+            let image = Arc::new(image);
             let parts = mount_path(&spec.mountpoint).map_err(|e| bad(e.to_string()))?;
             let mut t = vfs.write_table();
             let dir = t

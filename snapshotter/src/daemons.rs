@@ -69,6 +69,14 @@ struct State {
     nydusd: Option<PathBuf>,
 }
 
+/// Why a successor did not take over.
+struct Failed {
+    why: String,
+    /// The predecessor was killed (or had died): its containers wait on a session
+    /// nobody serves.
+    predecessor_gone: bool,
+}
+
 /// One daemon, as the system controller lists it.
 #[derive(Debug, serde::Serialize)]
 pub struct DaemonStatus {
@@ -400,6 +408,8 @@ impl Manager {
         // A mount left by a daemon that died would make the new one fail.
         detach_mount(&cmd.mountpoint);
         if let Some(path) = &cmd.supervisor {
+            // The supervisor of a daemon gone before this one lets go first.
+            state.supervisors.remove(id);
             let sup = Supervisor::bind(path).map_err(|e| {
                 Status::internal(format!("image {image} (snapshot {snapshot}): {e}"))
             })?;
@@ -483,6 +493,10 @@ impl Manager {
     /// removed): stops its dedicated daemon, or unmounts it from the shared one.
     pub fn release(&self, id: u64) -> Result<(), Status> {
         let mut state = self.lock();
+        if self.config.recover_policy == RecoverPolicy::Failover {
+            // A shared daemon that died must take the image out of a live session.
+            self.fail_over_dead(&mut state);
+        }
         if let Some((_, inst)) = self.store.instances()?.into_iter().find(|(i, _)| *i == id) {
             info!(image = %inst.image, snapshot = %inst.meta_key, "unmounting image: its snapshot is removed");
             self.drop_instance(&mut state, id, &inst);
@@ -630,7 +644,17 @@ impl Manager {
             .filter_map(|(id, d)| (!d.is_alive()).then(|| id.clone()))
             .collect();
         for id in dead {
-            let pid = state.daemons.get(&id).map_or(0, |d| d.pid);
+            let (pid, mounted) = state
+                .daemons
+                .get(&id)
+                .map_or((0, false), |d| (d.pid, is_mountpoint(&d.mountpoint)));
+            if !mounted {
+                // Its mount went away (unmounted, or the connection aborted): there is
+                // no session to take over.
+                warn!(daemon = %id, pid, "nydusd died and its mount is gone; its images are mounted again");
+                self.remount(state, &id);
+                continue;
+            }
             warn!(daemon = %id, pid, "nydusd died; a successor takes its FUSE session over");
             let t = std::time::Instant::now();
             let nydusd = state
@@ -642,9 +666,9 @@ impl Manager {
                     self.metrics.failovers.inc();
                     info!(daemon = %id, pid = next, "failover done in {:?}", t.elapsed());
                 }
-                Err(e) => {
+                Err(f) => {
                     self.metrics.daemon_failures.inc();
-                    warn!(daemon = %id, "failover failed: {e}; its images are mounted again");
+                    warn!(daemon = %id, "failover failed: {}; its images are mounted again", f.why);
                     self.remount(state, &id);
                 }
             }
@@ -667,57 +691,88 @@ impl Manager {
         }
     }
 
-    /// Starts `nydusd` as the successor of daemon `id`, with `--upgrade`: once it
-    /// answers, the predecessor is killed (if it still runs: a live upgrade), and the
-    /// successor takes the FUSE session over. Returns its pid.
-    fn succeed(&self, state: &mut State, id: &str, nydusd: &Path) -> Result<u32, String> {
+    /// Starts `nydusd` as the successor of daemon `id`, with `--upgrade` and an API
+    /// socket of its own: it takes the session over (mounting its images again) while
+    /// the predecessor still serves, if it still runs (a live upgrade); then the
+    /// predecessor is killed and the successor serves. Returns its pid, or why not and
+    /// whether the predecessor is gone.
+    fn succeed(&self, state: &mut State, id: &str, nydusd: &Path) -> Result<u32, Failed> {
+        let kept = |why: String| Failed {
+            why,
+            predecessor_gone: false,
+        };
         let sup = state
             .supervisors
             .get(id)
-            .ok_or("the snapshotter does not supervise it")?;
+            .ok_or_else(|| kept("the snapshotter does not supervise it".into()))?;
         if !sup.has_session() {
-            return Err("its supervisor holds no FUSE session".into());
+            return Err(kept("its supervisor holds no FUSE session".into()));
         }
         let rec = self
             .store
             .daemons()
-            .map_err(|e| e.message().to_string())?
+            .map_err(|e| kept(e.message().to_string()))?
             .into_iter()
             .find(|(i, _)| i == id)
             .map(|(_, r)| r)
-            .ok_or("it is not in the store")?;
+            .ok_or_else(|| kept("it is not in the store".into()))?;
         let mut cmd = self.command(state, id, &rec.mountpoint);
         cmd.nydusd = nydusd.to_path_buf();
         cmd.supervisor = Some(sup.path().to_path_buf());
         cmd.upgrade = true;
-        let mut next = cmd.start().map_err(|e| chain(&e))?;
-        if let Err(e) = next.wait_api(self.config.ready_timeout) {
+        // Not the predecessor's socket: it may still answer on it.
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        cmd.apisock = self
+            .config
+            .root
+            .join("socket")
+            .join(id)
+            .join(format!("api-{stamp}.sock"));
+        let mut next = cmd.start().map_err(|e| kept(chain(&e)))?;
+        let prepared = next
+            .wait_api(self.config.ready_timeout)
+            .and_then(|()| next.api.takeover());
+        if let Err(e) = prepared {
             let _ = next.kill();
-            return Err(chain(&e));
+            let _ = std::fs::remove_file(&cmd.apisock);
+            return Err(kept(chain(&e)));
         }
         if let Some(old) = state.daemons.remove(id) {
-            let pid = old.pid;
+            let (pid, sock) = (old.pid, old.api.socket().to_path_buf());
             if let Err(e) = old.kill() {
                 let _ = next.kill();
-                return Err(format!("the old nydusd (pid {pid}): {}", chain(&e)));
+                return Err(Failed {
+                    why: format!("the old nydusd (pid {pid}): {}", chain(&e)),
+                    predecessor_gone: true,
+                });
             }
+            let _ = std::fs::remove_file(sock);
         }
-        let taken = next.api.takeover().map_err(|e| chain(&e)).and_then(|()| {
-            next.wait_running(self.config.ready_timeout)
-                .map_err(|e| chain(&e))
-        });
-        if let Err(e) = taken {
+        let gone = |why: String| Failed {
+            why,
+            predecessor_gone: true,
+        };
+        let served = next
+            .api
+            .start()
+            .and_then(|()| next.wait_running(self.config.ready_timeout));
+        if let Err(e) = served {
             let _ = next.kill();
-            return Err(e);
+            return Err(gone(chain(&e)));
         }
         let record = DaemonRecord {
             pid: next.pid,
             start_time: next.start_time,
+            apisock: cmd.apisock.clone(),
             ..rec
         };
-        self.store
-            .put_daemon(id, &record)
-            .map_err(|e| e.message().to_string())?;
+        if let Err(e) = self.store.put_daemon(id, &record) {
+            let _ = next.kill();
+            return Err(gone(e.message().to_string()));
+        }
         let pid = next.pid;
         state.daemons.insert(id.to_string(), next);
         Ok(pid)
@@ -744,10 +799,20 @@ impl Manager {
                     info!(daemon = %id, pid, "upgraded to {} in {:?}", nydusd.display(), t.elapsed());
                     done.push(id);
                 }
-                Err(e) => {
-                    warn!(daemon = %id, "upgrade failed: {e}; its images are mounted again");
+                Err(f) if !f.predecessor_gone => {
+                    warn!(daemon = %id, "upgrade refused, the daemon serves on: {}", f.why);
+                    return Err(format!(
+                        "daemon {id}: {} (it serves on; upgraded before it: {done:?})",
+                        f.why
+                    ));
+                }
+                Err(f) => {
+                    warn!(daemon = %id, "upgrade failed: {}; its images are mounted again", f.why);
                     self.remount(&mut state, &id);
-                    return Err(format!("daemon {id}: {e} (upgraded before it: {done:?})"));
+                    return Err(format!(
+                        "daemon {id}: {} (its images were mounted again; upgraded before it: {done:?})",
+                        f.why
+                    ));
                 }
             }
         }

@@ -276,20 +276,42 @@ state = "{state}"
 
     /// [`Containerd::run`] with the rootfs from `snapshotter`.
     pub fn run_with(&self, snapshotter: &str, image: &str, id: &str, args: &[&str]) -> Output {
-        run_ok(
+        run_ok(&mut self.run_command(snapshotter, image, id, args))
+    }
+
+    /// The `ctr run --rm` command of [`Containerd::run_with`], to spawn.
+    pub fn run_command(&self, snapshotter: &str, image: &str, id: &str, args: &[&str]) -> Command {
+        let mut cmd = self.ctr();
+        cmd.args([
+            "-n",
+            "k8s.io",
+            "run",
+            "--rm",
+            "--snapshotter",
+            snapshotter,
+            image,
+            id,
+        ])
+        .args(args);
+        cmd
+    }
+
+    /// Waits (up to 30 s) until `ctr` lists our snapshotter's snapshots: containerd
+    /// redials a restarted proxy plugin with gRPC's backoff (about 1 s first).
+    pub fn reaches_snapshotter(&self) -> bool {
+        wait_until(Duration::from_secs(30), || {
             self.ctr()
                 .args([
                     "-n",
                     "k8s.io",
-                    "run",
-                    "--rm",
+                    "snapshots",
                     "--snapshotter",
-                    snapshotter,
-                    image,
-                    id,
+                    SNAPSHOTTER,
+                    "ls",
                 ])
-                .args(args),
-        )
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
     }
 }
 

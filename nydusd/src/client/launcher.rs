@@ -257,50 +257,42 @@ impl Daemon {
         while self.is_alive() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        if self.is_alive() {
-            let _ = rustix::process::kill_process(
-                rustix::process::Pid::from_raw(self.pid as i32).expect("pid is positive"),
-                rustix::process::Signal::KILL,
-            );
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while self.is_alive() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-        if let Some(c) = &mut self.child {
-            let _ = c.wait();
-        }
+        let gone = self.sigkill_and_wait();
         detach_mount(&self.mountpoint);
         let _ = std::fs::remove_file(self.api.socket());
-        if self.is_alive() {
+        if !gone {
             return Err(ClientError::Daemon {
                 pid: self.pid,
-                reason: "did not exit after SIGKILL".into(),
+                reason: "did not exit within 5 s of SIGKILL".into(),
             });
         }
         Ok(())
     }
 
-    /// Kills the daemon with `SIGKILL` and waits until it is gone, leaving its mount
-    /// (a successor takes the session over, see [`super::supervisor`]).
-    pub fn kill(mut self) -> Result<(), ClientError> {
+    /// `SIGKILL` unless it is gone already, then waits until it is (reaped, when it is
+    /// our child), for at most 5 s: a process stuck in the kernel does not hold its
+    /// killer. Whether it is gone.
+    fn sigkill_and_wait(&mut self) -> bool {
         if self.is_alive() {
             let _ = rustix::process::kill_process(
                 rustix::process::Pid::from_raw(self.pid as i32).expect("pid is positive"),
                 rustix::process::Signal::KILL,
             );
         }
-        if let Some(c) = &mut self.child {
-            let _ = c.wait();
-        }
         let deadline = Instant::now() + Duration::from_secs(5);
         while self.is_alive() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(2));
         }
-        if self.is_alive() {
+        !self.is_alive()
+    }
+
+    /// Kills the daemon with `SIGKILL` and waits until it is gone, leaving its mount
+    /// (a successor takes the session over, see [`super::supervisor`]).
+    pub fn kill(mut self) -> Result<(), ClientError> {
+        if !self.sigkill_and_wait() {
             return Err(ClientError::Daemon {
                 pid: self.pid,
-                reason: "did not exit after SIGKILL".into(),
+                reason: "did not exit within 5 s of SIGKILL".into(),
             });
         }
         Ok(())

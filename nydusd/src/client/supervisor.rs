@@ -186,14 +186,21 @@ pub fn restore(path: &Path) -> io::Result<Saved> {
 /// descriptors it holds, which ends a FUSE connection no daemon holds any more.
 pub struct Supervisor {
     path: PathBuf,
+    /// The socket file's device and inode: it is removed only while still ours.
+    id: (u64, u64),
     saved: Arc<Mutex<Option<Saved>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
+/// How often the accept loop looks at its stop flag.
+const ACCEPT_POLL: Duration = Duration::from_millis(20);
+
 impl Supervisor {
-    /// Listens at `path` (a stale socket file there is replaced).
+    /// Listens at `path` (a stale socket file there is replaced), readable and writable
+    /// by its owner only: a restore hands out a FUSE device.
     pub fn bind(path: &Path) -> io::Result<Supervisor> {
+        use std::os::unix::fs::MetadataExt;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -204,6 +211,9 @@ impl Supervisor {
                 format!("binding the supervisor socket {}: {e}", path.display()),
             )
         })?;
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        let md = std::fs::metadata(path)?;
+        listener.set_nonblocking(true)?;
         let saved: Arc<Mutex<Option<Saved>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -212,19 +222,32 @@ impl Supervisor {
             std::thread::Builder::new()
                 .name("supervisor".into())
                 .spawn(move || {
-                    for conn in listener.incoming() {
-                        if stop.load(Ordering::Acquire) {
-                            break;
-                        }
-                        let Ok(conn) = conn else { continue };
-                        if let Err(e) = serve(&conn, &saved) {
-                            tracing_warn(&format!("supervisor {name}: {e}"));
-                        }
+                    while !stop.load(Ordering::Acquire) {
+                        let conn = match listener.accept() {
+                            Ok((c, _)) => c,
+                            Err(e) => {
+                                if e.kind() != io::ErrorKind::WouldBlock {
+                                    tracing_warn(&format!("supervisor {name}: accept: {e}"));
+                                }
+                                std::thread::sleep(ACCEPT_POLL);
+                                continue;
+                            }
+                        };
+                        // A connection of its own: a slow client delays nobody else.
+                        let (saved, name) = (saved.clone(), name.clone());
+                        let _ = std::thread::Builder::new()
+                            .name("supervisor-conn".into())
+                            .spawn(move || {
+                                if let Err(e) = serve(&conn, &saved) {
+                                    tracing_warn(&format!("supervisor {name}: {e}"));
+                                }
+                            });
                     }
                 })?
         };
         Ok(Supervisor {
             path: path.to_path_buf(),
+            id: (md.dev(), md.ino()),
             saved,
             stop,
             thread: Some(thread),
@@ -261,13 +284,14 @@ impl Supervisor {
     }
 
     fn shutdown(&mut self) {
+        use std::os::unix::fs::MetadataExt;
         self.stop.store(true, Ordering::Release);
-        // Wakes the accept loop.
-        let _ = UnixStream::connect(&self.path);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        if std::fs::metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id) {
+            let _ = std::fs::remove_file(&self.path);
+        }
         self.lock().take();
     }
 }
@@ -282,11 +306,13 @@ impl Drop for Supervisor {
 
 /// One connection to the supervisor.
 fn serve(conn: &UnixStream, saved: &Mutex<Option<Saved>>) -> io::Result<()> {
+    // Accepted from a non-blocking listener: blocking again, with timeouts.
+    conn.set_nonblocking(false)?;
     conn.set_read_timeout(Some(TIMEOUT))?;
     conn.set_write_timeout(Some(TIMEOUT))?;
     let (op, state, fds) = match recv(conn) {
         Ok(m) => m,
-        // The wake-up connection of `shutdown`, or a client that gave up.
+        // A client that gave up.
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
         Err(e) => return Err(e),
     };
@@ -300,11 +326,22 @@ fn serve(conn: &UnixStream, saved: &Mutex<Option<Saved>>) -> io::Result<()> {
             (&*conn).write_all(&[0])
         }
         OP_RESTORE => {
-            let guard = saved.lock().unwrap_or_else(|e| e.into_inner());
-            match guard.as_ref() {
-                Some(s) => {
-                    let fds: Vec<BorrowedFd<'_>> = s.fds.iter().map(|f| f.as_fd()).collect();
-                    send(conn, OP_STATE, &s.state, &fds)
+            // Copied under the lock, sent without it.
+            let copy = {
+                let guard = saved.lock().unwrap_or_else(|e| e.into_inner());
+                match guard.as_ref() {
+                    Some(s) => {
+                        let fds: io::Result<Vec<OwnedFd>> =
+                            s.fds.iter().map(|f| f.try_clone()).collect();
+                        Some((s.state.clone(), fds?))
+                    }
+                    None => None,
+                }
+            };
+            match copy {
+                Some((state, fds)) => {
+                    let fds: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+                    send(conn, OP_STATE, &state, &fds)
                 }
                 None => send(conn, OP_NOTHING, &[], &[]),
             }

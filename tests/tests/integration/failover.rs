@@ -93,6 +93,26 @@ fn start(work: &Path, mnt: &Path, sup: &Path, name: &str, upgrade: bool) -> Nydu
     d
 }
 
+/// A supervised first daemon with `img` mounted through its API at `at`: the daemon, a
+/// guard of its mount, and the supervisor holding its session.
+fn supervised(work: &Path, img: &Image, at: &str) -> (Nydusd, Mount, Supervisor, PathBuf) {
+    let mnt = work.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let sup_path = work.join("supervisor.sock");
+    let supervisor = Supervisor::bind(&sup_path).unwrap();
+    let first = start(work, &mnt, &sup_path, "0", false);
+    let mount = Mount::adopt(&mnt);
+    let req = MountRequest {
+        source: img.boot.display().to_string(),
+        fs_type: "rafs".into(),
+        config: config_text(img),
+        prefetch_files: None,
+    };
+    first.api.mount(at, &req).unwrap();
+    assert!(supervisor.has_session(), "nydusd handed no session over");
+    (first, mount, supervisor, sup_path)
+}
+
 /// The image's config text.
 fn config_text(img: &Image) -> String {
     std::fs::read_to_string(img.config(r#","amplify_io":131072,"readahead_window":262144"#))
@@ -207,15 +227,18 @@ fn readers(
     seen: &Arc<Seen>,
     stop: &Arc<AtomicBool>,
 ) -> Vec<std::thread::JoinHandle<()>> {
-    let mut threads = Vec::new();
-    // Every file but the cold ones, again and again: cached, soon passed through.
-    for worker in 0..2 {
-        let (root, files, seen, stop) = (
+    let shared = || {
+        (
             root.to_path_buf(),
             files.clone(),
             seen.clone(),
             stop.clone(),
-        );
+        )
+    };
+    let mut threads = Vec::new();
+    // Every file but the cold ones, again and again: cached, soon passed through.
+    for worker in 0..2 {
+        let (root, files, seen, stop) = shared();
         threads.push(std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 for (rel, bytes) in files.iter().filter(|(r, _)| !r.starts_with("cold/")) {
@@ -228,12 +251,7 @@ fn readers(
     }
     // One large file held open across the failovers, read at random offsets.
     {
-        let (root, files, seen, stop) = (
-            root.to_path_buf(),
-            files.clone(),
-            seen.clone(),
-            stop.clone(),
-        );
+        let (root, files, seen, stop) = shared();
         threads.push(std::thread::spawn(move || {
             let rel = "large/l0.bin";
             let expected = &files[rel];
@@ -257,12 +275,7 @@ fn readers(
     }
     // An mmap, its pages dropped from the page cache now and then.
     {
-        let (root, files, seen, stop) = (
-            root.to_path_buf(),
-            files.clone(),
-            seen.clone(),
-            stop.clone(),
-        );
+        let (root, files, seen, stop) = shared();
         threads.push(std::thread::spawn(move || {
             let rel = "mmap/m.bin";
             let expected = &files[rel];
@@ -298,15 +311,16 @@ fn readers(
     }
     // The cold files, each byte read once, slowly enough to span the failovers.
     {
-        let (root, files, seen, stop) = (
-            root.to_path_buf(),
-            files.clone(),
-            seen.clone(),
-            stop.clone(),
-        );
+        let (root, files, seen, stop) = shared();
         threads.push(std::thread::spawn(move || {
             for (rel, expected) in files.iter().filter(|(r, _)| r.starts_with("cold/")) {
-                let f = File::open(root.join(rel)).unwrap();
+                let f = match File::open(root.join(rel)) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        seen.read(rel, || Err(format!("open: {e}")));
+                        continue;
+                    }
+                };
                 let mut buf = vec![0u8; 128 << 10];
                 for off in (0..expected.len()).step_by(buf.len()) {
                     if stop.load(Ordering::Relaxed) {
@@ -335,21 +349,8 @@ fn readers_see_no_failed_read_while_nydusd_is_killed_three_times() {
     let src = work.join("src");
     let files = Arc::new(source(&src));
     let img = build(&src, work, &[]);
+    let (first, _mount, supervisor, sup_path) = supervised(work, &img, "/rafs/img/lowerdir");
     let mnt = work.join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let sup_path = work.join("supervisor.sock");
-    let supervisor = Supervisor::bind(&sup_path).unwrap();
-
-    let first = start(work, &mnt, &sup_path, "0", false);
-    let _mount = Mount::adopt(&mnt);
-    let req = MountRequest {
-        source: img.boot.display().to_string(),
-        fs_type: "rafs".into(),
-        config: config_text(&img),
-        prefetch_files: None,
-    };
-    first.api.mount("/rafs/img/lowerdir", &req).unwrap();
-    assert!(supervisor.has_session(), "nydusd handed no session over");
     let state = String::from_utf8(supervisor.state().unwrap()).unwrap();
     assert!(state.contains("/rafs/img/lowerdir"), "{state}");
 
@@ -387,17 +388,20 @@ fn readers_see_no_failed_read_while_nydusd_is_killed_three_times() {
     let stop = Arc::new(AtomicBool::new(false));
     let threads = readers(&root, &files, &seen, &stop);
 
-    let mut daemons = vec![first];
-    let mut takeovers = Vec::new();
-    for round in 1..=3 {
+    let progress = |when: &str| {
         let before = seen.reads.load(Ordering::Relaxed);
         assert!(
             wait_until(Duration::from_secs(20), || seen
                 .reads
                 .load(Ordering::Relaxed)
                 > before + 200),
-            "the readers made no progress before kill {round}"
+            "the readers made no progress {when}"
         );
+    };
+    let mut daemons = vec![first];
+    let mut takeovers = Vec::new();
+    for round in 1..=3 {
+        progress(&format!("before kill {round}"));
         let old = daemons.last_mut().unwrap();
         let killed = Instant::now();
         old.child.child_mut().kill().unwrap();
@@ -406,32 +410,30 @@ fn readers_see_no_failed_read_while_nydusd_is_killed_three_times() {
         next.api
             .takeover()
             .unwrap_or_else(|e| panic!("takeover {round}: {e}\n{}", next.log_text()));
-        next.api.start().unwrap();
+        next.api
+            .start()
+            .unwrap_or_else(|e| panic!("start {round}: {e}\n{}", next.log_text()));
         takeovers.push(killed.elapsed());
-        assert_eq!(next.api.daemon_info().unwrap().state, "RUNNING");
         daemons.push(next);
     }
-    let before = seen.reads.load(Ordering::Relaxed);
-    assert!(
-        wait_until(Duration::from_secs(20), || seen
-            .reads
-            .load(Ordering::Relaxed)
-            > before + 200),
-        "the readers made no progress after the last takeover"
-    );
+    progress("after the last takeover");
     stop.store(true, Ordering::Relaxed);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        for t in threads {
-            let _ = t.join();
-        }
-        let _ = tx.send(());
+        let panicked = threads
+            .into_iter()
+            .map(|t| t.join().is_err())
+            .filter(|p| *p)
+            .count();
+        let _ = tx.send(panicked);
     });
-    if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+    let panicked = rx.recv_timeout(Duration::from_secs(30));
+    if panicked.is_err() {
         let log = daemons.last().unwrap().log_text();
         abort_connection(&mnt);
         panic!("a reader hung after the failovers; last daemon's log:\n{log}");
     }
+    assert_eq!(panicked, Ok(0), "a reader panicked");
     let last = daemons.last().unwrap();
     let failures = seen.failures.lock().unwrap().clone();
     assert!(
@@ -445,6 +447,11 @@ fn readers_see_no_failed_read_while_nydusd_is_killed_three_times() {
     }
     let log = last.log_text();
     assert!(log.contains("took over the FUSE session"), "{log}");
+    assert!(
+        log.contains("asked the kernel to resend")
+            && !log.contains("did not take FUSE_NOTIFY_RESEND"),
+        "{log}"
+    );
     // The file held open since the first daemon is still passed through: a new open
     // joins it (the kernel refuses an open in another mode or with another backing
     // file), and both read right.
@@ -489,19 +496,8 @@ fn bad_takeovers_are_refused_and_the_mount_serves_on() {
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("f"), b"served on").unwrap();
     let img = build(&src, work, &[]);
+    let (first, _mount, supervisor, sup_path) = supervised(work, &img, "/sub");
     let mnt = work.join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let sup_path = work.join("supervisor.sock");
-    let supervisor = Supervisor::bind(&sup_path).unwrap();
-    let first = start(work, &mnt, &sup_path, "0", false);
-    let _mount = Mount::adopt(&mnt);
-    let req = MountRequest {
-        source: img.boot.display().to_string(),
-        fs_type: "rafs".into(),
-        config: config_text(&img),
-        prefetch_files: None,
-    };
-    first.api.mount("/sub", &req).unwrap();
     let good = supervisor.state().unwrap();
 
     // A daemon already serving has nothing to take over.
@@ -520,7 +516,7 @@ fn bad_takeovers_are_refused_and_the_mount_serves_on() {
         assert!(err.contains(why), "expected {why:?} in: {err}");
         assert_eq!(successor.api.daemon_info().unwrap().state, "INIT");
         let err = successor.api.start().unwrap_err().to_string();
-        assert!(err.contains("take a FUSE session over first"), "{err}");
+        assert!(err.contains("no session taken over yet"), "{err}");
         assert_eq!(
             std::fs::read(mnt.join("sub/f")).unwrap(),
             b"served on",
@@ -543,6 +539,16 @@ fn bad_takeovers_are_refused_and_the_mount_serves_on() {
     refused("state version 7");
     with_state(good.clone(), vec![fuse_file(), fuse_file()]);
     refused("not /dev/fuse");
+    // The real session (a dup of the live FUSE device and table the first daemon
+    // serves) with broken parts: the successor must neither serve nor unmount it.
+    let real = || nydusd::client::supervisor::restore(&sup_path).unwrap();
+    let mut v: serde_json::Value = serde_json::from_slice(&good).unwrap();
+    v["resend"] = false.into();
+    bad.set(Some(Saved {
+        state: serde_json::to_vec(&v).unwrap(),
+        fds: real().fds,
+    }));
+    refused("offered no FUSE_HAS_RESEND");
     // A successor that cannot open the image's cache (its work_dir is a file now).
     let mut v: serde_json::Value = serde_json::from_slice(&good).unwrap();
     let blocked = work.join("not-a-dir");
@@ -552,14 +558,32 @@ fn bad_takeovers_are_refused_and_the_mount_serves_on() {
         &blocked.display().to_string(),
     );
     v["tree"]["mounts"][0]["config"] = config.into();
-    let fuse = File::open("/dev/fuse").unwrap();
-    let table = work.join("table");
-    std::fs::write(&table, b"NYDOPEN1\0\0\0\0\0\0\0\0").unwrap();
-    with_state(
-        serde_json::to_vec(&v).unwrap(),
-        vec![fuse, File::open(&table).unwrap()],
-    );
+    bad.set(Some(Saved {
+        state: serde_json::to_vec(&v).unwrap(),
+        fds: real().fds,
+    }));
     refused("mounting");
+    // An open-file table of another layout: found when serving starts, which it does
+    // not; the takeover can be asked for again.
+    let table = work.join("table");
+    let mut bytes = b"NYDOPEN9".to_vec();
+    bytes.resize(32, 0);
+    std::fs::write(&table, bytes).unwrap();
+    let mut fds = real().fds;
+    fds[1] = File::open(&table).unwrap().into();
+    bad.set(Some(Saved {
+        state: good.clone(),
+        fds,
+    }));
+    successor.api.takeover().unwrap();
+    let err = successor.api.start().unwrap_err().to_string();
+    assert!(err.contains("the open-file table starts with"), "{err}");
+    assert_eq!(successor.api.daemon_info().unwrap().state, "INIT");
+    assert_eq!(std::fs::read(mnt.join("sub/f")).unwrap(), b"served on");
+    assert!(
+        is_mounted(&mnt),
+        "the refused successor unmounted the session"
+    );
 
     drop(successor);
     drop(bad);
@@ -783,7 +807,7 @@ fn snapshotter_failover(mode: &str) {
         .unwrap_or_else(|e| panic!("CRI pull: {e}\n{}", snap.log_text()));
 
     // 1. A container reading in a loop while its nydusd is killed three times.
-    let mut looper = Looper::start(&ctd, &image, "loop1", dir);
+    let mut looper = Looper::start(&ctd, &image, &format!("loop1-{mode}"), dir);
     assert!(
         looper.rounds(3, Duration::from_secs(60)),
         "the loop did not start: {:?}\n{}\n{}",
@@ -841,6 +865,20 @@ fn snapshotter_failover(mode: &str) {
         looper.rounds(5, Duration::from_secs(30)),
         "the loop stalled after the upgrade"
     );
+    // An upgrade to a binary that cannot take over is refused; the daemon serves on.
+    let (status, body) = unix_http(
+        &system,
+        "PUT",
+        "/api/v1/daemons/upgrade",
+        r#"{"nydusd_path":"/bin/false"}"#,
+    );
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("it serves on"), "{body}");
+    assert_eq!(only_nydusd(&snap), upgraded, "the daemon was replaced");
+    assert!(
+        looper.rounds(5, Duration::from_secs(30)),
+        "the loop stalled after a refused upgrade"
+    );
     let (status, body) = unix_http(&system, "GET", "/api/v1/daemons", "");
     assert_eq!(status, 200);
     assert!(body.contains("\"supervised\":true"), "{body}");
@@ -879,7 +917,7 @@ fn snapshotter_failover(mode: &str) {
     // 4. The supervisor gone too: the snapshotter killed, then nydusd. Nothing holds
     // the session: the kernel ends it, and the running container's reads fail at once
     // (no hang). The snapshotter, back, mounts the image again for new containers.
-    let mut looper = Looper::start(&ctd, &image, "loop2", dir);
+    let mut looper = Looper::start(&ctd, &image, &format!("loop2-{mode}"), dir);
     assert!(
         looper.rounds(2, Duration::from_secs(60)),
         "loop2 did not start"
@@ -904,11 +942,7 @@ fn snapshotter_failover(mode: &str) {
     looper.stop(&ctd);
     snap.up();
     assert!(
-        wait_until(Duration::from_secs(30), || ctd
-            .ctr()
-            .args(["-n", "k8s.io", "snapshots", "--snapshotter", "nydus", "ls"])
-            .output()
-            .is_ok_and(|o| o.status.success())),
+        ctd.reaches_snapshotter(),
         "containerd did not reach the restarted snapshotter"
     );
     let out = ctd.run(

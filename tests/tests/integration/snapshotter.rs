@@ -320,13 +320,8 @@ fn images_run_lazily(mode: &str) {
         "{}",
         snap.log_text()
     );
-    // containerd redials a restarted proxy plugin with gRPC's backoff (about 1 s first).
     assert!(
-        wait_until(Duration::from_secs(30), || ctd
-            .ctr()
-            .args(["-n", "k8s.io", "snapshots", "--snapshotter", "nydus", "ls"])
-            .output()
-            .is_ok_and(|o| o.status.success())),
+        ctd.reaches_snapshotter(),
         "containerd did not reach the restarted snapshotter"
     );
     let out = ctd.run(&busybox, "bb3", &["cat", "/etc/hostname"]);
