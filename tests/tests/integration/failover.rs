@@ -592,13 +592,14 @@ fn bad_takeovers_are_refused_and_the_mount_serves_on() {
     std::mem::forget(_mount);
 }
 
-/// The container's loop: every round checks the warm files (small ones, a large one;
-/// each `sha256sum` also maps busybox again) and one cold file never read before, and
-/// prints `ok N` or `FAIL N`.
+/// The container's loop: every round checks the warm files (small ones, a large one),
+/// runs `/bin/busybox` from the image (mapped, its pages faulted in through the mount)
+/// and checks one cold file never read before, and prints `ok N` or `FAIL N`.
 const LOOP: &str = r#"i=0
 while true; do
   r=ok
   sha256sum -c -s /data/warm.sums 2>/dev/null || r=FAIL
+  /bin/busybox true || r=FAIL
   if [ -e /data/cold/c$i ]; then
     grep "/data/cold/c$i\$" /data/cold.sums | sha256sum -c -s 2>/dev/null || r=FAIL
   fi
@@ -890,6 +891,21 @@ fn snapshotter_failover(mode: &str) {
     );
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("not an absolute path"), "{body}");
+    // Files were passed through by the last daemon (their chunks verified by it, after
+    // the page cache was dropped) while the loop ran.
+    let passed = wait_until(Duration::from_secs(30), || {
+        drop_caches();
+        looper.rounds(1, Duration::from_secs(10));
+        super::snapshotter::prom_sum(
+            &super::snapshotter::nydusd_metrics(&snap),
+            "fs_passthrough_opens",
+        ) > 0
+    });
+    assert!(
+        passed,
+        "no open passed through after the upgrade:\n{}",
+        logs(&snap)
+    );
     looper.stop(&ctd);
     let failures = looper.failures();
     assert!(
@@ -907,7 +923,7 @@ fn snapshotter_failover(mode: &str) {
     // 3. New containers start from the image; no mount or daemon leaked.
     let out = ctd.run(
         &image,
-        "after",
+        &format!("after-{mode}"),
         &["sh", "-c", "sha256sum -c -s /data/warm.sums"],
     );
     assert!(out.status.success());
@@ -923,8 +939,8 @@ fn snapshotter_failover(mode: &str) {
         "loop2 did not start"
     );
     snap.kill();
-    kill_pid(only_nydusd(&snap));
     let t0 = Instant::now();
+    kill_pid(only_nydusd(&snap));
     let ended = wait_until(Duration::from_secs(20), || {
         while let Ok(l) = looper.lines.try_recv() {
             looper.seen.push(l);
@@ -936,7 +952,7 @@ fn snapshotter_failover(mode: &str) {
         "with its nydusd and the snapshotter dead, the container's reads hung"
     );
     println!(
-        "[{mode}] nydusd and the snapshotter dead: the container's reads failed after {:?}",
+        "[{mode}] nydusd and the snapshotter dead: the container's reads failed {:?} after the kill",
         t0.elapsed()
     );
     looper.stop(&ctd);
@@ -947,7 +963,7 @@ fn snapshotter_failover(mode: &str) {
     );
     let out = ctd.run(
         &image,
-        "after2",
+        &format!("after2-{mode}"),
         &["sh", "-c", "sha256sum -c -s /data/warm.sums"],
     );
     assert!(out.status.success(), "{}", snap.log_text());

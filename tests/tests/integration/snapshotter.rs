@@ -132,7 +132,7 @@ fn sha256_file(p: &Path) -> String {
 }
 
 /// Sums the samples of the Prometheus metric `name` (any labels) in `text`.
-fn prom_sum(text: &str, name: &str) -> u64 {
+pub(crate) fn prom_sum(text: &str, name: &str) -> u64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
@@ -146,14 +146,20 @@ fn prom_sum(text: &str, name: &str) -> u64 {
 }
 
 /// Every nydusd of `snap`, asked for its Prometheus text.
-fn nydusd_metrics(snap: &NydusSnapshotter) -> String {
+pub(crate) fn nydusd_metrics(snap: &NydusSnapshotter) -> String {
     let mut out = String::new();
     for entry in fs::read_dir(snap.root.join("socket")).unwrap().flatten() {
-        let sock = entry.path().join("api.sock");
-        if let Ok((_, body)) =
-            nydusd::client::ApiClient::new(&sock).request("GET", "/metrics", None)
-        {
-            out.push_str(&String::from_utf8_lossy(&body));
+        // `api.sock`, or `api-<ms>.sock` of a daemon that took a session over.
+        for sock in fs::read_dir(entry.path()).into_iter().flatten().flatten() {
+            let name = sock.file_name().to_string_lossy().into_owned();
+            if !name.starts_with("api") {
+                continue;
+            }
+            if let Ok((_, body)) =
+                nydusd::client::ApiClient::new(sock.path()).request("GET", "/metrics", None)
+            {
+                out.push_str(&String::from_utf8_lossy(&body));
+            }
         }
     }
     out
