@@ -294,6 +294,16 @@ mod tests {
         .unwrap();
         assert_eq!(c.daemon_mode, DaemonMode::Shared);
         assert_eq!(c.recover_policy, RecoverPolicy::None);
+        assert_eq!(c.system_address, None);
+        let (c, _) = Config::parse(
+            "[daemon]\nrecover_policy = \"failover\"\n[system]\nenable = true\n",
+        )
+        .unwrap();
+        assert_eq!(c.recover_policy, RecoverPolicy::Failover);
+        assert_eq!(
+            c.system_address.as_deref(),
+            Some(Path::new("/run/containerd-nydus/system.sock"))
+        );
         assert_eq!(
             ignored,
             vec!["cgroup".to_string(), "snapshot.sync_remove".to_string()]

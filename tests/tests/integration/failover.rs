@@ -930,14 +930,47 @@ fn snapshotter_failover(mode: &str) {
     only_nydusd(&snap);
     assert_eq!(snap.fuse_mounts().len(), 1, "{:?}", snap.fuse_mounts());
 
-    // 4. The supervisor gone too: the snapshotter killed, then nydusd. Nothing holds
-    // the session: the kernel ends it, and the running container's reads fail at once
-    // (no hang). The snapshotter, back, mounts the image again for new containers.
+    // 4. A snapshotter restart (SIGKILL) takes the sessions it held with it: the one it
+    // starts asks the running daemon for its session again, and a failover after that
+    // works as before.
     let mut looper = Looper::start(&ctd, &image, &format!("loop2-{mode}"), dir);
     assert!(
         looper.rounds(2, Duration::from_secs(60)),
         "loop2 did not start"
     );
+    snap.kill();
+    let logged = snap.log_text().len();
+    snap.up();
+    assert!(
+        ctd.reaches_snapshotter(),
+        "containerd did not reach the restarted snapshotter"
+    );
+    let later = |snap: &NydusSnapshotter| snap.log_text()[logged..].to_string();
+    assert!(
+        later(&snap).contains("holding its FUSE session again"),
+        "{}",
+        logs(&snap)
+    );
+    kill_pid(only_nydusd(&snap));
+    assert!(
+        wait_until(Duration::from_secs(20), || later(&snap)
+            .contains("failover done")),
+        "no failover after the snapshotter's restart:\n{}",
+        logs(&snap)
+    );
+    assert!(
+        looper.rounds(5, Duration::from_secs(30)),
+        "the loop stalled after a failover by the restarted snapshotter"
+    );
+    assert!(
+        looper.failures().is_empty(),
+        "failed rounds: {:?}",
+        looper.failures()
+    );
+
+    // 5. The supervisor gone too: the snapshotter killed, then nydusd. Nothing holds
+    // the session: the kernel ends it, and the running container's reads fail at once
+    // (no hang). The snapshotter, back, mounts the image again for new containers.
     snap.kill();
     let t0 = Instant::now();
     kill_pid(only_nydusd(&snap));
