@@ -561,6 +561,18 @@ pub fn route(ctx: &ApiContext, req: &Request) -> Response {
         Ok(m) => f(&m),
         Err(r) => r,
     };
+    // A successor changes nothing before it serves: its tree is a placeholder until
+    // then, and a save of it would replace the session's.
+    let changes = matches!(
+        (req.method.as_str(), req.path.as_str()),
+        ("POST" | "DELETE", "/api/v1/mount") | ("PUT", "/api/v1/config")
+    );
+    if changes && ctx.upgrade.is_some() && ctx.serving.state.get() != State::Running {
+        return error_response(
+            409,
+            "this nydusd (--upgrade) does not serve yet: take a session over and start it first",
+        );
+    }
     match (req.method.as_str(), req.path.as_str()) {
         ("GET", "/api/v1/daemon") => {
             let collection: serde_json::Map<String, Value> = ctx

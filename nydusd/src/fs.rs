@@ -363,7 +363,7 @@ impl FileSystem for RafsFs {
         _fuse_flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
         self.open_checked(inode, flags)?;
-        Ok((None, OpenOptions::KEEP_CACHE, None))
+        Ok((None, crate::passthrough::cached_open_options(), None))
     }
 
     fn read(

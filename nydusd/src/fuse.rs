@@ -51,8 +51,9 @@ pub struct FuseService {
     pool: Arc<Pool>,
     watcher: Option<JoinHandle<()>>,
     /// The mountpoint of a session taken over (unmounted by path at stop: the session
-    /// object was made without it, see [`FuseSource::Adopt`]).
-    adopted: Option<PathBuf>,
+    /// object was made without it, see [`FuseSource::Adopt`]), and the scratch
+    /// directory of its session object.
+    adopted: Option<(PathBuf, PathBuf)>,
 }
 
 /// Where a [`FuseService`]'s session comes from.
@@ -66,6 +67,8 @@ pub enum FuseSource {
         mountpoint: PathBuf,
         /// Its FUSE device.
         file: File,
+        /// An empty directory to make, private to this daemon, for the session object.
+        scratch: PathBuf,
     },
 }
 
@@ -404,7 +407,7 @@ impl FuseService {
         opts: FuseOptions,
         events: Sender<Event>,
     ) -> Result<FuseService> {
-        let (session, mountpoint, adopted) = match source {
+        let (session, mountpoint, scratch) = match source {
             FuseSource::Mount(mountpoint) => {
                 let mut session =
                     FuseSession::new(&mountpoint, "rafs", "nydusfs", true).map_err(|e| {
@@ -414,20 +417,26 @@ impl FuseService {
                 session
                     .mount()
                     .map_err(|e| Error::Fuse(format!("mounting {}: {e}", mountpoint.display())))?;
-                (session, mountpoint, false)
+                (session, mountpoint, None)
             }
-            FuseSource::Adopt { mountpoint, file } => {
+            FuseSource::Adopt {
+                mountpoint,
+                file,
+                scratch,
+            } => {
                 // Made at an empty directory of its own, not at the mountpoint: looking
                 // the mountpoint up would wait for this very session to answer. Whatever
                 // unmounting the object does on drop finds nothing mounted there; the
                 // mountpoint is unmounted by `stop`.
-                let dir = std::env::temp_dir().join(format!("nydusd-{}", std::process::id()));
-                std::fs::create_dir_all(&dir)
-                    .map_err(|e| Error::io(format!("Creating {}", dir.display()), e))?;
-                let mut session = FuseSession::new(&dir, "rafs", "nydusfs", true)
+                match std::fs::create_dir(&scratch) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(Error::io(format!("Creating {}", scratch.display()), e)),
+                }
+                let mut session = FuseSession::new(&scratch, "rafs", "nydusfs", true)
                     .map_err(|e| Error::Fuse(format!("session object: {e}")))?;
                 session.set_fuse_file(file);
-                (session, mountpoint, true)
+                (session, mountpoint, Some(scratch))
             }
         };
         let device = session
@@ -458,6 +467,7 @@ impl FuseService {
             }));
         }
         let server = Arc::new(Server::new(fs.clone()));
+        let adopted = scratch.is_some();
         // The first request of a new session is INIT; until it is answered, each thread
         // looks whether its request is it (see `answer_init`).
         let init = Arc::new(InitState {
@@ -499,7 +509,16 @@ impl FuseService {
             epoch: std::time::Instant::now(),
         });
         for _ in 0..threads {
-            pool.grow()?;
+            if let Err(e) = pool.grow() {
+                // The threads started must not go on serving a session reported failed.
+                FuseService {
+                    pool,
+                    watcher: None,
+                    adopted: None,
+                }
+                .stop(false);
+                return Err(e);
+            }
         }
         let watcher = {
             let pool = pool.clone();
@@ -511,7 +530,7 @@ impl FuseService {
         let service = FuseService {
             pool,
             watcher: Some(watcher),
-            adopted: adopted.then(|| mountpoint.clone()),
+            adopted: scratch.map(|s| (mountpoint.clone(), s)),
         };
         info!(
             "serving {} with {threads} FUSE threads (up to {MAX_FUSE_THREADS} while requests are stuck)",
@@ -551,12 +570,10 @@ impl FuseService {
                 error!("waking FUSE threads: {e}");
             }
             match &self.adopted {
-                Some(mountpoint) => {
+                Some((mountpoint, scratch)) => {
                     // Its own unmount is of its private directory: nothing there.
                     drop(session);
-                    let _ = std::fs::remove_dir(
-                        std::env::temp_dir().join(format!("nydusd-{}", std::process::id())),
-                    );
+                    let _ = std::fs::remove_dir(scratch);
                     if unmount {
                         if let Err(e) =
                             rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH)

@@ -268,7 +268,7 @@ impl ImageOpens {
         // O_DIRECT readers stay with the daemon: passed through, their reads would have
         // to be aligned to EROFS' 4 KiB blocks.
         if !i.is_reg() || i.size == 0 || flags as i32 & libc::O_DIRECT != 0 {
-            return Ok((None, OpenOptions::KEEP_CACHE, None));
+            return Ok((None, crate::passthrough::cached_open_options(), None));
         }
         {
             let mut modes = self.io_modes.lock().unwrap_or_else(|e| e.into_inner());
@@ -477,7 +477,7 @@ fn record(
                 Metrics::add(&fs.metrics().fs.passthrough_opens, 1);
                 (Some(fh), passthrough_open_options(), Some(backing_id))
             }
-            OpenMode::Cached => (Some(fh), OpenOptions::KEEP_CACHE, None),
+            OpenMode::Cached => (Some(fh), crate::passthrough::cached_open_options(), None),
         }),
         Err(e) => {
             error!("recording an open of nid {nid}: {e}");
@@ -488,6 +488,9 @@ fn record(
             if m.passthrough == 0 {
                 if let Some(dev) = m.dev.take() {
                     let _ = dev.close(m.backing_id);
+                    if let Ok(i) = fs.bootstrap().inode(nid) {
+                        let _ = fs.cache().pin_file(&i, false);
+                    }
                 }
             }
             Err(io::Error::from_raw_os_error(libc::EIO))

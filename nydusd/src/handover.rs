@@ -98,6 +98,28 @@ struct Prepared {
     vfs: Arc<Vfs>,
     fuse: File,
     table: std::os::fd::OwnedFd,
+    /// Files passed through when the session was taken (image index, nid), their
+    /// chunks pinned by this daemon already.
+    pinned: Vec<(u16, u64)>,
+}
+
+/// Pins (or unpins) the chunks of the files `which` (image index, nid) of `vfs`.
+fn pin(vfs: &Vfs, which: &[(u16, u64)], on: bool) {
+    let mounts = vfs.mounts();
+    for (index, nid) in which {
+        let Some(m) = mounts.iter().find(|m| m.index == *index) else {
+            continue;
+        };
+        if let Ok(i) = m.fs.bootstrap().inode(*nid) {
+            if let Err(e) = m.fs.cache().pin_file(&i, on) {
+                warn!(
+                    "{}: pinning the chunks of nid {nid}: {}",
+                    m.mountpoint,
+                    Chain(&e)
+                );
+            }
+        }
+    }
 }
 
 impl Handover {
@@ -128,9 +150,19 @@ impl Handover {
 
     /// The kernel's INIT was answered on `fuse`, offering resend or not.
     pub fn initialized(&self, fuse: &File, resend: bool) -> Result<()> {
+        let _one = self.saving.lock().unwrap_or_else(|e| e.into_inner());
         self.resend
             .store(resend, std::sync::atomic::Ordering::Release);
         self.set_fuse(fuse)
+    }
+
+    /// A directory of this daemon's own, next to the supervisor's socket (root's
+    /// only), for the session object of a takeover (see [`FuseSource::Adopt`]).
+    fn scratch(&self) -> PathBuf {
+        self.supervisor
+            .parent()
+            .unwrap_or(Path::new("/"))
+            .join(format!(".takeover-{}", std::process::id()))
     }
 
     /// The FUSE device of the session (from the mount, or taken over).
@@ -143,12 +175,14 @@ impl Handover {
     }
 
     /// Hands the session as `vfs` serves it now to the supervisor.
+    /// Before the kernel's INIT there is nothing to hand over: the save made after INIT
+    /// (under the same lock) will carry what changed meanwhile.
     pub fn save(&self, vfs: &Vfs) -> Result<()> {
-        let Some(fuse) = self.fuse.get() else {
-            return Err(Error::Fuse("no FUSE session to hand over yet".into()));
-        };
         // Made under the lock: a save never overtakes a later change's.
         let _one = self.saving.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(fuse) = self.fuse.get() else {
+            return Ok(());
+        };
         let state = SessionState {
             version: STATE_VERSION,
             nydusd: env!("CARGO_PKG_VERSION").into(),
@@ -242,11 +276,28 @@ impl Handover {
         for e in &left_out {
             warn!("left out of the takeover: {e}");
         }
+        // The files passed through now keep their chunks from here on, not only from
+        // `serve`: during a live upgrade the predecessor's pins go when it is killed.
+        let snapshot = table
+            .try_clone()
+            .map(File::from)
+            .and_then(OpenTable::load)
+            .map_err(|e| Error::State(format!("the open-file table: {e}")))?;
+        let mut pinned: Vec<(u16, u64)> = snapshot
+            .records()
+            .into_iter()
+            .filter(|(_, r)| r.mode == crate::fuse_opens::OpenMode::Passthrough)
+            .map(|(_, r)| (r.index, r.nid))
+            .collect();
+        pinned.sort_unstable();
+        pinned.dedup();
+        pin(&vfs, &pinned, true);
         *self.prepared.lock().unwrap_or_else(|e| e.into_inner()) = Some(Prepared {
             state,
             vfs: Arc::new(vfs),
             fuse,
             table,
+            pinned,
         });
         Ok(())
     }
@@ -265,6 +316,7 @@ impl Handover {
             vfs,
             fuse,
             table,
+            pinned,
         } = self
             .prepared
             .lock()
@@ -283,6 +335,15 @@ impl Handover {
             vfs.set_passthrough(FuseBacking::new(dev, readahead_kb), table.clone());
             vfs.adopt_opens();
         }
+        // Files pinned at the takeover and closed since: their pins go.
+        let now: std::collections::BTreeSet<(u16, u64)> = table
+            .records()
+            .into_iter()
+            .filter(|(_, r)| r.mode == crate::fuse_opens::OpenMode::Passthrough)
+            .map(|(_, r)| (r.index, r.nid))
+            .collect();
+        let closed: Vec<(u16, u64)> = pinned.into_iter().filter(|p| !now.contains(p)).collect();
+        pin(&vfs, &closed, false);
         *self.table.write().unwrap_or_else(|e| e.into_inner()) = table.clone();
         self.resend
             .store(state.resend, std::sync::atomic::Ordering::Release);
@@ -294,6 +355,7 @@ impl Handover {
             FuseSource::Adopt {
                 mountpoint: self.mountpoint.clone(),
                 file: fuse,
+                scratch: self.scratch(),
             },
             opts,
             events,

@@ -39,16 +39,33 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 /// `FOPEN_PASSTHROUGH`: the open reply's `backing_id` names the file to pass through to.
 const FOPEN_PASSTHROUGH: u32 = 1 << 7;
 
-/// The open flags of a passed-through file: `FOPEN_PASSTHROUGH` alone (the kernel
-/// refuses it with page-cache flags such as `FOPEN_KEEP_CACHE`).
+/// The open flags of a passed-through file: `FOPEN_PASSTHROUGH` and `FOPEN_NOFLUSH`
+/// (the kernel refuses passthrough with page-cache flags such as `FOPEN_KEEP_CACHE`).
 pub fn passthrough_open_options() -> OpenOptions {
     // SAFETY:
     // - `from_bits_unchecked` only stores the bits (bitflags 1.x calls it unsafe because
-    //   the type does not name bit 7);
+    //   the type does not name bits 5 and 7);
     // - fuse-backend-rs copies them into the open reply as they are (`opts.bits()`),
-    //   where the kernel reads bit 7 as FOPEN_PASSTHROUGH.
-    unsafe { OpenOptions::from_bits_unchecked(FOPEN_PASSTHROUGH) }
+    //   where the kernel reads bit 7 as FOPEN_PASSTHROUGH and bit 5 as FOPEN_NOFLUSH.
+    unsafe { OpenOptions::from_bits_unchecked(FOPEN_PASSTHROUGH | FOPEN_NOFLUSH) }
 }
+
+/// `FOPEN_NOFLUSH` (Linux 5.11+): closing the file sends no `FLUSH`. A read-only image
+/// has nothing to flush, and a `FLUSH` waits for an answer: a process closing a file
+/// while no daemon serves (between a daemon's death and its successor's takeover)
+/// would wait for it — for ever if it is the one starting the successor (a file
+/// inherited across `fork` is closed at `exec`).
+const FOPEN_NOFLUSH: u32 = 1 << 5;
+
+/// The options of a file opened through the page cache: its cache kept, no `FLUSH`.
+pub fn cached_open_options() -> OpenOptions {
+    // SAFETY: as in `passthrough_open_options`: bit 5 (FOPEN_NOFLUSH) is stored and
+    // copied into the reply as it is.
+    unsafe { OpenOptions::from_bits_unchecked(FOPEN_KEEP_CACHE | FOPEN_NOFLUSH) }
+}
+
+/// `FOPEN_KEEP_CACHE`.
+const FOPEN_KEEP_CACHE: u32 = 1 << 1;
 
 /// FUSE opcode of INIT.
 const FUSE_INIT: u32 = 26;

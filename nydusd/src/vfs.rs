@@ -369,7 +369,9 @@ impl Vfs {
                 let ok = d.ino > ROOT_ID
                     && d.ino < t.next_dir
                     && !t.dirs.contains_key(&d.ino)
-                    && t.dirs.contains_key(&d.parent)
+                    && t.dirs
+                        .get(&d.parent)
+                        .is_some_and(|p| !p.children.contains_key(&d.name))
                     && mount_path(&format!("/{}", d.name)).is_ok_and(|p| p.len() == 1);
                 if !ok {
                     return Err(bad(format!(
@@ -874,7 +876,7 @@ impl FileSystem for Vfs {
             Some(p) => p.open(self.index_of(inode), &fs, inode, flags),
             None => {
                 fs.open_checked(inode, flags)?;
-                Ok((None, OpenOptions::KEEP_CACHE, None))
+                Ok((None, crate::passthrough::cached_open_options(), None))
             }
         }
     }

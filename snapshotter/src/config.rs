@@ -295,10 +295,9 @@ mod tests {
         assert_eq!(c.daemon_mode, DaemonMode::Shared);
         assert_eq!(c.recover_policy, RecoverPolicy::None);
         assert_eq!(c.system_address, None);
-        let (c, _) = Config::parse(
-            "[daemon]\nrecover_policy = \"failover\"\n[system]\nenable = true\n",
-        )
-        .unwrap();
+        let (c, _) =
+            Config::parse("[daemon]\nrecover_policy = \"failover\"\n[system]\nenable = true\n")
+                .unwrap();
         assert_eq!(c.recover_policy, RecoverPolicy::Failover);
         assert_eq!(
             c.system_address.as_deref(),

@@ -661,7 +661,13 @@ impl Manager {
                 .nydusd
                 .clone()
                 .unwrap_or_else(|| self.config.nydusd_path.clone());
-            match self.succeed(state, &id, &nydusd) {
+            // Once more on failure: the session is intact at the supervisor, and the
+            // containers only wait.
+            let done = self.succeed(state, &id, &nydusd).or_else(|f| {
+                warn!(daemon = %id, "failover failed: {}; trying once more", f.why);
+                self.succeed(state, &id, &nydusd)
+            });
+            match done {
                 Ok(next) => {
                     self.metrics.failovers.inc();
                     info!(daemon = %id, pid = next, "failover done in {:?}", t.elapsed());
@@ -740,6 +746,18 @@ impl Manager {
             let _ = std::fs::remove_file(&cmd.apisock);
             return Err(kept(chain(&e)));
         }
+        // Recorded before the predecessor goes: a snapshotter killed from here on finds
+        // the successor (and adopts it once it serves, or stops it).
+        let record = DaemonRecord {
+            pid: next.pid,
+            start_time: next.start_time,
+            apisock: cmd.apisock.clone(),
+            ..rec.clone()
+        };
+        if let Err(e) = self.store.put_daemon(id, &record) {
+            let _ = next.kill();
+            return Err(kept(e.message().to_string()));
+        }
         if let Some(old) = state.daemons.remove(id) {
             let (pid, sock) = (old.pid, old.api.socket().to_path_buf());
             if let Err(e) = old.kill() {
@@ -751,27 +769,16 @@ impl Manager {
             }
             let _ = std::fs::remove_file(sock);
         }
-        let gone = |why: String| Failed {
-            why,
-            predecessor_gone: true,
-        };
         let served = next
             .api
             .start()
             .and_then(|()| next.wait_running(self.config.ready_timeout));
         if let Err(e) = served {
             let _ = next.kill();
-            return Err(gone(chain(&e)));
-        }
-        let record = DaemonRecord {
-            pid: next.pid,
-            start_time: next.start_time,
-            apisock: cmd.apisock.clone(),
-            ..rec
-        };
-        if let Err(e) = self.store.put_daemon(id, &record) {
-            let _ = next.kill();
-            return Err(gone(e.message().to_string()));
+            return Err(Failed {
+                why: chain(&e),
+                predecessor_gone: true,
+            });
         }
         let pid = next.pid;
         state.daemons.insert(id.to_string(), next);
@@ -807,11 +814,25 @@ impl Manager {
                     ));
                 }
                 Err(f) => {
-                    warn!(daemon = %id, "upgrade failed: {}; its images are mounted again", f.why);
-                    self.remount(&mut state, &id);
+                    // The old daemon is gone: its session goes back to the binary it ran.
+                    let previous = state
+                        .nydusd
+                        .clone()
+                        .unwrap_or_else(|| self.config.nydusd_path.clone());
+                    warn!(daemon = %id, "upgrade failed: {}; back to {}", f.why, previous.display());
+                    if let Err(back) = self.succeed(&mut state, &id, &previous) {
+                        warn!(daemon = %id, "{}; its images are mounted again", back.why);
+                        self.remount(&mut state, &id);
+                        return Err(format!(
+                            "daemon {id}: {} (its images were mounted again; upgraded before \
+                             it: {done:?})",
+                            f.why
+                        ));
+                    }
                     return Err(format!(
-                        "daemon {id}: {} (its images were mounted again; upgraded before it: {done:?})",
-                        f.why
+                        "daemon {id}: {} (it serves on with {}; upgraded before it: {done:?})",
+                        f.why,
+                        previous.display()
                     ));
                 }
             }

@@ -61,7 +61,7 @@ pub fn start(path: &Path, manager: Arc<Manager>) -> std::io::Result<()> {
 fn serve(conn: UnixStream, manager: &Manager) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     conn.set_write_timeout(Some(Duration::from_secs(10)))?;
-    let mut r = BufReader::new(&conn);
+    let mut r = BufReader::new((&conn).take((MAX_HEAD + MAX_BODY + 1) as u64));
     let mut head = String::new();
     let mut len = 0usize;
     loop {

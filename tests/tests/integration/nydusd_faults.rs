@@ -11,15 +11,15 @@ const EIO: i32 = 5;
 
 /// An image of `src` pushed to a local registry, and a nydusd config reading it through
 /// a fault proxy with `backend_extra` added to the backend config.
-struct RegistryImage {
-    img: Image,
+pub(crate) struct RegistryImage {
+    pub(crate) img: Image,
     /// Kept running for the proxy.
     _registry: Registry,
-    proxy: FaultProxy,
+    pub(crate) proxy: FaultProxy,
 }
 
 impl RegistryImage {
-    fn new(src: &Path, work: &Path, repo: &str) -> RegistryImage {
+    pub(crate) fn new(src: &Path, work: &Path, repo: &str) -> RegistryImage {
         let img = build(src, &work.join("img"), &["--compressor", "none"]);
         let blob = img.blob_path();
         let id = blob.file_name().unwrap().to_str().unwrap().to_string();
@@ -33,7 +33,7 @@ impl RegistryImage {
         }
     }
 
-    fn config(&self, repo: &str, backend_extra: &str, extra: &str) -> PathBuf {
+    pub(crate) fn config(&self, repo: &str, backend_extra: &str, extra: &str) -> PathBuf {
         let cfg = self
             .img
             .work
