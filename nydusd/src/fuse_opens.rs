@@ -593,3 +593,63 @@ impl Passthrough {
             .remove(&index);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(index: u16, nid: u64, mode: OpenMode, backing_id: u32) -> OpenRecord {
+        OpenRecord {
+            index,
+            nid,
+            mode,
+            backing_id,
+        }
+    }
+
+    #[test]
+    fn a_successor_reads_the_opens_and_a_resent_release_counts_nothing() {
+        let t = OpenTable::new().unwrap();
+        let a = t.add(rec(1, 42, OpenMode::Passthrough, 7)).unwrap();
+        let b = t.add(rec(1, 43, OpenMode::Cached, 0)).unwrap();
+        let c = t.add(rec(2, 42, OpenMode::Cached, 0)).unwrap();
+        assert_eq!(t.remove(b, 1), Some(rec(1, 43, OpenMode::Cached, 0)));
+        // The same release again (resent), or for another image: nothing.
+        assert_eq!(t.remove(b, 1), None);
+        assert_eq!(t.remove(c, 1), None);
+        // The slot is reused with a new generation: the old handle still means nothing.
+        let d = t.add(rec(1, 44, OpenMode::Cached, 0)).unwrap();
+        assert_ne!(d, b);
+        assert_eq!(d >> 32, b >> 32, "the freed slot is reused");
+        assert_eq!(t.remove(b, 1), None);
+
+        // A successor loads the same file.
+        let copy = t.file().try_clone().unwrap();
+        let s = OpenTable::load(copy).unwrap();
+        let mut got = s.records();
+        got.sort_by_key(|(fh, _)| *fh);
+        let mut want = vec![
+            (a, rec(1, 42, OpenMode::Passthrough, 7)),
+            (c, rec(2, 42, OpenMode::Cached, 0)),
+            (d, rec(1, 44, OpenMode::Cached, 0)),
+        ];
+        want.sort_by_key(|(fh, _)| *fh);
+        assert_eq!(got, want);
+        // Its handles are the predecessor's; a new open never takes a live slot.
+        assert_eq!(s.remove(a, 1), Some(rec(1, 42, OpenMode::Passthrough, 7)));
+        let e = s.add(rec(3, 1, OpenMode::Cached, 0)).unwrap();
+        assert!(![c, d].contains(&e));
+        s.remove_image(1);
+        assert_eq!(s.records().len(), 2, "image 2's and 3's opens stay");
+    }
+
+    #[test]
+    fn tables_of_another_layout_are_refused() {
+        let f = tempfile::tempfile().unwrap();
+        let err = OpenTable::load(f.try_clone().unwrap()).err().unwrap();
+        assert!(err.to_string().contains("no header"), "{err}");
+        std::os::unix::fs::FileExt::write_all_at(&f, &[b'x'; 64], 0).unwrap();
+        let err = OpenTable::load(f).err().unwrap();
+        assert!(err.to_string().contains("another nydusd version"), "{err}");
+    }
+}
