@@ -1054,6 +1054,70 @@ mod tests {
     use super::*;
 
     #[test]
+    fn restored_trees_keep_their_numbers_and_bad_ones_are_refused() {
+        let dir = |ino, parent, name: &str| DirState {
+            ino,
+            parent,
+            name: name.into(),
+        };
+        let tree = |dirs: Vec<DirState>, mounts: Vec<crate::daemon::ImageSpec>| TreeState {
+            root: None,
+            mounts,
+            dirs,
+            next_index: 3,
+            next_dir: 10,
+        };
+        let never = |_: &crate::daemon::ImageSpec| -> crate::Result<Mounted> {
+            panic!("no image is mounted in these cases")
+        };
+        let good = tree(vec![dir(2, ROOT_ID, "rafs"), dir(5, 2, "x")], vec![]);
+        let v = Vfs::restore(&good, never).unwrap();
+        let back = v.export();
+        assert_eq!(back.dirs, good.dirs, "pseudo directories keep their inodes");
+        assert_eq!((back.next_index, back.next_dir), (3, 10));
+        for (bad, why) in [
+            (
+                tree(vec![dir(2, 7, "rafs")], vec![]),
+                "a parent that does not exist",
+            ),
+            (
+                tree(vec![dir(2, ROOT_ID, "a"), dir(3, ROOT_ID, "a")], vec![]),
+                "a name twice",
+            ),
+            (
+                tree(vec![dir(12, ROOT_ID, "a")], vec![]),
+                "an inode beyond those handed out",
+            ),
+            (
+                tree(vec![dir(2, ROOT_ID, "a/b")], vec![]),
+                "a name with a slash",
+            ),
+            (
+                tree(vec![dir(ROOT_ID, ROOT_ID, "a")], vec![]),
+                "the root again",
+            ),
+            (
+                tree(
+                    vec![],
+                    vec![crate::daemon::ImageSpec {
+                        mountpoint: "/m".into(),
+                        source: "/nonexistent".into(),
+                        index: 9,
+                        config: String::new(),
+                        prefetch_files: None,
+                    }],
+                ),
+                "a mount index beyond those handed out",
+            ),
+        ] {
+            assert!(
+                matches!(Vfs::restore(&bad, never), Err(crate::Error::State(_))),
+                "a tree with {why} was restored"
+            );
+        }
+    }
+
+    #[test]
     fn mountpoints_are_absolute_paths_of_names() {
         assert_eq!(mount_path("/sub").unwrap(), ["sub"]);
         assert_eq!(
