@@ -339,8 +339,8 @@ fn post_mount(ctx: &ApiContext, req: &Request) -> Response {
             ),
         );
     }
-    match Config::from_json(&body.config) {
-        Ok(_) => {}
+    let config = match Config::from_json(&body.config) {
+        Ok(c) => c,
         Err(e) => return error_response(400, &format!("config: {}", Chain(&e))),
     };
     let index = match ctx.serving.vfs().reserve(&mountpoint) {
@@ -354,7 +354,7 @@ fn post_mount(ctx: &ApiContext, req: &Request) -> Response {
         config: body.config.clone(),
         prefetch_files: body.prefetch_files.clone(),
     };
-    let image = match daemon::mount_image(spec, &ctx.open_blobs) {
+    let image = match daemon::mount_image(spec, &config, &ctx.open_blobs) {
         Ok(m) => m,
         Err(e) => {
             warn!("mounting {} at {mountpoint}: {}", body.source, Chain(&e));

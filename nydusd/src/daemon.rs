@@ -194,21 +194,24 @@ pub struct ImageSpec {
     pub prefetch_files: Option<Vec<String>>,
 }
 
-/// Mounts the image `spec` describes, and starts its background prefetch (see
-/// [`start_prefetch`]).
-pub fn mount_image(spec: ImageSpec, open: &Arc<OpenBlobs>) -> Result<Mounted> {
-    let m = mount_image_quiet(spec, open)?;
-    start_prefetch(&m)?;
+/// Mounts the image `spec` describes, with `config` (its `spec.config`, parsed), and
+/// starts its background prefetch (see [`start_prefetch`]).
+pub fn mount_image(spec: ImageSpec, config: &Config, open: &Arc<OpenBlobs>) -> Result<Mounted> {
+    let m = mount_image_quiet(spec, config, open)?;
+    start_prefetch(&m, config);
     Ok(m)
 }
 
-/// Mounts the image `spec` describes, without its background prefetch (a successor
-/// starts it only once it serves: until then the predecessor's files passed through
-/// hold no pins, see [`crate::handover`]).
-pub fn mount_image_quiet(spec: ImageSpec, open: &Arc<OpenBlobs>) -> Result<Mounted> {
-    let config = Config::from_json(&spec.config)?;
+/// [`mount_image`] without the background prefetch (a successor starts it only once it
+/// serves: until then the predecessor's files passed through hold no pins, see
+/// [`crate::handover`]).
+pub fn mount_image_quiet(
+    spec: ImageSpec,
+    config: &Config,
+    open: &Arc<OpenBlobs>,
+) -> Result<Mounted> {
     let metrics = Arc::new(Metrics::default());
-    let fs = build_fs(&spec.source, &config, metrics.clone(), spec.index, open)?;
+    let fs = build_fs(&spec.source, config, metrics.clone(), spec.index, open)?;
     if !config.digest_validate {
         warn!(
             "{}: digest_validate is off: chunks are served without verification",
@@ -226,11 +229,10 @@ pub fn mount_image_quiet(spec: ImageSpec, open: &Arc<OpenBlobs>) -> Result<Mount
     })
 }
 
-/// Starts the background prefetch of `m` when its config enables it: of its
+/// Starts the background prefetch of `m` when `config` (its config) enables it: of its
 /// `prefetch_files` if given, else of the bootstrap's prefetch table.
-pub fn start_prefetch(m: &Mounted) -> Result<()> {
+pub fn start_prefetch(m: &Mounted, config: &Config) {
     let spec = m.spec();
-    let config = Config::from_json(&spec.config)?;
     if !config.prefetch.enable {
         if spec.prefetch_files.is_some() {
             warn!(
@@ -238,7 +240,7 @@ pub fn start_prefetch(m: &Mounted) -> Result<()> {
                 spec.mountpoint
             );
         }
-        return Ok(());
+        return;
     }
     let cache = m.fs.cache().clone();
     let list = match &spec.prefetch_files {
@@ -247,5 +249,4 @@ pub fn start_prefetch(m: &Mounted) -> Result<()> {
     };
     *m.prefetch.lock().unwrap_or_else(|e| e.into_inner()) =
         Some(Prefetch::start(cache, list, config.prefetch.clone()));
-    Ok(())
 }

@@ -159,6 +159,15 @@ impl OpenTable {
             .collect()
     }
 
+    /// The files open passed through (image index, nid).
+    pub fn passed_through(&self) -> std::collections::BTreeSet<(u16, u64)> {
+        self.records()
+            .into_iter()
+            .filter(|(_, r)| r.mode == OpenMode::Passthrough)
+            .map(|(_, r)| (r.index, r.nid))
+            .collect()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }

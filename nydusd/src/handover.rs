@@ -18,6 +18,7 @@
 
 use crate::cache::OpenBlobs;
 use crate::client::supervisor;
+use crate::config::Config;
 use crate::daemon::{self, StateCell};
 use crate::error::{Chain, Error, Result};
 use crate::fuse::{FuseOptions, FuseService, FuseSource};
@@ -25,6 +26,7 @@ use crate::fuse_opens::OpenTable;
 use crate::passthrough::FuseBacking;
 use crate::vfs::{TreeState, Vfs};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -100,11 +102,14 @@ struct Prepared {
     table: std::os::fd::OwnedFd,
     /// Files passed through when the session was taken (image index, nid), their
     /// chunks pinned by this daemon already.
-    pinned: Vec<(u16, u64)>,
+    pinned: BTreeSet<(u16, u64)>,
+    /// The config of each image mounted again, by index (its prefetch starts in
+    /// `serve`).
+    configs: Vec<(u16, Config)>,
 }
 
 /// Pins (or unpins) the chunks of the files `which` (image index, nid) of `vfs`.
-fn pin(vfs: &Vfs, which: &[(u16, u64)], on: bool) {
+fn pin<'a>(vfs: &Vfs, which: impl IntoIterator<Item = &'a (u16, u64)>, on: bool) {
     let mounts = vfs.mounts();
     for (index, nid) in which {
         let Some(m) = mounts.iter().find(|m| m.index == *index) else {
@@ -258,8 +263,14 @@ impl Handover {
             .ok_or_else(|| Error::State("no open-file table came with it".into()))?;
         let mut left_out = Vec::new();
         let images = state.tree.mounts.len() + usize::from(state.tree.root.is_some());
+        let mut configs = Vec::new();
         let vfs = Vfs::restore(&state.tree, |spec| {
-            daemon::mount_image_quiet(spec.clone(), open).map_err(|e| {
+            let mounted = Config::from_json(&spec.config).and_then(|config| {
+                let m = daemon::mount_image_quiet(spec.clone(), &config, open)?;
+                configs.push((spec.index, config));
+                Ok(m)
+            });
+            mounted.map_err(|e| {
                 let e = Error::State(format!(
                     "mounting {} again at {}: {}",
                     spec.source.display(),
@@ -283,14 +294,7 @@ impl Handover {
             .map(File::from)
             .and_then(OpenTable::load)
             .map_err(|e| Error::State(format!("the open-file table: {e}")))?;
-        let mut pinned: Vec<(u16, u64)> = snapshot
-            .records()
-            .into_iter()
-            .filter(|(_, r)| r.mode == crate::fuse_opens::OpenMode::Passthrough)
-            .map(|(_, r)| (r.index, r.nid))
-            .collect();
-        pinned.sort_unstable();
-        pinned.dedup();
+        let pinned = snapshot.passed_through();
         pin(&vfs, &pinned, true);
         *self.prepared.lock().unwrap_or_else(|e| e.into_inner()) = Some(Prepared {
             state,
@@ -298,6 +302,7 @@ impl Handover {
             fuse,
             table,
             pinned,
+            configs,
         });
         Ok(())
     }
@@ -317,6 +322,7 @@ impl Handover {
             fuse,
             table,
             pinned,
+            configs,
         } = self
             .prepared
             .lock()
@@ -336,14 +342,7 @@ impl Handover {
             vfs.adopt_opens();
         }
         // Files pinned at the takeover and closed since: their pins go.
-        let now: std::collections::BTreeSet<(u16, u64)> = table
-            .records()
-            .into_iter()
-            .filter(|(_, r)| r.mode == crate::fuse_opens::OpenMode::Passthrough)
-            .map(|(_, r)| (r.index, r.nid))
-            .collect();
-        let closed: Vec<(u16, u64)> = pinned.into_iter().filter(|p| !now.contains(p)).collect();
-        pin(&vfs, &closed, false);
+        pin(&vfs, pinned.difference(&table.passed_through()), false);
         *self.table.write().unwrap_or_else(|e| e.into_inner()) = table.clone();
         self.resend
             .store(state.resend, std::sync::atomic::Ordering::Release);
@@ -361,9 +360,10 @@ impl Handover {
             events,
         )
         .inspect_err(|_| vfs.keep_backing())?;
-        for m in vfs.mounts() {
-            if let Err(e) = daemon::start_prefetch(&m) {
-                warn!("{}: prefetch: {}", m.mountpoint, Chain(&e));
+        let mounts = vfs.mounts();
+        for (index, config) in &configs {
+            if let Some(m) = mounts.iter().find(|m| m.index == *index) {
+                daemon::start_prefetch(m, config);
             }
         }
         info!(
@@ -432,7 +432,7 @@ impl Serving {
     /// Replaces the tree and the FUSE service (a takeover).
     pub fn set(&self, vfs: Arc<Vfs>, fuse: FuseService) {
         *self.vfs.write().unwrap_or_else(|e| e.into_inner()) = vfs;
-        *self.fuse.lock().unwrap_or_else(|e| e.into_inner()) = Some(fuse);
+        self.set_fuse(fuse);
     }
 
     /// Whether a FUSE service runs (started or taken over).

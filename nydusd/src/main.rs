@@ -199,13 +199,12 @@ fn build_vfs(opt: &Opt, open: &Arc<OpenBlobs>) -> Result<Vfs> {
         config: text,
         prefetch_files: files,
     };
-    let image = daemon::mount_image(spec, open)?;
-    let config = parsed;
+    let image = daemon::mount_image(spec, &parsed, open)?;
     info!(
         "serving {} ({} blobs, digest validation {})",
         bootstrap.display(),
         image.fs.cache().bootstrap().blobs().len(),
-        if config.digest_validate { "on" } else { "off" }
+        if parsed.digest_validate { "on" } else { "off" }
     );
     Ok(Vfs::single(image))
 }

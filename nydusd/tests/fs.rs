@@ -109,7 +109,8 @@ fn requests_for_unknown_inodes_and_handles_are_errors() {
         config: cfg.to_string(),
         prefetch_files: None,
     };
-    let image = nydusd::daemon::mount_image(spec, &open).unwrap();
+    let config = Config::from_json(&spec.config).unwrap();
+    let image = nydusd::daemon::mount_image(spec, &config, &open).unwrap();
     // Credentials handed over later reach the config a successor would mount with.
     image.set_auth("dXNlcjpwYXNz");
     vfs.mount(image).unwrap();

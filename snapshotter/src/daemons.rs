@@ -374,15 +374,25 @@ impl Manager {
         Ok(mountpoint)
     }
 
+    /// Where daemon `id`'s sockets (API, supervisor) are.
+    fn socket_dir(&self, id: &str) -> PathBuf {
+        self.config.root.join("socket").join(id)
+    }
+
+    /// The nydusd binary new daemons run (a live upgrade changes it).
+    fn nydusd(&self, state: &State) -> PathBuf {
+        state
+            .nydusd
+            .clone()
+            .unwrap_or_else(|| self.config.nydusd_path.clone())
+    }
+
     fn command(&self, state: &State, id: &str, mountpoint: &Path) -> DaemonCommand {
         let root = &self.config.root;
-        let mut cmd = DaemonCommand::new(
-            state.nydusd.as_ref().unwrap_or(&self.config.nydusd_path),
-            mountpoint,
-            root.join("socket").join(id).join("api.sock"),
-        );
+        let sockets = self.socket_dir(id);
+        let mut cmd = DaemonCommand::new(self.nydusd(state), mountpoint, sockets.join("api.sock"));
         if self.config.recover_policy == RecoverPolicy::Failover {
-            cmd.supervisor = Some(root.join("socket").join(id).join("supervisor.sock"));
+            cmd.supervisor = Some(sockets.join("supervisor.sock"));
         }
         cmd.id = Some(id.to_string());
         cmd.log_file = Some(root.join("logs").join(format!("{id}.log")));
@@ -548,7 +558,7 @@ impl Manager {
         // After the daemon: holding its session, the supervisor kept the connection
         // alive; now the mount is gone (or detached), and so can the session be.
         state.supervisors.remove(id);
-        let _ = std::fs::remove_dir_all(self.config.root.join("socket").join(id));
+        let _ = std::fs::remove_dir_all(self.socket_dir(id));
         if let Err(e) = self.store.remove_daemon(id) {
             warn!("forgetting daemon {id}: {e}");
         }
@@ -601,12 +611,7 @@ impl Manager {
     /// sessions held by the previous snapshotter went with it): binds its supervisor
     /// socket again and asks the daemon to hand its session over.
     fn resupervise(&self, state: &mut State, id: &str, d: &Daemon) {
-        let path = self
-            .config
-            .root
-            .join("socket")
-            .join(id)
-            .join("supervisor.sock");
+        let path = self.socket_dir(id).join("supervisor.sock");
         let sup = match Supervisor::bind(&path) {
             Ok(s) => s,
             Err(e) => {
@@ -657,10 +662,7 @@ impl Manager {
             }
             warn!(daemon = %id, pid, "nydusd died; a successor takes its FUSE session over");
             let t = std::time::Instant::now();
-            let nydusd = state
-                .nydusd
-                .clone()
-                .unwrap_or_else(|| self.config.nydusd_path.clone());
+            let nydusd = self.nydusd(state);
             // Once more on failure: the session is intact at the supervisor, and the
             // containers only wait.
             let done = self.succeed(state, &id, &nydusd).or_else(|f| {
@@ -724,19 +726,13 @@ impl Manager {
             .ok_or_else(|| kept("it is not in the store".into()))?;
         let mut cmd = self.command(state, id, &rec.mountpoint);
         cmd.nydusd = nydusd.to_path_buf();
-        cmd.supervisor = Some(sup.path().to_path_buf());
         cmd.upgrade = true;
         // Not the predecessor's socket: it may still answer on it.
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
             .as_millis();
-        cmd.apisock = self
-            .config
-            .root
-            .join("socket")
-            .join(id)
-            .join(format!("api-{stamp}.sock"));
+        cmd.apisock = self.socket_dir(id).join(format!("api-{stamp}.sock"));
         let mut next = cmd.start().map_err(|e| kept(chain(&e)))?;
         let prepared = next
             .wait_api(self.config.ready_timeout)
@@ -815,10 +811,7 @@ impl Manager {
                 }
                 Err(f) => {
                     // The old daemon is gone: its session goes back to the binary it ran.
-                    let previous = state
-                        .nydusd
-                        .clone()
-                        .unwrap_or_else(|| self.config.nydusd_path.clone());
+                    let previous = self.nydusd(&state);
                     warn!(daemon = %id, "upgrade failed: {}; back to {}", f.why, previous.display());
                     if let Err(back) = self.succeed(&mut state, &id, &previous) {
                         warn!(daemon = %id, "{}; its images are mounted again", back.why);
