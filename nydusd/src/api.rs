@@ -6,7 +6,7 @@
 //! | `GET /api/v1/daemon` | `{"id", "version": {...}, "state": "RUNNING", "mounts": {"/sub": {"mountpoint", "fs_type", "source"}}, ...}` |
 //! | `PUT /api/v1/daemon/exit` | 204, then the daemon unmounts and exits |
 //! | `PUT /api/v1/daemon/fuse/sendfd` | the FUSE session handed to the supervisor now (`--supervisor`; it is also handed over after INIT and each mount and unmount): 204, 400 without a supervisor, 500 when the supervisor did not take it |
-//! | `PUT /api/v1/daemon/fuse/takeover` | (`--upgrade`) takes the session the supervisor holds and mounts its images again, not serving yet (the predecessor may still serve): 204; 409 when already serving; 500 with the reason (no session, a state of another version, a kernel that cannot resend, no image that can be mounted again) |
+//! | `PUT /api/v1/daemon/fuse/takeover` | (`--upgrade`) takes the session (a FUSE session or a virtio-fs device) the supervisor holds and mounts its images again, not serving yet (the predecessor may still serve): 204; 409 when already serving; 500 with the reason (no session, a state of another version, a kernel that cannot resend, no image that can be mounted again) |
 //! | `PUT /api/v1/daemon/start` | (`--upgrade`, once the predecessor is gone) serves the session taken over: its open files taken on, unanswered requests resent; 204, also when already serving; 409 before a takeover |
 //! | `POST /api/v1/mount?mountpoint=/sub` | body `{"source": BOOTSTRAP, "fs_type": "rafs", "config": "<v1 JSON as a string>", "prefetch_files": [...]}`: 204, or 400 (bad request, bootstrap or config; the message says which), 409 (mountpoint taken, or the daemon has a `--bootstrap`) |
 //! | `DELETE /api/v1/mount?mountpoint=/sub` | 204, or 404 when nothing is mounted there |
@@ -34,8 +34,7 @@ use crate::client::api::{ConfigUpdate, MountRequest};
 use crate::config::Config;
 use crate::daemon::{self, Event, State};
 use crate::error::{Chain, Error, Result};
-use crate::fuse::FuseOptions;
-use crate::handover::{Handover, Serving};
+use crate::handover::{Serving, Takeover};
 use crate::metrics::{self as metrics};
 use crate::vfs::{MountError, Mounted};
 use serde_json::{json, Value};
@@ -66,9 +65,9 @@ pub struct ApiContext {
     /// The images served (with their caches and counters), and the daemon's state.
     pub serving: Arc<Serving>,
     /// The hand-over of the FUSE session, with `--supervisor`.
-    pub handover: Option<Arc<Handover>>,
-    /// How a session taken over is served (`--upgrade`).
-    pub upgrade: Option<FuseOptions>,
+    pub handover: Option<Arc<dyn Takeover>>,
+    /// Whether the daemon was started to take a session over (`--upgrade`).
+    pub upgrade: bool,
     /// Where `PUT /api/v1/daemon/exit` is announced.
     pub events: Sender<Event>,
     /// The daemon's open cache files, for the images mounted through the API.
@@ -408,8 +407,8 @@ fn sendfd(ctx: &ApiContext) -> Response {
              FUSE session to",
         );
     };
-    if !ctx.serving.has_fuse() {
-        return error_response(409, "no FUSE session is served yet");
+    if !ctx.serving.serves() {
+        return error_response(409, "no session is served yet");
     }
     match h.save(&ctx.serving.vfs()) {
         Ok(()) => (204, "application/json", Vec::new()),
@@ -420,23 +419,23 @@ fn sendfd(ctx: &ApiContext) -> Response {
 /// `PUT /api/v1/daemon/fuse/takeover`: takes the session the supervisor holds and
 /// mounts its images again, without serving it yet (the predecessor may still serve).
 fn takeover(ctx: &ApiContext) -> Response {
-    let (Some(h), Some(opts)) = (&ctx.handover, &ctx.upgrade) else {
+    let (Some(h), true) = (&ctx.handover, ctx.upgrade) else {
         return error_response(
             400,
-            "only a nydusd started with --upgrade and --supervisor takes a FUSE session over",
+            "only a nydusd started with --upgrade and --supervisor takes a session over",
         );
     };
     let _one = ctx.serving.busy();
-    if ctx.serving.has_fuse() {
+    if ctx.serving.serves() {
         return error_response(
             409,
-            "this nydusd already serves a FUSE session: there is nothing to take over",
+            "this nydusd already serves a session: there is nothing to take over",
         );
     }
-    match h.prepare(opts, &ctx.open_blobs) {
+    match h.prepare(&ctx.open_blobs) {
         Ok(()) => (204, "application/json", Vec::new()),
         Err(e) => {
-            warn!("taking the FUSE session over: {}", Chain(&e));
+            warn!("taking the session over: {}", Chain(&e));
             error_response(500, &Chain(&e).to_string())
         }
     }
@@ -451,17 +450,17 @@ fn start(ctx: &ApiContext) -> Response {
         State::Stopped => return error_response(409, "the daemon is stopping"),
         State::Init => {}
     }
-    let (Some(h), Some(opts)) = (&ctx.handover, &ctx.upgrade) else {
+    let (Some(h), true) = (&ctx.handover, ctx.upgrade) else {
         return error_response(409, "nothing to start");
     };
-    match h.serve(opts, ctx.events.clone()) {
-        Ok((vfs, fuse)) => {
-            ctx.serving.set(vfs, fuse);
+    match h.clone().serve(ctx.events.clone()) {
+        Ok((vfs, transport)) => {
+            ctx.serving.set(vfs, transport);
             ctx.serving.state.set(State::Running);
             (204, "application/json", Vec::new())
         }
         Err(e) => {
-            warn!("serving the FUSE session taken over: {}", Chain(&e));
+            warn!("serving the session taken over: {}", Chain(&e));
             let status = if matches!(e, crate::Error::State(_)) {
                 409
             } else {
@@ -567,7 +566,7 @@ pub fn route(ctx: &ApiContext, req: &Request) -> Response {
         (req.method.as_str(), req.path.as_str()),
         ("POST" | "DELETE", "/api/v1/mount") | ("PUT", "/api/v1/config")
     );
-    if changes && ctx.upgrade.is_some() && ctx.serving.state.get() != State::Running {
+    if changes && ctx.upgrade && ctx.serving.state.get() != State::Running {
         return error_response(
             409,
             "this nydusd (--upgrade) does not serve yet: take a session over and start it first",

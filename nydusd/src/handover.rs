@@ -15,6 +15,9 @@
 //! the state. File handles are slots of the open-file table; directory handles do not
 //! exist (`opendir` answers `ENOSYS`, which the kernel remembers per connection); lookup
 //! counts need no keeping (inodes are computed, `forget` does nothing).
+//!
+//! [`Takeover`] is the part both transports share; a virtio-fs device is handed over by
+//! [`crate::virtiofs::handover`].
 
 use crate::cache::OpenBlobs;
 use crate::client::supervisor;
@@ -25,6 +28,7 @@ use crate::fuse::{FuseOptions, FuseService, FuseSource};
 use crate::fuse_opens::OpenTable;
 use crate::passthrough::FuseBacking;
 use crate::vfs::{TreeState, Vfs};
+use crate::virtiofs::VirtioFsService;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -59,24 +63,97 @@ pub struct SessionState {
 impl SessionState {
     /// Parses a state, refusing other versions by name.
     pub fn parse(bytes: &[u8]) -> Result<SessionState> {
-        let bad = |why: String| Error::State(why);
-        let v: serde_json::Value = serde_json::from_slice(bytes)
-            .map_err(|e| bad(format!("{} bytes that are not JSON: {e}", bytes.len())))?;
-        let version = v.get("version").and_then(|v| v.as_u64());
-        if version != Some(STATE_VERSION as u64) {
-            let by = v
-                .get("nydusd")
-                .and_then(|v| v.as_str())
-                .unwrap_or("unknown");
-            return Err(bad(format!(
-                "state version {} (written by nydusd {by}); this nydusd {} reads version \
-                 {STATE_VERSION}",
-                version.map_or("none".into(), |v| v.to_string()),
-                env!("CARGO_PKG_VERSION")
-            )));
-        }
-        serde_json::from_value(v).map_err(|e| bad(format!("{e}")))
+        parse_state(bytes)
     }
+}
+
+/// Parses a state a daemon handed over (a FUSE session's or a virtio-fs device's),
+/// refusing other versions by name.
+pub fn parse_state<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    let bad = |why: String| Error::State(why);
+    let v: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| bad(format!("{} bytes that are not JSON: {e}", bytes.len())))?;
+    let version = v.get("version").and_then(|v| v.as_u64());
+    if version != Some(STATE_VERSION as u64) {
+        let by = v
+            .get("nydusd")
+            .and_then(|v| v.as_str())
+            .unwrap_or("unknown");
+        return Err(bad(format!(
+            "state version {} (written by nydusd {by}); this nydusd {} reads version \
+             {STATE_VERSION}",
+            version.map_or("none".into(), |v| v.to_string()),
+            env!("CARGO_PKG_VERSION")
+        )));
+    }
+    serde_json::from_value(v).map_err(|e| bad(format!("{e}")))
+}
+
+/// A transport a daemon serves a session on.
+pub enum Transport {
+    /// A FUSE session.
+    Fuse(FuseService),
+    /// A virtio-fs device.
+    Virtio(VirtioFsService),
+}
+
+/// A supervised daemon's side of failover and live upgrade, for either transport.
+pub trait Takeover: Send + Sync {
+    /// The supervisor's socket.
+    fn supervisor(&self) -> &Path;
+
+    /// Hands the session as `vfs` serves it now to the supervisor.
+    fn save(&self, vfs: &Vfs) -> Result<()>;
+
+    /// [`Takeover::save`], with a failure logged: the session goes on serving, only a
+    /// successor would not know the latest change.
+    fn save_or_warn(&self, vfs: &Vfs) {
+        if let Err(e) = self.save(vfs) {
+            warn!("{}", Chain(&e));
+        }
+    }
+
+    /// Takes the session the supervisor holds and mounts its images again (with their
+    /// mount indices and pseudo directories), without serving it yet: the predecessor
+    /// may still serve (a live upgrade) until it is stopped and [`Takeover::serve`]
+    /// called. An image that cannot be mounted again is left out (its files fail with
+    /// `ENOENT`), unless none can.
+    fn prepare(&self, open: &Arc<OpenBlobs>) -> Result<()>;
+
+    /// Serves the session [`Takeover::prepare`] took, once the predecessor is gone.
+    fn serve(self: Arc<Self>, events: Sender<daemon::Event>) -> Result<(Arc<Vfs>, Transport)>;
+}
+
+/// The images of `tree` mounted again, with the config of each (its prefetch starts
+/// when the session is served); an image that cannot be is left out, unless none can.
+pub fn mount_again(tree: &TreeState, open: &Arc<OpenBlobs>) -> Result<(Vfs, Vec<(u16, Config)>)> {
+    let mut left_out = Vec::new();
+    let images = tree.mounts.len() + usize::from(tree.root.is_some());
+    let mut configs = Vec::new();
+    let vfs = Vfs::restore(tree, |spec| {
+        let mounted = Config::from_json(&spec.config).and_then(|config| {
+            let m = daemon::mount_image_quiet(spec.clone(), &config, open)?;
+            configs.push((spec.index, config));
+            Ok(m)
+        });
+        mounted.map_err(|e| {
+            let e = Error::State(format!(
+                "mounting {} again at {}: {}",
+                spec.source.display(),
+                spec.mountpoint,
+                Chain(&e)
+            ));
+            left_out.push(e.to_string());
+            e
+        })
+    })?;
+    if images > 0 && left_out.len() == images {
+        return Err(Error::State(left_out.join("; ")));
+    }
+    for e in &left_out {
+        warn!("left out of the takeover: {e}");
+    }
+    Ok((vfs, configs))
 }
 
 /// A supervised FUSE daemon's side of the hand-over.
@@ -92,6 +169,8 @@ pub struct Handover {
     saving: Mutex<()>,
     /// A session taken from the supervisor and not served yet.
     prepared: Mutex<Option<Prepared>>,
+    /// How a session taken over is served (`--upgrade`).
+    options: OnceLock<FuseOptions>,
 }
 
 /// A session taken over, its images mounted again, not served yet.
@@ -140,12 +219,19 @@ impl Handover {
             resend: Default::default(),
             saving: Mutex::new(()),
             prepared: Mutex::new(None),
+            options: OnceLock::new(),
         })
     }
 
-    /// The supervisor's socket.
-    pub fn supervisor(&self) -> &Path {
-        &self.supervisor
+    /// How a session taken over is to be served (the daemon's own FUSE options).
+    pub fn set_options(&self, options: FuseOptions) {
+        let _ = self.options.set(options);
+    }
+
+    fn options(&self) -> Result<&FuseOptions> {
+        self.options
+            .get()
+            .ok_or_else(|| Error::State("no FUSE options to serve a session with".into()))
     }
 
     /// The open-file table the session records opens in.
@@ -178,11 +264,17 @@ impl Handover {
         let _ = self.fuse.set(dup);
         Ok(())
     }
+}
+
+impl Takeover for Handover {
+    fn supervisor(&self) -> &Path {
+        &self.supervisor
+    }
 
     /// Hands the session as `vfs` serves it now to the supervisor.
     /// Before the kernel's INIT there is nothing to hand over: the save made after INIT
     /// (under the same lock) will carry what changed meanwhile.
-    pub fn save(&self, vfs: &Vfs) -> Result<()> {
+    fn save(&self, vfs: &Vfs) -> Result<()> {
         // Made under the lock: a save never overtakes a later change's.
         let _one = self.saving.lock().unwrap_or_else(|e| e.into_inner());
         let Some(fuse) = self.fuse.get() else {
@@ -214,20 +306,11 @@ impl Handover {
         })
     }
 
-    /// [`Handover::save`], with a failure logged: the session goes on serving, only a
-    /// successor would not know the latest change.
-    pub fn save_or_warn(&self, vfs: &Vfs) {
-        if let Err(e) = self.save(vfs) {
-            warn!("{}", Chain(&e));
-        }
-    }
-
-    /// Takes the session the supervisor holds and mounts its images again (with their
-    /// mount indices and pseudo directories), without serving it yet: the predecessor
-    /// may still serve (a live upgrade) until it is stopped and [`Handover::serve`]
-    /// called. An image that cannot be mounted again is left out (its files fail with
-    /// `ENOENT`), unless none can.
-    pub fn prepare(&self, opts: &FuseOptions, open: &Arc<OpenBlobs>) -> Result<()> {
+    /// The FUSE session: checks the mountpoint, the kernel's resend and the device, and
+    /// pins the chunks of the files passed through (during a live upgrade the
+    /// predecessor's pins go when it is killed).
+    fn prepare(&self, open: &Arc<OpenBlobs>) -> Result<()> {
+        let opts = self.options()?;
         let saved = supervisor::restore(&self.supervisor).map_err(|e| {
             Error::io(
                 format!(
@@ -261,32 +344,7 @@ impl Handover {
         let table = fds
             .next()
             .ok_or_else(|| Error::State("no open-file table came with it".into()))?;
-        let mut left_out = Vec::new();
-        let images = state.tree.mounts.len() + usize::from(state.tree.root.is_some());
-        let mut configs = Vec::new();
-        let vfs = Vfs::restore(&state.tree, |spec| {
-            let mounted = Config::from_json(&spec.config).and_then(|config| {
-                let m = daemon::mount_image_quiet(spec.clone(), &config, open)?;
-                configs.push((spec.index, config));
-                Ok(m)
-            });
-            mounted.map_err(|e| {
-                let e = Error::State(format!(
-                    "mounting {} again at {}: {}",
-                    spec.source.display(),
-                    spec.mountpoint,
-                    Chain(&e)
-                ));
-                left_out.push(e.to_string());
-                e
-            })
-        })?;
-        if images > 0 && left_out.len() == images {
-            return Err(Error::State(left_out.join("; ")));
-        }
-        for e in &left_out {
-            warn!("left out of the takeover: {e}");
-        }
+        let (vfs, configs) = mount_again(&state.tree, open)?;
         // The files passed through now keep their chunks from here on, not only from
         // `serve`: during a live upgrade the predecessor's pins go when it is killed.
         let snapshot = table
@@ -307,15 +365,11 @@ impl Handover {
         Ok(())
     }
 
-    /// Serves the session [`Handover::prepare`] took, once the predecessor is gone:
-    /// its open files taken on (the table read now, when nobody writes it any more),
+    /// The FUSE session: its open files taken on (the table read now, when nobody writes it any more),
     /// FUSE threads on the device, the requests it left unanswered resent, prefetch
     /// started.
-    pub fn serve(
-        &self,
-        opts: &FuseOptions,
-        events: Sender<daemon::Event>,
-    ) -> Result<(Arc<Vfs>, FuseService)> {
+    fn serve(self: Arc<Self>, events: Sender<daemon::Event>) -> Result<(Arc<Vfs>, Transport)> {
+        let opts = self.options()?;
         let Prepared {
             state,
             vfs,
@@ -374,7 +428,7 @@ impl Handover {
         );
         // The supervisor's copy is of the predecessor's table; ours is the same file.
         self.save_or_warn(&vfs);
-        Ok((vfs, service))
+        Ok((vfs, Transport::Fuse(service)))
     }
 }
 
@@ -397,7 +451,7 @@ fn check_fuse_device(f: &File) -> Result<()> {
 /// when an `--upgrade` daemon takes a session over.
 pub struct Serving {
     vfs: RwLock<Arc<Vfs>>,
-    fuse: Mutex<Option<FuseService>>,
+    transport: Mutex<Option<Transport>>,
     /// The daemon's state.
     pub state: Arc<StateCell>,
     busy: Mutex<()>,
@@ -408,7 +462,7 @@ impl Serving {
     pub fn new(vfs: Arc<Vfs>, state: Arc<StateCell>) -> Serving {
         Serving {
             vfs: RwLock::new(vfs),
-            fuse: Mutex::new(None),
+            transport: Mutex::new(None),
             state,
             busy: Mutex::new(()),
         }
@@ -419,9 +473,9 @@ impl Serving {
         self.busy.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Serving `fuse` (started at the daemon's start).
-    pub fn set_fuse(&self, fuse: FuseService) {
-        *self.fuse.lock().unwrap_or_else(|e| e.into_inner()) = Some(fuse);
+    /// Serving on `transport` (started at the daemon's start).
+    pub fn set_transport(&self, transport: Transport) {
+        *self.transport.lock().unwrap_or_else(|e| e.into_inner()) = Some(transport);
     }
 
     /// The tree served now.
@@ -429,23 +483,26 @@ impl Serving {
         self.vfs.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Replaces the tree and the FUSE service (a takeover).
-    pub fn set(&self, vfs: Arc<Vfs>, fuse: FuseService) {
+    /// Replaces the tree and the transport (a takeover).
+    pub fn set(&self, vfs: Arc<Vfs>, transport: Transport) {
         *self.vfs.write().unwrap_or_else(|e| e.into_inner()) = vfs;
-        self.set_fuse(fuse);
+        self.set_transport(transport);
     }
 
-    /// Whether a FUSE service runs (started or taken over).
-    pub fn has_fuse(&self) -> bool {
-        self.fuse
+    /// Whether a transport serves (started or taken over).
+    pub fn serves(&self) -> bool {
+        self.transport
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_some()
     }
 
-    /// The FUSE service, to stop it.
-    pub fn take_fuse(&self) -> Option<FuseService> {
-        self.fuse.lock().unwrap_or_else(|e| e.into_inner()).take()
+    /// The transport, to stop it.
+    pub fn take_transport(&self) -> Option<Transport> {
+        self.transport
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 }
 

@@ -10,8 +10,9 @@ use nydusd::config::Config;
 use nydusd::daemon::{self, Event, ImageSpec, State, StateCell};
 use nydusd::fuse::{FuseOptions, FuseService, FuseSource};
 use nydusd::fuse_opens::OpenTable;
-use nydusd::handover::{Handover, Serving};
+use nydusd::handover::{Handover, Serving, Takeover, Transport};
 use nydusd::vfs::Vfs;
+use nydusd::virtiofs::handover::VirtioHandover;
 use nydusd::virtiofs::VirtioFsService;
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -81,14 +82,16 @@ struct Opt {
     /// Accepted for compatibility with upstream's command line; ignored.
     #[arg(long, value_name = "N", hide = true)]
     rlimit_nofile: Option<u64>,
-    /// Hand the FUSE session (device, open files, mounted images) to the supervisor
-    /// listening on this unix socket, after INIT and after every mount and unmount, so
-    /// that a successor can take it over when this daemon dies or is upgraded (FUSE
-    /// only; the snapshotter's `recover_policy = "failover"` runs the supervisor).
+    /// Hand the session to the supervisor listening on this unix socket, so that a
+    /// successor can take it over when this daemon dies or is upgraded: a FUSE session
+    /// (device, open files, mounted images) after INIT and after every mount and
+    /// unmount (the snapshotter's `recover_policy = "failover"` runs the supervisor);
+    /// a virtio-fs device (the VMM's connection, the device's setup, the requests in
+    /// flight, mounted images) as the VMM sets it up and after every mount and unmount.
     #[arg(long, value_name = "SOCKET")]
     supervisor: Option<PathBuf>,
-    /// Start as a successor: mount nothing, and take the FUSE session from --supervisor
-    /// on `PUT /api/v1/daemon/fuse/takeover` (the images come from the session's state;
+    /// Start as a successor: mount nothing (bind no --sock), and take the session from
+    /// --supervisor on `PUT /api/v1/daemon/fuse/takeover` (the images come from the session's state;
     /// --bootstrap and --config are not read).
     #[arg(long, requires = "supervisor")]
     upgrade: bool,
@@ -211,12 +214,13 @@ fn build_vfs(opt: &Opt, open: &Arc<OpenBlobs>) -> Result<Vfs> {
 
 fn run(opt: Opt, mode: Mode) -> Result<()> {
     let open_blobs = OpenBlobs::new();
-    let handover = match (&opt.supervisor, &mode) {
-        (Some(s), Mode::Fuse(m)) => Some(Arc::new(Handover::new(s, m)?)),
-        (Some(_), Mode::Virtiofs(_)) => {
-            bail!("--supervisor hands over FUSE sessions: it does not apply to virtio-fs")
-        }
-        (None, _) => None,
+    let (handover, virtio_handover) = match (&opt.supervisor, &mode) {
+        (Some(s), Mode::Fuse(m)) => (Some(Arc::new(Handover::new(s, m)?)), None),
+        (Some(s), Mode::Virtiofs(sock)) => (
+            None,
+            Some(Arc::new(VirtioHandover::new(s, sock, opt.fuse_threads))),
+        ),
+        (None, _) => (None, None),
     };
     if opt.upgrade && opt.apisock.is_none() {
         bail!("--upgrade needs --apisock (the takeover is asked for through the API)");
@@ -271,6 +275,17 @@ fn run(opt: Opt, mode: Mode) -> Result<()> {
         table,
         on_init,
     };
+    if let Some(h) = &handover {
+        h.set_options(fuse_opts.clone());
+    }
+    if let Some(h) = &virtio_handover {
+        h.save_or_warn(&vfs);
+    }
+    let takeover: Option<Arc<dyn Takeover>> = match (&handover, &virtio_handover) {
+        (Some(h), _) => Some(h.clone()),
+        (_, Some(h)) => Some(h.clone()),
+        _ => None,
+    };
     let api = match &opt.apisock {
         Some(path) => Some(ApiServer::start(
             path,
@@ -279,8 +294,8 @@ fn run(opt: Opt, mode: Mode) -> Result<()> {
                     Mode::Fuse(m) | Mode::Virtiofs(m) => m.display().to_string(),
                 }),
                 serving: serving.clone(),
-                handover: handover.clone(),
-                upgrade: opt.upgrade.then(|| fuse_opts.clone()),
+                handover: takeover,
+                upgrade: opt.upgrade,
                 events: tx.clone(),
                 open_blobs: open_blobs.clone(),
             },
@@ -292,13 +307,12 @@ fn run(opt: Opt, mode: Mode) -> Result<()> {
         Some(b) => b.display().to_string(),
         None => "an empty directory for API mounts".into(),
     };
-    let virtiofs = match &mode {
-        Mode::Fuse(mountpoint) if opt.upgrade => {
+    match &mode {
+        Mode::Fuse(m) | Mode::Virtiofs(m) if opt.upgrade => {
             info!(
-                "waiting to take over the FUSE session of {} (PUT /api/v1/daemon/fuse/takeover)",
-                mountpoint.display()
+                "waiting to take over the session of {} (PUT /api/v1/daemon/fuse/takeover)",
+                m.display()
             );
-            None
         }
         Mode::Fuse(mountpoint) => {
             let fuse = FuseService::start(
@@ -307,18 +321,23 @@ fn run(opt: Opt, mode: Mode) -> Result<()> {
                 fuse_opts,
                 tx.clone(),
             )?;
-            serving.set_fuse(fuse);
+            serving.set_transport(Transport::Fuse(fuse));
             info!("mounted {what} on {}", mountpoint.display());
             state.set(State::Running);
-            None
         }
         Mode::Virtiofs(sock) => {
-            let service = VirtioFsService::start(vfs.clone(), sock, opt.fuse_threads, tx.clone())?;
+            let service = VirtioFsService::start(
+                vfs.clone(),
+                sock,
+                opt.fuse_threads,
+                tx.clone(),
+                virtio_handover.clone(),
+            )?;
+            serving.set_transport(Transport::Virtio(service));
             info!("serving {what} over virtio-fs on {}", sock.display());
             state.set(State::Running);
-            Some(service)
         }
-    };
+    }
 
     let event = if opt.upgrade {
         // A successor nobody hands a session to does not wait for ever.
@@ -342,12 +361,11 @@ fn run(opt: Opt, mode: Mode) -> Result<()> {
     for m in serving.vfs().mounts() {
         m.stop_prefetch();
     }
-    if let Some(f) = serving.take_fuse() {
+    match serving.take_transport() {
         // A session that ended (unmounted or aborted) leaves nothing to unmount.
-        f.stop(event != Event::FuseEnded);
-    }
-    if let Some(v) = virtiofs {
-        v.stop();
+        Some(Transport::Fuse(f)) => f.stop(event != Event::FuseEnded),
+        Some(Transport::Virtio(v)) => v.stop(),
+        None => {}
     }
     if let Some(api) = api {
         api.close();

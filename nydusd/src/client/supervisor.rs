@@ -8,8 +8,9 @@
 //! (u32, at most [`MAX_BODY`]) — sent in one `sendmsg` with the message's file
 //! descriptors (`SCM_RIGHTS`, at most [`MAX_FDS`]), then the body.
 //!
-//! * **save**: nydusd sends its state (JSON, the daemon's to define) with the FUSE device
-//!   and the file of its open-file table; the supervisor keeps them (the latest save
+//! * **save**: nydusd sends its state (JSON, the daemon's to define) with its
+//!   descriptors (a FUSE daemon's device and open-file table; a virtio-fs daemon's VMM
+//!   socket, in-flight table and the descriptors of its device's setup); the supervisor keeps them (the latest save
 //!   wins) and answers one byte, 0.
 //! * **restore**: a successor sends an empty save-less request; the supervisor answers
 //!   with the last saved state and descriptors, or an empty answer when it has none.
@@ -33,7 +34,7 @@ pub const MAGIC: [u8; 8] = *b"NYDSUPV1";
 /// Largest body accepted.
 pub const MAX_BODY: u32 = 16 << 20;
 /// Most descriptors a message carries.
-pub const MAX_FDS: usize = 4;
+pub const MAX_FDS: usize = 64;
 /// How long either side waits for the other's next bytes.
 pub const TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -1,0 +1,321 @@
+//! Failover of a virtio-fs daemon under a running guest: what [`crate::handover`] does
+//! for FUSE sessions, for a vhost-user-fs device.
+//!
+//! QEMU 7.2 sets a vhost-user-fs device up once, when the guest's driver starts it, and
+//! never connects again (with `reconnect=` on its chardev it refuses to start the
+//! device); a daemon that dies leaves the guest's requests on the share waiting for
+//! ever. So a daemon started with `--supervisor SOCK` hands the supervisor, as the
+//! device is set up and whenever its images change:
+//! * a copy of the VMM's connection (QEMU sees no disconnect while the supervisor holds
+//!   it);
+//! * the log of the messages that set the device up, with copies of their descriptors
+//!   (the guest's memory, the queues' eventfds) — see [`super::relay::SetupLog`];
+//! * the in-flight table of its queues ([`super::inflight`]);
+//! * the images and pseudo directories served.
+//!
+//! A successor started with `--upgrade` takes it on `PUT /api/v1/daemon/fuse/takeover`
+//! (the images mounted again with the same inode numbers) and serves on
+//! `PUT /api/v1/daemon/start`: it replays the setup to a backend of its own, goes on
+//! from where each queue was, answers the requests its predecessor took and did not
+//! answer, and relays the VMM's connection from then on.
+
+use super::inflight::Inflight;
+use super::relay::{Message, SetupLog};
+use super::{Adopted, VirtioFsService};
+use crate::cache::OpenBlobs;
+use crate::client::supervisor;
+use crate::config::Config;
+use crate::daemon::{self, Event};
+use crate::error::{Chain, Error, Result};
+use crate::handover::{mount_again, parse_state, Takeover, Transport, STATE_VERSION};
+use crate::vfs::{TreeState, Vfs};
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use tracing::{info, warn};
+
+/// What a successor needs besides the descriptors.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioState {
+    /// [`STATE_VERSION`] of the daemon that wrote it.
+    pub version: u32,
+    /// Its nydusd version, for messages.
+    pub nydusd: String,
+    /// The vhost-user socket the VMM connected to.
+    pub socket: PathBuf,
+    /// The images and pseudo directories served.
+    pub tree: TreeState,
+    /// The messages that set the device up, in order: each base64, with how many of
+    /// the descriptors handed over (after the VMM's socket and the in-flight table)
+    /// are its own.
+    pub setup: Vec<LoggedMessage>,
+    /// Whether the log holds every setup message (no successor can go on otherwise).
+    pub complete: bool,
+}
+
+/// One setup message of a [`VirtioState`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoggedMessage {
+    /// Header and payload, base64.
+    pub message: String,
+    /// How many descriptors came with it.
+    pub fds: usize,
+}
+
+/// The connection being served, as the supervisor gets it.
+#[derive(Default)]
+struct Session {
+    vmm: Option<OwnedFd>,
+    inflight: Option<File>,
+    log: SetupLog,
+    tree: Option<TreeState>,
+}
+
+/// A device taken over, its images mounted again, not served yet.
+struct Prepared {
+    state: VirtioState,
+    vfs: Arc<Vfs>,
+    adopted: Adopted,
+    configs: Vec<(u16, Config)>,
+}
+
+/// A supervised virtio-fs daemon's side of the hand-over.
+pub struct VirtioHandover {
+    supervisor: PathBuf,
+    socket: PathBuf,
+    threads: usize,
+    session: Mutex<Session>,
+    prepared: Mutex<Option<Prepared>>,
+}
+
+impl VirtioHandover {
+    /// The hand-over of the device served on `socket` (with `threads` workers, also a
+    /// successor's) to the supervisor at `supervisor`.
+    pub fn new(supervisor: &Path, socket: &Path, threads: usize) -> VirtioHandover {
+        VirtioHandover {
+            supervisor: supervisor.to_path_buf(),
+            socket: socket.to_path_buf(),
+            threads,
+            session: Mutex::default(),
+            prepared: Mutex::default(),
+        }
+    }
+
+    fn session(&self) -> std::sync::MutexGuard<'_, Session> {
+        self.session.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The VMM connected on `vmm`; its queues' requests are recorded in `inflight`, and
+    /// `log` holds its setup so far (a predecessor's, when taken over).
+    pub fn connected(&self, vmm: &UnixStream, inflight: &Inflight, log: SetupLog) {
+        let mut s = self.session();
+        s.vmm = vmm.as_fd().try_clone_to_owned().ok();
+        s.inflight = inflight.file().try_clone().ok();
+        s.log = log;
+        if s.vmm.is_none() || s.inflight.is_none() {
+            warn!("virtio-fs: copying the connection for the supervisor failed");
+        }
+        if let Err(e) = self.send(&s) {
+            warn!("{}", Chain(&e));
+        }
+    }
+
+    /// A message from the VMM went to the backend: one that sets the device up is
+    /// logged and the session handed over again.
+    pub fn record(&self, msg: &Message) {
+        let mut s = self.session();
+        if s.log.record(msg) {
+            if let Err(e) = self.send(&s) {
+                warn!("{}", Chain(&e));
+            }
+        }
+    }
+
+    /// Sends the session to the supervisor (nothing before the VMM connected).
+    fn send(&self, s: &Session) -> Result<()> {
+        let (Some(vmm), Some(inflight)) = (&s.vmm, &s.inflight) else {
+            return Ok(());
+        };
+        let engine = base64::engine::general_purpose::STANDARD;
+        let state = VirtioState {
+            version: STATE_VERSION,
+            nydusd: env!("CARGO_PKG_VERSION").into(),
+            socket: self.socket.clone(),
+            tree: s.tree.clone().unwrap_or_else(|| Vfs::pseudo().export()),
+            setup: s
+                .log
+                .entries()
+                .iter()
+                .map(|m| LoggedMessage {
+                    message: engine.encode(&m.bytes),
+                    fds: m.fds.len(),
+                })
+                .collect(),
+            complete: s.log.complete(),
+        };
+        let bytes = serde_json::to_vec(&state).map_err(|e| Error::State(e.to_string()))?;
+        let mut fds: Vec<BorrowedFd<'_>> = vec![vmm.as_fd(), inflight.as_fd()];
+        fds.extend(
+            s.log
+                .entries()
+                .iter()
+                .flat_map(|m| m.fds.iter().map(|f| f.as_fd())),
+        );
+        supervisor::save(&self.supervisor, &bytes, &fds).map_err(|e| {
+            Error::io(
+                format!(
+                    "Handing the virtio-fs device to the supervisor {}",
+                    self.supervisor.display()
+                ),
+                e,
+            )
+        })
+    }
+}
+
+/// The setup log of `state`, its descriptors taken from `fds` in order.
+fn log_of(state: &VirtioState, fds: &mut impl Iterator<Item = OwnedFd>) -> Result<SetupLog> {
+    let engine = base64::engine::general_purpose::STANDARD;
+    let mut entries = Vec::new();
+    for (i, m) in state.setup.iter().enumerate() {
+        let bytes = engine
+            .decode(&m.message)
+            .map_err(|e| Error::State(format!("setup message {i}: {e}")))?;
+        let size = bytes
+            .get(8..12)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize);
+        if size.map(|s| s + super::relay::HEADER) != Some(bytes.len()) {
+            return Err(Error::State(format!(
+                "setup message {i} is not a vhost-user message ({} bytes)",
+                bytes.len()
+            )));
+        }
+        let mut own = Vec::new();
+        for _ in 0..m.fds {
+            own.push(fds.next().ok_or_else(|| {
+                Error::State(format!("setup message {i}: its descriptors did not come"))
+            })?);
+        }
+        entries.push(Message { bytes, fds: own });
+    }
+    Ok(SetupLog::from_entries(entries))
+}
+
+/// Refuses a descriptor that is not a connected unix socket.
+fn check_socket(fd: &OwnedFd) -> Result<UnixStream> {
+    use std::os::unix::fs::FileTypeExt;
+    let f = File::from(
+        fd.try_clone()
+            .map_err(|e| Error::io("Duplicating the VMM's socket", e))?,
+    );
+    let md = f
+        .metadata()
+        .map_err(|e| Error::io("Inspecting the VMM's socket", e))?;
+    if !md.file_type().is_socket() {
+        return Err(Error::State(
+            "the first descriptor handed over is not the VMM's socket".into(),
+        ));
+    }
+    let sock = UnixStream::from(OwnedFd::from(f));
+    sock.peer_addr()
+        .map_err(|e| Error::State(format!("the VMM's socket is not connected: {e}")))?;
+    Ok(sock)
+}
+
+impl Takeover for VirtioHandover {
+    fn supervisor(&self) -> &Path {
+        &self.supervisor
+    }
+
+    fn save(&self, vfs: &Vfs) -> Result<()> {
+        let mut s = self.session();
+        s.tree = Some(vfs.export());
+        self.send(&s)
+    }
+
+    fn prepare(&self, open: &Arc<OpenBlobs>) -> Result<()> {
+        let saved = supervisor::restore(&self.supervisor).map_err(|e| {
+            Error::io(
+                format!(
+                    "Taking the virtio-fs device from the supervisor {}",
+                    self.supervisor.display()
+                ),
+                e,
+            )
+        })?;
+        let state: VirtioState = parse_state(&saved.state)?;
+        if state.socket != self.socket {
+            return Err(Error::State(format!(
+                "the device is of the socket {}, not of --sock {}",
+                state.socket.display(),
+                self.socket.display()
+            )));
+        }
+        if !state.complete {
+            return Err(Error::State(
+                "the previous daemon could not record the whole setup of the device".into(),
+            ));
+        }
+        let mut fds = saved.fds.into_iter();
+        let vmm = check_socket(
+            &fds.next()
+                .ok_or_else(|| Error::State("no VMM socket came with it".into()))?,
+        )?;
+        let inflight = File::from(
+            fds.next()
+                .ok_or_else(|| Error::State("no in-flight table came with it".into()))?,
+        );
+        let inflight = Inflight::load(inflight)
+            .map_err(|e| Error::State(format!("the in-flight table: {e}")))?;
+        let log = log_of(&state, &mut fds)?;
+        let (vfs, configs) = mount_again(&state.tree, open)?;
+        *self.prepared.lock().unwrap_or_else(|e| e.into_inner()) = Some(Prepared {
+            state,
+            vfs: Arc::new(vfs),
+            adopted: Adopted {
+                vmm,
+                log,
+                inflight: Arc::new(inflight),
+            },
+            configs,
+        });
+        Ok(())
+    }
+
+    fn serve(self: Arc<Self>, events: Sender<Event>) -> Result<(Arc<Vfs>, Transport)> {
+        let Prepared {
+            state,
+            vfs,
+            adopted,
+            configs,
+        } = self
+            .prepared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| {
+                Error::State("no device taken over yet (PUT /api/v1/daemon/fuse/takeover)".into())
+            })?;
+        self.session().tree = Some(vfs.export());
+        let service =
+            VirtioFsService::adopt(vfs.clone(), self.threads, events, self.clone(), adopted)?;
+        let mounts = vfs.mounts();
+        for (index, config) in &configs {
+            if let Some(m) = mounts.iter().find(|m| m.index == *index) {
+                daemon::start_prefetch(m, config);
+            }
+        }
+        info!(
+            "took over the virtio-fs device on {} from nydusd {} ({} images)",
+            self.socket.display(),
+            state.nydusd,
+            mounts.len()
+        );
+        Ok((vfs, Transport::Virtio(service)))
+    }
+}
