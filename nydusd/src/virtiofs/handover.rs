@@ -166,6 +166,11 @@ impl VirtioHandover {
                 .iter()
                 .flat_map(|m| m.fds.iter().map(|f| f.as_fd())),
         );
+        tracing::debug!(
+            "virtio-fs: handing {} setup messages and {} descriptors to the supervisor",
+            state.setup.len(),
+            fds.len()
+        );
         supervisor::save(&self.supervisor, &bytes, &fds).map_err(|e| {
             Error::io(
                 format!(
@@ -317,5 +322,87 @@ impl Takeover for VirtioHandover {
             mounts.len()
         );
         Ok((vfs, Transport::Virtio(service)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::supervisor::{Saved, Supervisor};
+
+    fn state(socket: &Path, complete: bool, setup: Vec<LoggedMessage>) -> Vec<u8> {
+        serde_json::to_vec(&VirtioState {
+            version: STATE_VERSION,
+            nydusd: "x".into(),
+            socket: socket.into(),
+            tree: Vfs::pseudo().export(),
+            setup,
+            complete,
+        })
+        .unwrap()
+    }
+
+    /// Each bad hand-over is refused with its reason, before anything is served.
+    #[test]
+    fn bad_devices_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let sup = Supervisor::bind(&dir.path().join("sup.sock")).unwrap();
+        let sock = dir.path().join("vfs.sock");
+        let h = VirtioHandover::new(sup.path(), &sock, 1);
+        let open = OpenBlobs::new();
+        let (vmm, _peer) = UnixStream::pair().unwrap();
+        let table = Inflight::new(2, 8).unwrap();
+        let fds = |n: usize| -> Vec<OwnedFd> {
+            let mut v = vec![
+                vmm.as_fd().try_clone_to_owned().unwrap(),
+                table.file().as_fd().try_clone_to_owned().unwrap(),
+            ];
+            v.truncate(n);
+            v
+        };
+        let set_msg = LoggedMessage {
+            message: base64::engine::general_purpose::STANDARD
+                .encode([3u8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]),
+            fds: 1,
+        };
+        let file: OwnedFd = tempfile::tempfile().unwrap().into();
+        let cases: Vec<(Vec<u8>, Vec<OwnedFd>, &str)> = vec![
+            (
+                b"{\"version\":1,\"nydusd\":\"x\",\"mountpoint\":\"/m\"}".to_vec(),
+                fds(2),
+                "missing field",
+            ),
+            (
+                state(Path::new("/other.sock"), true, vec![]),
+                fds(2),
+                "not of --sock",
+            ),
+            (
+                state(&sock, false, vec![]),
+                fds(2),
+                "could not record the whole setup",
+            ),
+            (
+                state(&sock, true, vec![]),
+                vec![file],
+                "not the VMM's socket",
+            ),
+            (state(&sock, true, vec![]), fds(1), "no in-flight table"),
+            (
+                state(&sock, true, vec![set_msg]),
+                fds(2),
+                "its descriptors did not come",
+            ),
+        ];
+        for (bytes, fds, why) in cases {
+            sup.set(Some(Saved { state: bytes, fds }));
+            let err = h.prepare(&open).unwrap_err().to_string();
+            assert!(err.contains(why), "wanted {why:?}: {err}");
+        }
+        sup.set(Some(Saved {
+            state: state(&sock, true, vec![]),
+            fds: fds(2),
+        }));
+        h.prepare(&open).unwrap();
     }
 }

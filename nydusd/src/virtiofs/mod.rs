@@ -39,7 +39,9 @@ use std::sync::{Arc, RwLock};
 use std::thread::{self, JoinHandle};
 use tracing::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringMutex, VringT};
+use vhost_user_backend::{
+    VhostUserBackendMut, VhostUserDaemon, VringMutex, VringStateGuard, VringStateMutGuard, VringT,
+};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
@@ -62,10 +64,112 @@ const NUM_QUEUES: usize = 2;
 type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 type Chain = DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap>>;
 
+/// A queue: `vhost-user-backend`'s, and a kick of its own when the queue is enabled.
+/// The backend reads the kicks of a queue that is not enabled and drops them, so a
+/// request the guest queued (and kicked) before the VMM's `SET_VRING_ENABLE` reached the
+/// backend would wait for ever; a successor's queues are enabled by its replay, after
+/// the guest's kicks.
+#[derive(Clone)]
+pub struct Vring {
+    inner: VringMutex<Memory>,
+    kick: Arc<std::sync::Mutex<Option<std::fs::File>>>,
+}
+
+impl<'a> VringStateGuard<'a, Memory> for Vring {
+    type G = <VringMutex<Memory> as VringStateGuard<'a, Memory>>::G;
+}
+
+impl<'a> VringStateMutGuard<'a, Memory> for Vring {
+    type G = <VringMutex<Memory> as VringStateMutGuard<'a, Memory>>::G;
+}
+
+impl VringT<Memory> for Vring {
+    fn new(mem: Memory, max_queue_size: u16) -> std::result::Result<Self, virtio_queue::Error> {
+        Ok(Vring {
+            inner: VringMutex::new(mem, max_queue_size)?,
+            kick: Arc::default(),
+        })
+    }
+    fn get_ref(&self) -> <Self as VringStateGuard<'_, Memory>>::G {
+        self.inner.get_ref()
+    }
+    fn get_mut(&self) -> <Self as VringStateMutGuard<'_, Memory>>::G {
+        self.inner.get_mut()
+    }
+    fn add_used(&self, desc_index: u16, len: u32) -> std::result::Result<(), virtio_queue::Error> {
+        self.inner.add_used(desc_index, len)
+    }
+    fn signal_used_queue(&self) -> std::io::Result<()> {
+        self.inner.signal_used_queue()
+    }
+    fn enable_notification(&self) -> std::result::Result<bool, virtio_queue::Error> {
+        self.inner.enable_notification()
+    }
+    fn disable_notification(&self) -> std::result::Result<(), virtio_queue::Error> {
+        self.inner.disable_notification()
+    }
+    fn needs_notification(&self) -> std::result::Result<bool, virtio_queue::Error> {
+        self.inner.needs_notification()
+    }
+    fn set_enabled(&self, enabled: bool) {
+        self.inner.set_enabled(enabled);
+        if enabled {
+            if let Some(kick) = &*self.kick.lock().unwrap_or_else(|e| e.into_inner()) {
+                if let Err(e) = rustix::io::write(kick, &1u64.to_ne_bytes()) {
+                    warn!("virtio-fs: kicking a queue just enabled: {e}");
+                }
+            }
+        }
+    }
+    fn set_queue_info(
+        &self,
+        desc_table: u64,
+        avail_ring: u64,
+        used_ring: u64,
+    ) -> std::result::Result<(), virtio_queue::Error> {
+        self.inner.set_queue_info(desc_table, avail_ring, used_ring)
+    }
+    fn queue_next_avail(&self) -> u16 {
+        self.inner.queue_next_avail()
+    }
+    fn set_queue_next_avail(&self, base: u16) {
+        self.inner.set_queue_next_avail(base)
+    }
+    fn set_queue_next_used(&self, idx: u16) {
+        self.inner.set_queue_next_used(idx)
+    }
+    fn queue_used_idx(&self) -> std::result::Result<u16, virtio_queue::Error> {
+        self.inner.queue_used_idx()
+    }
+    fn set_queue_size(&self, num: u16) {
+        self.inner.set_queue_size(num)
+    }
+    fn set_queue_event_idx(&self, enabled: bool) {
+        self.inner.set_queue_event_idx(enabled)
+    }
+    fn set_queue_ready(&self, ready: bool) {
+        self.inner.set_queue_ready(ready)
+    }
+    fn set_kick(&self, file: Option<std::fs::File>) {
+        *self.kick.lock().unwrap_or_else(|e| e.into_inner()) =
+            file.as_ref().and_then(|f| f.try_clone().ok());
+        self.inner.set_kick(file)
+    }
+    fn read_kick(&self) -> std::io::Result<bool> {
+        self.inner.read_kick()
+    }
+    fn set_call(&self, file: Option<std::fs::File>) {
+        self.inner.set_call(file)
+    }
+    fn set_err(&self, file: Option<std::fs::File>) {
+        self.inner.set_err(file)
+    }
+}
+
 /// One request for a worker: the chain, its memory and the queue to return it to.
 struct Job {
     chain: Chain,
-    vring: VringMutex<Memory>,
+    vring: Vring,
     queue: usize,
     event_idx: bool,
     inflight: Arc<Inflight>,
@@ -95,12 +199,7 @@ impl Backend {
             .memory())
     }
 
-    fn send(
-        &self,
-        chains: Vec<Chain>,
-        vring: &VringMutex<Memory>,
-        queue: usize,
-    ) -> std::io::Result<()> {
+    fn send(&self, chains: Vec<Chain>, vring: &Vring, queue: usize) -> std::io::Result<()> {
         for chain in chains {
             let job = Job {
                 chain,
@@ -118,7 +217,7 @@ impl Backend {
 
     /// Takes every available chain off `vring` and hands each to the workers, each
     /// recorded in the in-flight table first.
-    fn dispatch(&self, vring: &VringMutex<Memory>, queue: usize) -> std::io::Result<()> {
+    fn dispatch(&self, vring: &Vring, queue: usize) -> std::io::Result<()> {
         let mem = self.memory()?;
         let chains: Vec<Chain> = {
             let mut state = vring.get_mut();
@@ -143,12 +242,7 @@ impl Backend {
     /// Goes on from where a predecessor left `queue`: the used ring's index as the guest
     /// sees it, the avail position it took requests up to, and the requests it took and
     /// did not answer answered now.
-    fn restore(
-        &self,
-        vring: &VringMutex<Memory>,
-        queue: usize,
-        snap: QueueSnapshot,
-    ) -> std::io::Result<()> {
+    fn restore(&self, vring: &Vring, queue: usize, snap: QueueSnapshot) -> std::io::Result<()> {
         let mem = self.memory()?;
         let (pending, desc_table, size) = {
             let mut state = vring.get_mut();
@@ -240,7 +334,7 @@ fn chains_of(
 
 impl VhostUserBackendMut for Backend {
     type Bitmap = ();
-    type Vring = VringMutex<Memory>;
+    type Vring = Vring;
 
     fn num_queues(&self) -> usize {
         NUM_QUEUES
@@ -412,7 +506,9 @@ fn serve_connection(
             log.replay(&ours)
                 .map_err(|e| format!("setting the device up again: {e}"))?;
             let _ = ours.set_read_timeout(None);
-            for (q, fd) in log.kicks() {
+            // Requests the guest queued while no daemon served are taken, and it looks
+            // at its used rings again (for answers given during the replay).
+            for (q, fd) in log.kicks().into_iter().chain(log.calls()) {
                 kicks.push((q, fd.try_clone_to_owned().map_err(|e| e.to_string())?));
             }
             log
@@ -431,6 +527,12 @@ fn serve_connection(
         .name("vhost-user-in".into())
         .spawn(move || {
             let mut seen = |m: &relay::Message| {
+                debug!(
+                    "virtio-fs: VMM request {} ({} bytes, {} fds)",
+                    m.request(),
+                    m.payload().len(),
+                    m.fds.len()
+                );
                 if let Some(h) = &handover {
                     h.record(m);
                 }
@@ -456,10 +558,9 @@ fn serve_connection(
             },
         )
         .map_err(|e| e.to_string())?;
-    // Requests the guest queued while no daemon served are taken now.
     for (q, fd) in kicks {
         if let Err(e) = rustix::io::write(&fd, &1u64.to_ne_bytes()) {
-            warn!("virtio-fs: kicking queue {q}: {e}");
+            warn!("virtio-fs: signalling queue {q}: {e}");
         }
     }
     daemon

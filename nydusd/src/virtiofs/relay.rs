@@ -253,16 +253,13 @@ impl SetupLog {
     }
 
     /// Keeps `msg` if it sets the device up; `true` when the log changed. A queue's
-    /// eventfd replaces the one set before for the same queue (QEMU sets the call fd
-    /// again whenever the guest masks or unmasks the queue's interrupt).
+    /// eventfd takes the place of the one set before for the same queue (QEMU sets the
+    /// call fd again whenever the guest masks or unmasks the queue's interrupt), so that
+    /// a replay sets it where the queue was first set up, before the queue is enabled;
+    /// unless the queue was stopped (`GET_VRING_BASE`) since: then it starts anew.
     pub fn record(&mut self, msg: &Message) -> bool {
         if self.overflowed || !logged(msg.request()) {
             return false;
-        }
-        if let Some(queue) = msg.vring_fd_queue() {
-            let request = msg.request();
-            self.entries
-                .retain(|e| !(e.request() == request && e.vring_fd_queue() == Some(queue)));
         }
         let copy = match msg.try_clone() {
             Ok(c) => c,
@@ -275,6 +272,20 @@ impl SetupLog {
                 return true;
             }
         };
+        if let Some(queue) = msg.vring_fd_queue() {
+            let request = msg.request();
+            let same = |e: &Message| e.request() == request && e.vring_fd_queue() == Some(queue);
+            if let Some(at) = self.entries.iter().rposition(same) {
+                let stopped = self.entries[at..].iter().any(|e| {
+                    e.request() == req::GET_VRING_BASE && e.payload().first() == Some(&queue)
+                });
+                if !stopped {
+                    self.entries[at] = copy;
+                    return true;
+                }
+                self.entries.retain(|e| !same(e));
+            }
+        }
         if self.fds() + copy.fds.len() > MAX_LOG_FDS {
             tracing::warn!(
                 "virtio-fs: the device's setup holds more than {MAX_LOG_FDS} descriptors; no \
@@ -302,11 +313,20 @@ impl SetupLog {
         &self.entries
     }
 
-    /// The kick eventfd last set for each queue, by queue index.
+    /// The kick eventfd set for each queue, by queue index.
     pub fn kicks(&self) -> Vec<(u8, BorrowedFd<'_>)> {
+        self.vring_fds(req::SET_VRING_KICK)
+    }
+
+    /// The call eventfd set for each queue, by queue index.
+    pub fn calls(&self) -> Vec<(u8, BorrowedFd<'_>)> {
+        self.vring_fds(req::SET_VRING_CALL)
+    }
+
+    fn vring_fds(&self, request: u32) -> Vec<(u8, BorrowedFd<'_>)> {
         self.entries
             .iter()
-            .filter(|e| e.request() == req::SET_VRING_KICK)
+            .filter(|e| e.request() == request)
             .filter_map(|e| Some((e.vring_fd_queue()?, e.fds.first()?.as_fd())))
             .collect()
     }
@@ -426,13 +446,32 @@ mod tests {
             order,
             [
                 (req::SET_FEATURES, None),
+                (req::SET_VRING_CALL, Some(0)),
                 (req::SET_VRING_CALL, Some(1)),
                 (req::SET_VRING_KICK, Some(1)),
-                (req::SET_VRING_CALL, Some(0)),
             ]
         );
         assert_eq!(log.fds(), 3);
         assert_eq!(log.kicks().len(), 1);
+        // Queue 1 stopped and set up again: its new eventfds come after the stop.
+        assert!(log.record(&msg(req::GET_VRING_BASE, 1, &1u64.to_le_bytes(), vec![])));
+        assert!(log.record(&msg(
+            req::SET_VRING_KICK,
+            1,
+            &1u64.to_le_bytes(),
+            vec![eventfd()]
+        )));
+        let order: Vec<u32> = log.entries().iter().map(|e| e.request()).collect();
+        assert_eq!(
+            order,
+            [
+                req::SET_FEATURES,
+                req::SET_VRING_CALL,
+                req::SET_VRING_CALL,
+                req::GET_VRING_BASE,
+                req::SET_VRING_KICK
+            ]
+        );
         // More descriptors than a hand-over carries: the log says it is incomplete.
         for _ in 0..MAX_LOG_FDS {
             log.record(&msg(req::ADD_MEM_REG, 1, &[0; 40], vec![eventfd()]));
