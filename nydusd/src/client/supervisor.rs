@@ -229,8 +229,20 @@ impl Supervisor {
                             Err(e) => {
                                 if e.kind() != io::ErrorKind::WouldBlock {
                                     tracing_warn(&format!("supervisor {name}: accept: {e}"));
+                                    std::thread::sleep(ACCEPT_POLL);
+                                    continue;
                                 }
-                                std::thread::sleep(ACCEPT_POLL);
+                                // Woken by the next connection at once, or after the
+                                // poll interval to look at the stop flag.
+                                let mut fds = [rustix::event::PollFd::new(
+                                    &listener,
+                                    rustix::event::PollFlags::IN,
+                                )];
+                                let timeout = rustix::event::Timespec {
+                                    tv_sec: 0,
+                                    tv_nsec: ACCEPT_POLL.as_nanos() as _,
+                                };
+                                let _ = rustix::event::poll(&mut fds, Some(&timeout));
                                 continue;
                             }
                         };
