@@ -7,12 +7,14 @@
 //! * [`registry::Registry`]: the OCI registry client (pull, push, ranged reads, auth).
 //! * [`scheduler`]: `p2p-scheduler`, Dragonfly's `scheduler.v2` for real dfdaemons and
 //!   our peers.
+//! * [`peer`]: `p2p-peer`, our node agent in the swarm (in place of dfdaemon).
 //!
 //! Backends return raw stored bytes; verifying chunk digests is the caller's job (the
 //! bootstrap is the root of trust), so a backend never needs to know the format.
 #![forbid(unsafe_code)]
 
 pub mod localfs;
+pub mod peer;
 pub mod registry;
 pub mod scheduler;
 

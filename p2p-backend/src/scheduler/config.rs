@@ -216,7 +216,7 @@ impl Config {
 }
 
 /// Durations as Dragonfly writes them: `500ms`, `20s`, `5m`, `1h`.
-mod human_duration {
+pub(crate) mod human_duration {
     use serde::{Deserialize, Deserializer};
     use std::time::Duration;
 

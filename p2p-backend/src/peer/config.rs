@@ -1,0 +1,342 @@
+//! The peer's YAML config, with dfdaemon's field names where they exist, and the
+//! dynconfig file that lists the schedulers.
+//!
+//! ```yaml
+//! host:
+//!   ip: 10.0.0.7             # the address other peers and the scheduler reach it at
+//!   hostname: node-7         # the host id is "<ip>-<hostname>" ("-seed" for seed peers)
+//! upload:
+//!   server:
+//!     port: 4000             # dfdaemon.v2.DfdaemonUpload and grpc.health.v1, on host.ip
+//! storage:
+//!   dir: /var/lib/p2p-peer   # pieces, one directory per task
+//!   server:
+//!     tcpPort: 4005          # Vortex piece transfer, on host.ip
+//! proxy:
+//!   server:
+//!     port: 4001             # the HTTP proxy, on host.ip
+//!   rules:
+//!     - regex: 'blobs/sha256.*'   # GETs of matching URLs go through the swarm
+//! seedPeer:
+//!   enable: false            # a seed peer fetches from the origin when the scheduler
+//!                            # asks it (DfdaemonUpload/DownloadTask)
+//! scheduler:
+//!   announceInterval: 5s     # how often the host is announced to every scheduler
+//! dynconfig:
+//!   refreshInterval: 10s     # how often the --dynconfig file is read again
+//! metrics:
+//!   server:
+//!     port: 4002             # Prometheus text at GET /metrics, on host.ip
+//! ```
+//!
+//! The `--dynconfig` file: `scheduler: {addrs: ["ip:port", ...]}`, as dfdaemon's.
+
+use serde::Deserialize;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The whole config.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Config {
+    /// `host`.
+    #[serde(default)]
+    pub host: HostConfig,
+    /// `upload`.
+    #[serde(default)]
+    pub upload: UploadConfig,
+    /// `storage`.
+    #[serde(default)]
+    pub storage: StorageConfig,
+    /// `proxy`.
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    /// `seedPeer`.
+    #[serde(default)]
+    pub seed_peer: SeedPeerConfig,
+    /// `scheduler`.
+    #[serde(default)]
+    pub scheduler: SchedulerConfig,
+    /// `dynconfig`.
+    #[serde(default)]
+    pub dynconfig: DynconfigConfig,
+    /// `metrics`.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `metrics`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct MetricsConfig {
+    /// `server`: Prometheus text at `GET /metrics`.
+    pub server: PortConfig,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            server: PortConfig {
+                ip: None,
+                port: 4002,
+            },
+        }
+    }
+}
+
+/// `host`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct HostConfig {
+    /// `ip`.
+    pub ip: IpAddr,
+    /// `hostname`.
+    pub hostname: String,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig {
+            ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            hostname: "localhost".into(),
+        }
+    }
+}
+
+/// A server's port (its address is `host.ip`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PortConfig {
+    /// `ip`: accepted as dfdaemon writes it; it must equal `host.ip` when given.
+    #[serde(default)]
+    pub ip: Option<IpAddr>,
+    /// `port`.
+    pub port: u16,
+}
+
+/// `upload`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct UploadConfig {
+    /// `server`.
+    pub server: PortConfig,
+}
+
+impl Default for UploadConfig {
+    fn default() -> Self {
+        UploadConfig {
+            server: PortConfig {
+                ip: None,
+                port: 4000,
+            },
+        }
+    }
+}
+
+/// `storage`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct StorageConfig {
+    /// `dir`.
+    pub dir: PathBuf,
+    /// `server`.
+    pub server: StorageServerConfig,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            dir: "/var/lib/p2p-peer".into(),
+            server: StorageServerConfig::default(),
+        }
+    }
+}
+
+/// `storage.server`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct StorageServerConfig {
+    /// `ip`: must equal `host.ip` when given.
+    pub ip: Option<IpAddr>,
+    /// `tcpPort`: Vortex over TCP.
+    pub tcp_port: u16,
+}
+
+impl Default for StorageServerConfig {
+    fn default() -> Self {
+        StorageServerConfig {
+            ip: None,
+            tcp_port: 4005,
+        }
+    }
+}
+
+/// `proxy`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct ProxyConfig {
+    /// `server`.
+    pub server: PortConfig,
+    /// `rules`.
+    pub rules: Vec<ProxyRule>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            server: PortConfig {
+                ip: None,
+                port: 4001,
+            },
+            rules: vec![ProxyRule {
+                regex: "blobs/sha256.*".into(),
+            }],
+        }
+    }
+}
+
+/// One of `proxy.rules`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ProxyRule {
+    /// `regex`: GETs of URLs (without query) matching it go through the swarm.
+    pub regex: String,
+}
+
+/// `seedPeer`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct SeedPeerConfig {
+    /// `enable`.
+    pub enable: bool,
+    /// `type`: `super` (the only kind here).
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+}
+
+/// `scheduler`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct SchedulerConfig {
+    /// `announceInterval`.
+    #[serde(with = "crate::scheduler::config::human_duration")]
+    pub announce_interval: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            announce_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `dynconfig`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct DynconfigConfig {
+    /// `refreshInterval`.
+    #[serde(with = "crate::scheduler::config::human_duration")]
+    pub refresh_interval: Duration,
+}
+
+impl Default for DynconfigConfig {
+    fn default() -> Self {
+        DynconfigConfig {
+            refresh_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and checks the config at `path`.
+    pub fn load(path: &Path) -> Result<Config, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading the config {}: {e}", path.display()))?;
+        Config::parse(&text).map_err(|e| format!("the config {}: {e}", path.display()))
+    }
+
+    /// Parses and checks a config.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let c: Config = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
+        for (what, ip) in [
+            ("upload.server.ip", c.upload.server.ip),
+            ("storage.server.ip", c.storage.server.ip),
+            ("proxy.server.ip", c.proxy.server.ip),
+            ("metrics.server.ip", c.metrics.server.ip),
+        ] {
+            if ip.is_some_and(|ip| ip != c.host.ip) {
+                return Err(format!(
+                    "{what} must be host.ip ({}): the peer serves on one address",
+                    c.host.ip
+                ));
+            }
+        }
+        for r in &c.proxy.rules {
+            regex::Regex::new(&r.regex)
+                .map_err(|e| format!("proxy.rules regex {:?}: {e}", r.regex))?;
+        }
+        Ok(c)
+    }
+
+    /// The host id the scheduler knows this peer by (dfdaemon's rule).
+    pub fn host_id(&self) -> String {
+        let id = format!("{}-{}", self.host.ip, self.host.hostname);
+        if self.seed_peer.enable {
+            format!("{id}-seed")
+        } else {
+            id
+        }
+    }
+}
+
+/// The `--dynconfig` file.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct Dynconfig {
+    /// `scheduler`.
+    pub scheduler: DynScheduler,
+}
+
+/// `scheduler` of the dynconfig file.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct DynScheduler {
+    /// `addrs`: `ip:port` of each scheduler.
+    pub addrs: Vec<String>,
+}
+
+impl Dynconfig {
+    /// Reads the dynconfig file.
+    pub fn load(path: &Path) -> Result<Dynconfig, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading the dynconfig {}: {e}", path.display()))?;
+        serde_yaml_ng::from_str(&text).map_err(|e| format!("the dynconfig {}: {e}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dfdaemon_shaped_configs_parse_and_bad_ones_say_why() {
+        let c = Config::parse(
+            "host:\n  ip: 127.0.0.9\n  hostname: n1\nupload:\n  server:\n    ip: 127.0.0.9\n    port: 4100\n\
+             storage:\n  dir: /tmp/x\n  server:\n    tcpPort: 4105\nseedPeer:\n  enable: true\n  type: super\n\
+             scheduler:\n  announceInterval: 1s\n",
+        )
+        .unwrap();
+        assert_eq!(c.host_id(), "127.0.0.9-n1-seed");
+        assert_eq!(c.upload.server.port, 4100);
+        assert_eq!(c.scheduler.announce_interval, Duration::from_secs(1));
+        let err = Config::parse(
+            "host:\n  ip: 127.0.0.9\nupload:\n  server:\n    ip: 127.0.0.8\n    port: 1\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("upload.server.ip must be host.ip"), "{err}");
+        let err = Config::parse("proxy:\n  rules:\n    - regex: '('\n").unwrap_err();
+        assert!(err.contains("proxy.rules regex"), "{err}");
+        let err = Config::parse("hots: {}\n").unwrap_err();
+        assert!(err.contains("unknown field"), "{err}");
+    }
+}

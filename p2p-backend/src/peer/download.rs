@@ -1,0 +1,587 @@
+//! One download of a task, driven through the scheduler as dfdaemon drives it: an
+//! `AnnouncePeer` stream registered with the download, answered with candidate parents
+//! (pieces come from them: `DfdaemonUpload/SyncPieces` says which they hold, Vortex
+//! brings them), or sent to the origin (a seed peer, or when no seed can serve), each
+//! piece reported as it is stored, the stream finished with the download and read to
+//! its end.
+//!
+//! What is stored is checked: a piece from a parent against the CRC-32 the parent sent,
+//! and against the SHA-256 our seed recorded when it fetched the piece from the origin
+//! (handed out by our scheduler with the candidate parents); a task whose URL names a
+//! blob digest is checked whole once complete, and dropped if it does not match. A
+//! parent that sends a bad piece is not asked again in this download and is reported to
+//! the scheduler (`DownloadPieceFailedRequest`, and in the `ReschedulePeerRequest`).
+
+use super::storage::{self, PieceMeta, TaskData};
+use super::PeerInner;
+use dragonfly_api::common::v2::{Download, Peer as PeerMsg, Piece};
+use dragonfly_api::dfdaemon::v2::dfdaemon_upload_client::DfdaemonUploadClient;
+use dragonfly_api::dfdaemon::v2::SyncPiecesRequest;
+use dragonfly_api::scheduler::v2::announce_peer_request::Request as Req;
+use dragonfly_api::scheduler::v2::announce_peer_response::Response as Resp;
+use dragonfly_api::scheduler::v2::scheduler_client::SchedulerClient;
+use dragonfly_api::scheduler::v2::*;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// Pieces fetched at once by one download.
+const CONCURRENT_PIECES: usize = 4;
+/// How long one piece may take from a parent.
+const PIECE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a scheduler may take to answer a registration.
+const SCHEDULE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How the download ended.
+pub type Outcome = Result<Arc<TaskData>, String>;
+
+/// Runs the download of `download` (task `task_id`) to its end. `started` hears the
+/// task once its length is known (a seed's `DownloadTask` answers then).
+pub async fn run(
+    peer: Arc<PeerInner>,
+    task_id: String,
+    download: Download,
+    started: Option<mpsc::Sender<Arc<TaskData>>>,
+) -> Outcome {
+    if let Some(t) = peer.storage.get(&task_id).filter(|t| t.complete()) {
+        if let Some(s) = started {
+            let _ = s.send(t.clone()).await;
+        }
+        return Ok(t);
+    }
+    let scheduler = peer
+        .scheduler_for(&task_id)
+        .ok_or_else(|| "no scheduler is configured (--dynconfig)".to_string())?;
+    let d = Driver {
+        peer: peer.clone(),
+        task_id: task_id.clone(),
+        peer_id: format!("{}-{}-{}", peer.host_id, task_id, peer.next_id()),
+        download,
+        started,
+    };
+    match d.through(&scheduler).await {
+        Ok(t) => Ok(t),
+        Err(e) => {
+            tracing::warn!("task {task_id}: {e}");
+            Err(e)
+        }
+    }
+}
+
+struct Driver {
+    peer: Arc<PeerInner>,
+    task_id: String,
+    peer_id: String,
+    download: Download,
+    started: Option<mpsc::Sender<Arc<TaskData>>>,
+}
+
+/// The stream to the scheduler.
+struct Announce {
+    tx: mpsc::Sender<AnnouncePeerRequest>,
+    rx: tonic::Streaming<AnnouncePeerResponse>,
+}
+
+impl Driver {
+    fn msg(&self, r: Req) -> AnnouncePeerRequest {
+        AnnouncePeerRequest {
+            host_id: self.peer.host_id.clone(),
+            task_id: self.task_id.clone(),
+            peer_id: self.peer_id.clone(),
+            request: Some(r),
+        }
+    }
+
+    async fn send(&self, a: &Announce, r: Req) {
+        let _ = a.tx.send(self.msg(r)).await;
+    }
+
+    async fn next(&self, a: &mut Announce) -> Result<Resp, String> {
+        match tokio::time::timeout(SCHEDULE_TIMEOUT, a.rx.message()).await {
+            Err(_) => Err("the scheduler did not answer".into()),
+            Ok(Err(e)) => Err(format!("the scheduler: {}", e.message())),
+            Ok(Ok(None)) => Err("the scheduler ended the stream".into()),
+            Ok(Ok(Some(m))) => m
+                .response
+                .ok_or_else(|| "an empty answer from the scheduler".to_string()),
+        }
+    }
+
+    /// The download as registered: no credentials (a seed fetches with its own), no
+    /// range (the task is the whole blob).
+    fn registered(&self, content_length: Option<u64>) -> Download {
+        let mut d = self.download.clone();
+        d.request_header.retain(|k, _| {
+            !k.eq_ignore_ascii_case("authorization") && !k.eq_ignore_ascii_case("range")
+        });
+        d.range = None;
+        d.output_path = None;
+        if let Some(n) = content_length {
+            d.actual_content_length = Some(n);
+            d.actual_piece_length = Some(storage::piece_length(n));
+            d.actual_piece_count = Some(n.div_ceil(storage::piece_length(n)).max(1));
+        }
+        d
+    }
+
+    async fn through(mut self, scheduler: &str) -> Outcome {
+        // A seed learns the length from the origin first (dfdaemon's 1-byte probe), and
+        // registers it, so that its children know it from the scheduler.
+        let length = if self.peer.config.seed_peer.enable {
+            Some(self.peer.origin_length(&self.download).await?)
+        } else {
+            self.peer
+                .storage
+                .get(&self.task_id)
+                .map(|t| t.content_length)
+        };
+        let endpoint = format!("http://{scheduler}");
+        let mut client = SchedulerClient::connect(endpoint)
+            .await
+            .map_err(|e| format!("connecting to the scheduler {scheduler}: {e}"))?;
+        let (tx, rx) = mpsc::channel(64);
+        let register = self.msg(Req::RegisterPeerRequest(RegisterPeerRequest {
+            download: Some(self.registered(length)),
+        }));
+        tx.send(register).await.map_err(|e| e.to_string())?;
+        let rx = client
+            .announce_peer(ReceiverStream::new(rx))
+            .await
+            .map_err(|e| format!("the scheduler {scheduler}: {}", e.message()))?
+            .into_inner();
+        let mut a = Announce { tx, rx };
+        let mut excluded: HashSet<String> = HashSet::new();
+        let result = loop {
+            let resp = match self.next(&mut a).await {
+                Ok(r) => r,
+                Err(e) => break Err(e),
+            };
+            match resp {
+                Resp::NeedBackToSourceResponse(_) => {
+                    break self.back_to_source(&a, length).await;
+                }
+                Resp::MetadataOnlyResponse(_) => {
+                    break match self
+                        .peer
+                        .storage
+                        .get(&self.task_id)
+                        .filter(|t| t.complete())
+                    {
+                        Some(t) => {
+                            self.send(
+                                &a,
+                                Req::DownloadPeerFinishedRequest(DownloadPeerFinishedRequest {}),
+                            )
+                            .await;
+                            Ok(t)
+                        }
+                        None => Err("the scheduler said the task is here; it is not".into()),
+                    };
+                }
+                Resp::EmptyTaskResponse(_) => {
+                    let t = self.task(0)?;
+                    self.send(
+                        &a,
+                        Req::DownloadPeerFinishedRequest(DownloadPeerFinishedRequest {}),
+                    )
+                    .await;
+                    break Ok(t);
+                }
+                Resp::NormalTaskResponse(r) => {
+                    match self
+                        .via_parents(&a, r.candidate_parents, &mut excluded, length)
+                        .await
+                    {
+                        Ok(t) => break Ok(t),
+                        Err(failed) => {
+                            tracing::info!("task {}: parents failed: {failed}", self.task_id);
+                            let parents = excluded
+                                .iter()
+                                .map(|id| PeerMsg {
+                                    id: id.clone(),
+                                    ..Default::default()
+                                })
+                                .collect();
+                            self.send(
+                                &a,
+                                Req::ReschedulePeerRequest(ReschedulePeerRequest {
+                                    candidate_parents: parents,
+                                    description: Some(failed),
+                                }),
+                            )
+                            .await;
+                        }
+                    }
+                }
+            }
+        };
+        match &result {
+            Ok(_) => {}
+            Err(e) => {
+                self.send(
+                    &a,
+                    Req::DownloadPeerFailedRequest(DownloadPeerFailedRequest {
+                        description: Some(e.clone()),
+                    }),
+                )
+                .await;
+            }
+        }
+        // The scheduler ends the stream after the finished or failed message.
+        drop(a.tx);
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Ok(Some(_)) = a.rx.message().await {}
+        })
+        .await;
+        self.started.take();
+        result
+    }
+
+    fn task(&mut self, content_length: u64) -> Result<Arc<TaskData>, String> {
+        let t = self
+            .peer
+            .storage
+            .create(
+                &self.task_id,
+                &self.download.url,
+                content_length,
+                storage::piece_length(content_length),
+            )
+            .map_err(|e| format!("storing task {}: {e}", self.task_id))?;
+        if let Some(s) = self.started.take() {
+            let _ = s.try_send(t.clone());
+        }
+        self.peer.running(&t);
+        Ok(t)
+    }
+
+    async fn back_to_source(&mut self, a: &Announce, length: Option<u64>) -> Outcome {
+        self.send(
+            a,
+            Req::DownloadPeerBackToSourceStartedRequest(DownloadPeerBackToSourceStartedRequest {
+                description: None,
+            }),
+        )
+        .await;
+        let length = match length {
+            Some(n) => n,
+            None => self.peer.origin_length(&self.download).await?,
+        };
+        let t = self.task(length)?;
+        let missing: Vec<u32> = (0..t.piece_count())
+            .filter(|n| t.piece(*n).is_none())
+            .collect();
+        let sem = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_PIECES));
+        let mut jobs = tokio::task::JoinSet::new();
+        for n in missing {
+            let (peer, t, d, sem) = (
+                self.peer.clone(),
+                t.clone(),
+                self.download.clone(),
+                sem.clone(),
+            );
+            jobs.spawn(async move {
+                let _permit = sem.acquire_owned().await;
+                let (offset, len) = t.piece_range(n).expect("a piece of the task");
+                let data = peer.origin_range(&d, offset, len).await?;
+                t.store(n, &data, None)
+                    .map_err(|e| format!("storing piece {n}: {e}"))
+            });
+        }
+        let mut failure = None;
+        while let Some(r) = jobs.join_next().await {
+            match r.map_err(|e| e.to_string()).and_then(|r| r) {
+                Ok(meta) => {
+                    self.send(
+                        a,
+                        Req::DownloadPieceBackToSourceFinishedRequest(
+                            DownloadPieceBackToSourceFinishedRequest {
+                                piece: Some(piece_msg(&meta, true)),
+                            },
+                        ),
+                    )
+                    .await;
+                }
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        self.check_whole(&t)?;
+        self.send(
+            a,
+            Req::DownloadPeerBackToSourceFinishedRequest(
+                DownloadPeerBackToSourceFinishedRequest {},
+            ),
+        )
+        .await;
+        Ok(t)
+    }
+
+    /// A task whose URL names a blob digest is checked whole; a wrong one is dropped.
+    fn check_whole(&self, t: &TaskData) -> Result<(), String> {
+        let Some(want) = storage::blob_digest(&self.download.url) else {
+            return Ok(());
+        };
+        let mut h = Sha256::new();
+        let mut at = 0;
+        while at < t.content_length {
+            let n = (t.content_length - at).min(8 << 20);
+            let buf = t
+                .read(at, n)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| "a piece went missing".to_string())?;
+            h.update(&buf);
+            at += n;
+        }
+        let got = hex::encode(h.finalize());
+        if got != want {
+            for n in 0..t.piece_count() {
+                t.drop_piece(n);
+            }
+            self.peer.metrics.piece_failure("blob-digest");
+            return Err(format!(
+                "the blob's bytes have digest {got}, not {want}; dropped"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Fetches the missing pieces from `parents`; `Err` (with why) when they could not
+    /// deliver all: the caller asks the scheduler for others. Parents that sent bad data
+    /// or failed are added to `excluded`.
+    async fn via_parents(
+        &mut self,
+        a: &Announce,
+        parents: Vec<PeerMsg>,
+        excluded: &mut HashSet<String>,
+        length: Option<u64>,
+    ) -> Outcome {
+        self.send(
+            a,
+            Req::DownloadPeerStartedRequest(DownloadPeerStartedRequest {}),
+        )
+        .await;
+        let parents: Vec<PeerMsg> = parents
+            .into_iter()
+            .filter(|p| !excluded.contains(&p.id) && p.host.is_some())
+            .collect();
+        if parents.is_empty() {
+            return Err("no usable parent".into());
+        }
+        // What our seeds recorded from the origin, by piece number.
+        let mut origin_sha: HashMap<u32, String> = HashMap::new();
+        for p in &parents {
+            for piece in &p.pieces {
+                if let Some(hex) = piece.digest.strip_prefix("sha256:") {
+                    origin_sha.insert(piece.number, hex.to_string());
+                }
+            }
+        }
+        let length = match length.or_else(|| {
+            parents
+                .iter()
+                .find_map(|p| p.task.as_ref().map(|t| t.content_length).filter(|n| *n > 0))
+        }) {
+            Some(n) => n,
+            None => self.length_from_parents(&parents).await?,
+        };
+        let t = self.task(length)?;
+        // Each parent says which pieces it holds, as it gets them.
+        let (have_tx, mut have_rx) = mpsc::channel::<(String, u32, String)>(1024);
+        let mut syncs = tokio::task::JoinSet::new();
+        for p in &parents {
+            let host = p.host.clone().unwrap_or_default();
+            let (tx, task_id, host_id, parent_id) = (
+                have_tx.clone(),
+                self.task_id.clone(),
+                self.peer.host_id.clone(),
+                p.id.clone(),
+            );
+            let wanted: Vec<u32> = (0..t.piece_count())
+                .filter(|n| t.piece(*n).is_none())
+                .collect();
+            syncs.spawn(async move {
+                let addr = format!("http://{}:{}", host.ip, host.port);
+                let Ok(mut c) = DfdaemonUploadClient::connect(addr).await else {
+                    return;
+                };
+                let Ok(stream) = c
+                    .sync_pieces(SyncPiecesRequest {
+                        host_id,
+                        task_id,
+                        interested_piece_numbers: wanted,
+                    })
+                    .await
+                else {
+                    return;
+                };
+                let mut stream = stream.into_inner();
+                while let Ok(Some(r)) = stream.message().await {
+                    let port = r.tcp_port.unwrap_or(4005);
+                    let ip = if r.ip.is_empty() {
+                        host.ip.clone()
+                    } else {
+                        r.ip.clone()
+                    };
+                    if tx
+                        .send((parent_id.clone(), r.number, format!("{ip}:{port}")))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(have_tx);
+        let mut offers: HashMap<u32, Vec<(String, String)>> = HashMap::new();
+        let mut inflight: BTreeSet<u32> = BTreeSet::new();
+        let mut jobs = tokio::task::JoinSet::new();
+        let mut syncing = true;
+        loop {
+            if t.complete() {
+                break;
+            }
+            // Start pieces offered and not under way, up to the limit.
+            let ready: Vec<u32> = offers
+                .keys()
+                .copied()
+                .filter(|n| !inflight.contains(n) && t.piece(*n).is_none())
+                .collect();
+            for n in ready {
+                if inflight.len() >= CONCURRENT_PIECES {
+                    break;
+                }
+                let Some(list) = offers.get_mut(&n) else {
+                    continue;
+                };
+                list.retain(|(id, _)| !excluded.contains(id));
+                let Some((parent, addr)) = list.first().cloned() else {
+                    offers.remove(&n);
+                    continue;
+                };
+                inflight.insert(n);
+                let (t2, task_id, sha) =
+                    (t.clone(), self.task_id.clone(), origin_sha.get(&n).cloned());
+                jobs.spawn(async move {
+                    let (_, len) = t2.piece_range(n).expect("a piece of the task");
+                    let r = super::vortex::fetch(&addr, &task_id, n, len, PIECE_TIMEOUT).await;
+                    let r = r.and_then(|f| {
+                        if f.data.len() as u64 != len {
+                            return Err(format!("piece {n}: {} bytes, not {len}", f.data.len()));
+                        }
+                        if let Some(want) = &sha {
+                            let got = hex::encode(Sha256::digest(&f.data));
+                            if &got != want {
+                                return Err(format!(
+                                    "piece {n}: SHA-256 {got}, the origin's is {want}"
+                                ));
+                            }
+                        }
+                        t2.store(n, &f.data, Some(parent.clone()))
+                            .map_err(|e| format!("storing piece {n}: {e}"))
+                    });
+                    (n, parent, r)
+                });
+            }
+            if inflight.is_empty() && !syncing {
+                break;
+            }
+            tokio::select! {
+                have = have_rx.recv(), if syncing => match have {
+                    Some((parent, n, addr)) => {
+                        if t.piece(n).is_none() && n < t.piece_count() {
+                            offers.entry(n).or_default().push((parent, addr));
+                        }
+                    }
+                    None => syncing = false,
+                },
+                Some(done) = jobs.join_next(), if !inflight.is_empty() => {
+                    let Ok((n, parent, r)) = done else { continue };
+                    inflight.remove(&n);
+                    match r {
+                        Ok(meta) => {
+                            self.peer.metrics.from_peers(&self.task_id, meta.length);
+                            self.send(a, Req::DownloadPieceFinishedRequest(DownloadPieceFinishedRequest {
+                                piece: Some(piece_msg(&meta, false)),
+                            })).await;
+                        }
+                        Err(e) => {
+                            tracing::warn!("task {}: from {parent}: {e}", self.task_id);
+                            self.peer.metrics.piece_failure(if e.contains("SHA-256") || e.contains("CRC-32") { "digest" } else { "transfer" });
+                            excluded.insert(parent.clone());
+                            self.send(a, Req::DownloadPieceFailedRequest(DownloadPieceFailedRequest {
+                                piece_number: Some(n),
+                                parent_id: parent,
+                                temporary: false,
+                            })).await;
+                        }
+                    }
+                }
+            }
+        }
+        syncs.abort_all();
+        if !t.complete() {
+            let have = t.pieces().len();
+            return Err(format!(
+                "{have} of {} pieces from the parents",
+                t.piece_count()
+            ));
+        }
+        self.check_whole(&t)?;
+        self.send(
+            a,
+            Req::DownloadPeerFinishedRequest(DownloadPeerFinishedRequest {}),
+        )
+        .await;
+        Ok(t)
+    }
+
+    /// The task's length from a parent (`DfdaemonUpload/StatLocalTask`).
+    async fn length_from_parents(&self, parents: &[PeerMsg]) -> Result<u64, String> {
+        for p in parents {
+            let Some(host) = &p.host else { continue };
+            let addr = format!("http://{}:{}", host.ip, host.port);
+            let Ok(mut c) = DfdaemonUploadClient::connect(addr).await else {
+                continue;
+            };
+            if let Ok(r) = c
+                .stat_local_task(dragonfly_api::dfdaemon::v2::StatLocalTaskRequest {
+                    task_id: self.task_id.clone(),
+                    remote_ip: None,
+                })
+                .await
+            {
+                if let Some(n) = r.into_inner().content_length {
+                    return Ok(n);
+                }
+            }
+        }
+        Err("no parent told the task's length".into())
+    }
+}
+
+/// A stored piece as the scheduler hears of it: from the origin with its SHA-256 (our
+/// children check pieces against it), from a parent with its CRC-32 (dfdaemon's digest).
+fn piece_msg(meta: &PieceMeta, from_origin: bool) -> Piece {
+    Piece {
+        number: meta.number,
+        parent_id: meta.parent.clone(),
+        offset: meta.offset,
+        length: meta.length,
+        digest: if from_origin {
+            format!("sha256:{}", meta.sha256)
+        } else {
+            meta.crc_digest()
+        },
+        traffic_type: Some(if from_origin { 1 } else { 0 }),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,423 @@
+//! `p2p-peer`: our node agent in a Dragonfly swarm, in place of `dfdaemon`.
+//!
+//! * It announces its host to every scheduler of its `--dynconfig` file
+//!   (`scheduler.v2.Scheduler/AnnounceHost`, every `scheduler.announceInterval`).
+//! * It downloads tasks as dfdaemon does ([`download`]): registered with the scheduler
+//!   the task is assigned to, pieces from the candidate parents or, for a seed peer (and
+//!   when no seed can serve), from the origin.
+//! * It serves what it holds to other peers, real dfdaemons among them:
+//!   `dfdaemon.v2.DfdaemonUpload` and `grpc.health.v1` ([`upload`]) on
+//!   `host.ip:upload.server.port`, and the pieces over Vortex ([`vortex`]) on
+//!   `host.ip:storage.server.tcpPort`.
+//! * Its clients read through its HTTP proxy ([`proxy`]) on `host.ip:proxy.server.port`.
+//! * Pieces live on disk ([`storage`]) and are served again after a restart.
+//!
+//! Metrics (Prometheus text, `metrics.server.port`): `peer_origin_bytes_total`,
+//! `peer_from_peers_bytes_total`, `peer_served_bytes_total` (each also per task, with
+//! the label `task`), `peer_piece_failures_total{reason}`, `peer_tasks`.
+
+pub mod config;
+pub mod download;
+pub mod proxy;
+pub mod storage;
+pub mod upload;
+pub mod vortex;
+
+use config::{Config, Dynconfig};
+use dragonfly_api::common::v2::{Download, Host};
+use dragonfly_api::scheduler::v2::scheduler_client::SchedulerClient;
+use dragonfly_api::scheduler::v2::AnnounceHostRequest;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use storage::{Storage, TaskData};
+use tokio::sync::watch;
+
+type Labeled = Family<Vec<(String, String)>, Counter>;
+
+/// The peer's counters.
+#[derive(Clone)]
+pub struct PeerMetrics {
+    registry: Arc<Registry>,
+    origin: Counter,
+    origin_task: Labeled,
+    peers: Counter,
+    peers_task: Labeled,
+    served: Counter,
+    served_task: Labeled,
+    failures: Labeled,
+    tasks: Gauge,
+}
+
+fn label(k: &str, v: &str) -> Vec<(String, String)> {
+    vec![(k.to_string(), v.to_string())]
+}
+
+impl Default for PeerMetrics {
+    fn default() -> Self {
+        let mut r = Registry::with_prefix("peer");
+        let m = PeerMetrics {
+            registry: Arc::new(Registry::default()),
+            origin: Counter::default(),
+            origin_task: Family::default(),
+            peers: Counter::default(),
+            peers_task: Family::default(),
+            served: Counter::default(),
+            served_task: Family::default(),
+            failures: Family::default(),
+            tasks: Gauge::default(),
+        };
+        r.register(
+            "origin_bytes",
+            "Bytes fetched from the origin",
+            m.origin.clone(),
+        );
+        r.register(
+            "origin_task_bytes",
+            "Bytes fetched from the origin, per task",
+            m.origin_task.clone(),
+        );
+        r.register(
+            "from_peers_bytes",
+            "Piece bytes fetched from other peers",
+            m.peers.clone(),
+        );
+        r.register(
+            "from_peers_task_bytes",
+            "Piece bytes fetched from other peers, per task",
+            m.peers_task.clone(),
+        );
+        r.register(
+            "served_bytes",
+            "Piece bytes served to other peers",
+            m.served.clone(),
+        );
+        r.register(
+            "served_task_bytes",
+            "Piece bytes served to other peers, per task",
+            m.served_task.clone(),
+        );
+        r.register(
+            "piece_failures",
+            "Pieces that failed, by reason (transfer, digest, blob-digest, origin)",
+            m.failures.clone(),
+        );
+        r.register("tasks", "Tasks in storage", m.tasks.clone());
+        PeerMetrics {
+            registry: Arc::new(r),
+            ..m
+        }
+    }
+}
+
+impl PeerMetrics {
+    /// `n` bytes of `task` from the origin.
+    pub fn from_origin(&self, task: &str, n: u64) {
+        self.origin.inc_by(n);
+        self.origin_task
+            .get_or_create(&label("task", task))
+            .inc_by(n);
+    }
+
+    /// `n` bytes of `task` from other peers.
+    pub fn from_peers(&self, task: &str, n: u64) {
+        self.peers.inc_by(n);
+        self.peers_task
+            .get_or_create(&label("task", task))
+            .inc_by(n);
+    }
+
+    /// `n` bytes of `task` served to other peers.
+    pub fn served(&self, task: &str, n: u64) {
+        self.served.inc_by(n);
+        self.served_task
+            .get_or_create(&label("task", task))
+            .inc_by(n);
+    }
+
+    /// A piece failed for `reason`.
+    pub fn piece_failure(&self, reason: &str) {
+        self.failures.get_or_create(&label("reason", reason)).inc();
+    }
+
+    /// The text of every metric.
+    pub fn render(&self, tasks: usize) -> String {
+        self.tasks.set(tasks as i64);
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// A download under way, shared by everyone waiting on its task.
+#[derive(Clone)]
+pub struct Running {
+    /// The task, once its length is known.
+    pub task: watch::Receiver<Option<Arc<TaskData>>>,
+    /// The outcome, once ended.
+    pub done: watch::Receiver<Option<Result<(), String>>>,
+}
+
+type TaskSender = watch::Sender<Option<Arc<TaskData>>>;
+
+/// What the peer's servers share.
+pub struct PeerInner {
+    /// The config.
+    pub config: Config,
+    /// The host id announced.
+    pub host_id: String,
+    /// The pieces.
+    pub storage: Arc<Storage>,
+    /// The counters.
+    pub metrics: PeerMetrics,
+    dynconfig: Option<PathBuf>,
+    schedulers: RwLock<Vec<String>>,
+    pub(crate) http: reqwest::Client,
+    ids: AtomicU64,
+    running: Mutex<HashMap<String, (TaskSender, Running)>>,
+}
+
+impl PeerInner {
+    /// A peer of `config`, the schedulers listed in `dynconfig`.
+    pub fn new(config: Config, dynconfig: Option<PathBuf>) -> Result<Arc<PeerInner>, String> {
+        let storage = Storage::open(&config.storage.dir)
+            .map_err(|e| format!("opening storage {}: {e}", config.storage.dir.display()))?;
+        let schedulers = match &dynconfig {
+            Some(p) => Dynconfig::load(p)?.scheduler.addrs,
+            None => Vec::new(),
+        };
+        Ok(Arc::new(PeerInner {
+            host_id: config.host_id(),
+            config,
+            storage: Arc::new(storage),
+            metrics: PeerMetrics::default(),
+            dynconfig,
+            schedulers: RwLock::new(schedulers),
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .build()
+                .map_err(|e| e.to_string())?,
+            ids: AtomicU64::new(0),
+            running: Mutex::default(),
+        }))
+    }
+
+    fn next_id(&self) -> u64 {
+        self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The schedulers listed now.
+    pub fn schedulers(&self) -> Vec<String> {
+        self.schedulers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The scheduler task `task_id` goes to: the same one for every peer that lists the
+    /// same schedulers (in any order).
+    pub fn scheduler_for(&self, task_id: &str) -> Option<String> {
+        let mut list = self.schedulers();
+        list.sort();
+        list.dedup();
+        // Rendezvous hashing: the scheduler with the highest hash of (scheduler, task).
+        list.into_iter().max_by_key(|s| {
+            use sha2::Digest;
+            let h = sha2::Sha256::digest(format!("{s}/{task_id}").as_bytes());
+            u64::from_be_bytes(h[..8].try_into().expect("8 bytes"))
+        })
+    }
+
+    /// The host as announced.
+    pub fn host(&self) -> Host {
+        Host {
+            id: self.host_id.clone(),
+            r#type: u32::from(self.config.seed_peer.enable),
+            hostname: self.config.host.hostname.clone(),
+            ip: self.config.host.ip.to_string(),
+            port: self.config.upload.server.port as i32,
+            download_port: self.config.storage.server.tcp_port as i32,
+            proxy_port: self.config.proxy.server.port as i32,
+            os: std::env::consts::OS.into(),
+            ..Default::default()
+        }
+    }
+
+    /// The download of `download`'s task: the one under way, or a new one.
+    pub fn download(self: &Arc<Self>, download: Download) -> Running {
+        let task_id = storage::task_id(&download.url);
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, r)) = running.get(&task_id) {
+            if r.done.borrow().is_none() {
+                return r.clone();
+            }
+        }
+        let (task_tx, task_rx) = watch::channel(None);
+        let (done_tx, done_rx) = watch::channel(None);
+        let r = Running {
+            task: task_rx,
+            done: done_rx,
+        };
+        running.insert(task_id.clone(), (task_tx, r.clone()));
+        drop(running);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let outcome = download::run(me.clone(), task_id.clone(), download, None).await;
+            if let Ok(t) = &outcome {
+                me.running(t);
+            }
+            let _ = done_tx.send(Some(outcome.map(|_| ())));
+            if let Some(t) = me.storage.get(&task_id) {
+                t.wake();
+            }
+        });
+        r
+    }
+
+    /// The task of a download under way is known.
+    fn running(&self, t: &Arc<TaskData>) {
+        if let Some((tx, _)) = self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&t.id)
+        {
+            tx.send_replace(Some(t.clone()));
+        }
+    }
+
+    /// Whether a download of `task_id` is under way.
+    pub fn is_running(&self, task_id: &str) -> bool {
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(task_id)
+            .is_some_and(|(_, r)| r.done.borrow().is_none())
+    }
+
+    fn origin_request(&self, d: &Download, range: &str) -> reqwest::RequestBuilder {
+        let mut req = self.http.get(&d.url).header("Range", range);
+        for (k, v) in &d.request_header {
+            if k.eq_ignore_ascii_case("range") || k.eq_ignore_ascii_case("host") {
+                continue;
+            }
+            req = req.header(k, v);
+        }
+        req
+    }
+
+    /// The length of `d`'s content, from the origin (a 1-byte range request).
+    pub async fn origin_length(&self, d: &Download) -> Result<u64, String> {
+        let task = storage::task_id(&d.url);
+        let resp = self
+            .origin_request(d, "bytes=0-0")
+            .send()
+            .await
+            .map_err(|e| format!("the origin {}: {e}", d.url))?;
+        let status = resp.status();
+        let total = resp
+            .headers()
+            .get("content-range")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit('/').next())
+            .and_then(|n| n.parse::<u64>().ok());
+        let body = resp.bytes().await.map_err(|e| e.to_string())?;
+        self.metrics.from_origin(&task, body.len() as u64);
+        match (status.as_u16(), total) {
+            (206, Some(n)) => Ok(n),
+            (200, _) => Ok(body.len() as u64),
+            (416, _) => Ok(0),
+            (s, _) => Err(format!("the origin {} answered {s}", d.url)),
+        }
+    }
+
+    /// `len` bytes at `offset` of `d`'s content, from the origin: exactly those, or an
+    /// error.
+    pub async fn origin_range(
+        &self,
+        d: &Download,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, String> {
+        let task = storage::task_id(&d.url);
+        let range = format!("bytes={offset}-{}", offset + len - 1);
+        let resp = self
+            .origin_request(d, &range)
+            .send()
+            .await
+            .map_err(|e| format!("the origin {} ({range}): {e}", d.url))?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| format!("the origin {} ({range}): {e}", d.url))?;
+        self.metrics.from_origin(&task, body.len() as u64);
+        let data = match status {
+            206 if body.len() as u64 == len => body.to_vec(),
+            200 if body.len() as u64 >= offset + len => {
+                body[offset as usize..(offset + len) as usize].to_vec()
+            }
+            s => {
+                self.metrics.piece_failure("origin");
+                return Err(format!(
+                    "the origin {} answered {s} with {} bytes for {range}",
+                    d.url,
+                    body.len()
+                ));
+            }
+        };
+        Ok(data)
+    }
+
+    /// Announces the host to every scheduler, now and every `announceInterval`; reads
+    /// the dynconfig file again every `refreshInterval`.
+    pub async fn announce_forever(self: Arc<Self>) {
+        let mut last_refresh = tokio::time::Instant::now();
+        loop {
+            if let Some(p) = &self.dynconfig {
+                if last_refresh.elapsed() >= self.config.dynconfig.refresh_interval {
+                    last_refresh = tokio::time::Instant::now();
+                    match Dynconfig::load(p) {
+                        Ok(d) => {
+                            *self.schedulers.write().unwrap_or_else(|e| e.into_inner()) =
+                                d.scheduler.addrs
+                        }
+                        Err(e) => tracing::warn!("{e}"),
+                    }
+                }
+            }
+            for s in self.schedulers() {
+                if let Err(e) = self.announce(&s).await {
+                    tracing::warn!("announcing the host to {s}: {e}");
+                }
+            }
+            tokio::time::sleep(self.config.scheduler.announce_interval).await;
+        }
+    }
+
+    async fn announce(&self, scheduler: &str) -> Result<(), String> {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{scheduler}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(5));
+        let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+        SchedulerClient::new(channel)
+            .announce_host(AnnounceHostRequest {
+                host: Some(self.host()),
+                interval: prost_wkt_types::Duration::try_from(
+                    self.config.scheduler.announce_interval,
+                )
+                .ok(),
+            })
+            .await
+            .map_err(|e| e.message().to_string())?;
+        Ok(())
+    }
+}

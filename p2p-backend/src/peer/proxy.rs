@@ -1,0 +1,352 @@
+//! The HTTP proxy in dfdaemon's style: a `GET` whose URL (without its query) matches
+//! one of `proxy.rules` goes through the swarm; anything else goes to the origin as it
+//! came. In registry-mirror mode the request has no host in its URI and the origin is
+//! named by containerd's `ns=` query parameter (or the `X-Dragonfly-Registry` header).
+//!
+//! Through the swarm, a request with one `Range` is answered `206` with exactly those
+//! bytes, as soon as the pieces holding them are stored; without one, `200` with the
+//! whole task, piece after piece as they are stored. When the swarm fails before the
+//! first byte went out, the request goes to the origin instead. Responses carry
+//! `X-Dragonfly-Task-ID`; errors made here carry `X-Dragonfly-Error-Type: proxy`.
+
+use super::storage::{self, TaskData};
+use super::PeerInner;
+use bytes::Bytes;
+use dragonfly_api::common::v2::Download;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response, StatusCode};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+/// How long a client waits for the task to start in the swarm.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn full(status: StatusCode, text: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(text)).map_err(|e| match e {}).boxed());
+    *r.status_mut() = status;
+    r
+}
+
+fn proxy_error(status: StatusCode, text: String) -> Response<Body> {
+    let mut r = full(status, text);
+    r.headers_mut().insert(
+        "X-Dragonfly-Error-Type",
+        "proxy".parse().expect("a header value"),
+    );
+    r
+}
+
+/// Serves the proxy on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, peer: Arc<PeerInner>) {
+    let rules: Vec<regex::Regex> = peer
+        .config
+        .proxy
+        .rules
+        .iter()
+        .filter_map(|r| regex::Regex::new(&r.regex).ok())
+        .collect();
+    let rules = Arc::new(rules);
+    loop {
+        let Ok((sock, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let (peer, rules) = (peer.clone(), rules.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let (peer, rules) = (peer.clone(), rules.clone());
+                async move { Ok::<_, std::convert::Infallible>(handle(peer, &rules, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(sock), service)
+                .await;
+        });
+    }
+}
+
+/// The absolute URL a request is for: its URI in proxy mode; in mirror mode (no host)
+/// the registry from `X-Dragonfly-Registry` or `ns=`.
+fn target(req: &Request<Incoming>) -> Result<String, String> {
+    let uri = req.uri();
+    if uri.host().is_some() {
+        return Ok(uri.to_string());
+    }
+    let registry = req
+        .headers()
+        .get("X-Dragonfly-Registry")
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.trim_end_matches('/').to_string())
+        .or_else(|| {
+            uri.query()?
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("ns="))
+                .map(|ns| format!("https://{ns}"))
+        })
+        .ok_or_else(|| {
+            "a request without a host and without ns= or X-Dragonfly-Registry".to_string()
+        })?;
+    let path_and_query = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    Ok(format!("{registry}{path_and_query}"))
+}
+
+/// A single `bytes=a-b`, `bytes=a-` or `bytes=-n` range of a `len`-byte body, as
+/// (first, last) inclusive; `Err` when it cannot be satisfied.
+pub fn parse_range(value: &str, len: u64) -> Result<(u64, u64), String> {
+    let spec = value
+        .trim()
+        .strip_prefix("bytes=")
+        .ok_or_else(|| format!("range {value:?} is not in bytes"))?;
+    if spec.contains(',') {
+        return Err(format!("range {value:?}: several ranges are not served"));
+    }
+    let (a, b) = spec
+        .split_once('-')
+        .ok_or_else(|| format!("range {value:?} has no '-'"))?;
+    let bad = || format!("range {value:?} does not fit a body of {len} bytes");
+    let (first, last) = match (a.trim(), b.trim()) {
+        ("", n) => {
+            let n: u64 = n.parse().map_err(|_| bad())?;
+            if n == 0 || len == 0 {
+                return Err(bad());
+            }
+            (len.saturating_sub(n), len - 1)
+        }
+        (a, "") => (a.parse().map_err(|_| bad())?, len.saturating_sub(1)),
+        (a, b) => {
+            let (a, b): (u64, u64) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+            (a, b.min(len.saturating_sub(1)))
+        }
+    };
+    if first > last || first >= len {
+        return Err(bad());
+    }
+    Ok((first, last))
+}
+
+async fn handle(
+    peer: Arc<PeerInner>,
+    rules: &[regex::Regex],
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let url = match target(&req) {
+        Ok(u) => u,
+        Err(e) => return proxy_error(StatusCode::BAD_REQUEST, e),
+    };
+    let bare = url.split(['?', '#']).next().unwrap_or(&url).to_string();
+    let p2p = req.method() == hyper::Method::GET
+        && (rules.iter().any(|r| r.is_match(&bare))
+            || req
+                .headers()
+                .get("X-Dragonfly-Use-P2P")
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true")));
+    if !p2p {
+        return to_origin(&peer, &url, &req).await;
+    }
+    match through_swarm(&peer, &url, &req).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("{url}: through the swarm: {e}; going to the origin");
+            to_origin(&peer, &url, &req).await
+        }
+    }
+}
+
+/// The request sent on to the origin as it came (without `Host`).
+async fn to_origin(peer: &PeerInner, url: &str, req: &Request<Incoming>) -> Response<Body> {
+    let method = match reqwest::Method::from_bytes(req.method().as_str().as_bytes()) {
+        Ok(m) => m,
+        Err(e) => return proxy_error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let mut out = peer.http.request(method, url);
+    for (k, v) in req.headers() {
+        if k == hyper::header::HOST || k.as_str().starts_with("x-dragonfly-") {
+            continue;
+        }
+        out = out.header(k.as_str(), v.as_bytes());
+    }
+    let resp = match out.send().await {
+        Ok(r) => r,
+        Err(e) => return proxy_error(StatusCode::BAD_GATEWAY, format!("the origin {url}: {e}")),
+    };
+    let mut r = Response::builder().status(resp.status().as_u16());
+    for (k, v) in resp.headers() {
+        r = r.header(k.as_str(), v.as_bytes());
+    }
+    let task = storage::task_id(url);
+    let metrics = peer.metrics.clone();
+    let stream = futures_util::StreamExt::map(resp.bytes_stream(), move |c| {
+        c.map(|b| {
+            metrics.from_origin(&task, b.len() as u64);
+            Frame::data(b)
+        })
+        .map_err(std::io::Error::other)
+    });
+    r.body(StreamBody::new(stream).boxed())
+        .unwrap_or_else(|e| proxy_error(StatusCode::BAD_GATEWAY, e.to_string()))
+}
+
+/// Waits for the task of `running` (its length known), or why it failed.
+async fn started(running: &super::Running) -> Result<Arc<TaskData>, String> {
+    let (mut task, mut done) = (running.task.clone(), running.done.clone());
+    let wait = async {
+        loop {
+            if let Some(t) = task.borrow_and_update().clone() {
+                return Ok(t);
+            }
+            if let Some(r) = done.borrow_and_update().clone() {
+                return match r {
+                    Ok(()) => Err("the download ended without a task".to_string()),
+                    Err(e) => Err(e),
+                };
+            }
+            tokio::select! {
+                _ = task.changed() => {}
+                _ = done.changed() => {}
+            }
+        }
+    };
+    tokio::time::timeout(START_TIMEOUT, wait)
+        .await
+        .map_err(|_| format!("the swarm did not start the task within {START_TIMEOUT:?}"))?
+}
+
+async fn through_swarm(
+    peer: &Arc<PeerInner>,
+    url: &str,
+    req: &Request<Incoming>,
+) -> Result<Response<Body>, String> {
+    let mut headers = std::collections::HashMap::new();
+    for (k, v) in req.headers() {
+        if let Ok(v) = v.to_str() {
+            headers.insert(k.as_str().to_string(), v.to_string());
+        }
+    }
+    let priority = headers
+        .get("x-dragonfly-priority")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(6);
+    let download = Download {
+        url: url.to_string(),
+        request_header: headers,
+        priority,
+        enable_task_id_based_blob_digest: storage::blob_digest(url).is_some(),
+        ..Default::default()
+    };
+    let task_id = storage::task_id(url);
+    let t = match peer.storage.get(&task_id).filter(|t| t.complete()) {
+        Some(t) => t,
+        None => started(&peer.download(download)).await?,
+    };
+    let range = match req.headers().get(hyper::header::RANGE) {
+        None => None,
+        Some(v) => {
+            let v = v.to_str().map_err(|e| e.to_string())?;
+            match parse_range(v, t.content_length) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    let mut r = proxy_error(StatusCode::RANGE_NOT_SATISFIABLE, e);
+                    r.headers_mut().insert(
+                        "Content-Range",
+                        format!("bytes */{}", t.content_length)
+                            .parse()
+                            .expect("a header value"),
+                    );
+                    return Ok(r);
+                }
+            }
+        }
+    };
+    let (first, last) = range.unwrap_or((0, t.content_length.saturating_sub(1)));
+    let len = if t.content_length == 0 {
+        0
+    } else {
+        last - first + 1
+    };
+    // The first bytes must be there before the answer goes out: a failure before that
+    // still goes to the origin.
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
+    let first_chunk = next_chunk(peer, &t, first, last).await?;
+    let mut at = first + first_chunk.len() as u64;
+    let _ = tx.send(Ok(Frame::data(Bytes::from(first_chunk)))).await;
+    let (peer2, t2) = (peer.clone(), t.clone());
+    tokio::spawn(async move {
+        while len > 0 && at <= last {
+            match next_chunk(&peer2, &t2, at, last).await {
+                Ok(c) => {
+                    at += c.len() as u64;
+                    if tx.send(Ok(Frame::data(Bytes::from(c)))).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    // Cut short, never silently: the client sees the body end early.
+                    let _ = tx.send(Err(std::io::Error::other(e))).await;
+                    return;
+                }
+            }
+        }
+    });
+    let mut r = Response::builder()
+        .status(if range.is_some() { 206 } else { 200 })
+        .header("Content-Length", len.to_string())
+        .header("X-Dragonfly-Task-ID", &t.id)
+        .header("Accept-Ranges", "bytes");
+    if range.is_some() {
+        r = r.header(
+            "Content-Range",
+            format!("bytes {first}-{last}/{}", t.content_length),
+        );
+    }
+    r.body(StreamBody::new(ReceiverStream::new(rx)).boxed())
+        .map_err(|e| e.to_string())
+}
+
+/// The bytes from `at` to the end of its piece (or `last`), once that piece is stored.
+async fn next_chunk(
+    peer: &PeerInner,
+    t: &Arc<TaskData>,
+    at: u64,
+    last: u64,
+) -> Result<Vec<u8>, String> {
+    if t.content_length == 0 {
+        return Ok(Vec::new());
+    }
+    let number = (at / t.piece_length) as u32;
+    let (offset, length) = t.piece_range(number).ok_or("past the end")?;
+    let end = (offset + length - 1).min(last);
+    let mut changes = t.subscribe();
+    loop {
+        changes.borrow_and_update();
+        if let Some(b) = t.read(at, end - at + 1).map_err(|e| e.to_string())? {
+            return Ok(b);
+        }
+        if !peer.is_running(&t.id) && t.piece(number).is_none() {
+            return Err(format!("piece {number} of task {} did not come", t.id));
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), changes.changed()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges_are_exact_or_refused() {
+        assert_eq!(parse_range("bytes=0-0", 10), Ok((0, 0)));
+        assert_eq!(parse_range("bytes=2-", 10), Ok((2, 9)));
+        assert_eq!(parse_range("bytes=-3", 10), Ok((7, 9)));
+        assert_eq!(parse_range("bytes=5-100", 10), Ok((5, 9)));
+        assert!(parse_range("bytes=10-", 10).is_err());
+        assert!(parse_range("bytes=3-2", 10).is_err());
+        assert!(parse_range("bytes=0-1,3-4", 10).is_err());
+        assert!(parse_range("items=0-1", 10).is_err());
+        assert!(parse_range("bytes=-0", 10).is_err());
+    }
+}

@@ -1,0 +1,434 @@
+//! Pieces on disk: one directory per task under `storage.dir`, holding the task's bytes
+//! (`data`, at their offsets) and what is known of them (`meta.json`: the length, the
+//! piece length, and each piece stored with its CRC-32 and SHA-256). A task's pieces
+//! survive a restart of the peer and are served again.
+//!
+//! Task ids and piece lengths follow dfdaemon, so that mixed swarms share tasks: the id
+//! of an OCI blob URL (`.../blobs/sha256:<hex>`) is the blob digest's hex, and a task
+//! of `n` bytes has pieces of `next_pow2(n / 500)` bytes, clamped to 4–64 MiB.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+
+/// Smallest piece.
+pub const MIN_PIECE: u64 = 4 << 20;
+/// Largest piece.
+pub const MAX_PIECE: u64 = 64 << 20;
+
+/// dfdaemon's piece length for a task of `content_length` bytes.
+pub fn piece_length(content_length: u64) -> u64 {
+    (content_length / 500)
+        .max(1)
+        .next_power_of_two()
+        .clamp(MIN_PIECE, MAX_PIECE)
+}
+
+/// The task id of `url`: the blob digest's hex for an OCI blob URL, else the SHA-256 of
+/// the URL (such tasks are not shared with dfdaemons).
+pub fn task_id(url: &str) -> String {
+    let path = url.split(['?', '#']).next().unwrap_or(url);
+    if let Some(at) = path.rfind("/blobs/sha256:") {
+        let hex = &path[at + "/blobs/sha256:".len()..];
+        if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return hex.to_ascii_lowercase();
+        }
+    }
+    hex::encode(Sha256::digest(path.as_bytes()))
+}
+
+/// The blob digest an OCI blob URL names, if it does.
+pub fn blob_digest(url: &str) -> Option<String> {
+    let id = task_id(url);
+    let path = url.split(['?', '#']).next().unwrap_or(url);
+    path.ends_with(&format!("sha256:{id}")).then_some(id)
+}
+
+/// A piece stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PieceMeta {
+    /// Its number.
+    pub number: u32,
+    /// Its offset in the task.
+    pub offset: u64,
+    /// Its length.
+    pub length: u64,
+    /// CRC-32 (IEEE) of its bytes.
+    pub crc32: u32,
+    /// SHA-256 of its bytes, hex.
+    pub sha256: String,
+    /// The peer it came from (none: the origin).
+    pub parent: Option<String>,
+}
+
+impl PieceMeta {
+    /// Its digest as dfdaemon writes it (`crc32:<decimal>`).
+    pub fn crc_digest(&self) -> String {
+        format!("crc32:{}", self.crc32)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Meta {
+    id: String,
+    url: String,
+    content_length: u64,
+    piece_length: u64,
+    pieces: Vec<PieceMeta>,
+}
+
+/// One task's pieces.
+pub struct TaskData {
+    /// The task id.
+    pub id: String,
+    /// The URL it was first asked for with.
+    pub url: String,
+    /// Its length.
+    pub content_length: u64,
+    /// Its piece length.
+    pub piece_length: u64,
+    dir: PathBuf,
+    file: File,
+    pieces: Mutex<Vec<Option<PieceMeta>>>,
+    /// Bumped on every piece stored (and when the task ends).
+    changed: watch::Sender<u64>,
+}
+
+impl TaskData {
+    /// How many pieces the task has.
+    pub fn piece_count(&self) -> u32 {
+        self.content_length.div_ceil(self.piece_length).max(1) as u32
+    }
+
+    /// Offset and length of piece `number`, if it exists.
+    pub fn piece_range(&self, number: u32) -> Option<(u64, u64)> {
+        if number >= self.piece_count() {
+            return None;
+        }
+        let offset = number as u64 * self.piece_length;
+        Some((offset, self.piece_length.min(self.content_length - offset)))
+    }
+
+    /// The pieces stored, by number.
+    pub fn pieces(&self) -> Vec<PieceMeta> {
+        self.lock().iter().flatten().cloned().collect()
+    }
+
+    /// Piece `number`, if stored.
+    pub fn piece(&self, number: u32) -> Option<PieceMeta> {
+        self.lock().get(number as usize).cloned().flatten()
+    }
+
+    /// Whether every piece is stored.
+    pub fn complete(&self) -> bool {
+        self.lock().iter().all(Option::is_some)
+    }
+
+    /// Bytes stored.
+    pub fn stored_bytes(&self) -> u64 {
+        self.lock().iter().flatten().map(|p| p.length).sum()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Option<PieceMeta>>> {
+        self.pieces.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A receiver woken on every piece stored.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Wakes the subscribers (the download ended).
+    pub fn wake(&self) {
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Stores piece `number` (its bytes `data`, from `parent`, none: the origin).
+    /// Refused when the length is not the piece's.
+    pub fn store(&self, number: u32, data: &[u8], parent: Option<String>) -> io::Result<PieceMeta> {
+        let (offset, length) = self.piece_range(number).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("task {} has no piece {number}", self.id),
+            )
+        })?;
+        if data.len() as u64 != length {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "piece {number} of task {}: {} bytes, not {length}",
+                    self.id,
+                    data.len()
+                ),
+            ));
+        }
+        self.file.write_all_at(data, offset)?;
+        let meta = PieceMeta {
+            number,
+            offset,
+            length,
+            crc32: crc32fast::hash(data),
+            sha256: hex::encode(Sha256::digest(data)),
+            parent,
+        };
+        {
+            let mut pieces = self.lock();
+            pieces[number as usize] = Some(meta.clone());
+            self.save(&pieces)?;
+        }
+        self.wake();
+        Ok(meta)
+    }
+
+    /// Forgets piece `number` (found bad).
+    pub fn drop_piece(&self, number: u32) {
+        let mut pieces = self.lock();
+        if let Some(p) = pieces.get_mut(number as usize) {
+            *p = None;
+        }
+        let _ = self.save(&pieces);
+    }
+
+    /// Reads `len` bytes at `offset`, all in stored pieces; `None` when a piece is
+    /// missing.
+    pub fn read(&self, offset: u64, len: u64) -> io::Result<Option<Vec<u8>>> {
+        if len == 0 {
+            return Ok(Some(Vec::new()));
+        }
+        let first = (offset / self.piece_length) as u32;
+        let last = ((offset + len - 1) / self.piece_length) as u32;
+        if (first..=last).any(|n| self.piece(n).is_none()) {
+            return Ok(None);
+        }
+        let mut buf = vec![0u8; len as usize];
+        self.file.read_exact_at(&mut buf, offset)?;
+        Ok(Some(buf))
+    }
+
+    /// The bytes of piece `number`, if stored.
+    pub fn read_piece(&self, number: u32) -> io::Result<Option<(PieceMeta, Vec<u8>)>> {
+        let Some(meta) = self.piece(number) else {
+            return Ok(None);
+        };
+        let mut buf = vec![0u8; meta.length as usize];
+        self.file.read_exact_at(&mut buf, meta.offset)?;
+        Ok(Some((meta, buf)))
+    }
+
+    /// The data file (for serving without copies).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    fn save(&self, pieces: &[Option<PieceMeta>]) -> io::Result<()> {
+        let meta = Meta {
+            id: self.id.clone(),
+            url: self.url.clone(),
+            content_length: self.content_length,
+            piece_length: self.piece_length,
+            pieces: pieces.iter().flatten().cloned().collect(),
+        };
+        let tmp = self.dir.join("meta.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&meta).map_err(io::Error::other)?)?;
+        std::fs::rename(tmp, self.dir.join("meta.json"))
+    }
+}
+
+/// All tasks on disk.
+pub struct Storage {
+    dir: PathBuf,
+    tasks: Mutex<HashMap<String, Arc<TaskData>>>,
+}
+
+impl Storage {
+    /// The storage in `dir`, with the tasks a previous run left there.
+    pub fn open(dir: &Path) -> io::Result<Storage> {
+        std::fs::create_dir_all(dir.join("tasks"))?;
+        let s = Storage {
+            dir: dir.to_path_buf(),
+            tasks: Mutex::default(),
+        };
+        for e in std::fs::read_dir(dir.join("tasks"))?.flatten() {
+            match s.load(&e.path()) {
+                Ok(t) => {
+                    tracing::info!(
+                        "task {}: {} of {} pieces on disk",
+                        t.id,
+                        t.pieces().len(),
+                        t.piece_count()
+                    );
+                    s.lock().insert(t.id.clone(), Arc::new(t));
+                }
+                Err(e2) => tracing::warn!("{}: left out: {e2}", e.path().display()),
+            }
+        }
+        Ok(s)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<TaskData>>> {
+        self.tasks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn load(&self, dir: &Path) -> io::Result<TaskData> {
+        let meta: Meta = serde_json::from_slice(&std::fs::read(dir.join("meta.json"))?)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dir.join("data"))?;
+        if file.metadata()?.len() != meta.content_length {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the data file is not the task's length",
+            ));
+        }
+        let t = TaskData {
+            id: meta.id,
+            url: meta.url,
+            content_length: meta.content_length,
+            piece_length: meta.piece_length,
+            dir: dir.to_path_buf(),
+            file,
+            pieces: Mutex::new(Vec::new()),
+            changed: watch::channel(0).0,
+        };
+        let mut pieces = vec![None; t.piece_count() as usize];
+        for p in meta.pieces {
+            if t.piece_range(p.number) == Some((p.offset, p.length)) {
+                let n = p.number as usize;
+                pieces[n] = Some(p);
+            }
+        }
+        *t.lock() = pieces;
+        Ok(t)
+    }
+
+    /// Task `id`, if stored.
+    pub fn get(&self, id: &str) -> Option<Arc<TaskData>> {
+        self.lock().get(id).cloned()
+    }
+
+    /// Task `id` of `content_length` bytes in pieces of `piece_length`: the one stored
+    /// (if it has that shape), or a new empty one.
+    pub fn create(
+        &self,
+        id: &str,
+        url: &str,
+        content_length: u64,
+        piece_length: u64,
+    ) -> io::Result<Arc<TaskData>> {
+        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("task id {id:?} is not a file name"),
+            ));
+        }
+        if piece_length == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "piece length 0",
+            ));
+        }
+        let mut tasks = self.lock();
+        if let Some(t) = tasks.get(id) {
+            if t.content_length == content_length && t.piece_length == piece_length {
+                return Ok(t.clone());
+            }
+            tasks.remove(id);
+        }
+        let dir = self.dir.join("tasks").join(id);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.join("data"))?;
+        file.set_len(content_length)?;
+        let t = TaskData {
+            id: id.to_string(),
+            url: url.to_string(),
+            content_length,
+            piece_length,
+            dir,
+            file,
+            pieces: Mutex::new(Vec::new()),
+            changed: watch::channel(0).0,
+        };
+        *t.lock() = vec![None; t.piece_count() as usize];
+        t.save(&t.lock())?;
+        let t = Arc::new(t);
+        tasks.insert(id.to_string(), t.clone());
+        Ok(t)
+    }
+
+    /// Removes task `id`; `false` when there was none.
+    pub fn delete(&self, id: &str) -> bool {
+        let gone = self.lock().remove(id);
+        if let Some(t) = &gone {
+            let _ = std::fs::remove_dir_all(&t.dir);
+        }
+        gone.is_some()
+    }
+
+    /// Every task.
+    pub fn tasks(&self) -> Vec<Arc<TaskData>> {
+        self.lock().values().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_ids_and_piece_lengths_are_dfdaemons() {
+        let hex = "ab".repeat(32);
+        assert_eq!(
+            task_id(&format!("http://r/v2/x/blobs/sha256:{hex}?ns=y")),
+            hex
+        );
+        assert_eq!(
+            blob_digest(&format!("http://r/v2/x/blobs/sha256:{hex}")),
+            Some(hex)
+        );
+        assert_eq!(blob_digest("http://r/file"), None);
+        assert_eq!(piece_length(1), 4 << 20);
+        assert_eq!(piece_length(256 << 20), 4 << 20);
+        assert_eq!(piece_length(4 << 30), 16 << 20);
+        assert_eq!(piece_length(1 << 40), 64 << 20);
+    }
+
+    #[test]
+    fn pieces_are_kept_across_a_restart_and_bad_pieces_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(dir.path()).unwrap();
+        let t = s.create("abc", "http://x", 10, 4).unwrap();
+        assert_eq!(t.piece_count(), 3);
+        assert_eq!(t.piece_range(2), Some((8, 2)));
+        assert!(
+            t.store(2, b"xyz", None).is_err(),
+            "a piece of the wrong length"
+        );
+        assert!(t.store(3, b"xy", None).is_err(), "a piece past the end");
+        t.store(0, b"0123", Some("p".into())).unwrap();
+        t.store(2, b"89", None).unwrap();
+        assert_eq!(t.read(0, 4).unwrap().unwrap(), b"0123");
+        assert_eq!(t.read(2, 4).unwrap(), None, "piece 1 is missing");
+        drop((t, s));
+        let s = Storage::open(dir.path()).unwrap();
+        let t = s.get("abc").unwrap();
+        assert_eq!(t.pieces().len(), 2);
+        assert_eq!(t.read_piece(2).unwrap().unwrap().1, b"89");
+        assert!(s.create("../x", "u", 1, 1).is_err());
+        assert!(s.delete("abc"));
+        assert!(s.get("abc").is_none());
+    }
+}

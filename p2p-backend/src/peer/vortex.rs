@@ -1,0 +1,208 @@
+//! Piece transfer over Dragonfly's Vortex protocol on TCP (`vortex-protocol`): a child
+//! sends `DownloadPiece{task id, piece number}`, the parent answers `PieceContent` (the
+//! piece's metadata, its digest `crc32:<decimal>` among it) followed by the piece's raw
+//! bytes, or `Error`. dfdaemons fetch from our peers and ours from them this way.
+//!
+//! A connection carries one request after another until either side closes it.
+
+use super::storage::Storage;
+use bytes::BytesMut;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use vortex_protocol::tlv::download_piece::DownloadPiece;
+use vortex_protocol::tlv::error::{Code, Error as VortexError};
+use vortex_protocol::tlv::piece_content::PieceContent;
+use vortex_protocol::tlv::piece_metadata::PieceMetadata;
+use vortex_protocol::{Header, Message, Vortex, HEADER_SIZE};
+
+/// Largest packet value taken (a request is 68 bytes; metadata well under this).
+const MAX_VALUE: u32 = 64 << 10;
+/// How long a connection may stay silent.
+const IDLE: Duration = Duration::from_secs(60);
+
+/// Counts the piece bytes served, by task.
+pub type ServedCounter = Arc<dyn Fn(&str, u64) + Send + Sync>;
+
+/// Reads one packet's header and value.
+async fn read_packet(sock: &mut TcpStream) -> std::io::Result<Option<Vortex>> {
+    let mut head = [0u8; HEADER_SIZE];
+    match tokio::time::timeout(IDLE, sock.read_exact(&mut head)).await {
+        Err(_) => return Ok(None),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Ok(r) => r?,
+    };
+    let header = Header::decode(&head).map_err(std::io::Error::other)?;
+    if header.length() > MAX_VALUE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a Vortex packet of {} bytes", header.length()),
+        ));
+    }
+    let mut buf = vec![0u8; HEADER_SIZE + header.length() as usize];
+    buf[..HEADER_SIZE].copy_from_slice(&head);
+    sock.read_exact(&mut buf[HEADER_SIZE..]).await?;
+    Vortex::decode(&buf)
+        .map(Some)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
+}
+
+async fn send_error(sock: &mut TcpStream, code: Code, message: String) -> std::io::Result<()> {
+    let mut buf = BytesMut::new();
+    VortexError::new(code, message).encode_packet(&mut buf);
+    sock.write_all(&buf).await
+}
+
+/// Serves pieces of `storage` on `listener` until the task is dropped. `host_id` names
+/// this peer in the metadata sent; `served` counts the piece bytes sent.
+pub async fn serve(
+    listener: TcpListener,
+    storage: Arc<Storage>,
+    host_id: String,
+    served: ServedCounter,
+) {
+    loop {
+        let Ok((mut sock, peer)) = listener.accept().await else {
+            continue;
+        };
+        let (storage, host_id, served) = (storage.clone(), host_id.clone(), served.clone());
+        tokio::spawn(async move {
+            let _ = sock.set_nodelay(true);
+            if let Err(e) = serve_conn(&mut sock, &storage, &host_id, &*served).await {
+                tracing::debug!("vortex: {peer}: {e}");
+            }
+        });
+    }
+}
+
+async fn serve_conn(
+    sock: &mut TcpStream,
+    storage: &Storage,
+    host_id: &str,
+    served: &(dyn Fn(&str, u64) + Send + Sync),
+) -> std::io::Result<()> {
+    while let Some(packet) = read_packet(sock).await? {
+        let req = match packet {
+            Vortex::DownloadPiece(_, req) => req,
+            Vortex::Close(_) => return Ok(()),
+            other => {
+                let tag = other.header().tag();
+                send_error(
+                    sock,
+                    Code::InvalidArgument,
+                    format!("unsupported packet {tag:?}"),
+                )
+                .await?;
+                continue;
+            }
+        };
+        let task_id = req.task_id.clone();
+        let number = req.piece_number;
+        let piece = match storage.get(&task_id) {
+            None => None,
+            Some(t) => t.read_piece(number)?,
+        };
+        let Some((meta, data)) = piece else {
+            send_error(
+                sock,
+                Code::NotFound,
+                format!("piece {number} of task {task_id} is not here"),
+            )
+            .await?;
+            continue;
+        };
+        let content = PieceContent {
+            metadata: PieceMetadata {
+                number,
+                offset: meta.offset,
+                length: meta.length,
+                digest: meta.crc_digest(),
+                parent_id: host_id.to_string(),
+                traffic_type: 0,
+                cost: Duration::ZERO,
+                created_at: chrono::Utc::now().naive_utc(),
+            },
+        };
+        let mut buf = BytesMut::with_capacity(HEADER_SIZE + content.encoded_len());
+        content.encode_packet(&mut buf);
+        sock.write_all(&buf).await?;
+        sock.write_all(&data).await?;
+        served(&task_id, data.len() as u64);
+    }
+    Ok(())
+}
+
+/// A piece fetched from a parent: its metadata as the parent sent it, and its bytes.
+pub struct Fetched {
+    /// The parent's metadata.
+    pub metadata: PieceMetadata,
+    /// The bytes.
+    pub data: Vec<u8>,
+}
+
+/// Fetches piece `number` of `task_id` from the parent at `addr` (`ip:port`), within
+/// `timeout`; the bytes' CRC-32 is checked against the parent's digest.
+pub async fn fetch(
+    addr: &str,
+    task_id: &str,
+    number: u32,
+    max_len: u64,
+    timeout: Duration,
+) -> Result<Fetched, String> {
+    tokio::time::timeout(timeout, fetch_inner(addr, task_id, number, max_len))
+        .await
+        .map_err(|_| format!("piece {number} from {addr}: no answer within {timeout:?}"))?
+}
+
+async fn fetch_inner(
+    addr: &str,
+    task_id: &str,
+    number: u32,
+    max_len: u64,
+) -> Result<Fetched, String> {
+    let what = |e: String| format!("piece {number} from {addr}: {e}");
+    let mut sock = TcpStream::connect(addr)
+        .await
+        .map_err(|e| what(format!("connecting: {e}")))?;
+    let _ = sock.set_nodelay(true);
+    let mut buf = BytesMut::new();
+    DownloadPiece::new(task_id.to_string(), number).encode_packet(&mut buf);
+    sock.write_all(&buf)
+        .await
+        .map_err(|e| what(format!("sending: {e}")))?;
+    let packet = read_packet(&mut sock)
+        .await
+        .map_err(|e| what(e.to_string()))?
+        .ok_or_else(|| what("the parent closed the connection".into()))?;
+    let metadata = match packet {
+        Vortex::PieceContent(_, c) => c.metadata,
+        Vortex::Error(_, e) => return Err(what(format!("{:?}: {}", e.code, e.message))),
+        other => {
+            return Err(what(format!(
+                "unexpected packet {:?}",
+                other.header().tag()
+            )))
+        }
+    };
+    if metadata.number != number || metadata.length > max_len {
+        return Err(what(format!(
+            "the parent sent piece {} of {} bytes",
+            metadata.number, metadata.length
+        )));
+    }
+    let mut data = vec![0u8; metadata.length as usize];
+    sock.read_exact(&mut data)
+        .await
+        .map_err(|e| what(format!("reading the bytes: {e}")))?;
+    if let Some(crc) = metadata.digest.strip_prefix("crc32:") {
+        let got = crc32fast::hash(&data);
+        if crc.parse::<u32>().ok() != Some(got) {
+            return Err(what(format!(
+                "bytes with CRC-32 {got}, the parent's digest says {}",
+                metadata.digest
+            )));
+        }
+    }
+    Ok(Fetched { metadata, data })
+}
