@@ -302,3 +302,137 @@ impl Drop for Scheduler {
         }
     }
 }
+
+/// A running `p2p-peer` (ours), laid out as [`Dfdaemon`] is: its own loopback address,
+/// the same ports (upload 4000, proxy 4001, metrics 4002, Vortex 4005), storage and log
+/// in `dir/<name>`, the schedulers in a dynconfig file.
+pub struct OurPeer {
+    child: Option<ChildGuard>,
+    /// Its address.
+    pub ip: String,
+    /// Its work directory.
+    pub dir: PathBuf,
+    config: PathBuf,
+}
+
+impl OurPeer {
+    /// Starts a peer on a fresh loopback address in `dir/<name>`, using the schedulers
+    /// at `schedulers`, announcing its host every second; waits until it serves.
+    pub fn start(dir: &Path, name: &str, schedulers: &[String], seed: bool) -> OurPeer {
+        let ip = fresh_loopback_ip();
+        let dir = dir.join(name);
+        fs::create_dir_all(&dir).unwrap();
+        let addrs: Vec<String> = schedulers.iter().map(|s| format!("\"{s}\"")).collect();
+        fs::write(
+            dir.join("dynconfig.yaml"),
+            format!("scheduler:\n  addrs: [{}]\n", addrs.join(", ")),
+        )
+        .unwrap();
+        let d = dir.display();
+        let config = dir.join("peer.yaml");
+        fs::write(
+            &config,
+            format!(
+                "host:\n  hostname: {name}-{ip}\n  ip: {ip}\n\
+                 upload:\n  server:\n    port: 4000\n\
+                 storage:\n  dir: {d}/storage\n  server:\n    tcpPort: 4005\n\
+                 proxy:\n  server:\n    port: 4001\n\
+                 metrics:\n  server:\n    port: 4002\n\
+                 scheduler:\n  announceInterval: 1s\n\
+                 dynconfig:\n  refreshInterval: 2s\n\
+                 seedPeer:\n  enable: {seed}\n"
+            ),
+        )
+        .unwrap();
+        let mut me = OurPeer {
+            child: None,
+            ip,
+            dir,
+            config,
+        };
+        me.restart();
+        me
+    }
+
+    /// Starts it (again, after [`OurPeer::kill`]), appending to its log.
+    pub fn restart(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("peer.log"))
+            .unwrap();
+        self.child = Some(
+            ChildGuard::spawn(
+                Command::new(bin("p2p-peer"))
+                    .arg("--config")
+                    .arg(&self.config)
+                    .arg("--dynconfig")
+                    .arg(self.dir.join("dynconfig.yaml"))
+                    .args(["--log-level", "info"])
+                    .stdout(log.try_clone().unwrap())
+                    .stderr(log),
+            )
+            .unwrap(),
+        );
+        let ip = self.ip.clone();
+        assert!(
+            wait_until(Duration::from_secs(20), || TcpStream::connect((
+                ip.as_str(),
+                4001
+            ))
+            .is_ok()),
+            "p2p-peer did not listen on {ip}:4001:\n{}",
+            self.log()
+        );
+    }
+
+    /// Its HTTP proxy.
+    pub fn proxy(&self) -> String {
+        format!("http://{}:4001", self.ip)
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("peer.log")).unwrap_or_default()
+    }
+
+    /// Its Prometheus text.
+    pub fn metrics(&self) -> String {
+        let out: Output = Command::new("curl")
+            .args(["-sS", "--max-time", "5"])
+            .arg(format!("http://{}:4002/metrics", self.ip))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Starts `curl` fetching `url` through this peer's proxy into `out` (`range`: a
+    /// `Range` header value).
+    pub fn spawn_fetch(&self, url: &str, out: &Path, range: Option<&str>) -> ChildGuard {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--fail", "--max-time", "300", "-x"])
+            .arg(self.proxy())
+            .arg("-o")
+            .arg(out);
+        if let Some(r) = range {
+            cmd.args(["-H", &format!("Range: {r}")]);
+        }
+        ChildGuard::spawn(cmd.arg(url).stdout(Stdio::null()).stderr(Stdio::piped())).unwrap()
+    }
+
+    /// Kills it at once (`SIGKILL`).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.child_mut().kill();
+            let _ = c.child_mut().wait();
+        }
+    }
+}
+
+impl Drop for OurPeer {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.take() {
+            let _ = c.terminate(Duration::from_secs(5));
+        }
+    }
+}

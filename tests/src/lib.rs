@@ -58,7 +58,7 @@ pub use daemons::{
     upstream_nydusd_command, FuseDaemon,
 };
 pub use dragonfly::{
-    dfdaemon_bin, finish_fetch, fresh_loopback_ip, metric_value, Dfdaemon, Scheduler,
+    dfdaemon_bin, finish_fetch, fresh_loopback_ip, metric_value, Dfdaemon, OurPeer, Scheduler,
     DRAGONFLY_ROOT_DEFAULT,
 };
 pub use fault_proxy::{Fault, FaultProxy};

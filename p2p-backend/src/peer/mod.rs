@@ -193,6 +193,8 @@ impl PeerInner {
             Some(p) => Dynconfig::load(p)?.scheduler.addrs,
             None => Vec::new(),
         };
+        // reqwest is built with rustls and no default provider (as the registry client).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         Ok(Arc::new(PeerInner {
             host_id: config.host_id(),
             config,

@@ -11,15 +11,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// A blob in docker-registry behind a byte-counting proxy.
-struct Origin {
+pub(crate) struct Origin {
     _registry: Registry,
-    proxy: FaultProxy,
-    hex: String,
-    len: u64,
+    pub(crate) proxy: FaultProxy,
+    pub(crate) hex: String,
+    pub(crate) len: u64,
 }
 
 impl Origin {
-    fn start(dir: &Path, blobs: &[(u64, u64)]) -> (Origin, Vec<String>) {
+    pub(crate) fn start(dir: &Path, blobs: &[(u64, u64)]) -> (Origin, Vec<String>) {
         let registry = Registry::start();
         let mut urls = Vec::new();
         let mut first = None;
@@ -50,7 +50,7 @@ impl Origin {
         )
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!(
             "http://{}/v2/swarm/blobs/sha256:{}",
             self.proxy.addr, self.hex
@@ -60,24 +60,24 @@ impl Origin {
 
 /// What the origin may serve for `copies` full copies of `len` bytes: 5% over, plus the
 /// 1-byte probe each download makes and the response heads.
-fn origin_bound(len: u64, copies: u64, downloads: u64) -> u64 {
+pub(crate) fn origin_bound(len: u64, copies: u64, downloads: u64) -> u64 {
     len * copies * 105 / 100 + downloads * 2048 + 64 * 1024
 }
 
 /// Prints what the origin served, in copies of the blobs, for the record.
-fn report(what: &str, served: u64, len: u64, copies: u64) {
+pub(crate) fn report(what: &str, served: u64, len: u64, copies: u64) {
     eprintln!(
         "{what}: the origin served {served} bytes = {:.3} copies of {copies} blob(s) of {len} bytes",
         served as f64 / (len * copies) as f64
     );
 }
 
-fn assert_copy(path: &Path, hex: &str, what: &str) {
+pub(crate) fn assert_copy(path: &Path, hex: &str, what: &str) {
     let got = sha256_file(path).unwrap_or_else(|e| panic!("{what}: {e}"));
     assert_eq!(got, hex, "{what}: wrong bytes");
 }
 
-fn wait_for_hosts(s: &Scheduler, n: usize) {
+pub(crate) fn wait_for_hosts(s: &Scheduler, n: usize) {
     let ok = wait_until(Duration::from_secs(30), || {
         s.metric("scheduler_hosts") as usize >= n
     });
@@ -103,7 +103,7 @@ fn fetch_all(peers: &[&Dfdaemon], url: &str, dir: &Path, tag: &str) -> Vec<PathB
 /// for the machine, so the swarms run one at a time (the other tests go on beside).
 static SWARM: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn require() -> std::sync::MutexGuard<'static, ()> {
+pub(crate) fn require() -> std::sync::MutexGuard<'static, ()> {
     require_root_tools(&["docker-registry", "curl"]);
     dfdaemon_bin();
     SWARM.lock().unwrap_or_else(|p| p.into_inner())
