@@ -62,8 +62,17 @@ pub async fn run(
         download,
         started,
     };
+    let started_at = std::time::Instant::now();
     match d.through(&scheduler).await {
-        Ok(t) => Ok(t),
+        Ok(t) => {
+            let from_origin = t.pieces().iter().filter(|p| p.parent.is_none()).count();
+            tracing::info!(
+                "task {task_id}: complete in {:?}, {} pieces, {from_origin} of them from the origin",
+                started_at.elapsed(),
+                t.piece_count()
+            );
+            Ok(t)
+        }
         Err(e) => {
             tracing::warn!("task {task_id}: {e}");
             Err(e)
@@ -159,6 +168,11 @@ impl Driver {
                 Ok(r) => r,
                 Err(e) => break Err(e),
             };
+            tracing::info!(
+                "task {}: the scheduler answered {}",
+                self.task_id,
+                answer_name(&resp)
+            );
             match resp {
                 Resp::NeedBackToSourceResponse(_) => {
                     break self.back_to_source(&a, length).await;
@@ -583,5 +597,14 @@ fn piece_msg(meta: &PieceMeta, from_origin: bool) -> Piece {
         },
         traffic_type: Some(if from_origin { 1 } else { 0 }),
         ..Default::default()
+    }
+}
+
+fn answer_name(r: &Resp) -> &'static str {
+    match r {
+        Resp::NeedBackToSourceResponse(_) => "NeedBackToSource",
+        Resp::MetadataOnlyResponse(_) => "MetadataOnly",
+        Resp::EmptyTaskResponse(_) => "EmptyTask",
+        Resp::NormalTaskResponse(_) => "NormalTask",
     }
 }

@@ -81,3 +81,85 @@ fn a_seed_and_eight_of_our_peers_share_a_blob_and_the_origin_serves_one_copy() {
         logs()
     );
 }
+
+/// Mixed swarms: real dfdaemons as children of our seed (they fetch our pieces over
+/// Vortex after `SyncPieces`), and our peers as children of a dfdaemon seed. Every copy
+/// right, the origin serving about one copy per blob.
+#[test]
+fn dfdaemons_and_our_peers_are_each_others_parents() {
+    let _swarm = require();
+    let t = tempfile::tempdir().unwrap();
+    let (origin, urls) = Origin::start(t.path(), &[(64 << 20, 51), (64 << 20, 52)]);
+    let sched = Scheduler::start(t.path(), "scheduler", "");
+    let list = [sched.addr.clone()];
+
+    // Our seed, dfdaemon children.
+    let our_seed = OurPeer::start(t.path(), "our-seed", &list, true);
+    let dfs: Vec<Dfdaemon> = (0..2)
+        .map(|i| Dfdaemon::start(t.path(), &format!("df{i}"), &list, false))
+        .collect();
+    wait_for_hosts(&sched, 3);
+    let outs: Vec<PathBuf> = (0..dfs.len())
+        .map(|i| t.path().join(format!("df-got-{i}")))
+        .collect();
+    let fetches: Vec<_> = dfs
+        .iter()
+        .zip(&outs)
+        .map(|(d, out)| d.spawn_fetch(&urls[0], out))
+        .collect();
+    for (i, f) in fetches.into_iter().enumerate() {
+        finish_fetch(f, &format!("dfdaemon {i}\n{}", dfs[i].log_tail()));
+    }
+    for (i, out) in outs.iter().enumerate() {
+        assert_copy(out, &origin.hex, &format!("dfdaemon {i}"));
+    }
+    let served_first = origin.proxy.relayed_bytes();
+    report("our seed + 2 dfdaemons", served_first, origin.len, 1);
+    assert!(
+        served_first <= origin_bound(origin.len, 1, 3),
+        "the origin served {served_first} bytes for our seed and 2 dfdaemons\nseed:\n{}\n{}",
+        our_seed.log(),
+        dfs[0].log_tail()
+    );
+    let served_by_ours = metric_value(&our_seed.metrics(), "peer_served_bytes_total");
+    assert!(
+        served_by_ours >= origin.len as f64,
+        "the dfdaemons took {served_by_ours} bytes from our seed (of 2 x {})",
+        origin.len
+    );
+
+    // A dfdaemon seed, our children (the second blob, which no peer has), under a
+    // scheduler of their own (the first one would trigger our seed as well).
+    drop(our_seed);
+    let sched2 = Scheduler::start(t.path(), "scheduler2", "");
+    let list2 = [sched2.addr.clone()];
+    let df_seed = Dfdaemon::start(t.path(), "df-seed", &list2, true);
+    let ours: Vec<OurPeer> = (0..2)
+        .map(|i| OurPeer::start(t.path(), &format!("ours{i}"), &list2, false))
+        .collect();
+    wait_for_hosts(&sched2, 3);
+    let refs: Vec<&OurPeer> = ours.iter().collect();
+    let got = fetch_all(&refs, &urls[1], t.path(), "ours-got");
+    let hex1 = urls[1].rsplit("sha256:").next().unwrap().to_string();
+    for (i, out) in got.iter().enumerate() {
+        assert_copy(out, &hex1, &format!("our peer {i}"));
+    }
+    let served_second = origin.proxy.relayed_bytes() - served_first;
+    report(
+        "a dfdaemon seed + 2 of our peers",
+        served_second,
+        origin.len,
+        1,
+    );
+    assert!(
+        served_second <= origin_bound(origin.len, 1, 3),
+        "the origin served {served_second} bytes for a dfdaemon seed and 2 of ours\n{}\n{}",
+        df_seed.log_tail(),
+        ours[0].log()
+    );
+    let from_peers: f64 = ours
+        .iter()
+        .map(|p| metric_value(&p.metrics(), "peer_from_peers_bytes_total"))
+        .sum();
+    assert_eq!(from_peers as u64, 2 * origin.len, "{}", ours[0].log());
+}
