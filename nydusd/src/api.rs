@@ -410,7 +410,7 @@ fn sendfd(ctx: &ApiContext) -> Response {
     if !ctx.serving.serves() {
         return error_response(409, "no session is served yet");
     }
-    match h.save(&ctx.serving.vfs()) {
+    match h.sendfd(&ctx.serving.vfs()) {
         Ok(()) => (204, "application/json", Vec::new()),
         Err(e) => error_response(500, &Chain(&e).to_string()),
     }

@@ -105,6 +105,12 @@ pub trait Takeover: Send + Sync {
     /// Hands the session as `vfs` serves it now to the supervisor.
     fn save(&self, vfs: &Vfs) -> Result<()>;
 
+    /// `PUT /api/v1/daemon/fuse/sendfd`: [`Takeover::save`], refused when there is no
+    /// session to hand over yet.
+    fn sendfd(&self, vfs: &Vfs) -> Result<()> {
+        self.save(vfs)
+    }
+
     /// [`Takeover::save`], with a failure logged: the session goes on serving, only a
     /// successor would not know the latest change.
     fn save_or_warn(&self, vfs: &Vfs) {

@@ -30,7 +30,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// First bytes of every message (the protocol's version is its last digit).
-pub const MAGIC: [u8; 8] = *b"NYDSUPV1";
+pub const MAGIC: [u8; 8] = *b"NYDSUPV2";
 /// Largest body accepted.
 pub const MAX_BODY: u32 = 16 << 20;
 /// Most descriptors a message carries.
@@ -107,6 +107,11 @@ fn recv(sock: &UnixStream) -> io::Result<(u32, Vec<u8>, Vec<OwnedFd>)> {
         if let RecvAncillaryMessage::ScmRights(rights) = msg {
             fds.extend(rights);
         }
+    }
+    if got.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
+        return Err(invalid(format!(
+            "a supervisor message with more than {MAX_FDS} descriptors"
+        )));
     }
     if got.bytes == 0 {
         return Err(io::Error::new(

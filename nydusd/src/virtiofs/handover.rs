@@ -56,6 +56,9 @@ pub struct VirtioState {
     pub setup: Vec<LoggedMessage>,
     /// Whether the log holds every setup message (no successor can go on otherwise).
     pub complete: bool,
+    /// The VMM disconnected: there is no device any more.
+    #[serde(default)]
+    pub ended: bool,
 }
 
 /// One setup message of a [`VirtioState`].
@@ -78,9 +81,7 @@ struct Session {
 
 /// A device taken over, its images mounted again, not served yet.
 struct Prepared {
-    state: VirtioState,
     vfs: Arc<Vfs>,
-    adopted: Adopted,
     configs: Vec<(u16, Config)>,
 }
 
@@ -136,13 +137,25 @@ impl VirtioHandover {
         }
     }
 
-    /// Sends the session to the supervisor (nothing before the VMM connected).
-    fn send(&self, s: &Session) -> Result<()> {
-        let (Some(vmm), Some(inflight)) = (&s.vmm, &s.inflight) else {
-            return Ok(());
-        };
+    /// The VMM disconnected: the supervisor lets go of the device (and of the guest's
+    /// memory), and a successor is told there is nothing to take over.
+    pub fn ended(&self) {
+        let mut s = self.session();
+        s.vmm = None;
+        s.inflight = None;
+        s.log = SetupLog::default();
+        let state = self.state(&s, true);
+        let sent = serde_json::to_vec(&state)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| supervisor::save(&self.supervisor, &bytes, &[]));
+        if let Err(e) = sent {
+            warn!("virtio-fs: telling the supervisor the VMM left: {e}");
+        }
+    }
+
+    fn state(&self, s: &Session, ended: bool) -> VirtioState {
         let engine = base64::engine::general_purpose::STANDARD;
-        let state = VirtioState {
+        VirtioState {
             version: STATE_VERSION,
             nydusd: env!("CARGO_PKG_VERSION").into(),
             socket: self.socket.clone(),
@@ -156,8 +169,17 @@ impl VirtioHandover {
                     fds: m.fds.len(),
                 })
                 .collect(),
-            complete: s.log.complete(),
+            complete: s.log.complete() && !ended,
+            ended,
+        }
+    }
+
+    /// Sends the session to the supervisor (nothing before the VMM connected).
+    fn send(&self, s: &Session) -> Result<()> {
+        let (Some(vmm), Some(inflight)) = (&s.vmm, &s.inflight) else {
+            return Ok(());
         };
+        let state = self.state(s, false);
         let bytes = serde_json::to_vec(&state).map_err(|e| Error::State(e.to_string()))?;
         let mut fds: Vec<BorrowedFd<'_>> = vec![vmm.as_fd(), inflight.as_fd()];
         fds.extend(
@@ -232,18 +254,9 @@ fn check_socket(fd: &OwnedFd) -> Result<UnixStream> {
     Ok(sock)
 }
 
-impl Takeover for VirtioHandover {
-    fn supervisor(&self) -> &Path {
-        &self.supervisor
-    }
-
-    fn save(&self, vfs: &Vfs) -> Result<()> {
-        let mut s = self.session();
-        s.tree = Some(vfs.export());
-        self.send(&s)
-    }
-
-    fn prepare(&self, open: &Arc<OpenBlobs>) -> Result<()> {
+impl VirtioHandover {
+    /// The device the supervisor holds: its state and what a successor goes on with.
+    fn take_device(&self) -> Result<(VirtioState, Adopted)> {
         let saved = supervisor::restore(&self.supervisor).map_err(|e| {
             Error::io(
                 format!(
@@ -260,6 +273,12 @@ impl Takeover for VirtioHandover {
                 state.socket.display(),
                 self.socket.display()
             )));
+        }
+        if state.ended {
+            return Err(Error::State(
+                "the VMM disconnected from the previous daemon: there is no device to take over"
+                    .into(),
+            ));
         }
         if !state.complete {
             return Err(Error::State(
@@ -278,27 +297,49 @@ impl Takeover for VirtioHandover {
         let inflight = Inflight::load(inflight)
             .map_err(|e| Error::State(format!("the in-flight table: {e}")))?;
         let log = log_of(&state, &mut fds)?;
-        let (vfs, configs) = mount_again(&state.tree, open)?;
-        *self.prepared.lock().unwrap_or_else(|e| e.into_inner()) = Some(Prepared {
+        Ok((
             state,
-            vfs: Arc::new(vfs),
-            adopted: Adopted {
+            Adopted {
                 vmm,
                 log,
                 inflight: Arc::new(inflight),
             },
+        ))
+    }
+}
+
+impl Takeover for VirtioHandover {
+    fn supervisor(&self) -> &Path {
+        &self.supervisor
+    }
+
+    fn save(&self, vfs: &Vfs) -> Result<()> {
+        let mut s = self.session();
+        s.tree = Some(vfs.export());
+        self.send(&s)
+    }
+
+    fn sendfd(&self, vfs: &Vfs) -> Result<()> {
+        if self.session().vmm.is_none() {
+            return Err(Error::State(
+                "no VMM is connected: there is no device to hand over".into(),
+            ));
+        }
+        self.save(vfs)
+    }
+
+    fn prepare(&self, open: &Arc<OpenBlobs>) -> Result<()> {
+        let (state, _) = self.take_device()?;
+        let (vfs, configs) = mount_again(&state.tree, open)?;
+        *self.prepared.lock().unwrap_or_else(|e| e.into_inner()) = Some(Prepared {
+            vfs: Arc::new(vfs),
             configs,
         });
         Ok(())
     }
 
     fn serve(self: Arc<Self>, events: Sender<Event>) -> Result<(Arc<Vfs>, Transport)> {
-        let Prepared {
-            state,
-            vfs,
-            adopted,
-            configs,
-        } = self
+        let Prepared { vfs, configs } = self
             .prepared
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -306,6 +347,9 @@ impl Takeover for VirtioHandover {
             .ok_or_else(|| {
                 Error::State("no device taken over yet (PUT /api/v1/daemon/fuse/takeover)".into())
             })?;
+        // The device as the predecessor left it when it died (during a live upgrade it
+        // may have changed since the takeover).
+        let (state, adopted) = self.take_device()?;
         self.session().tree = Some(vfs.export());
         let service =
             VirtioFsService::adopt(vfs.clone(), self.threads, events, self.clone(), adopted)?;
@@ -338,6 +382,7 @@ mod tests {
             tree: Vfs::pseudo().export(),
             setup,
             complete,
+            ended: false,
         })
         .unwrap()
     }

@@ -6,12 +6,17 @@
 //! Per queue there is a word with the queue's next available index (the position the
 //! daemon has taken requests up to), then one word per descriptor head: the request
 //! with that head is in flight, taken at avail position P while the used index was U.
-//! A slot is written before the next-available word moves past it, and cleared after
-//! its answer is in the used ring; so whatever moment the daemon dies at, a successor
-//! can tell each request apart (see [`Inflight::pending`]):
-//! * taken but not counted in the next-available word: it is taken again from the ring;
+//! A slot is written before the next-available word moves past it, and cleared under
+//! the queue's lock right after its answer is put in the used ring (so a head the guest
+//! reuses at once is recorded again only after); so whatever moment the daemon dies at,
+//! a successor can tell each request apart (see [`pending`]):
+//! * taken at or after the position in the next-available word: it is taken again from
+//!   the ring;
 //! * answered (its head is in the used ring at U or later): done;
-//! * otherwise: answered again by the successor.
+//! * otherwise: answered again by the successor, however many later requests passed it.
+//!
+//! When the VMM sets a queue's position (`SET_VRING_BASE`, e.g. after a guest reboot),
+//! the queue's record starts anew ([`Inflight::reset`]).
 //!
 //! Each word is written with one `pwrite` of 8 aligned bytes, which a killed writer
 //! cannot tear.
@@ -144,6 +149,19 @@ impl Inflight {
         self.put(self.word(queue, Some(head)), 0);
     }
 
+    /// `queue` starts anew at avail position `base` (the VMM set the queue up again):
+    /// its requests of before are forgotten.
+    pub fn reset(&self, queue: usize, base: u16) {
+        let Some(at) = self.word(queue, None) else {
+            return;
+        };
+        self.put(Some(at), SET | base as u64);
+        let zeros = vec![0u8; 8 * self.size as usize];
+        if let Err(e) = self.file.write_all_at(&zeros, at + 8) {
+            tracing::warn!("virtio-fs: the in-flight table: {e}");
+        }
+    }
+
     /// `queue` as the table holds it now.
     pub fn snapshot(&self, queue: usize) -> io::Result<QueueSnapshot> {
         let Some(at) = self.word(queue, None) else {
@@ -171,8 +189,8 @@ impl Inflight {
     }
 }
 
-/// The requests of `snap` a successor must answer: taken before `next_avail` (later
-/// ones it takes from the ring again) and not in the used ring. `size` is the queue's
+/// The requests of `snap` a successor must answer: taken before `next_avail` (ones at
+/// or after it it takes from the ring again) and not in the used ring. `size` is the queue's
 /// size, `used` the used ring's index now and `used_id(p)` the head at used position
 /// `p`.
 pub fn pending(
@@ -186,10 +204,9 @@ pub fn pending(
     };
     snap.taken
         .iter()
-        .filter(|t| {
-            let behind = next_avail.wrapping_sub(t.avail);
-            behind >= 1 && behind <= size
-        })
+        // At or after `next_avail` (within a queue's length): not counted, taken again.
+        // Anything else was taken before, however many requests passed it since.
+        .filter(|t| t.avail.wrapping_sub(next_avail) >= size)
         .filter(|t| {
             // Answered since it was taken: its head is in the used ring at `t.used` or
             // later (only the last `size` entries are still there; one answered before
@@ -234,6 +251,16 @@ mod tests {
         let p = pending(&w.snapshot(0).unwrap(), 8, u16::MAX, |_| None);
         assert_eq!(p.len(), 1);
         assert_eq!(loaded.snapshot(0).unwrap(), QueueSnapshot::default());
+        // A slow request passed by far more requests than the queue holds is still
+        // answered; one a VMM's reset forgot is not.
+        let slow = Inflight::new(1, 8).unwrap();
+        slow.taken(0, 4, 100, 50);
+        slow.advanced(0, 1000);
+        let p = pending(&slow.snapshot(0).unwrap(), 8, 940, |_| Some(7));
+        assert_eq!(p.iter().map(|t| t.head).collect::<Vec<_>>(), [4]);
+        slow.reset(0, 0);
+        let snap = slow.snapshot(0).unwrap();
+        assert_eq!((snap.next_avail, snap.taken.len()), (Some(0), 0));
     }
 
     #[test]

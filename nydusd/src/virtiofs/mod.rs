@@ -1,8 +1,8 @@
 //! The virtio-fs transport: the same filesystem ([`Vfs`]) served to a VM guest through
 //! vhost-user-fs (QEMU's `vhost-user-fs-pci`, Kata's), instead of `/dev/fuse`.
 //!
-//! The vhost-user side is `vhost-user-backend`: it owns the socket, the guest's memory
-//! map and the virtqueues. Each request the guest puts on a queue (a descriptor chain) is
+//! The vhost-user side is `vhost-user-backend`: it keeps the guest's memory map and the
+//! virtqueues, and answers the VMM's messages, which nydusd relays to it ([`relay`]). Each request the guest puts on a queue (a descriptor chain) is
 //! handed to a pool of worker threads, which decode it with fuse-backend-rs' `Server`
 //! (the same one the FUSE session uses), answer it into guest memory and return the
 //! chain; so one cold read waiting on the backend does not stall the guest's other
@@ -184,6 +184,9 @@ struct Backend {
     inflight: Arc<Inflight>,
     /// Per queue, what a predecessor left in flight, until the queue's first event.
     restore: Vec<Option<QueueSnapshot>>,
+    /// A predecessor's setup is being replayed: queue events wait for its end (the
+    /// replay kicks every queue when done).
+    replaying: bool,
 }
 
 fn io_err(what: &str, e: impl std::fmt::Debug) -> std::io::Error {
@@ -251,6 +254,19 @@ impl Backend {
                 .used_idx(&*mem, Ordering::Acquire)
                 .map_err(|e| io_err("reading the used ring's index", e))?
                 .0;
+            let avail = q
+                .avail_idx(&*mem, Ordering::Acquire)
+                .map_err(|e| io_err("reading the avail ring's index", e))?
+                .0;
+            if let Some(n) = snap.next_avail {
+                if avail.wrapping_sub(n) > q.size() {
+                    warn!(
+                        "virtio-fs: queue {queue}: the recorded position {n} is not of this ring \
+                         (avail {avail}); going on from the VMM's"
+                    );
+                    return Ok(());
+                }
+            }
             q.set_next_used(used);
             if let Some(n) = snap.next_avail {
                 q.set_next_avail(n);
@@ -385,10 +401,26 @@ impl VhostUserBackendMut for Backend {
         let vring = vrings.get(device_event as usize).ok_or_else(|| {
             std::io::Error::other(format!("event for unknown queue {device_event}"))
         })?;
-        let queue = device_event as usize;
-        if let Some(snap) = self.restore.get_mut(queue).and_then(Option::take) {
-            self.restore(vring, queue, snap)?;
+        if self.replaying {
+            return Ok(());
         }
+        let queue = device_event as usize;
+        // An error here would end the thread that serves every queue, with the daemon
+        // still up: each queue's trouble is logged instead.
+        if let Some(snap) = self.restore.get_mut(queue).and_then(Option::take) {
+            if let Err(e) = self.restore(vring, queue, snap) {
+                warn!("virtio-fs: queue {queue}: answering the requests left: {e}");
+            }
+        }
+        if let Err(e) = self.take_requests(vring, queue) {
+            warn!("virtio-fs: queue {queue}: {e}");
+        }
+        Ok(())
+    }
+}
+
+impl Backend {
+    fn take_requests(&self, vring: &Vring, queue: usize) -> std::io::Result<()> {
         if self.event_idx {
             // Drain, then re-enable notifications; chains that arrived meanwhile are
             // taken in the next round.
@@ -438,11 +470,17 @@ fn serve_job(server: &Server<Arc<Vfs>>, job: Job) {
             0
         }
     };
-    if let Err(e) = job.vring.add_used(head, len as u32) {
-        warn!("returning a virtio-fs descriptor: {e:?}");
-        return;
+    {
+        // Recorded as answered under the queue's lock: the guest may reuse the head as
+        // soon as it is in the used ring, and the next take of it is recorded after.
+        let mut state = job.vring.get_mut();
+        let used = state.add_used(head, len as u32);
+        job.inflight.answered(job.queue, head);
+        if let Err(e) = used {
+            warn!("returning a virtio-fs descriptor: {e:?}");
+            return;
+        }
     }
-    job.inflight.answered(job.queue, head);
     let notify = !job.event_idx || job.vring.needs_notification().unwrap_or(true);
     if notify {
         if let Err(e) = job.vring.signal_used_queue() {
@@ -491,7 +529,7 @@ fn serve_connection(
 ) -> std::result::Result<(), String> {
     let mut daemon = VhostUserDaemon::new(
         "nydusd-virtiofs".into(),
-        backend,
+        backend.clone(),
         GuestMemoryAtomic::new(GuestMemoryMmap::new()),
     )
     .map_err(|e| format!("vhost-user daemon: {e}"))?;
@@ -506,6 +544,7 @@ fn serve_connection(
             log.replay(&ours)
                 .map_err(|e| format!("setting the device up again: {e}"))?;
             let _ = ours.set_read_timeout(None);
+            backend.write().unwrap_or_else(|e| e.into_inner()).replaying = false;
             // Requests the guest queued while no daemon served are taken, and it looks
             // at its used rings again (for answers given during the replay).
             for (q, fd) in log.kicks().into_iter().chain(log.calls()) {
@@ -522,7 +561,9 @@ fn serve_connection(
         vmm.try_clone().map_err(|e| e.to_string())?,
         ours.try_clone().map_err(|e| e.to_string())?,
     );
-    // The VMM's messages go on to the backend; when the VMM goes, so does the backend.
+    // The VMM's messages go on to the backend, each logged (and handed over) first;
+    // when the VMM goes, so does the backend.
+    let table = inflight.clone();
     thread::Builder::new()
         .name("vhost-user-in".into())
         .spawn(move || {
@@ -533,6 +574,9 @@ fn serve_connection(
                     m.payload().len(),
                     m.fds.len()
                 );
+                if let Some((queue, base)) = m.vring_base() {
+                    table.reset(queue as usize, base as u16);
+                }
                 if let Some(h) = &handover {
                     h.record(m);
                 }
@@ -548,6 +592,9 @@ fn serve_connection(
                 }
             }
             let _ = from_vmm.shutdown(std::net::Shutdown::Both);
+            if let Some(h) = &handover {
+                h.ended();
+            }
         })
         .map_err(|e| e.to_string())?;
     thread::Builder::new()
@@ -602,6 +649,7 @@ impl VirtioFsService {
             work,
             inflight,
             restore: Vec::new(),
+            replaying: false,
         }));
         Ok((backend, workers))
     }
@@ -667,7 +715,11 @@ impl VirtioFsService {
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|e| Error::State(format!("the in-flight table: {e}")))?;
         let (backend, workers) = VirtioFsService::backend(fs, threads, inflight.clone())?;
-        backend.write().unwrap_or_else(|e| e.into_inner()).restore = restore;
+        {
+            let mut b = backend.write().unwrap_or_else(|e| e.into_inner());
+            b.restore = restore;
+            b.replaying = true;
+        }
         let serve = thread::Builder::new()
             .name("vhost-user".into())
             .spawn(move || {

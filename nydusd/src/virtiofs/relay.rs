@@ -129,6 +129,17 @@ impl Message {
         .flatten()
     }
 
+    /// The queue and position of a `SET_VRING_BASE`.
+    pub fn vring_base(&self) -> Option<(u32, u32)> {
+        let p = self.payload();
+        (self.request() == req::SET_VRING_BASE && p.len() >= 8).then(|| {
+            (
+                u32::from_le_bytes(p[..4].try_into().expect("4 bytes")),
+                u32::from_le_bytes(p[4..8].try_into().expect("4 bytes")),
+            )
+        })
+    }
+
     /// A copy, with copies of its descriptors.
     pub fn try_clone(&self) -> io::Result<Message> {
         Ok(Message {
@@ -165,6 +176,12 @@ pub fn read_message(sock: &UnixStream) -> io::Result<Option<Message>> {
         if let RecvAncillaryMessage::ScmRights(rights) = msg {
             fds.extend(rights);
         }
+    }
+    if got.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a vhost-user message with more than {MAX_MSG_FDS} descriptors"),
+        ));
     }
     if got.bytes == 0 {
         return Ok(None);
@@ -219,7 +236,8 @@ pub fn write_message(sock: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) ->
 }
 
 /// Relays one message from `from` to `to`; `false` when `from` closed the connection.
-/// `seen` sees each message after it went on.
+/// `seen` sees each message before it goes on (a message logged and not delivered is
+/// harmless to replay; one delivered and not logged would be missing).
 pub fn relay_one(
     from: &UnixStream,
     to: &UnixStream,
@@ -228,9 +246,9 @@ pub fn relay_one(
     let Some(msg) = read_message(from)? else {
         return Ok(false);
     };
+    seen(&msg);
     let fds: Vec<BorrowedFd<'_>> = msg.fds.iter().map(|f| f.as_fd()).collect();
     write_message(to, &msg.bytes, &fds)?;
-    seen(&msg);
     Ok(true)
 }
 
@@ -272,6 +290,36 @@ impl SetupLog {
                 return true;
             }
         };
+        // The guest's memory: a new table supersedes every earlier memory message (it
+        // takes the first one's place); a region removed takes its addition away.
+        let memory = |e: &Message| {
+            matches!(
+                e.request(),
+                req::SET_MEM_TABLE | req::ADD_MEM_REG | req::REM_MEM_REG
+            )
+        };
+        if msg.request() == req::SET_MEM_TABLE {
+            if let Some(at) = self.entries.iter().position(memory) {
+                self.entries[at] = copy;
+                let mut i = 0;
+                self.entries.retain(|e| {
+                    i += 1;
+                    i - 1 == at || !memory(e)
+                });
+                return true;
+            }
+        }
+        if msg.request() == req::REM_MEM_REG {
+            let region = msg.payload().get(8..32);
+            if let Some(at) = self
+                .entries
+                .iter()
+                .position(|e| e.request() == req::ADD_MEM_REG && e.payload().get(8..32) == region)
+            {
+                self.entries.remove(at);
+                return true;
+            }
+        }
         if let Some(queue) = msg.vring_fd_queue() {
             let request = msg.request();
             let same = |e: &Message| e.request() == request && e.vring_fd_queue() == Some(queue);
@@ -472,6 +520,42 @@ mod tests {
                 req::SET_VRING_KICK
             ]
         );
+        // Memory: a new table replaces the old ones; a removed region its addition.
+        let region = |gpa: u8| {
+            let mut p = vec![0u8; 40];
+            p[8] = gpa;
+            p
+        };
+        assert!(log.record(&msg(req::SET_MEM_TABLE, 1, &[0; 40], vec![eventfd()])));
+        assert!(log.record(&msg(req::ADD_MEM_REG, 1, &region(1), vec![eventfd()])));
+        assert!(log.record(&msg(req::ADD_MEM_REG, 1, &region(2), vec![eventfd()])));
+        assert!(log.record(&msg(req::REM_MEM_REG, 1, &region(1), vec![])));
+        let adds = |log: &SetupLog| {
+            log.entries()
+                .iter()
+                .filter(|e| e.request() == req::ADD_MEM_REG)
+                .count()
+        };
+        assert_eq!(adds(&log), 1);
+        let at = log
+            .entries()
+            .iter()
+            .position(|e| e.request() == req::SET_MEM_TABLE);
+        assert!(log.record(&msg(req::SET_MEM_TABLE, 1, &[1; 40], vec![eventfd()])));
+        assert_eq!(adds(&log), 0);
+        assert_eq!(
+            log.entries()
+                .iter()
+                .position(|e| e.request() == req::SET_MEM_TABLE),
+            at
+        );
+        assert_eq!(
+            log.entries()
+                .iter()
+                .filter(|e| e.request() == req::SET_MEM_TABLE)
+                .count(),
+            1
+        );
         // More descriptors than a hand-over carries: the log says it is incomplete.
         for _ in 0..MAX_LOG_FDS {
             log.record(&msg(req::ADD_MEM_REG, 1, &[0; 40], vec![eventfd()]));
@@ -482,6 +566,8 @@ mod tests {
     #[test]
     fn replay_drops_acknowledgements_and_reads_the_answers_to_questions() {
         let (ours, theirs) = UnixStream::pair().unwrap();
+        ours.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
         let mut log = SetupLog::default();
         log.record(&msg(req::GET_FEATURES, 1 | FLAG_NEED_REPLY, &[], vec![]));
         log.record(&msg(req::SET_OWNER, 1 | FLAG_NEED_REPLY, &[], vec![]));

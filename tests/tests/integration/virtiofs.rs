@@ -520,13 +520,20 @@ fn nydusd_killed_under_the_guest_is_taken_over_by_a_successor() {
             "round {round}: the guest's reads made no progress before the kill"
         );
         if round == 1 {
-            // A cold read under way when the daemon dies: registry requests wait 2 s.
-            proxy.shape(Duration::from_secs(2), 0);
+            // A cold read under way when the daemon dies: registry requests wait 5 s.
+            proxy.shape(Duration::from_secs(5), 0);
             let sent = proxy.requests();
             g.run("( (sha256sum /mnt/big.bin | cut -d' ' -f1 > /tmp/sum) > /dev/null 2>&1 & )");
             assert!(
                 wait_until(Duration::from_secs(20), || proxy.requests() > sent),
                 "the cold read never reached the registry"
+            );
+            // Meanwhile the loop's requests pass it: more than a queue holds (QEMU's
+            // default queue size is 128; a loop is over 200 requests).
+            let at = loops(&mut g);
+            assert!(
+                wait_until(Duration::from_secs(4), || loops(&mut g) >= at + 2),
+                "the guest's reads stalled behind the cold read"
             );
         }
         let old = daemons.last_mut().unwrap();
