@@ -223,18 +223,23 @@ impl PeerInner {
             .clone()
     }
 
-    /// The scheduler task `task_id` goes to: the same one for every peer that lists the
-    /// same schedulers (in any order).
+    /// The scheduler task `task_id` goes to, by dfdaemon's consistent hash ring (its own
+    /// crate, `dragonfly-hashring`: 512 virtual nodes per scheduler, named by
+    /// `ip:port` as dfdaemon names the schedulers of a dynconfig file), so that our
+    /// peers and dfdaemons listing the same schedulers meet on one for each task.
     pub fn scheduler_for(&self, task_id: &str) -> Option<String> {
-        let mut list = self.schedulers();
-        list.sort();
-        list.dedup();
-        // Rendezvous hashing: the scheduler with the highest hash of (scheduler, task).
-        list.into_iter().max_by_key(|s| {
-            use sha2::Digest;
-            let h = sha2::Sha256::digest(format!("{s}/{task_id}").as_bytes());
-            u64::from_be_bytes(h[..8].try_into().expect("8 bytes"))
-        })
+        let mut addrs: Vec<std::net::SocketAddr> = self
+            .schedulers()
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        addrs.sort();
+        addrs.dedup();
+        let mut ring = dragonfly_hashring::VNodeHashRing::new();
+        for a in &addrs {
+            ring.add(a.to_string());
+        }
+        ring.get(task_id).map(|v| v.name().to_string())
     }
 
     /// The host as announced.
