@@ -163,3 +163,61 @@ fn dfdaemons_and_our_peers_are_each_others_parents() {
         .sum();
     assert_eq!(from_peers as u64, 2 * origin.len, "{}", ours[0].log());
 }
+
+/// Three schedulers and a mixed swarm (a dfdaemon seed, two dfdaemons, two of our
+/// peers): each blob is read at once by a dfdaemon and one of ours, and every task is
+/// on exactly one scheduler (our peers pick it with dfdaemon's hash ring), with the
+/// origin serving about one copy of each.
+#[test]
+fn three_schedulers_and_a_mixed_swarm_meet_on_one_scheduler_per_task() {
+    let _swarm = require();
+    let t = tempfile::tempdir().unwrap();
+    let blobs: Vec<(u64, u64)> = (0..8).map(|i| (8 << 20, 70 + i)).collect();
+    let (origin, urls) = Origin::start(t.path(), &blobs);
+    let scheds: Vec<Scheduler> = (0..3)
+        .map(|i| Scheduler::start(t.path(), &format!("scheduler{i}"), ""))
+        .collect();
+    let list: Vec<String> = scheds.iter().map(|s| s.addr.clone()).collect();
+    let _seed = Dfdaemon::start(t.path(), "seed", &list, true);
+    let dfs: Vec<Dfdaemon> = (0..2)
+        .map(|i| Dfdaemon::start(t.path(), &format!("df{i}"), &list, false))
+        .collect();
+    let ours: Vec<OurPeer> = (0..2)
+        .map(|i| OurPeer::start(t.path(), &format!("ours{i}"), &list, false))
+        .collect();
+    for s in &scheds {
+        wait_for_hosts(s, 5);
+    }
+    let hexes: Vec<String> = urls
+        .iter()
+        .map(|u| u.rsplit_once("sha256:").unwrap().1.to_string())
+        .collect();
+    let mut fetches = Vec::new();
+    for (b, url) in urls.iter().enumerate() {
+        let df_out = t.path().join(format!("blob{b}-df"));
+        fetches.push((dfs[b % 2].spawn_fetch(url, &df_out), df_out, b));
+        let our_out = t.path().join(format!("blob{b}-ours"));
+        fetches.push((ours[b % 2].spawn_fetch(url, &our_out, None), our_out, b));
+    }
+    for (f, out, b) in fetches {
+        finish_fetch(f, &format!("blob {b}\n{}", ours[b % 2].log()));
+        assert_copy(&out, &hexes[b], &format!("blob {b}"));
+    }
+    let tasks: Vec<f64> = scheds.iter().map(|s| s.metric("scheduler_tasks")).collect();
+    assert_eq!(
+        tasks.iter().sum::<f64>(),
+        8.0,
+        "tasks per scheduler (a task split between schedulers counts twice): {tasks:?}"
+    );
+    assert!(
+        tasks.iter().filter(|n| **n > 0.0).count() >= 2,
+        "tasks per scheduler: {tasks:?}"
+    );
+    let served = origin.proxy.relayed_bytes();
+    report("three schedulers, a mixed swarm", served, origin.len, 8);
+    assert!(
+        served <= origin_bound(origin.len, 8, 24),
+        "the origin served {served} bytes for 8 blobs of {} bytes",
+        origin.len
+    );
+}
