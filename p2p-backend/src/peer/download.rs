@@ -46,7 +46,11 @@ pub async fn run(
     download: Download,
     started: Option<mpsc::Sender<Arc<TaskData>>>,
 ) -> Outcome {
-    if let Some(t) = peer.storage.get(&task_id).filter(|t| t.complete()) {
+    if let Some(t) = peer
+        .storage
+        .get(&task_id)
+        .filter(|t| t.complete() && t.pieces().iter().all(|p| p.verified))
+    {
         if let Some(s) = started {
             let _ = s.send(t.clone()).await;
         }
@@ -55,6 +59,7 @@ pub async fn run(
     let scheduler = peer
         .scheduler_for(&task_id)
         .ok_or_else(|| "no scheduler is configured (--dynconfig)".to_string())?;
+    let d_download = download.clone();
     let d = Driver {
         peer: peer.clone(),
         task_id: task_id.clone(),
@@ -63,7 +68,23 @@ pub async fn run(
         started,
     };
     let started_at = std::time::Instant::now();
-    match d.through(&scheduler).await {
+    let mut outcome = d.through(&scheduler).await;
+    if outcome.as_ref().is_err_and(|e| e.contains("were dropped")) {
+        // Once more, without the suspects (the origin if nobody else has it).
+        tracing::warn!(
+            "task {task_id}: {}; fetching the dropped pieces again",
+            outcome.as_ref().err().map(String::as_str).unwrap_or("")
+        );
+        let d = Driver {
+            peer: peer.clone(),
+            task_id: task_id.clone(),
+            peer_id: format!("{}-{}-{}", peer.host_id, task_id, peer.next_id()),
+            download: d_download,
+            started: None,
+        };
+        outcome = d.through(&scheduler).await;
+    }
+    match outcome {
         Ok(t) => {
             let from_origin = t.pieces().iter().filter(|p| p.parent.is_none()).count();
             tracing::info!(
@@ -301,7 +322,7 @@ impl Driver {
                 let _permit = sem.acquire_owned().await;
                 let (offset, len) = t.piece_range(n).expect("a piece of the task");
                 let data = peer.origin_range(&d, offset, len).await?;
-                t.store(n, &data, None)
+                t.store(n, &data, None, true)
                     .map_err(|e| format!("storing piece {n}: {e}"))
             });
         }
@@ -338,17 +359,25 @@ impl Driver {
         Ok(t)
     }
 
-    /// A task whose URL names a blob digest is checked whole; a wrong one is dropped.
+    /// The whole task checked once complete: against its blob digest when the URL
+    /// names one (every piece verified when it matches; when it does not, the pieces
+    /// not verified otherwise are dropped and their senders suspected); without one,
+    /// there is nothing but the senders' CRC-32 to go by, and the pieces count as
+    /// verified.
     fn check_whole(&self, t: &TaskData) -> Result<(), String> {
         let Some(want) = storage::blob_digest(&self.download.url) else {
+            t.verify_all();
             return Ok(());
         };
+        if t.pieces().iter().all(|p| p.verified) {
+            return Ok(());
+        }
         let mut h = Sha256::new();
         let mut at = 0;
         while at < t.content_length {
             let n = (t.content_length - at).min(8 << 20);
             let buf = t
-                .read(at, n)
+                .read(at, n, false)
                 .map_err(|e| e.to_string())?
                 .ok_or_else(|| "a piece went missing".to_string())?;
             h.update(&buf);
@@ -356,14 +385,21 @@ impl Driver {
         }
         let got = hex::encode(h.finalize());
         if got != want {
-            for n in 0..t.piece_count() {
-                t.drop_piece(n);
+            let mut suspects = Vec::new();
+            for p in t.pieces().into_iter().filter(|p| !p.verified) {
+                t.drop_piece(p.number);
+                suspects.extend(p.parent);
             }
+            suspects.sort();
+            suspects.dedup();
             self.peer.metrics.piece_failure("blob-digest");
+            self.peer.suspect(&self.task_id, &suspects);
             return Err(format!(
-                "the blob's bytes have digest {got}, not {want}; dropped"
+                "the blob's bytes have digest {got}, not {want}: the pieces from {suspects:?} \
+                 were dropped"
             ));
         }
+        t.verify_all();
         Ok(())
     }
 
@@ -499,7 +535,8 @@ impl Driver {
                                 ));
                             }
                         }
-                        t2.store(n, &f.data, Some(parent.clone()))
+                        // Verified when a seed's SHA-256 from the origin matched.
+                        t2.store(n, &f.data, Some(parent.clone()), sha.is_some())
                             .map_err(|e| format!("storing piece {n}: {e}"))
                     });
                     (n, parent, r)
@@ -531,6 +568,9 @@ impl Driver {
                             tracing::warn!("task {}: from {parent}: {e}", self.task_id);
                             self.peer.metrics.piece_failure(if e.contains("SHA-256") || e.contains("CRC-32") { "digest" } else { "transfer" });
                             excluded.insert(parent.clone());
+                            if e.contains("SHA-256") || e.contains("CRC-32") {
+                                self.peer.suspect(&self.task_id, std::slice::from_ref(&parent));
+                            }
                             self.send(a, Req::DownloadPieceFailedRequest(DownloadPieceFailedRequest {
                                 piece_number: Some(n),
                                 parent_id: parent,

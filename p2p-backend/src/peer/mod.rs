@@ -182,6 +182,8 @@ pub struct PeerInner {
     pub(crate) http: reqwest::Client,
     ids: AtomicU64,
     running: Mutex<HashMap<String, (TaskSender, Running)>>,
+    /// Per task, the peers (peer or host ids) that sent bad bytes of it.
+    suspects: Mutex<HashMap<String, std::collections::HashSet<String>>>,
 }
 
 impl PeerInner {
@@ -208,7 +210,25 @@ impl PeerInner {
                 .map_err(|e| e.to_string())?,
             ids: AtomicU64::new(0),
             running: Mutex::default(),
+            suspects: Mutex::default(),
         }))
+    }
+
+    /// `senders` (peer or host ids) sent bad bytes of `task`: not asked for it again.
+    pub fn suspect(&self, task: &str, senders: &[String]) {
+        let mut s = self.suspects.lock().unwrap_or_else(|e| e.into_inner());
+        s.entry(task.to_string())
+            .or_default()
+            .extend(senders.iter().cloned());
+    }
+
+    /// Whether the parent `peer_id` on `host_id` sent bad bytes of `task`.
+    pub fn is_suspect(&self, task: &str, peer_id: &str, host_id: &str) -> bool {
+        self.suspects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(task)
+            .is_some_and(|s| s.contains(peer_id) || (!host_id.is_empty() && s.contains(host_id)))
     }
 
     fn next_id(&self) -> u64 {

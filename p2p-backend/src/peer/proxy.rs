@@ -8,6 +8,16 @@
 //! whole task, piece after piece as they are stored. When the swarm fails before the
 //! first byte went out, the request goes to the origin instead. Responses carry
 //! `X-Dragonfly-Task-ID`; errors made here carry `X-Dragonfly-Error-Type: proxy`.
+//!
+//! **Clients that verify.** A client answers only with pieces verified against a
+//! digest their sender did not give (see [`super::storage::PieceMeta::verified`]),
+//! unless it sends `X-P2P-Verifies-Chunks: true`: it checks what it reads itself (as
+//! nydusd checks every chunk against the bootstrap) and may have a piece as soon as it
+//! is stored. Such a client reports the bytes it found bad with
+//! `POST /api/v1/bad-range` (origin-form, to the proxy's address) and the body
+//! `{"url": URL, "offset": N, "length": N}`: the pieces holding them are dropped
+//! (unless verified: then `409`), their senders are not asked for the task again and
+//! are reported to the scheduler, and the pieces are fetched again; `204`.
 
 use super::storage::{self, TaskData};
 use super::PeerInner;
@@ -262,6 +272,10 @@ async fn through_swarm(
             }
         }
     };
+    let verifies = req
+        .headers()
+        .get("X-P2P-Verifies-Chunks")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
     let (first, last) = range.unwrap_or((0, t.content_length.saturating_sub(1)));
     let len = if t.content_length == 0 {
         0
@@ -271,13 +285,13 @@ async fn through_swarm(
     // The first bytes must be there before the answer goes out: a failure before that
     // still goes to the origin.
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
-    let first_chunk = next_chunk(peer, &t, first, last).await?;
+    let first_chunk = next_chunk(peer, &t, first, last, !verifies).await?;
     let mut at = first + first_chunk.len() as u64;
     let _ = tx.send(Ok(Frame::data(Bytes::from(first_chunk)))).await;
     let (peer2, t2) = (peer.clone(), t.clone());
     tokio::spawn(async move {
         while len > 0 && at <= last {
-            match next_chunk(&peer2, &t2, at, last).await {
+            match next_chunk(&peer2, &t2, at, last, !verifies).await {
                 Ok(c) => {
                     at += c.len() as u64;
                     if tx.send(Ok(Frame::data(Bytes::from(c)))).await.is_err() {
@@ -307,12 +321,14 @@ async fn through_swarm(
         .map_err(|e| e.to_string())
 }
 
-/// The bytes from `at` to the end of its piece (or `last`), once that piece is stored.
+/// The bytes from `at` to the end of its piece (or `last`), once that piece is stored
+/// (and verified, with `verified_only`).
 async fn next_chunk(
     peer: &PeerInner,
     t: &Arc<TaskData>,
     at: u64,
     last: u64,
+    verified_only: bool,
 ) -> Result<Vec<u8>, String> {
     if t.content_length == 0 {
         return Ok(Vec::new());
@@ -323,10 +339,16 @@ async fn next_chunk(
     let mut changes = t.subscribe();
     loop {
         changes.borrow_and_update();
-        if let Some(b) = t.read(at, end - at + 1).map_err(|e| e.to_string())? {
+        if let Some(b) = t
+            .read(at, end - at + 1, verified_only)
+            .map_err(|e| e.to_string())?
+        {
             return Ok(b);
         }
-        if !peer.is_running(&t.id) && t.piece(number).is_none() {
+        let usable = t
+            .piece(number)
+            .is_some_and(|p| p.verified || !verified_only);
+        if !peer.is_running(&t.id) && !usable {
             return Err(format!("piece {number} of task {} did not come", t.id));
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), changes.changed()).await;

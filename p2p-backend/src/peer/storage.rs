@@ -65,6 +65,11 @@ pub struct PieceMeta {
     pub sha256: String,
     /// The peer it came from (none: the origin).
     pub parent: Option<String>,
+    /// Checked against a digest that did not come from its sender (it came from the
+    /// origin, matched the SHA-256 a seed recorded from the origin, or the whole blob
+    /// matched its digest): only such pieces are served to other peers.
+    #[serde(default)]
+    pub verified: bool,
 }
 
 impl PieceMeta {
@@ -149,9 +154,16 @@ impl TaskData {
         self.changed.send_modify(|n| *n += 1);
     }
 
-    /// Stores piece `number` (its bytes `data`, from `parent`, none: the origin).
-    /// Refused when the length is not the piece's.
-    pub fn store(&self, number: u32, data: &[u8], parent: Option<String>) -> io::Result<PieceMeta> {
+    /// Stores piece `number` (its bytes `data`, from `parent`, none: the origin;
+    /// `verified`: see [`PieceMeta::verified`]). Refused when the length is not the
+    /// piece's.
+    pub fn store(
+        &self,
+        number: u32,
+        data: &[u8],
+        parent: Option<String>,
+        verified: bool,
+    ) -> io::Result<PieceMeta> {
         let (offset, length) = self.piece_range(number).ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -176,6 +188,7 @@ impl TaskData {
             crc32: crc32fast::hash(data),
             sha256: hex::encode(Sha256::digest(data)),
             parent,
+            verified,
         };
         {
             let mut pieces = self.lock();
@@ -184,6 +197,23 @@ impl TaskData {
         }
         self.wake();
         Ok(meta)
+    }
+
+    /// Marks every stored piece verified (the whole task matched its digest).
+    pub fn verify_all(&self) {
+        {
+            let mut pieces = self.lock();
+            for p in pieces.iter_mut().flatten() {
+                p.verified = true;
+            }
+            let _ = self.save(&pieces);
+        }
+        self.wake();
+    }
+
+    /// Whether piece `number` is stored and verified.
+    pub fn verified(&self, number: u32) -> bool {
+        self.piece(number).is_some_and(|p| p.verified)
     }
 
     /// Forgets piece `number` (found bad).
@@ -195,15 +225,19 @@ impl TaskData {
         let _ = self.save(&pieces);
     }
 
-    /// Reads `len` bytes at `offset`, all in stored pieces; `None` when a piece is
-    /// missing.
-    pub fn read(&self, offset: u64, len: u64) -> io::Result<Option<Vec<u8>>> {
+    /// Reads `len` bytes at `offset`, all in stored pieces (verified ones, with
+    /// `verified_only`); `None` when a piece is missing.
+    pub fn read(&self, offset: u64, len: u64, verified_only: bool) -> io::Result<Option<Vec<u8>>> {
         if len == 0 {
             return Ok(Some(Vec::new()));
         }
         let first = (offset / self.piece_length) as u32;
         let last = ((offset + len - 1) / self.piece_length) as u32;
-        if (first..=last).any(|n| self.piece(n).is_none()) {
+        let usable = |n| match self.piece(n) {
+            Some(p) => p.verified || !verified_only,
+            None => false,
+        };
+        if !(first..=last).all(usable) {
             return Ok(None);
         }
         let mut buf = vec![0u8; len as usize];
@@ -414,19 +448,26 @@ mod tests {
         assert_eq!(t.piece_count(), 3);
         assert_eq!(t.piece_range(2), Some((8, 2)));
         assert!(
-            t.store(2, b"xyz", None).is_err(),
+            t.store(2, b"xyz", None, true).is_err(),
             "a piece of the wrong length"
         );
-        assert!(t.store(3, b"xy", None).is_err(), "a piece past the end");
-        t.store(0, b"0123", Some("p".into())).unwrap();
-        t.store(2, b"89", None).unwrap();
-        assert_eq!(t.read(0, 4).unwrap().unwrap(), b"0123");
-        assert_eq!(t.read(2, 4).unwrap(), None, "piece 1 is missing");
+        assert!(
+            t.store(3, b"xy", None, true).is_err(),
+            "a piece past the end"
+        );
+        t.store(0, b"0123", Some("p".into()), false).unwrap();
+        t.store(2, b"89", None, true).unwrap();
+        assert_eq!(t.read(0, 4, false).unwrap().unwrap(), b"0123");
+        assert_eq!(t.read(0, 4, true).unwrap(), None, "piece 0 is not verified");
+        assert_eq!(t.read(2, 4, false).unwrap(), None, "piece 1 is missing");
         drop((t, s));
         let s = Storage::open(dir.path()).unwrap();
         let t = s.get("abc").unwrap();
         assert_eq!(t.pieces().len(), 2);
+        assert!(t.verified(2) && !t.verified(0));
         assert_eq!(t.read_piece(2).unwrap().unwrap().1, b"89");
+        t.verify_all();
+        assert!(t.verified(0));
         assert!(s.create("../x", "u", 1, 1).is_err());
         assert!(s.delete("abc"));
         assert!(s.get("abc").is_none());

@@ -1,7 +1,8 @@
 //! `dfdaemon.v2.DfdaemonUpload`: what other peers (dfdaemons among them) and the
 //! scheduler ask of this peer.
 //!
-//! * `SyncPieces`: the pieces of a task held here, then each one as it is stored, until
+//! * `SyncPieces`: the verified pieces of a task held here (see
+//!   [`super::storage::PieceMeta::verified`]), then each one as it is verified, until
 //!   the task is complete or its download ended; `NOT_FOUND` for a task neither held
 //!   nor under way.
 //! * `DownloadTask`: how a scheduler makes a seed peer fetch a task: answered with
@@ -96,7 +97,8 @@ fn follow<T: Send + 'static>(
         let total = (0..t.piece_count()).filter(|n| want(*n)).count();
         loop {
             changes.borrow_and_update();
-            for p in t.pieces() {
+            // Only pieces verified against a digest their sender did not give.
+            for p in t.pieces().into_iter().filter(|p| p.verified) {
                 if want(p.number) && sent.insert(p.number) && tx.send(Ok(item(&p))).await.is_err() {
                     return;
                 }
@@ -226,7 +228,8 @@ impl DfdaemonUpload for UploadService {
             task_id: t.id.clone(),
             piece_length: Some(t.piece_length),
             content_length: Some(t.content_length),
-            finished_at: t.complete().then(timestamp_now),
+            finished_at: (t.complete() && t.pieces().iter().all(|p| p.verified))
+                .then(timestamp_now),
             ..Default::default()
         }))
     }

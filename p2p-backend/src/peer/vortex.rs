@@ -99,9 +99,10 @@ async fn serve_conn(
         };
         let task_id = req.task_id.clone();
         let number = req.piece_number;
+        // Only pieces verified against a digest their sender did not give go out.
         let piece = match storage.get(&task_id) {
-            None => None,
-            Some(t) => t.read_piece(number)?,
+            Some(t) if t.verified(number) => t.read_piece(number)?,
+            _ => None,
         };
         let Some((meta, data)) = piece else {
             send_error(
