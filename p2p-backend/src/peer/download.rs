@@ -190,9 +190,17 @@ impl Driver {
                 Err(e) => break Err(e),
             };
             tracing::info!(
-                "task {}: the scheduler answered {}",
+                "task {}: the scheduler answered {} {:?}",
                 self.task_id,
-                answer_name(&resp)
+                answer_name(&resp),
+                match &resp {
+                    Resp::NormalTaskResponse(r) => r
+                        .candidate_parents
+                        .iter()
+                        .map(|p| p.id.clone())
+                        .collect::<Vec<_>>(),
+                    _ => Vec::new(),
+                }
             );
             match resp {
                 Resp::NeedBackToSourceResponse(_) => {
@@ -434,7 +442,13 @@ impl Driver {
                 }
             }
         }
-        let length = match length.or_else(|| {
+        // A task stored in an earlier round (or run) keeps its length.
+        let stored = self
+            .peer
+            .storage
+            .get(&self.task_id)
+            .map(|t| t.content_length);
+        let length = match length.or(stored).or_else(|| {
             parents
                 .iter()
                 .find_map(|p| p.task.as_ref().map(|t| t.content_length).filter(|n| *n > 0))
@@ -458,8 +472,16 @@ impl Driver {
                 .filter(|n| t.piece(*n).is_none())
                 .collect();
             syncs.spawn(async move {
+                // A parent that cannot say what it has ends with an offer of nothing
+                // (piece number u32::MAX): it is not asked again in this download.
+                let nothing = (parent_id.clone(), u32::MAX, String::new());
                 let addr = format!("http://{}:{}", host.ip, host.port);
-                let Ok(mut c) = DfdaemonUploadClient::connect(addr).await else {
+                let connect = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    DfdaemonUploadClient::connect(addr),
+                );
+                let Ok(Ok(mut c)) = connect.await else {
+                    let _ = tx.send(nothing).await;
                     return;
                 };
                 let Ok(stream) = c
@@ -470,6 +492,7 @@ impl Driver {
                     })
                     .await
                 else {
+                    let _ = tx.send(nothing).await;
                     return;
                 };
                 let mut stream = stream.into_inner();
@@ -547,6 +570,10 @@ impl Driver {
             }
             tokio::select! {
                 have = have_rx.recv(), if syncing => match have {
+                    Some((parent, u32::MAX, _)) => {
+                        tracing::info!("task {}: parent {parent} could not say what it has", self.task_id);
+                        excluded.insert(parent);
+                    }
                     Some((parent, n, addr)) => {
                         if t.piece(n).is_none() && n < t.piece_count() {
                             offers.entry(n).or_default().push((parent, addr));

@@ -139,11 +139,89 @@ pub fn parse_range(value: &str, len: u64) -> Result<(u64, u64), String> {
     Ok((first, last))
 }
 
+/// The body of `POST /api/v1/bad-range`.
+#[derive(serde::Deserialize)]
+struct BadRange {
+    url: String,
+    offset: u64,
+    length: u64,
+}
+
+async fn bad_range(peer: &Arc<PeerInner>, req: Request<Incoming>) -> Response<Body> {
+    let body = match tokio::time::timeout(Duration::from_secs(10), req.into_body().collect()).await
+    {
+        Ok(Ok(b)) => b.to_bytes(),
+        _ => return proxy_error(StatusCode::BAD_REQUEST, "reading the body".into()),
+    };
+    if body.len() > 64 << 10 {
+        return proxy_error(StatusCode::PAYLOAD_TOO_LARGE, "a body over 64 KiB".into());
+    }
+    let r: BadRange = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return proxy_error(StatusCode::BAD_REQUEST, format!("the body: {e}")),
+    };
+    let task_id = storage::task_id(&r.url);
+    let Some(t) = peer.storage.get(&task_id) else {
+        return proxy_error(StatusCode::NOT_FOUND, format!("task {task_id} is not here"));
+    };
+    if r.length == 0
+        || r.offset
+            .checked_add(r.length)
+            .is_none_or(|end| end > t.content_length)
+    {
+        return proxy_error(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            format!(
+                "{}+{} is not within the task's {} bytes",
+                r.offset, r.length, t.content_length
+            ),
+        );
+    }
+    let first = (r.offset / t.piece_length) as u32;
+    let last = ((r.offset + r.length - 1) / t.piece_length) as u32;
+    let pieces: Vec<_> = (first..=last).filter_map(|n| t.piece(n)).collect();
+    if pieces.iter().any(|p| p.verified) {
+        return proxy_error(
+            StatusCode::CONFLICT,
+            format!(
+                "pieces {first}..={last} of task {task_id} were verified against a digest their \
+                 sender did not give: the bad bytes are not theirs"
+            ),
+        );
+    }
+    let senders: Vec<String> = pieces.iter().filter_map(|p| p.parent.clone()).collect();
+    for p in &pieces {
+        t.drop_piece(p.number);
+    }
+    peer.metrics.piece_failure("reported");
+    peer.suspect(&task_id, &senders);
+    tracing::warn!(
+        "task {task_id}: a client found {}+{} bad: pieces {first}..={last} dropped, {senders:?} \
+         suspected; fetching them again",
+        r.offset,
+        r.length
+    );
+    let _ = peer.download(Download {
+        url: t.url.clone(),
+        enable_task_id_based_blob_digest: storage::blob_digest(&t.url).is_some(),
+        ..Default::default()
+    });
+    let mut ok = Response::new(Full::new(Bytes::new()).map_err(|e| match e {}).boxed());
+    *ok.status_mut() = StatusCode::NO_CONTENT;
+    ok
+}
+
 async fn handle(
     peer: Arc<PeerInner>,
     rules: &[regex::Regex],
     req: Request<Incoming>,
 ) -> Response<Body> {
+    if req.uri().host().is_none() && req.uri().path() == "/api/v1/bad-range" {
+        if req.method() != hyper::Method::POST {
+            return proxy_error(StatusCode::METHOD_NOT_ALLOWED, "POST a bad range".into());
+        }
+        return bad_range(&peer, req).await;
+    }
     let url = match target(&req) {
         Ok(u) => u,
         Err(e) => return proxy_error(StatusCode::BAD_REQUEST, e),

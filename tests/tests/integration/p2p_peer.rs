@@ -19,10 +19,14 @@ fn fetch_all(peers: &[&OurPeer], url: &str, dir: &std::path::Path, tag: &str) ->
         .map(|(p, out)| p.spawn_fetch(url, out, None))
         .collect();
     for (i, f) in fetches.into_iter().enumerate() {
-        finish_fetch(
-            f,
-            &format!("{tag}: peer {i} ({})\n{}", peers[i].ip, peers[i].log()),
-        );
+        let what = format!("{tag}: peer {i} ({})", peers[i].ip);
+        if let Err(e) = std::panic::catch_unwind(|| finish_fetch(f, &what)) {
+            let msg = e
+                .downcast_ref::<String>()
+                .cloned()
+                .unwrap_or_else(|| "curl failed".into());
+            panic!("{msg}\nits log:\n{}", peers[i].log());
+        }
     }
     outs
 }
@@ -220,4 +224,137 @@ fn three_schedulers_and_a_mixed_swarm_meet_on_one_scheduler_per_task() {
         "the origin served {served} bytes for 8 blobs of {} bytes",
         origin.len
     );
+}
+
+/// Rewrites piece `number` (of `piece_len` bytes) of task `hex` in `peer`'s storage with
+/// other bytes, and its recorded CRC-32 to match them: the peer then serves a bad piece
+/// that passes Dragonfly's own check.
+fn corrupt_consistently(peer: &OurPeer, hex: &str, number: u64, piece_len: u64) {
+    use std::os::unix::fs::FileExt;
+    let dir = peer.dir.join("storage/tasks").join(hex);
+    let data = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("data"))
+        .unwrap();
+    let mut piece = vec![0u8; piece_len as usize];
+    data.read_exact_at(&mut piece, number * piece_len).unwrap();
+    for b in piece.iter_mut().step_by(4096) {
+        *b ^= 0x5a;
+    }
+    data.write_all_at(&piece, number * piece_len).unwrap();
+    let meta_path = dir.join("meta.json");
+    let mut meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
+    let crc = crc32fast::hash(&piece);
+    for p in meta["pieces"].as_array_mut().unwrap() {
+        if p["number"] == number {
+            p["crc32"] = crc.into();
+        }
+    }
+    std::fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
+}
+
+/// A parent whose stored piece was changed on disk, its CRC-32 with it (so it passes
+/// Dragonfly's check): the child checks the piece against the SHA-256 our seed recorded
+/// from the origin, refuses it, reports the parent to the scheduler and fetches the
+/// rest elsewhere (here the origin: the seed is gone). No bad byte is stored; the bad
+/// parent is not asked again. Bad reports of bad ranges are refused by name.
+#[test]
+fn a_parent_that_lies_consistently_is_caught_and_excluded() {
+    let _swarm = require();
+    let t = tempfile::tempdir().unwrap();
+    let (origin, _) = Origin::start(t.path(), &[(32 << 20, 61)]);
+    let sched = Scheduler::start(t.path(), "scheduler", "");
+    let list = [sched.addr.clone()];
+    let mut seed = OurPeer::start(t.path(), "seed", &list, true);
+    let mut liar = OurPeer::start(t.path(), "liar", &list, false);
+    wait_for_hosts(&sched, 2);
+    let got = fetch_all(&[&liar], &origin.url(), t.path(), "liar");
+    assert_copy(&got[0], &origin.hex, "the liar's own copy");
+    // The liar's piece 1 changes on disk, CRC and all; it serves it after a restart.
+    liar.kill();
+    corrupt_consistently(&liar, &origin.hex, 1, 4 << 20);
+    liar.restart();
+    seed.kill();
+    // The dead seed is no parent once it missed three announcements.
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let child = OurPeer::start(t.path(), "child", &list, false);
+    wait_for_hosts(&sched, 3);
+    let got = fetch_all(&[&child], &origin.url(), t.path(), "child");
+    assert_copy(&got[0], &origin.hex, "the child's copy");
+    let m = child.metrics();
+    assert!(
+        metric_value(&m, "peer_piece_failures_total{reason=\"digest\"}") >= 1.0,
+        "the child never refused a piece:\n{m}\n{}",
+        child.log()
+    );
+    // Nothing of the liar's piece 1 was kept: the child's piece 1 came from the origin.
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            child
+                .dir
+                .join("storage/tasks")
+                .join(&origin.hex)
+                .join("meta.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let piece1 = meta["pieces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["number"] == 1)
+        .unwrap();
+    assert!(
+        piece1["parent"].is_null(),
+        "piece 1 came from {}",
+        piece1["parent"]
+    );
+    assert!(
+        sched.metric("scheduler_child_failures_total{kind=\"piece\"}") >= 1.0,
+        "the scheduler never heard of the bad parent:\n{}",
+        sched.metrics()
+    );
+    let served = origin.proxy.relayed_bytes();
+    report("a lying parent", served, origin.len, 2);
+    assert!(
+        served <= origin_bound(origin.len, 2, 4),
+        "the origin served {served} bytes"
+    );
+
+    // Bad reports: a verified piece, an unknown task, a broken body.
+    let post = |body: &str| {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "POST",
+                "--data",
+            ])
+            .arg(body)
+            .arg(format!("{}/api/v1/bad-range", child.proxy()))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let url = origin.url();
+    assert_eq!(
+        post(&format!(r#"{{"url":"{url}","offset":0,"length":10}}"#)),
+        "409"
+    );
+    assert_eq!(
+        post(r#"{"url":"http://x/v2/r/blobs/sha256:00","offset":0,"length":1}"#),
+        "404"
+    );
+    assert_eq!(
+        post(&format!(r#"{{"url":"{url}","offset":0,"length":0}}"#)),
+        "416"
+    );
+    assert_eq!(post("{not json"), "400");
 }
