@@ -32,6 +32,10 @@ use tokio_stream::wrappers::ReceiverStream;
 const CONCURRENT_PIECES: usize = 4;
 /// How long one piece may take from a parent.
 const PIECE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How errors of a scheduler that went away begin.
+const SCHEDULER_LOST: &str = "the scheduler went away";
+/// How many times a download registers again after its scheduler went away.
+const SCHEDULER_RETRIES: u32 = 30;
 /// How long a scheduler may take to answer a registration.
 const SCHEDULE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -56,33 +60,38 @@ pub async fn run(
         }
         return Ok(t);
     }
-    let scheduler = peer
-        .scheduler_for(&task_id)
-        .ok_or_else(|| "no scheduler is configured (--dynconfig)".to_string())?;
-    let d_download = download.clone();
-    let d = Driver {
-        peer: peer.clone(),
-        task_id: task_id.clone(),
-        peer_id: format!("{}-{}-{}", peer.host_id, task_id, peer.next_id()),
-        download,
-        started,
-    };
     let started_at = std::time::Instant::now();
-    let mut outcome = d.through(&scheduler).await;
-    if outcome.as_ref().is_err_and(|e| e.contains("were dropped")) {
-        // Once more, without the suspects (the origin if nobody else has it).
-        tracing::warn!(
-            "task {task_id}: {}; fetching the dropped pieces again",
-            outcome.as_ref().err().map(String::as_str).unwrap_or("")
-        );
+    let mut started = started;
+    let mut outcome;
+    let (mut dropped, mut lost) = (0, 0);
+    loop {
+        // The scheduler of the moment: a dynconfig change or a restart may move it.
+        let scheduler = peer
+            .scheduler_for(&task_id)
+            .ok_or_else(|| "no scheduler is configured (--dynconfig)".to_string())?;
         let d = Driver {
             peer: peer.clone(),
             task_id: task_id.clone(),
             peer_id: format!("{}-{}-{}", peer.host_id, task_id, peer.next_id()),
-            download: d_download,
-            started: None,
+            download: download.clone(),
+            started: started.take(),
         };
         outcome = d.through(&scheduler).await;
+        match &outcome {
+            // Once more without the suspects (the origin if nobody else has it).
+            Err(e) if e.contains("were dropped") && dropped < 1 => {
+                dropped += 1;
+                tracing::warn!("task {task_id}: {e}; fetching the dropped pieces again");
+            }
+            // A scheduler that went away (a restart): the pieces stored are kept, and the
+            // download registers again once it is back.
+            Err(e) if e.starts_with(SCHEDULER_LOST) && lost < SCHEDULER_RETRIES => {
+                lost += 1;
+                tracing::warn!("task {task_id}: {e}; registering again in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            _ => break,
+        }
     }
     match outcome {
         Ok(t) => {
@@ -131,9 +140,14 @@ impl Driver {
 
     async fn next(&self, a: &mut Announce) -> Result<Resp, String> {
         match tokio::time::timeout(SCHEDULE_TIMEOUT, a.rx.message()).await {
-            Err(_) => Err("the scheduler did not answer".into()),
+            Err(_) => Err(format!("{SCHEDULER_LOST}: it did not answer")),
+            Ok(Err(e))
+                if e.code() == tonic::Code::Unavailable || e.code() == tonic::Code::Unknown =>
+            {
+                Err(format!("{SCHEDULER_LOST}: {}", e.message()))
+            }
             Ok(Err(e)) => Err(format!("the scheduler: {}", e.message())),
-            Ok(Ok(None)) => Err("the scheduler ended the stream".into()),
+            Ok(Ok(None)) => Err(format!("{SCHEDULER_LOST}: it ended the stream")),
             Ok(Ok(Some(m))) => m
                 .response
                 .ok_or_else(|| "an empty answer from the scheduler".to_string()),
@@ -171,7 +185,7 @@ impl Driver {
         let endpoint = format!("http://{scheduler}");
         let mut client = SchedulerClient::connect(endpoint)
             .await
-            .map_err(|e| format!("connecting to the scheduler {scheduler}: {e}"))?;
+            .map_err(|e| format!("{SCHEDULER_LOST}: connecting to {scheduler}: {e}"))?;
         let (tx, rx) = mpsc::channel(64);
         let register = self.msg(Req::RegisterPeerRequest(RegisterPeerRequest {
             download: Some(self.registered(length)),
@@ -180,7 +194,12 @@ impl Driver {
         let rx = client
             .announce_peer(ReceiverStream::new(rx))
             .await
-            .map_err(|e| format!("the scheduler {scheduler}: {}", e.message()))?
+            .map_err(|e| match e.code() {
+                tonic::Code::Unavailable => {
+                    format!("{SCHEDULER_LOST}: {scheduler}: {}", e.message())
+                }
+                _ => format!("the scheduler {scheduler}: {}", e.message()),
+            })?
             .into_inner();
         let mut a = Announce { tx, rx };
         let mut excluded: HashSet<String> = HashSet::new();

@@ -19,7 +19,9 @@
 use super::config::Config;
 use super::metrics::Metrics;
 use super::seed;
-use super::state::{PeerState, State, StateError, MAX_FAILED_PARENTS, MAX_PIECES};
+use super::state::{
+    PeerState, State, StateError, MAX_FAILED_PARENTS, MAX_PIECES, SEED_FAILURE_MEMORY,
+};
 use dragonfly_api::common::v2::{Host, Peer, Task};
 use dragonfly_api::scheduler::v2::announce_peer_request::Request as PeerRequest;
 use dragonfly_api::scheduler::v2::announce_peer_response::Response as PeerResponse;
@@ -74,10 +76,6 @@ type Answers = mpsc::Sender<Result<AnnouncePeerResponse, Status>>;
 /// The longest a first answer waits for a parent: dfdaemon's scheduler client gives up
 /// on it after 10 s.
 const FIRST_ANSWER_WAIT: Duration = Duration::from_secs(8);
-
-/// How long a seed peer that could not be triggered (or did not start) is not asked
-/// again for the task.
-const SEED_FAILURE_MEMORY: Duration = Duration::from_secs(60);
 
 impl SchedulerService {
     /// A scheduler with an empty state.
@@ -358,8 +356,19 @@ impl Inner {
                             .metrics
                             .seed_trigger(if ok { "started" } else { "failed" });
                         if !ok {
-                            if let Some(t) = inner.state().tasks.get_mut(&task) {
-                                t.seed_failed = Some(Instant::now());
+                            // Another seed is tried next, if there is one; only when
+                            // none is left can the task's peers go to the origin.
+                            let mut state = inner.state();
+                            state
+                                .failed_seeds
+                                .insert(seed_host.id.clone(), Instant::now());
+                            let other = state.pick_seed().is_some();
+                            if let Some(t) = state.tasks.get_mut(&task) {
+                                if other {
+                                    t.seed_triggered = None;
+                                } else {
+                                    t.seed_failed = Some(Instant::now());
+                                }
                             }
                         }
                         inner.changed();

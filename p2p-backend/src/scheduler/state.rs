@@ -176,7 +176,13 @@ pub struct State {
     pub hosts: HashMap<String, HostEntry>,
     /// Tasks by id.
     pub tasks: HashMap<String, TaskEntry>,
+    /// Seed hosts that could not be triggered, and when: not picked again for
+    /// [`SEED_FAILURE_MEMORY`].
+    pub failed_seeds: HashMap<String, Instant>,
 }
+
+/// How long a seed peer that could not be triggered is not picked again.
+pub const SEED_FAILURE_MEMORY: Duration = Duration::from_secs(60);
 
 impl State {
     /// Records (or refreshes) a host.
@@ -483,6 +489,11 @@ impl State {
         self.hosts
             .values()
             .filter(|h| h.is_seed() && h.is_alive())
+            .filter(|h| {
+                self.failed_seeds
+                    .get(&h.host.id)
+                    .is_none_or(|t| t.elapsed() >= SEED_FAILURE_MEMORY)
+            })
             .min_by(|a, b| {
                 let ua = uploads.get(a.host.id.as_str()).unwrap_or(&0);
                 let ub = uploads.get(b.host.id.as_str()).unwrap_or(&0);

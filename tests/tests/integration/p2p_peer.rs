@@ -358,3 +358,67 @@ fn a_parent_that_lies_consistently_is_caught_and_excluded() {
     );
     assert_eq!(post("{not json"), "400");
 }
+
+/// Faults in one swarm of ours: one of two seeds is dead before the downloads start; a
+/// parent is killed while the others fetch from it; the scheduler is killed and
+/// started again while they run. Every surviving peer ends with the right bytes, and
+/// the origin still serves about one copy.
+#[test]
+fn a_dead_seed_a_killed_parent_and_a_restarted_scheduler_cost_the_origin_nothing_more() {
+    let _swarm = require();
+    let t = tempfile::tempdir().unwrap();
+    let (origin, _) = Origin::start(t.path(), &[(128 << 20, 81)]);
+    let mut sched = Scheduler::start(t.path(), "scheduler", "");
+    let list = [sched.addr.clone()];
+    let mut dead_seed = OurPeer::start(t.path(), "seed0", &list, true);
+    let seed = OurPeer::start(t.path(), "seed1", &list, true);
+    let mut victim = OurPeer::start(t.path(), "victim", &list, false);
+    let peers: Vec<OurPeer> = (0..3)
+        .map(|i| OurPeer::start(t.path(), &format!("peer{i}"), &list, false))
+        .collect();
+    wait_for_hosts(&sched, 6);
+    dead_seed.kill();
+    // Dead to the scheduler once it missed three announcements.
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    // The origin at 64 MB/s: the downloads take a few seconds.
+    origin.proxy.shape(std::time::Duration::ZERO, 64_000_000);
+    let _victim_fetch = victim.spawn_fetch(&origin.url(), &t.path().join("victim-got"), None);
+    let outs: Vec<PathBuf> = (0..peers.len())
+        .map(|i| t.path().join(format!("got-{i}")))
+        .collect();
+    let fetches: Vec<_> = peers
+        .iter()
+        .zip(&outs)
+        .map(|(p, out)| p.spawn_fetch(&origin.url(), out, None))
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    victim.kill();
+    sched.kill();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    sched.restart();
+    for (i, f) in fetches.into_iter().enumerate() {
+        let what = format!("peer {i}");
+        if let Err(e) = std::panic::catch_unwind(|| finish_fetch(f, &what)) {
+            let msg = e.downcast_ref::<String>().cloned().unwrap_or_default();
+            panic!("{msg}\n{}\nseed:\n{}", peers[i].log(), seed.log());
+        }
+    }
+    for (i, out) in outs.iter().enumerate() {
+        assert_copy(out, &origin.hex, &format!("peer {i}"));
+    }
+    let served = origin.proxy.relayed_bytes();
+    report(
+        "a dead seed, a killed parent, a restarted scheduler",
+        served,
+        origin.len,
+        1,
+    );
+    assert!(
+        served <= origin_bound(origin.len, 1, 6),
+        "the origin served {served} bytes for a {}-byte blob\nscheduler:\n{}\nseed:\n{}\npeer0:\n{}",
+        origin.len,
+        sched.log(),
+        seed.log(),
+        peers[0].log()
+    );
+}
