@@ -36,6 +36,12 @@ const PIECE_TIMEOUT: Duration = Duration::from_secs(30);
 const SCHEDULER_LOST: &str = "the scheduler went away";
 /// How many times a download registers again after its scheduler went away.
 const SCHEDULER_RETRIES: u32 = 30;
+/// How long a message to the scheduler may wait to be taken.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a parent's `SyncPieces` stream, and a download's pieces, may go without
+/// progress before the parents count as failed (dfdaemon's `collected_piece_timeout`
+/// is 360 s; loopback swarms move far faster).
+const NO_PROGRESS: Duration = Duration::from_secs(120);
 /// How long a scheduler may take to answer a registration.
 const SCHEDULE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -134,8 +140,10 @@ impl Driver {
         }
     }
 
+    /// Sends `r` on the stream; a scheduler that does not take it within 10 s is left
+    /// behind (the download goes on; its end is not heard).
     async fn send(&self, a: &Announce, r: Req) {
-        let _ = a.tx.send(self.msg(r)).await;
+        let _ = a.tx.send_timeout(self.msg(r), SEND_TIMEOUT).await;
     }
 
     async fn next(&self, a: &mut Announce) -> Result<Resp, String> {
@@ -244,6 +252,21 @@ impl Driver {
                     };
                 }
                 Resp::EmptyTaskResponse(_) => {
+                    if self
+                        .peer
+                        .storage
+                        .get(&self.task_id)
+                        .is_some_and(|t| t.content_length > 0)
+                        || storage::blob_digest(&self.download.url)
+                            .is_some_and(|d| d != storage::EMPTY_SHA256)
+                    {
+                        break Err("the scheduler says the task is empty; it is not".into());
+                    }
+                    self.send(
+                        &a,
+                        Req::DownloadPeerStartedRequest(DownloadPeerStartedRequest {}),
+                    )
+                    .await;
                     let t = self.task(0)?;
                     self.send(
                         &a,
@@ -393,7 +416,8 @@ impl Driver {
     /// verified.
     fn check_whole(&self, t: &TaskData) -> Result<(), String> {
         let Some(want) = storage::blob_digest(&self.download.url) else {
-            t.verify_all();
+            // No digest to check against: pieces from parents stay unverified (served to
+            // this peer's clients, never to other peers).
             return Ok(());
         };
         if t.pieces().iter().all(|p| p.verified) {
@@ -445,6 +469,14 @@ impl Driver {
             Req::DownloadPeerStartedRequest(DownloadPeerStartedRequest {}),
         )
         .await;
+        // Parents that sent this task's bad bytes before (in this download or an
+        // earlier one) are not asked again, and the scheduler hears of them.
+        for p in &parents {
+            let host = p.host.as_ref().map(|h| h.id.as_str()).unwrap_or("");
+            if self.peer.is_suspect(&self.task_id, &p.id, host) && excluded.insert(p.id.clone()) {
+                self.report_bad(a, &p.id).await;
+            }
+        }
         let parents: Vec<PeerMsg> = parents
             .into_iter()
             .filter(|p| !excluded.contains(&p.id) && p.host.is_some())
@@ -515,7 +547,9 @@ impl Driver {
                     return;
                 };
                 let mut stream = stream.into_inner();
-                while let Ok(Some(r)) = stream.message().await {
+                while let Ok(Ok(Some(r))) =
+                    tokio::time::timeout(NO_PROGRESS, stream.message()).await
+                {
                     let port = r.tcp_port.unwrap_or(4005);
                     let ip = if r.ip.is_empty() {
                         host.ip.clone()
@@ -562,6 +596,7 @@ impl Driver {
                 inflight.insert(n);
                 let (t2, task_id, sha) =
                     (t.clone(), self.task_id.clone(), origin_sha.get(&n).cloned());
+                let metrics = self.peer.metrics.clone();
                 jobs.spawn(async move {
                     let (_, len) = t2.piece_range(n).expect("a piece of the task");
                     let r = super::vortex::fetch(&addr, &task_id, n, len, PIECE_TIMEOUT).await;
@@ -578,6 +613,9 @@ impl Driver {
                             }
                         }
                         // Verified when a seed's SHA-256 from the origin matched.
+                        // Counted before the piece can be read: a reader done with the
+                        // task sees its bytes counted.
+                        metrics.from_peers(&task_id, f.data.len() as u64);
                         t2.store(n, &f.data, Some(parent.clone()), sha.is_some())
                             .map_err(|e| format!("storing piece {n}: {e}"))
                     });
@@ -588,6 +626,11 @@ impl Driver {
                 break;
             }
             tokio::select! {
+                // Nothing offered and nothing arriving for this long: the parents failed.
+                _ = tokio::time::sleep(NO_PROGRESS) => {
+                    tracing::warn!("task {}: no progress from the parents in {NO_PROGRESS:?}", self.task_id);
+                    break;
+                }
                 have = have_rx.recv(), if syncing => match have {
                     Some((parent, u32::MAX, _)) => {
                         tracing::info!("task {}: parent {parent} could not say what it has", self.task_id);
@@ -605,7 +648,6 @@ impl Driver {
                     inflight.remove(&n);
                     match r {
                         Ok(meta) => {
-                            self.peer.metrics.from_peers(&self.task_id, meta.length);
                             self.send(a, Req::DownloadPieceFinishedRequest(DownloadPieceFinishedRequest {
                                 piece: Some(piece_msg(&meta, false)),
                             })).await;
@@ -635,13 +677,36 @@ impl Driver {
                 t.piece_count()
             ));
         }
-        self.check_whole(&t)?;
+        if let Err(e) = self.check_whole(&t) {
+            // The senders of the dropped pieces are suspects: kept out of the next round.
+            let suspects = self.peer.suspects_of(&self.task_id);
+            for id in suspects {
+                if excluded.insert(id.clone()) {
+                    self.report_bad(a, &id).await;
+                }
+            }
+            return Err(e);
+        }
         self.send(
             a,
             Req::DownloadPeerFinishedRequest(DownloadPeerFinishedRequest {}),
         )
         .await;
         Ok(t)
+    }
+
+    /// Tells the scheduler that `parent` sent bad bytes (it is not this child's parent
+    /// again).
+    async fn report_bad(&self, a: &Announce, parent: &str) {
+        self.send(
+            a,
+            Req::DownloadPieceFailedRequest(DownloadPieceFailedRequest {
+                piece_number: None,
+                parent_id: parent.to_string(),
+                temporary: false,
+            }),
+        )
+        .await;
     }
 
     /// The task's length from a parent (`DfdaemonUpload/StatLocalTask`).

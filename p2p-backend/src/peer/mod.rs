@@ -13,8 +13,10 @@
 //! * Pieces live on disk ([`storage`]) and are served again after a restart.
 //!
 //! Metrics (Prometheus text, `metrics.server.port`): `peer_origin_bytes_total`,
-//! `peer_from_peers_bytes_total`, `peer_served_bytes_total` (each also per task, with
-//! the label `task`), `peer_piece_failures_total{reason}`, `peer_tasks`.
+//! `peer_from_peers_bytes_total`, `peer_served_bytes_total`, each also per task
+//! (`peer_origin_task_bytes_total{task}` and so on), `peer_tasks`, and
+//! `peer_piece_failures_total{reason}` (`transfer`, `digest`, `blob-digest`, `origin`,
+//! `reported`).
 
 pub mod config;
 pub mod download;
@@ -222,6 +224,16 @@ impl PeerInner {
             .extend(senders.iter().cloned());
     }
 
+    /// The peers that sent bad bytes of `task`.
+    pub fn suspects_of(&self, task: &str) -> Vec<String> {
+        self.suspects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(task)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Whether the parent `peer_id` on `host_id` sent bad bytes of `task`.
     pub fn is_suspect(&self, task: &str, peer_id: &str, host_id: &str) -> bool {
         self.suspects
@@ -296,7 +308,11 @@ impl PeerInner {
         drop(running);
         let me = self.clone();
         tokio::spawn(async move {
-            let outcome = download::run(me.clone(), task_id.clone(), download, None).await;
+            // A panic in the download still ends it (as failed) for everyone waiting.
+            let run = tokio::spawn(download::run(me.clone(), task_id.clone(), download, None));
+            let outcome = run
+                .await
+                .unwrap_or_else(|e| Err(format!("the download ended abnormally: {e}")));
             if let Ok(t) = &outcome {
                 me.running(t);
             }
@@ -381,6 +397,22 @@ impl PeerInner {
             .await
             .map_err(|e| format!("the origin {} ({range}): {e}", d.url))?;
         let status = resp.status().as_u16();
+        let content_range = resp
+            .headers()
+            .get("content-range")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        if status == 206
+            && !content_range
+                .as_deref()
+                .is_some_and(|c| c.starts_with(&format!("bytes {offset}-{}/", offset + len - 1)))
+        {
+            self.metrics.piece_failure("origin");
+            return Err(format!(
+                "the origin {} answered {range} with Content-Range {content_range:?}",
+                d.url
+            ));
+        }
         let body = resp
             .bytes()
             .await

@@ -16,8 +16,9 @@
 //! is stored. Such a client reports the bytes it found bad with
 //! `POST /api/v1/bad-range` (origin-form, to the proxy's address) and the body
 //! `{"url": URL, "offset": N, "length": N}`: the pieces holding them are dropped
-//! (unless verified: then `409`), their senders are not asked for the task again and
-//! are reported to the scheduler, and the pieces are fetched again; `204`.
+//! (unless verified: then `409`), their senders are not asked for the task again (and
+//! are reported to the scheduler when the download meets them as parents), and the
+//! pieces are fetched again; `204`.
 
 use super::storage::{self, TaskData};
 use super::PeerInner;
@@ -327,7 +328,11 @@ async fn through_swarm(
         ..Default::default()
     };
     let task_id = storage::task_id(url);
-    let t = match peer.storage.get(&task_id).filter(|t| t.complete()) {
+    let t = match peer
+        .storage
+        .get(&task_id)
+        .filter(|t| t.complete() && t.pieces().iter().all(|p| p.verified))
+    {
         Some(t) => t,
         None => started(&peer.download(download)).await?,
     };

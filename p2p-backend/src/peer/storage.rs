@@ -30,24 +30,22 @@ pub fn piece_length(content_length: u64) -> u64 {
         .clamp(MIN_PIECE, MAX_PIECE)
 }
 
-/// The task id of `url`: the blob digest's hex for an OCI blob URL, else the SHA-256 of
-/// the URL (such tasks are not shared with dfdaemons).
-pub fn task_id(url: &str) -> String {
+/// The SHA-256 of nothing.
+pub const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+/// The blob digest (lowercase hex) an OCI blob URL (`.../blobs/sha256:<hex>`) names.
+pub fn blob_digest(url: &str) -> Option<String> {
     let path = url.split(['?', '#']).next().unwrap_or(url);
-    if let Some(at) = path.rfind("/blobs/sha256:") {
-        let hex = &path[at + "/blobs/sha256:".len()..];
-        if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return hex.to_ascii_lowercase();
-        }
-    }
-    hex::encode(Sha256::digest(path.as_bytes()))
+    let at = path.rfind("/blobs/sha256:")?;
+    let hex = &path[at + "/blobs/sha256:".len()..];
+    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| hex.to_ascii_lowercase())
 }
 
-/// The blob digest an OCI blob URL names, if it does.
-pub fn blob_digest(url: &str) -> Option<String> {
-    let id = task_id(url);
-    let path = url.split(['?', '#']).next().unwrap_or(url);
-    path.ends_with(&format!("sha256:{id}")).then_some(id)
+/// The task id of `url`: the blob digest's hex for an OCI blob URL, else the SHA-256 of
+/// the whole URL, query included (such tasks are not shared with dfdaemons).
+pub fn task_id(url: &str) -> String {
+    blob_digest(url).unwrap_or_else(|| hex::encode(Sha256::digest(url.as_bytes())))
 }
 
 /// A piece stored.
@@ -106,9 +104,9 @@ pub struct TaskData {
 }
 
 impl TaskData {
-    /// How many pieces the task has.
+    /// How many pieces the task has (none when it is empty).
     pub fn piece_count(&self) -> u32 {
-        self.content_length.div_ceil(self.piece_length).max(1) as u32
+        self.content_length.div_ceil(self.piece_length) as u32
     }
 
     /// Offset and length of piece `number`, if it exists.
@@ -316,6 +314,12 @@ impl Storage {
             .read(true)
             .write(true)
             .open(dir.join("data"))?;
+        if meta.piece_length == 0 || meta.content_length.div_ceil(meta.piece_length) > 1 << 24 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("piece length {}", meta.piece_length),
+            ));
+        }
         if file.metadata()?.len() != meta.content_length {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -434,6 +438,14 @@ mod tests {
             Some(hex)
         );
         assert_eq!(blob_digest("http://r/file"), None);
+        assert_eq!(
+            blob_digest(&format!("http://r/v2/x/blobs/sha256:{}", "AB".repeat(32))),
+            Some("ab".repeat(32))
+        );
+        assert_ne!(
+            task_id("http://r/get?file=a"),
+            task_id("http://r/get?file=b")
+        );
         assert_eq!(piece_length(1), 4 << 20);
         assert_eq!(piece_length(256 << 20), 4 << 20);
         assert_eq!(piece_length(4 << 30), 16 << 20);

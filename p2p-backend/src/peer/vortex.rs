@@ -196,14 +196,17 @@ async fn fetch_inner(
     sock.read_exact(&mut data)
         .await
         .map_err(|e| what(format!("reading the bytes: {e}")))?;
-    if let Some(crc) = metadata.digest.strip_prefix("crc32:") {
-        let got = crc32fast::hash(&data);
-        if crc.parse::<u32>().ok() != Some(got) {
-            return Err(what(format!(
-                "bytes with CRC-32 {got}, the parent's digest says {}",
-                metadata.digest
-            )));
-        }
+    // The parent's CRC-32 is required (dfdaemon always sends one).
+    let got = crc32fast::hash(&data);
+    let said = metadata
+        .digest
+        .strip_prefix("crc32:")
+        .and_then(|c| c.parse::<u32>().ok());
+    if said != Some(got) {
+        return Err(what(format!(
+            "bytes with CRC-32 {got}, the parent's digest says {:?}",
+            metadata.digest
+        )));
     }
     Ok(Fetched { metadata, data })
 }

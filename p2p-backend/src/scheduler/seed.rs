@@ -55,15 +55,26 @@ fn seed_download(mut d: Download) -> Download {
     d
 }
 
+/// How triggering a seed peer went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Triggered {
+    /// It started the download.
+    Started,
+    /// It answered and refused (this task: e.g. the origin refused it).
+    Refused,
+    /// It could not be reached, or did not answer in time (any task).
+    Unreachable,
+}
+
 /// Asks the seed peer on `host` to fetch the task of `download`; returns once it has
 /// started (its first response), and drains the rest of its response stream in the
-/// background. `false` when it could not be asked or refused.
-pub async fn trigger(host: &Host, download: Download) -> bool {
+/// background.
+pub async fn trigger(host: &Host, download: Download) -> Triggered {
     let mut client = match client(host).await {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!("triggering a seed peer: {e}");
-            return false;
+            return Triggered::Unreachable;
         }
     };
     let url = download.url.clone();
@@ -79,14 +90,17 @@ pub async fn trigger(host: &Host, download: Download) -> bool {
                 host.id,
                 e.message()
             );
-            return false;
+            return match e.code() {
+                tonic::Code::Unavailable => Triggered::Unreachable,
+                _ => Triggered::Refused,
+            };
         }
         Err(_) => {
             tracing::warn!(
                 "seed peer {} did not start {url} within {TRIGGER_TIMEOUT:?}",
                 host.id
             );
-            return false;
+            return Triggered::Unreachable;
         }
     };
     let host_id = host.id.clone();
@@ -107,7 +121,7 @@ pub async fn trigger(host: &Host, download: Download) -> bool {
             tracing::warn!("stopped following a seed download after {DOWNLOAD_TIMEOUT:?}");
         }
     });
-    true
+    Triggered::Started
 }
 
 /// The ids of the hosts among `hosts` that hold the whole task `task_id`, asked all at

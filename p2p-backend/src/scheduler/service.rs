@@ -351,18 +351,24 @@ impl Inner {
                     let inner = self.clone();
                     let task = ids.task.clone();
                     tokio::spawn(async move {
-                        let ok = seed::trigger(&seed_host, download).await;
+                        let how = seed::trigger(&seed_host, download).await;
+                        let ok = how == seed::Triggered::Started;
                         inner
                             .metrics
                             .seed_trigger(if ok { "started" } else { "failed" });
                         if !ok {
-                            // Another seed is tried next, if there is one; only when
-                            // none is left can the task's peers go to the origin.
+                            // A seed that cannot be reached is not picked for any task
+                            // for a while (until it announces itself again); another
+                            // one is tried next. Only when none is left (or the seed
+                            // refused this task) can the task's peers go to the origin.
                             let mut state = inner.state();
-                            state
-                                .failed_seeds
-                                .insert(seed_host.id.clone(), Instant::now());
-                            let other = state.pick_seed().is_some();
+                            if how == seed::Triggered::Unreachable {
+                                state
+                                    .failed_seeds
+                                    .insert(seed_host.id.clone(), Instant::now());
+                            }
+                            let other =
+                                how == seed::Triggered::Unreachable && state.pick_seed().is_some();
                             if let Some(t) = state.tasks.get_mut(&task) {
                                 if other {
                                     t.seed_triggered = None;
@@ -474,7 +480,9 @@ impl Inner {
             .seed_triggered
             .is_some_and(|t| t.elapsed() < cfg.seed_peer_wait_timeout);
         let download = task.download.clone();
-        let seeds_can_serve = self.config.seed_peer.enable && state.has_seed_host() && !seed_failed;
+        let seeds_can_serve = self.config.seed_peer.enable
+            && (state.pick_seed().is_some() || seed_usable || recently_triggered)
+            && !seed_failed;
         let last_answer = answers + 1 >= cfg.retry_limit;
         let no_seed_left = seed_blamed && !seed_usable;
         if !seeds_can_serve || last_answer || no_seed_left || timed_out {

@@ -192,6 +192,8 @@ impl State {
 
     /// Records (or refreshes) a host that announces itself every `interval`.
     pub fn announce_host_every(&mut self, host: Host, interval: Option<Duration>) {
+        // A seed that announces itself again (back after a restart) may be triggered.
+        self.failed_seeds.remove(&host.id);
         self.hosts.insert(
             host.id.clone(),
             HostEntry {
