@@ -14,7 +14,7 @@
 
 use super::storage::{self, PieceMeta, TaskData};
 use super::PeerInner;
-use dragonfly_api::common::v2::{Download, Peer as PeerMsg, Piece};
+use dragonfly_api::common::v2::{Download, Peer as PeerMsg, Piece, TrafficType};
 use dragonfly_api::dfdaemon::v2::dfdaemon_upload_client::DfdaemonUploadClient;
 use dragonfly_api::dfdaemon::v2::SyncPiecesRequest;
 use dragonfly_api::scheduler::v2::announce_peer_request::Request as Req;
@@ -162,21 +162,8 @@ impl Driver {
         }
     }
 
-    /// The download as registered: no credentials (a seed fetches with its own), no
-    /// range (the task is the whole blob).
     fn registered(&self, content_length: Option<u64>) -> Download {
-        let mut d = self.download.clone();
-        d.request_header.retain(|k, _| {
-            !k.eq_ignore_ascii_case("authorization") && !k.eq_ignore_ascii_case("range")
-        });
-        d.range = None;
-        d.output_path = None;
-        if let Some(n) = content_length {
-            d.actual_content_length = Some(n);
-            d.actual_piece_length = Some(storage::piece_length(n));
-            d.actual_piece_count = Some(n.div_ceil(storage::piece_length(n)).max(1));
-        }
-        d
+        registered(&self.download, content_length)
     }
 
     async fn through(mut self, scheduler: &str) -> Outcome {
@@ -733,6 +720,23 @@ impl Driver {
     }
 }
 
+/// `d` as registered with the scheduler: no credentials, cookies or hop-by-hop headers
+/// (a seed fetches with its own; nothing of a client's reaches another peer), no range
+/// (the task is the whole blob), and the length when known.
+fn registered(d: &Download, content_length: Option<u64>) -> Download {
+    let mut d = d.clone();
+    d.request_header
+        .retain(|k, _| !super::private_header(k) && !k.eq_ignore_ascii_case("range"));
+    d.range = None;
+    d.output_path = None;
+    if let Some(n) = content_length {
+        d.actual_content_length = Some(n);
+        d.actual_piece_length = Some(storage::piece_length(n));
+        d.actual_piece_count = Some(n.div_ceil(storage::piece_length(n)));
+    }
+    d
+}
+
 /// A stored piece as the scheduler hears of it: from the origin with its SHA-256 (our
 /// children check pieces against it), from a parent with its CRC-32 (dfdaemon's digest).
 fn piece_msg(meta: &PieceMeta, from_origin: bool) -> Piece {
@@ -746,7 +750,11 @@ fn piece_msg(meta: &PieceMeta, from_origin: bool) -> Piece {
         } else {
             meta.crc_digest()
         },
-        traffic_type: Some(if from_origin { 1 } else { 0 }),
+        traffic_type: Some(if from_origin {
+            TrafficType::BackToSource
+        } else {
+            TrafficType::RemotePeer
+        } as i32),
         ..Default::default()
     }
 }
@@ -757,5 +765,32 @@ fn answer_name(r: &Resp) -> &'static str {
         Resp::MetadataOnlyResponse(_) => "MetadataOnly",
         Resp::EmptyTaskResponse(_) => "EmptyTask",
         Resp::NormalTaskResponse(_) => "NormalTask",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nothing_of_a_clients_credentials_is_registered() {
+        let mut d = Download {
+            url: "http://r/v2/x/blobs/sha256:00".into(),
+            ..Default::default()
+        };
+        for (k, v) in [
+            ("Authorization", "Bearer secret"),
+            ("Proxy-Authorization", "Basic c2VjcmV0"),
+            ("cookie", "s=secret"),
+            ("Range", "bytes=0-9"),
+            ("X-Dragonfly-Tag", "t"),
+        ] {
+            d.request_header.insert(k.into(), v.into());
+        }
+        let r = registered(&d, Some(10 << 20));
+        let keys: Vec<&str> = r.request_header.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["X-Dragonfly-Tag"]);
+        assert_eq!(r.actual_piece_count, Some(3));
+        assert!(!format!("{r:?}").contains("secret"));
     }
 }

@@ -169,6 +169,25 @@ pub struct Running {
 
 type TaskSender = watch::Sender<Option<Arc<TaskData>>>;
 
+/// Whether request header `name` is a client's own: its credentials (for the origin, or
+/// for this proxy), cookies, or a hop-by-hop header. Such headers never go to the
+/// scheduler, so they never reach another peer.
+pub fn private_header(name: &str) -> bool {
+    const PRIVATE: &[&str] = &[
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ];
+    PRIVATE.iter().any(|p| name.eq_ignore_ascii_case(p))
+}
+
 /// What the peer's servers share.
 pub struct PeerInner {
     /// The config.
@@ -348,7 +367,11 @@ impl PeerInner {
     fn origin_request(&self, d: &Download, range: &str) -> reqwest::RequestBuilder {
         let mut req = self.http.get(&d.url).header("Range", range);
         for (k, v) in &d.request_header {
-            if k.eq_ignore_ascii_case("range") || k.eq_ignore_ascii_case("host") {
+            // Its own credentials are for the origin; those for this proxy are not.
+            let hop = private_header(k)
+                && !k.eq_ignore_ascii_case("authorization")
+                && !k.eq_ignore_ascii_case("cookie");
+            if hop || k.eq_ignore_ascii_case("range") || k.eq_ignore_ascii_case("host") {
                 continue;
             }
             req = req.header(k, v);
@@ -452,11 +475,15 @@ impl PeerInner {
                     }
                 }
             }
-            for s in self.schedulers() {
-                if let Err(e) = self.announce(&s).await {
+            // All at once: an unreachable scheduler does not delay the others.
+            let all = self.schedulers();
+            let me: &PeerInner = &self;
+            let rounds = all.iter().map(|s| async move {
+                if let Err(e) = me.announce(s).await {
                     tracing::warn!("announcing the host to {s}: {e}");
                 }
-            }
+            });
+            futures_util::future::join_all(rounds).await;
             tokio::time::sleep(self.config.scheduler.announce_interval).await;
         }
     }

@@ -254,7 +254,10 @@ async fn to_origin(peer: &PeerInner, url: &str, req: &Request<Incoming>) -> Resp
     };
     let mut out = peer.http.request(method, url);
     for (k, v) in req.headers() {
-        if k == hyper::header::HOST || k.as_str().starts_with("x-dragonfly-") {
+        let proxy_only = super::private_header(k.as_str())
+            && k != hyper::header::AUTHORIZATION
+            && k != hyper::header::COOKIE;
+        if proxy_only || k == hyper::header::HOST || k.as_str().starts_with("x-dragonfly-") {
             continue;
         }
         out = out.header(k.as_str(), v.as_bytes());

@@ -106,7 +106,9 @@ fn follow<T: Send + 'static>(
             if sent.len() >= total {
                 return;
             }
-            if !peer.is_running(&t.id) && !t.complete() {
+            // Nothing more comes once the download here ended: a task complete but not
+            // verified (its digest failed, or a run died before checking it) included.
+            if !peer.is_running(&t.id) {
                 // Nothing more will come here.
                 let _ = tx
                     .send(Err(Status::unavailable(format!(

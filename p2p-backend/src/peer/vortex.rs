@@ -120,7 +120,7 @@ async fn serve_conn(
                 length: meta.length,
                 digest: meta.crc_digest(),
                 parent_id: host_id.to_string(),
-                traffic_type: 0,
+                traffic_type: dragonfly_api::common::v2::TrafficType::RemotePeer as u8,
                 cost: Duration::ZERO,
                 created_at: chrono::Utc::now().naive_utc(),
             },
