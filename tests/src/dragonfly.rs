@@ -37,6 +37,21 @@ pub fn fresh_loopback_ip() -> String {
     format!("127.{}.{}.{}", 100 + pid % 150, n / 250, 2 + n % 250)
 }
 
+/// A fresh loopback address and the work directory `dir/<name>` of a peer (ours or a
+/// dfdaemon), with its dynconfig file listing `schedulers`.
+fn peer_dir(dir: &Path, name: &str, schedulers: &[String]) -> (String, PathBuf) {
+    let ip = fresh_loopback_ip();
+    let dir = dir.join(name);
+    fs::create_dir_all(&dir).unwrap();
+    let addrs: Vec<String> = schedulers.iter().map(|s| format!("\"{s}\"")).collect();
+    fs::write(
+        dir.join("dynconfig.yaml"),
+        format!("scheduler:\n  addrs: [{}]\n", addrs.join(", ")),
+    )
+    .unwrap();
+    (ip, dir)
+}
+
 /// A running dfdaemon.
 pub struct Dfdaemon {
     child: Option<ChildGuard>,
@@ -51,15 +66,7 @@ impl Dfdaemon {
     /// schedulers at `schedulers` (`ip:port`), announcing its host every second; waits
     /// until it is healthy.
     pub fn start(dir: &Path, name: &str, schedulers: &[String], seed: bool) -> Dfdaemon {
-        let ip = fresh_loopback_ip();
-        let dir = dir.join(name);
-        fs::create_dir_all(&dir).unwrap();
-        let addrs: Vec<String> = schedulers.iter().map(|s| format!("\"{s}\"")).collect();
-        fs::write(
-            dir.join("dynconfig.yaml"),
-            format!("scheduler:\n  addrs: [{}]\n", addrs.join(", ")),
-        )
-        .unwrap();
+        let (ip, dir) = peer_dir(dir, name, schedulers);
         let seed_peer = if seed {
             "seedPeer:\n  enable: true\n  type: super\n"
         } else {
@@ -319,15 +326,7 @@ impl OurPeer {
     /// Starts a peer on a fresh loopback address in `dir/<name>`, using the schedulers
     /// at `schedulers`, announcing its host every second; waits until it serves.
     pub fn start(dir: &Path, name: &str, schedulers: &[String], seed: bool) -> OurPeer {
-        let ip = fresh_loopback_ip();
-        let dir = dir.join(name);
-        fs::create_dir_all(&dir).unwrap();
-        let addrs: Vec<String> = schedulers.iter().map(|s| format!("\"{s}\"")).collect();
-        fs::write(
-            dir.join("dynconfig.yaml"),
-            format!("scheduler:\n  addrs: [{}]\n", addrs.join(", ")),
-        )
-        .unwrap();
+        let (ip, dir) = peer_dir(dir, name, schedulers);
         let d = dir.display();
         let config = dir.join("peer.yaml");
         fs::write(
