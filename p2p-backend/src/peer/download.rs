@@ -36,6 +36,8 @@ const PIECE_TIMEOUT: Duration = Duration::from_secs(30);
 const SCHEDULER_LOST: &str = "the scheduler went away";
 /// How many times a download registers again after its scheduler went away.
 const SCHEDULER_RETRIES: u32 = 30;
+/// MiB of pieces fetched from parents held in memory at once, over all downloads.
+pub const PIECE_MEMORY_MIB: usize = 256;
 /// How long a message to the scheduler may wait to be taken.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a parent's `SyncPieces` stream, and a download's pieces, may go without
@@ -584,8 +586,12 @@ impl Driver {
                 let (t2, task_id, sha) =
                     (t.clone(), self.task_id.clone(), origin_sha.get(&n).cloned());
                 let metrics = self.peer.metrics.clone();
+                let budget = self.peer.piece_memory.clone();
                 jobs.spawn(async move {
                     let (_, len) = t2.piece_range(n).expect("a piece of the task");
+                    // Pieces in memory, over all downloads, stay within the budget.
+                    let mib = len.div_ceil(1 << 20).clamp(1, PIECE_MEMORY_MIB as u64) as u32;
+                    let _held = budget.acquire_many_owned(mib).await;
                     let r = super::vortex::fetch(&addr, &task_id, n, len, PIECE_TIMEOUT).await;
                     let r = r.and_then(|f| {
                         if f.data.len() as u64 != len {

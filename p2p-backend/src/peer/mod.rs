@@ -205,6 +205,8 @@ pub struct PeerInner {
     running: Mutex<HashMap<String, (TaskSender, Running)>>,
     /// Per task, the peers (peer or host ids) that sent bad bytes of it.
     suspects: Mutex<HashMap<String, std::collections::HashSet<String>>>,
+    /// MiB of pieces being fetched from parents (see [`download::PIECE_MEMORY_MIB`]).
+    pub(crate) piece_memory: Arc<tokio::sync::Semaphore>,
 }
 
 impl PeerInner {
@@ -232,6 +234,7 @@ impl PeerInner {
             ids: AtomicU64::new(0),
             running: Mutex::default(),
             suspects: Mutex::default(),
+            piece_memory: Arc::new(tokio::sync::Semaphore::new(download::PIECE_MEMORY_MIB)),
         }))
     }
 

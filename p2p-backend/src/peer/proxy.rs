@@ -421,7 +421,8 @@ async fn next_chunk(
     }
     let number = (at / t.piece_length) as u32;
     let (offset, length) = t.piece_range(number).ok_or("past the end")?;
-    let end = (offset + length - 1).min(last);
+    // At most 1 MiB at a time: a slow client holds little memory.
+    let end = (offset + length - 1).min(last).min(at + (1 << 20) - 1);
     let mut changes = t.subscribe();
     loop {
         changes.borrow_and_update();

@@ -179,6 +179,9 @@ impl TaskData {
             ));
         }
         self.file.write_all_at(data, offset)?;
+        // On disk before `meta.json` says it is there (and maybe verified): a crash
+        // never leaves a piece recorded over bytes that were not written.
+        self.file.sync_data()?;
         let meta = PieceMeta {
             number,
             offset,
@@ -267,7 +270,12 @@ impl TaskData {
             pieces: pieces.iter().flatten().cloned().collect(),
         };
         let tmp = self.dir.join("meta.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&meta).map_err(io::Error::other)?)?;
+        {
+            use std::io::Write;
+            let mut f = File::create(&tmp)?;
+            f.write_all(&serde_json::to_vec(&meta).map_err(io::Error::other)?)?;
+            f.sync_data()?;
+        }
         std::fs::rename(tmp, self.dir.join("meta.json"))
     }
 }

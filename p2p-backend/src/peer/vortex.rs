@@ -19,6 +19,8 @@ use vortex_protocol::{Header, Message, Vortex, HEADER_SIZE};
 
 /// Largest packet value taken (a request is 68 bytes; metadata well under this).
 const MAX_VALUE: u32 = 64 << 10;
+/// Bytes read and sent at a time when serving a piece.
+const SLICE: usize = 1 << 20;
 /// How long a connection may stay silent.
 const IDLE: Duration = Duration::from_secs(60);
 
@@ -101,10 +103,10 @@ async fn serve_conn(
         let number = req.piece_number;
         // Only pieces verified against a digest their sender did not give go out.
         let piece = match storage.get(&task_id) {
-            Some(t) if t.verified(number) => t.read_piece(number)?,
-            _ => None,
+            Some(t) => t.piece(number).filter(|p| p.verified).map(|p| (t, p)),
+            None => None,
         };
-        let Some((meta, data)) = piece else {
+        let Some((task, meta)) = piece else {
             send_error(
                 sock,
                 Code::NotFound,
@@ -128,8 +130,21 @@ async fn serve_conn(
         let mut buf = BytesMut::with_capacity(HEADER_SIZE + content.encoded_len());
         content.encode_packet(&mut buf);
         sock.write_all(&buf).await?;
-        sock.write_all(&data).await?;
-        served(&task_id, data.len() as u64);
+        // The bytes go out a slice at a time: a piece (up to 64 MiB) is never all in
+        // memory.
+        let mut chunk = vec![0u8; SLICE.min(meta.length as usize)];
+        let mut at = 0u64;
+        while at < meta.length {
+            let n = (meta.length - at).min(SLICE as u64) as usize;
+            std::os::unix::fs::FileExt::read_exact_at(
+                task.file(),
+                &mut chunk[..n],
+                meta.offset + at,
+            )?;
+            sock.write_all(&chunk[..n]).await?;
+            at += n as u64;
+        }
+        served(&task_id, meta.length);
     }
     Ok(())
 }
