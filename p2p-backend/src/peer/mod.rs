@@ -205,6 +205,8 @@ pub struct PeerInner {
     running: Mutex<HashMap<String, (TaskSender, Running)>>,
     /// Per task, the peers (peer or host ids) that sent bad bytes of it.
     suspects: Mutex<HashMap<String, std::collections::HashSet<String>>>,
+    /// Schedulers whose last host announcement failed.
+    down: RwLock<std::collections::HashSet<String>>,
     /// MiB of pieces being fetched from parents (see [`download::PIECE_MEMORY_MIB`]).
     pub(crate) piece_memory: Arc<tokio::sync::Semaphore>,
 }
@@ -234,6 +236,7 @@ impl PeerInner {
             ids: AtomicU64::new(0),
             running: Mutex::default(),
             suspects: Mutex::default(),
+            down: RwLock::default(),
             piece_memory: Arc::new(tokio::sync::Semaphore::new(download::PIECE_MEMORY_MIB)),
         }))
     }
@@ -280,13 +283,20 @@ impl PeerInner {
     /// The scheduler task `task_id` goes to, by dfdaemon's consistent hash ring (its own
     /// crate, `dragonfly-hashring`: 512 virtual nodes per scheduler, named by
     /// `ip:port` as dfdaemon names the schedulers of a dynconfig file), so that our
-    /// peers and dfdaemons listing the same schedulers meet on one for each task.
+    /// peers and dfdaemons listing the same schedulers meet on one for each task. As
+    /// dfdaemon's, the ring holds the schedulers that answer (here: whose last host
+    /// announcement succeeded), all of them when none does.
     pub fn scheduler_for(&self, task_id: &str) -> Option<String> {
-        let mut addrs: Vec<std::net::SocketAddr> = self
-            .schedulers()
-            .iter()
-            .filter_map(|a| a.parse().ok())
-            .collect();
+        let listed = self.schedulers();
+        let down = self.down.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let up: Vec<&String> = listed.iter().filter(|a| !down.contains(*a)).collect();
+        let pool: Vec<&String> = if up.is_empty() {
+            listed.iter().collect()
+        } else {
+            up
+        };
+        let mut addrs: Vec<std::net::SocketAddr> =
+            pool.iter().filter_map(|a| a.parse().ok()).collect();
         addrs.sort();
         addrs.dedup();
         let mut ring = dragonfly_hashring::VNodeHashRing::new();
@@ -482,8 +492,17 @@ impl PeerInner {
             let all = self.schedulers();
             let me: &PeerInner = &self;
             let rounds = all.iter().map(|s| async move {
-                if let Err(e) = me.announce(s).await {
-                    tracing::warn!("announcing the host to {s}: {e}");
+                let result = me.announce(s).await;
+                let mut down = me.down.write().unwrap_or_else(|e| e.into_inner());
+                match result {
+                    Ok(()) => {
+                        down.remove(s);
+                    }
+                    Err(e) => {
+                        if down.insert(s.clone()) {
+                            tracing::warn!("announcing the host to {s}: {e}; left out of the ring");
+                        }
+                    }
                 }
             });
             futures_util::future::join_all(rounds).await;
@@ -508,5 +527,47 @@ impl PeerInner {
             .await
             .map_err(|e| e.message().to_string())?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tasks_go_where_dfdaemons_ring_sends_them_and_never_to_a_scheduler_that_is_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let dyn_path = dir.path().join("dyn.yaml");
+        let addrs = ["127.0.0.9:8002", "127.0.0.7:8002", "127.0.0.8:8002"];
+        std::fs::write(
+            &dyn_path,
+            format!("scheduler:\n  addrs: [{}]\n", addrs.join(", ")),
+        )
+        .unwrap();
+        let mut config = Config::default();
+        config.storage.dir = dir.path().join("storage");
+        let peer = PeerInner::new(config, Some(dyn_path)).unwrap();
+        let mut ring = dragonfly_hashring::VNodeHashRing::new();
+        for a in addrs {
+            ring.add(a.to_string());
+        }
+        let ids: Vec<String> = (0..64).map(|i| format!("{i:064x}")).collect();
+        for id in &ids {
+            assert_eq!(
+                peer.scheduler_for(id).as_deref(),
+                Some(ring.get(id).unwrap().name())
+            );
+        }
+        peer.down.write().unwrap().insert(addrs[0].to_string());
+        assert!(ids
+            .iter()
+            .all(|id| peer.scheduler_for(id).as_deref() != Some(addrs[0])));
+        for a in addrs {
+            peer.down.write().unwrap().insert(a.to_string());
+        }
+        assert!(
+            peer.scheduler_for(&ids[0]).is_some(),
+            "all down: all of them"
+        );
     }
 }
