@@ -326,6 +326,17 @@ impl OurPeer {
     /// Starts a peer on a fresh loopback address in `dir/<name>`, using the schedulers
     /// at `schedulers`, announcing its host every second; waits until it serves.
     pub fn start(dir: &Path, name: &str, schedulers: &[String], seed: bool) -> OurPeer {
+        OurPeer::start_with(dir, name, schedulers, seed, "")
+    }
+
+    /// [`OurPeer::start`] with `extra` appended to its config (top-level YAML).
+    pub fn start_with(
+        dir: &Path,
+        name: &str,
+        schedulers: &[String],
+        seed: bool,
+        extra: &str,
+    ) -> OurPeer {
         let (ip, dir) = peer_dir(dir, name, schedulers);
         let d = dir.display();
         let config = dir.join("peer.yaml");
@@ -339,7 +350,7 @@ impl OurPeer {
                  metrics:\n  server:\n    port: 4002\n\
                  scheduler:\n  announceInterval: 1s\n\
                  dynconfig:\n  refreshInterval: 2s\n\
-                 seedPeer:\n  enable: {seed}\n"
+                 seedPeer:\n  enable: {seed}\n{extra}"
             ),
         )
         .unwrap();

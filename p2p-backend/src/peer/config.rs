@@ -27,6 +27,9 @@
 //! metrics:
 //!   server:
 //!     port: 4002             # Prometheus text at GET /metrics, on host.ip
+//! backToSource:
+//!   dockerConfig: /etc/p2p-peer/config.json   # credentials per registry, for this
+//!                            # peer's own requests to the origin (a seed's)
 //! ```
 //!
 //! The `--dynconfig` file: `scheduler: {addrs: ["ip:port", ...]}`, as dfdaemon's.
@@ -64,6 +67,19 @@ pub struct Config {
     /// `metrics`.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// `backToSource`.
+    #[serde(default)]
+    pub back_to_source: BackToSourceConfig,
+}
+
+/// `backToSource`: how this peer reaches the origin itself.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct BackToSourceConfig {
+    /// `dockerConfig`: a docker `config.json` whose credentials (one per registry) this
+    /// peer uses for registry blobs when the request brings none of its own — how a
+    /// seed peer fetches from a private registry with its own credentials.
+    pub docker_config: Option<PathBuf>,
 }
 
 /// `metrics`.

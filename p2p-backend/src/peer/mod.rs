@@ -205,6 +205,10 @@ pub struct PeerInner {
     running: Mutex<HashMap<String, (TaskSender, Running)>>,
     /// Per task, the peers (peer or host ids) that sent bad bytes of it.
     suspects: Mutex<HashMap<String, std::collections::HashSet<String>>>,
+    /// Credentials per registry for this peer's own requests to the origin.
+    docker_credentials: Option<std::collections::BTreeMap<String, crate::registry::Credentials>>,
+    /// `Authorization` negotiated with them, by `registry/repository`.
+    own_auth: Mutex<HashMap<String, String>>,
     /// Schedulers whose last host announcement failed.
     down: RwLock<std::collections::HashSet<String>>,
     /// MiB of pieces being fetched from parents (see [`download::PIECE_MEMORY_MIB`]).
@@ -216,6 +220,17 @@ impl PeerInner {
     pub fn new(config: Config, dynconfig: Option<PathBuf>) -> Result<Arc<PeerInner>, String> {
         let storage = Storage::open(&config.storage.dir)
             .map_err(|e| format!("opening storage {}: {e}", config.storage.dir.display()))?;
+        let docker_credentials = match &config.back_to_source.docker_config {
+            Some(p) => {
+                let text = std::fs::read(p)
+                    .map_err(|e| format!("backToSource.dockerConfig {}: {e}", p.display()))?;
+                Some(
+                    crate::registry::docker_config_entries(&text)
+                        .map_err(|e| format!("backToSource.dockerConfig {}: {e}", p.display()))?,
+                )
+            }
+            None => None,
+        };
         let schedulers = match &dynconfig {
             Some(p) => Dynconfig::load(p)?.scheduler.addrs,
             None => Vec::new(),
@@ -237,6 +252,8 @@ impl PeerInner {
             running: Mutex::default(),
             suspects: Mutex::default(),
             down: RwLock::default(),
+            docker_credentials,
+            own_auth: Mutex::default(),
             piece_memory: Arc::new(tokio::sync::Semaphore::new(download::PIECE_MEMORY_MIB)),
         }))
     }
@@ -392,14 +409,84 @@ impl PeerInner {
         req
     }
 
+    /// This peer's own `Authorization` for the registry blob `url`, from
+    /// `backToSource.dockerConfig`: pull access to the blob's repository, negotiated
+    /// (a bearer token, or basic auth) and kept; `fresh` negotiates again.
+    async fn own_authorization(&self, url: &str, fresh: bool) -> Option<String> {
+        let entries = self.docker_credentials.as_ref()?;
+        let u = reqwest::Url::parse(url).ok()?;
+        let host = match u.port() {
+            Some(p) => format!("{}:{p}", u.host_str()?),
+            None => u.host_str()?.to_string(),
+        };
+        let repo = u.path().strip_prefix("/v2/")?.split("/blobs/").next()?;
+        let credentials = crate::registry::credentials_for(entries, &host)?;
+        let key = format!("{host}/{repo}");
+        if !fresh {
+            if let Some(h) = self
+                .own_auth
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&key)
+            {
+                return Some(h.clone());
+            }
+        }
+        let opts = crate::registry::RegistryOptions {
+            insecure: u.scheme() == "http",
+            credentials: Some(credentials),
+            ..Default::default()
+        };
+        let client = crate::registry::RegistryClient::new(&key, &opts).ok()?;
+        match client.pull_authorization().await {
+            Ok(Some(h)) => {
+                self.own_auth
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key, h.clone());
+                Some(h)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!("{url}: negotiating pull access with our credentials: {e}");
+                None
+            }
+        }
+    }
+
+    /// `GET` of `range` of `d` from the origin: with the request's own `Authorization`,
+    /// or else this peer's own credentials (negotiated again once on a 401).
+    async fn origin_get(&self, d: &Download, range: &str) -> Result<reqwest::Response, String> {
+        let brought = d
+            .request_header
+            .keys()
+            .any(|k| k.eq_ignore_ascii_case("authorization"));
+        let mut fresh = false;
+        loop {
+            let mut req = self.origin_request(d, range);
+            let own = match brought {
+                true => None,
+                false => self.own_authorization(&d.url, fresh).await,
+            };
+            if let Some(h) = &own {
+                req = req.header("Authorization", h);
+            }
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| format!("the origin {} ({range}): {e}", d.url))?;
+            if resp.status().as_u16() == 401 && own.is_some() && !fresh {
+                fresh = true;
+                continue;
+            }
+            return Ok(resp);
+        }
+    }
+
     /// The length of `d`'s content, from the origin (a 1-byte range request).
     pub async fn origin_length(&self, d: &Download) -> Result<u64, String> {
         let task = storage::task_id(&d.url);
-        let resp = self
-            .origin_request(d, "bytes=0-0")
-            .send()
-            .await
-            .map_err(|e| format!("the origin {}: {e}", d.url))?;
+        let resp = self.origin_get(d, "bytes=0-0").await?;
         let status = resp.status();
         let total = resp
             .headers()
@@ -427,11 +514,7 @@ impl PeerInner {
     ) -> Result<Vec<u8>, String> {
         let task = storage::task_id(&d.url);
         let range = format!("bytes={offset}-{}", offset + len - 1);
-        let resp = self
-            .origin_request(d, &range)
-            .send()
-            .await
-            .map_err(|e| format!("the origin {} ({range}): {e}", d.url))?;
+        let resp = self.origin_get(d, &range).await?;
         let status = resp.status().as_u16();
         let content_range = resp
             .headers()

@@ -501,6 +501,31 @@ impl RegistryClient {
         token.is_none() && matches!(self.auth(), RegistryAuth::Anonymous)
     }
 
+    /// The `Authorization` header for `token` (when the registry issued one) or else
+    /// for our credentials (basic auth), if any.
+    fn authorization(&self, token: &Option<String>) -> Option<String> {
+        match (token, self.auth()) {
+            (Some(t), _) => Some(format!("Bearer {t}")),
+            (None, RegistryAuth::Basic(u, p)) => {
+                use base64::Engine;
+                let pair = format!("{u}:{p}");
+                Some(format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(pair)
+                ))
+            }
+            (None, _) => None,
+        }
+    }
+
+    /// Negotiates pull access to the repository and returns the `Authorization`
+    /// header for its blobs (a bearer token, or basic auth), `None` when it is open —
+    /// for a client that sends its own requests (a P2P seed's range reads).
+    pub async fn pull_authorization(&self) -> Result<Option<String>> {
+        let token = self.auth_for(RegistryOperation::Pull).await?;
+        Ok(self.authorization(&token))
+    }
+
     /// The client for uploads. Push access is negotiated once; a registry that asks
     /// for no credentials gets `open_client`, which has none stored: the main client
     /// would probe `GET /v2/` before every request, since it finds no token to reuse —
@@ -509,18 +534,7 @@ impl RegistryClient {
         if !self.push_authed.load(Ordering::Acquire) {
             let token = self.auth_for(RegistryOperation::Push).await?;
             let open = self.is_open(&token);
-            let header = match (&token, self.auth()) {
-                (Some(t), _) => Some(format!("Bearer {t}")),
-                (None, RegistryAuth::Basic(u, p)) => {
-                    use base64::Engine;
-                    let pair = format!("{u}:{p}");
-                    Some(format!(
-                        "Basic {}",
-                        base64::engine::general_purpose::STANDARD.encode(pair)
-                    ))
-                }
-                (None, _) => None,
-            };
+            let header = self.authorization(&token);
             *self
                 .push_authorization
                 .lock()

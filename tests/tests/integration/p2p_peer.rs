@@ -450,3 +450,74 @@ fn a_dead_seed_a_killed_parent_and_a_restarted_scheduler_cost_the_origin_nothing
         peers[0].log()
     );
 }
+
+/// A private registry (docker-registry behind the token server): the seed fetches with
+/// its own credentials (`backToSource.dockerConfig`, a bearer token negotiated from
+/// them), the peers' clients bring none, and every copy is right with the origin
+/// serving one copy.
+#[test]
+fn seeds_fetch_from_a_private_registry_with_their_own_credentials() {
+    let _swarm = require();
+    require_root_tools(&["openssl"]);
+    let t = tempfile::tempdir().unwrap();
+    let blob = t.path().join("blob");
+    std::fs::write(&blob, noise(24 << 20, 91)).unwrap();
+    let hex = sha256_file(&blob).unwrap();
+    let rdir = t.path().join("registry");
+    std::fs::create_dir_all(&rdir).unwrap();
+    {
+        let open = Registry::start_in(&rdir, "");
+        open.push_blob("private", &hex, &blob);
+    }
+    let tokens = TokenServer::start(&t.path().join("token"), "tester", "s3cret", &["private"]);
+    let reg = Registry::start_in(&rdir, &tokens.registry_config());
+    let origin = FaultProxy::start(&reg.addr);
+    let url = format!("http://{}/v2/private/blobs/sha256:{hex}", origin.addr);
+    let anonymous = std::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&anonymous.stdout), "401");
+    let auth = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode("tester:s3cret")
+    };
+    let docker = t.path().join("docker.json");
+    std::fs::write(
+        &docker,
+        serde_json::json!({"auths": {origin.addr.clone(): {"auth": auth}}}).to_string(),
+    )
+    .unwrap();
+    let sched = Scheduler::start(t.path(), "scheduler", "");
+    let list = [sched.addr.clone()];
+    let seed = OurPeer::start_with(
+        t.path(),
+        "seed",
+        &list,
+        true,
+        &format!("backToSource:\n  dockerConfig: {}\n", docker.display()),
+    );
+    let peers: Vec<OurPeer> = (0..2)
+        .map(|i| OurPeer::start(t.path(), &format!("peer{i}"), &list, false))
+        .collect();
+    wait_for_hosts(&sched, 3);
+    let issued = tokens.issued();
+    let refs: Vec<&OurPeer> = peers.iter().collect();
+    let got = fetch_all(&refs, &url, t.path(), "got");
+    for (i, out) in got.iter().enumerate() {
+        assert_copy(out, &hex, &format!("peer {i}"));
+    }
+    assert!(
+        tokens.issued() > issued,
+        "the seed never asked for a token:\n{}",
+        seed.log()
+    );
+    let served = origin.relayed_bytes();
+    report("a private registry", served, 24 << 20, 1);
+    assert!(
+        served <= origin_bound(24 << 20, 1, 3),
+        "the origin served {served} bytes\n{}",
+        seed.log()
+    );
+}
