@@ -401,6 +401,11 @@ impl OurPeer {
         format!("http://{}:4001", self.ip)
     }
 
+    /// Its config file (edit it, then [`OurPeer::kill`] and [`OurPeer::restart`]).
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
     /// Its log so far.
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.join("peer.log")).unwrap_or_default()

@@ -89,11 +89,12 @@ async fn run(config: Config, dynconfig: Option<PathBuf>) -> Result<(), String> {
     let metrics = bind(config.metrics.server.port).await?;
     let peer = PeerInner::new(config, dynconfig)?;
     tracing::info!(
-        "peer {} serving: upload {}, vortex {}, proxy {}",
+        "peer {} serving: upload {}, vortex {}, proxy {} (upload rate limit: {:?} bytes/s)",
         peer.host_id,
         upload.local_addr().map_err(|e| e.to_string())?,
         vortex.local_addr().map_err(|e| e.to_string())?,
-        proxy.local_addr().map_err(|e| e.to_string())?
+        proxy.local_addr().map_err(|e| e.to_string())?,
+        peer.config.upload.rate_limit
     );
     let p = peer.clone();
     tokio::spawn(p2p_backend::scheduler::metrics::serve(metrics, move || {
@@ -101,11 +102,20 @@ async fn run(config: Config, dynconfig: Option<PathBuf>) -> Result<(), String> {
     }));
     let p = peer.clone();
     let served = std::sync::Arc::new(move |task: &str, n: u64| p.metrics.served(task, n));
+    let server = p2p_backend::peer::vortex::Server {
+        storage: peer.storage.clone(),
+        host_id: peer.host_id.clone(),
+        served,
+        limit: peer
+            .config
+            .upload
+            .rate_limit
+            .map(|r| std::sync::Arc::new(p2p_backend::peer::vortex::RateLimit::new(r))),
+        children: peer.metrics.children.clone(),
+    };
     tokio::spawn(p2p_backend::peer::vortex::serve(
         vortex,
-        peer.storage.clone(),
-        peer.host_id.clone(),
-        served,
+        std::sync::Arc::new(server),
     ));
     tokio::spawn(p2p_backend::peer::proxy::serve(proxy, peer.clone()));
     tokio::spawn(peer.clone().announce_forever());

@@ -8,6 +8,7 @@
 //! upload:
 //!   server:
 //!     port: 4000             # dfdaemon.v2.DfdaemonUpload and grpc.health.v1, on host.ip
+//!   rateLimit: 200MiB        # bytes per second served to other peers (none: no limit)
 //! storage:
 //!   dir: /var/lib/p2p-peer   # pieces, one directory per task
 //!   server:
@@ -137,6 +138,10 @@ pub struct PortConfig {
 pub struct UploadConfig {
     /// `server`.
     pub server: PortConfig,
+    /// `rateLimit`: bytes per second served to other peers, over all of them (a
+    /// number, or with a unit: `KiB`, `MiB`, `GiB`, `KB`, `MB`, `GB`); none: no limit.
+    #[serde(deserialize_with = "human_rate")]
+    pub rate_limit: Option<u64>,
 }
 
 impl Default for UploadConfig {
@@ -146,7 +151,49 @@ impl Default for UploadConfig {
                 ip: None,
                 port: 4000,
             },
+            rate_limit: None,
         }
+    }
+}
+
+/// A size with an optional unit (`10GiB`, `200MB`, `4096`), in bytes.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: f64 = n.parse().ok()?;
+    let mult: f64 = match unit.trim() {
+        "" | "B" => 1.0,
+        "KiB" | "Ki" => 1024.0,
+        "MiB" | "Mi" => 1024.0 * 1024.0,
+        "GiB" | "Gi" => 1024.0 * 1024.0 * 1024.0,
+        "KB" | "K" => 1e3,
+        "MB" | "M" => 1e6,
+        "GB" | "G" => 1e9,
+        _ => return None,
+    };
+    let v = n * mult;
+    (v.is_finite() && v >= 1.0).then_some(v as u64)
+}
+
+fn human_rate<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Rate {
+        N(u64),
+        S(String),
+    }
+    match Option::<Rate>::deserialize(d)? {
+        None => Ok(None),
+        Some(Rate::N(n)) if n > 0 => Ok(Some(n)),
+        Some(Rate::N(_)) => Err(serde::de::Error::custom("upload.rateLimit 0")),
+        Some(Rate::S(s)) => parse_size(&s).map(Some).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "upload.rateLimit '{s}' is not a size (a number, or with KiB, MiB, GiB, KB, MB, GB)"
+            ))
+        }),
     }
 }
 
@@ -345,6 +392,11 @@ mod tests {
         assert_eq!(c.host_id(), "127.0.0.9-n1-seed");
         assert_eq!(c.upload.server.port, 4100);
         assert_eq!(c.scheduler.announce_interval, Duration::from_secs(1));
+        assert_eq!(c.upload.rate_limit, None);
+        let c = Config::parse("upload:\n  rateLimit: 16MiB\n").unwrap();
+        assert_eq!(c.upload.rate_limit, Some(16 << 20));
+        let err = Config::parse("upload:\n  rateLimit: fast\n").unwrap_err();
+        assert!(err.contains("not a size"), "{err}");
         let err = Config::parse(
             "host:\n  ip: 127.0.0.9\nupload:\n  server:\n    ip: 127.0.0.8\n    port: 1\n",
         )

@@ -473,6 +473,7 @@ impl Driver {
         if parents.is_empty() {
             return Err("no usable parent".into());
         }
+        let _parents = Counted::new(&self.peer.metrics.parents, parents.len() as i64);
         // What our seeds recorded from the origin, by piece number.
         let mut origin_sha: HashMap<u32, String> = HashMap::new();
         for p in &parents {
@@ -741,6 +742,28 @@ fn registered(d: &Download, content_length: Option<u64>) -> Download {
         d.actual_piece_count = Some(n.div_ceil(storage::piece_length(n)));
     }
     d
+}
+
+/// `n` added to a gauge for as long as it lives.
+struct Counted {
+    gauge: prometheus_client::metrics::gauge::Gauge,
+    n: i64,
+}
+
+impl Counted {
+    fn new(gauge: &prometheus_client::metrics::gauge::Gauge, n: i64) -> Counted {
+        gauge.inc_by(n);
+        Counted {
+            gauge: gauge.clone(),
+            n,
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.gauge.dec_by(self.n);
+    }
 }
 
 /// A stored piece as the scheduler hears of it: from the origin with its SHA-256 (our

@@ -16,7 +16,8 @@
 //! `peer_from_peers_bytes_total`, `peer_served_bytes_total`, each also per task
 //! (`peer_origin_task_bytes_total{task}` and so on), `peer_tasks`, and
 //! `peer_piece_failures_total{reason}` (`transfer`, `digest`, `blob-digest`, `origin`,
-//! `reported`).
+//! `reported`), `peer_children` (connected to fetch pieces now), `peer_parents` (of the
+//! downloads under way), `peer_rss_bytes`.
 
 pub mod config;
 pub mod download;
@@ -56,6 +57,12 @@ pub struct PeerMetrics {
     served_task: Labeled,
     failures: Labeled,
     tasks: Gauge,
+    /// Children connected to the Vortex server now.
+    pub children: Arc<std::sync::atomic::AtomicI64>,
+    children_gauge: Gauge,
+    /// Parents of the downloads under way.
+    pub parents: Gauge,
+    rss: Gauge,
 }
 
 fn label(k: &str, v: &str) -> Vec<(String, String)> {
@@ -75,6 +82,10 @@ impl Default for PeerMetrics {
             served_task: Family::default(),
             failures: Family::default(),
             tasks: Gauge::default(),
+            children: Arc::default(),
+            children_gauge: Gauge::default(),
+            parents: Gauge::default(),
+            rss: Gauge::default(),
         };
         r.register(
             "origin_bytes",
@@ -112,6 +123,17 @@ impl Default for PeerMetrics {
             m.failures.clone(),
         );
         r.register("tasks", "Tasks in storage", m.tasks.clone());
+        r.register(
+            "children",
+            "Children connected to fetch pieces now",
+            m.children_gauge.clone(),
+        );
+        r.register(
+            "parents",
+            "Parents of the downloads under way",
+            m.parents.clone(),
+        );
+        r.register("rss_bytes", "Resident memory of this peer", m.rss.clone());
         PeerMetrics {
             registry: Arc::new(r),
             ..m
@@ -152,6 +174,22 @@ impl PeerMetrics {
     /// The text of every metric.
     pub fn render(&self, tasks: usize) -> String {
         self.tasks.set(tasks as i64);
+        self.children_gauge
+            .set(self.children.load(Ordering::Relaxed));
+        // `VmRSS:  123456 kB` of /proc/self/status.
+        if let Some(kb) = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<i64>()
+                    .ok()
+            })
+        {
+            self.rss.set(kb * 1024);
+        }
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);
         out

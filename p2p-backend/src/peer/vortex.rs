@@ -27,6 +27,55 @@ const IDLE: Duration = Duration::from_secs(60);
 /// Counts the piece bytes served, by task.
 pub type ServedCounter = Arc<dyn Fn(&str, u64) + Send + Sync>;
 
+/// The upload rate limit (`upload.rateLimit`): a token bucket of `rate` bytes per
+/// second with bursts of one second, shared by every child. A slice larger than the
+/// bucket goes out and the bucket's debt is waited off after it.
+pub struct RateLimit {
+    rate: f64,
+    state: tokio::sync::Mutex<(f64, tokio::time::Instant)>,
+}
+
+impl RateLimit {
+    /// `rate` bytes per second.
+    pub fn new(rate: u64) -> RateLimit {
+        RateLimit {
+            rate: rate as f64,
+            state: tokio::sync::Mutex::new((rate as f64, tokio::time::Instant::now())),
+        }
+    }
+
+    /// Waits until `n` more bytes may go out.
+    pub async fn take(&self, n: u64) {
+        let wait = {
+            let mut s = self.state.lock().await;
+            let now = tokio::time::Instant::now();
+            s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * self.rate).min(self.rate);
+            s.1 = now;
+            let before = if s.0 < 0.0 { -s.0 / self.rate } else { 0.0 };
+            s.0 -= n as f64;
+            before
+        };
+        if wait > 0.0 {
+            tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+        }
+    }
+}
+
+/// What the Vortex server shares: the storage, the host id it names itself by, the
+/// counters, and the upload rate limit.
+pub struct Server {
+    /// The pieces.
+    pub storage: Arc<Storage>,
+    /// This peer's host id.
+    pub host_id: String,
+    /// Counts the bytes served.
+    pub served: ServedCounter,
+    /// The upload rate limit, if any.
+    pub limit: Option<Arc<RateLimit>>,
+    /// Children connected now.
+    pub children: Arc<std::sync::atomic::AtomicI64>,
+}
+
 /// Reads one packet's header and value.
 async fn read_packet(sock: &mut TcpStream) -> std::io::Result<Option<Vortex>> {
     let mut head = [0u8; HEADER_SIZE];
@@ -56,34 +105,32 @@ async fn send_error(sock: &mut TcpStream, code: Code, message: String) -> std::i
     sock.write_all(&buf).await
 }
 
-/// Serves pieces of `storage` on `listener` until the task is dropped. `host_id` names
-/// this peer in the metadata sent; `served` counts the piece bytes sent.
-pub async fn serve(
-    listener: TcpListener,
-    storage: Arc<Storage>,
-    host_id: String,
-    served: ServedCounter,
-) {
+/// Serves pieces on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, server: Arc<Server>) {
     loop {
         let Ok((mut sock, peer)) = listener.accept().await else {
+            // Out of descriptors, say: not a busy loop.
+            tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let (storage, host_id, served) = (storage.clone(), host_id.clone(), served.clone());
+        let server = server.clone();
         tokio::spawn(async move {
             let _ = sock.set_nodelay(true);
-            if let Err(e) = serve_conn(&mut sock, &storage, &host_id, &*served).await {
+            server
+                .children
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if let Err(e) = serve_conn(&mut sock, &server).await {
                 tracing::debug!("vortex: {peer}: {e}");
             }
+            server
+                .children
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         });
     }
 }
 
-async fn serve_conn(
-    sock: &mut TcpStream,
-    storage: &Storage,
-    host_id: &str,
-    served: &(dyn Fn(&str, u64) + Send + Sync),
-) -> std::io::Result<()> {
+async fn serve_conn(sock: &mut TcpStream, server: &Server) -> std::io::Result<()> {
+    let (storage, host_id) = (&server.storage, server.host_id.as_str());
     while let Some(packet) = read_packet(sock).await? {
         let req = match packet {
             Vortex::DownloadPiece(_, req) => req,
@@ -136,6 +183,9 @@ async fn serve_conn(
         let mut at = 0u64;
         while at < meta.length {
             let n = (meta.length - at).min(SLICE as u64) as usize;
+            if let Some(limit) = &server.limit {
+                limit.take(n as u64).await;
+            }
             std::os::unix::fs::FileExt::read_exact_at(
                 task.file(),
                 &mut chunk[..n],
@@ -144,7 +194,7 @@ async fn serve_conn(
             sock.write_all(&chunk[..n]).await?;
             at += n as u64;
         }
-        served(&task_id, meta.length);
+        (server.served)(&task_id, meta.length);
     }
     Ok(())
 }

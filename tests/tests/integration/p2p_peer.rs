@@ -521,3 +521,44 @@ fn seeds_fetch_from_a_private_registry_with_their_own_credentials() {
         seed.log()
     );
 }
+
+/// `upload.rateLimit` bounds what a peer serves to others: a child fetching 48 MiB from
+/// a seed limited to 16 MiB/s (with a one-second burst) takes at least two seconds; the
+/// seed's metrics show its resident memory.
+#[test]
+fn an_upload_rate_limit_bounds_what_a_peer_serves() {
+    let _swarm = require();
+    let t = tempfile::tempdir().unwrap();
+    let (origin, _) = Origin::start(t.path(), &[(48 << 20, 95)]);
+    let sched = Scheduler::start(t.path(), "scheduler", "");
+    let list = [sched.addr.clone()];
+    let mut seed = OurPeer::start(t.path(), "seed", &list, true);
+    seed.kill();
+    let text = std::fs::read_to_string(seed.config_path()).unwrap();
+    std::fs::write(
+        seed.config_path(),
+        text.replace("upload:\n", "upload:\n  rateLimit: 16MiB\n"),
+    )
+    .unwrap();
+    seed.restart();
+    let child = OurPeer::start(t.path(), "child", &list, false);
+    wait_for_hosts(&sched, 2);
+    let started = std::time::Instant::now();
+    let got = fetch_all(&[&child], &origin.url(), t.path(), "child");
+    let took = started.elapsed();
+    assert_copy(&got[0], &origin.hex, "the child's copy");
+    let rate = (48 << 20) as f64 / took.as_secs_f64() / (1 << 20) as f64;
+    eprintln!("48 MiB from a seed limited to 16 MiB/s: {took:?} ({rate:.1} MiB/s)");
+    assert!(
+        took >= std::time::Duration::from_millis(1900),
+        "48 MiB came through a 16 MiB/s limit in {took:?}\n{}",
+        seed.log()
+    );
+    // Counted once each piece is written out: a moment after the child has it.
+    let all_served = wait_until(std::time::Duration::from_secs(5), || {
+        metric_value(&seed.metrics(), "peer_served_bytes_total") == (48 << 20) as f64
+    });
+    let m = seed.metrics();
+    assert!(all_served, "{m}");
+    assert!(metric_value(&m, "peer_rss_bytes") > 1e6, "{m}");
+}
