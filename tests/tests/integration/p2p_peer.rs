@@ -562,3 +562,91 @@ fn an_upload_rate_limit_bounds_what_a_peer_serves() {
     assert!(all_served, "{m}");
     assert!(metric_value(&m, "peer_rss_bytes") > 1e6, "{m}");
 }
+
+/// A client that checks chunks itself (`X-P2P-Verifies-Chunks: true`) reads pieces our
+/// peer has from a dfdaemon seed before the blob can be verified whole; a client that
+/// does not waits for the whole blob. The verifying client's report of a bad range
+/// (`POST /api/v1/bad-range`) drops the piece, keeps its sender out and fetches it again
+/// elsewhere (here the origin): the copy ends right.
+#[test]
+fn a_client_that_verifies_reads_early_and_its_report_of_a_bad_range_is_acted_on() {
+    let _swarm = require();
+    let t = tempfile::tempdir().unwrap();
+    let (origin, _) = Origin::start(t.path(), &[(64 << 20, 97)]);
+    let sched = Scheduler::start(t.path(), "scheduler", "");
+    let list = [sched.addr.clone()];
+    let _df_seed = Dfdaemon::start(t.path(), "df-seed", &list, true);
+    let ours = OurPeer::start(t.path(), "ours", &list, false);
+    wait_for_hosts(&sched, 2);
+    // The origin at 8 MB/s: the seed (and so our peer) takes about 8 s for the blob.
+    origin.proxy.shape(std::time::Duration::ZERO, 8_000_000);
+    let range = |verifies: bool, out: &std::path::Path| {
+        let mut cmd = std::process::Command::new("curl");
+        cmd.args(["-sS", "--fail", "--max-time", "120", "-x"])
+            .arg(ours.proxy())
+            .args(["-H", "Range: bytes=0-1048575", "-o"])
+            .arg(out);
+        if verifies {
+            cmd.args(["-H", "X-P2P-Verifies-Chunks: true"]);
+        }
+        cmd.arg(origin.url());
+        cmd
+    };
+    let started = std::time::Instant::now();
+    let mut waiting = ChildGuard::spawn(&mut range(false, &t.path().join("plain"))).unwrap();
+    let early = range(true, &t.path().join("early")).output().unwrap();
+    let early_took = started.elapsed();
+    assert!(early.status.success(), "{early:?}\n{}", ours.log());
+    assert!(
+        waiting.try_wait().unwrap().is_none(),
+        "the client that does not verify was answered before the blob was verified"
+    );
+    eprintln!("a verifying client had its first MiB after {early_took:?}");
+    let expected = noise(64 << 20, 97);
+    assert_eq!(
+        std::fs::read(t.path().join("early")).unwrap(),
+        &expected[..1 << 20]
+    );
+    // Reported bad (as nydusd would on a chunk digest mismatch): piece 0 is dropped and
+    // fetched again without the seed.
+    let report = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "POST",
+            "--data",
+        ])
+        .arg(format!(
+            r#"{{"url":"{}","offset":0,"length":4096}}"#,
+            origin.url()
+        ))
+        .arg(format!("{}/api/v1/bad-range", ours.proxy()))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&report.stdout),
+        "204",
+        "{}",
+        ours.log()
+    );
+    let ok = wait_until(std::time::Duration::from_secs(60), || {
+        waiting.try_wait().unwrap().is_some()
+    });
+    assert!(ok, "the plain client was never answered\n{}", ours.log());
+    assert!(waiting.try_wait().unwrap().unwrap().success());
+    assert_eq!(
+        std::fs::read(t.path().join("plain")).unwrap(),
+        &expected[..1 << 20]
+    );
+    let m = ours.metrics();
+    assert!(
+        metric_value(&m, "peer_piece_failures_total{reason=\"reported\"}") >= 1.0,
+        "{m}"
+    );
+    let whole = fetch_all(&[&ours], &origin.url(), t.path(), "whole");
+    assert_copy(&whole[0], &origin.hex, "the whole copy after the report");
+}
