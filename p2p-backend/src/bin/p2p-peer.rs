@@ -52,7 +52,15 @@ Config (YAML; every field optional, defaults shown):
     refreshInterval: 10s       how often --dynconfig is read again
   metrics:
     server:
-      port: 4002               Prometheus text at GET /metrics";
+      port: 4002               Prometheus text at GET /metrics
+  backToSource:
+    dockerConfig: <none>       credentials per registry (docker config.json) for this
+                               peer's own requests to the origin (a seed's)
+  gc:
+    interval: 15m              how often old tasks are removed
+    policy:
+      taskTTL: 6h              a task not used for this long goes
+      capacity: <none>         beyond these bytes, the least recently used tasks go";
 
 fn main() {
     let args = Args::parse();
@@ -118,6 +126,20 @@ async fn run(config: Config, dynconfig: Option<PathBuf>) -> Result<(), String> {
         std::sync::Arc::new(server),
     ));
     tokio::spawn(p2p_backend::peer::proxy::serve(proxy, peer.clone()));
+    let p = peer.clone();
+    tokio::spawn(async move {
+        let gc = p.config.gc.clone();
+        let mut tick = tokio::time::interval(gc.interval);
+        loop {
+            tick.tick().await;
+            let removed = p.storage.gc(gc.policy.task_ttl, gc.policy.capacity, |id| {
+                p.is_running(id)
+            });
+            if !removed.is_empty() {
+                tracing::info!("gc: removed tasks {removed:?}");
+            }
+        }
+    });
     tokio::spawn(peer.clone().announce_forever());
     let (health, health_service) = tonic_health::server::health_reporter();
     health

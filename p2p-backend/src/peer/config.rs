@@ -31,6 +31,11 @@
 //! backToSource:
 //!   dockerConfig: /etc/p2p-peer/config.json   # credentials per registry, for this
 //!                            # peer's own requests to the origin (a seed's)
+//! gc:
+//!   interval: 15m            # how often old tasks are removed
+//!   policy:
+//!     taskTTL: 6h            # a task not used for this long goes
+//!     capacity: 100GiB       # beyond it, the least recently used tasks go
 //! ```
 //!
 //! The `--dynconfig` file: `scheduler: {addrs: ["ip:port", ...]}`, as dfdaemon's.
@@ -71,6 +76,51 @@ pub struct Config {
     /// `backToSource`.
     #[serde(default)]
     pub back_to_source: BackToSourceConfig,
+    /// `gc`.
+    #[serde(default)]
+    pub gc: GcConfig,
+}
+
+/// `gc`: old tasks leave storage.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct GcConfig {
+    /// `interval`: how often.
+    #[serde(with = "crate::scheduler::config::human_duration")]
+    pub interval: Duration,
+    /// `policy`.
+    pub policy: GcPolicy,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        GcConfig {
+            interval: Duration::from_secs(900),
+            policy: GcPolicy::default(),
+        }
+    }
+}
+
+/// `gc.policy`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct GcPolicy {
+    /// `taskTTL`: a task not used for this long is removed (dfdaemon's field).
+    #[serde(rename = "taskTTL", with = "crate::scheduler::config::human_duration")]
+    pub task_ttl: Duration,
+    /// `capacity`: the bytes the tasks may hold; beyond it the least recently used
+    /// go (none: no bound).
+    #[serde(deserialize_with = "human_size")]
+    pub capacity: Option<u64>,
+}
+
+impl Default for GcPolicy {
+    fn default() -> Self {
+        GcPolicy {
+            task_ttl: Duration::from_secs(6 * 3600),
+            capacity: None,
+        }
+    }
 }
 
 /// `backToSource`: how this peer reaches the origin itself.
@@ -178,6 +228,10 @@ pub fn parse_size(s: &str) -> Option<u64> {
     (v.is_finite() && v >= 1.0).then_some(v as u64)
 }
 
+fn human_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    human_rate(d)
+}
+
 fn human_rate<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -188,10 +242,10 @@ fn human_rate<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::
     match Option::<Rate>::deserialize(d)? {
         None => Ok(None),
         Some(Rate::N(n)) if n > 0 => Ok(Some(n)),
-        Some(Rate::N(_)) => Err(serde::de::Error::custom("upload.rateLimit 0")),
+        Some(Rate::N(_)) => Err(serde::de::Error::custom("a size of 0")),
         Some(Rate::S(s)) => parse_size(&s).map(Some).ok_or_else(|| {
             serde::de::Error::custom(format!(
-                "upload.rateLimit '{s}' is not a size (a number, or with KiB, MiB, GiB, KB, MB, GB)"
+                "'{s}' is not a size (a number, or with KiB, MiB, GiB, KB, MB, GB)"
             ))
         }),
     }
@@ -393,8 +447,13 @@ mod tests {
         assert_eq!(c.upload.server.port, 4100);
         assert_eq!(c.scheduler.announce_interval, Duration::from_secs(1));
         assert_eq!(c.upload.rate_limit, None);
-        let c = Config::parse("upload:\n  rateLimit: 16MiB\n").unwrap();
+        let c = Config::parse(
+            "upload:\n  rateLimit: 16MiB\ngc:\n  policy:\n    taskTTL: 2h\n    capacity: 1GiB\n",
+        )
+        .unwrap();
         assert_eq!(c.upload.rate_limit, Some(16 << 20));
+        assert_eq!(c.gc.policy.task_ttl, Duration::from_secs(7200));
+        assert_eq!(c.gc.policy.capacity, Some(1 << 30));
         let err = Config::parse("upload:\n  rateLimit: fast\n").unwrap_err();
         assert!(err.contains("not a size"), "{err}");
         let err = Config::parse(

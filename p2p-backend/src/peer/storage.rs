@@ -101,9 +101,21 @@ pub struct TaskData {
     pieces: Mutex<Vec<Option<PieceMeta>>>,
     /// Bumped on every piece stored (and when the task ends).
     changed: watch::Sender<u64>,
+    /// When it was last stored into or read from (for GC).
+    accessed: Mutex<std::time::SystemTime>,
 }
 
 impl TaskData {
+    /// It was used now.
+    pub fn touch(&self) {
+        *self.accessed.lock().unwrap_or_else(|e| e.into_inner()) = std::time::SystemTime::now();
+    }
+
+    /// When it was last used.
+    pub fn accessed(&self) -> std::time::SystemTime {
+        *self.accessed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// How many pieces the task has (none when it is empty).
     pub fn piece_count(&self) -> u32 {
         self.content_length.div_ceil(self.piece_length) as u32
@@ -178,6 +190,7 @@ impl TaskData {
                 ),
             ));
         }
+        self.touch();
         self.file.write_all_at(data, offset)?;
         // On disk before `meta.json` says it is there (and maybe verified): a crash
         // never leaves a piece recorded over bytes that were not written.
@@ -241,6 +254,7 @@ impl TaskData {
         if !(first..=last).all(usable) {
             return Ok(None);
         }
+        self.touch();
         let mut buf = vec![0u8; len as usize];
         self.file.read_exact_at(&mut buf, offset)?;
         Ok(Some(buf))
@@ -343,6 +357,12 @@ impl Storage {
             file,
             pieces: Mutex::new(Vec::new()),
             changed: watch::channel(0).0,
+            // A task of an earlier run was last used when its record was last written.
+            accessed: Mutex::new(
+                std::fs::metadata(dir.join("meta.json"))
+                    .and_then(|m| m.modified())
+                    .unwrap_or_else(|_| std::time::SystemTime::now()),
+            ),
         };
         let mut pieces = vec![None; t.piece_count() as usize];
         for p in meta.pieces {
@@ -407,6 +427,7 @@ impl Storage {
             file,
             pieces: Mutex::new(Vec::new()),
             changed: watch::channel(0).0,
+            accessed: Mutex::new(std::time::SystemTime::now()),
         };
         *t.lock() = vec![None; t.piece_count() as usize];
         t.save(&t.lock())?;
@@ -424,6 +445,34 @@ impl Storage {
         gone.is_some()
     }
 
+    /// Removes the tasks not used for `ttl`, then, while the tasks hold more than
+    /// `capacity` bytes, the least recently used; never one `busy` says is in use.
+    /// Returns the ids removed.
+    pub fn gc(
+        &self,
+        ttl: std::time::Duration,
+        capacity: Option<u64>,
+        busy: impl Fn(&str) -> bool,
+    ) -> Vec<String> {
+        let now = std::time::SystemTime::now();
+        let mut tasks = self.tasks();
+        tasks.sort_by_key(|t| t.accessed());
+        let mut total: u64 = tasks.iter().map(|t| t.content_length).sum();
+        let mut removed = Vec::new();
+        for t in tasks {
+            if busy(&t.id) {
+                continue;
+            }
+            let idle = now.duration_since(t.accessed()).unwrap_or_default();
+            let over = capacity.is_some_and(|c| total > c);
+            if (idle > ttl || over) && self.delete(&t.id) {
+                total -= t.content_length;
+                removed.push(t.id.clone());
+            }
+        }
+        removed
+    }
+
     /// Every task.
     pub fn tasks(&self) -> Vec<Arc<TaskData>> {
         self.lock().values().cloned().collect()
@@ -433,6 +482,24 @@ impl Storage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gc_removes_idle_tasks_then_the_least_recently_used_never_busy_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(dir.path()).unwrap();
+        let ago = |secs| std::time::SystemTime::now() - std::time::Duration::from_secs(secs);
+        for (id, age) in [("old", 7200), ("mid", 60), ("new", 1), ("busy", 9000)] {
+            let t = s.create(id, "u", 100, 4 << 20).unwrap();
+            *t.accessed.lock().unwrap() = ago(age);
+        }
+        let ttl = std::time::Duration::from_secs(3600);
+        let gone = s.gc(ttl, None, |id| id == "busy");
+        assert_eq!(gone, ["old"]);
+        // Over capacity (3 x 100 bytes kept, room for 250): the least recently used goes.
+        let gone = s.gc(ttl, Some(250), |id| id == "busy");
+        assert_eq!(gone, ["mid"]);
+        assert!(s.get("new").is_some() && s.get("busy").is_some());
+    }
 
     #[test]
     fn task_ids_and_piece_lengths_are_dfdaemons() {
