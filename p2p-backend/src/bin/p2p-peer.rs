@@ -132,9 +132,7 @@ async fn run(config: Config, dynconfig: Option<PathBuf>) -> Result<(), String> {
         let mut tick = tokio::time::interval(gc.interval);
         loop {
             tick.tick().await;
-            let removed = p.storage.gc(gc.policy.task_ttl, gc.policy.capacity, |id| {
-                p.is_running(id)
-            });
+            let removed = p.gc();
             if !removed.is_empty() {
                 tracing::info!("gc: removed tasks {removed:?}");
             }

@@ -423,6 +423,26 @@ impl PeerInner {
         }
     }
 
+    /// Removes old tasks from storage (see [`Storage::gc`]), never one being
+    /// downloaded, and forgets the ended downloads of those removed (so their files
+    /// close and their space is freed).
+    pub fn gc(&self) -> Vec<String> {
+        let policy = &self.config.gc.policy;
+        let removed = self
+            .storage
+            .gc(policy.task_ttl, policy.capacity, |id| self.is_running(id));
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        for id in &removed {
+            if running
+                .get(id)
+                .is_some_and(|(_, r)| r.done.borrow().is_some())
+            {
+                running.remove(id);
+            }
+        }
+        removed
+    }
+
     /// Whether a download of `task_id` is under way.
     pub fn is_running(&self, task_id: &str) -> bool {
         self.running
@@ -690,5 +710,32 @@ mod tests {
             peer.scheduler_for(&ids[0]).is_some(),
             "all down: all of them"
         );
+    }
+
+    #[test]
+    fn gc_forgets_the_ended_downloads_of_the_tasks_it_removes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.storage.dir = dir.path().join("storage");
+        config.gc.policy.task_ttl = std::time::Duration::ZERO;
+        let peer = PeerInner::new(config, None).unwrap();
+        let t = peer.storage.create("done", "u", 10, 4).unwrap();
+        let (task_tx, task_rx) = watch::channel(Some(t.clone()));
+        let (_done_tx, done_rx) = watch::channel(Some(Ok(())));
+        peer.running.lock().unwrap().insert(
+            "done".into(),
+            (
+                task_tx,
+                Running {
+                    task: task_rx,
+                    done: done_rx,
+                },
+            ),
+        );
+        drop(t);
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        assert_eq!(peer.gc(), ["done"]);
+        assert!(peer.running.lock().unwrap().is_empty());
+        assert!(!dir.path().join("storage/tasks/done").exists());
     }
 }
