@@ -169,10 +169,7 @@ impl Dfdaemon {
 
     /// Kills the daemon at once (`SIGKILL`), as a crash would.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.child_mut().kill();
-            let _ = c.child_mut().wait();
-        }
+        kill_now(&mut self.child);
     }
 }
 
@@ -267,10 +264,7 @@ impl Scheduler {
 
     /// Kills it at once (`SIGKILL`).
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.child_mut().kill();
-            let _ = c.child_mut().wait();
-        }
+        kill_now(&mut self.child);
     }
 
     /// Its log so far.
@@ -280,12 +274,7 @@ impl Scheduler {
 
     /// Its Prometheus text.
     pub fn metrics(&self) -> String {
-        let out: Output = Command::new("curl")
-            .args(["-sS", "--max-time", "5"])
-            .arg(format!("http://{}/metrics", self.metrics_addr))
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        scrape(&self.metrics_addr)
     }
 
     /// The value of one metric line (`name` with its labels, e.g.
@@ -293,6 +282,24 @@ impl Scheduler {
     pub fn metric(&self, name: &str) -> f64 {
         metric_value(&self.metrics(), name)
     }
+}
+
+/// Kills `child` at once (`SIGKILL`) and reaps it, if it runs.
+fn kill_now(child: &mut Option<ChildGuard>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.child_mut().kill();
+        let _ = c.child_mut().wait();
+    }
+}
+
+/// The Prometheus text served at `http://<addr>/metrics` (empty when none answers).
+fn scrape(addr: &str) -> String {
+    let out: Output = Command::new("curl")
+        .args(["-sS", "--max-time", "5"])
+        .arg(format!("http://{addr}/metrics"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The value of `name` (with its labels) in a Prometheus text, 0 when absent.
@@ -413,12 +420,7 @@ impl OurPeer {
 
     /// Its Prometheus text.
     pub fn metrics(&self) -> String {
-        let out: Output = Command::new("curl")
-            .args(["-sS", "--max-time", "5"])
-            .arg(format!("http://{}:4002/metrics", self.ip))
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        scrape(&format!("{}:4002", self.ip))
     }
 
     /// Starts `curl` fetching `url` through this peer's proxy into `out` (`range`: a
@@ -437,10 +439,7 @@ impl OurPeer {
 
     /// Kills it at once (`SIGKILL`).
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.child_mut().kill();
-            let _ = c.child_mut().wait();
-        }
+        kill_now(&mut self.child);
     }
 }
 

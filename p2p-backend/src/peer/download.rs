@@ -58,11 +58,7 @@ pub async fn run(
     download: Download,
     started: Option<mpsc::Sender<Arc<TaskData>>>,
 ) -> Outcome {
-    if let Some(t) = peer
-        .storage
-        .get(&task_id)
-        .filter(|t| t.complete() && t.pieces().iter().all(|p| p.verified))
-    {
+    if let Some(t) = peer.storage.get(&task_id).filter(|t| t.ready()) {
         if let Some(s) = started {
             let _ = s.send(t.clone()).await;
         }
@@ -409,7 +405,7 @@ impl Driver {
             // this peer's clients, never to other peers).
             return Ok(());
         };
-        if t.pieces().iter().all(|p| p.verified) {
+        if t.all_verified() {
             return Ok(());
         }
         let mut h = Sha256::new();

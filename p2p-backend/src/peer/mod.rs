@@ -141,29 +141,26 @@ impl Default for PeerMetrics {
     }
 }
 
+/// Adds `n` bytes of `task` to a total and to its per-task family.
+fn add(total: &Counter, per_task: &Labeled, task: &str, n: u64) {
+    total.inc_by(n);
+    per_task.get_or_create(&label("task", task)).inc_by(n);
+}
+
 impl PeerMetrics {
     /// `n` bytes of `task` from the origin.
     pub fn from_origin(&self, task: &str, n: u64) {
-        self.origin.inc_by(n);
-        self.origin_task
-            .get_or_create(&label("task", task))
-            .inc_by(n);
+        add(&self.origin, &self.origin_task, task, n);
     }
 
     /// `n` bytes of `task` from other peers.
     pub fn from_peers(&self, task: &str, n: u64) {
-        self.peers.inc_by(n);
-        self.peers_task
-            .get_or_create(&label("task", task))
-            .inc_by(n);
+        add(&self.peers, &self.peers_task, task, n);
     }
 
     /// `n` bytes of `task` served to other peers.
     pub fn served(&self, task: &str, n: u64) {
-        self.served.inc_by(n);
-        self.served_task
-            .get_or_create(&label("task", task))
-            .inc_by(n);
+        add(&self.served, &self.served_task, task, n);
     }
 
     /// A piece failed for `reason`.

@@ -331,11 +331,7 @@ async fn through_swarm(
         ..Default::default()
     };
     let task_id = storage::task_id(url);
-    let t = match peer
-        .storage
-        .get(&task_id)
-        .filter(|t| t.complete() && t.pieces().iter().all(|p| p.verified))
-    {
+    let t = match peer.storage.get(&task_id).filter(|t| t.ready()) {
         Some(t) => t,
         None => started(&peer.download(download)).await?,
     };

@@ -145,6 +145,18 @@ impl TaskData {
         self.lock().iter().all(Option::is_some)
     }
 
+    /// Whether every piece stored is verified.
+    pub fn all_verified(&self) -> bool {
+        self.lock().iter().flatten().all(|p| p.verified)
+    }
+
+    /// Whether every piece is stored and verified: the task can be served as it is.
+    pub fn ready(&self) -> bool {
+        self.lock()
+            .iter()
+            .all(|p| p.as_ref().is_some_and(|p| p.verified))
+    }
+
     /// Bytes stored.
     pub fn stored_bytes(&self) -> u64 {
         self.lock().iter().flatten().map(|p| p.length).sum()
@@ -258,16 +270,6 @@ impl TaskData {
         let mut buf = vec![0u8; len as usize];
         self.file.read_exact_at(&mut buf, offset)?;
         Ok(Some(buf))
-    }
-
-    /// The bytes of piece `number`, if stored.
-    pub fn read_piece(&self, number: u32) -> io::Result<Option<(PieceMeta, Vec<u8>)>> {
-        let Some(meta) = self.piece(number) else {
-            return Ok(None);
-        };
-        let mut buf = vec![0u8; meta.length as usize];
-        self.file.read_exact_at(&mut buf, meta.offset)?;
-        Ok(Some((meta, buf)))
     }
 
     /// The data file (for serving without copies).
@@ -552,7 +554,7 @@ mod tests {
         let t = s.get("abc").unwrap();
         assert_eq!(t.pieces().len(), 2);
         assert!(t.verified(2) && !t.verified(0));
-        assert_eq!(t.read_piece(2).unwrap().unwrap().1, b"89");
+        assert_eq!(t.read(8, 2, true).unwrap().unwrap(), b"89");
         t.verify_all();
         assert!(t.verified(0));
         assert!(s.create("../x", "u", 1, 1).is_err());

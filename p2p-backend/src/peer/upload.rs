@@ -230,8 +230,7 @@ impl DfdaemonUpload for UploadService {
             task_id: t.id.clone(),
             piece_length: Some(t.piece_length),
             content_length: Some(t.content_length),
-            finished_at: (t.complete() && t.pieces().iter().all(|p| p.verified))
-                .then(timestamp_now),
+            finished_at: t.ready().then(timestamp_now),
             ..Default::default()
         }))
     }
