@@ -426,13 +426,19 @@ impl OurPeer {
     /// Starts `curl` fetching `url` through this peer's proxy into `out` (`range`: a
     /// `Range` header value).
     pub fn spawn_fetch(&self, url: &str, out: &Path, range: Option<&str>) -> ChildGuard {
+        let range = range.map(|r| format!("Range: {r}"));
+        self.spawn_fetch_with(url, out, range.as_slice())
+    }
+
+    /// [`OurPeer::spawn_fetch`] with these request headers (`Name: value`).
+    pub fn spawn_fetch_with(&self, url: &str, out: &Path, headers: &[String]) -> ChildGuard {
         let mut cmd = Command::new("curl");
         cmd.args(["-sS", "--fail", "--max-time", "300", "-x"])
             .arg(self.proxy())
             .arg("-o")
             .arg(out);
-        if let Some(r) = range {
-            cmd.args(["-H", &format!("Range: {r}")]);
+        for h in headers {
+            cmd.args(["-H", h]);
         }
         ChildGuard::spawn(cmd.arg(url).stdout(Stdio::null()).stderr(Stdio::piped())).unwrap()
     }

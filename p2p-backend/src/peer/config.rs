@@ -18,6 +18,9 @@
 //!     port: 4001             # the HTTP proxy, on host.ip
 //!   rules:
 //!     - regex: 'blobs/sha256.*'   # GETs of matching URLs go through the swarm
+//!   prefetchRateLimit: 100MiB # a range read fetches the rest of its task in the
+//!                            # background, at most this fast over all tasks (none: no
+//!                            # limit); pieces a client waits on always go first
 //! seedPeer:
 //!   enable: false            # a seed peer fetches from the origin when the scheduler
 //!                            # asks it (DfdaemonUpload/DownloadTask)
@@ -297,6 +300,11 @@ pub struct ProxyConfig {
     pub server: PortConfig,
     /// `rules`.
     pub rules: Vec<ProxyRule>,
+    /// `prefetchRateLimit`: bytes per second, over all tasks, for the pieces of a task
+    /// that a range read started and that no reader waits on (the rest of the task,
+    /// fetched in the background); none: no limit beyond the pieces' concurrency.
+    #[serde(deserialize_with = "human_rate")]
+    pub prefetch_rate_limit: Option<u64>,
 }
 
 impl Default for ProxyConfig {
@@ -309,6 +317,7 @@ impl Default for ProxyConfig {
             rules: vec![ProxyRule {
                 regex: "blobs/sha256.*".into(),
             }],
+            prefetch_rate_limit: None,
         }
     }
 }

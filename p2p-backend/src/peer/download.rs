@@ -30,6 +30,9 @@ use tokio_stream::wrappers::ReceiverStream;
 
 /// Pieces fetched at once by one download.
 const CONCURRENT_PIECES: usize = 4;
+/// Pieces fetched at once that no reader waits on: one place of [`CONCURRENT_PIECES`]
+/// stays free, so a piece a reader waits on starts at once.
+const BACKGROUND_PIECES: usize = CONCURRENT_PIECES - 1;
 /// How long one piece may take from a parent.
 const PIECE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How errors of a scheduler that went away begin.
@@ -341,28 +344,36 @@ impl Driver {
             None => self.peer.origin_length(&self.download).await?,
         };
         let t = self.task(length)?;
-        let missing: Vec<u32> = (0..t.piece_count())
+        let mut missing: BTreeSet<u32> = (0..t.piece_count())
             .filter(|n| t.piece(*n).is_none())
             .collect();
-        let sem = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_PIECES));
         let mut jobs = tokio::task::JoinSet::new();
-        for n in missing {
-            let (peer, t, d, sem) = (
-                self.peer.clone(),
-                t.clone(),
-                self.download.clone(),
-                sem.clone(),
-            );
-            jobs.spawn(async move {
-                let _permit = sem.acquire_owned().await;
-                let (offset, len) = t.piece_range(n).expect("a piece of the task");
-                let data = peer.origin_range(&d, offset, len).await?;
-                t.store(n, &data, None, true)
-                    .map_err(|e| format!("storing piece {n}: {e}"))
-            });
-        }
         let mut failure = None;
-        while let Some(r) = jobs.join_next().await {
+        loop {
+            if failure.is_none() {
+                for (n, wanted) in pick(&t, &missing, jobs.len()) {
+                    missing.remove(&n);
+                    let (peer, t, d) = (self.peer.clone(), t.clone(), self.download.clone());
+                    let limit = self.background_limit(wanted);
+                    jobs.spawn(async move {
+                        let (offset, len) = t.piece_range(n).expect("a piece of the task");
+                        if let Some(l) = limit {
+                            l.take(len).await;
+                        }
+                        let data = peer.origin_range(&d, offset, len).await?;
+                        t.store(n, &data, None, true)
+                            .map_err(|e| format!("storing piece {n}: {e}"))
+                    });
+                }
+            }
+            let r = tokio::select! {
+                r = jobs.join_next() => match r {
+                    Some(r) => r,
+                    None => break,
+                },
+                // A reader waits on a piece: it may start now.
+                _ = t.want_changed() => continue,
+            };
             match r.map_err(|e| e.to_string()).and_then(|r| r) {
                 Ok(meta) => {
                     self.send(
@@ -561,16 +572,14 @@ impl Driver {
             if t.complete() {
                 break;
             }
-            // Start pieces offered and not under way, up to the limit.
-            let ready: Vec<u32> = offers
+            // Start pieces offered and not under way: those readers wait on first.
+            let startable: BTreeSet<u32> = offers
                 .keys()
                 .copied()
                 .filter(|n| !inflight.contains(n) && t.piece(*n).is_none())
+                .filter(|n| offers[n].iter().any(|(id, _)| !excluded.contains(id)))
                 .collect();
-            for n in ready {
-                if inflight.len() >= CONCURRENT_PIECES {
-                    break;
-                }
+            for (n, wanted) in pick(&t, &startable, inflight.len()) {
                 let Some(list) = offers.get_mut(&n) else {
                     continue;
                 };
@@ -584,8 +593,12 @@ impl Driver {
                     (t.clone(), self.task_id.clone(), origin_sha.get(&n).cloned());
                 let metrics = self.peer.metrics.clone();
                 let budget = self.peer.piece_memory.clone();
+                let limit = self.background_limit(wanted);
                 jobs.spawn(async move {
                     let (_, len) = t2.piece_range(n).expect("a piece of the task");
+                    if let Some(l) = limit {
+                        l.take(len).await;
+                    }
                     // Pieces in memory, over all downloads, stay within the budget.
                     let mib = len.div_ceil(1 << 20).clamp(1, PIECE_MEMORY_MIB as u64) as u32;
                     let _held = budget.acquire_many_owned(mib).await;
@@ -621,6 +634,8 @@ impl Driver {
                     tracing::warn!("task {}: no progress from the parents in {NO_PROGRESS:?}", self.task_id);
                     break;
                 }
+                // A reader waits on a piece: it may start now.
+                _ = t.want_changed() => {}
                 have = have_rx.recv(), if syncing => match have {
                     Some((parent, u32::MAX, _)) => {
                         tracing::info!("task {}: parent {parent} could not say what it has", self.task_id);
@@ -685,6 +700,16 @@ impl Driver {
         Ok(t)
     }
 
+    /// The limit a piece waits on: `proxy.prefetchRateLimit` for a piece no reader
+    /// waits on, in a download a range read started (the rest of the task is
+    /// prefetched); none otherwise.
+    fn background_limit(&self, wanted: bool) -> Option<Arc<super::vortex::RateLimit>> {
+        if wanted || !self.download.prefetch {
+            return None;
+        }
+        self.peer.prefetch_limit.clone()
+    }
+
     /// Tells the scheduler that `parent` sent bad bytes (it is not this child's parent
     /// again).
     async fn report_bad(&self, a: &Announce, parent: &str) {
@@ -721,6 +746,33 @@ impl Driver {
         }
         Err("no parent told the task's length".into())
     }
+}
+
+/// The pieces to start now, of `startable` (missing, not under way, and to be had),
+/// with `inflight` under way, each with whether a reader waits on it: first those
+/// readers wait on, up to [`CONCURRENT_PIECES`] under way; then the others, from the
+/// piece a reader last waited on to the end and then from the start, up to
+/// [`BACKGROUND_PIECES`] under way.
+fn pick(t: &TaskData, startable: &BTreeSet<u32>, inflight: usize) -> Vec<(u32, bool)> {
+    let mut out = Vec::new();
+    for n in t.wanted() {
+        if inflight + out.len() >= CONCURRENT_PIECES {
+            return out;
+        }
+        if startable.contains(&n) {
+            out.push((n, true));
+        }
+    }
+    let from = t.last_wanted();
+    for &n in startable.range(from..).chain(startable.range(..from)) {
+        if inflight + out.len() >= BACKGROUND_PIECES {
+            break;
+        }
+        if !out.iter().any(|(m, _)| *m == n) {
+            out.push((n, false));
+        }
+    }
+    out
 }
 
 /// `d` as registered with the scheduler: no credentials, cookies or hop-by-hop headers
@@ -796,6 +848,33 @@ fn answer_name(r: &Resp) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pieces_readers_wait_on_go_first_and_a_place_stays_free_for_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = storage::Storage::open(dir.path()).unwrap();
+        let t = s.create("t", "http://r/x", 40 << 20, 4 << 20).unwrap();
+        let all: BTreeSet<u32> = (0..10).collect();
+        // Nobody waits: three at a time, in order.
+        assert_eq!(pick(&t, &all, 0), [(0, false), (1, false), (2, false)]);
+        assert_eq!(pick(&t, &all, 3), []);
+        // A reader waits on piece 8: it starts even with three under way, and the
+        // pieces nobody waits on go on from it.
+        let w = t.want(8);
+        assert_eq!(pick(&t, &all, 3), [(8, true)]);
+        assert_eq!(pick(&t, &all, 0), [(8, true), (9, false), (0, false)]);
+        // Two readers on one piece: it stays wanted until both are gone.
+        let w2 = t.want(8);
+        drop(w);
+        assert_eq!(t.wanted(), [8]);
+        drop(w2);
+        assert_eq!(t.wanted(), Vec::<u32>::new());
+        // Waited-on pieces fill every place, never more.
+        let ws: Vec<_> = [1, 3, 5, 7, 9].iter().map(|n| t.want(*n)).collect();
+        let some: BTreeSet<u32> = [3, 4, 5, 7, 9].into_iter().collect();
+        assert_eq!(pick(&t, &some, 1), [(3, true), (5, true), (7, true)]);
+        drop(ws);
+    }
 
     #[test]
     fn nothing_of_a_clients_credentials_is_registered() {

@@ -248,6 +248,9 @@ pub struct PeerInner {
     down: RwLock<std::collections::HashSet<String>>,
     /// MiB of pieces being fetched from parents (see [`download::PIECE_MEMORY_MIB`]).
     pub(crate) piece_memory: Arc<tokio::sync::Semaphore>,
+    /// `proxy.prefetchRateLimit`, for the pieces of a range read's task no reader
+    /// waits on.
+    pub(crate) prefetch_limit: Option<Arc<vortex::RateLimit>>,
 }
 
 impl PeerInner {
@@ -274,7 +277,6 @@ impl PeerInner {
         let _ = rustls::crypto::ring::default_provider().install_default();
         Ok(Arc::new(PeerInner {
             host_id: config.host_id(),
-            config,
             storage: Arc::new(storage),
             metrics: PeerMetrics::default(),
             dynconfig,
@@ -290,6 +292,11 @@ impl PeerInner {
             docker_credentials,
             own_auth: Mutex::default(),
             piece_memory: Arc::new(tokio::sync::Semaphore::new(download::PIECE_MEMORY_MIB)),
+            prefetch_limit: config
+                .proxy
+                .prefetch_rate_limit
+                .map(|r| Arc::new(vortex::RateLimit::new(r))),
+            config,
         }))
     }
 

@@ -9,6 +9,13 @@
 //! first byte went out, the request goes to the origin instead. Responses carry
 //! `X-Dragonfly-Task-ID`; errors made here carry `X-Dragonfly-Error-Type: proxy`.
 //!
+//! **Priorities.** A read a client waits on (`X-Dragonfly-Priority` above 3, or none)
+//! marks the piece it waits for, and the download fetches marked pieces first: at most
+//! three of its four pieces under way are ones nobody waits on, so a marked piece
+//! starts at once. A range read also starts the fetch of the rest of its task in the
+//! background (dfdaemon's `prefetch`), at most `proxy.prefetchRateLimit` fast; a
+//! prefetch read (priority 3 or below, as nydusd's prefetch sends) marks nothing.
+//!
 //! **Clients that verify.** A client answers only with pieces verified against a
 //! digest their sender did not give (see [`super::storage::PieceMeta::verified`]),
 //! unless it sends `X-P2P-Verifies-Chunks: true`: it checks what it reads itself (as
@@ -34,6 +41,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 type Body = BoxBody<Bytes, std::io::Error>;
+
+/// `X-Dragonfly-Priority` of prefetch reads (nydusd's; on-demand reads are 6, the
+/// default): at or below it a read marks no piece as waited on.
+const PRIORITY_PREFETCH: i32 = 3;
 
 /// How long a client waits for the task to start in the swarm.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -323,8 +334,12 @@ async fn through_swarm(
         .get("x-dragonfly-priority")
         .and_then(|p| p.parse().ok())
         .unwrap_or(6);
+    // A range read fetches the rest of the task too, in the background (dfdaemon's
+    // `prefetch`); its own pieces go first unless it is itself a prefetch.
+    let urgent = priority > PRIORITY_PREFETCH;
     let download = Download {
         url: url.to_string(),
+        prefetch: req.headers().contains_key(hyper::header::RANGE),
         request_header: headers,
         priority,
         enable_task_id_based_blob_digest: storage::blob_digest(url).is_some(),
@@ -367,13 +382,13 @@ async fn through_swarm(
     // The first bytes must be there before the answer goes out: a failure before that
     // still goes to the origin.
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
-    let first_chunk = next_chunk(peer, &t, first, last, !verifies).await?;
+    let first_chunk = next_chunk(peer, &t, first, last, !verifies, urgent).await?;
     let mut at = first + first_chunk.len() as u64;
     let _ = tx.send(Ok(Frame::data(Bytes::from(first_chunk)))).await;
     let (peer2, t2) = (peer.clone(), t.clone());
     tokio::spawn(async move {
         while len > 0 && at <= last {
-            match next_chunk(&peer2, &t2, at, last, !verifies).await {
+            match next_chunk(&peer2, &t2, at, last, !verifies, urgent).await {
                 Ok(c) => {
                     at += c.len() as u64;
                     if tx.send(Ok(Frame::data(Bytes::from(c)))).await.is_err() {
@@ -404,13 +419,15 @@ async fn through_swarm(
 }
 
 /// The bytes from `at` to the end of its piece (or `last`), once that piece is stored
-/// (and verified, with `verified_only`).
+/// (and verified, with `verified_only`); an `urgent` reader's piece is fetched ahead of
+/// those nobody waits on.
 async fn next_chunk(
     peer: &PeerInner,
     t: &Arc<TaskData>,
     at: u64,
     last: u64,
     verified_only: bool,
+    urgent: bool,
 ) -> Result<Vec<u8>, String> {
     if t.content_length == 0 {
         return Ok(Vec::new());
@@ -420,6 +437,7 @@ async fn next_chunk(
     // At most 1 MiB at a time: a slow client holds little memory.
     let end = (offset + length - 1).min(last).min(at + (1 << 20) - 1);
     let mut changes = t.subscribe();
+    let mut _want = None;
     loop {
         changes.borrow_and_update();
         if let Some(b) = t
@@ -433,6 +451,9 @@ async fn next_chunk(
             .is_some_and(|p| p.verified || !verified_only);
         if !peer.is_running(&t.id) && !usable {
             return Err(format!("piece {number} of task {} did not come", t.id));
+        }
+        if urgent && _want.is_none() {
+            _want = Some(t.want(number));
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), changes.changed()).await;
     }

@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -103,12 +103,97 @@ pub struct TaskData {
     changed: watch::Sender<u64>,
     /// When it was last stored into or read from (for GC).
     accessed: Mutex<std::time::SystemTime>,
+    /// Pieces that readers wait on now (a read a client waits on, not a prefetch), with
+    /// how many wait on each: the download fetches them first.
+    wanted: Mutex<BTreeMap<u32, u32>>,
+    /// The piece a reader last waited on: the download goes on from there.
+    last_wanted: std::sync::atomic::AtomicU32,
+    /// Told when a reader starts waiting on a piece.
+    want_signal: tokio::sync::Notify,
+}
+
+/// A reader's wait on a piece (see [`TaskData::want`]); the wait ends when it is dropped.
+pub struct Want {
+    task: Arc<TaskData>,
+    number: u32,
+}
+
+impl Drop for Want {
+    fn drop(&mut self) {
+        let mut wanted = self.task.wanted.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = wanted.get_mut(&self.number) {
+            *n -= 1;
+            if *n == 0 {
+                wanted.remove(&self.number);
+            }
+        }
+    }
 }
 
 impl TaskData {
+    /// A task of `(content length, piece length)`, its bytes in `file`, no piece
+    /// recorded yet.
+    fn new(
+        id: String,
+        url: String,
+        (content_length, piece_length): (u64, u64),
+        dir: PathBuf,
+        file: File,
+        accessed: std::time::SystemTime,
+    ) -> TaskData {
+        TaskData {
+            id,
+            url,
+            content_length,
+            piece_length,
+            dir,
+            file,
+            pieces: Mutex::new(Vec::new()),
+            changed: watch::channel(0).0,
+            accessed: Mutex::new(accessed),
+            wanted: Mutex::new(BTreeMap::new()),
+            last_wanted: std::sync::atomic::AtomicU32::new(0),
+            want_signal: tokio::sync::Notify::new(),
+        }
+    }
+
     /// It was used now.
     pub fn touch(&self) {
         *self.accessed.lock().unwrap_or_else(|e| e.into_inner()) = std::time::SystemTime::now();
+    }
+
+    /// A reader waits on piece `number` until the returned guard is dropped: the
+    /// download fetches it ahead of the pieces nobody waits on.
+    pub fn want(self: &Arc<Self>, number: u32) -> Want {
+        *self
+            .wanted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(number)
+            .or_insert(0) += 1;
+        self.last_wanted
+            .store(number, std::sync::atomic::Ordering::Relaxed);
+        self.want_signal.notify_one();
+        Want {
+            task: self.clone(),
+            number,
+        }
+    }
+
+    /// The pieces readers wait on now, in order.
+    pub fn wanted(&self) -> Vec<u32> {
+        let wanted = self.wanted.lock().unwrap_or_else(|e| e.into_inner());
+        wanted.keys().copied().collect()
+    }
+
+    /// The piece a reader last waited on (0 when none has).
+    pub fn last_wanted(&self) -> u32 {
+        self.last_wanted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Returns once a reader has started waiting on a piece since the last call.
+    pub async fn want_changed(&self) {
+        self.want_signal.notified().await
     }
 
     /// When it was last used.
@@ -350,22 +435,18 @@ impl Storage {
                 "the data file is not the task's length",
             ));
         }
-        let t = TaskData {
-            id: meta.id,
-            url: meta.url,
-            content_length: meta.content_length,
-            piece_length: meta.piece_length,
-            dir: dir.to_path_buf(),
+        // A task of an earlier run was last used when its record was last written.
+        let accessed = std::fs::metadata(dir.join("meta.json"))
+            .and_then(|m| m.modified())
+            .unwrap_or_else(|_| std::time::SystemTime::now());
+        let t = TaskData::new(
+            meta.id,
+            meta.url,
+            (meta.content_length, meta.piece_length),
+            dir.to_path_buf(),
             file,
-            pieces: Mutex::new(Vec::new()),
-            changed: watch::channel(0).0,
-            // A task of an earlier run was last used when its record was last written.
-            accessed: Mutex::new(
-                std::fs::metadata(dir.join("meta.json"))
-                    .and_then(|m| m.modified())
-                    .unwrap_or_else(|_| std::time::SystemTime::now()),
-            ),
-        };
+            accessed,
+        );
         let mut pieces = vec![None; t.piece_count() as usize];
         for p in meta.pieces {
             if t.piece_range(p.number) == Some((p.offset, p.length)) {
@@ -420,17 +501,14 @@ impl Storage {
             .truncate(true)
             .open(dir.join("data"))?;
         file.set_len(content_length)?;
-        let t = TaskData {
-            id: id.to_string(),
-            url: url.to_string(),
-            content_length,
-            piece_length,
+        let t = TaskData::new(
+            id.to_string(),
+            url.to_string(),
+            (content_length, piece_length),
             dir,
             file,
-            pieces: Mutex::new(Vec::new()),
-            changed: watch::channel(0).0,
-            accessed: Mutex::new(std::time::SystemTime::now()),
-        };
+            std::time::SystemTime::now(),
+        );
         *t.lock() = vec![None; t.piece_count() as usize];
         t.save(&t.lock())?;
         let t = Arc::new(t);

@@ -7,6 +7,7 @@
 use super::p2p_scheduler::{assert_copy, origin_bound, report, require, wait_for_hosts, Origin};
 use rafs_e2e::*;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 /// Fetches `url` through each peer's proxy at once; waits for all.
 fn fetch_all(peers: &[&OurPeer], url: &str, dir: &std::path::Path, tag: &str) -> Vec<PathBuf> {
@@ -649,4 +650,61 @@ fn a_client_that_verifies_reads_early_and_its_report_of_a_bad_range_is_acted_on(
     );
     let whole = fetch_all(&[&ours], &origin.url(), t.path(), "whole");
     assert_copy(&whole[0], &origin.hex, "the whole copy after the report");
+}
+
+/// A read a client waits on is not queued behind a prefetch. A prefetch read
+/// (`X-Dragonfly-Priority: 3`, as nydusd's prefetch) of a 96 MiB blob starts its fetch
+/// from an origin limited to 16 MiB/s, 4 MiB pieces in order; a read of 64 KiB in
+/// piece 15 (no priority: on-demand) then comes in. Its piece goes ahead of the ones
+/// before it, so it is answered in well under half the time the prefetch still needs
+/// (in order, it would come two thirds of the way through); both copies are right.
+#[test]
+fn a_read_a_client_waits_on_goes_ahead_of_a_prefetch() {
+    let _swarm = require();
+    let t = tempfile::tempdir().unwrap();
+    let (origin, _) = Origin::start(t.path(), &[(96 << 20, 53)]);
+    let sched = Scheduler::start(t.path(), "scheduler", "");
+    let peer = OurPeer::start(t.path(), "peer", &[sched.addr.clone()], false);
+    wait_for_hosts(&sched, 1);
+    origin.proxy.shape(Duration::ZERO, 16 << 20);
+    let url = origin.url();
+    let (whole, tail) = (t.path().join("whole"), t.path().join("tail"));
+    let started = Instant::now();
+    let prefetch = peer.spawn_fetch_with(&url, &whole, &["X-Dragonfly-Priority: 3".into()]);
+    assert!(
+        wait_until(Duration::from_secs(30), || origin.proxy.relayed_bytes()
+            > 4 << 20),
+        "the prefetch did not start:\n{}",
+        peer.log()
+    );
+    let asked = Instant::now();
+    // 64 KiB in piece 15 of 24: the 16th in order.
+    let at = 15 * (4 << 20) + 4096;
+    let range = format!("Range: bytes={at}-{}", at + 65535);
+    finish_fetch(
+        peer.spawn_fetch_with(&url, &tail, &[range]),
+        "the on-demand read",
+    );
+    let urgent = asked.elapsed();
+    finish_fetch(prefetch, "the prefetch");
+    let left = started.elapsed() - (asked - started);
+    eprintln!("the on-demand read took {urgent:?}; the prefetch needed {left:?} more when it came");
+    assert_copy(&whole, &origin.hex, "the prefetch");
+    let data = std::fs::read(&whole).unwrap();
+    assert_eq!(
+        std::fs::read(&tail).unwrap(),
+        &data[at..at + 65536],
+        "the on-demand read's bytes"
+    );
+    assert!(
+        urgent < left / 2,
+        "the on-demand read took {urgent:?}, queued behind the prefetch ({left:?} left)\n{}",
+        peer.log()
+    );
+    let served = origin.proxy.relayed_bytes();
+    assert!(
+        served <= origin_bound(origin.len, 1, 2),
+        "the origin served {served} bytes for one {}-byte blob",
+        origin.len
+    );
 }
