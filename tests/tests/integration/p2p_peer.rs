@@ -664,7 +664,7 @@ fn a_read_a_client_waits_on_goes_ahead_of_a_prefetch() {
     let t = tempfile::tempdir().unwrap();
     let (origin, _) = Origin::start(t.path(), &[(96 << 20, 53)]);
     let sched = Scheduler::start(t.path(), "scheduler", "");
-    let peer = OurPeer::start(t.path(), "peer", &[sched.addr.clone()], false);
+    let peer = OurPeer::start(t.path(), "peer", std::slice::from_ref(&sched.addr), false);
     wait_for_hosts(&sched, 1);
     origin.proxy.shape(Duration::ZERO, 16 << 20);
     let url = origin.url();
