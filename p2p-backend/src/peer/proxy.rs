@@ -9,6 +9,9 @@
 //! first byte went out, the request goes to the origin instead. Responses carry
 //! `X-Dragonfly-Task-ID`; errors made here carry `X-Dragonfly-Error-Type: proxy`.
 //!
+//! `GET /healthy` (origin-form, to the proxy's address) answers `200` while the proxy
+//! serves: point nydusd's `proxy.ping_url` at it.
+//!
 //! **Priorities.** A read a client waits on (`X-Dragonfly-Priority` above 3, or none)
 //! marks the piece it waits for, and the download fetches marked pieces first: at most
 //! three of its four pieces under way are ones nobody waits on, so a marked piece
@@ -228,6 +231,9 @@ async fn handle(
     rules: &[regex::Regex],
     req: Request<Incoming>,
 ) -> Response<Body> {
+    if req.uri().host().is_none() && req.uri().path() == "/healthy" {
+        return full(StatusCode::OK, "OK".into());
+    }
     if req.uri().host().is_none() && req.uri().path() == "/api/v1/bad-range" {
         if req.method() != hyper::Method::POST {
             return proxy_error(StatusCode::METHOD_NOT_ALLOWED, "POST a bad range".into());

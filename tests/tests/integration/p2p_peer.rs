@@ -708,3 +708,104 @@ fn a_read_a_client_waits_on_goes_ahead_of_a_prefetch() {
         origin.len
     );
 }
+
+/// Upstream nydusd 2.2 reads an image through our peers with its `proxy` section, as
+/// Dragonfly users configure it (`url`: the node's peer's proxy; `ping_url`: its
+/// `/healthy`; no fallback, so that a failure of ours shows as one). Node A's nydusd
+/// reads the whole tree through peer A (our seed fetching from the origin), then node
+/// B's through peer B. Both trees are right; the origin served about one copy of the
+/// blob, and nothing but probes for node B, whose peer had every byte from the swarm.
+#[test]
+fn upstream_nydusd_reads_an_image_through_our_peers() {
+    let _swarm = require();
+    require_root_tools(&["fusermount3"]);
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir_all(src.join("d")).unwrap();
+    for i in 0..6u64 {
+        std::fs::write(src.join(format!("d/f{i}")), noise(5_000_000, 200 + i)).unwrap();
+    }
+    std::fs::write(src.join("small"), b"small\n").unwrap();
+    let img = build_image(&src, &t.path().join("img"), &["--compressor", "zstd"]);
+    let blobs: Vec<_> = std::fs::read_dir(&img.blobs)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(blobs.len(), 1, "one blob: {blobs:?}");
+    let id = blobs[0].file_name().unwrap().to_string_lossy().into_owned();
+    let blob_len = std::fs::metadata(&blobs[0]).unwrap().len();
+    let reg_dir = t.path().join("reg");
+    std::fs::create_dir_all(&reg_dir).unwrap();
+    let reg = Registry::start_in(&reg_dir, "");
+    reg.push_blob("test/p2p", &id, &blobs[0]);
+    let origin = FaultProxy::start(&reg.addr);
+
+    let sched = Scheduler::start(t.path(), "scheduler", "");
+    let list = [sched.addr.clone()];
+    let _seed = OurPeer::start(t.path(), "seed", &list, true);
+    let nodes = [
+        OurPeer::start(t.path(), "a", &list, false),
+        OurPeer::start(t.path(), "b", &list, false),
+    ];
+    wait_for_hosts(&sched, 3);
+    let mut after_a = 0;
+    for (i, peer) in nodes.iter().enumerate() {
+        let work = t.path().join(format!("node{i}"));
+        std::fs::create_dir_all(work.join("cache")).unwrap();
+        let cfg = work.join("nydusd.json");
+        std::fs::write(
+            &cfg,
+            format!(
+                r#"{{"device":{{"backend":{{"type":"registry","config":{{"scheme":"http",
+                "host":"{}","repo":"test/p2p","timeout":30,"retry_limit":1,
+                "proxy":{{"url":"{}","ping_url":"{}/healthy","fallback":false,
+                "check_interval":1}}}}}},
+                "cache":{{"type":"blobcache","config":{{"work_dir":"{}"}}}}}},
+                "mode":"direct","digest_validate":false,"enable_xattr":true,
+                "amplify_io":1048576}}"#,
+                origin.addr,
+                peer.proxy(),
+                peer.proxy(),
+                work.join("cache").display()
+            ),
+        )
+        .unwrap();
+        let d = start_upstream_nydusd(&img.boot, &cfg, &work.join("mnt"), &work.join("log"));
+        let same = CompareOptions {
+            ignore_root_mtime: true,
+            ..Default::default()
+        };
+        let diffs = compare_trees_with(&src, &d.mnt, &same);
+        assert!(
+            diffs.is_empty(),
+            "upstream nydusd on node {i}: {diffs:?}\nnydusd:\n{}\npeer:\n{}",
+            std::fs::read_to_string(work.join("log")).unwrap_or_default(),
+            peer.log()
+        );
+        if i == 0 {
+            after_a = origin.relayed_bytes();
+        }
+    }
+    let served = origin.relayed_bytes();
+    report(
+        "upstream nydusd on two nodes through our peers",
+        served,
+        blob_len,
+        1,
+    );
+    assert!(
+        served <= origin_bound(blob_len, 1, 3),
+        "the origin served {served} bytes for a {blob_len}-byte blob"
+    );
+    assert!(
+        served - after_a <= 16 << 10,
+        "node B cost the origin {} bytes",
+        served - after_a
+    );
+    let from_peers = metric_value(&nodes[1].metrics(), "peer_from_peers_bytes_total");
+    assert_eq!(
+        from_peers as u64, blob_len,
+        "peer B's bytes did not all come from the swarm"
+    );
+}
