@@ -139,6 +139,33 @@ impl Containerd {
     /// [`Containerd::start`] with CRI pulling into `cri_snapshotter` (e.g. containerd's
     /// own `overlayfs`) instead of ours.
     pub fn start_with(dir: &Path, snapshotter_sock: &Path, cri_snapshotter: &str) -> Containerd {
+        let docker_io = r#"  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."docker.io"]
+    endpoint = []"#;
+        Containerd::start_config(dir, snapshotter_sock, cri_snapshotter, docker_io)
+    }
+
+    /// [`Containerd::start_with`] with CRI's registries configured by the hosts
+    /// directory `hosts_dir` (`<hosts_dir>/<registry host:port>/hosts.toml`: mirrors
+    /// and the like, as nodes configure a P2P mirror).
+    pub fn start_with_hosts(
+        dir: &Path,
+        snapshotter_sock: &Path,
+        cri_snapshotter: &str,
+        hosts_dir: &Path,
+    ) -> Containerd {
+        let registry = format!(
+            "  [plugins.\"io.containerd.grpc.v1.cri\".registry]\n    config_path = \"{}\"",
+            hosts_dir.display()
+        );
+        Containerd::start_config(dir, snapshotter_sock, cri_snapshotter, &registry)
+    }
+
+    fn start_config(
+        dir: &Path,
+        snapshotter_sock: &Path,
+        cri_snapshotter: &str,
+        registry: &str,
+    ) -> Containerd {
         fs::create_dir_all(dir).unwrap();
         let sock = dir.join("containerd.sock");
         let config = dir.join("config.toml");
@@ -162,8 +189,7 @@ state = "{state}"
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "{cri_snapshotter}"
     disable_snapshot_annotations = false
-  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."docker.io"]
-    endpoint = []
+{registry}
 "#,
                 root = dir.join("root").display(),
                 state = dir.join("state").display(),

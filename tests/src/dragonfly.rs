@@ -344,6 +344,29 @@ impl OurPeer {
         seed: bool,
         extra: &str,
     ) -> OurPeer {
+        OurPeer::start_configured(dir, name, schedulers, seed, "", extra)
+    }
+
+    /// [`OurPeer::start`] with `proxy` added to its config's `proxy` section (lines
+    /// indented by two spaces, e.g. `"  registryMirror:\n    addr: http://r\n"`).
+    pub fn start_with_proxy(
+        dir: &Path,
+        name: &str,
+        schedulers: &[String],
+        seed: bool,
+        proxy: &str,
+    ) -> OurPeer {
+        OurPeer::start_configured(dir, name, schedulers, seed, proxy, "")
+    }
+
+    fn start_configured(
+        dir: &Path,
+        name: &str,
+        schedulers: &[String],
+        seed: bool,
+        proxy: &str,
+        extra: &str,
+    ) -> OurPeer {
         let (ip, dir) = peer_dir(dir, name, schedulers);
         let d = dir.display();
         let config = dir.join("peer.yaml");
@@ -353,7 +376,7 @@ impl OurPeer {
                 "host:\n  hostname: {name}-{ip}\n  ip: {ip}\n\
                  upload:\n  server:\n    port: 4000\n\
                  storage:\n  dir: {d}/storage\n  server:\n    tcpPort: 4005\n\
-                 proxy:\n  server:\n    port: 4001\n\
+                 proxy:\n  server:\n    port: 4001\n{proxy}\
                  metrics:\n  server:\n    port: 4002\n\
                  scheduler:\n  announceInterval: 1s\n\
                  dynconfig:\n  refreshInterval: 2s\n\

@@ -18,6 +18,10 @@
 //!     port: 4001             # the HTTP proxy, on host.ip
 //!   rules:
 //!     - regex: 'blobs/sha256.*'   # GETs of matching URLs go through the swarm
+//!   registryMirror:
+//!     addr: http://10.0.0.2:5000   # a mirror request (no host in its URI: containerd's
+//!                            # hosts.toml) is for this registry; containerd's ns= names
+//!                            # the registry too (https unless it is this one)
 //!   prefetchRateLimit: 100MiB # a range read fetches the rest of its task in the
 //!                            # background, at most this fast over all tasks (none: no
 //!                            # limit); pieces a client waits on always go first
@@ -305,6 +309,19 @@ pub struct ProxyConfig {
     /// fetched in the background); none: no limit beyond the pieces' concurrency.
     #[serde(deserialize_with = "human_rate")]
     pub prefetch_rate_limit: Option<u64>,
+    /// `registryMirror`.
+    pub registry_mirror: RegistryMirrorConfig,
+}
+
+/// `proxy.registryMirror`: the registry that a request without a host (a registry
+/// mirror's) is for.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct RegistryMirrorConfig {
+    /// `addr`: `scheme://host[:port]`. Used when a request names no registry
+    /// (`X-Dragonfly-Registry`, or containerd's `ns=`), and for its scheme when `ns=`
+    /// names its host (`ns=` alone means `https`).
+    pub addr: Option<String>,
 }
 
 impl Default for ProxyConfig {
@@ -318,6 +335,7 @@ impl Default for ProxyConfig {
                 regex: "blobs/sha256.*".into(),
             }],
             prefetch_rate_limit: None,
+            registry_mirror: RegistryMirrorConfig::default(),
         }
     }
 }

@@ -96,25 +96,35 @@ pub async fn serve(listener: TcpListener, peer: Arc<PeerInner>) {
 }
 
 /// The absolute URL a request is for: its URI in proxy mode; in mirror mode (no host)
-/// the registry from `X-Dragonfly-Registry` or `ns=`.
-fn target(req: &Request<Incoming>) -> Result<String, String> {
+/// on the registry named by `X-Dragonfly-Registry`, else by `ns=` (with the scheme of
+/// `mirror`, `proxy.registryMirror.addr`, when it names the same host; else `https`),
+/// else `mirror`.
+fn target(req: &Request<Incoming>, mirror: Option<&str>) -> Result<String, String> {
     let uri = req.uri();
     if uri.host().is_some() {
         return Ok(uri.to_string());
     }
+    let mirror = mirror.map(|m| m.trim_end_matches('/'));
     let registry = req
         .headers()
         .get("X-Dragonfly-Registry")
         .and_then(|v| v.to_str().ok())
         .map(|s| s.trim_end_matches('/').to_string())
         .or_else(|| {
-            uri.query()?
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("ns="))
-                .map(|ns| format!("https://{ns}"))
+            // containerd sends `ns=host%3Aport`.
+            let query = reqwest::Url::parse(&format!("http://q/?{}", uri.query()?)).ok()?;
+            let ns = query.query_pairs().find(|(k, _)| k == "ns")?.1.into_owned();
+            let ns = ns.as_str();
+            Some(match mirror {
+                Some(m) if m.split_once("://").is_some_and(|(_, host)| host == ns) => m.to_string(),
+                _ => format!("https://{ns}"),
+            })
         })
+        .or_else(|| mirror.map(str::to_string))
         .ok_or_else(|| {
-            "a request without a host and without ns= or X-Dragonfly-Registry".to_string()
+            "a request without a host, without ns= or X-Dragonfly-Registry, and no \
+             proxy.registryMirror.addr"
+                .to_string()
         })?;
     let path_and_query = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     Ok(format!("{registry}{path_and_query}"))
@@ -240,7 +250,8 @@ async fn handle(
         }
         return bad_range(&peer, req).await;
     }
-    let url = match target(&req) {
+    let mirror = peer.config.proxy.registry_mirror.addr.as_deref();
+    let url = match target(&req, mirror) {
         Ok(u) => u,
         Err(e) => return proxy_error(StatusCode::BAD_REQUEST, e),
     };

@@ -809,3 +809,120 @@ fn upstream_nydusd_reads_an_image_through_our_peers() {
         "peer B's bytes did not all come from the swarm"
     );
 }
+
+/// containerd 1.6 on two nodes, each with our peer as its registry mirror (a
+/// `hosts.toml` naming the peer's proxy, as nodes configure dfdaemon; the peers'
+/// `proxy.registryMirror.addr` names the registry), pulls an OCI image through CRI into
+/// containerd's own overlayfs (every layer downloaded, its digest checked) and runs it:
+/// the container reads a 24 MiB file of the image right. The layers came through the
+/// swarm: the origin served about one copy of them, and node B's peer had its bytes
+/// from other peers (containerd would have gone to the registry itself had the mirror
+/// failed: the origin's count shows that).
+#[test]
+fn containerd_pulls_through_our_peers_as_its_registry_mirror() {
+    let _swarm = require();
+    crate::snapshotter::tools();
+    let t = tempfile::tempdir().unwrap();
+    let layout = t.path().join("oci");
+    crate::nydusify::make_busybox(&layout, "v1");
+    let big = noise(24 << 20, 61);
+    crate::nydusify::add_layer(&layout, "v1", &[("data/big", &big, 0o644)], t.path());
+    let reg_dir = t.path().join("reg");
+    std::fs::create_dir_all(&reg_dir).unwrap();
+    let reg = Registry::start_in(&reg_dir, "");
+    run_ok(std::process::Command::new("skopeo").args([
+        "copy",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:v1", layout.display()),
+        &format!("docker://{}/mirrored/busybox:v1", reg.addr),
+    ]));
+    let origin = FaultProxy::start(&reg.addr);
+    let image = format!("{}/mirrored/busybox:v1", origin.addr);
+    let layers: u64 = {
+        let idx: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+        let m = idx["manifests"][0]["digest"]
+            .as_str()
+            .unwrap()
+            .replace(':', "/");
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(layout.join("blobs").join(m)).unwrap()).unwrap();
+        m["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["size"].as_u64().unwrap())
+            .sum()
+    };
+
+    let sched = Scheduler::start(t.path(), "scheduler", "");
+    let list = [sched.addr.clone()];
+    let mirror = format!("  registryMirror:\n    addr: http://{}\n", origin.addr);
+    let _seed = OurPeer::start_with_proxy(t.path(), "seed", &list, true, &mirror);
+    let nodes = [
+        OurPeer::start_with_proxy(t.path(), "a", &list, false, &mirror),
+        OurPeer::start_with_proxy(t.path(), "b", &list, false, &mirror),
+    ];
+    wait_for_hosts(&sched, 3);
+    let want = hex::encode(sha2::Digest::finalize(sha2::Digest::chain_update(
+        <sha2::Sha256 as sha2::Digest>::new(),
+        &big,
+    )));
+    let mut after_a = 0;
+    for (i, peer) in nodes.iter().enumerate() {
+        let node = t.path().join(format!("node{i}"));
+        let hosts = node.join("hosts");
+        std::fs::create_dir_all(hosts.join(&origin.addr)).unwrap();
+        std::fs::write(
+            hosts.join(&origin.addr).join("hosts.toml"),
+            format!(
+                "server = \"http://{}\"\n[host.\"{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+                origin.addr,
+                peer.proxy()
+            ),
+        )
+        .unwrap();
+        let c = Containerd::start_with_hosts(
+            &node.join("containerd"),
+            &node.join("no-snapshotter.sock"),
+            "overlayfs",
+            &hosts,
+        );
+        c.cri_pull(&image)
+            .unwrap_or_else(|e| panic!("node {i}: pull: {e}\npeer:\n{}", peer.log()));
+        let out = c.run_with(
+            "overlayfs",
+            &image,
+            &format!("mirror-{i}"),
+            &["/bin/busybox", "sha256sum", "/data/big"],
+        );
+        let out = String::from_utf8_lossy(&out.stdout);
+        assert!(out.starts_with(&want), "node {i}: the container read {out}");
+        if i == 0 {
+            after_a = origin.relayed_bytes();
+        }
+    }
+    let served = origin.relayed_bytes();
+    report(
+        "containerd on two nodes through our peers",
+        served,
+        layers,
+        1,
+    );
+    assert!(
+        served <= origin_bound(layers, 1, 6),
+        "the origin served {served} bytes for {layers} bytes of layers\npeer a:\n{}\ncontainerd a:\n{}",
+        nodes[0].log(),
+        std::fs::read_to_string(t.path().join("node0/containerd/containerd.log")).unwrap_or_default()
+    );
+    assert!(
+        served - after_a <= 64 << 10,
+        "node B cost the origin {} bytes",
+        served - after_a
+    );
+    let from_peers = metric_value(&nodes[1].metrics(), "peer_from_peers_bytes_total") as u64;
+    assert!(
+        from_peers >= 24 << 20,
+        "node B's peer had {from_peers} bytes from other peers"
+    );
+}
