@@ -128,6 +128,11 @@ impl Dfdaemon {
         }
     }
 
+    /// Its pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(ChildGuard::id)
+    }
+
     /// Its HTTP proxy (`http://ip:4001`).
     pub fn proxy(&self) -> String {
         format!("http://{}:4001", self.ip)
@@ -284,6 +289,18 @@ impl Scheduler {
     }
 }
 
+/// The most resident memory process `pid` has had (`VmHWM`), in bytes; 0 when it is
+/// gone.
+pub fn peak_rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
 /// Kills `child` at once (`SIGKILL`) and reaps it, if it runs.
 fn kill_now(child: &mut Option<ChildGuard>) {
     if let Some(mut c) = child.take() {
@@ -424,6 +441,11 @@ impl OurPeer {
             "p2p-peer did not listen on {ip}:4001:\n{}",
             self.log()
         );
+    }
+
+    /// Its pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(ChildGuard::id)
     }
 
     /// Its HTTP proxy.

@@ -1,0 +1,294 @@
+//! One blob to N nodes at once (`cargo bench -p rafs-e2e --bench p2p`, as root, after
+//! `tests/run.sh` has built dfdaemon): the origin, `docker-registry` in a network
+//! namespace of its own behind a 200 Mbit/s `tbf` link, serves a 512 MiB blob to N = 2,
+//! 4 and 8 nodes on their own loopback addresses, three ways in the same run:
+//!
+//! - **direct**: N `curl`s from the registry;
+//! - **dfdaemon**: N real dfdaemons (dragonfly-client 1.5.10) and a dfdaemon seed
+//!   under our scheduler, each node's `curl` through its dfdaemon's proxy;
+//! - **ours**: N of our `p2p-peer`s and our seed under our scheduler, likewise.
+//!
+//! Every swarm is fresh (new scheduler, seed and peers, empty storage). Printed per
+//! row: seconds from the N requests to the last node having every byte (each copy's
+//! SHA-256 checked), the origin's blob bytes (its access log) in copies of the blob,
+//! and the highest peak RSS (`VmHWM`) of the N peers and of the seed. `RUNS` runs of
+//! the swarms (default 3; medians, with the spread of the times), one of direct (N
+//! pulls sharing the link take the link's time); `P2P_BENCH_MIB` (default
+//! 512) and `P2P_BENCH_N` (default `2,4,8`) change the blob and the swarm sizes;
+//! `RAFS_BENCH_DIR` (default `/var/tmp/rafs-bench`) holds the work directories.
+
+use rafs_e2e::*;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The origin's link, Mbit/s.
+const MBIT: u32 = 200;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Direct,
+    Dfdaemon,
+    Ours,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Direct => "direct",
+            Kind::Dfdaemon => "dfdaemon",
+            Kind::Ours => "ours",
+        }
+    }
+}
+
+struct Sample {
+    secs: f64,
+    origin: u64,
+    rss_peer: u64,
+    rss_seed: u64,
+}
+
+/// Fetches `url` once per entry of `proxies` at once (`None`: straight from the
+/// origin), checks every copy's SHA-256; the seconds until the last one ended.
+fn fetch_all(proxies: &[Option<String>], url: &str, hex: &str) -> f64 {
+    let t0 = Instant::now();
+    let kids: Vec<_> = proxies
+        .iter()
+        .map(|p| {
+            let via = p.as_ref().map(|p| format!("-x {p}")).unwrap_or_default();
+            Command::new("bash")
+                .arg("-c")
+                .arg(format!(
+                    "set -o pipefail; curl -sS --fail --max-time 1200 {via} '{url}' | sha256sum"
+                ))
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (i, k) in kids.into_iter().enumerate() {
+        let out = k.wait_with_output().unwrap();
+        let got = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && got.starts_with(hex),
+            "node {i} ({:?}): {} {got}",
+            proxies[i],
+            out.status
+        );
+    }
+    t0.elapsed().as_secs_f64()
+}
+
+fn wait_for_hosts(s: &Scheduler, n: usize) {
+    let ok = wait_until(Duration::from_secs(60), || {
+        s.metric("scheduler_hosts") as usize >= n
+    });
+    assert!(ok, "the scheduler did not see {n} hosts:\n{}", s.metrics());
+}
+
+fn blob_bytes(reg: &Registry, from: usize) -> (u64, usize) {
+    let log = reg.access_log();
+    let bytes = log[from.min(log.len())..]
+        .iter()
+        .filter(|e| e.method == "GET" && e.blob().is_some())
+        .map(|e| e.bytes)
+        .sum();
+    (bytes, log.len())
+}
+
+fn run(kind: Kind, n: usize, dir: &Path, reg: &Registry, url: &str, hex: &str) -> Sample {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    let (_, before) = blob_bytes(reg, 0);
+    let mut sample = Sample {
+        secs: 0.0,
+        origin: 0,
+        rss_peer: 0,
+        rss_seed: 0,
+    };
+    let max_rss = |pids: &[Option<u32>]| pids.iter().flatten().map(|p| peak_rss(*p)).max();
+    match kind {
+        Kind::Direct => sample.secs = fetch_all(&vec![None; n], url, hex),
+        Kind::Dfdaemon => {
+            let sched = Scheduler::start(dir, "scheduler", "");
+            let list = [sched.addr.clone()];
+            let seed = Dfdaemon::start(dir, "seed", &list, true);
+            let peers: Vec<Dfdaemon> = (0..n)
+                .map(|i| Dfdaemon::start(dir, &format!("peer{i}"), &list, false))
+                .collect();
+            wait_for_hosts(&sched, n + 1);
+            let proxies: Vec<_> = peers.iter().map(|p| Some(p.proxy())).collect();
+            sample.secs = fetch_all(&proxies, url, hex);
+            let pids: Vec<_> = peers.iter().map(Dfdaemon::pid).collect();
+            sample.rss_peer = max_rss(&pids).unwrap_or(0);
+            sample.rss_seed = max_rss(&[seed.pid()]).unwrap_or(0);
+        }
+        Kind::Ours => {
+            let sched = Scheduler::start(dir, "scheduler", "");
+            let list = [sched.addr.clone()];
+            let seed = OurPeer::start(dir, "seed", &list, true);
+            let peers: Vec<OurPeer> = (0..n)
+                .map(|i| OurPeer::start(dir, &format!("peer{i}"), &list, false))
+                .collect();
+            wait_for_hosts(&sched, n + 1);
+            let proxies: Vec<_> = peers.iter().map(|p| Some(p.proxy())).collect();
+            sample.secs = fetch_all(&proxies, url, hex);
+            let pids: Vec<_> = peers.iter().map(OurPeer::pid).collect();
+            sample.rss_peer = max_rss(&pids).unwrap_or(0);
+            sample.rss_seed = max_rss(&[seed.pid()]).unwrap_or(0);
+        }
+    }
+    sample.origin = blob_bytes(reg, before).0;
+    let _ = std::fs::remove_dir_all(dir);
+    sample
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    require_root_tools(&["docker-registry", "curl", "ip", "tc"]);
+    dfdaemon_bin();
+    let mib: u64 = std::env::var("P2P_BENCH_MIB")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(512);
+    let ns_sizes: Vec<usize> = std::env::var("P2P_BENCH_N")
+        .unwrap_or_else(|_| "2,4,8".into())
+        .split(',')
+        .map(|s| s.trim().parse().expect("P2P_BENCH_N: numbers"))
+        .collect();
+    let runs: usize = std::env::var("RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let root = std::path::PathBuf::from(
+        std::env::var("RAFS_BENCH_DIR").unwrap_or_else(|_| "/var/tmp/rafs-bench".into()),
+    )
+    .join("p2p");
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+
+    let ns = NetNs::create("p2pb");
+    let reg_dir = root.join("registry");
+    std::fs::create_dir_all(&reg_dir).unwrap();
+    let reg = Registry::start_in_netns(&reg_dir, &ns);
+    let len = mib << 20;
+    let blob = root.join("blob");
+    std::fs::write(&blob, noise(len as usize, 71)).unwrap();
+    let hex = sha256_file(&blob).unwrap();
+    reg.push_blob("bench", &hex, &blob);
+    std::fs::remove_file(&blob).unwrap();
+    let url = format!("http://{}/v2/bench/blobs/sha256:{hex}", reg.addr);
+    ns.shape(MBIT);
+
+    let kinds = [Kind::Direct, Kind::Dfdaemon, Kind::Ours];
+    // results[n index][kind index] = samples
+    let mut results: Vec<Vec<Vec<Sample>>> = ns_sizes
+        .iter()
+        .map(|_| kinds.iter().map(|_| Vec::new()).collect())
+        .collect();
+    for run_no in 0..runs {
+        for (ni, &n) in ns_sizes.iter().enumerate() {
+            for (ki, &kind) in kinds.iter().enumerate() {
+                // N direct pulls share the link: their time is the link's, run to run.
+                if kind == Kind::Direct && run_no > 0 {
+                    continue;
+                }
+                let dir = root.join(format!("{}-{n}-{run_no}", kind.name()));
+                let s = run(kind, n, &dir, &reg, &url, &hex);
+                eprintln!(
+                    "run {run_no}: {:>8} N={n}: {:.1} s, origin {:.3} copies, peak RSS peer {} MiB, seed {} MiB",
+                    kind.name(),
+                    s.secs,
+                    s.origin as f64 / len as f64,
+                    s.rss_peer >> 20,
+                    s.rss_seed >> 20
+                );
+                results[ni][ki].push(s);
+            }
+        }
+    }
+    ns.unshape();
+
+    println!(
+        "\nOne {mib} MiB blob to N nodes at once, the origin at {MBIT} Mbit/s; medians of \
+         {runs} run(s): seconds until all N have it (min-max), origin blob bytes in copies, \
+         highest peak RSS of the peers / of the seed"
+    );
+    println!(
+        "| N | direct | dfdaemon | ours | dfdaemon origin | ours origin | dfdaemon RSS peer/seed | ours RSS peer/seed |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut ours_secs = Vec::new();
+    for (ni, &n) in ns_sizes.iter().enumerate() {
+        let secs = |ki: usize| {
+            let v: Vec<f64> = results[ni][ki].iter().map(|s| s.secs).collect();
+            let (lo, hi) = (
+                v.iter().copied().fold(f64::MAX, f64::min),
+                v.iter().copied().fold(0.0, f64::max),
+            );
+            (median(v), lo, hi)
+        };
+        let copies = |ki: usize| {
+            median(
+                results[ni][ki]
+                    .iter()
+                    .map(|s| s.origin as f64 / len as f64)
+                    .collect(),
+            )
+        };
+        let rss = |ki: usize| {
+            let peer = results[ni][ki]
+                .iter()
+                .map(|s| s.rss_peer)
+                .max()
+                .unwrap_or(0);
+            let seed = results[ni][ki]
+                .iter()
+                .map(|s| s.rss_seed)
+                .max()
+                .unwrap_or(0);
+            format!("{} / {} MiB", peer >> 20, seed >> 20)
+        };
+        let show = |(m, lo, hi): (f64, f64, f64)| format!("{m:.1} s ({lo:.1}-{hi:.1})");
+        let (d, f, o) = (secs(0), secs(1), secs(2));
+        ours_secs.push(o.0);
+        println!(
+            "| {n} | {} | {} | {} | {:.3} | {:.3} | {} | {} |",
+            show(d),
+            show(f),
+            show(o),
+            copies(1),
+            copies(2),
+            rss(1),
+            rss(2)
+        );
+        let apart = if o.2 < f.1 {
+            "ours faster, beyond the spread"
+        } else if o.0 < f.0 {
+            "ours faster by the median, within the spread"
+        } else {
+            "dfdaemon faster"
+        };
+        println!(
+            "  N={n}: ours/dfdaemon {:.2}x the time ({apart}); ours/direct {:.2}x",
+            o.0 / f.0,
+            o.0 / d.0
+        );
+    }
+    if ours_secs.len() > 1 {
+        println!(
+            "ours at N={} / ours at N={}: {:.2}x",
+            ns_sizes[ns_sizes.len() - 1],
+            ns_sizes[0],
+            ours_secs[ours_secs.len() - 1] / ours_secs[0]
+        );
+    }
+}
