@@ -82,6 +82,7 @@ pub async fn run(
             peer_id: format!("{}-{}-{}", peer.host_id, task_id, peer.next_id()),
             download: download.clone(),
             started: started.take(),
+            failure_sent: false,
         };
         outcome = d.through(&scheduler).await;
         match &outcome {
@@ -123,6 +124,8 @@ struct Driver {
     peer_id: String,
     download: Download,
     started: Option<mpsc::Sender<Arc<TaskData>>>,
+    /// The scheduler was told of the download's failure already.
+    failure_sent: bool,
 }
 
 /// The stream to the scheduler.
@@ -293,6 +296,7 @@ impl Driver {
         };
         match &result {
             Ok(_) => {}
+            Err(_) if self.failure_sent => {}
             Err(e) => {
                 self.send(
                     &a,
@@ -347,10 +351,13 @@ impl Driver {
         let mut missing: BTreeSet<u32> = (0..t.piece_count())
             .filter(|n| t.piece(*n).is_none())
             .collect();
+        // Fetches hold the places of [`CONCURRENT_PIECES`]; a piece fetched is stored
+        // (hashed, written, synced) while the next one's fetch is under way.
         let mut jobs = tokio::task::JoinSet::new();
+        let mut stores = tokio::task::JoinSet::new();
         let mut failure = None;
         loop {
-            if failure.is_none() {
+            if failure.is_none() && stores.len() < CONCURRENT_PIECES {
                 for (n, wanted) in pick(&t, &missing, jobs.len()) {
                     missing.remove(&n);
                     let (peer, t, d) = (self.peer.clone(), t.clone(), self.download.clone());
@@ -360,21 +367,34 @@ impl Driver {
                         if let Some(l) = limit {
                             l.take(len).await;
                         }
-                        let data = peer.origin_range(&d, offset, len).await?;
-                        t.store(n, &data, None, true)
-                            .map_err(|e| format!("storing piece {n}: {e}"))
+                        (n, peer.origin_range(&d, offset, len).await)
                     });
                 }
             }
-            let r = tokio::select! {
-                r = jobs.join_next() => match r {
-                    Some(r) => r,
-                    None => break,
+            if jobs.is_empty() && stores.is_empty() {
+                break;
+            }
+            let abnormal = |e: tokio::task::JoinError| {
+                (
+                    u32::MAX,
+                    Err(format!("a piece's download ended abnormally: {e}")),
+                )
+            };
+            let (n, r) = tokio::select! {
+                Some(r) = jobs.join_next(), if !jobs.is_empty() => match r {
+                    Ok((n, Ok(data))) => {
+                        let t = t.clone();
+                        stores.spawn(async move { (n, store(&t, n, data, None, true).await) });
+                        continue;
+                    }
+                    Ok((n, Err(e))) => (n, Err(e)),
+                    Err(e) => abnormal(e),
                 },
+                Some(r) = stores.join_next(), if !stores.is_empty() => r.unwrap_or_else(abnormal),
                 // A reader waits on a piece: it may start now.
                 _ = t.want_changed() => continue,
             };
-            match r.map_err(|e| e.to_string()).and_then(|r| r) {
+            match r {
                 Ok(meta) => {
                     self.send(
                         a,
@@ -387,14 +407,37 @@ impl Driver {
                     .await;
                 }
                 Err(e) => {
+                    self.send(
+                        a,
+                        Req::DownloadPieceBackToSourceFailedRequest(
+                            DownloadPieceBackToSourceFailedRequest {
+                                piece_number: (n != u32::MAX).then_some(n),
+                                response: None,
+                            },
+                        ),
+                    )
+                    .await;
                     failure.get_or_insert(e);
                 }
             }
         }
+        let failure = match failure {
+            Some(e) => Some(e),
+            None => self.check_whole(&t).await.err(),
+        };
         if let Some(e) = failure {
+            // dfdaemon's message for a download from the origin that failed (the
+            // caller sends no other).
+            self.send(
+                a,
+                Req::DownloadPeerBackToSourceFailedRequest(DownloadPeerBackToSourceFailedRequest {
+                    description: Some(e.clone()),
+                }),
+            )
+            .await;
+            self.failure_sent = true;
             return Err(e);
         }
-        self.check_whole(&t)?;
         self.send(
             a,
             Req::DownloadPeerBackToSourceFinishedRequest(
@@ -410,7 +453,7 @@ impl Driver {
     /// not verified otherwise are dropped and their senders suspected); without one,
     /// there is nothing but the senders' CRC-32 to go by, and the pieces count as
     /// verified.
-    fn check_whole(&self, t: &TaskData) -> Result<(), String> {
+    async fn check_whole(&self, t: &Arc<TaskData>) -> Result<(), String> {
         let Some(want) = storage::blob_digest(&self.download.url) else {
             // No digest to check against: pieces from parents stay unverified (served to
             // this peer's clients, never to other peers).
@@ -419,18 +462,24 @@ impl Driver {
         if t.all_verified() {
             return Ok(());
         }
-        let mut h = Sha256::new();
-        let mut at = 0;
-        while at < t.content_length {
-            let n = (t.content_length - at).min(8 << 20);
-            let buf = t
-                .read(at, n, false)
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| "a piece went missing".to_string())?;
-            h.update(&buf);
-            at += n;
-        }
-        let got = hex::encode(h.finalize());
+        // Hashing the whole blob is kept off the threads that serve requests.
+        let whole = t.clone();
+        let got = tokio::task::spawn_blocking(move || {
+            let mut h = Sha256::new();
+            let mut at = 0;
+            while at < whole.content_length {
+                let n = (whole.content_length - at).min(8 << 20);
+                let buf = whole
+                    .read(at, n, false)
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| "a piece went missing".to_string())?;
+                h.update(&buf);
+                at += n;
+            }
+            Ok::<_, String>(hex::encode(h.finalize()))
+        })
+        .await
+        .map_err(|e| format!("hashing the blob: {e}"))??;
         if got != want {
             let mut suspects = Vec::new();
             for p in t.pieces().into_iter().filter(|p| !p.verified) {
@@ -603,25 +652,36 @@ impl Driver {
                     let mib = len.div_ceil(1 << 20).clamp(1, PIECE_MEMORY_MIB as u64) as u32;
                     let _held = budget.acquire_many_owned(mib).await;
                     let r = super::vortex::fetch(&addr, &task_id, n, len, PIECE_TIMEOUT).await;
-                    let r = r.and_then(|f| {
-                        if f.data.len() as u64 != len {
-                            return Err(format!("piece {n}: {} bytes, not {len}", f.data.len()));
-                        }
-                        if let Some(want) = &sha {
-                            let got = hex::encode(Sha256::digest(&f.data));
-                            if &got != want {
+                    let p2 = parent.clone();
+                    // Hashing and writing a piece (up to 64 MiB) are kept off the
+                    // threads that serve requests.
+                    let check = move || {
+                        r.and_then(|f| {
+                            if f.data.len() as u64 != len {
                                 return Err(format!(
-                                    "piece {n}: SHA-256 {got}, the origin's is {want}"
+                                    "piece {n}: {} bytes, not {len}",
+                                    f.data.len()
                                 ));
                             }
-                        }
-                        // Verified when a seed's SHA-256 from the origin matched.
-                        // Counted before the piece can be read: a reader done with the
-                        // task sees its bytes counted.
-                        metrics.from_peers(&task_id, f.data.len() as u64);
-                        t2.store(n, &f.data, Some(parent.clone()), sha.is_some())
-                            .map_err(|e| format!("storing piece {n}: {e}"))
-                    });
+                            if let Some(want) = &sha {
+                                let got = hex::encode(Sha256::digest(&f.data));
+                                if &got != want {
+                                    return Err(format!(
+                                        "piece {n}: SHA-256 {got}, the origin's is {want}"
+                                    ));
+                                }
+                            }
+                            // Verified when a seed's SHA-256 from the origin matched.
+                            // Counted before the piece can be read: a reader done with the
+                            // task sees its bytes counted.
+                            metrics.from_peers(&task_id, f.data.len() as u64);
+                            t2.store(n, &f.data, Some(p2), sha.is_some())
+                                .map_err(|e| format!("storing piece {n}: {e}"))
+                        })
+                    };
+                    let r = tokio::task::spawn_blocking(check)
+                        .await
+                        .unwrap_or_else(|e| Err(format!("piece {n}: checking it: {e}")));
                     (n, parent, r)
                 });
             }
@@ -682,7 +742,7 @@ impl Driver {
                 t.piece_count()
             ));
         }
-        if let Err(e) = self.check_whole(&t) {
+        if let Err(e) = self.check_whole(&t).await {
             // The senders of the dropped pieces are suspects: kept out of the next round.
             let suspects = self.peer.suspects_of(&self.task_id);
             for id in suspects {
@@ -746,6 +806,22 @@ impl Driver {
         }
         Err("no parent told the task's length".into())
     }
+}
+
+/// Stores piece `n` of `t` (see [`TaskData::store`]) on a blocking thread: hashing and
+/// writing a piece are kept off the threads that serve requests.
+async fn store(
+    t: &Arc<TaskData>,
+    n: u32,
+    data: Vec<u8>,
+    parent: Option<String>,
+    verified: bool,
+) -> Result<PieceMeta, String> {
+    let t = t.clone();
+    tokio::task::spawn_blocking(move || t.store(n, &data, parent, verified))
+        .await
+        .map_err(|e| format!("storing piece {n}: {e}"))?
+        .map_err(|e| format!("storing piece {n}: {e}"))
 }
 
 /// The pieces to start now, of `startable` (missing, not under way, and to be had),

@@ -339,6 +339,14 @@ impl PeerInner {
             .clone()
     }
 
+    /// Whether no scheduler can be reached: none is listed, or the last host
+    /// announcement to each failed.
+    pub fn schedulers_down(&self) -> bool {
+        let listed = self.schedulers();
+        let down = self.down.read().unwrap_or_else(|e| e.into_inner());
+        listed.iter().all(|a| down.contains(a))
+    }
+
     /// The scheduler task `task_id` goes to, by dfdaemon's consistent hash ring (its own
     /// crate, `dragonfly-hashring`: 512 virtual nodes per scheduler, named by
     /// `ip:port` as dfdaemon names the schedulers of a dynconfig file), so that our

@@ -12,6 +12,13 @@
 //! `GET /healthy` (origin-form, to the proxy's address) answers `200` while the proxy
 //! serves: point nydusd's `proxy.ping_url` at it.
 //!
+//! `CONNECT` opens a tunnel (HTTPS through the proxy); what goes through it is not
+//! looked into, so it never goes through the swarm: to share HTTPS registries' blobs,
+//! use mirror mode (`proxy.registryMirror.addr: https://...`) or nydusd's `use_http`.
+//!
+//! While no scheduler answers (the last host announcement to each failed), a task not
+//! stored or under way goes to the origin at once.
+//!
 //! **Priorities.** A read a client waits on (`X-Dragonfly-Priority` above 3, or none)
 //! marks the piece it waits for, and the download fetches marked pieces first: at most
 //! three of its four pieces under way are ones nobody waits on, so a marked piece
@@ -90,6 +97,7 @@ pub async fn serve(listener: TcpListener, peer: Arc<PeerInner>) {
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(sock), service)
+                .with_upgrades()
                 .await;
         });
     }
@@ -241,6 +249,9 @@ async fn handle(
     rules: &[regex::Regex],
     req: Request<Incoming>,
 ) -> Response<Body> {
+    if req.method() == hyper::Method::CONNECT {
+        return tunnel(req).await;
+    }
     if req.uri().host().is_none() && req.uri().path() == "/healthy" {
         return full(StatusCode::OK, "OK".into());
     }
@@ -272,6 +283,41 @@ async fn handle(
             to_origin(&peer, &url, &req).await
         }
     }
+}
+
+/// `CONNECT host:port`: a tunnel to it, once it is connected (`502` when it cannot be,
+/// `504` after 10 s). What goes through (TLS) is not looked into, so it never goes
+/// through the swarm.
+async fn tunnel(req: Request<Incoming>) -> Response<Body> {
+    let Some(addr) = req.uri().authority().map(|a| a.to_string()) else {
+        return proxy_error(StatusCode::BAD_REQUEST, "CONNECT needs host:port".into());
+    };
+    let target = match tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect(&addr),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return proxy_error(StatusCode::BAD_GATEWAY, format!("{addr}: {e}")),
+        Err(_) => {
+            return proxy_error(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("{addr}: no connection in 10 s"),
+            )
+        }
+    };
+    tokio::spawn(async move {
+        let mut target = target;
+        match hyper::upgrade::on(req).await {
+            Ok(up) => {
+                let mut up = hyper_util::rt::TokioIo::new(up);
+                let _ = tokio::io::copy_bidirectional(&mut up, &mut target).await;
+            }
+            Err(e) => tracing::warn!("CONNECT {addr}: {e}"),
+        }
+    });
+    full(StatusCode::OK, String::new())
 }
 
 /// The request sent on to the origin as it came (without `Host`).
@@ -365,6 +411,11 @@ async fn through_swarm(
     let task_id = storage::task_id(url);
     let t = match peer.storage.get(&task_id).filter(|t| t.ready()) {
         Some(t) => t,
+        // A download would wait for a scheduler to come back: the client is not kept
+        // waiting (the caller goes to the origin).
+        None if peer.schedulers_down() && !peer.is_running(&task_id) => {
+            return Err("no scheduler answers".into());
+        }
         None => started(&peer.download(download)).await?,
     };
     let range = match req.headers().get(hyper::header::RANGE) {
@@ -457,10 +508,12 @@ async fn next_chunk(
     let mut _want = None;
     loop {
         changes.borrow_and_update();
-        if let Some(b) = t
-            .read(at, end - at + 1, verified_only)
-            .map_err(|e| e.to_string())?
-        {
+        // Read on a blocking thread: a cold page cache means disk waits.
+        let t2 = t.clone();
+        let read = tokio::task::spawn_blocking(move || t2.read(at, end - at + 1, verified_only))
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(b) = read.map_err(|e| e.to_string())? {
             return Ok(b);
         }
         let usable = t

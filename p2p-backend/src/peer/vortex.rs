@@ -186,11 +186,17 @@ async fn serve_conn(sock: &mut TcpStream, server: &Server) -> std::io::Result<()
             if let Some(limit) = &server.limit {
                 limit.take(n as u64).await;
             }
-            std::os::unix::fs::FileExt::read_exact_at(
-                task.file(),
-                &mut chunk[..n],
-                meta.offset + at,
-            )?;
+            // Read on a blocking thread: a cold page cache means disk waits.
+            let (t, offset) = (task.clone(), meta.offset + at);
+            let (back, read) = tokio::task::spawn_blocking(move || {
+                let r =
+                    std::os::unix::fs::FileExt::read_exact_at(t.file(), &mut chunk[..n], offset);
+                (chunk, r)
+            })
+            .await
+            .map_err(std::io::Error::other)?;
+            chunk = back;
+            read?;
             sock.write_all(&chunk[..n]).await?;
             at += n as u64;
         }

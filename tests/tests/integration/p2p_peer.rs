@@ -926,3 +926,168 @@ fn containerd_pulls_through_our_peers_as_its_registry_mirror() {
         "node B's peer had {from_peers} bytes from other peers"
     );
 }
+
+/// Reads one Vortex packet (within 5 s); `None` when the peer closed the connection.
+async fn vortex_packet(s: &mut tokio::net::TcpStream) -> Option<vortex_protocol::Vortex> {
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        let mut head = [0u8; vortex_protocol::HEADER_SIZE];
+        s.read_exact(&mut head).await.ok()?;
+        let len = u32::from_be_bytes(head[2..6].try_into().unwrap()) as usize;
+        let mut buf = head.to_vec();
+        buf.resize(head.len() + len, 0);
+        s.read_exact(&mut buf[head.len()..]).await.ok()?;
+        Some(vortex_protocol::Vortex::decode(&buf).expect("a Vortex packet"))
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("an answer (or a close) within 5 s")
+}
+
+/// Bad input to a running peer gets a clear answer at once, and the peer serves on:
+/// over Vortex, an unknown task and a piece out of range are `NotFound` (the connection
+/// kept, a good request on it served right), a packet of an unknown kind and one that
+/// claims 4 GiB are answered or cut off, never waited on; over gRPC an unknown task is
+/// `NOT_FOUND`; through the proxy a request naming no registry is `400`, a range past
+/// the end `416` with the length, a request outside `proxy.rules` goes to the origin as
+/// it came (no task), and `CONNECT` tunnels. A peer whose only scheduler cannot be
+/// reached from the start serves a client from the origin within seconds, not after
+/// its download's retries.
+#[test]
+fn bad_input_gets_clear_answers_and_the_peer_serves_on() {
+    use tokio::io::AsyncWriteExt;
+    use vortex_protocol::{tlv::download_piece::DownloadPiece, tlv::error::Code, Message, Vortex};
+    let _swarm = require();
+    let t = tempfile::tempdir().unwrap();
+    let (origin, _) = Origin::start(t.path(), &[(8 << 20, 59)]);
+    let data = noise(8 << 20, 59);
+    let sched = Scheduler::start(t.path(), "scheduler", "");
+    let list = [sched.addr.clone()];
+    let _seed = OurPeer::start(t.path(), "seed", &list, true);
+    let peer = OurPeer::start(t.path(), "peer", &list, false);
+    wait_for_hosts(&sched, 2);
+    let url = origin.url();
+    let got = t.path().join("got");
+    finish_fetch(peer.spawn_fetch(&url, &got, None), "the first fetch");
+    assert_copy(&got, &origin.hex, "the first fetch");
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let vortex = format!("{}:4005", peer.ip);
+    let hex = origin.hex.clone();
+    rt.block_on(async {
+        let request = |task: &str, n: u32| {
+            let mut buf = bytes::BytesMut::new();
+            DownloadPiece::new(task.to_string(), n).encode_packet(&mut buf);
+            buf
+        };
+        let mut s = tokio::net::TcpStream::connect(&vortex).await.unwrap();
+        for (task, n) in [("0".repeat(64), 0), (hex.clone(), 999)] {
+            s.write_all(&request(&task, n)).await.unwrap();
+            match vortex_packet(&mut s).await {
+                Some(Vortex::Error(_, e)) => {
+                    assert_eq!(e.code, Code::NotFound, "{}", e.message);
+                    assert!(e.message.contains(&task), "{}", e.message);
+                }
+                other => panic!("piece {n} of task {task}: {other:?}"),
+            }
+        }
+        // The same connection still serves: piece 0, its bytes right.
+        s.write_all(&request(&hex, 0)).await.unwrap();
+        let Some(Vortex::PieceContent(_, c)) = vortex_packet(&mut s).await else {
+            panic!("no piece 0");
+        };
+        let mut bytes = vec![0u8; c.metadata.length as usize];
+        tokio::io::AsyncReadExt::read_exact(&mut s, &mut bytes)
+            .await
+            .unwrap();
+        assert!(bytes == data[..bytes.len()], "piece 0's bytes");
+        // A packet of an unknown kind, then one claiming 4 GiB: each answered with an
+        // error or cut off at once.
+        for head in [[0u8, 0xee, 0, 0, 0, 3], [0, 0, 0xff, 0xff, 0xff, 0xff]] {
+            let mut s = tokio::net::TcpStream::connect(&vortex).await.unwrap();
+            s.write_all(&head).await.unwrap();
+            let _ = s.write_all(b"abc").await;
+            match vortex_packet(&mut s).await {
+                None | Some(Vortex::Error(..)) => {}
+                Some(other) => panic!("{head:?}: {other:?}"),
+            }
+        }
+        // gRPC: an unknown task.
+        let mut c =
+            dragonfly_api::dfdaemon::v2::dfdaemon_upload_client::DfdaemonUploadClient::connect(
+                format!("http://{}:4000", peer.ip),
+            )
+            .await
+            .unwrap();
+        let e = c
+            .stat_task(dragonfly_api::dfdaemon::v2::StatTaskRequest {
+                task_id: "0".repeat(64),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    });
+
+    // The proxy.
+    let curl = |args: &[&str]| {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "20", "-o", "/dev/null", "-D", "-"])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let head = curl(&[&format!("{}/v2/x/blobs/sha256:{hex}", peer.proxy())]);
+    assert!(
+        head.starts_with("HTTP/1.1 400") && head.contains("x-dragonfly-error-type: proxy"),
+        "{head}"
+    );
+    let head = curl(&["-x", &peer.proxy(), "-H", "Range: bytes=99999999-", &url]);
+    assert!(
+        head.starts_with("HTTP/1.1 416") && head.contains(&format!("bytes */{}", 8 << 20)),
+        "{head}"
+    );
+    let tasks = metric_value(&peer.metrics(), "peer_tasks");
+    let outside = format!("http://{}/v2/", origin.proxy.addr);
+    let head = curl(&["-x", &peer.proxy(), &outside]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(metric_value(&peer.metrics(), "peer_tasks"), tasks);
+    let tunneled = t.path().join("tunneled");
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--fail", "--max-time", "20", "-p", "-x"])
+        .arg(peer.proxy())
+        .arg("-o")
+        .arg(&tunneled)
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_copy(&tunneled, &hex, "through a CONNECT tunnel");
+
+    // A peer whose scheduler is not there.
+    let dead = ["127.0.0.1:9".to_string()];
+    let lone = OurPeer::start(t.path(), "lone", &dead, false);
+    std::thread::sleep(Duration::from_millis(1500));
+    let started = Instant::now();
+    let alone = t.path().join("alone");
+    finish_fetch(lone.spawn_fetch(&url, &alone, None), "with no scheduler");
+    assert_copy(&alone, &hex, "with no scheduler");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "with no scheduler, the client waited {:?}\n{}",
+        started.elapsed(),
+        lone.log()
+    );
+    // And the first peer still serves.
+    let again = t.path().join("again");
+    finish_fetch(peer.spawn_fetch(&url, &again, None), "the last fetch");
+    assert_copy(&again, &hex, "the last fetch");
+}
