@@ -52,6 +52,15 @@ struct Sample {
 /// Fetches `url` once per entry of `proxies` at once (`None`: straight from the
 /// origin), checks every copy's SHA-256; the seconds until the last one ended.
 fn fetch_all(proxies: &[Option<String>], url: &str, hex: &str) -> f64 {
+    if std::env::var_os("P2P_BENCH_LOGS").is_some() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        eprintln!(
+            "fetches start at {:.3} (seconds since the epoch)",
+            now.as_secs_f64()
+        );
+    }
     let t0 = Instant::now();
     let kids: Vec<_> = proxies
         .iter()
@@ -134,6 +143,13 @@ fn run(kind: Kind, n: usize, dir: &Path, reg: &Registry, url: &str, hex: &str) -
             wait_for_hosts(&sched, n + 1);
             let proxies: Vec<_> = peers.iter().map(|p| Some(p.proxy())).collect();
             sample.secs = fetch_all(&proxies, url, hex);
+            if std::env::var_os("P2P_BENCH_LOGS").is_some() {
+                for (what, log) in [("seed", seed.log()), ("peer0", peers[0].log())] {
+                    for l in log.lines().filter(|l| l.contains("task")) {
+                        eprintln!("{what}: {l}");
+                    }
+                }
+            }
             let pids: Vec<_> = peers.iter().map(OurPeer::pid).collect();
             sample.rss_peer = max_rss(&pids).unwrap_or(0);
             sample.rss_seed = max_rss(&[seed.pid()]).unwrap_or(0);

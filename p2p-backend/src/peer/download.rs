@@ -47,6 +47,9 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// progress before the parents count as failed (dfdaemon's `collected_piece_timeout`
 /// is 360 s; loopback swarms move far faster).
 const NO_PROGRESS: Duration = Duration::from_secs(120);
+/// How often a download from parents asks the scheduler for our seeds' digests of
+/// pieces stored without one.
+const DIGEST_POLL: Duration = Duration::from_millis(200);
 /// How long a scheduler may take to answer a registration.
 const SCHEDULE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -83,6 +86,7 @@ pub async fn run(
             download: download.clone(),
             started: started.take(),
             failure_sent: false,
+            scheduler: String::new(),
         };
         outcome = d.through(&scheduler).await;
         match &outcome {
@@ -126,6 +130,8 @@ struct Driver {
     started: Option<mpsc::Sender<Arc<TaskData>>>,
     /// The scheduler was told of the download's failure already.
     failure_sent: bool,
+    /// The scheduler's address.
+    scheduler: String,
 }
 
 /// The stream to the scheduler.
@@ -171,6 +177,7 @@ impl Driver {
     }
 
     async fn through(mut self, scheduler: &str) -> Outcome {
+        self.scheduler = scheduler.to_string();
         // A seed learns the length from the origin first (dfdaemon's 1-byte probe), and
         // registers it, so that its children know it from the scheduler.
         let length = if self.peer.config.seed_peer.enable {
@@ -617,6 +624,11 @@ impl Driver {
         let mut inflight: BTreeSet<u32> = BTreeSet::new();
         let mut jobs = tokio::task::JoinSet::new();
         let mut syncing = true;
+        // Pieces from parents that came before our seed's digest of them reached the
+        // scheduler are checked against the scheduler's digests as they come in.
+        let mut digests = tokio::time::interval(DIGEST_POLL);
+        digests.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut stat = None;
         loop {
             if t.complete() {
                 break;
@@ -696,6 +708,15 @@ impl Driver {
                 }
                 // A reader waits on a piece: it may start now.
                 _ = t.want_changed() => {}
+                _ = digests.tick(), if t.pieces().iter().any(|p| !p.verified) => {
+                    for parent in self.seed_digests(&t, &mut stat, &mut origin_sha).await {
+                        self.peer.metrics.piece_failure("digest");
+                        self.peer.suspect(&self.task_id, std::slice::from_ref(&parent));
+                        if excluded.insert(parent.clone()) {
+                            self.report_bad(a, &parent).await;
+                        }
+                    }
+                }
                 have = have_rx.recv(), if syncing => match have {
                     Some((parent, u32::MAX, _)) => {
                         tracing::info!("task {}: parent {parent} could not say what it has", self.task_id);
@@ -768,6 +789,61 @@ impl Driver {
             return None;
         }
         self.peer.prefetch_limit.clone()
+    }
+
+    /// Checks the pieces of `t` stored without a digest of our seeds' against the
+    /// SHA-256s the scheduler has by now (`StatTask`: our seeds report each piece's
+    /// digest from the origin as they store it; they also go into `origin_sha` for the
+    /// pieces still to come). A match verifies the piece; a mismatch drops it: the
+    /// senders of the dropped pieces are returned.
+    async fn seed_digests(
+        &self,
+        t: &TaskData,
+        client: &mut Option<SchedulerClient<tonic::transport::Channel>>,
+        origin_sha: &mut HashMap<u32, String>,
+    ) -> Vec<String> {
+        let limit = Duration::from_secs(2);
+        if client.is_none() {
+            let connect = SchedulerClient::connect(format!("http://{}", self.scheduler));
+            *client = tokio::time::timeout(limit, connect)
+                .await
+                .ok()
+                .and_then(Result::ok);
+        }
+        let Some(c) = client.as_mut() else {
+            return Vec::new();
+        };
+        let stat = c.stat_task(StatTaskRequest {
+            host_id: self.peer.host_id.clone(),
+            task_id: self.task_id.clone(),
+        });
+        let Ok(Ok(task)) = tokio::time::timeout(limit, stat).await else {
+            return Vec::new();
+        };
+        for piece in task.into_inner().pieces {
+            if let Some(hex) = piece.digest.strip_prefix("sha256:") {
+                origin_sha.insert(piece.number, hex.to_string());
+            }
+        }
+        let mut bad = Vec::new();
+        for p in t.pieces().into_iter().filter(|p| !p.verified) {
+            match origin_sha.get(&p.number) {
+                Some(want) if *want == p.sha256 => t.verify(p.number),
+                Some(want) => {
+                    tracing::warn!(
+                        "task {}: piece {} from {:?} has SHA-256 {}, the origin's is {want}",
+                        self.task_id,
+                        p.number,
+                        p.parent,
+                        p.sha256
+                    );
+                    t.drop_piece(p.number);
+                    bad.extend(p.parent);
+                }
+                None => {}
+            }
+        }
+        bad
     }
 
     /// Tells the scheduler that `parent` sent bad bytes (it is not this child's parent

@@ -1091,3 +1091,45 @@ fn bad_input_gets_clear_answers_and_the_peer_serves_on() {
     finish_fetch(peer.spawn_fetch(&url, &again, None), "the last fetch");
     assert_copy(&again, &hex, "the last fetch");
 }
+
+/// In a swarm of ours, a client that does not verify chunks itself reads a piece as
+/// soon as it is verified, not when the whole blob is: the peer's pieces come from our
+/// seed before the seed's SHA-256 of them reached the scheduler (the peer registered
+/// first), and are checked against the scheduler's digests as the download goes on.
+/// The origin is limited to 16 MiB/s (a 64 MiB blob takes 4 s); the blob's first
+/// 64 KiB are read well within half the time the whole blob takes, right.
+#[test]
+fn pieces_from_our_seed_are_verified_as_they_come_not_once_the_blob_is_whole() {
+    let _swarm = require();
+    let t = tempfile::tempdir().unwrap();
+    let (origin, _) = Origin::start(t.path(), &[(64 << 20, 67)]);
+    let sched = Scheduler::start(t.path(), "scheduler", "");
+    let list = [sched.addr.clone()];
+    let _seed = OurPeer::start(t.path(), "seed", &list, true);
+    let peer = OurPeer::start(t.path(), "peer", &list, false);
+    wait_for_hosts(&sched, 2);
+    origin.proxy.shape(Duration::ZERO, 16 << 20);
+    let url = origin.url();
+    let (head, whole) = (t.path().join("head"), t.path().join("whole"));
+    let started = Instant::now();
+    let all = peer.spawn_fetch(&url, &whole, None);
+    finish_fetch(
+        peer.spawn_fetch(&url, &head, Some("bytes=0-65535")),
+        "the first 64 KiB",
+    );
+    let first = started.elapsed();
+    finish_fetch(all, "the whole blob");
+    let total = started.elapsed();
+    eprintln!("the first 64 KiB after {first:?}, the whole blob after {total:?}");
+    assert_copy(&whole, &origin.hex, "the whole blob");
+    let data = std::fs::read(&whole).unwrap();
+    assert!(
+        std::fs::read(&head).unwrap() == data[..65536],
+        "the first 64 KiB"
+    );
+    assert!(
+        first < total / 2,
+        "the first 64 KiB came after {first:?}, the whole blob after {total:?}\n{}",
+        peer.log()
+    );
+}
