@@ -620,9 +620,14 @@ pub fn route(ctx: &ApiContext, req: &Request) -> Response {
         ("PUT", "/api/v1/config") => put_config(ctx, req),
         ("DELETE", "/api/v1/mount") => delete_mount(ctx, req),
         ("GET", "/api/v1/metrics") => one(&|m| json_response(200, m.metrics.fs_json())),
-        ("GET", "/api/v1/metrics/backend") => {
-            one(&|m| json_response(200, m.metrics.backend_json(m.fs.cache().backend_kind())))
-        }
+        ("GET", "/api/v1/metrics/backend") => one(&|m| {
+            let cache = m.fs.cache();
+            let mut v = m.metrics.backend_json(cache.backend_kind());
+            for (k, n) in cache.backend().counters() {
+                v[k] = json!(n);
+            }
+            json_response(200, v)
+        }),
         ("GET", "/api/v1/metrics/blobcache") => one(&|m| {
             let cache = m.fs.cache();
             let mut v = m.metrics.cache_json(&cache.underlying_files());

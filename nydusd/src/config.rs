@@ -89,6 +89,8 @@ pub struct RegistryConfig {
     pub timeout: std::time::Duration,
     /// `connect_timeout` (seconds, default 5): the longest connecting may take.
     pub connect_timeout: std::time::Duration,
+    /// `proxy`: blob reads through the node's P2P peer (none when its `url` is empty).
+    pub proxy: Option<p2p_backend::registry::proxy::ProxyConfig>,
 }
 
 /// Upstream's default `timeout` and `connect_timeout` of the registry backend.
@@ -218,10 +220,11 @@ impl Config {
                 format!("{readahead_window} exceeds the maximum of {MAX_READAHEAD_WINDOW} bytes"),
             ));
         }
+        let digest_validate = raw.digest_validate.unwrap_or(true);
         Ok(Config {
-            backend: backend(raw.device.backend)?,
+            backend: backend(raw.device.backend, digest_validate)?,
             cache: cache(raw.device.cache)?,
-            digest_validate: raw.digest_validate.unwrap_or(true),
+            digest_validate,
             enable_xattr: raw.enable_xattr.unwrap_or(true),
             amplify_io,
             readahead_window,
@@ -235,7 +238,79 @@ impl Config {
     }
 }
 
-fn backend(raw: RawBackend) -> Result<BackendConfig> {
+/// The `proxy` section of the registry backend (upstream's `ProxyConfig`); none when
+/// its `url` is empty. `verifies`: the daemon checks every chunk's digest.
+fn proxy_config(
+    v: &serde_json::Value,
+    verifies: bool,
+) -> Result<Option<p2p_backend::registry::proxy::ProxyConfig>> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct RawProxy {
+        #[serde(default)]
+        url: String,
+        #[serde(default)]
+        ping_url: String,
+        fallback: Option<bool>,
+        check_interval: Option<u64>,
+        // Accepted: health checks are cheap enough never to pause.
+        #[allow(dead_code)]
+        check_pause_elapsed: Option<u64>,
+        #[serde(default)]
+        use_http: bool,
+        #[serde(default)]
+        dragonfly_scheduler_endpoint: String,
+    }
+    let field = |f: &str| format!("device.backend.config.proxy.{f}");
+    let p: RawProxy = parse_json(&v.to_string(), "device.backend.config.proxy")?;
+    if !p.dragonfly_scheduler_endpoint.is_empty() {
+        return Err(Error::config(
+            field("dragonfly_scheduler_endpoint"),
+            "Dragonfly's SDK mode is not supported: point `url` at the node's peer",
+        ));
+    }
+    if p.url.is_empty() {
+        return Ok(None);
+    }
+    let http = |u: &str| u.starts_with("http://") || u.starts_with("https://");
+    if !http(&p.url) {
+        return Err(Error::config(
+            field("url"),
+            format!("'{}' is not an http(s) URL", p.url),
+        ));
+    }
+    if !p.ping_url.is_empty() && !http(&p.ping_url) {
+        return Err(Error::config(
+            field("ping_url"),
+            format!("'{}' is not an http(s) URL", p.ping_url),
+        ));
+    }
+    let check_interval = match p.check_interval.unwrap_or(5) {
+        0 => {
+            return Err(Error::config(
+                field("check_interval"),
+                "must be at least 1 (seconds)",
+            ))
+        }
+        s if s > 3600 => {
+            return Err(Error::config(
+                field("check_interval"),
+                format!("{s} s is over an hour"),
+            ))
+        }
+        s => std::time::Duration::from_secs(s),
+    };
+    Ok(Some(p2p_backend::registry::proxy::ProxyConfig {
+        url: p.url,
+        ping_url: (!p.ping_url.is_empty()).then_some(p.ping_url),
+        fallback: p.fallback.unwrap_or(true),
+        check_interval,
+        use_http: p.use_http,
+        verifies,
+    }))
+}
+
+fn backend(raw: RawBackend, digest_validate: bool) -> Result<BackendConfig> {
     match raw.kind.as_str() {
         "localfs" => {
             let text = raw.config.to_string();
@@ -283,13 +358,10 @@ fn backend(raw: RawBackend) -> Result<BackendConfig> {
                     "bearer tokens are not supported yet; use `auth`",
                 ));
             }
-            if c.proxy.as_ref().is_some_and(|p| {
-                p.get("url")
-                    .and_then(|u| u.as_str())
-                    .is_some_and(|u| !u.is_empty())
-            }) {
-                return Err(Error::config(field("proxy.url"), "not supported yet"));
-            }
+            let proxy = match c.proxy.as_ref().filter(|p| !p.is_null()) {
+                Some(p) => proxy_config(p, digest_validate)?,
+                None => None,
+            };
             // Accepted by upstream, not implemented here: refused rather than ignored,
             // so that nobody believes blobs come from a mirror or redirected host.
             if c.mirrors
@@ -338,6 +410,7 @@ fn backend(raw: RawBackend) -> Result<BackendConfig> {
                 skip_verify: c.skip_verify.unwrap_or(false),
                 timeout,
                 connect_timeout,
+                proxy,
             }))
         }
         "" => Err(Error::config("device.backend.type", "missing")),
@@ -610,6 +683,7 @@ mod tests {
                 skip_verify: true,
                 timeout: std::time::Duration::from_secs(7),
                 connect_timeout: std::time::Duration::from_secs(3),
+                proxy: None,
             })
         );
         let bad = j.replace("dXNlcjpwYXNz", "!!");
@@ -630,6 +704,59 @@ mod tests {
         }
         let bad = j.replace(r#""timeout": 7"#, r#""timeout": 0"#);
         assert_eq!(err(&bad).0, "device.backend.config.timeout");
+    }
+
+    #[test]
+    fn the_registry_proxy_section_is_upstreams() {
+        let with = |proxy: &str| {
+            GOOD.replace(
+                r#""type": "localfs", "config": {"dir": "/blobs"}"#,
+                &format!(
+                    r#""type": "registry", "config": {{"host": "127.0.0.1:5000",
+                       "repo": "library/app", "proxy": {proxy}}}"#
+                ),
+            )
+        };
+        let proxy = |j: &str| match Config::from_json(j).unwrap().backend {
+            BackendConfig::Registry(r) => r.proxy,
+            b => panic!("{b:?}"),
+        };
+        let p = proxy(&with(
+            r#"{"url": "http://127.0.0.1:4001", "ping_url": "http://127.0.0.1:4001/healthy",
+                "check_interval": 2, "use_http": true, "check_pause_elapsed": 300}"#,
+        ))
+        .expect("a proxy");
+        assert_eq!(p.url, "http://127.0.0.1:4001");
+        assert_eq!(p.ping_url.as_deref(), Some("http://127.0.0.1:4001/healthy"));
+        assert!(p.fallback, "fallback defaults to true");
+        assert!(p.use_http && p.verifies);
+        assert_eq!(p.check_interval, std::time::Duration::from_secs(2));
+        assert_eq!(proxy(&with(r#"{"url": ""}"#)), None);
+        let off = with(r#"{"url": "http://p:4001", "fallback": false}"#)
+            .replace("\"mode\"", "\"digest_validate\": false, \"mode\"");
+        let p = proxy(&off).unwrap();
+        assert!(!p.fallback && !p.verifies);
+        for (bad, field) in [
+            (r#"{"url": "p:4001"}"#, "proxy.url"),
+            (
+                r#"{"url": "http://p", "ping_url": "p/ping"}"#,
+                "proxy.ping_url",
+            ),
+            (
+                r#"{"url": "http://p", "check_interval": 0}"#,
+                "proxy.check_interval",
+            ),
+            (
+                r#"{"url": "http://p", "dragonfly_scheduler_endpoint": "http://s:8002"}"#,
+                "proxy.dragonfly_scheduler_endpoint",
+            ),
+        ] {
+            assert_eq!(
+                err(&with(bad)).0,
+                format!("device.backend.config.{field}"),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

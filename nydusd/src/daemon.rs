@@ -116,7 +116,17 @@ pub fn backend(cfg: &BackendConfig) -> Result<Arc<dyn BlobBackend>> {
                     format!("registry {reference}: {}", Chain(&e)),
                 )
             })?;
-            Ok(Arc::new(RegistryBackend::new(registry)))
+            let mut b = RegistryBackend::new(registry);
+            if let Some(p) = &r.proxy {
+                let proxy = p2p_backend::registry::proxy::PeerProxy::new(
+                    p.clone(),
+                    r.timeout,
+                    r.connect_timeout,
+                )
+                .map_err(|e| Error::config("device.backend.config.proxy", e.to_string()))?;
+                b = b.with_proxy(proxy);
+            }
+            Ok(Arc::new(b))
         }
         BackendConfig::Other { kind, .. } => Err(Error::config(
             "device.backend.type",

@@ -78,6 +78,32 @@ pub trait BlobBackend: Send + Sync {
     /// end of the blob is an error, never a short read.
     fn read_at(&self, blob_id: &str, offset: u64, buf: &mut [u8]) -> Result<()>;
 
+    /// [`BlobBackend::read_at`] on behalf of a background prefetch (`prefetch`), which a
+    /// backend may put behind reads a reader waits on; by default the same read.
+    fn read_at_for(
+        &self,
+        blob_id: &str,
+        offset: u64,
+        buf: &mut [u8],
+        prefetch: bool,
+    ) -> Result<()> {
+        let _ = prefetch;
+        self.read_at(blob_id, offset, buf)
+    }
+
+    /// Tells the backend that `len` bytes at `offset` of blob `blob_id` failed their
+    /// digest. True when the next read may bring other bytes (a P2P peer dropped the
+    /// piece and its sender): the caller reads once more; false by default.
+    fn report_bad(&self, blob_id: &str, offset: u64, len: u64) -> bool {
+        let _ = (blob_id, offset, len);
+        false
+    }
+
+    /// Counters of the backend's own, for metrics (none by default).
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+
     /// Size of blob `blob_id` in bytes.
     fn blob_size(&self, blob_id: &str) -> Result<u64>;
 

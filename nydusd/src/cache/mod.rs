@@ -1503,7 +1503,9 @@ impl ChunkCache {
             "blob {}: fetching {len} bytes at {start}: chunks {}..={} ({prio:?})",
             blob.info.id, run[0].ci_index, last.ci_index
         );
-        let res = self.backend.read_at(&blob.info.id, start, &mut buf);
+        let res =
+            self.backend
+                .read_at_for(&blob.info.id, start, &mut buf, prio == Priority::Prefetch);
         Metrics::add(
             &m.backend.read_latency_us_total,
             t.elapsed().as_micros() as u64,
@@ -1541,8 +1543,15 @@ impl ChunkCache {
                         c.ci_index,
                         self.backend.kind()
                     );
-                    claims.release(c.ci_index);
-                    continue;
+                    // A backend that can bring other bytes (a P2P peer that drops the
+                    // piece and its sender) is told, and the chunk read once more.
+                    match self.refetch(blob, c) {
+                        Some(d) => std::borrow::Cow::Owned(d),
+                        None => {
+                            claims.release(c.ci_index);
+                            continue;
+                        }
+                    }
                 }
             };
             // Held from the write to the ready bit: no process evicts it in between.
@@ -1587,6 +1596,47 @@ impl ChunkCache {
             }
         }
         Ok(())
+    }
+}
+
+impl ChunkCache {
+    /// Chunk `c` of `blob`, which failed its digest: reported to the backend and read
+    /// once more when the backend may bring other bytes; the decoded chunk, or `None`.
+    fn refetch(&self, blob: &BlobCache, c: &ChunkInfo) -> Option<Vec<u8>> {
+        let (offset, len) = (c.compressed_offset, c.compressed_size as u64);
+        if !self.backend.report_bad(&blob.info.id, offset, len) {
+            return None;
+        }
+        let mut buf = vec![0u8; len as usize];
+        let again = self
+            .backend
+            .read_at(&blob.info.id, offset, &mut buf)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                let decoded = if self.validate {
+                    rafs::read::decode_chunk_cow(&blob.info, c, &buf)
+                } else {
+                    rafs::read::decompress_chunk(&blob.info, c, &buf)
+                };
+                decoded.map(|d| d.into_owned()).map_err(|e| e.to_string())
+            });
+        match again {
+            Ok(d) => {
+                warn!(
+                    "blob {}: chunk {} is right when read again",
+                    blob.info.id, c.ci_index
+                );
+                Some(d)
+            }
+            Err(e) => {
+                error!(
+                    "blob {}: chunk {} read again: {e}",
+                    blob.info.id, c.ci_index
+                );
+                Metrics::add(&self.metrics.cache.digest_errors, 1);
+                None
+            }
+        }
     }
 }
 

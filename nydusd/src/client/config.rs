@@ -153,7 +153,8 @@ pub struct RegistryBackendConfig {
     /// Refused when non-empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blob_redirected_host: Option<String>,
-    /// Dragonfly proxy (refused when its `url` is set).
+    /// The node's P2P proxy (upstream's `ProxyConfig`: `url`, `ping_url`, `fallback`,
+    /// `check_interval`, `use_http`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy: Option<serde_json::Value>,
     /// Registry mirrors (refused when non-empty).
@@ -427,7 +428,8 @@ mod tests {
     #[test]
     fn image_config_fills_the_template() {
         let template: NydusdConfig = serde_json::from_str(
-            r#"{"device":{"backend":{"type":"registry","config":{"host":"","repo":"","timeout":9}},
+            r#"{"device":{"backend":{"type":"registry","config":{"host":"","repo":"","timeout":9,
+                "proxy":{"url":"http://127.0.0.1:4001","ping_url":"http://127.0.0.1:4001/healthy"}}},
                 "cache":{"type":"blobcache","config":{"work_dir":"/old"}}},
                 "digest_validate":false,"fs_prefetch":{"enable":true}}"#,
         )
@@ -444,6 +446,11 @@ mod tests {
             ("https", "reg.io", "a/b")
         );
         assert_eq!(r.timeout, Some(9));
+        // The node's P2P proxy, set once in the template, reaches every image.
+        assert_eq!(
+            r.proxy.as_ref().and_then(|p| p["url"].as_str()),
+            Some("http://127.0.0.1:4001")
+        );
         assert_eq!(r.auth.as_deref(), Some(encode_auth("u", "p:w").as_str()));
         assert_eq!(
             c.device.cache.config.as_ref().unwrap().work_dir.as_deref(),

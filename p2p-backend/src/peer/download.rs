@@ -364,16 +364,17 @@ impl Driver {
         let mut stores = tokio::task::JoinSet::new();
         let mut failure = None;
         loop {
-            if failure.is_none() && stores.len() < CONCURRENT_PIECES {
-                for (n, wanted) in pick(&t, &missing, jobs.len()) {
+            if failure.is_none() {
+                // At most one piece being stored beside the fetches: pieces in memory
+                // stay within the places, plus one.
+                let busy = jobs.len() + stores.len().saturating_sub(1);
+                for (n, wanted) in pick(&t, &missing, busy) {
                     missing.remove(&n);
                     let (peer, t, d) = (self.peer.clone(), t.clone(), self.download.clone());
                     let limit = self.background_limit(wanted);
                     jobs.spawn(async move {
                         let (offset, len) = t.piece_range(n).expect("a piece of the task");
-                        if let Some(l) = limit {
-                            l.take(len).await;
-                        }
+                        background_wait(limit, &t, n, len).await;
                         (n, peer.origin_range(&d, offset, len).await)
                     });
                 }
@@ -414,6 +415,8 @@ impl Driver {
                     .await;
                 }
                 Err(e) => {
+                    // As dfdaemon: the other fetches stop at the first failure.
+                    jobs.abort_all();
                     self.send(
                         a,
                         Req::DownloadPieceBackToSourceFailedRequest(
@@ -625,12 +628,43 @@ impl Driver {
         let mut jobs = tokio::task::JoinSet::new();
         let mut syncing = true;
         // Pieces from parents that came before our seed's digest of them reached the
-        // scheduler are checked against the scheduler's digests as they come in.
-        let mut digests = tokio::time::interval(DIGEST_POLL);
-        digests.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let mut stat = None;
+        // scheduler are checked against the scheduler's digests as they come in, by a
+        // task of their own; it hands back the digests and the senders of bad pieces.
+        let (digest_tx, mut digest_rx) = mpsc::channel::<SeedDigests>(4);
+        let poller = tokio::spawn(poll_seed_digests(
+            self.scheduler.clone(),
+            self.peer.host_id.clone(),
+            t.clone(),
+            digest_tx,
+        ));
+        let _poller = AbortOnDrop(poller);
+        let mut job_pieces: HashMap<tokio::task::Id, (u32, String)> = HashMap::new();
+        let mut last_progress = tokio::time::Instant::now();
         loop {
             if t.complete() {
+                break;
+            }
+            // Senders found bad (here, or by a client's report of a bad range while
+            // this download runs) are not asked again.
+            let usable = |excluded: &HashSet<String>, id: &String| {
+                !excluded.contains(id) && !self.peer.is_suspect(&self.task_id, id, "")
+            };
+            // A piece a reader waits on that only bad senders offer: these parents
+            // cannot finish the task; the scheduler is asked for others (or the origin).
+            let stuck = t.wanted().into_iter().find(|n| {
+                t.piece(*n).is_none()
+                    && !inflight.contains(n)
+                    && offers.get(n).is_some_and(|l| {
+                        !l.is_empty() && !l.iter().any(|(id, _)| usable(excluded, id))
+                    })
+            });
+            if let Some(n) = stuck {
+                tracing::info!(
+                    "task {}: piece {n}, which a reader waits on, is offered by bad senders only",
+                    self.task_id
+                );
+                let bad: Vec<String> = offers[&n].iter().map(|(id, _)| id.clone()).collect();
+                excluded.extend(bad);
                 break;
             }
             // Start pieces offered and not under way: those readers wait on first.
@@ -638,13 +672,13 @@ impl Driver {
                 .keys()
                 .copied()
                 .filter(|n| !inflight.contains(n) && t.piece(*n).is_none())
-                .filter(|n| offers[n].iter().any(|(id, _)| !excluded.contains(id)))
+                .filter(|n| offers[n].iter().any(|(id, _)| usable(excluded, id)))
                 .collect();
             for (n, wanted) in pick(&t, &startable, inflight.len()) {
                 let Some(list) = offers.get_mut(&n) else {
                     continue;
                 };
-                list.retain(|(id, _)| !excluded.contains(id));
+                list.retain(|(id, _)| usable(excluded, id));
                 let Some((parent, addr)) = list.first().cloned() else {
                     offers.remove(&n);
                     continue;
@@ -655,11 +689,10 @@ impl Driver {
                 let metrics = self.peer.metrics.clone();
                 let budget = self.peer.piece_memory.clone();
                 let limit = self.background_limit(wanted);
-                jobs.spawn(async move {
+                let job_parent = parent.clone();
+                let job = jobs.spawn(async move {
                     let (_, len) = t2.piece_range(n).expect("a piece of the task");
-                    if let Some(l) = limit {
-                        l.take(len).await;
-                    }
+                    background_wait(limit, &t2, n, len).await;
                     // Pieces in memory, over all downloads, stay within the budget.
                     let mib = len.div_ceil(1 << 20).clamp(1, PIECE_MEMORY_MIB as u64) as u32;
                     let _held = budget.acquire_many_owned(mib).await;
@@ -696,20 +729,22 @@ impl Driver {
                         .unwrap_or_else(|e| Err(format!("piece {n}: checking it: {e}")));
                     (n, parent, r)
                 });
+                job_pieces.insert(job.id(), (n, job_parent));
             }
             if inflight.is_empty() && !syncing {
                 break;
             }
             tokio::select! {
                 // Nothing offered and nothing arriving for this long: the parents failed.
-                _ = tokio::time::sleep(NO_PROGRESS) => {
+                _ = tokio::time::sleep_until(last_progress + NO_PROGRESS) => {
                     tracing::warn!("task {}: no progress from the parents in {NO_PROGRESS:?}", self.task_id);
                     break;
                 }
                 // A reader waits on a piece: it may start now.
                 _ = t.want_changed() => {}
-                _ = digests.tick(), if t.pieces().iter().any(|p| !p.verified) => {
-                    for parent in self.seed_digests(&t, &mut stat, &mut origin_sha).await {
+                Some(d) = digest_rx.recv() => {
+                    origin_sha.extend(d.digests);
+                    for parent in d.bad {
                         self.peer.metrics.piece_failure("digest");
                         self.peer.suspect(&self.task_id, std::slice::from_ref(&parent));
                         if excluded.insert(parent.clone()) {
@@ -724,16 +759,28 @@ impl Driver {
                     }
                     Some((parent, n, addr)) => {
                         if t.piece(n).is_none() && n < t.piece_count() {
+                            last_progress = tokio::time::Instant::now();
                             offers.entry(n).or_default().push((parent, addr));
                         }
                     }
                     None => syncing = false,
                 },
-                Some(done) = jobs.join_next(), if !inflight.is_empty() => {
-                    let Ok((n, parent, r)) = done else { continue };
+                Some(done) = jobs.join_next_with_id(), if !inflight.is_empty() => {
+                    let (n, parent, r) = match done {
+                        Ok((id, (n, parent, r))) => {
+                            job_pieces.remove(&id);
+                            (n, parent, r)
+                        }
+                        // A job that panicked: its piece is not under way any more.
+                        Err(e) => match job_pieces.remove(&e.id()) {
+                            Some((n, parent)) => (n, parent, Err(format!("piece {n}: {e}"))),
+                            None => continue,
+                        },
+                    };
                     inflight.remove(&n);
                     match r {
                         Ok(meta) => {
+                            last_progress = tokio::time::Instant::now();
                             self.send(a, Req::DownloadPieceFinishedRequest(DownloadPieceFinishedRequest {
                                 piece: Some(piece_msg(&meta, false)),
                             })).await;
@@ -791,61 +838,6 @@ impl Driver {
         self.peer.prefetch_limit.clone()
     }
 
-    /// Checks the pieces of `t` stored without a digest of our seeds' against the
-    /// SHA-256s the scheduler has by now (`StatTask`: our seeds report each piece's
-    /// digest from the origin as they store it; they also go into `origin_sha` for the
-    /// pieces still to come). A match verifies the piece; a mismatch drops it: the
-    /// senders of the dropped pieces are returned.
-    async fn seed_digests(
-        &self,
-        t: &TaskData,
-        client: &mut Option<SchedulerClient<tonic::transport::Channel>>,
-        origin_sha: &mut HashMap<u32, String>,
-    ) -> Vec<String> {
-        let limit = Duration::from_secs(2);
-        if client.is_none() {
-            let connect = SchedulerClient::connect(format!("http://{}", self.scheduler));
-            *client = tokio::time::timeout(limit, connect)
-                .await
-                .ok()
-                .and_then(Result::ok);
-        }
-        let Some(c) = client.as_mut() else {
-            return Vec::new();
-        };
-        let stat = c.stat_task(StatTaskRequest {
-            host_id: self.peer.host_id.clone(),
-            task_id: self.task_id.clone(),
-        });
-        let Ok(Ok(task)) = tokio::time::timeout(limit, stat).await else {
-            return Vec::new();
-        };
-        for piece in task.into_inner().pieces {
-            if let Some(hex) = piece.digest.strip_prefix("sha256:") {
-                origin_sha.insert(piece.number, hex.to_string());
-            }
-        }
-        let mut bad = Vec::new();
-        for p in t.pieces().into_iter().filter(|p| !p.verified) {
-            match origin_sha.get(&p.number) {
-                Some(want) if *want == p.sha256 => t.verify(p.number),
-                Some(want) => {
-                    tracing::warn!(
-                        "task {}: piece {} from {:?} has SHA-256 {}, the origin's is {want}",
-                        self.task_id,
-                        p.number,
-                        p.parent,
-                        p.sha256
-                    );
-                    t.drop_piece(p.number);
-                    bad.extend(p.parent);
-                }
-                None => {}
-            }
-        }
-        bad
-    }
-
     /// Tells the scheduler that `parent` sent bad bytes (it is not this child's parent
     /// again).
     async fn report_bad(&self, a: &Announce, parent: &str) {
@@ -881,6 +873,135 @@ impl Driver {
             }
         }
         Err("no parent told the task's length".into())
+    }
+}
+
+/// What [`poll_seed_digests`] learned: our seeds' SHA-256 per piece, and the senders
+/// of pieces that did not match (dropped).
+struct SeedDigests {
+    digests: HashMap<u32, String>,
+    bad: Vec<String>,
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Checks the pieces of `t` stored without a digest of our seeds' against the SHA-256s
+/// the scheduler at `scheduler` has by now (`StatTask`: our seeds report each piece's
+/// digest from the origin as they store it), while any stored piece is unverified: a
+/// match verifies the piece, a mismatch drops it. Every 200 ms while that verifies
+/// pieces, backing off to 5 s while it does not (a swarm whose seed is a dfdaemon has
+/// no such digests); each answer goes to `tx`.
+async fn poll_seed_digests(
+    scheduler: String,
+    host_id: String,
+    t: Arc<TaskData>,
+    tx: mpsc::Sender<SeedDigests>,
+) {
+    let limit = Duration::from_secs(2);
+    let mut delay = DIGEST_POLL;
+    let mut client: Option<SchedulerClient<tonic::transport::Channel>> = None;
+    let mut known: HashMap<u32, String> = HashMap::new();
+    loop {
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+        let unverified: Vec<PieceMeta> = t.pieces().into_iter().filter(|p| !p.verified).collect();
+        if unverified.is_empty() {
+            if t.complete() {
+                return;
+            }
+            delay = DIGEST_POLL;
+            continue;
+        }
+        if client.is_none() {
+            let connect = SchedulerClient::connect(format!("http://{scheduler}"));
+            client = tokio::time::timeout(limit, connect)
+                .await
+                .ok()
+                .and_then(Result::ok);
+        }
+        let Some(c) = client.as_mut() else { continue };
+        let stat = c.stat_task(StatTaskRequest {
+            host_id: host_id.clone(),
+            task_id: t.id.clone(),
+        });
+        let task = match tokio::time::timeout(limit, stat).await {
+            Ok(Ok(task)) => task.into_inner(),
+            Ok(Err(e)) if e.code() == tonic::Code::Unimplemented => return,
+            _ => {
+                client = None;
+                continue;
+            }
+        };
+        let mut fresh = HashMap::new();
+        for piece in task.pieces {
+            if let Some(hex) = piece.digest.strip_prefix("sha256:") {
+                if known.get(&piece.number).map(String::as_str) != Some(hex) {
+                    fresh.insert(piece.number, hex.to_string());
+                }
+                known.insert(piece.number, hex.to_string());
+            }
+        }
+        let (mut good, mut bad) = (Vec::new(), Vec::new());
+        for p in &unverified {
+            match known.get(&p.number) {
+                Some(want) if *want == p.sha256 => good.push(p.number),
+                Some(want) => {
+                    tracing::warn!(
+                        "task {}: piece {} from {:?} has SHA-256 {}, the origin's is {want}",
+                        t.id,
+                        p.number,
+                        p.parent,
+                        p.sha256
+                    );
+                    t.drop_piece(p.number);
+                    bad.extend(p.parent.clone());
+                }
+                None => {}
+            }
+        }
+        if !good.is_empty() {
+            delay = DIGEST_POLL;
+            let t2 = t.clone();
+            let _ = tokio::task::spawn_blocking(move || t2.verify(&good)).await;
+        }
+        if (!fresh.is_empty() || !bad.is_empty())
+            && tx
+                .send(SeedDigests {
+                    digests: fresh,
+                    bad,
+                })
+                .await
+                .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Waits for `limit` to let `len` bytes of piece `n` go, unless a reader comes to wait
+/// on the piece meanwhile: it then goes at once.
+async fn background_wait(
+    limit: Option<Arc<super::vortex::RateLimit>>,
+    t: &TaskData,
+    n: u32,
+    len: u64,
+) {
+    let Some(l) = limit else { return };
+    let wanted = async {
+        while !t.is_wanted(n) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::select! {
+        _ = l.take(len) => {}
+        _ = wanted => {}
     }
 }
 

@@ -402,7 +402,11 @@ async fn through_swarm(
     let urgent = priority > PRIORITY_PREFETCH;
     let download = Download {
         url: url.to_string(),
-        prefetch: req.headers().contains_key(hyper::header::RANGE),
+        prefetch: req.headers().contains_key(hyper::header::RANGE)
+            && !req
+                .headers()
+                .get("X-Dragonfly-Prefetch")
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"false")),
         request_header: headers,
         priority,
         enable_task_id_based_blob_digest: storage::blob_digest(url).is_some(),

@@ -110,6 +110,8 @@ pub struct TaskData {
     last_wanted: std::sync::atomic::AtomicU32,
     /// Told when a reader starts waiting on a piece.
     want_signal: tokio::sync::Notify,
+    /// Held by a store from its write to its record.
+    storing: Mutex<()>,
 }
 
 /// A reader's wait on a piece (see [`TaskData::want`]); the wait ends when it is dropped.
@@ -154,7 +156,14 @@ impl TaskData {
             wanted: Mutex::new(BTreeMap::new()),
             last_wanted: std::sync::atomic::AtomicU32::new(0),
             want_signal: tokio::sync::Notify::new(),
+            storing: Mutex::new(()),
         }
+    }
+
+    /// Whether a reader waits on piece `number` now.
+    pub fn is_wanted(&self, number: u32) -> bool {
+        let wanted = self.wanted.lock().unwrap_or_else(|e| e.into_inner());
+        wanted.contains_key(&number)
     }
 
     /// It was used now.
@@ -288,10 +297,6 @@ impl TaskData {
             ));
         }
         self.touch();
-        self.file.write_all_at(data, offset)?;
-        // On disk before `meta.json` says it is there (and maybe verified): a crash
-        // never leaves a piece recorded over bytes that were not written.
-        self.file.sync_data()?;
         let meta = PieceMeta {
             number,
             offset,
@@ -301,6 +306,20 @@ impl TaskData {
             parent,
             verified,
         };
+        // One store at a time, bytes and record together: two stores of one piece (a
+        // download that gave up on a parent while its store went on, and the next
+        // one) never leave one's bytes under the other's record. A piece stored
+        // already stays, unless this one is verified and it is not.
+        let _one = self.storing.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = self.piece(number) {
+            if held.verified || !verified {
+                return Ok(held);
+            }
+        }
+        self.file.write_all_at(data, offset)?;
+        // On disk before `meta.json` says it is there (and maybe verified): a crash
+        // never leaves a piece recorded over bytes that were not written.
+        self.file.sync_data()?;
         {
             let mut pieces = self.lock();
             pieces[number as usize] = Some(meta.clone());
@@ -322,13 +341,20 @@ impl TaskData {
         self.wake();
     }
 
-    /// Marks piece `number` verified (it matched a digest its sender did not give).
-    pub fn verify(&self, number: u32) {
+    /// Marks pieces `numbers` verified (they matched digests their senders did not
+    /// give), recorded once.
+    pub fn verify(&self, numbers: &[u32]) {
         {
             let mut pieces = self.lock();
-            match pieces.get_mut(number as usize) {
-                Some(Some(p)) if !p.verified => p.verified = true,
-                _ => return,
+            let mut changed = false;
+            for n in numbers {
+                if let Some(Some(p)) = pieces.get_mut(*n as usize) {
+                    changed |= !p.verified;
+                    p.verified = true;
+                }
+            }
+            if !changed {
+                return;
             }
             let _ = self.save(&pieces);
         }

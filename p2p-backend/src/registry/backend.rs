@@ -10,6 +10,7 @@ use std::sync::Mutex;
 pub struct RegistryBackend {
     registry: Registry,
     sizes: Mutex<HashMap<String, u64>>,
+    proxy: Option<super::proxy::PeerProxy>,
 }
 
 impl RegistryBackend {
@@ -18,7 +19,19 @@ impl RegistryBackend {
         RegistryBackend {
             registry,
             sizes: Mutex::new(HashMap::new()),
+            proxy: None,
         }
+    }
+
+    /// Range reads go through the node's P2P peer (see [`super::proxy`]).
+    pub fn with_proxy(mut self, proxy: super::proxy::PeerProxy) -> Self {
+        self.proxy = Some(proxy);
+        self
+    }
+
+    /// The P2P proxy, if reads go through one.
+    pub fn proxy(&self) -> Option<&super::proxy::PeerProxy> {
+        self.proxy.as_ref()
     }
 
     /// Records the size of a blob (from a manifest), so that no request is needed to learn it.
@@ -45,6 +58,16 @@ fn remote(blob_id: &str, e: RegistryError) -> BackendError {
 
 impl BlobBackend for RegistryBackend {
     fn read_at(&self, blob_id: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_at_for(blob_id, offset, buf, false)
+    }
+
+    fn read_at_for(
+        &self,
+        blob_id: &str,
+        offset: u64,
+        buf: &mut [u8],
+        prefetch: bool,
+    ) -> Result<()> {
         let digest = format!("sha256:{blob_id}");
         if let Ok(size) = self.blob_size(blob_id) {
             if offset + buf.len() as u64 > size {
@@ -55,6 +78,22 @@ impl BlobBackend for RegistryBackend {
                     size,
                 });
             }
+        }
+        if let Some(p) = self.proxy.as_ref().filter(|p| p.healthy()) {
+            match p.read(&self.registry, &digest, offset, buf, prefetch) {
+                Ok(()) => return Ok(()),
+                Err(e) if p.config().fallback => {
+                    p.counters
+                        .fallbacks
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!("{e}; reading from the registry");
+                }
+                Err(e) => return Err(e),
+            }
+        } else if let Some(p) = &self.proxy {
+            p.counters
+                .fallbacks
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         let n = self
             .registry
@@ -81,6 +120,27 @@ impl BlobBackend for RegistryBackend {
 
     fn kind(&self) -> &'static str {
         "registry"
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        match &self.proxy {
+            Some(p) => vec![
+                ("proxy_reads", p.counters.through_peer.load(Relaxed)),
+                ("proxy_fallbacks", p.counters.fallbacks.load(Relaxed)),
+                ("proxy_reported", p.counters.reported.load(Relaxed)),
+            ],
+            None => Vec::new(),
+        }
+    }
+
+    fn report_bad(&self, blob_id: &str, offset: u64, len: u64) -> bool {
+        match &self.proxy {
+            Some(p) if p.healthy() => {
+                p.report_bad(&self.registry, &format!("sha256:{blob_id}"), offset, len)
+            }
+            _ => false,
+        }
     }
 
     fn set_credentials(&self, credentials: Option<super::Credentials>) -> bool {

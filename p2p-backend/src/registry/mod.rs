@@ -19,6 +19,7 @@
 
 mod auth;
 mod backend;
+pub mod proxy;
 mod reference;
 mod upload;
 
@@ -413,6 +414,15 @@ impl RegistryClient {
     /// The parsed reference.
     pub fn reference(&self) -> &Reference {
         &self.reference
+    }
+
+    /// The URL of blob `digest` (`sha256:...`) in the repository.
+    pub fn blob_url(&self, digest: &str) -> String {
+        format!(
+            "{}/v2/{}/blobs/{digest}",
+            self.base_url,
+            self.reference.repository()
+        )
     }
 
     /// Replaces the credentials (a refreshed token, a rotated password; `None`:

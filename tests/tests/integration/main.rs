@@ -11,6 +11,7 @@ mod nydusd_faults;
 mod nydusd_mount;
 mod nydusify;
 mod nydusify_bad;
+mod p2p_nydusd;
 mod p2p_peer;
 mod p2p_scheduler;
 mod passthrough;

@@ -243,7 +243,7 @@ fn three_schedulers_and_a_mixed_swarm_meet_on_one_scheduler_per_task() {
 /// Rewrites piece `number` (of `piece_len` bytes) of task `hex` in `peer`'s storage with
 /// other bytes, and its recorded CRC-32 to match them: the peer then serves a bad piece
 /// that passes Dragonfly's own check.
-fn corrupt_consistently(peer: &OurPeer, hex: &str, number: u64, piece_len: u64) {
+pub(crate) fn corrupt_consistently(peer: &OurPeer, hex: &str, number: u64, piece_len: u64) {
     use std::os::unix::fs::FileExt;
     let dir = peer.dir.join("storage/tasks").join(hex);
     let data = std::fs::OpenOptions::new()

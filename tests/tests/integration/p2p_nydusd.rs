@@ -1,0 +1,320 @@
+//! Our nydusd reading through the node's P2P peer (issue 17): the registry backend's
+//! `proxy` section pointed at our `p2p-peer`, under our scheduler with our seed, the
+//! origin `docker-registry` behind a byte counter, each node's peer on its own loopback
+//! address. Every tree read is compared with its source; the origin's count shows
+//! whether the swarm or the registry served the bytes.
+
+use super::p2p_scheduler::{origin_bound, report, require, wait_for_hosts};
+use rafs_e2e::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// An image of six 5 MB files and a small one (one zstd blob), in a registry behind a
+/// byte-counting proxy.
+struct Image {
+    src: PathBuf,
+    boot: PathBuf,
+    blob_len: u64,
+    _registry: Registry,
+    origin: FaultProxy,
+}
+
+fn image(dir: &Path) -> Image {
+    let src = dir.join("src");
+    std::fs::create_dir_all(src.join("d")).unwrap();
+    for i in 0..6u64 {
+        std::fs::write(src.join(format!("d/f{i}")), noise(5_000_000, 300 + i)).unwrap();
+    }
+    std::fs::write(src.join("small"), b"small\n").unwrap();
+    let img = build_image(&src, &dir.join("img"), &["--compressor", "zstd"]);
+    let blobs: Vec<_> = std::fs::read_dir(&img.blobs)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(blobs.len(), 1, "one blob: {blobs:?}");
+    let id = blobs[0].file_name().unwrap().to_string_lossy().into_owned();
+    let reg_dir = dir.join("reg");
+    std::fs::create_dir_all(&reg_dir).unwrap();
+    let registry = Registry::start_in(&reg_dir, "");
+    registry.push_blob("test/p2p", &id, &blobs[0]);
+    let origin = FaultProxy::start(&registry.addr);
+    Image {
+        src,
+        boot: img.boot,
+        blob_len: std::fs::metadata(&blobs[0]).unwrap().len(),
+        _registry: registry,
+        origin,
+    }
+}
+
+/// Our nydusd mounting `img` in `work/mnt`, its registry backend reading through
+/// `peer`'s proxy (`ping_url` its `/healthy`, checked every second); `readahead`: the
+/// sequential read-ahead window on (the default) or off (a read fetches its own chunks
+/// only).
+fn nydusd_through(
+    img: &Image,
+    work: &Path,
+    peer: &OurPeer,
+    fallback: bool,
+    readahead: bool,
+) -> (FuseDaemon, PathBuf) {
+    let window = if readahead { 33554432 } else { 0 };
+    std::fs::create_dir_all(work.join("cache")).unwrap();
+    let cfg = work.join("nydusd.json");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"{{"device":{{"backend":{{"type":"registry","config":{{"scheme":"http",
+            "host":"{}","repo":"test/p2p","timeout":30,"retry_limit":1,
+            "proxy":{{"url":"{}","ping_url":"{}/healthy","fallback":{fallback},
+            "check_interval":1}}}}}},
+            "cache":{{"type":"blobcache","config":{{"work_dir":"{}"}}}}}},
+            "amplify_io":1048576,"readahead_window":{window}}}"#,
+            img.origin.addr,
+            peer.proxy(),
+            peer.proxy(),
+            work.join("cache").display()
+        ),
+    )
+    .unwrap();
+    let sock = work.join("api.sock");
+    let mnt = work.join("mnt");
+    let d = start_fuse_daemon(
+        Command::new(bin("nydusd"))
+            .arg("--bootstrap")
+            .arg(&img.boot)
+            .arg("--mountpoint")
+            .arg(&mnt)
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--apisock")
+            .arg(&sock),
+        &mnt,
+        &work.join("nydusd.log"),
+    );
+    (d, sock)
+}
+
+/// A number of `/api/v1/metrics/backend`.
+fn backend_metric(sock: &Path, name: &str) -> u64 {
+    let out = run_ok(
+        Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--unix-socket"])
+            .arg(sock)
+            .arg("http://localhost/api/v1/metrics/backend"),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {name} in {v}"))
+}
+
+fn assert_tree(img: &Image, d: &FuseDaemon, what: &str, log: &Path, peer: &OurPeer) {
+    let diffs = compare_trees_with(
+        &img.src,
+        &d.mnt,
+        &CompareOptions {
+            ignore_root_mtime: true,
+            ..Default::default()
+        },
+    );
+    assert!(
+        diffs.is_empty(),
+        "{what}: {diffs:?}\nnydusd:\n{}\npeer:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default(),
+        peer.log()
+    );
+}
+
+/// Two nodes mount one image with our nydusd reading through their own peer (no
+/// fallback: a failure of the swarm shows as one). Both trees are right; the origin
+/// served about one copy of the blob, and nothing for the second node: its chunks came
+/// from the swarm. Every backend read went through the peer.
+#[test]
+fn two_nodes_read_through_their_peers_and_the_second_costs_the_origin_nothing() {
+    let _swarm = require();
+    require_root_tools(&["fusermount3"]);
+    let t = tempfile::tempdir().unwrap();
+    let img = image(t.path());
+    let sched = Scheduler::start(t.path(), "scheduler", "");
+    let list = [sched.addr.clone()];
+    let _seed = OurPeer::start(t.path(), "seed", &list, true);
+    let nodes = [
+        OurPeer::start(t.path(), "a", &list, false),
+        OurPeer::start(t.path(), "b", &list, false),
+    ];
+    wait_for_hosts(&sched, 3);
+    let mut after_a = 0;
+    for (i, peer) in nodes.iter().enumerate() {
+        let work = t.path().join(format!("node{i}"));
+        let (d, sock) = nydusd_through(&img, &work, peer, false, true);
+        assert_tree(
+            &img,
+            &d,
+            &format!("node {i}"),
+            &work.join("nydusd.log"),
+            peer,
+        );
+        let (through, fallbacks) = (
+            backend_metric(&sock, "proxy_reads"),
+            backend_metric(&sock, "proxy_fallbacks"),
+        );
+        assert!(
+            through > 0 && fallbacks == 0,
+            "node {i}: {through} reads through the peer, {fallbacks} not"
+        );
+        if i == 0 {
+            after_a = img.origin.relayed_bytes();
+        }
+    }
+    let served = img.origin.relayed_bytes();
+    report(
+        "our nydusd on two nodes through our peers",
+        served,
+        img.blob_len,
+        1,
+    );
+    assert!(
+        served <= origin_bound(img.blob_len, 1, 3),
+        "the origin served {served} bytes for a {}-byte blob",
+        img.blob_len
+    );
+    assert!(
+        served - after_a <= 16 << 10,
+        "node B cost the origin {} bytes",
+        served - after_a
+    );
+}
+
+/// The node's peer is killed while nydusd reads a file through it (the origin slowed
+/// to 4 MB/s, so the swarm has not got that far yet): the read ends right, from the
+/// origin; reads go to the origin while the peer is down, and through the peer again
+/// once it is back (its health check passes).
+#[test]
+fn the_peer_killed_mid_read_reads_fall_back_to_the_origin_and_come_back() {
+    let _swarm = require();
+    require_root_tools(&["fusermount3"]);
+    let t = tempfile::tempdir().unwrap();
+    let img = image(t.path());
+    let sched = Scheduler::start(t.path(), "scheduler", "");
+    let list = [sched.addr.clone()];
+    let _seed = OurPeer::start(t.path(), "seed", &list, true);
+    let mut peer = OurPeer::start(t.path(), "node", &list, false);
+    wait_for_hosts(&sched, 2);
+    let work = t.path().join("node");
+    let (d, sock) = nydusd_through(&img, &work, &peer, true, false);
+    let read = |name: &str| {
+        let got = std::fs::read(d.mnt.join(name)).unwrap_or_else(|e| {
+            panic!(
+                "{name}: {e}\n{}",
+                std::fs::read_to_string(work.join("nydusd.log")).unwrap_or_default()
+            )
+        });
+        assert!(
+            got == std::fs::read(img.src.join(name)).unwrap(),
+            "{name}: wrong bytes"
+        );
+    };
+    // The origin at 4 MB/s: the seed has the blob after about 8 s, in piece order.
+    img.origin.shape(Duration::ZERO, 4_000_000);
+    read("d/f0");
+    let through = backend_metric(&sock, "proxy_reads");
+    assert!(through > 0, "no read went through the peer");
+    let mnt = d.mnt.clone();
+    let src = img.src.clone();
+    let reader = std::thread::spawn(move || {
+        let got = std::fs::read(mnt.join("d/f3")).map_err(|e| e.to_string())?;
+        Ok::<_, String>(got == std::fs::read(src.join("d/f3")).unwrap())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !reader.is_finished(),
+        "d/f3 was read before the peer was killed"
+    );
+    peer.kill();
+    let right = reader
+        .join()
+        .unwrap()
+        .expect("the read under way when the peer died");
+    assert!(right, "d/f3: wrong bytes after the peer died");
+    img.origin.shape(Duration::ZERO, 0);
+    read("d/f4");
+    let fallbacks = backend_metric(&sock, "proxy_fallbacks");
+    assert!(
+        fallbacks > 0,
+        "no read went to the origin with the peer down"
+    );
+    peer.restart();
+    // The health check (every second) sees it back.
+    std::thread::sleep(Duration::from_millis(2500));
+    let before = backend_metric(&sock, "proxy_reads");
+    read("d/f5");
+    assert!(
+        backend_metric(&sock, "proxy_reads") > before,
+        "reads did not go through the peer once it was back\n{}",
+        std::fs::read_to_string(work.join("nydusd.log")).unwrap_or_default()
+    );
+    read("small");
+}
+
+/// A peer that serves a corrupted piece (changed on disk, its CRC-32 with it) to the
+/// node's peer, in a swarm whose seed is a dfdaemon (no SHA-256 of ours to check
+/// pieces against before the blob is whole): nydusd, which checks every chunk, reads
+/// the bad bytes early, finds them bad, reports the range to its peer (which drops the
+/// piece and keeps the sender out) and reads once more. The tree is right, no wrong
+/// byte reached a reader, the report was made and taken.
+#[test]
+fn a_corrupt_piece_is_reported_by_nydusd_and_read_right_after_one_retry() {
+    let _swarm = require();
+    require_root_tools(&["fusermount3"]);
+    let t = tempfile::tempdir().unwrap();
+    let img = image(t.path());
+    let hex = {
+        let boot = std::fs::read_dir(t.path().join("img/blobs")).unwrap();
+        boot.flatten()
+            .next()
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .into_owned()
+    };
+    let url = format!("http://{}/v2/test/p2p/blobs/sha256:{hex}", img.origin.addr);
+    let sched = Scheduler::start(t.path(), "scheduler", "");
+    let list = [sched.addr.clone()];
+    let mut df_seed = Dfdaemon::start(t.path(), "df-seed", &list, true);
+    let mut liar = OurPeer::start(t.path(), "liar", &list, false);
+    wait_for_hosts(&sched, 2);
+    let got = t.path().join("liar-copy");
+    finish_fetch(liar.spawn_fetch(&url, &got, None), "the liar's own copy");
+    assert_eq!(sha256_file(&got).unwrap(), hex);
+    // Piece 0 changes on disk, CRC and all; the liar serves slowly (4 MiB/s), so that
+    // nydusd reads the piece long before the node's peer could check the whole blob.
+    liar.kill();
+    super::p2p_peer::corrupt_consistently(&liar, &hex, 0, 4 << 20);
+    let text = std::fs::read_to_string(liar.config_path()).unwrap();
+    std::fs::write(
+        liar.config_path(),
+        text.replace("upload:\n", "upload:\n  rateLimit: 4MiB\n"),
+    )
+    .unwrap();
+    liar.restart();
+    df_seed.kill();
+    let node = OurPeer::start(t.path(), "node", &list, false);
+    wait_for_hosts(&sched, 3);
+    let work = t.path().join("node");
+    let (d, sock) = nydusd_through(&img, &work, &node, false, true);
+    assert_tree(&img, &d, "the node", &work.join("nydusd.log"), &node);
+    let reported = backend_metric(&sock, "proxy_reported");
+    assert!(
+        reported >= 1,
+        "nydusd reported no bad range\n{}",
+        std::fs::read_to_string(work.join("nydusd.log")).unwrap_or_default()
+    );
+    let m = node.metrics();
+    assert!(
+        metric_value(&m, "peer_piece_failures_total{reason=\"reported\"}") >= 1.0,
+        "{m}"
+    );
+}
