@@ -318,3 +318,131 @@ fn a_corrupt_piece_is_reported_by_nydusd_and_read_right_after_one_retry() {
         "{m}"
     );
 }
+
+/// The access log's blob `GET`s from entry `from` on: (bytes, those of more than one
+/// byte).
+fn blob_gets_since(reg: &Registry, from: usize) -> (u64, Vec<AccessEntry>) {
+    let log = reg.access_log();
+    let gets: Vec<AccessEntry> = log[from.min(log.len())..]
+        .iter()
+        .filter(|e| e.method == "GET" && e.blob().is_some())
+        .cloned()
+        .collect();
+    let bytes = gets.iter().map(|e| e.bytes).sum();
+    (bytes, gets.into_iter().filter(|e| e.bytes > 1).collect())
+}
+
+/// Waits until the registry has served no request for 2 s (the swarm's downloads of
+/// the first node are over).
+fn registry_quiet(reg: &Registry) {
+    let mut last = reg.access_log().len();
+    let quiet = wait_until(Duration::from_secs(60), || {
+        std::thread::sleep(Duration::from_secs(2));
+        let now = reg.access_log().len();
+        std::mem::replace(&mut last, now) == now
+    });
+    assert!(quiet, "the registry never went quiet");
+}
+
+/// Through containerd, as a node runs it: on two nodes, the python fixture's nydus image
+/// is pulled by CRI and run by our snapshotter, whose nydusd config template (the one
+/// setting) points every nydusd at the node's peer, and containerd has the peer as its
+/// registry mirror (`hosts.toml`) for the layers it pulls itself. Both print the right
+/// answer; the origin's blob bytes after both nodes are at most 1.1 × those after the
+/// first alone, and the second node made it serve no blob `GET` beyond 1-byte probes.
+#[test]
+fn containerd_on_two_nodes_runs_python_through_the_swarm() {
+    let _swarm = require();
+    crate::snapshotter::tools();
+    require_root_tools(&["debootstrap"]);
+    let t = tempfile::tempdir().unwrap();
+    let reg_dir = t.path().join("reg");
+    std::fs::create_dir_all(&reg_dir).unwrap();
+    let reg = Registry::start_in(&reg_dir, "");
+    let python_src = crate::nydusify::push_python(&reg.addr, None);
+    let python = format!("{python_src}-nydus");
+    let work = t.path().join("convert");
+    std::fs::create_dir_all(&work).unwrap();
+    crate::nydusify::nydusify_ok(
+        &["convert", "--source", &python_src, "--target", &python],
+        &work,
+    );
+
+    let sched = Scheduler::start(t.path(), "scheduler", "");
+    let list = [sched.addr.clone()];
+    let mirror = format!("  registryMirror:\n    addr: http://{}\n", reg.addr);
+    let _seed = OurPeer::start_with_proxy(t.path(), "seed", &list, true, &mirror);
+    let nodes = [
+        OurPeer::start_with_proxy(t.path(), "a", &list, false, &mirror),
+        OurPeer::start_with_proxy(t.path(), "b", &list, false, &mirror),
+    ];
+    wait_for_hosts(&sched, 3);
+    let start = reg.access_log().len();
+    let mut after_a = (0, 0);
+    for (i, peer) in nodes.iter().enumerate() {
+        let node = t.path().join(format!("node{i}"));
+        let template = node.join("nydusd.json");
+        std::fs::create_dir_all(&node).unwrap();
+        std::fs::write(
+            &template,
+            format!(
+                r#"{{"device":{{"backend":{{"type":"registry","config":{{"host":"","repo":"",
+                "timeout":30,"proxy":{{"url":"{}","ping_url":"{}/healthy","fallback":false}}}}}},
+                "cache":{{"type":"blobcache","config":{{}}}}}},"mode":"direct",
+                "digest_validate":true,"enable_xattr":true}}"#,
+                peer.proxy(),
+                peer.proxy()
+            ),
+        )
+        .unwrap();
+        let hosts = node.join("hosts");
+        std::fs::create_dir_all(hosts.join(&reg.addr)).unwrap();
+        std::fs::write(
+            hosts.join(&reg.addr).join("hosts.toml"),
+            format!(
+                "server = \"http://{}\"\n[host.\"{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+                reg.addr,
+                peer.proxy()
+            ),
+        )
+        .unwrap();
+        let snap = NydusSnapshotter::start(
+            &node.join("snap"),
+            &format!("[daemon]\nnydusd_config = \"{}\"\n", template.display()),
+        );
+        let ctd = Containerd::start_with_hosts(&node.join("ctd"), &snap.sock, SNAPSHOTTER, &hosts);
+        ctd.cri_pull(&python).unwrap_or_else(|e| {
+            panic!(
+                "node {i}: CRI pull: {e}\n{}\npeer:\n{}",
+                snap.log_text(),
+                peer.log()
+            )
+        });
+        let out = ctd.run(&python, &format!("py{i}"), &["python3", "-c", "print(6*7)"]);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "42",
+            "node {i}: {out:?}"
+        );
+        if i == 0 {
+            registry_quiet(&reg);
+            after_a = (blob_gets_since(&reg, start).0, reg.access_log().len());
+        }
+    }
+    registry_quiet(&reg);
+    let (total, _) = blob_gets_since(&reg, start);
+    let (_, node_b) = blob_gets_since(&reg, after_a.1);
+    eprintln!(
+        "origin blob bytes: {} after node A, {total} after both",
+        after_a.0
+    );
+    assert!(
+        total * 10 <= after_a.0 * 11,
+        "the origin served {total} blob bytes after both nodes, {} after the first",
+        after_a.0
+    );
+    assert!(
+        node_b.is_empty(),
+        "the second node made the origin serve blob GETs: {node_b:?}"
+    );
+}
