@@ -16,6 +16,10 @@
 //! pulls sharing the link take the link's time); `P2P_BENCH_MIB` (default
 //! 512) and `P2P_BENCH_N` (default `2,4,8`) change the blob and the swarm sizes;
 //! `RAFS_BENCH_DIR` (default `/var/tmp/rafs-bench`) holds the work directories.
+//!
+//! `-- nydusd`: our nydusd's cold read of a whole image through the node's peer, when
+//! another peer already has the blob, against the same read from the registry without
+//! a limit (see `nydusd_part`).
 
 use rafs_e2e::*;
 use std::path::Path;
@@ -165,8 +169,161 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Seconds to read every file under `root` (1 MiB reads), and the bytes read.
+fn read_all(root: &Path) -> (f64, u64) {
+    fn walk(p: &Path, total: &mut u64, buf: &mut [u8]) {
+        for e in std::fs::read_dir(p).unwrap().flatten() {
+            let path = e.path();
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                walk(&path, total, buf);
+            } else if ft.is_file() {
+                let mut f = std::fs::File::open(&path).unwrap();
+                loop {
+                    let n = std::io::Read::read(&mut f, buf).unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    *total += n as u64;
+                }
+            }
+        }
+    }
+    let t0 = Instant::now();
+    let mut total = 0;
+    walk(root, &mut total, &mut vec![0u8; 1 << 20]);
+    (t0.elapsed().as_secs_f64(), total)
+}
+
+/// Our nydusd mounting `boot` from the registry at `reg` (repo `bench`), through
+/// `proxy` when given; returns the seconds and bytes of a cold read of every file.
+fn nydusd_cold(dir: &Path, boot: &Path, reg: &str, proxy: Option<&str>) -> (f64, u64) {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir.join("cache")).unwrap();
+    let proxy = proxy
+        .map(|p| format!(r#","proxy":{{"url":"{p}","fallback":false}}"#))
+        .unwrap_or_default();
+    let cfg = dir.join("nydusd.json");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"{{"device":{{"backend":{{"type":"registry","config":{{"scheme":"http",
+            "host":"{reg}","repo":"bench","timeout":60{proxy}}}}},
+            "cache":{{"type":"blobcache","config":{{"work_dir":"{}"}}}}}}}}"#,
+            dir.join("cache").display()
+        ),
+    )
+    .unwrap();
+    let mnt = dir.join("mnt");
+    let d = start_fuse_daemon(
+        Command::new(bin("nydusd"))
+            .arg("--bootstrap")
+            .arg(boot)
+            .arg("--mountpoint")
+            .arg(&mnt)
+            .arg("--config")
+            .arg(&cfg),
+        &mnt,
+        &dir.join("nydusd.log"),
+    );
+    drop_caches();
+    let r = read_all(&d.mnt);
+    drop(d);
+    let _ = std::fs::remove_dir_all(dir);
+    r
+}
+
+/// `-- nydusd`: our nydusd's cold read of a whole image (four 64 MiB files, half
+/// incompressible) from a loopback registry without a limit, against the same read
+/// through the node's peer when another peer already has the blob (a fresh peer each
+/// run, so it fetches the blob from the swarm).
+fn nydusd_part(root: &Path, runs: usize) {
+    let src = root.join("nsrc");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..4u64 {
+        let mut data = noise(32 << 20, 500 + i);
+        data.extend(
+            std::iter::repeat_n(b"compressible text, ".as_slice(), (32 << 20) / 19).flatten(),
+        );
+        data.truncate(64 << 20);
+        std::fs::write(src.join(format!("w{i}.bin")), data).unwrap();
+    }
+    let img = build_image(&src, &root.join("nimg"), &["--compressor", "zstd"]);
+    let reg_dir = root.join("nreg");
+    std::fs::create_dir_all(&reg_dir).unwrap();
+    let reg = Registry::start_in(&reg_dir, "");
+    let mut urls = Vec::new();
+    for b in std::fs::read_dir(&img.blobs).unwrap().flatten() {
+        let id = b.file_name().to_string_lossy().into_owned();
+        reg.push_blob("bench", &id, &b.path());
+        urls.push((
+            format!("http://{}/v2/bench/blobs/sha256:{id}", reg.addr),
+            id,
+        ));
+    }
+    let swarm = root.join("nswarm");
+    let _ = std::fs::remove_dir_all(&swarm);
+    std::fs::create_dir_all(&swarm).unwrap();
+    let sched = Scheduler::start(&swarm, "scheduler", "");
+    let list = [sched.addr.clone()];
+    let _seed = OurPeer::start(&swarm, "seed", &list, true);
+    let holder = OurPeer::start(&swarm, "holder", &list, false);
+    wait_for_hosts(&sched, 2);
+    for (url, id) in &urls {
+        fetch_all(&[Some(holder.proxy())], url, id);
+    }
+    let (mut direct, mut through) = (Vec::new(), Vec::new());
+    let mut bytes = 0;
+    for run in 0..runs {
+        let (s, n) = nydusd_cold(&root.join("nd-direct"), &img.boot, &reg.addr, None);
+        bytes = n;
+        direct.push(n as f64 / s / (1 << 20) as f64);
+        let node = OurPeer::start(&swarm, &format!("node{run}"), &list, false);
+        wait_for_hosts(&sched, 3 + run);
+        let (s, _) = nydusd_cold(
+            &root.join("nd-peer"),
+            &img.boot,
+            &reg.addr,
+            Some(&node.proxy()),
+        );
+        through.push(n as f64 / s / (1 << 20) as f64);
+        if std::env::var_os("P2P_BENCH_LOGS").is_some() {
+            for l in node.log().lines().filter(|l| l.contains("complete in")) {
+                eprintln!("node{run}: {l}");
+            }
+        }
+        eprintln!(
+            "run {run}: direct {:.0} MiB/s, through the node's peer {:.0} MiB/s",
+            direct[run], through[run]
+        );
+    }
+    let (d, p) = (median(direct.clone()), median(through.clone()));
+    println!(
+        "\nnydusd cold read of {} MiB of files, medians of {runs} runs: from the registry \
+         {d:.0} MiB/s; through the node's peer, another peer holding the blob, {p:.0} MiB/s \
+         ({:.2}x)",
+        bytes >> 20,
+        p / d
+    );
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    if std::env::args().any(|a| a == "nydusd") {
+        let root = std::path::PathBuf::from(
+            std::env::var("RAFS_BENCH_DIR").unwrap_or_else(|_| "/var/tmp/rafs-bench".into()),
+        )
+        .join("p2p-nydusd");
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let runs = std::env::var("RUNS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(3);
+        nydusd_part(&root, runs);
+        let _ = std::fs::remove_dir_all(&root);
         return;
     }
     require_root_tools(&["docker-registry", "curl", "ip", "tc"]);

@@ -708,8 +708,8 @@ impl Driver {
                                     f.data.len()
                                 ));
                             }
+                            let got = hex::encode(Sha256::digest(&f.data));
                             if let Some(want) = &sha {
-                                let got = hex::encode(Sha256::digest(&f.data));
                                 if &got != want {
                                     return Err(format!(
                                         "piece {n}: SHA-256 {got}, the origin's is {want}"
@@ -720,7 +720,7 @@ impl Driver {
                             // Counted before the piece can be read: a reader done with the
                             // task sees its bytes counted.
                             metrics.from_peers(&task_id, f.data.len() as u64);
-                            t2.store(n, &f.data, Some(p2), sha.is_some())
+                            t2.store_hashed(n, &f.data, Some(p2), sha.is_some(), got)
                                 .map_err(|e| format!("storing piece {n}: {e}"))
                         })
                     };

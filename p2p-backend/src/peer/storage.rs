@@ -280,6 +280,19 @@ impl TaskData {
         parent: Option<String>,
         verified: bool,
     ) -> io::Result<PieceMeta> {
+        let sha256 = hex::encode(Sha256::digest(data));
+        self.store_hashed(number, data, parent, verified, sha256)
+    }
+
+    /// [`TaskData::store`] of bytes whose SHA-256 (hex) the caller computed already.
+    pub fn store_hashed(
+        &self,
+        number: u32,
+        data: &[u8],
+        parent: Option<String>,
+        verified: bool,
+        sha256: String,
+    ) -> io::Result<PieceMeta> {
         let (offset, length) = self.piece_range(number).ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -302,7 +315,7 @@ impl TaskData {
             offset,
             length,
             crc32: crc32fast::hash(data),
-            sha256: hex::encode(Sha256::digest(data)),
+            sha256,
             parent,
             verified,
         };
