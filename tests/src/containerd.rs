@@ -120,6 +120,20 @@ impl Drop for NydusSnapshotter {
     }
 }
 
+/// Writes `<hosts>/<registry>/hosts.toml` (containerd's registry hosts directory):
+/// pulls from `registry` (`host:port`, plain HTTP) go through `mirror` (a P2P peer's
+/// proxy, `http://ip:port`) first, as nodes configure a Dragonfly mirror.
+pub fn mirror_hosts(hosts: &Path, registry: &str, mirror: &str) {
+    fs::create_dir_all(hosts.join(registry)).unwrap();
+    fs::write(
+        hosts.join(registry).join("hosts.toml"),
+        format!(
+            "server = \"http://{registry}\"\n[host.\"{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+        ),
+    )
+    .unwrap();
+}
+
 /// A containerd with its own root, state and socket under `dir`, our snapshotter
 /// configured as proxy plugin [`SNAPSHOTTER`] and CRI's default snapshotter.
 pub struct Containerd {

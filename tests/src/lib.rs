@@ -50,8 +50,8 @@ pub use compare::{
     Difference, What,
 };
 pub use containerd::{
-    kill_pid, mounts_under, pids_mentioning, uds_channel, unmount_all_under, Containerd,
-    NydusSnapshotter, SNAPSHOTTER,
+    kill_pid, mirror_hosts, mounts_under, pids_mentioning, uds_channel, unmount_all_under,
+    Containerd, NydusSnapshotter, SNAPSHOTTER,
 };
 pub use daemons::{
     drop_caches, localfs_config, run_ok, start_fuse_daemon, start_upstream_nydusd,

@@ -4,7 +4,9 @@
 //! the blob's digest and the origin must serve about one copy: a peer falls back to the
 //! origin when the swarm fails, so right bytes alone prove nothing.
 
-use super::p2p_scheduler::{assert_copy, origin_bound, report, require, wait_for_hosts, Origin};
+use super::p2p_scheduler::{
+    assert_copy, assert_second_node_free, origin_bound, report, require, wait_for_hosts, Origin,
+};
 use rafs_e2e::*;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -788,20 +790,13 @@ fn upstream_nydusd_reads_an_image_through_our_peers() {
         }
     }
     let served = origin.relayed_bytes();
-    report(
+    assert_second_node_free(
         "upstream nydusd on two nodes through our peers",
-        served,
+        (served, after_a),
         blob_len,
-        1,
-    );
-    assert!(
-        served <= origin_bound(blob_len, 1, 3),
-        "the origin served {served} bytes for a {blob_len}-byte blob"
-    );
-    assert!(
-        served - after_a <= 16 << 10,
-        "node B cost the origin {} bytes",
-        served - after_a
+        3,
+        16 << 10,
+        &String::new,
     );
     let from_peers = metric_value(&nodes[1].metrics(), "peer_from_peers_bytes_total");
     assert_eq!(
@@ -872,16 +867,7 @@ fn containerd_pulls_through_our_peers_as_its_registry_mirror() {
     for (i, peer) in nodes.iter().enumerate() {
         let node = t.path().join(format!("node{i}"));
         let hosts = node.join("hosts");
-        std::fs::create_dir_all(hosts.join(&origin.addr)).unwrap();
-        std::fs::write(
-            hosts.join(&origin.addr).join("hosts.toml"),
-            format!(
-                "server = \"http://{}\"\n[host.\"{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
-                origin.addr,
-                peer.proxy()
-            ),
-        )
-        .unwrap();
+        mirror_hosts(&hosts, &origin.addr, &peer.proxy());
         let c = Containerd::start_with_hosts(
             &node.join("containerd"),
             &node.join("no-snapshotter.sock"),
@@ -903,22 +889,21 @@ fn containerd_pulls_through_our_peers_as_its_registry_mirror() {
         }
     }
     let served = origin.relayed_bytes();
-    report(
+    let context = || {
+        format!(
+            "peer a:\n{}\ncontainerd a:\n{}",
+            nodes[0].log(),
+            std::fs::read_to_string(t.path().join("node0/containerd/containerd.log"))
+                .unwrap_or_default()
+        )
+    };
+    assert_second_node_free(
         "containerd on two nodes through our peers",
-        served,
+        (served, after_a),
         layers,
-        1,
-    );
-    assert!(
-        served <= origin_bound(layers, 1, 6),
-        "the origin served {served} bytes for {layers} bytes of layers\npeer a:\n{}\ncontainerd a:\n{}",
-        nodes[0].log(),
-        std::fs::read_to_string(t.path().join("node0/containerd/containerd.log")).unwrap_or_default()
-    );
-    assert!(
-        served - after_a <= 64 << 10,
-        "node B cost the origin {} bytes",
-        served - after_a
+        6,
+        64 << 10,
+        &context,
     );
     let from_peers = metric_value(&nodes[1].metrics(), "peer_from_peers_bytes_total") as u64;
     assert!(

@@ -72,6 +72,31 @@ pub(crate) fn report(what: &str, served: u64, len: u64, copies: u64) {
     );
 }
 
+/// Two nodes read one after the other: reports what the origin served (`served` in
+/// all, `after_a` once the first was done), and asserts it is about one copy of `len`
+/// bytes (`downloads` requests) and at most `slack` bytes more for the second node.
+pub(crate) fn assert_second_node_free(
+    what: &str,
+    (served, after_a): (u64, u64),
+    len: u64,
+    downloads: u64,
+    slack: u64,
+    context: &dyn Fn() -> String,
+) {
+    report(what, served, len, 1);
+    assert!(
+        served <= origin_bound(len, 1, downloads),
+        "{what}: the origin served {served} bytes for {len} bytes\n{}",
+        context()
+    );
+    assert!(
+        served - after_a <= slack,
+        "{what}: the second node cost the origin {} bytes\n{}",
+        served - after_a,
+        context()
+    );
+}
+
 pub(crate) fn assert_copy(path: &Path, hex: &str, what: &str) {
     let got = sha256_file(path).unwrap_or_else(|e| panic!("{what}: {e}"));
     assert_eq!(got, hex, "{what}: wrong bytes");
