@@ -301,6 +301,7 @@ fn proxy_config(
         s => std::time::Duration::from_secs(s),
     };
     Ok(Some(p2p_backend::registry::proxy::ProxyConfig {
+        retries: 0,
         url: p.url,
         ping_url: (!p.ping_url.is_empty()).then_some(p.ping_url),
         fallback: p.fallback.unwrap_or(true),
@@ -358,7 +359,7 @@ fn backend(raw: RawBackend, digest_validate: bool) -> Result<BackendConfig> {
                     "bearer tokens are not supported yet; use `auth`",
                 ));
             }
-            let proxy = match c.proxy.as_ref().filter(|p| !p.is_null()) {
+            let mut proxy = match c.proxy.as_ref().filter(|p| !p.is_null()) {
                 Some(p) => proxy_config(p, digest_validate)?,
                 None => None,
             };
@@ -394,6 +395,9 @@ fn backend(raw: RawBackend, digest_validate: bool) -> Result<BackendConfig> {
                     field("retry_limit"),
                     format!("{retry_limit} is over 100"),
                 ));
+            }
+            if let Some(p) = proxy.as_mut() {
+                p.retries = retry_limit;
             }
             let auth = match c.auth.filter(|a| !a.is_empty()) {
                 None => None,

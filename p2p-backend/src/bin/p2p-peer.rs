@@ -62,7 +62,22 @@ Config (YAML; every field optional, defaults shown):
       taskTTL: 6h              a task not used for this long goes
       capacity: <none>         beyond these bytes, the least recently used tasks go";
 
+/// Pieces (4-64 MiB) and their slices pass through memory on many threads. glibc
+/// raises its mmap threshold to the size of the first large block freed, after which
+/// such buffers come from per-thread arenas that keep their pages: a fixed 1 MiB
+/// threshold gives them back when freed (peak RSS of a peer in a 128 MiB swarm: 22 MiB
+/// instead of 45). The one `unsafe` of the crate: glibc offers no safe interface.
+#[allow(unsafe_code)]
+fn return_large_buffers_to_the_system() {
+    // SAFETY: called first thing in main, before any other thread exists; mallopt only
+    // sets an allocator parameter and touches no memory of ours.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 fn main() {
+    return_large_buffers_to_the_system();
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level).unwrap_or_else(|e| {
         eprintln!("p2p-peer: bad --log-level '{}': {e}", args.log_level);

@@ -396,6 +396,8 @@ impl Driver {
                         continue;
                     }
                     Ok((n, Err(e))) => (n, Err(e)),
+                    // Stopped after the first failure: nothing to report.
+                    Err(e) if e.is_cancelled() => continue,
                     Err(e) => abnormal(e),
                 },
                 Some(r) = stores.join_next(), if !stores.is_empty() => r.unwrap_or_else(abnormal),
@@ -649,13 +651,16 @@ impl Driver {
             let usable = |excluded: &HashSet<String>, id: &String| {
                 !excluded.contains(id) && !self.peer.is_suspect(&self.task_id, id, "")
             };
-            // A piece a reader waits on that only bad senders offer: these parents
-            // cannot finish the task; the scheduler is asked for others (or the origin).
+            // A piece a reader waits on that only senders of bad bytes offer: these
+            // parents cannot finish the task; the scheduler is asked for others (or the
+            // origin). (A parent that failed otherwise may have had a passing fault.)
             let stuck = t.wanted().into_iter().find(|n| {
                 t.piece(*n).is_none()
                     && !inflight.contains(n)
                     && offers.get(n).is_some_and(|l| {
-                        !l.is_empty() && !l.iter().any(|(id, _)| usable(excluded, id))
+                        !l.is_empty()
+                            && l.iter()
+                                .all(|(id, _)| self.peer.is_suspect(&self.task_id, id, ""))
                     })
             });
             if let Some(n) = stuck {
@@ -803,6 +808,8 @@ impl Driver {
             }
         }
         syncs.abort_all();
+        // No poll of digests while the whole task is checked.
+        drop(_poller);
         if !t.complete() {
             let have = t.pieces().len();
             return Err(format!(
@@ -951,7 +958,7 @@ async fn poll_seed_digests(
         let (mut good, mut bad) = (Vec::new(), Vec::new());
         for p in &unverified {
             match known.get(&p.number) {
-                Some(want) if *want == p.sha256 => good.push(p.number),
+                Some(want) if *want == p.sha256 => good.push((p.number, want.clone())),
                 Some(want) => {
                     tracing::warn!(
                         "task {}: piece {} from {:?} has SHA-256 {}, the origin's is {want}",
@@ -960,8 +967,10 @@ async fn poll_seed_digests(
                         p.parent,
                         p.sha256
                     );
-                    t.drop_piece(p.number);
-                    bad.extend(p.parent.clone());
+                    // Only if those bytes are still the ones stored.
+                    if t.drop_piece_if(p.number, &p.sha256) {
+                        bad.extend(p.parent.clone());
+                    }
                 }
                 None => {}
             }

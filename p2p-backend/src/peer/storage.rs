@@ -110,8 +110,9 @@ pub struct TaskData {
     last_wanted: std::sync::atomic::AtomicU32,
     /// Told when a reader starts waiting on a piece.
     want_signal: tokio::sync::Notify,
-    /// Held by a store from its write to its record.
-    storing: Mutex<()>,
+    /// Held by a store from its write to its record, one of 16 by piece number: two
+    /// stores of one piece never mix, stores of different pieces go on side by side.
+    storing: [Mutex<()>; 16],
 }
 
 /// A reader's wait on a piece (see [`TaskData::want`]); the wait ends when it is dropped.
@@ -156,7 +157,7 @@ impl TaskData {
             wanted: Mutex::new(BTreeMap::new()),
             last_wanted: std::sync::atomic::AtomicU32::new(0),
             want_signal: tokio::sync::Notify::new(),
-            storing: Mutex::new(()),
+            storing: Default::default(),
         }
     }
 
@@ -323,7 +324,9 @@ impl TaskData {
         // download that gave up on a parent while its store went on, and the next
         // one) never leave one's bytes under the other's record. A piece stored
         // already stays, unless this one is verified and it is not.
-        let _one = self.storing.lock().unwrap_or_else(|e| e.into_inner());
+        let _one = self.storing[number as usize % 16]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(held) = self.piece(number) {
             if held.verified || !verified {
                 return Ok(held);
@@ -354,16 +357,19 @@ impl TaskData {
         self.wake();
     }
 
-    /// Marks pieces `numbers` verified (they matched digests their senders did not
-    /// give), recorded once.
-    pub fn verify(&self, numbers: &[u32]) {
+    /// Marks verified each piece `(number, sha256)` whose bytes stored now have that
+    /// SHA-256 (a digest their sender did not give), recorded once. A piece stored again
+    /// since its digest was looked at is left as it is.
+    pub fn verify(&self, digests: &[(u32, String)]) {
         {
             let mut pieces = self.lock();
             let mut changed = false;
-            for n in numbers {
+            for (n, sha) in digests {
                 if let Some(Some(p)) = pieces.get_mut(*n as usize) {
-                    changed |= !p.verified;
-                    p.verified = true;
+                    if p.sha256 == *sha && !p.verified {
+                        p.verified = true;
+                        changed = true;
+                    }
                 }
             }
             if !changed {
@@ -377,6 +383,23 @@ impl TaskData {
     /// Whether piece `number` is stored and verified.
     pub fn verified(&self, number: u32) -> bool {
         self.piece(number).is_some_and(|p| p.verified)
+    }
+
+    /// Forgets piece `number` if the bytes stored now are the unverified ones with
+    /// SHA-256 `sha256` (found bad); true when it did.
+    pub fn drop_piece_if(&self, number: u32, sha256: &str) -> bool {
+        let mut pieces = self.lock();
+        match pieces.get_mut(number as usize) {
+            Some(p @ Some(_))
+                if p.as_ref()
+                    .is_some_and(|p| !p.verified && p.sha256 == sha256) =>
+            {
+                *p = None;
+            }
+            _ => return false,
+        }
+        let _ = self.save(&pieces);
+        true
     }
 
     /// Forgets piece `number` (found bad).
@@ -614,6 +637,32 @@ impl Storage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn verification_and_drops_by_digest_touch_only_the_bytes_looked_at() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(dir.path()).unwrap();
+        let t = s.create("t", "u", 8 << 20, 4 << 20).unwrap();
+        let (good, bad) = (vec![1u8; 4 << 20], vec![2u8; 4 << 20]);
+        let sha = |d: &[u8]| hex::encode(Sha256::digest(d));
+        t.store(0, &bad, Some("liar".into()), false).unwrap();
+        // Its digest was looked at; meanwhile it was dropped and stored again (other
+        // bytes): the stale verdicts change nothing.
+        t.drop_piece(0);
+        t.store(0, &good, Some("honest".into()), false).unwrap();
+        assert!(
+            !t.drop_piece_if(0, &sha(&bad)),
+            "dropped bytes it had not looked at"
+        );
+        t.verify(&[(0, sha(&bad))]);
+        assert!(!t.verified(0), "verified bytes that do not match");
+        t.verify(&[(0, sha(&good))]);
+        assert!(t.verified(0));
+        // A verified piece stays: neither dropped by digest nor replaced.
+        assert!(!t.drop_piece_if(0, &sha(&good)));
+        let held = t.store(0, &bad, None, false).unwrap();
+        assert_eq!(held.sha256, sha(&good));
+    }
 
     #[test]
     fn gc_removes_idle_tasks_then_the_least_recently_used_never_busy_ones() {

@@ -11,7 +11,13 @@ pub struct RegistryBackend {
     registry: Registry,
     sizes: Mutex<HashMap<String, u64>>,
     proxy: Option<super::proxy::PeerProxy>,
+    /// The latest ranges the P2P proxy served, `(blob, start, end)`: bad bytes are
+    /// reported to it only when it sent them.
+    from_peer: Mutex<std::collections::VecDeque<(String, u64, u64)>>,
 }
+
+/// How many ranges served by the P2P proxy are remembered.
+const PEER_RANGES: usize = 1024;
 
 impl RegistryBackend {
     /// A backend reading blobs of `registry`'s repository.
@@ -20,6 +26,7 @@ impl RegistryBackend {
             registry,
             sizes: Mutex::new(HashMap::new()),
             proxy: None,
+            from_peer: Mutex::default(),
         }
     }
 
@@ -81,7 +88,14 @@ impl BlobBackend for RegistryBackend {
         }
         if let Some(p) = self.proxy.as_ref().filter(|p| p.healthy()) {
             match p.read(&self.registry, &digest, offset, buf, prefetch) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    let mut ranges = self.from_peer.lock().unwrap_or_else(|e| e.into_inner());
+                    if ranges.len() >= PEER_RANGES {
+                        ranges.pop_front();
+                    }
+                    ranges.push_back((blob_id.to_string(), offset, offset + buf.len() as u64));
+                    return Ok(());
+                }
                 Err(e) if p.config().fallback => {
                     p.counters
                         .fallbacks
@@ -135,8 +149,16 @@ impl BlobBackend for RegistryBackend {
     }
 
     fn report_bad(&self, blob_id: &str, offset: u64, len: u64) -> bool {
+        // Only bytes the peer sent are its to answer for (not the registry's, read
+        // while the peer was down).
+        let from_peer = self
+            .from_peer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|(b, start, end)| b == blob_id && *start <= offset && offset + len <= *end);
         match &self.proxy {
-            Some(p) if p.healthy() => {
+            Some(p) if p.healthy() && from_peer => {
                 p.report_bad(&self.registry, &format!("sha256:{blob_id}"), offset, len)
             }
             _ => false,
@@ -145,6 +167,9 @@ impl BlobBackend for RegistryBackend {
 
     fn set_credentials(&self, credentials: Option<super::Credentials>) -> bool {
         self.registry.set_credentials(credentials);
+        if let Some(p) = &self.proxy {
+            p.forget_authorization();
+        }
         true
     }
 }

@@ -41,6 +41,9 @@ pub struct ProxyConfig {
     pub use_http: bool,
     /// The daemon checks every chunk's digest itself (`X-P2P-Verifies-Chunks`).
     pub verifies: bool,
+    /// Retries of a read the peer failed (no answer, a 5xx), before it counts as
+    /// failed: the registry backend's `retry_limit`.
+    pub retries: u32,
 }
 
 /// What a [`PeerProxy`] has done, for metrics and tests.
@@ -133,6 +136,11 @@ impl PeerProxy {
         })
     }
 
+    /// Forgets the negotiated `Authorization` (new credentials).
+    pub fn forget_authorization(&self) {
+        *self.authorization.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     /// The configuration.
     pub fn config(&self) -> &ProxyConfig {
         &self.config
@@ -157,12 +165,19 @@ impl PeerProxy {
         if let (Some(a), false) = (&*held, renew) {
             return Ok(a.clone());
         }
-        let a = registry
-            .block(registry.client().pull_authorization())
-            .map_err(|e| BackendError::Remote {
-                what: "registry authorization".into(),
-                reason: crate::error_chain(&e),
-            })?;
+        // A registry (or its token server) that cannot be reached does not keep reads
+        // from the peer: they go without credentials, and a 401 tries again.
+        let a = match registry.block(registry.client().pull_authorization()) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(
+                    "negotiating registry access for the P2P proxy: {}; reading without \
+                     credentials",
+                    crate::error_chain(&e)
+                );
+                None
+            }
+        };
         *held = Some(a.clone());
         Ok(a)
     }
@@ -183,7 +198,10 @@ impl PeerProxy {
             what: what(),
             reason,
         };
-        let mut renew = false;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let (mut renew, mut retries) = (false, self.config.retries);
         loop {
             let auth = self.authorization(registry, renew)?;
             let status = registry.block(self.read_once(&url, auth, offset, &mut *buf, prefetch));
@@ -194,7 +212,13 @@ impl PeerProxy {
                 }
                 Err(ReadError::Unauthorized) if !renew => renew = true,
                 Err(ReadError::Unauthorized) => return Err(fail("401 Unauthorized".into())),
-                Err(ReadError::Other(e)) => return Err(fail(e)),
+                // A peer restarting, a connection reset: again, a little later.
+                Err(ReadError::Transient(e)) if retries > 0 => {
+                    retries -= 1;
+                    tracing::warn!("{}: {e}; trying again", what());
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+                Err(ReadError::Transient(e) | ReadError::Other(e)) => return Err(fail(e)),
             }
         }
     }
@@ -220,10 +244,16 @@ impl PeerProxy {
         if let Some(a) = auth {
             req = req.header("Authorization", a);
         }
-        let resp = req.send().await.map_err(|e| ReadError::Other(chain(&e)))?;
-        match resp.status().as_u16() {
-            206 => {}
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| ReadError::Transient(chain(&e)))?;
+        let skip = match resp.status().as_u16() {
+            206 => 0,
+            // A registry that ignores ranges, passed on: the whole blob, from its start.
+            200 => offset,
             401 => return Err(ReadError::Unauthorized),
+            s if s >= 500 => return Err(ReadError::Transient(format!("status {s}"))),
             s => {
                 let kind = resp
                     .headers()
@@ -233,27 +263,38 @@ impl PeerProxy {
                     .unwrap_or_default();
                 return Err(ReadError::Other(format!("status {s}{kind}")));
             }
-        }
-        let want = format!("bytes {offset}-{last}/");
-        let range = resp
-            .headers()
-            .get("Content-Range")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        if !range.starts_with(&want) {
-            return Err(ReadError::Other(format!(
-                "Content-Range {range:?} for bytes {offset}-{last}"
-            )));
+        };
+        if skip == 0 {
+            let want = format!("bytes {offset}-{last}/");
+            let range = resp
+                .headers()
+                .get("Content-Range")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            if !range.starts_with(&want) {
+                return Err(ReadError::Other(format!(
+                    "Content-Range {range:?} for bytes {offset}-{last}"
+                )));
+            }
         }
         let mut stream = resp.bytes_stream();
-        let mut filled = 0;
+        let (mut filled, mut skipped) = (0, 0u64);
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| ReadError::Other(chain(&e)))?;
-            if filled + chunk.len() > buf.len() {
+            let mut chunk = chunk.map_err(|e| ReadError::Transient(chain(&e)))?;
+            if skipped < skip {
+                let n = (skip - skipped).min(chunk.len() as u64) as usize;
+                skipped += n as u64;
+                let _ = chunk.split_to(n);
+            }
+            let n = chunk.len().min(buf.len() - filled);
+            if skip == 0 && n < chunk.len() {
                 return Err(ReadError::Other("more bytes than asked for".into()));
             }
-            buf[filled..filled + chunk.len()].copy_from_slice(&chunk);
-            filled += chunk.len();
+            buf[filled..filled + n].copy_from_slice(&chunk[..n]);
+            filled += n;
+            if filled == buf.len() && skip > 0 {
+                break;
+            }
         }
         if filled != buf.len() {
             return Err(ReadError::Other(format!("{filled} of {} bytes", buf.len())));
@@ -313,6 +354,8 @@ impl Drop for PeerProxy {
 
 enum ReadError {
     Unauthorized,
+    /// No answer, a cut answer, a 5xx: may go right if tried again.
+    Transient(String),
     Other(String),
 }
 
