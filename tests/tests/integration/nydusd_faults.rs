@@ -484,6 +484,13 @@ fn a_cold_sequential_read_through_a_slow_out_of_order_registry_is_exact() {
     ri.proxy.shape_out_of_order(Duration::from_millis(20));
     for (name, extra) in [("wide", ""), ("capped", r#","readahead_window":1048576"#)] {
         let _ = std::fs::remove_dir_all(&ri.img.cache);
+        // Ranges the previous daemon asked for may still be relayed (the proxy serves
+        // them to the end): counted from when none is.
+        assert!(
+            wait_until(Duration::from_secs(10), || ri.proxy.take_most_concurrent()
+                == 0),
+            "the proxy never went idle"
+        );
         let cfg = ri.config("test/model", "", extra);
         let d = Daemon::start_config(&ri.img, name, &cfg);
         ri.proxy.take_most_concurrent();
