@@ -1118,3 +1118,49 @@ fn pieces_from_our_seed_are_verified_as_they_come_not_once_the_blob_is_whole() {
         peer.log()
     );
 }
+
+/// A parent that claims pieces it lacks: its data file is emptied under it while it
+/// runs, so `SyncPieces` still offers every piece and Vortex cannot send one. The child
+/// counts the failed transfers, does not ask that parent again, and gets the blob from
+/// the origin (the seed is gone): right bytes, in bounded time.
+#[test]
+fn a_parent_that_claims_pieces_it_lacks_is_left_for_the_origin() {
+    let _swarm = require();
+    let t = tempfile::tempdir().unwrap();
+    let (origin, _) = Origin::start(t.path(), &[(24 << 20, 71)]);
+    let sched = Scheduler::start(t.path(), "scheduler", "");
+    let list = [sched.addr.clone()];
+    let mut seed = OurPeer::start(t.path(), "seed", &list, true);
+    let hollow = OurPeer::start(t.path(), "hollow", &list, false);
+    wait_for_hosts(&sched, 2);
+    let got = fetch_all(&[&hollow], &origin.url(), t.path(), "hollow");
+    assert_copy(&got[0], &origin.hex, "the hollow parent's own copy");
+    let data = hollow
+        .dir
+        .join("storage/tasks")
+        .join(&origin.hex)
+        .join("data");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&data)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    seed.kill();
+    let child = OurPeer::start(t.path(), "child", &list, false);
+    wait_for_hosts(&sched, 3);
+    let started = Instant::now();
+    let got = fetch_all(&[&child], &origin.url(), t.path(), "child");
+    assert_copy(&got[0], &origin.hex, "the child's copy");
+    eprintln!("the child had the blob after {:?}", started.elapsed());
+    let m = child.metrics();
+    assert!(
+        metric_value(&m, "peer_piece_failures_total{reason=\"transfer\"}") >= 1.0,
+        "the child never failed a transfer from the hollow parent:\n{m}\n{}",
+        child.log()
+    );
+    assert!(
+        metric_value(&m, "peer_origin_bytes_total") > 0.0,
+        "the child never went to the origin:\n{m}"
+    );
+}
