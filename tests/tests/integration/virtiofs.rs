@@ -591,7 +591,16 @@ fn nydusd_killed_under_the_guest_is_taken_over_by_a_successor() {
         "the guest's reads made no progress after the last takeover"
     );
     g.run("touch /tmp/stop");
-    let done = guest_output(&mut g, "/tmp/loop", Duration::from_secs(60)).unwrap();
+    let done = guest_output(&mut g, "/tmp/loop", Duration::from_secs(60)).unwrap_or_else(|e| {
+        // QEMU exits when the guest kernel panics (`panic=-1`, `-no-reboot`): its console
+        // says why.
+        let logs: Vec<String> = daemons.iter().map(|d| d.log()).collect();
+        panic!(
+            "the guest's loop did not end: {e}\nconsole:\n{}\nnydusd logs:\n{}",
+            g.console(),
+            logs.join("\n----\n")
+        )
+    });
     let fails = g.run("cat /tmp/fail 2>/dev/null | wc -l; cat /tmp/err");
     assert_eq!(fails.trim(), "0", "reads failed in the guest: {fails}");
     eprintln!(
