@@ -1528,12 +1528,7 @@ impl ChunkCache {
         for c in run {
             let off = (c.compressed_offset - start) as usize;
             let stored = &buf[off..off + c.compressed_size as usize];
-            let decoded = if self.validate {
-                rafs::read::decode_chunk_cow(&blob.info, c, stored)
-            } else {
-                rafs::read::decompress_chunk(&blob.info, c, stored)
-            };
-            let data = match decoded {
+            let data = match self.decode(blob, c, stored) {
                 Ok(d) => d,
                 Err(e) => {
                     Metrics::add(&m.cache.digest_errors, 1);
@@ -1600,6 +1595,21 @@ impl ChunkCache {
 }
 
 impl ChunkCache {
+    /// The uncompressed bytes of chunk `c` from its stored bytes, checked against its
+    /// digest unless validation is off.
+    fn decode<'a>(
+        &self,
+        blob: &BlobCache,
+        c: &ChunkInfo,
+        stored: &'a [u8],
+    ) -> rafs::Result<std::borrow::Cow<'a, [u8]>> {
+        if self.validate {
+            rafs::read::decode_chunk_cow(&blob.info, c, stored)
+        } else {
+            rafs::read::decompress_chunk(&blob.info, c, stored)
+        }
+    }
+
     /// Chunk `c` of `blob`, which failed its digest: reported to the backend and read
     /// once more when the backend may bring other bytes; the decoded chunk, or `None`.
     fn refetch(&self, blob: &BlobCache, c: &ChunkInfo) -> Option<Vec<u8>> {
@@ -1613,12 +1623,9 @@ impl ChunkCache {
             .read_at(&blob.info.id, offset, &mut buf)
             .map_err(|e| e.to_string())
             .and_then(|()| {
-                let decoded = if self.validate {
-                    rafs::read::decode_chunk_cow(&blob.info, c, &buf)
-                } else {
-                    rafs::read::decompress_chunk(&blob.info, c, &buf)
-                };
-                decoded.map(|d| d.into_owned()).map_err(|e| e.to_string())
+                self.decode(blob, c, &buf)
+                    .map(|d| d.into_owned())
+                    .map_err(|e| e.to_string())
             });
         match again {
             Ok(d) => {

@@ -36,11 +36,6 @@ impl RegistryBackend {
         self
     }
 
-    /// The P2P proxy, if reads go through one.
-    pub fn proxy(&self) -> Option<&super::proxy::PeerProxy> {
-        self.proxy.as_ref()
-    }
-
     /// Records the size of a blob (from a manifest), so that no request is needed to learn it.
     pub fn set_size(&self, blob_id: &str, size: u64) {
         if let Ok(mut m) = self.sizes.lock() {
@@ -86,25 +81,22 @@ impl BlobBackend for RegistryBackend {
                 });
             }
         }
-        if let Some(p) = self.proxy.as_ref().filter(|p| p.healthy()) {
-            match p.read(&self.registry, &digest, offset, buf, prefetch) {
-                Ok(()) => {
-                    let mut ranges = self.from_peer.lock().unwrap_or_else(|e| e.into_inner());
-                    if ranges.len() >= PEER_RANGES {
-                        ranges.pop_front();
+        if let Some(p) = &self.proxy {
+            if p.healthy() {
+                match p.read(&self.registry, &digest, offset, buf, prefetch) {
+                    Ok(()) => {
+                        let mut ranges = self.from_peer.lock().unwrap_or_else(|e| e.into_inner());
+                        if ranges.len() >= PEER_RANGES {
+                            ranges.pop_front();
+                        }
+                        ranges.push_back((blob_id.to_string(), offset, offset + buf.len() as u64));
+                        return Ok(());
                     }
-                    ranges.push_back((blob_id.to_string(), offset, offset + buf.len() as u64));
-                    return Ok(());
+                    Err(e) if !p.config().fallback => return Err(e),
+                    Err(e) => tracing::warn!("{e}; reading from the registry"),
                 }
-                Err(e) if p.config().fallback => {
-                    p.counters
-                        .fallbacks
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::warn!("{e}; reading from the registry");
-                }
-                Err(e) => return Err(e),
             }
-        } else if let Some(p) = &self.proxy {
+            // Unhealthy, or failed with `fallback`: this read goes to the registry.
             p.counters
                 .fallbacks
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
