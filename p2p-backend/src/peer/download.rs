@@ -530,8 +530,8 @@ impl Driver {
         // earlier one) are not asked again, and the scheduler hears of them.
         for p in &parents {
             let host = p.host.as_ref().map(|h| h.id.as_str()).unwrap_or("");
-            if self.peer.is_suspect(&self.task_id, &p.id, host) && excluded.insert(p.id.clone()) {
-                self.report_bad(a, &p.id).await;
+            if self.peer.is_suspect(&self.task_id, &p.id, host) {
+                self.exclude_bad(a, excluded, &p.id).await;
             }
         }
         let parents: Vec<PeerMsg> = parents
@@ -752,9 +752,7 @@ impl Driver {
                     for parent in d.bad {
                         self.peer.metrics.piece_failure("digest");
                         self.peer.suspect(&self.task_id, std::slice::from_ref(&parent));
-                        if excluded.insert(parent.clone()) {
-                            self.report_bad(a, &parent).await;
-                        }
+                        self.exclude_bad(a, excluded, &parent).await;
                     }
                 }
                 have = have_rx.recv(), if syncing => match have {
@@ -821,9 +819,7 @@ impl Driver {
             // The senders of the dropped pieces are suspects: kept out of the next round.
             let suspects = self.peer.suspects_of(&self.task_id);
             for id in suspects {
-                if excluded.insert(id.clone()) {
-                    self.report_bad(a, &id).await;
-                }
+                self.exclude_bad(a, excluded, &id).await;
             }
             return Err(e);
         }
@@ -845,9 +841,12 @@ impl Driver {
         self.peer.prefetch_limit.clone()
     }
 
-    /// Tells the scheduler that `parent` sent bad bytes (it is not this child's parent
-    /// again).
-    async fn report_bad(&self, a: &Announce, parent: &str) {
+    /// Keeps `parent`, a sender of bad bytes, out of this download and, the first time,
+    /// tells the scheduler (it is not this child's parent again).
+    async fn exclude_bad(&self, a: &Announce, excluded: &mut HashSet<String>, parent: &str) {
+        if !excluded.insert(parent.to_string()) {
+            return;
+        }
         self.send(
             a,
             Req::DownloadPieceFailedRequest(DownloadPieceFailedRequest {
