@@ -5,16 +5,16 @@
 //! whether the swarm or the registry served the bytes.
 
 use super::p2p_scheduler::{assert_second_node_free, require, wait_for_hosts};
+use crate::nydusd::Daemon;
 use rafs_e2e::*;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 /// An image of six 5 MB files and a small one (one zstd blob), in a registry behind a
 /// byte-counting proxy.
 struct Image {
     src: PathBuf,
-    boot: PathBuf,
+    built: crate::nydusd::Image,
     blob_len: u64,
     _registry: Registry,
     origin: FaultProxy,
@@ -27,23 +27,18 @@ fn image(dir: &Path) -> Image {
         std::fs::write(src.join(format!("d/f{i}")), noise(5_000_000, 300 + i)).unwrap();
     }
     std::fs::write(src.join("small"), b"small\n").unwrap();
-    let img = build_image(&src, &dir.join("img"), &["--compressor", "zstd"]);
-    let blobs: Vec<_> = std::fs::read_dir(&img.blobs)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    assert_eq!(blobs.len(), 1, "one blob: {blobs:?}");
-    let id = blobs[0].file_name().unwrap().to_string_lossy().into_owned();
+    let built = crate::nydusd::build(&src, &dir.join("img"), &["--compressor", "zstd"]);
+    let blob = built.blob_path();
+    let id = blob.file_name().unwrap().to_string_lossy().into_owned();
     let reg_dir = dir.join("reg");
     std::fs::create_dir_all(&reg_dir).unwrap();
     let registry = Registry::start_in(&reg_dir, "");
-    registry.push_blob("test/p2p", &id, &blobs[0]);
+    registry.push_blob("test/p2p", &id, &blob);
     let origin = FaultProxy::start(&registry.addr);
     Image {
         src,
-        boot: img.boot,
-        blob_len: std::fs::metadata(&blobs[0]).unwrap().len(),
+        blob_len: std::fs::metadata(&blob).unwrap().len(),
+        built,
         _registry: registry,
         origin,
     }
@@ -57,17 +52,17 @@ fn swarm(dir: &Path) -> (Image, Scheduler, OurPeer) {
     (img, sched, seed)
 }
 
-/// Our nydusd mounting `img` in `work/mnt`, its registry backend reading through
-/// `peer`'s proxy (`ping_url` its `/healthy`, checked every second); `readahead`: the
-/// sequential read-ahead window on (the default) or off (a read fetches its own chunks
-/// only).
+/// Our nydusd (`crate::nydusd::Daemon`, named after `work`) mounting `img`, its config
+/// and cache in `work`, its registry backend reading through `peer`'s proxy (`ping_url`
+/// its `/healthy`, checked every second); `readahead`: the sequential read-ahead window
+/// on (the default) or off (a read fetches its own chunks only).
 fn nydusd_through(
     img: &Image,
     work: &Path,
     peer: &OurPeer,
     fallback: bool,
     readahead: bool,
-) -> (FuseDaemon, PathBuf) {
+) -> Daemon {
     let window = if readahead { 33554432 } else { 0 };
     std::fs::create_dir_all(work.join("cache")).unwrap();
     let cfg = work.join("nydusd.json");
@@ -87,39 +82,16 @@ fn nydusd_through(
         ),
     )
     .unwrap();
-    let sock = work.join("api.sock");
-    let mnt = work.join("mnt");
-    let d = start_fuse_daemon(
-        Command::new(bin("nydusd"))
-            .arg("--bootstrap")
-            .arg(&img.boot)
-            .arg("--mountpoint")
-            .arg(&mnt)
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--apisock")
-            .arg(&sock),
-        &mnt,
-        &work.join("nydusd.log"),
-    );
-    (d, sock)
+    let name = work.file_name().unwrap().to_string_lossy();
+    Daemon::start_config(&img.built, &name, &cfg)
 }
 
-/// A number of `/api/v1/metrics/backend`.
-fn backend_metric(sock: &Path, name: &str) -> u64 {
-    let out = run_ok(
-        Command::new("curl")
-            .args(["-sS", "--max-time", "10", "--unix-socket"])
-            .arg(sock)
-            .arg("http://localhost/api/v1/metrics/backend"),
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v[name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no {name} in {v}"))
+/// A counter of `/api/v1/metrics/backend`.
+fn backend_metric(d: &Daemon, name: &str) -> u64 {
+    d.metric("/api/v1/metrics/backend", name)
 }
 
-fn assert_tree(img: &Image, d: &FuseDaemon, what: &str, log: &Path, peer: &OurPeer) {
+fn assert_tree(img: &Image, d: &Daemon, what: &str, peer: &OurPeer) {
     let diffs = compare_trees_with(
         &img.src,
         &d.mnt,
@@ -131,7 +103,7 @@ fn assert_tree(img: &Image, d: &FuseDaemon, what: &str, log: &Path, peer: &OurPe
     assert!(
         diffs.is_empty(),
         "{what}: {diffs:?}\nnydusd:\n{}\npeer:\n{}",
-        std::fs::read_to_string(log).unwrap_or_default(),
+        d.log_text(),
         peer.log()
     );
 }
@@ -155,17 +127,11 @@ fn two_nodes_read_through_their_peers_and_the_second_costs_the_origin_nothing() 
     let mut after_a = 0;
     for (i, peer) in nodes.iter().enumerate() {
         let work = t.path().join(format!("node{i}"));
-        let (d, sock) = nydusd_through(&img, &work, peer, false, true);
-        assert_tree(
-            &img,
-            &d,
-            &format!("node {i}"),
-            &work.join("nydusd.log"),
-            peer,
-        );
+        let d = nydusd_through(&img, &work, peer, false, true);
+        assert_tree(&img, &d, &format!("node {i}"), peer);
         let (through, fallbacks) = (
-            backend_metric(&sock, "proxy_reads"),
-            backend_metric(&sock, "proxy_fallbacks"),
+            backend_metric(&d, "proxy_reads"),
+            backend_metric(&d, "proxy_fallbacks"),
         );
         assert!(
             through > 0 && fallbacks == 0,
@@ -200,14 +166,10 @@ fn the_peer_killed_mid_read_reads_fall_back_to_the_origin_and_come_back() {
     let mut peer = OurPeer::start(t.path(), "node", &list, false);
     wait_for_hosts(&sched, 2);
     let work = t.path().join("node");
-    let (d, sock) = nydusd_through(&img, &work, &peer, true, false);
+    let d = nydusd_through(&img, &work, &peer, true, false);
     let read = |name: &str| {
-        let got = std::fs::read(d.mnt.join(name)).unwrap_or_else(|e| {
-            panic!(
-                "{name}: {e}\n{}",
-                std::fs::read_to_string(work.join("nydusd.log")).unwrap_or_default()
-            )
-        });
+        let got = std::fs::read(d.mnt.join(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}\n{}", d.log_text()));
         assert!(
             got == std::fs::read(img.src.join(name)).unwrap(),
             "{name}: wrong bytes"
@@ -216,7 +178,7 @@ fn the_peer_killed_mid_read_reads_fall_back_to_the_origin_and_come_back() {
     // The origin at 4 MB/s: the seed has the blob after about 8 s, in piece order.
     img.origin.shape(Duration::ZERO, 4_000_000);
     read("d/f0");
-    let through = backend_metric(&sock, "proxy_reads");
+    let through = backend_metric(&d, "proxy_reads");
     assert!(through > 0, "no read went through the peer");
     let mnt = d.mnt.clone();
     let src = img.src.clone();
@@ -237,7 +199,7 @@ fn the_peer_killed_mid_read_reads_fall_back_to_the_origin_and_come_back() {
     assert!(right, "d/f3: wrong bytes after the peer died");
     img.origin.shape(Duration::ZERO, 0);
     read("d/f4");
-    let fallbacks = backend_metric(&sock, "proxy_fallbacks");
+    let fallbacks = backend_metric(&d, "proxy_fallbacks");
     assert!(
         fallbacks > 0,
         "no read went to the origin with the peer down"
@@ -245,12 +207,12 @@ fn the_peer_killed_mid_read_reads_fall_back_to_the_origin_and_come_back() {
     peer.restart();
     // The health check (every second) sees it back.
     std::thread::sleep(Duration::from_millis(2500));
-    let before = backend_metric(&sock, "proxy_reads");
+    let before = backend_metric(&d, "proxy_reads");
     read("d/f5");
     assert!(
-        backend_metric(&sock, "proxy_reads") > before,
+        backend_metric(&d, "proxy_reads") > before,
         "reads did not go through the peer once it was back\n{}",
-        std::fs::read_to_string(work.join("nydusd.log")).unwrap_or_default()
+        d.log_text()
     );
     read("small");
 }
@@ -300,13 +262,13 @@ fn a_corrupt_piece_is_reported_by_nydusd_and_read_right_after_one_retry() {
     let node = OurPeer::start(t.path(), "node", &list, false);
     wait_for_hosts(&sched, 3);
     let work = t.path().join("node");
-    let (d, sock) = nydusd_through(&img, &work, &node, false, true);
-    assert_tree(&img, &d, "the node", &work.join("nydusd.log"), &node);
-    let reported = backend_metric(&sock, "proxy_reported");
+    let d = nydusd_through(&img, &work, &node, false, true);
+    assert_tree(&img, &d, "the node", &node);
+    let reported = backend_metric(&d, "proxy_reported");
     assert!(
         reported >= 1,
         "nydusd reported no bad range\n{}",
-        std::fs::read_to_string(work.join("nydusd.log")).unwrap_or_default()
+        d.log_text()
     );
     let m = node.metrics();
     assert!(
