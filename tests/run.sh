@@ -53,8 +53,15 @@ finish_stage() {
     fi
 }
 
+# Free disk at each stage's end and on failure: a CI machine once ran out of space in the
+# swarm tests, and the log should say so without a rerun.
+disk() {
+    df -h "$PWD" "${TMPDIR:-/tmp}" 2>/dev/null | awk 'NR == 1 || !seen[$1]++' >&2 || true
+}
+
 fail() {
     echo "tests/run.sh: FAILED in stage '$STAGE': $*" >&2
+    disk
     exit 1
 }
 
@@ -62,6 +69,7 @@ on_error() {
     local rc=$?
     echo >&2
     echo "tests/run.sh: FAILED in stage '$STAGE' (exit code $rc, line $1); stages passed: ${DONE:-none}" >&2
+    disk
     exit "$rc"
 }
 trap 'on_error $LINENO' ERR
@@ -197,6 +205,7 @@ stage "cargo build"
 cargo build --workspace --release --bins || fail "cargo build of the workspace binaries failed"
 
 stage "cargo test"
+disk
 TEST_LOG=$(mktemp)
 cargo test --workspace --release 2>&1 | tee "$TEST_LOG" || fail "tests failed (see the output above)"
 # Totals over all test binaries, from cargo's "test result: ok. N passed; N failed; N ignored".

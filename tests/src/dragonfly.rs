@@ -172,6 +172,17 @@ impl Dfdaemon {
         .unwrap()
     }
 
+    /// [`Dfdaemon::spawn_fetch`] with the body hashed, not stored.
+    pub fn spawn_hashed_fetch(&self, url: &str) -> HashedFetch {
+        HashedFetch::spawn(
+            Command::new("curl")
+                .args(["-sS", "--fail", "--max-time", "300", "-x"])
+                .arg(self.proxy())
+                .args(["-H", "X-Dragonfly-Scheduling-Policy: always"])
+                .arg(url),
+        )
+    }
+
     /// Kills the daemon at once (`SIGKILL`), as a crash would.
     pub fn kill(&mut self) {
         kill_now(&mut self.child);
@@ -183,6 +194,50 @@ impl Drop for Dfdaemon {
         if let Some(c) = self.child.take() {
             let _ = c.terminate(Duration::from_secs(5));
         }
+    }
+}
+
+/// A `curl` fetch whose body is hashed as it arrives and never stored: the swarm tests'
+/// N copies of a large blob would otherwise take N × the blob of disk at once (a CI
+/// machine ran out of space with eight 256 MiB copies next to nine peers' stores).
+pub struct HashedFetch {
+    curl: ChildGuard,
+    hasher: std::thread::JoinHandle<std::io::Result<String>>,
+}
+
+impl HashedFetch {
+    /// Starts `cmd` (a `curl` writing the body to stdout) and hashes what it writes.
+    fn spawn(cmd: &mut Command) -> Self {
+        let mut curl =
+            ChildGuard::spawn(cmd.stdout(Stdio::piped()).stderr(Stdio::piped())).unwrap();
+        let mut body = curl
+            .child_mut()
+            .stdout
+            .take()
+            .expect("curl's stdout is piped");
+        let hasher = std::thread::spawn(move || {
+            use sha2::Digest;
+            let mut h = sha2::Sha256::new();
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                let n = std::io::Read::read(&mut body, &mut buf)?;
+                if n == 0 {
+                    return Ok(hex::encode(h.finalize()));
+                }
+                h.update(&buf[..n]);
+            }
+        });
+        HashedFetch { curl, hasher }
+    }
+
+    /// Waits for the fetch; returns the body's sha256 (hex). Panics with curl's error.
+    pub fn finish(self, what: &str) -> String {
+        let HashedFetch { curl, hasher } = self;
+        finish_fetch(curl, what);
+        hasher
+            .join()
+            .expect("the hashing thread panicked")
+            .unwrap_or_else(|e| panic!("{what}: reading curl's output: {e}"))
     }
 }
 
@@ -486,6 +541,16 @@ impl OurPeer {
             cmd.args(["-H", h]);
         }
         ChildGuard::spawn(cmd.arg(url).stdout(Stdio::null()).stderr(Stdio::piped())).unwrap()
+    }
+
+    /// [`OurPeer::spawn_fetch`] of the whole blob with the body hashed, not stored.
+    pub fn spawn_hashed_fetch(&self, url: &str) -> HashedFetch {
+        HashedFetch::spawn(
+            Command::new("curl")
+                .args(["-sS", "--fail", "--max-time", "300", "-x"])
+                .arg(self.proxy())
+                .arg(url),
+        )
     }
 
     /// Kills it at once (`SIGKILL`).

@@ -58,8 +58,8 @@ pub use daemons::{
     upstream_nydusd_command, FuseDaemon,
 };
 pub use dragonfly::{
-    dfdaemon_bin, finish_fetch, fresh_loopback_ip, metric_value, peak_rss, Dfdaemon, OurPeer,
-    Scheduler, DRAGONFLY_ROOT_DEFAULT,
+    dfdaemon_bin, finish_fetch, fresh_loopback_ip, metric_value, peak_rss, Dfdaemon, HashedFetch,
+    OurPeer, Scheduler, DRAGONFLY_ROOT_DEFAULT,
 };
 pub use fault_proxy::{Fault, FaultProxy};
 pub use guards::{is_mounted, wait_until, ChildGuard, LoopDevice, Mount};

@@ -5,33 +5,32 @@
 //! origin when the swarm fails, so right bytes alone prove nothing.
 
 use super::p2p_scheduler::{
-    assert_copy, assert_second_node_free, origin_bound, report, require, wait_for_hosts, Origin,
+    assert_copy, assert_hex, assert_second_node_free, origin_bound, report, require,
+    wait_for_hosts, Origin,
 };
 use rafs_e2e::*;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-/// Fetches `url` through each peer's proxy at once; waits for all.
-fn fetch_all(peers: &[&OurPeer], url: &str, dir: &std::path::Path, tag: &str) -> Vec<PathBuf> {
-    let outs: Vec<PathBuf> = (0..peers.len())
-        .map(|i| dir.join(format!("{tag}-{i}")))
-        .collect();
-    let fetches: Vec<_> = peers
-        .iter()
-        .zip(&outs)
-        .map(|(p, out)| p.spawn_fetch(url, out, None))
-        .collect();
+/// Fetches `url` through each peer's proxy at once; waits for all and returns the
+/// sha256 of each body (hashed as it arrives, not stored).
+fn fetch_all(peers: &[&OurPeer], url: &str, tag: &str) -> Vec<String> {
+    let fetches: Vec<_> = peers.iter().map(|p| p.spawn_hashed_fetch(url)).collect();
+    let mut hexes = Vec::new();
     for (i, f) in fetches.into_iter().enumerate() {
         let what = format!("{tag}: peer {i} ({})", peers[i].ip);
-        if let Err(e) = std::panic::catch_unwind(|| finish_fetch(f, &what)) {
-            let msg = e
-                .downcast_ref::<String>()
-                .cloned()
-                .unwrap_or_else(|| "curl failed".into());
-            panic!("{msg}\nits log:\n{}", peers[i].log());
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f.finish(&what))) {
+            Ok(hex) => hexes.push(hex),
+            Err(e) => {
+                let msg = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .unwrap_or_else(|| "curl failed".into());
+                panic!("{msg}\nits log:\n{}", peers[i].log());
+            }
         }
     }
-    outs
+    hexes
 }
 
 /// 1 seed + 8 of our peers read one 256 MiB blob at once: every copy right, the origin
@@ -50,10 +49,10 @@ fn a_seed_and_eight_of_our_peers_share_a_blob_and_the_origin_serves_one_copy() {
     wait_for_hosts(&sched, 9);
     let started = std::time::Instant::now();
     let refs: Vec<&OurPeer> = peers.iter().collect();
-    let outs = fetch_all(&refs, &origin.url(), t.path(), "got");
+    let outs = fetch_all(&refs, &origin.url(), "got");
     let took = started.elapsed();
     for (i, out) in outs.iter().enumerate() {
-        assert_copy(out, &origin.hex, &format!("peer {i}"));
+        assert_hex(out, &origin.hex, &format!("peer {i}"));
     }
     let served = origin.proxy.relayed_bytes();
     report("our seed + 8 of our peers", served, origin.len, 1);
@@ -151,10 +150,10 @@ fn dfdaemons_and_our_peers_are_each_others_parents() {
         .collect();
     wait_for_hosts(&sched2, 3);
     let refs: Vec<&OurPeer> = ours.iter().collect();
-    let got = fetch_all(&refs, &urls[1], t.path(), "ours-got");
+    let got = fetch_all(&refs, &urls[1], "ours-got");
     let hex1 = urls[1].rsplit("sha256:").next().unwrap().to_string();
     for (i, out) in got.iter().enumerate() {
-        assert_copy(out, &hex1, &format!("our peer {i}"));
+        assert_hex(out, &hex1, &format!("our peer {i}"));
     }
     let served_second = origin.proxy.relayed_bytes() - served_first;
     report(
@@ -286,8 +285,8 @@ fn a_parent_that_lies_consistently_is_caught_and_excluded() {
     let mut seed = OurPeer::start(t.path(), "seed", &list, true);
     let mut liar = OurPeer::start(t.path(), "liar", &list, false);
     wait_for_hosts(&sched, 2);
-    let got = fetch_all(&[&liar], &origin.url(), t.path(), "liar");
-    assert_copy(&got[0], &origin.hex, "the liar's own copy");
+    let got = fetch_all(&[&liar], &origin.url(), "liar");
+    assert_hex(&got[0], &origin.hex, "the liar's own copy");
     // The liar's piece 1 changes on disk, CRC and all; it serves it after a restart.
     liar.kill();
     corrupt_consistently(&liar, &origin.hex, 1, 4 << 20);
@@ -298,8 +297,8 @@ fn a_parent_that_lies_consistently_is_caught_and_excluded() {
     std::thread::sleep(std::time::Duration::from_secs(1));
     let child = OurPeer::start(t.path(), "child", &list, false);
     wait_for_hosts(&sched, 3);
-    let got = fetch_all(&[&child], &origin.url(), t.path(), "child");
-    assert_copy(&got[0], &origin.hex, "the child's copy");
+    let got = fetch_all(&[&child], &origin.url(), "child");
+    assert_hex(&got[0], &origin.hex, "the child's copy");
     let m = child.metrics();
     assert!(
         metric_value(&m, "peer_piece_failures_total{reason=\"digest\"}") >= 1.0,
@@ -507,9 +506,9 @@ fn seeds_fetch_from_a_private_registry_with_their_own_credentials() {
     wait_for_hosts(&sched, 3);
     let issued = tokens.issued();
     let refs: Vec<&OurPeer> = peers.iter().collect();
-    let got = fetch_all(&refs, &url, t.path(), "got");
+    let got = fetch_all(&refs, &url, "got");
     for (i, out) in got.iter().enumerate() {
-        assert_copy(out, &hex, &format!("peer {i}"));
+        assert_hex(out, &hex, &format!("peer {i}"));
     }
     assert!(
         tokens.issued() > issued,
@@ -547,9 +546,9 @@ fn an_upload_rate_limit_bounds_what_a_peer_serves() {
     let child = OurPeer::start(t.path(), "child", &list, false);
     wait_for_hosts(&sched, 2);
     let started = std::time::Instant::now();
-    let got = fetch_all(&[&child], &origin.url(), t.path(), "child");
+    let got = fetch_all(&[&child], &origin.url(), "child");
     let took = started.elapsed();
-    assert_copy(&got[0], &origin.hex, "the child's copy");
+    assert_hex(&got[0], &origin.hex, "the child's copy");
     let rate = (48 << 20) as f64 / took.as_secs_f64() / (1 << 20) as f64;
     eprintln!("48 MiB from a seed limited to 16 MiB/s: {took:?} ({rate:.1} MiB/s)");
     assert!(
@@ -650,8 +649,8 @@ fn a_client_that_verifies_reads_early_and_its_report_of_a_bad_range_is_acted_on(
         metric_value(&m, "peer_piece_failures_total{reason=\"reported\"}") >= 1.0,
         "{m}"
     );
-    let whole = fetch_all(&[&ours], &origin.url(), t.path(), "whole");
-    assert_copy(&whole[0], &origin.hex, "the whole copy after the report");
+    let whole = fetch_all(&[&ours], &origin.url(), "whole");
+    assert_hex(&whole[0], &origin.hex, "the whole copy after the report");
 }
 
 /// A read a client waits on is not queued behind a prefetch. A prefetch read
@@ -1133,8 +1132,8 @@ fn a_parent_that_claims_pieces_it_lacks_is_left_for_the_origin() {
     let mut seed = OurPeer::start(t.path(), "seed", &list, true);
     let hollow = OurPeer::start(t.path(), "hollow", &list, false);
     wait_for_hosts(&sched, 2);
-    let got = fetch_all(&[&hollow], &origin.url(), t.path(), "hollow");
-    assert_copy(&got[0], &origin.hex, "the hollow parent's own copy");
+    let got = fetch_all(&[&hollow], &origin.url(), "hollow");
+    assert_hex(&got[0], &origin.hex, "the hollow parent's own copy");
     let data = hollow
         .dir
         .join("storage/tasks")
@@ -1150,8 +1149,8 @@ fn a_parent_that_claims_pieces_it_lacks_is_left_for_the_origin() {
     let child = OurPeer::start(t.path(), "child", &list, false);
     wait_for_hosts(&sched, 3);
     let started = Instant::now();
-    let got = fetch_all(&[&child], &origin.url(), t.path(), "child");
-    assert_copy(&got[0], &origin.hex, "the child's copy");
+    let got = fetch_all(&[&child], &origin.url(), "child");
+    assert_hex(&got[0], &origin.hex, "the child's copy");
     eprintln!("the child had the blob after {:?}", started.elapsed());
     let m = child.metrics();
     assert!(

@@ -102,6 +102,11 @@ pub(crate) fn assert_copy(path: &Path, hex: &str, what: &str) {
     assert_eq!(got, hex, "{what}: wrong bytes");
 }
 
+/// A body's sha256 (from [`rafs_e2e::dragonfly::HashedFetch`]) against the blob's.
+pub(crate) fn assert_hex(got: &str, hex: &str, what: &str) {
+    assert_eq!(got, hex, "{what}: wrong bytes");
+}
+
 pub(crate) fn wait_for_hosts(s: &Scheduler, n: usize) {
     let ok = wait_until(Duration::from_secs(30), || {
         s.metric("scheduler_hosts") as usize >= n
@@ -109,19 +114,15 @@ pub(crate) fn wait_for_hosts(s: &Scheduler, n: usize) {
     assert!(ok, "the scheduler did not see {n} hosts:\n{}", s.metrics());
 }
 
-fn fetch_all(peers: &[&Dfdaemon], url: &str, dir: &Path, tag: &str) -> Vec<PathBuf> {
-    let outs: Vec<PathBuf> = (0..peers.len())
-        .map(|i| dir.join(format!("{tag}-{i}")))
-        .collect();
-    let fetches: Vec<_> = peers
-        .iter()
-        .zip(&outs)
-        .map(|(p, out)| p.spawn_fetch(url, out))
-        .collect();
-    for (i, f) in fetches.into_iter().enumerate() {
-        finish_fetch(f, &format!("{tag}: peer {i} ({})", peers[i].ip));
-    }
-    outs
+/// Fetches `url` through each dfdaemon at once; waits for all and returns the sha256 of
+/// each body (hashed as it arrives, not stored).
+fn fetch_all(peers: &[&Dfdaemon], url: &str, tag: &str) -> Vec<String> {
+    let fetches: Vec<_> = peers.iter().map(|p| p.spawn_hashed_fetch(url)).collect();
+    fetches
+        .into_iter()
+        .enumerate()
+        .map(|(i, f)| f.finish(&format!("{tag}: peer {i} ({})", peers[i].ip)))
+        .collect()
 }
 
 /// Taken by each swarm test: five or six dfdaemons moving 128 MiB are a heavy load
@@ -148,9 +149,9 @@ fn a_seed_and_four_dfdaemons_share_a_blob_and_the_origin_serves_one_copy() {
     wait_for_hosts(&sched, 5);
 
     let refs: Vec<&Dfdaemon> = peers.iter().collect();
-    let outs = fetch_all(&refs, &origin.url(), t.path(), "got");
+    let outs = fetch_all(&refs, &origin.url(), "got");
     for (i, out) in outs.iter().enumerate() {
-        assert_copy(out, &origin.hex, &format!("peer {i}"));
+        assert_hex(out, &origin.hex, &format!("peer {i}"));
     }
     let served = origin.proxy.relayed_bytes();
     report("seed + 4 peers", served, origin.len, 1);
@@ -210,8 +211,8 @@ fn a_killed_parent_costs_the_origin_nothing_and_after_a_scheduler_restart_only_t
     wait_for_hosts(&sched, 6);
 
     // 1. `first` fetches the blob (through the seed).
-    let out = fetch_all(&[&first], &origin.url(), t.path(), "first");
-    assert_copy(&out[0], &origin.hex, "first");
+    let out = fetch_all(&[&first], &origin.url(), "first");
+    assert_hex(&out[0], &origin.hex, "first");
 
     // 2. `second` and `third` fetch it while `first`, one of their parents, is killed.
     let outs: Vec<PathBuf> = ["second", "third"]
@@ -264,8 +265,8 @@ fn a_killed_parent_costs_the_origin_nothing_and_after_a_scheduler_restart_only_t
     //    and `fourth` starts a download of the same blob: it costs the origin nothing
     //    but the 1-byte probe.
     wait_for_hosts(&sched, 5);
-    let out = fetch_all(&[&fourth], &origin.url(), t.path(), "fourth");
-    assert_copy(&out[0], &origin.hex, "fourth");
+    let out = fetch_all(&[&fourth], &origin.url(), "fourth");
+    assert_hex(&out[0], &origin.hex, "fourth");
     let after_restart = origin.proxy.relayed_bytes() - after_inflight;
     report("a download after the restart", after_restart, origin.len, 1);
     assert!(
