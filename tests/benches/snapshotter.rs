@@ -110,15 +110,7 @@ fn main() {
     let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(base.join("reg")).unwrap();
     let reg = Registry::start_in(&base.join("reg"), "");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/make-python-image.sh");
-    let layout = String::from_utf8(daemons_run(Command::new("bash").arg(script))).unwrap();
-    let oci = format!("{}/python:v1", reg.addr);
-    daemons_run(Command::new("skopeo").args([
-        "copy",
-        "--dest-tls-verify=false",
-        &format!("oci:{}", layout.trim()),
-        &format!("docker://{oci}"),
-    ]));
+    let oci = push_python_image(&reg.addr, None);
     let nydus = format!("{oci}-nydus");
     let work = base.join("convert");
     std::fs::create_dir_all(&work).unwrap();

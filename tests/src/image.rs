@@ -318,3 +318,21 @@ impl LayerTar {
         fs::write(path, bytes)
     }
 }
+
+/// Builds the python fixture (`fixtures/make-python-image.sh`: debootstrap minbase +
+/// python3, four layers; built once per machine and reused) and pushes it with skopeo
+/// to the registry at `addr` as `python:v1`, with `creds` (`user:password`) if given.
+/// Returns the reference `addr/python:v1`.
+pub fn push_python_image(addr: &str, creds: Option<&str>) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/make-python-image.sh");
+    let out = run_ok(Command::new("bash").arg(script));
+    let layout = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let reference = format!("{addr}/python:v1");
+    let mut copy = Command::new("skopeo");
+    copy.args(["copy", "--dest-tls-verify=false"]);
+    if let Some(c) = creds {
+        copy.args(["--dest-creds", c]);
+    }
+    run_ok(copy.args([format!("oci:{layout}"), format!("docker://{reference}")]));
+    reference
+}

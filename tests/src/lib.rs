@@ -65,8 +65,8 @@ pub use fault_proxy::{Fault, FaultProxy};
 pub use guards::{is_mounted, wait_until, ChildGuard, LoopDevice, Mount};
 pub use image::{
     bootstrap_of_layout, build_image, build_image_with, expand_blobs, extract_tar,
-    pull_nydus_image, umoci_compare, umoci_image, umoci_rootfs, unpack_image, BuiltImage,
-    ErofsMount, LayerTar,
+    pull_nydus_image, push_python_image, umoci_compare, umoci_image, umoci_rootfs, unpack_image,
+    BuiltImage, ErofsMount, LayerTar,
 };
 pub use netns::NetNs;
 pub use nydusd::client::launcher::pid_alive;

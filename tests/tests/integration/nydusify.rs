@@ -733,22 +733,7 @@ fn model_folder_builds_into_a_nydus_image_that_checks_against_the_folder() {
     );
 }
 
-/// Builds the python fixture (once per machine, `fixtures/make-python-image.sh`) and
-/// pushes it to the registry at `addr` as `python:v1`, with `creds` (`user:password`)
-/// when the registry wants them; returns the reference.
-pub(crate) fn push_python(addr: &str, creds: Option<&str>) -> String {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/make-python-image.sh");
-    let out = run_ok(Command::new("bash").arg(script));
-    let image = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let src = format!("{addr}/python:v1");
-    let mut copy = Command::new("skopeo");
-    copy.args(["copy", "--dest-tls-verify=false"]);
-    if let Some(c) = creds {
-        copy.args(["--dest-creds", c]);
-    }
-    run_ok(copy.args([format!("oci:{image}"), format!("docker://{src}")]));
-    src
-}
+pub(crate) use rafs_e2e::push_python_image as push_python;
 
 /// The realistic fixture (`fixtures/make-python-image.sh`: debootstrap minbase + python3,
 /// four layers with whiteouts, an opaque directory and a layer of duplicated data),
