@@ -5,12 +5,14 @@
 //! The origin is one loopback `docker-registry` behind a shaping proxy
 //! ([`FaultProxy::shape`]) that lets all its answers share 200 Mbit/s. A node is its own
 //! containerd, our snapshotter and, for the swarm, our `p2p-peer` on its own loopback
-//! address; the swarm also has our scheduler and our seed peer. Four ways, each run
+//! address; the swarm also has our scheduler and our seed peer. Six rows, each run
 //! from scratch (fresh daemons and directories, page cache dropped):
 //!
 //! - **OCI, 1 node** and **OCI, N nodes at once**: the python fixture as an ordinary OCI
 //!   image, pulled by CRI (`PullImage`) into containerd's overlayfs snapshotter;
-//! - **swarm, 1 node** and **swarm, N nodes at once**: its nydus conversion through our
+//! - **nydus, 1 node** and **nydus, N nodes at once**: its nydus conversion through our
+//!   snapshotter, every nydusd reading the registry itself (for comparison);
+//! - **swarm, 1 node** and **swarm, N nodes at once**: the nydus image through our
 //!   snapshotter, whose nydusd config template points every nydusd at the node's peer
 //!   (upstream's `proxy` section), and containerd with the peer as its registry mirror
 //!   (`hosts.toml`) for what it pulls itself (the bootstrap layer).
@@ -39,6 +41,17 @@ const EXPECTED: &str = "{\"ok\": 5}";
 
 /// The origin's bandwidth, bytes per second (200 Mbit/s).
 const RATE: u64 = 200_000_000 / 8;
+
+/// How a node gets the image.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// The OCI image, containerd's overlayfs snapshotter.
+    Oci,
+    /// The nydus image, our snapshotter, nydusd from the registry.
+    Nydus,
+    /// The nydus image, our snapshotter, nydusd and containerd through the node's peer.
+    Swarm,
+}
 
 /// One row's run: each node's seconds to its output, and the origin's blob bytes.
 struct Sample {
@@ -79,10 +92,11 @@ fn quiet(reg: &Registry) {
     assert!(ok, "the registry never went quiet");
 }
 
-/// Starts an OCI node (containerd pulling into its overlayfs snapshotter) in `dir`.
-fn oci_node(dir: &Path) -> Node {
+/// Starts a node without a peer in `dir`: containerd pulling into `snapshotter`
+/// (containerd's overlayfs, or ours with its default nydusd config).
+fn plain_node(dir: &Path, snapshotter: &str) -> Node {
     let snap = NydusSnapshotter::start(&dir.join("snap"), "");
-    let ctd = Containerd::start_with(&dir.join("ctd"), &snap.sock, "overlayfs");
+    let ctd = Containerd::start_with(&dir.join("ctd"), &snap.sock, snapshotter);
     Node {
         ctd,
         _snap: snap,
@@ -154,8 +168,10 @@ fn start_all(nodes: &[Node], image: &str, snapshotter: &str) -> Vec<f64> {
     })
 }
 
-/// One row: `n` fresh nodes (`swarm`: through a fresh swarm) start `image` together.
-fn row(dir: &Path, reg: &Registry, origin: &str, image: &str, n: usize, swarm: bool) -> Sample {
+/// One row: `n` fresh nodes (with [`Mode::Swarm`], of a fresh swarm) start `image`
+/// together.
+fn row(dir: &Path, reg: &Registry, origin: &str, image: &str, n: usize, mode: Mode) -> Sample {
+    let swarm = mode == Mode::Swarm;
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).unwrap();
     let sw = swarm.then(|| {
@@ -169,7 +185,8 @@ fn row(dir: &Path, reg: &Registry, origin: &str, image: &str, n: usize, swarm: b
             let d = dir.join(format!("node{i}"));
             match &sw {
                 Some(sw) => swarm_node(&d, &format!("node{i}"), sw, origin),
-                None => oci_node(&d),
+                None if mode == Mode::Oci => plain_node(&d, "overlayfs"),
+                None => plain_node(&d, SNAPSHOTTER),
             }
         })
         .collect();
@@ -180,8 +197,18 @@ fn row(dir: &Path, reg: &Registry, origin: &str, image: &str, n: usize, swarm: b
         assert!(ok, "the scheduler did not see {} hosts", n + 1);
     }
     let from = reg.access_log().len();
-    let snapshotter = if swarm { SNAPSHOTTER } else { "overlayfs" };
+    let snapshotter = if mode == Mode::Oci {
+        "overlayfs"
+    } else {
+        SNAPSHOTTER
+    };
     let mut secs = start_all(&nodes, image, snapshotter);
+    if std::env::var_os("COLDSTART_LOGS").is_some() {
+        let peers = nodes.iter().filter_map(|n| n._peer.as_ref());
+        for p in sw.iter().map(|s| &s._seed).chain(peers) {
+            eprintln!("--- {}:\n{}", p.ip, p.log());
+        }
+    }
     quiet(reg);
     let origin = blob_bytes(reg, from);
     drop(nodes);
@@ -230,17 +257,23 @@ fn main() {
     let proxy = FaultProxy::start(&reg.addr);
     proxy.shape(Duration::ZERO, RATE);
     let via = |r: &str| r.replacen(&reg.addr, &proxy.addr, 1);
-    let rows: [(&str, usize, bool); 4] = [
-        ("OCI, 1 node", 1, false),
-        ("swarm, 1 node", 1, true),
-        ("OCI, N nodes at once", n, false),
-        ("swarm, N nodes at once", n, true),
+    let rows: [(&str, usize, Mode); 6] = [
+        ("OCI, 1 node", 1, Mode::Oci),
+        ("nydus, 1 node", 1, Mode::Nydus),
+        ("swarm, 1 node", 1, Mode::Swarm),
+        ("OCI, N nodes at once", n, Mode::Oci),
+        ("nydus, N nodes at once", n, Mode::Nydus),
+        ("swarm, N nodes at once", n, Mode::Swarm),
     ];
     let mut samples: Vec<Vec<Sample>> = rows.iter().map(|_| Vec::new()).collect();
+    let only = std::env::var("COLDSTART_ONLY").unwrap_or_default();
     for run in 0..runs {
-        for (i, &(name, count, swarm)) in rows.iter().enumerate() {
-            let image = via(if swarm { &nydus } else { &oci });
-            let s = row(&base.join("row"), &reg, &proxy.addr, &image, count, swarm);
+        for (i, &(name, count, mode)) in rows.iter().enumerate() {
+            if !name.contains(&only) {
+                continue;
+            }
+            let image = via(if mode == Mode::Oci { &oci } else { &nydus });
+            let s = row(&base.join("row"), &reg, &proxy.addr, &image, count, mode);
             eprintln!(
                 "run {run}: {name}: {:?} s, origin {:.1} MiB",
                 s.secs,
@@ -259,6 +292,10 @@ fn main() {
     let mut med = Vec::new();
     for (i, &(name, _, _)) in rows.iter().enumerate() {
         let v = &samples[i];
+        if v.is_empty() {
+            med.push((f64::NAN, f64::NAN));
+            continue;
+        }
         let slowest = median(v.iter().map(|s| s.secs[0]).collect());
         let fastest = median(v.iter().map(|s| *s.secs.last().unwrap()).collect());
         let origin = median(v.iter().map(|s| s.origin as f64).collect());
@@ -272,8 +309,8 @@ fn main() {
         "swarm, {n} nodes: the slowest ready after {:.2}x the time of one OCI node alone \
          (target < 1); origin bytes {:.3}x those of one swarm node alone (target <= 1.1); \
          {n} OCI nodes: {:.2}x one alone",
-        med[3].0 / med[0].0,
-        med[3].1 / med[1].1,
-        med[2].0 / med[0].0
+        med[5].0 / med[0].0,
+        med[5].1 / med[2].1,
+        med[3].0 / med[0].0
     );
 }

@@ -135,6 +135,10 @@ async fn run(config: Config, dynconfig: Option<PathBuf>) -> Result<(), String> {
             .rate_limit
             .map(|r| std::sync::Arc::new(p2p_backend::peer::vortex::RateLimit::new(r))),
         children: peer.metrics.children.clone(),
+        running: {
+            let p = peer.clone();
+            std::sync::Arc::new(move |task: &str| p.is_running(task))
+        },
     };
     tokio::spawn(p2p_backend::peer::vortex::serve(
         vortex,

@@ -22,7 +22,7 @@ use dragonfly_api::scheduler::v2::announce_peer_response::Response as Resp;
 use dragonfly_api::scheduler::v2::scheduler_client::SchedulerClient;
 use dragonfly_api::scheduler::v2::*;
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -542,6 +542,18 @@ impl Driver {
             return Err("no usable parent".into());
         }
         let _parents = Counted::new(&self.peer.metrics.parents, parents.len() as i64);
+        // Seed parents (host type not normal), and where each serves pieces once it has
+        // offered one: a piece a reader waits on that no parent offers yet is asked of
+        // one of them (ours fetches it from the origin next and answers once it has it;
+        // a dfdaemon seed refuses, which costs nothing but the question).
+        let seeds: HashSet<String> = parents
+            .iter()
+            .filter(|p| p.host.as_ref().is_some_and(|h| h.r#type != 0))
+            .map(|p| p.id.clone())
+            .collect();
+        let mut seed_addrs: BTreeMap<String, String> = BTreeMap::new();
+        // Pieces asked of a seed ahead of its offer (once each), and those still under way.
+        let (mut asked_ahead, mut ahead_jobs) = (HashSet::new(), HashSet::new());
         // What our seeds recorded from the origin, by piece number.
         let mut origin_sha: HashMap<u32, String> = HashMap::new();
         for p in &parents {
@@ -679,6 +691,7 @@ impl Driver {
                 .filter(|n| !inflight.contains(n) && t.piece(*n).is_none())
                 .filter(|n| offers[n].iter().any(|(id, _)| usable(excluded, id)))
                 .collect();
+            let mut starts = Vec::new();
             for (n, wanted) in pick(&t, &startable, inflight.len()) {
                 let Some(list) = offers.get_mut(&n) else {
                     continue;
@@ -688,6 +701,29 @@ impl Driver {
                     offers.remove(&n);
                     continue;
                 };
+                starts.push((n, wanted, parent, addr));
+            }
+            // Asked once each, of the first usable seed that has offered a piece.
+            let seed = seed_addrs.iter().find(|(id, _)| usable(excluded, id));
+            if let Some((parent, addr)) = seed {
+                for n in t.wanted() {
+                    if t.piece(n).is_some()
+                        || inflight.contains(&n)
+                        || offers.contains_key(&n)
+                        || n >= t.piece_count()
+                        || !asked_ahead.insert(n)
+                    {
+                        continue;
+                    }
+                    tracing::info!(
+                        "task {}: piece {n}, which a reader waits on, asked of seed {parent} before it offers it",
+                        self.task_id
+                    );
+                    ahead_jobs.insert(n);
+                    starts.push((n, true, parent.clone(), addr.clone()));
+                }
+            }
+            for (n, wanted, parent, addr) in starts {
                 inflight.insert(n);
                 let (t2, task_id, sha) =
                     (t.clone(), self.task_id.clone(), origin_sha.get(&n).cloned());
@@ -761,6 +797,9 @@ impl Driver {
                         excluded.insert(parent);
                     }
                     Some((parent, n, addr)) => {
+                        if seeds.contains(&parent) && !seed_addrs.contains_key(&parent) {
+                            seed_addrs.insert(parent.clone(), addr.clone());
+                        }
                         if t.piece(n).is_none() && n < t.piece_count() {
                             last_progress = tokio::time::Instant::now();
                             offers.entry(n).or_default().push((parent, addr));
@@ -781,7 +820,14 @@ impl Driver {
                         },
                     };
                     inflight.remove(&n);
+                    let was_ahead = ahead_jobs.remove(&n);
                     match r {
+                        // A seed asked ahead of its offer that could not serve the piece
+                        // (a dfdaemon, or a download that ended): nothing against it;
+                        // the piece comes when it is offered.
+                        Err(e) if was_ahead && !e.contains("SHA-256") && !e.contains("CRC-32") => {
+                            tracing::debug!("task {}: piece {n} asked ahead of {parent}: {e}", self.task_id);
+                        }
                         Ok(meta) => {
                             last_progress = tokio::time::Instant::now();
                             self.send(a, Req::DownloadPieceFinishedRequest(DownloadPieceFinishedRequest {

@@ -74,7 +74,13 @@ pub struct Server {
     pub limit: Option<Arc<RateLimit>>,
     /// Children connected now.
     pub children: Arc<std::sync::atomic::AtomicI64>,
+    /// Whether a download of this task runs here: a piece it lacks is then waited for
+    /// (and fetched ahead of the others) rather than refused.
+    pub running: Arc<dyn Fn(&str) -> bool + Send + Sync>,
 }
+
+/// How long a request for a piece a running download lacks waits for it.
+const AHEAD_WAIT: Duration = Duration::from_secs(20);
 
 /// Reads one packet's header and value.
 async fn read_packet(sock: &mut TcpStream) -> std::io::Result<Option<Vortex>> {
@@ -150,7 +156,15 @@ async fn serve_conn(sock: &mut TcpStream, server: &Server) -> std::io::Result<()
         let number = req.piece_number;
         // Only pieces verified against a digest their sender did not give go out.
         let piece = match storage.get(&task_id) {
-            Some(t) => t.piece(number).filter(|p| p.verified).map(|p| (t, p)),
+            Some(t) => match t.piece(number).filter(|p| p.verified) {
+                Some(p) => Some((t, p)),
+                // Asked for a piece it has not offered (a child of ours with a reader
+                // waiting on it): a running download fetches it next.
+                None if number < t.piece_count() && (server.running)(&task_id) => {
+                    ahead(&t, number).await.map(|p| (t, p))
+                }
+                None => None,
+            },
             None => None,
         };
         let Some((task, meta)) = piece else {
@@ -203,6 +217,27 @@ async fn serve_conn(sock: &mut TcpStream, server: &Server) -> std::io::Result<()
         (server.served)(&task_id, meta.length);
     }
     Ok(())
+}
+
+/// Waits (at most [`AHEAD_WAIT`]) for piece `number` of `t`, marked as waited on so that
+/// the download running here fetches it before the pieces nobody waits on.
+async fn ahead(
+    t: &Arc<super::storage::TaskData>,
+    number: u32,
+) -> Option<super::storage::PieceMeta> {
+    let _want = t.want(number);
+    let mut changes = t.subscribe();
+    let deadline = tokio::time::Instant::now() + AHEAD_WAIT;
+    loop {
+        changes.borrow_and_update();
+        if let Some(p) = t.piece(number).filter(|p| p.verified) {
+            return Some(p);
+        }
+        match tokio::time::timeout_at(deadline, changes.changed()).await {
+            Ok(Ok(())) => {}
+            _ => return None,
+        }
+    }
 }
 
 /// A piece fetched from a parent: its metadata as the parent sent it, and its bytes.

@@ -710,6 +710,55 @@ fn a_read_a_client_waits_on_goes_ahead_of_a_prefetch() {
     );
 }
 
+/// A read a child waits on is not queued behind its seed's download from the origin. A
+/// 96 MiB blob comes from an origin limited to 16 MiB/s, 4 MiB pieces, our seed fetching
+/// them in order; the child's client reads 64 KiB in piece 20 of 24. The child asks the
+/// seed for that piece before the seed offers it, and the seed fetches it next: the read
+/// is answered in under half the time the whole blob takes (in order, it would come at
+/// five sixths of it); both copies are right and the origin served one copy.
+#[test]
+fn a_piece_a_child_waits_on_is_fetched_by_the_seed_ahead_of_its_order() {
+    let _swarm = require();
+    let t = tempfile::tempdir().unwrap();
+    let (origin, _) = Origin::start(t.path(), &[(96 << 20, 57)]);
+    let sched = Scheduler::start(t.path(), "scheduler", "");
+    let list = [sched.addr.clone()];
+    let _seed = OurPeer::start(t.path(), "seed", &list, true);
+    let child = OurPeer::start(t.path(), "child", &list, false);
+    wait_for_hosts(&sched, 2);
+    origin.proxy.shape(Duration::ZERO, 16 << 20);
+    let url = origin.url();
+    let tail = t.path().join("tail");
+    let at = 20 * (4 << 20) + 8192;
+    let started = Instant::now();
+    finish_fetch(
+        child.spawn_fetch(&url, &tail, Some(&format!("bytes={at}-{}", at + 65535))),
+        "the on-demand read",
+    );
+    let urgent = started.elapsed();
+    let whole = fetch_all(&[&child], &url, "whole");
+    let all = started.elapsed();
+    eprintln!("the read in piece 20 took {urgent:?}, the whole blob {all:?}");
+    assert_hex(&whole[0], &origin.hex, "the whole copy");
+    let blob = origin.proxy.relayed_bytes();
+    assert!(
+        blob <= origin_bound(origin.len, 1, 2),
+        "the origin served {blob} bytes for one {}-byte blob",
+        origin.len
+    );
+    let expect = &noise(96 << 20, 57)[at..at + 65536];
+    assert!(
+        std::fs::read(&tail).unwrap() == expect,
+        "the on-demand read's bytes are wrong"
+    );
+    assert!(
+        urgent < all / 2,
+        "the read in piece 20 took {urgent:?} of the blob's {all:?}: queued behind the \
+         seed's download in order\n{}",
+        child.log()
+    );
+}
+
 /// Upstream nydusd 2.2 reads an image through our peers with its `proxy` section, as
 /// Dragonfly users configure it (`url`: the node's peer's proxy; `ping_url`: its
 /// `/healthy`; no fallback, so that a failure of ours shows as one). Node A's nydusd
