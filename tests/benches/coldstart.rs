@@ -110,7 +110,13 @@ fn plain_node(dir: &Path, snapshotter: &str) -> Node {
 fn swarm_node(dir: &Path, name: &str, swarm: &Swarm, origin: &str) -> Node {
     std::fs::create_dir_all(dir).unwrap();
     let mirror = format!("  registryMirror:\n    addr: http://{origin}\n");
-    let peer = OurPeer::start_with_proxy(dir, name, &[swarm.sched.addr.clone()], false, &mirror);
+    let peer = OurPeer::start_with_proxy(
+        dir,
+        name,
+        std::slice::from_ref(&swarm.sched.addr),
+        false,
+        &mirror,
+    );
     let template = dir.join("nydusd.json");
     std::fs::write(
         &template,
@@ -177,7 +183,13 @@ fn row(dir: &Path, reg: &Registry, origin: &str, image: &str, n: usize, mode: Mo
     let sw = swarm.then(|| {
         let sched = Scheduler::start(dir, "scheduler", "");
         let mirror = format!("  registryMirror:\n    addr: http://{origin}\n");
-        let seed = OurPeer::start_with_proxy(dir, "seed", &[sched.addr.clone()], true, &mirror);
+        let seed = OurPeer::start_with_proxy(
+            dir,
+            "seed",
+            std::slice::from_ref(&sched.addr),
+            true,
+            &mirror,
+        );
         Swarm { _seed: seed, sched }
     });
     let nodes: Vec<Node> = (0..n)
