@@ -28,7 +28,7 @@
 //! `RAFS_BENCH_DIR` (default `/var/tmp/rafs-bench`) holds the work directories.
 
 use rafs_e2e::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// What the containers run, and what they must print.
@@ -79,17 +79,6 @@ fn blob_bytes(reg: &Registry, from: usize) -> u64 {
         .filter(|e| e.method == "GET" && e.blob().is_some())
         .map(|e| e.bytes)
         .sum()
-}
-
-/// Waits until the registry has served nothing for 2 s (at most 120 s).
-fn quiet(reg: &Registry) {
-    let mut last = reg.access_log().len();
-    let ok = wait_until(Duration::from_secs(120), || {
-        std::thread::sleep(Duration::from_secs(2));
-        let now = reg.access_log().len();
-        std::mem::replace(&mut last, now) == now
-    });
-    assert!(ok, "the registry never went quiet");
 }
 
 /// Starts a node without a peer in `dir`: containerd pulling into `snapshotter`
@@ -221,7 +210,7 @@ fn row(dir: &Path, reg: &Registry, origin: &str, image: &str, n: usize, mode: Mo
             eprintln!("--- {}:\n{}", p.ip, p.log());
         }
     }
-    quiet(reg);
+    reg.wait_quiet(Duration::from_secs(120));
     let origin = blob_bytes(reg, from);
     drop(nodes);
     drop(sw);
@@ -250,22 +239,7 @@ fn main() {
             .unwrap_or(d)
     };
     let (n, runs) = (env("COLDSTART_N", 4), env("RUNS", 3));
-    let base = PathBuf::from(
-        std::env::var("RAFS_BENCH_DIR").unwrap_or_else(|_| "/var/tmp/rafs-bench".into()),
-    )
-    .join("coldstart");
-    let _ = std::fs::remove_dir_all(&base);
-    std::fs::create_dir_all(base.join("reg")).unwrap();
-    let reg = Registry::start_in(&base.join("reg"), "");
-    let oci = push_python_image(&reg.addr, None);
-    let nydus = format!("{oci}-nydus");
-    let work = base.join("convert");
-    std::fs::create_dir_all(&work).unwrap();
-    run_ok(
-        std::process::Command::new(bin("nydusify"))
-            .current_dir(&work)
-            .args(["convert", "--source", &oci, "--target", &nydus]),
-    );
+    let (base, reg, oci, nydus) = python_images("coldstart");
     let proxy = FaultProxy::start(&reg.addr);
     proxy.shape(Duration::ZERO, RATE);
     let via = |r: &str| r.replacen(&reg.addr, &proxy.addr, 1);

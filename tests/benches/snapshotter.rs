@@ -17,7 +17,7 @@
 //! `RAFS_BENCH_DIR` (default `/var/tmp/rafs-bench`) holds the work directories.
 
 use rafs_e2e::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -103,22 +103,7 @@ fn main() {
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(5);
-    let base = PathBuf::from(
-        std::env::var("RAFS_BENCH_DIR").unwrap_or_else(|_| "/var/tmp/rafs-bench".into()),
-    )
-    .join("snapshotter");
-    let _ = std::fs::remove_dir_all(&base);
-    std::fs::create_dir_all(base.join("reg")).unwrap();
-    let reg = Registry::start_in(&base.join("reg"), "");
-    let oci = push_python_image(&reg.addr, None);
-    let nydus = format!("{oci}-nydus");
-    let work = base.join("convert");
-    std::fs::create_dir_all(&work).unwrap();
-    daemons_run(
-        Command::new(bin("nydusify"))
-            .current_dir(&work)
-            .args(["convert", "--source", &oci, "--target", &nydus]),
-    );
+    let (base, reg, oci, nydus) = python_images("snapshotter");
     let ((oci_bytes, _), (nydus_bytes, boot_bytes)) = (image_bytes(&oci), image_bytes(&nydus));
     let proxy = FaultProxy::start(&reg.addr);
     let via = |r: &str| r.replacen(&reg.addr, &proxy.addr, 1);

@@ -108,6 +108,30 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// A bench's registry with the python fixture as an OCI image and its nydus conversion
+/// (our `nydusify convert`), under a fresh `$RAFS_BENCH_DIR/<name>` (default
+/// `/var/tmp/rafs-bench`). Returns (that directory, the registry, the OCI reference, the
+/// nydus reference).
+pub fn python_images(name: &str) -> (std::path::PathBuf, crate::Registry, String, String) {
+    let base = std::path::PathBuf::from(
+        std::env::var("RAFS_BENCH_DIR").unwrap_or_else(|_| "/var/tmp/rafs-bench".into()),
+    )
+    .join(name);
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(base.join("reg")).unwrap();
+    let reg = crate::Registry::start_in(&base.join("reg"), "");
+    let oci = crate::push_python_image(&reg.addr, None);
+    let nydus = format!("{oci}-nydus");
+    let work = base.join("convert");
+    std::fs::create_dir_all(&work).unwrap();
+    crate::run_ok(
+        std::process::Command::new(crate::bin("nydusify"))
+            .current_dir(&work)
+            .args(["convert", "--source", &oci, "--target", &nydus]),
+    );
+    (base, reg, oci, nydus)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

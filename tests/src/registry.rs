@@ -151,6 +151,18 @@ impl Registry {
         text.lines().filter_map(AccessEntry::parse).collect()
     }
 
+    /// Waits until the registry has served no request for 2 s (at most `limit`): e.g.
+    /// a swarm's background fetches are over. Panics if it never goes quiet.
+    pub fn wait_quiet(&self, limit: Duration) {
+        let mut last = self.access_log().len();
+        let quiet = wait_until(limit, || {
+            std::thread::sleep(Duration::from_secs(2));
+            let now = self.access_log().len();
+            std::mem::replace(&mut last, now) == now
+        });
+        assert!(quiet, "the registry never went quiet in {limit:?}");
+    }
+
     /// Uploads `file` as blob `sha256:<hex>` of `repo` (POST for a session, then one PUT).
     ///
     /// # Panics

@@ -50,6 +50,8 @@ const NO_PROGRESS: Duration = Duration::from_secs(120);
 /// How often a download from parents asks the scheduler for our seeds' digests of
 /// pieces stored without one.
 const DIGEST_POLL: Duration = Duration::from_millis(200);
+/// Pieces asked of a seed ahead of its offer at once, per download.
+const AHEAD_JOBS: usize = 2;
 /// How long a scheduler may take to answer a registration.
 const SCHEDULE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -707,9 +709,17 @@ impl Driver {
             let seed = seed_addrs.iter().find(|(id, _)| usable(excluded, id));
             if let Some((parent, addr)) = seed {
                 for n in t.wanted() {
+                    // At most two at a time: each holds piece memory while the seed
+                    // fetches it.
+                    if ahead_jobs.len() >= AHEAD_JOBS {
+                        break;
+                    }
+                    let offered = offers
+                        .get(&n)
+                        .is_some_and(|l| l.iter().any(|(id, _)| usable(excluded, id)));
                     if t.piece(n).is_some()
                         || inflight.contains(&n)
-                        || offers.contains_key(&n)
+                        || offered
                         || n >= t.piece_count()
                         || !asked_ahead.insert(n)
                     {
@@ -825,7 +835,7 @@ impl Driver {
                         // A seed asked ahead of its offer that could not serve the piece
                         // (a dfdaemon, or a download that ended): nothing against it;
                         // the piece comes when it is offered.
-                        Err(e) if was_ahead && !e.contains("SHA-256") && !e.contains("CRC-32") => {
+                        Err(e) if was_ahead && super::vortex::is_refusal(&e) => {
                             tracing::debug!("task {}: piece {n} asked ahead of {parent}: {e}", self.task_id);
                         }
                         Ok(meta) => {

@@ -161,7 +161,9 @@ async fn serve_conn(sock: &mut TcpStream, server: &Server) -> std::io::Result<()
                 // Asked for a piece it has not offered (a child of ours with a reader
                 // waiting on it): a running download fetches it next.
                 None if number < t.piece_count() && (server.running)(&task_id) => {
-                    ahead(&t, number).await.map(|p| (t, p))
+                    ahead(&t, number, || (server.running)(&task_id))
+                        .await
+                        .map(|p| (t, p))
                 }
                 None => None,
             },
@@ -219,11 +221,13 @@ async fn serve_conn(sock: &mut TcpStream, server: &Server) -> std::io::Result<()
     Ok(())
 }
 
-/// Waits (at most [`AHEAD_WAIT`]) for piece `number` of `t`, marked as waited on so that
-/// the download running here fetches it before the pieces nobody waits on.
+/// Waits (at most [`AHEAD_WAIT`], and while `running` says the download runs) for piece
+/// `number` of `t`, marked as waited on so that the download running here fetches it
+/// before the pieces nobody waits on.
 async fn ahead(
     t: &Arc<super::storage::TaskData>,
     number: u32,
+    running: impl Fn() -> bool,
 ) -> Option<super::storage::PieceMeta> {
     let _want = t.want(number);
     let mut changes = t.subscribe();
@@ -233,11 +237,20 @@ async fn ahead(
         if let Some(p) = t.piece(number).filter(|p| p.verified) {
             return Some(p);
         }
+        if !running() {
+            return None;
+        }
         match tokio::time::timeout_at(deadline, changes.changed()).await {
             Ok(Ok(())) => {}
             _ => return None,
         }
     }
+}
+
+/// Whether `e`, an error of [`fetch`], is the parent refusing or not answering (not
+/// found, no answer in time, no connection) rather than sending something wrong.
+pub fn is_refusal(e: &str) -> bool {
+    e.contains("NotFound") || e.contains("no answer within") || e.contains("connecting:")
 }
 
 /// A piece fetched from a parent: its metadata as the parent sent it, and its bytes.

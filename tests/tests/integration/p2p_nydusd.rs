@@ -290,18 +290,6 @@ fn blob_gets_since(reg: &Registry, from: usize) -> (u64, Vec<AccessEntry>) {
     (bytes, gets.into_iter().filter(|e| e.bytes > 1).collect())
 }
 
-/// Waits until the registry has served no request for 2 s (the swarm's downloads of
-/// the first node are over).
-fn registry_quiet(reg: &Registry) {
-    let mut last = reg.access_log().len();
-    let quiet = wait_until(Duration::from_secs(60), || {
-        std::thread::sleep(Duration::from_secs(2));
-        let now = reg.access_log().len();
-        std::mem::replace(&mut last, now) == now
-    });
-    assert!(quiet, "the registry never went quiet");
-}
-
 /// Through containerd, as a node runs it: on two nodes, the python fixture's nydus image
 /// is pulled by CRI and run by our snapshotter, whose nydusd config template (the one
 /// setting) points every nydusd at the node's peer, and containerd has the peer as its
@@ -374,11 +362,11 @@ fn containerd_on_two_nodes_runs_python_through_the_swarm() {
             "node {i}: {out:?}"
         );
         if i == 0 {
-            registry_quiet(&reg);
+            reg.wait_quiet(Duration::from_secs(60));
             after_a = (blob_gets_since(&reg, start).0, reg.access_log().len());
         }
     }
-    registry_quiet(&reg);
+    reg.wait_quiet(Duration::from_secs(60));
     let (total, _) = blob_gets_since(&reg, start);
     let (_, node_b) = blob_gets_since(&reg, after_a.1);
     eprintln!(

@@ -757,6 +757,13 @@ fn a_piece_a_child_waits_on_is_fetched_by_the_seed_ahead_of_its_order() {
          seed's download in order\n{}",
         child.log()
     );
+    assert!(
+        child
+            .log()
+            .contains("piece 20, which a reader waits on, asked of seed"),
+        "the child did not ask the seed ahead:\n{}",
+        child.log()
+    );
 }
 
 /// Upstream nydusd 2.2 reads an image through our peers with its `proxy` section, as
