@@ -107,17 +107,7 @@ fn swarm_node(dir: &Path, name: &str, swarm: &Swarm, origin: &str) -> Node {
         &mirror,
     );
     let template = dir.join("nydusd.json");
-    std::fs::write(
-        &template,
-        format!(
-            r#"{{"device":{{"backend":{{"type":"registry","config":{{"host":"","repo":"",
-            "timeout":30,"proxy":{{"url":"{p}","ping_url":"{p}/healthy","fallback":true}}}}}},
-            "cache":{{"type":"blobcache","config":{{}}}}}},"mode":"direct",
-            "digest_validate":true,"enable_xattr":true}}"#,
-            p = peer.proxy()
-        ),
-    )
-    .unwrap();
+    peer.write_nydusd_template(&template, true);
     let hosts = dir.join("hosts");
     mirror_hosts(&hosts, origin, &peer.proxy());
     let snap = NydusSnapshotter::start(

@@ -543,6 +543,23 @@ impl OurPeer {
         ChildGuard::spawn(cmd.arg(url).stdout(Stdio::null()).stderr(Stdio::piped())).unwrap()
     }
 
+    /// Writes to `path` a snapshotter's nydusd config template (`[daemon] nydusd_config`)
+    /// whose registry backend reads through this peer (upstream's `proxy` section, `ping_url`
+    /// its `/healthy`, `fallback` as given), digests validated.
+    pub fn write_nydusd_template(&self, path: &Path, fallback: bool) {
+        fs::write(
+            path,
+            format!(
+                r#"{{"device":{{"backend":{{"type":"registry","config":{{"host":"","repo":"",
+                "timeout":30,"proxy":{{"url":"{p}","ping_url":"{p}/healthy","fallback":{fallback}}}}}}},
+                "cache":{{"type":"blobcache","config":{{}}}}}},"mode":"direct",
+                "digest_validate":true,"enable_xattr":true}}"#,
+                p = self.proxy()
+            ),
+        )
+        .unwrap();
+    }
+
     /// [`OurPeer::spawn_fetch`] of the whole blob with the body hashed, not stored.
     pub fn spawn_hashed_fetch(&self, url: &str) -> HashedFetch {
         HashedFetch::spawn(

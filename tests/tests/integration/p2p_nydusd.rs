@@ -329,18 +329,7 @@ fn containerd_on_two_nodes_runs_python_through_the_swarm() {
         let node = t.path().join(format!("node{i}"));
         let template = node.join("nydusd.json");
         std::fs::create_dir_all(&node).unwrap();
-        std::fs::write(
-            &template,
-            format!(
-                r#"{{"device":{{"backend":{{"type":"registry","config":{{"host":"","repo":"",
-                "timeout":30,"proxy":{{"url":"{}","ping_url":"{}/healthy","fallback":false}}}}}},
-                "cache":{{"type":"blobcache","config":{{}}}}}},"mode":"direct",
-                "digest_validate":true,"enable_xattr":true}}"#,
-                peer.proxy(),
-                peer.proxy()
-            ),
-        )
-        .unwrap();
+        peer.write_nydusd_template(&template, false);
         let hosts = node.join("hosts");
         mirror_hosts(&hosts, &reg.addr, &peer.proxy());
         let snap = NydusSnapshotter::start(
