@@ -200,6 +200,7 @@ fn read_all(root: &Path) -> (f64, u64) {
 fn nydusd_cold(dir: &Path, boot: &Path, reg: &str, proxy: Option<&str>) -> (f64, u64) {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir.join("cache")).unwrap();
+    let proxy_given = proxy.is_some();
     let proxy = proxy
         .map(|p| format!(r#","proxy":{{"url":"{p}","fallback":false}}"#))
         .unwrap_or_default();
@@ -227,7 +228,27 @@ fn nydusd_cold(dir: &Path, boot: &Path, reg: &str, proxy: Option<&str>) -> (f64,
         &dir.join("nydusd.log"),
     );
     drop_caches();
+    // `P2P_BENCH_PERF=<file>`: a system-wide `perf record` of each read, to
+    // `<file>.direct` and `<file>.peer`.
+    let perf = std::env::var("P2P_BENCH_PERF").ok().map(|out| {
+        let out = format!("{out}.{}", if proxy_given { "peer" } else { "direct" });
+        let child = Command::new("perf")
+            .args(["record", "-a", "-g", "-F", "1999", "-o"])
+            .arg(out)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("perf");
+        std::thread::sleep(Duration::from_millis(500));
+        child
+    });
     let r = read_all(&d.mnt);
+    if let Some(mut p) = perf {
+        let _ = Command::new("kill")
+            .args(["-INT", &p.id().to_string()])
+            .status();
+        let _ = p.wait();
+    }
     drop(d);
     let _ = std::fs::remove_dir_all(dir);
     r
@@ -287,6 +308,18 @@ fn nydusd_part(root: &Path, runs: usize) {
             Some(&node.proxy()),
         );
         through.push(n as f64 / s / (1 << 20) as f64);
+        if std::env::var_os("P2P_BENCH_WARM").is_some() {
+            let (s2, _) = nydusd_cold(
+                &root.join("nd-peer"),
+                &img.boot,
+                &reg.addr,
+                Some(&node.proxy()),
+            );
+            eprintln!(
+                "run {run}: again through the same peer (it holds the blob) {:.0} MiB/s",
+                n as f64 / s2 / (1 << 20) as f64
+            );
+        }
         if std::env::var_os("P2P_BENCH_LOGS").is_some() {
             for l in node.log().lines().filter(|l| l.contains("complete in")) {
                 eprintln!("node{run}: {l}");

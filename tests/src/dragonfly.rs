@@ -518,6 +518,19 @@ impl OurPeer {
         fs::read_to_string(self.dir.join("peer.log")).unwrap_or_default()
     }
 
+    /// Waits (at most 20 s) until its download of task `hex` has ended, its pieces
+    /// recorded on disk: the peer records pieces in batches, so a kill before that may
+    /// lose the record of the last ones (they would be fetched again).
+    pub fn wait_task_recorded(&self, hex: &str) {
+        let done = format!("task {hex}: complete in");
+        assert!(
+            wait_until(Duration::from_secs(20), || self.log().contains(&done)),
+            "{}'s download of {hex} did not end:\n{}",
+            self.dir.display(),
+            self.log()
+        );
+    }
+
     /// Its Prometheus text.
     pub fn metrics(&self) -> String {
         scrape(&format!("{}:4002", self.ip))

@@ -33,6 +33,13 @@ const CONCURRENT_PIECES: usize = 4;
 /// Pieces fetched at once that no reader waits on: one place of [`CONCURRENT_PIECES`]
 /// stays free, so a piece a reader waits on starts at once.
 const BACKGROUND_PIECES: usize = CONCURRENT_PIECES - 1;
+/// How far ahead of a local reader (in pieces) the pieces nobody waits on are fetched
+/// while it reads...
+const AHEAD_OF_READER: u32 = 4;
+/// ...and how many of them at once.
+const READER_BACKGROUND_PIECES: usize = 1;
+/// A reader read within this long is reading.
+const READER_ACTIVE: Duration = Duration::from_millis(500);
 /// How long one piece may take from a parent.
 const PIECE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How errors of a scheduler that went away begin.
@@ -105,6 +112,13 @@ pub async fn run(
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
             _ => break,
+        }
+    }
+    // What was stored is recorded on disk before the download is said to have ended.
+    if let Some(t) = peer.storage.get(&task_id) {
+        let persisted = tokio::task::spawn_blocking(move || t.persist()).await;
+        if let Ok(Err(e)) = persisted {
+            tracing::warn!("task {task_id}: writing meta.json: {e}");
         }
     }
     match outcome {
@@ -370,7 +384,7 @@ impl Driver {
                 // At most one piece being stored beside the fetches: pieces in memory
                 // stay within the places, plus one.
                 let busy = jobs.len() + stores.len().saturating_sub(1);
-                for (n, wanted) in pick(&t, &missing, busy) {
+                for (n, wanted) in pick(&t, &missing, busy, false).0 {
                     missing.remove(&n);
                     let (peer, t, d) = (self.peer.clone(), t.clone(), self.download.clone());
                     let limit = self.background_limit(wanted);
@@ -694,7 +708,8 @@ impl Driver {
                 .filter(|n| offers[n].iter().any(|(id, _)| usable(excluded, id)))
                 .collect();
             let mut starts = Vec::new();
-            for (n, wanted) in pick(&t, &startable, inflight.len()) {
+            let (picked, held) = pick(&t, &startable, inflight.len(), true);
+            for (n, wanted) in picked {
                 let Some(list) = offers.get_mut(&n) else {
                     continue;
                 };
@@ -752,7 +767,8 @@ impl Driver {
                     // Hashing and writing a piece (up to 64 MiB) are kept off the
                     // threads that serve requests.
                     let check = move || {
-                        r.and_then(|f| {
+                        let mut buffer = None;
+                        let stored = r.and_then(|f| {
                             if f.data.len() as u64 != len {
                                 return Err(format!(
                                     "piece {n}: {} bytes, not {len}",
@@ -771,9 +787,16 @@ impl Driver {
                             // Counted before the piece can be read: a reader done with the
                             // task sees its bytes counted.
                             metrics.from_peers(&task_id, f.data.len() as u64);
-                            t2.store_hashed(n, &f.data, Some(p2), sha.is_some(), got)
-                                .map_err(|e| format!("storing piece {n}: {e}"))
-                        })
+                            let stored = t2
+                                .store_hashed(n, &f.data, Some(p2), sha.is_some(), (got, f.crc32))
+                                .map_err(|e| format!("storing piece {n}: {e}"));
+                            buffer = Some(f.data);
+                            stored
+                        });
+                        if let Some(b) = buffer {
+                            super::buffers::PIECES.give(b);
+                        }
+                        stored
                     };
                     let r = tokio::task::spawn_blocking(check)
                         .await
@@ -782,7 +805,10 @@ impl Driver {
                 });
                 job_pieces.insert(job.id(), (n, job_parent));
             }
-            if inflight.is_empty() && !syncing {
+            if held {
+                // Waiting for the reader is not the parents' fault.
+                last_progress = tokio::time::Instant::now();
+            } else if inflight.is_empty() && !syncing {
                 break;
             }
             tokio::select! {
@@ -791,8 +817,10 @@ impl Driver {
                     tracing::warn!("task {}: no progress from the parents in {NO_PROGRESS:?}", self.task_id);
                     break;
                 }
-                // A reader waits on a piece: it may start now.
+                // A reader waits on a piece, or moved on: pieces may start now.
                 _ = t.want_changed() => {}
+                // The reader may have stopped reading: the window goes.
+                _ = tokio::time::sleep(READER_ACTIVE), if held => {}
                 Some(d) = digest_rx.recv() => {
                     origin_sha.extend(d.digests);
                     for parent in d.bad {
@@ -1088,28 +1116,52 @@ async fn store(
 /// The pieces to start now, of `startable` (missing, not under way, and to be had),
 /// with `inflight` under way, each with whether a reader waits on it: first those
 /// readers wait on, up to [`CONCURRENT_PIECES`] under way; then the others, from the
-/// piece a reader last waited on to the end and then from the start, up to
-/// [`BACKGROUND_PIECES`] under way.
-fn pick(t: &TaskData, startable: &BTreeSet<u32>, inflight: usize) -> Vec<(u32, bool)> {
+/// piece a reader last read or waited on to the end and then from the start, up to
+/// [`BACKGROUND_PIECES`] under way. `paced`: while a local reader reads, the others
+/// only up to [`AHEAD_OF_READER`] pieces after its piece, [`READER_BACKGROUND_PIECES`]
+/// under way; the `bool` returned says that pieces were left for later so.
+fn pick(
+    t: &TaskData,
+    startable: &BTreeSet<u32>,
+    inflight: usize,
+    paced: bool,
+) -> (Vec<(u32, bool)>, bool) {
     let mut out = Vec::new();
     for n in t.wanted() {
         if inflight + out.len() >= CONCURRENT_PIECES {
-            return out;
+            return (out, false);
         }
         if startable.contains(&n) {
             out.push((n, true));
         }
     }
-    let from = t.last_wanted();
-    for &n in startable.range(from..).chain(startable.range(..from)) {
-        if inflight + out.len() >= BACKGROUND_PIECES {
+    // While a local reader reads, the pieces nobody waits on are fetched one at a time
+    // and at most `AHEAD_OF_READER` pieces ahead of it: the reader's own work (nydusd
+    // decompressing and checking chunks) keeps its share of the CPU, instead of waiting
+    // behind a burst of the whole task (on two cores, a cold nydusd read through the
+    // peer went from 0.61x to 0.69x of the direct read's speed, medians of 7).
+    let (from, reading) = t.reader(READER_ACTIVE);
+    let window = (paced && reading).then(|| from..=from.saturating_add(AHEAD_OF_READER));
+    let order: Box<dyn Iterator<Item = &u32>> = match &window {
+        Some(w) => Box::new(startable.range(w.clone())),
+        None => Box::new(startable.range(from..).chain(startable.range(..from))),
+    };
+    let background = if window.is_some() {
+        READER_BACKGROUND_PIECES
+    } else {
+        BACKGROUND_PIECES
+    };
+    for &n in order {
+        if inflight + out.len() >= background {
             break;
         }
         if !out.iter().any(|(m, _)| *m == n) {
             out.push((n, false));
         }
     }
-    out
+    // Pieces left for later by the window (the caller waits for the reader to move).
+    let held = window.is_some_and(|w| startable.iter().any(|n| !w.contains(n)));
+    (out, held)
 }
 
 /// `d` as registered with the scheduler: no credentials, cookies or hop-by-hop headers
@@ -1193,13 +1245,19 @@ mod tests {
         let t = s.create("t", "http://r/x", 40 << 20, 4 << 20).unwrap();
         let all: BTreeSet<u32> = (0..10).collect();
         // Nobody waits: three at a time, in order.
-        assert_eq!(pick(&t, &all, 0), [(0, false), (1, false), (2, false)]);
-        assert_eq!(pick(&t, &all, 3), []);
+        assert_eq!(
+            pick(&t, &all, 0, true).0,
+            [(0, false), (1, false), (2, false)]
+        );
+        assert_eq!(pick(&t, &all, 3, true).0, []);
         // A reader waits on piece 8: it starts even with three under way, and the
         // pieces nobody waits on go on from it.
         let w = t.want(8);
-        assert_eq!(pick(&t, &all, 3), [(8, true)]);
-        assert_eq!(pick(&t, &all, 0), [(8, true), (9, false), (0, false)]);
+        assert_eq!(pick(&t, &all, 3, true).0, [(8, true)]);
+        assert_eq!(
+            pick(&t, &all, 0, true).0,
+            [(8, true), (9, false), (0, false)]
+        );
         // Two readers on one piece: it stays wanted until both are gone.
         let w2 = t.want(8);
         drop(w);
@@ -1209,8 +1267,41 @@ mod tests {
         // Waited-on pieces fill every place, never more.
         let ws: Vec<_> = [1, 3, 5, 7, 9].iter().map(|n| t.want(*n)).collect();
         let some: BTreeSet<u32> = [3, 4, 5, 7, 9].into_iter().collect();
-        assert_eq!(pick(&t, &some, 1), [(3, true), (5, true), (7, true)]);
+        assert_eq!(
+            pick(&t, &some, 1, true).0,
+            [(3, true), (5, true), (7, true)]
+        );
         drop(ws);
+    }
+
+    #[test]
+    fn while_a_local_reader_reads_the_rest_keeps_close_ahead_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = storage::Storage::open(dir.path()).unwrap();
+        let t = s.create("t", "http://r/x", 80 << 20, 4 << 20).unwrap();
+        let all: BTreeSet<u32> = (0..20).collect();
+        // A proxy client reads piece 2 (stored): one piece nobody waits on at a time,
+        // from it, and none past piece 2 + AHEAD_OF_READER; the rest is held.
+        t.reader_at(2);
+        assert_eq!(pick(&t, &all, 0, true), (vec![(2, false)], true));
+        assert_eq!(pick(&t, &all, 1, true), (vec![], true));
+        let near: BTreeSet<u32> = (5..=6).chain(12..20).collect();
+        assert_eq!(pick(&t, &near, 0, true), (vec![(5, false)], true));
+        let beyond: BTreeSet<u32> = (12..20).collect();
+        assert_eq!(pick(&t, &beyond, 0, true), (vec![], true));
+        // Unpaced (from the origin), the whole task as before.
+        assert_eq!(
+            pick(&t, &all, 0, false),
+            (vec![(2, false), (3, false), (4, false)], false)
+        );
+        // A piece a reader waits on is never held back.
+        let w = t.want(15);
+        assert_eq!(pick(&t, &beyond, 0, true).0, [(15, true)]);
+        drop(w);
+        // The reader stopped: the rest at full speed again.
+        std::thread::sleep(READER_ACTIVE + Duration::from_millis(100));
+        assert!(!pick(&t, &beyond, 0, true).1);
+        assert_eq!(pick(&t, &beyond, 0, true).0.len(), BACKGROUND_PIECES);
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //! `reported`), `peer_children` (connected to fetch pieces now), `peer_parents` (of the
 //! downloads under way), `peer_rss_bytes`.
 
+pub mod buffers;
 pub mod config;
 pub mod download;
 pub mod proxy;

@@ -37,6 +37,7 @@
 //! are reported to the scheduler when the download meets them as parents), and the
 //! pieces are fetched again; `204`.
 
+use super::buffers;
 use super::storage::{self, TaskData};
 use super::PeerInner;
 use bytes::Bytes;
@@ -456,14 +457,14 @@ async fn through_swarm(
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
     let first_chunk = next_chunk(peer, &t, first, last, !verifies, urgent).await?;
     let mut at = first + first_chunk.len() as u64;
-    let _ = tx.send(Ok(Frame::data(Bytes::from(first_chunk)))).await;
+    let _ = tx.send(Ok(Frame::data(first_chunk))).await;
     let (peer2, t2) = (peer.clone(), t.clone());
     tokio::spawn(async move {
         while len > 0 && at <= last {
             match next_chunk(&peer2, &t2, at, last, !verifies, urgent).await {
                 Ok(c) => {
                     at += c.len() as u64;
-                    if tx.send(Ok(Frame::data(Bytes::from(c)))).await.is_err() {
+                    if tx.send(Ok(Frame::data(c))).await.is_err() {
                         return;
                     }
                 }
@@ -500,9 +501,9 @@ async fn next_chunk(
     last: u64,
     verified_only: bool,
     urgent: bool,
-) -> Result<Vec<u8>, String> {
+) -> Result<Bytes, String> {
     if t.content_length == 0 {
-        return Ok(Vec::new());
+        return Ok(Bytes::new());
     }
     let number = (at / t.piece_length) as u32;
     let (offset, length) = t.piece_range(number).ok_or("past the end")?;
@@ -510,15 +511,28 @@ async fn next_chunk(
     let end = (offset + length - 1).min(last).min(at + (1 << 20) - 1);
     let mut changes = t.subscribe();
     let mut _want = None;
+    if urgent {
+        t.reader_at(number);
+    }
     loop {
         changes.borrow_and_update();
-        // Read on a blocking thread: a cold page cache means disk waits.
+        // Read on a blocking thread: a cold page cache means disk waits. Into a kept
+        // buffer, which goes back when the client has been sent it.
         let t2 = t.clone();
-        let read = tokio::task::spawn_blocking(move || t2.read(at, end - at + 1, verified_only))
-            .await
-            .map_err(|e| e.to_string())?;
-        if let Some(b) = read.map_err(|e| e.to_string())? {
-            return Ok(b);
+        let mut buf = buffers::SLICES.take((end - at + 1) as usize);
+        let (buf, read) = tokio::task::spawn_blocking(move || {
+            let r = t2.read_into(at, &mut buf, verified_only);
+            (buf, r)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        match read {
+            Ok(true) => return Ok(buffers::SLICES.bytes(buf)),
+            Ok(false) => buffers::SLICES.give(buf),
+            Err(e) => {
+                buffers::SLICES.give(buf);
+                return Err(e.to_string());
+            }
         }
         let usable = t
             .piece(number)

@@ -106,14 +106,24 @@ pub struct TaskData {
     /// Pieces that readers wait on now (a read a client waits on, not a prefetch), with
     /// how many wait on each: the download fetches them first.
     wanted: Mutex<BTreeMap<u32, u32>>,
-    /// The piece a reader last waited on: the download goes on from there.
-    last_wanted: std::sync::atomic::AtomicU32,
+    /// The piece a reader last read or waited on, and when a local reader last read:
+    /// the download goes on from there, and while local readers read it keeps close
+    /// ahead of them.
+    reader: Mutex<(u32, Option<std::time::Instant>)>,
     /// Told when a reader starts waiting on a piece.
     want_signal: tokio::sync::Notify,
     /// Held by a store from its write to its record, one of 16 by piece number: two
     /// stores of one piece never mix, stores of different pieces go on side by side.
     storing: [Mutex<()>; 16],
+    /// The record in memory has changed since `meta.json` was last written.
+    dirty: std::sync::atomic::AtomicBool,
+    /// Held while `meta.json` is written, with when it last was.
+    persisting: Mutex<std::time::Instant>,
 }
+
+/// How often at most a download's stores write `meta.json` (with the data synced
+/// before it): a crash loses at most this much of the record, never its truth.
+const PERSIST_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A reader's wait on a piece (see [`TaskData::want`]); the wait ends when it is dropped.
 pub struct Want {
@@ -155,9 +165,11 @@ impl TaskData {
             changed: watch::channel(0).0,
             accessed: Mutex::new(accessed),
             wanted: Mutex::new(BTreeMap::new()),
-            last_wanted: std::sync::atomic::AtomicU32::new(0),
+            reader: Mutex::new((0, None)),
             want_signal: tokio::sync::Notify::new(),
             storing: Default::default(),
+            dirty: std::sync::atomic::AtomicBool::new(false),
+            persisting: Mutex::new(std::time::Instant::now()),
         }
     }
 
@@ -181,8 +193,7 @@ impl TaskData {
             .unwrap_or_else(|e| e.into_inner())
             .entry(number)
             .or_insert(0) += 1;
-        self.last_wanted
-            .store(number, std::sync::atomic::Ordering::Relaxed);
+        self.reader.lock().unwrap_or_else(|e| e.into_inner()).0 = number;
         self.want_signal.notify_one();
         Want {
             task: self.clone(),
@@ -196,9 +207,23 @@ impl TaskData {
         wanted.keys().copied().collect()
     }
 
-    /// The piece a reader last waited on (0 when none has).
-    pub fn last_wanted(&self) -> u32 {
-        self.last_wanted.load(std::sync::atomic::Ordering::Relaxed)
+    /// A local reader (a client of the proxy) reads piece `number` now: the download is
+    /// woken when that moves it on.
+    pub fn reader_at(&self, number: u32) {
+        let mut r = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        let moved = r.0 != number || r.1.is_none();
+        *r = (number, Some(std::time::Instant::now()));
+        drop(r);
+        if moved {
+            self.want_signal.notify_one();
+        }
+    }
+
+    /// The piece a reader last read or waited on (0 when none has), and whether a local
+    /// reader read within `recent`.
+    pub fn reader(&self, recent: std::time::Duration) -> (u32, bool) {
+        let (n, at) = *self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        (n, at.is_some_and(|at| at.elapsed() < recent))
     }
 
     /// Returns once a reader has started waiting on a piece since the last call.
@@ -282,17 +307,24 @@ impl TaskData {
         verified: bool,
     ) -> io::Result<PieceMeta> {
         let sha256 = hex::encode(Sha256::digest(data));
-        self.store_hashed(number, data, parent, verified, sha256)
+        self.store_hashed(
+            number,
+            data,
+            parent,
+            verified,
+            (sha256, crc32fast::hash(data)),
+        )
     }
 
-    /// [`TaskData::store`] of bytes whose SHA-256 (hex) the caller computed already.
+    /// [`TaskData::store`] of bytes whose SHA-256 (hex) and CRC-32 the caller computed
+    /// already.
     pub fn store_hashed(
         &self,
         number: u32,
         data: &[u8],
         parent: Option<String>,
         verified: bool,
-        sha256: String,
+        (sha256, crc32): (String, u32),
     ) -> io::Result<PieceMeta> {
         let (offset, length) = self.piece_range(number).ok_or_else(|| {
             io::Error::new(
@@ -315,7 +347,7 @@ impl TaskData {
             number,
             offset,
             length,
-            crc32: crc32fast::hash(data),
+            crc32,
             sha256,
             parent,
             verified,
@@ -324,25 +356,63 @@ impl TaskData {
         // download that gave up on a parent while its store went on, and the next
         // one) never leave one's bytes under the other's record. A piece stored
         // already stays, unless this one is verified and it is not.
-        let _one = self.storing[number as usize % 16]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(held) = self.piece(number) {
-            if held.verified || !verified {
-                return Ok(held);
-            }
-        }
-        self.file.write_all_at(data, offset)?;
-        // On disk before `meta.json` says it is there (and maybe verified): a crash
-        // never leaves a piece recorded over bytes that were not written.
-        self.file.sync_data()?;
         {
-            let mut pieces = self.lock();
-            pieces[number as usize] = Some(meta.clone());
-            self.save(&pieces)?;
+            let _one = self.storing[number as usize % 16]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(held) = self.piece(number) {
+                if held.verified || !verified {
+                    return Ok(held);
+                }
+            }
+            self.file.write_all_at(data, offset)?;
+            // Readers have it at once (from the page cache); `meta.json` records it
+            // later, after the bytes are synced (see [`TaskData::persist`]).
+            self.lock()[number as usize] = Some(meta.clone());
+            self.dirty.store(true, std::sync::atomic::Ordering::Release);
         }
         self.wake();
+        // Now and then, once the readers were told: one sync for many pieces, not one
+        // (and a rewrite of `meta.json`) for each.
+        if self
+            .persisting
+            .try_lock()
+            .is_ok_and(|last| last.elapsed() >= PERSIST_EVERY)
+        {
+            self.persist()?;
+        }
         Ok(meta)
+    }
+
+    /// Writes the record of the pieces to `meta.json`, if it changed since it was last
+    /// written, after syncing the task's bytes: a piece is never recorded on disk over
+    /// bytes that did not reach it, so a crash loses at most recent pieces (fetched
+    /// again), never the truth of the ones recorded. Stores call it at most every
+    /// [`PERSIST_EVERY`]; the download calls it when it ends.
+    pub fn persist(&self) -> io::Result<()> {
+        let mut last = self.persisting.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.dirty.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            return Ok(());
+        }
+        // Everything recorded in this snapshot was written to the file before it.
+        let snapshot = self.lock().clone();
+        let r = self.file.sync_data().and_then(|()| self.save(&snapshot));
+        *last = std::time::Instant::now();
+        if r.is_err() {
+            self.dirty.store(true, std::sync::atomic::Ordering::Release);
+        }
+        r
+    }
+
+    /// The record changed: `meta.json` is rewritten (now, with `now`; else by the next
+    /// [`TaskData::persist`]).
+    fn changed_record(&self, now: bool) {
+        self.dirty.store(true, std::sync::atomic::Ordering::Release);
+        if now {
+            if let Err(e) = self.persist() {
+                tracing::warn!("task {}: writing meta.json: {e}", self.id);
+            }
+        }
     }
 
     /// Marks every stored piece verified (the whole task matched its digest).
@@ -352,9 +422,9 @@ impl TaskData {
             for p in pieces.iter_mut().flatten() {
                 p.verified = true;
             }
-            let _ = self.save(&pieces);
         }
         self.wake();
+        self.changed_record(true);
     }
 
     /// Marks verified each piece `(number, sha256)` whose bytes stored now have that
@@ -375,9 +445,9 @@ impl TaskData {
             if !changed {
                 return;
             }
-            let _ = self.save(&pieces);
         }
         self.wake();
+        self.changed_record(false);
     }
 
     /// Whether piece `number` is stored and verified.
@@ -388,48 +458,58 @@ impl TaskData {
     /// Forgets piece `number` if the bytes stored now are the unverified ones with
     /// SHA-256 `sha256` (found bad); true when it did.
     pub fn drop_piece_if(&self, number: u32, sha256: &str) -> bool {
-        let mut pieces = self.lock();
-        match pieces.get_mut(number as usize) {
-            Some(p @ Some(_))
-                if p.as_ref()
-                    .is_some_and(|p| !p.verified && p.sha256 == sha256) =>
-            {
-                *p = None;
+        {
+            let mut pieces = self.lock();
+            match pieces.get_mut(number as usize) {
+                Some(p @ Some(_))
+                    if p.as_ref()
+                        .is_some_and(|p| !p.verified && p.sha256 == sha256) =>
+                {
+                    *p = None;
+                }
+                _ => return false,
             }
-            _ => return false,
         }
-        let _ = self.save(&pieces);
+        // Bad bytes are never left recorded.
+        self.changed_record(true);
         true
     }
 
     /// Forgets piece `number` (found bad).
     pub fn drop_piece(&self, number: u32) {
-        let mut pieces = self.lock();
-        if let Some(p) = pieces.get_mut(number as usize) {
+        if let Some(p) = self.lock().get_mut(number as usize) {
             *p = None;
         }
-        let _ = self.save(&pieces);
+        self.changed_record(true);
     }
 
     /// Reads `len` bytes at `offset`, all in stored pieces (verified ones, with
     /// `verified_only`); `None` when a piece is missing.
     pub fn read(&self, offset: u64, len: u64, verified_only: bool) -> io::Result<Option<Vec<u8>>> {
-        if len == 0 {
-            return Ok(Some(Vec::new()));
+        let mut buf = vec![0u8; len as usize];
+        Ok(self
+            .read_into(offset, &mut buf, verified_only)?
+            .then_some(buf))
+    }
+
+    /// [`TaskData::read`] into `buf` (its length is the length read); `false` when a
+    /// piece is missing.
+    pub fn read_into(&self, offset: u64, buf: &mut [u8], verified_only: bool) -> io::Result<bool> {
+        if buf.is_empty() {
+            return Ok(true);
         }
         let first = (offset / self.piece_length) as u32;
-        let last = ((offset + len - 1) / self.piece_length) as u32;
+        let last = ((offset + buf.len() as u64 - 1) / self.piece_length) as u32;
         let usable = |n| match self.piece(n) {
             Some(p) => p.verified || !verified_only,
             None => false,
         };
         if !(first..=last).all(usable) {
-            return Ok(None);
+            return Ok(false);
         }
         self.touch();
-        let mut buf = vec![0u8; len as usize];
-        self.file.read_exact_at(&mut buf, offset)?;
-        Ok(Some(buf))
+        self.file.read_exact_at(buf, offset)?;
+        Ok(true)
     }
 
     /// The data file (for serving without copies).
@@ -585,7 +665,8 @@ impl Storage {
             std::time::SystemTime::now(),
         );
         *t.lock() = vec![None; t.piece_count() as usize];
-        t.save(&t.lock())?;
+        t.dirty.store(true, std::sync::atomic::Ordering::Release);
+        t.persist()?;
         let t = Arc::new(t);
         tasks.insert(id.to_string(), t.clone());
         Ok(t)
@@ -728,6 +809,8 @@ mod tests {
         assert_eq!(t.read(0, 4, false).unwrap().unwrap(), b"0123");
         assert_eq!(t.read(0, 4, true).unwrap(), None, "piece 0 is not verified");
         assert_eq!(t.read(2, 4, false).unwrap(), None, "piece 1 is missing");
+        // What a download does when it ends.
+        t.persist().unwrap();
         drop((t, s));
         let s = Storage::open(dir.path()).unwrap();
         let t = s.get("abc").unwrap();

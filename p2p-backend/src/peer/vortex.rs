@@ -190,12 +190,20 @@ async fn serve_conn(sock: &mut TcpStream, server: &Server) -> std::io::Result<()
                 created_at: chrono::Utc::now().naive_utc(),
             },
         };
+        // The whole piece is asked of the disk at once (the slices below wait on one
+        // read-ahead, not on one disk read each when the page cache lacks it).
+        let _ = nix::fcntl::posix_fadvise(
+            std::os::fd::AsRawFd::as_raw_fd(task.file()),
+            meta.offset as i64,
+            meta.length as i64,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+        );
         let mut buf = BytesMut::with_capacity(HEADER_SIZE + content.encoded_len());
         content.encode_packet(&mut buf);
         sock.write_all(&buf).await?;
         // The bytes go out a slice at a time: a piece (up to 64 MiB) is never all in
         // memory.
-        let mut chunk = vec![0u8; SLICE.min(meta.length as usize)];
+        let mut chunk = super::buffers::SLICES.take(SLICE.min(meta.length as usize));
         let mut at = 0u64;
         while at < meta.length {
             let n = (meta.length - at).min(SLICE as u64) as usize;
@@ -216,6 +224,7 @@ async fn serve_conn(sock: &mut TcpStream, server: &Server) -> std::io::Result<()
             sock.write_all(&chunk[..n]).await?;
             at += n as u64;
         }
+        super::buffers::SLICES.give(chunk);
         (server.served)(&task_id, meta.length);
     }
     Ok(())
@@ -257,8 +266,10 @@ pub fn is_refusal(e: &str) -> bool {
 pub struct Fetched {
     /// The parent's metadata.
     pub metadata: PieceMetadata,
-    /// The bytes.
+    /// The bytes (hand them back to [`super::buffers::PIECES`] when done).
     pub data: Vec<u8>,
+    /// Their CRC-32, checked against the parent's digest.
+    pub crc32: u32,
 }
 
 /// Fetches piece `number` of `task_id` from the parent at `addr` (`ip:port`), within
@@ -311,10 +322,11 @@ async fn fetch_inner(
             metadata.number, metadata.length
         )));
     }
-    let mut data = vec![0u8; metadata.length as usize];
-    sock.read_exact(&mut data)
-        .await
-        .map_err(|e| what(format!("reading the bytes: {e}")))?;
+    let mut data = super::buffers::PIECES.take(metadata.length as usize);
+    if let Err(e) = sock.read_exact(&mut data).await {
+        super::buffers::PIECES.give(data);
+        return Err(what(format!("reading the bytes: {e}")));
+    }
     // The parent's CRC-32 is required (dfdaemon always sends one).
     let got = crc32fast::hash(&data);
     let said = metadata
@@ -322,10 +334,15 @@ async fn fetch_inner(
         .strip_prefix("crc32:")
         .and_then(|c| c.parse::<u32>().ok());
     if said != Some(got) {
+        super::buffers::PIECES.give(data);
         return Err(what(format!(
             "bytes with CRC-32 {got}, the parent's digest says {:?}",
             metadata.digest
         )));
     }
-    Ok(Fetched { metadata, data })
+    Ok(Fetched {
+        metadata,
+        data,
+        crc32: got,
+    })
 }

@@ -249,6 +249,7 @@ fn a_corrupt_piece_is_reported_by_nydusd_and_read_right_after_one_retry() {
     assert_eq!(sha256_file(&got).unwrap(), hex);
     // Piece 0 changes on disk, CRC and all; the liar serves slowly (4 MiB/s), so that
     // nydusd reads the piece long before the node's peer could check the whole blob.
+    liar.wait_task_recorded(&hex);
     liar.kill();
     super::p2p_peer::corrupt_consistently(&liar, &hex, 0, 4 << 20);
     let text = std::fs::read_to_string(liar.config_path()).unwrap();

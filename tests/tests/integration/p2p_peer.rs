@@ -288,6 +288,7 @@ fn a_parent_that_lies_consistently_is_caught_and_excluded() {
     let got = fetch_all(&[&liar], &origin.url(), "liar");
     assert_hex(&got[0], &origin.hex, "the liar's own copy");
     // The liar's piece 1 changes on disk, CRC and all; it serves it after a restart.
+    liar.wait_task_recorded(&origin.hex);
     liar.kill();
     corrupt_consistently(&liar, &origin.hex, 1, 4 << 20);
     liar.restart();
