@@ -375,7 +375,7 @@ impl Driver {
             .filter(|n| t.piece(*n).is_none())
             .collect();
         // Fetches hold the places of [`CONCURRENT_PIECES`]; a piece fetched is stored
-        // (hashed, written, synced) while the next one's fetch is under way.
+        // (hashed, written) while the next one's fetch is under way.
         let mut jobs = tokio::task::JoinSet::new();
         let mut stores = tokio::task::JoinSet::new();
         let mut failure = None;
@@ -509,11 +509,18 @@ impl Driver {
         .await
         .map_err(|e| format!("hashing the blob: {e}"))??;
         if got != want {
-            let mut suspects = Vec::new();
-            for p in t.pieces().into_iter().filter(|p| !p.verified) {
-                t.drop_piece(p.number);
-                suspects.extend(p.parent);
-            }
+            // Dropping writes the record (a sync): off the threads that serve requests.
+            let t2 = t.clone();
+            let mut suspects = tokio::task::spawn_blocking(move || {
+                let mut suspects = Vec::new();
+                for p in t2.pieces().into_iter().filter(|p| !p.verified) {
+                    t2.drop_piece(p.number);
+                    suspects.extend(p.parent);
+                }
+                suspects
+            })
+            .await
+            .map_err(|e| format!("dropping the pieces: {e}"))?;
             suspects.sort();
             suspects.dedup();
             self.peer.metrics.piece_failure("blob-digest");
@@ -523,7 +530,8 @@ impl Driver {
                  were dropped"
             ));
         }
-        t.verify_all();
+        let t2 = t.clone();
+        let _ = tokio::task::spawn_blocking(move || t2.verify_all()).await;
         Ok(())
     }
 
@@ -819,8 +827,16 @@ impl Driver {
                 }
                 // A reader waits on a piece, or moved on: pieces may start now.
                 _ = t.want_changed() => {}
-                // The reader may have stopped reading: the window goes.
-                _ = tokio::time::sleep(READER_ACTIVE), if held => {}
+                // The reader may have stopped reading: the window goes. What was stored
+                // meanwhile is recorded on disk (no store may come to do it).
+                _ = tokio::time::sleep(READER_ACTIVE), if held => {
+                    let t2 = t.clone();
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(e) = t2.persist_if_due() {
+                            tracing::warn!("task {}: writing meta.json: {e}", t2.id);
+                        }
+                    });
+                }
                 Some(d) = digest_rx.recv() => {
                     origin_sha.extend(d.digests);
                     for parent in d.bad {
@@ -1038,7 +1054,7 @@ async fn poll_seed_digests(
                 known.insert(piece.number, hex.to_string());
             }
         }
-        let (mut good, mut bad) = (Vec::new(), Vec::new());
+        let (mut good, mut drop) = (Vec::new(), Vec::new());
         for p in &unverified {
             match known.get(&p.number) {
                 Some(want) if *want == p.sha256 => good.push((p.number, want.clone())),
@@ -1050,14 +1066,22 @@ async fn poll_seed_digests(
                         p.parent,
                         p.sha256
                     );
-                    // Only if those bytes are still the ones stored.
-                    if t.drop_piece_if(p.number, &p.sha256) {
-                        bad.extend(p.parent.clone());
-                    }
+                    drop.push(p.clone());
                 }
                 None => {}
             }
         }
+        // Only if those bytes are still the ones stored; dropping writes the record (a
+        // sync): off the threads that serve requests.
+        let t2 = t.clone();
+        let bad: Vec<String> = tokio::task::spawn_blocking(move || {
+            drop.into_iter()
+                .filter(|p| t2.drop_piece_if(p.number, &p.sha256))
+                .filter_map(|p| p.parent)
+                .collect()
+        })
+        .await
+        .unwrap_or_default();
         if !good.is_empty() {
             delay = DIGEST_POLL;
             let t2 = t.clone();

@@ -224,9 +224,17 @@ async fn bad_range(peer: &Arc<PeerInner>, req: Request<Incoming>) -> Response<Bo
         );
     }
     let senders: Vec<String> = pieces.iter().filter_map(|p| p.parent.clone()).collect();
-    for p in &pieces {
-        t.drop_piece(p.number);
-    }
+    // Dropping writes the record (a sync): off the threads that serve requests.
+    let (t2, numbers) = (
+        t.clone(),
+        pieces.iter().map(|p| p.number).collect::<Vec<_>>(),
+    );
+    let _ = tokio::task::spawn_blocking(move || {
+        for n in numbers {
+            t2.drop_piece(n);
+        }
+    })
+    .await;
     peer.metrics.piece_failure("reported");
     peer.suspect(&task_id, &senders);
     tracing::warn!(

@@ -1,7 +1,10 @@
 //! Pieces on disk: one directory per task under `storage.dir`, holding the task's bytes
 //! (`data`, at their offsets) and what is known of them (`meta.json`: the length, the
 //! piece length, and each piece stored with its CRC-32 and SHA-256). A task's pieces
-//! survive a restart of the peer and are served again.
+//! survive a restart of the peer and are served again. `meta.json` is written in
+//! batches, each after the bytes it records were synced: a crash can lose the record of
+//! the last pieces stored (fetched again after the restart), never record bytes that
+//! are not on disk.
 //!
 //! Task ids and piece lengths follow dfdaemon, so that mixed swarms share tasks: the id
 //! of an OCI blob URL (`.../blobs/sha256:<hex>`) is the blob digest's hex, and a task
@@ -119,6 +122,8 @@ pub struct TaskData {
     dirty: std::sync::atomic::AtomicBool,
     /// Held while `meta.json` is written, with when it last was.
     persisting: Mutex<std::time::Instant>,
+    /// The pieces `meta.json` records now (written after their bytes were synced).
+    durable: Mutex<Vec<bool>>,
 }
 
 /// How often at most a download's stores write `meta.json` (with the data synced
@@ -170,6 +175,7 @@ impl TaskData {
             storing: Default::default(),
             dirty: std::sync::atomic::AtomicBool::new(false),
             persisting: Mutex::new(std::time::Instant::now()),
+            durable: Mutex::new(Vec::new()),
         }
     }
 
@@ -373,15 +379,25 @@ impl TaskData {
         }
         self.wake();
         // Now and then, once the readers were told: one sync for many pieces, not one
-        // (and a rewrite of `meta.json`) for each.
-        if self
-            .persisting
-            .try_lock()
-            .is_ok_and(|last| last.elapsed() >= PERSIST_EVERY)
-        {
-            self.persist()?;
+        // (and a rewrite of `meta.json`) for each. The piece is stored either way.
+        if let Err(e) = self.persist_if_due() {
+            tracing::warn!("task {}: writing meta.json: {e}", self.id);
         }
         Ok(meta)
+    }
+
+    /// [`TaskData::persist`], if the record changed and was last written
+    /// [`PERSIST_EVERY`] ago or more (and no other write of it is under way).
+    pub fn persist_if_due(&self) -> io::Result<()> {
+        let due = self.dirty.load(std::sync::atomic::Ordering::Acquire)
+            && self
+                .persisting
+                .try_lock()
+                .is_ok_and(|last| last.elapsed() >= PERSIST_EVERY);
+        if due {
+            self.persist()?;
+        }
+        Ok(())
     }
 
     /// Writes the record of the pieces to `meta.json`, if it changed since it was last
@@ -396,10 +412,28 @@ impl TaskData {
         }
         // Everything recorded in this snapshot was written to the file before it.
         let snapshot = self.lock().clone();
-        let r = self.file.sync_data().and_then(|()| self.save(&snapshot));
         *last = std::time::Instant::now();
-        if r.is_err() {
+        if let Err(e) = self.file.sync_data() {
+            // The kernel may have dropped bytes it could not write, and a later sync
+            // would not say so: the pieces not on record yet are forgotten (fetched
+            // again), so that no record is ever written over them.
+            let durable = self.durable.lock().unwrap_or_else(|e| e.into_inner());
+            let mut pieces = self.lock();
+            for (n, p) in snapshot.iter().enumerate() {
+                if p.is_some() && !durable.get(n).copied().unwrap_or(false) && pieces[n] == *p {
+                    pieces[n] = None;
+                }
+            }
             self.dirty.store(true, std::sync::atomic::Ordering::Release);
+            return Err(e);
+        }
+        let r = self.save(&snapshot);
+        match &r {
+            Ok(()) => {
+                *self.durable.lock().unwrap_or_else(|e| e.into_inner()) =
+                    snapshot.iter().map(Option::is_some).collect();
+            }
+            Err(_) => self.dirty.store(true, std::sync::atomic::Ordering::Release),
         }
         r
     }
@@ -458,6 +492,11 @@ impl TaskData {
     /// Forgets piece `number` if the bytes stored now are the unverified ones with
     /// SHA-256 `sha256` (found bad); true when it did.
     pub fn drop_piece_if(&self, number: u32, sha256: &str) -> bool {
+        // No store of this piece until the record without it is written: its next
+        // bytes are never written under the record of the bad ones.
+        let _one = self.storing[number as usize % 16]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         {
             let mut pieces = self.lock();
             match pieces.get_mut(number as usize) {
@@ -477,6 +516,10 @@ impl TaskData {
 
     /// Forgets piece `number` (found bad).
     pub fn drop_piece(&self, number: u32) {
+        // As in `drop_piece_if`.
+        let _one = self.storing[number as usize % 16]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(p) = self.lock().get_mut(number as usize) {
             *p = None;
         }
@@ -609,6 +652,8 @@ impl Storage {
                 pieces[n] = Some(p);
             }
         }
+        *t.durable.lock().unwrap_or_else(|e| e.into_inner()) =
+            pieces.iter().map(Option::is_some).collect();
         *t.lock() = pieces;
         Ok(t)
     }
@@ -787,6 +832,32 @@ mod tests {
         assert_eq!(piece_length(256 << 20), 4 << 20);
         assert_eq!(piece_length(4 << 30), 16 << 20);
         assert_eq!(piece_length(1 << 40), 64 << 20);
+    }
+
+    #[test]
+    fn the_record_on_disk_follows_the_bytes_and_drops_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(dir.path()).unwrap();
+        let t = s.create("abc", "http://x", 12, 4).unwrap();
+        let on_disk = || {
+            let again = Storage::open(dir.path()).unwrap();
+            again.get("abc").map(|t| t.pieces().len())
+        };
+        // Stored, readable, not yet on record (the record was written under 1 s ago):
+        // a crash now loses the record of the piece, never makes it lie.
+        t.store(0, b"0123", None, true).unwrap();
+        t.store(1, b"4567", Some("p".into()), false).unwrap();
+        assert_eq!(t.read(0, 8, false).unwrap().unwrap(), b"01234567");
+        assert_eq!(on_disk(), Some(0));
+        t.persist().unwrap();
+        assert_eq!(on_disk(), Some(2));
+        // A piece found bad is off the record at once.
+        assert!(t.drop_piece_if(1, &hex::encode(Sha256::digest(b"4567"))));
+        assert_eq!(on_disk(), Some(1));
+        // Later stores are recorded once a second has passed since the last write.
+        std::thread::sleep(PERSIST_EVERY);
+        t.store(2, b"89ab", None, true).unwrap();
+        assert_eq!(on_disk(), Some(2));
     }
 
     #[test]

@@ -306,7 +306,9 @@ fn a_parent_that_lies_consistently_is_caught_and_excluded() {
         "the child never refused a piece:\n{m}\n{}",
         child.log()
     );
-    // Nothing of the liar's piece 1 was kept: the child's piece 1 came from the origin.
+    // Nothing of the liar's piece 1 was kept: the child's piece 1 came from the origin
+    // (as its record on disk says, once the download has ended).
+    child.wait_task_recorded(&origin.hex);
     let meta: serde_json::Value = serde_json::from_slice(
         &std::fs::read(
             child
