@@ -772,8 +772,8 @@ impl Driver {
                     let _held = budget.acquire_many_owned(mib).await;
                     let r = super::vortex::fetch(&addr, &task_id, n, len, PIECE_TIMEOUT).await;
                     let p2 = parent.clone();
-                    // Hashing and writing a piece (up to 64 MiB) are kept off the
-                    // threads that serve requests.
+                    // Writing a piece (up to 64 MiB) is kept off the threads that
+                    // serve requests (it was hashed as it arrived).
                     let check = move || {
                         let mut buffer = None;
                         let stored = r.and_then(|f| {
@@ -783,7 +783,7 @@ impl Driver {
                                     f.data.len()
                                 ));
                             }
-                            let got = hex::encode(Sha256::digest(&f.data));
+                            let got = f.sha256.clone();
                             if let Some(want) = &sha {
                                 if &got != want {
                                     return Err(format!(

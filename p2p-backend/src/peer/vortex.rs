@@ -7,6 +7,7 @@
 
 use super::storage::Storage;
 use bytes::BytesMut;
+use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,6 +22,8 @@ use vortex_protocol::{Header, Message, Vortex, HEADER_SIZE};
 const MAX_VALUE: u32 = 64 << 10;
 /// Bytes read and sent at a time when serving a piece.
 const SLICE: usize = 1 << 20;
+/// Bytes of a fetched piece read (and hashed) at a time.
+const HASH_STEP: usize = 256 << 10;
 /// How long a connection may stay silent.
 const IDLE: Duration = Duration::from_secs(60);
 
@@ -270,6 +273,8 @@ pub struct Fetched {
     pub data: Vec<u8>,
     /// Their CRC-32, checked against the parent's digest.
     pub crc32: u32,
+    /// Their SHA-256, hex (for the caller to check against our seeds' digest).
+    pub sha256: String,
 }
 
 /// Fetches piece `number` of `task_id` from the parent at `addr` (`ip:port`), within
@@ -322,13 +327,35 @@ async fn fetch_inner(
             metadata.number, metadata.length
         )));
     }
-    let mut data = super::buffers::PIECES.take(metadata.length as usize);
-    if let Err(e) = sock.read_exact(&mut data).await {
-        super::buffers::PIECES.give(data);
-        return Err(what(format!("reading the bytes: {e}")));
+    // The bytes are hashed as they arrive, a little at a time: when the last one is in,
+    // the piece is checked (a piece fetched one after another, as while a local reader
+    // reads, no longer waits on its hashing after its transfer).
+    let len = metadata.length as usize;
+    let mut data = super::buffers::PIECES.take(len);
+    let (mut crc, mut sha) = (crc32fast::Hasher::new(), Sha256::new());
+    let mut at = 0;
+    while at < len {
+        let end = (at + HASH_STEP).min(len);
+        match sock.read(&mut data[at..end]).await {
+            Ok(0) => {
+                super::buffers::PIECES.give(data);
+                return Err(what(format!(
+                    "reading the bytes: the parent closed the connection after {at} of {len}"
+                )));
+            }
+            Ok(n) => {
+                crc.update(&data[at..at + n]);
+                sha.update(&data[at..at + n]);
+                at += n;
+            }
+            Err(e) => {
+                super::buffers::PIECES.give(data);
+                return Err(what(format!("reading the bytes: {e}")));
+            }
+        }
     }
     // The parent's CRC-32 is required (dfdaemon always sends one).
-    let got = crc32fast::hash(&data);
+    let got = crc.finalize();
     let said = metadata
         .digest
         .strip_prefix("crc32:")
@@ -344,5 +371,6 @@ async fn fetch_inner(
         metadata,
         data,
         crc32: got,
+        sha256: hex::encode(sha.finalize()),
     })
 }
