@@ -19,7 +19,9 @@
 //!
 //! `-- nydusd`: our nydusd's cold read of a whole image through the node's peer, when
 //! another peer already has the blob, against the same read from the registry without
-//! a limit (see `nydusd_part`).
+//! a limit (see `nydusd_part`). `P2P_BENCH_WARM=1` also reads it again through the same
+//! peer once it holds the blob; `P2P_BENCH_PERF=<file>` records a system-wide `perf`
+//! profile of each read (`<file>.direct`, `<file>.peer`).
 
 use rafs_e2e::*;
 use std::path::Path;

@@ -24,7 +24,10 @@
 //! three of its four pieces under way are ones nobody waits on, so a marked piece
 //! starts at once. A range read also starts the fetch of the rest of its task in the
 //! background (dfdaemon's `prefetch`), at most `proxy.prefetchRateLimit` fast; a
-//! prefetch read (priority 3 or below, as nydusd's prefetch sends) marks nothing.
+//! prefetch read (priority 3 or below, as nydusd's prefetch sends) marks nothing. While
+//! such range reads go on, that background fetch keeps just ahead of them (one piece at
+//! a time, at most 4 pieces past the last one read): the reader's own work keeps its
+//! share of the CPU. A read of the whole task is not paced so.
 //!
 //! **Clients that verify.** A client answers only with pieces verified against a
 //! digest their sender did not give (see [`super::storage::PieceMeta::verified`]),
@@ -463,13 +466,15 @@ async fn through_swarm(
     // The first bytes must be there before the answer goes out: a failure before that
     // still goes to the origin.
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
-    let first_chunk = next_chunk(peer, &t, first, last, !verifies, urgent).await?;
+    // Only range reads pace the rest of the task: a whole-task read is all wanted.
+    let paces = urgent && range.is_some();
+    let first_chunk = next_chunk(peer, &t, first, last, !verifies, urgent, paces).await?;
     let mut at = first + first_chunk.len() as u64;
     let _ = tx.send(Ok(Frame::data(first_chunk))).await;
     let (peer2, t2) = (peer.clone(), t.clone());
     tokio::spawn(async move {
         while len > 0 && at <= last {
-            match next_chunk(&peer2, &t2, at, last, !verifies, urgent).await {
+            match next_chunk(&peer2, &t2, at, last, !verifies, urgent, paces).await {
                 Ok(c) => {
                     at += c.len() as u64;
                     if tx.send(Ok(Frame::data(c))).await.is_err() {
@@ -501,7 +506,8 @@ async fn through_swarm(
 
 /// The bytes from `at` to the end of its piece (or `last`), once that piece is stored
 /// (and verified, with `verified_only`); an `urgent` reader's piece is fetched ahead of
-/// those nobody waits on.
+/// those nobody waits on; a reader that `paces` keeps the rest of the task's download
+/// close ahead of it (see [`TaskData::reader_at`]).
 async fn next_chunk(
     peer: &PeerInner,
     t: &Arc<TaskData>,
@@ -509,6 +515,7 @@ async fn next_chunk(
     last: u64,
     verified_only: bool,
     urgent: bool,
+    paces: bool,
 ) -> Result<Bytes, String> {
     if t.content_length == 0 {
         return Ok(Bytes::new());
@@ -519,7 +526,7 @@ async fn next_chunk(
     let end = (offset + length - 1).min(last).min(at + (1 << 20) - 1);
     let mut changes = t.subscribe();
     let mut _want = None;
-    if urgent {
+    if paces {
         t.reader_at(number);
     }
     loop {

@@ -213,8 +213,8 @@ impl TaskData {
         wanted.keys().copied().collect()
     }
 
-    /// A local reader (a client of the proxy) reads piece `number` now: the download is
-    /// woken when that moves it on.
+    /// A local reader (a range read of a proxy client) reads piece `number` now: the
+    /// download keeps close ahead of it, and is woken when that moves it on.
     pub fn reader_at(&self, number: u32) {
         let mut r = self.reader.lock().unwrap_or_else(|e| e.into_inner());
         let moved = r.0 != number || r.1.is_none();
