@@ -775,35 +775,30 @@ impl Driver {
                     // Writing a piece (up to 64 MiB) is kept off the threads that
                     // serve requests (it was hashed as it arrived).
                     let check = move || {
-                        let mut buffer = None;
-                        let stored = r.and_then(|f| {
+                        let f = r?;
+                        let stored = (|| {
                             if f.data.len() as u64 != len {
                                 return Err(format!(
                                     "piece {n}: {} bytes, not {len}",
                                     f.data.len()
                                 ));
                             }
-                            let got = f.sha256.clone();
-                            if let Some(want) = &sha {
-                                if &got != want {
-                                    return Err(format!(
-                                        "piece {n}: SHA-256 {got}, the origin's is {want}"
-                                    ));
-                                }
+                            if let Some(want) = sha.as_ref().filter(|w| **w != f.sha256) {
+                                return Err(format!(
+                                    "piece {n}: SHA-256 {}, the origin's is {want}",
+                                    f.sha256
+                                ));
                             }
                             // Verified when a seed's SHA-256 from the origin matched.
                             // Counted before the piece can be read: a reader done with the
                             // task sees its bytes counted.
                             metrics.from_peers(&task_id, f.data.len() as u64);
-                            let stored = t2
-                                .store_hashed(n, &f.data, Some(p2), sha.is_some(), (got, f.crc32))
-                                .map_err(|e| format!("storing piece {n}: {e}"));
-                            buffer = Some(f.data);
-                            stored
-                        });
-                        if let Some(b) = buffer {
-                            super::buffers::PIECES.give(b);
-                        }
+                            let digests = (f.sha256.clone(), f.crc32);
+                            t2.store_hashed(n, &f.data, Some(p2), sha.is_some(), digests)
+                                .map_err(|e| format!("storing piece {n}: {e}"))
+                        })();
+                        // Kept or not, the bytes' buffer goes back for the next piece.
+                        super::buffers::PIECES.give(f.data);
                         stored
                     };
                     let r = tokio::task::spawn_blocking(check)

@@ -363,9 +363,7 @@ impl TaskData {
         // one) never leave one's bytes under the other's record. A piece stored
         // already stays, unless this one is verified and it is not.
         {
-            let _one = self.storing[number as usize % 16]
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let _one = self.storing(number);
             if let Some(held) = self.piece(number) {
                 if held.verified || !verified {
                     return Ok(held);
@@ -492,38 +490,36 @@ impl TaskData {
     /// Forgets piece `number` if the bytes stored now are the unverified ones with
     /// SHA-256 `sha256` (found bad); true when it did.
     pub fn drop_piece_if(&self, number: u32, sha256: &str) -> bool {
-        // No store of this piece until the record without it is written: its next
-        // bytes are never written under the record of the bad ones.
-        let _one = self.storing[number as usize % 16]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        {
-            let mut pieces = self.lock();
-            match pieces.get_mut(number as usize) {
-                Some(p @ Some(_))
-                    if p.as_ref()
-                        .is_some_and(|p| !p.verified && p.sha256 == sha256) =>
-                {
-                    *p = None;
-                }
-                _ => return false,
-            }
-        }
-        // Bad bytes are never left recorded.
-        self.changed_record(true);
-        true
+        self.drop_where(number, |p| !p.verified && p.sha256 == sha256)
     }
 
     /// Forgets piece `number` (found bad).
     pub fn drop_piece(&self, number: u32) {
-        // As in `drop_piece_if`.
-        let _one = self.storing[number as usize % 16]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = self.lock().get_mut(number as usize) {
-            *p = None;
+        self.drop_where(number, |_| true);
+    }
+
+    /// Forgets piece `number` if it is stored and `bad` says so, and writes the record
+    /// without it at once (bad bytes are never left recorded); true when it did.
+    fn drop_where(&self, number: u32, bad: impl Fn(&PieceMeta) -> bool) -> bool {
+        // No store of this piece until the record without it is written: its next
+        // bytes are never written under the record of the bad ones.
+        let _one = self.storing(number);
+        {
+            let mut pieces = self.lock();
+            match pieces.get_mut(number as usize) {
+                Some(p @ Some(_)) if p.as_ref().is_some_and(&bad) => *p = None,
+                _ => return false,
+            }
         }
         self.changed_record(true);
+        true
+    }
+
+    /// The lock a store of piece `number` holds from its write to its record.
+    fn storing(&self, number: u32) -> std::sync::MutexGuard<'_, ()> {
+        self.storing[number as usize % 16]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Reads `len` bytes at `offset`, all in stored pieces (verified ones, with

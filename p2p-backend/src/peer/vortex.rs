@@ -332,45 +332,54 @@ async fn fetch_inner(
     // reads, no longer waits on its hashing after its transfer).
     let len = metadata.length as usize;
     let mut data = super::buffers::PIECES.take(len);
+    match read_hashed(&mut sock, &mut data, &metadata.digest).await {
+        Ok((crc32, sha256)) => Ok(Fetched {
+            metadata,
+            data,
+            crc32,
+            sha256,
+        }),
+        Err(e) => {
+            super::buffers::PIECES.give(data);
+            Err(what(e))
+        }
+    }
+}
+
+/// Reads `data.len()` bytes into `data`, hashing them as they come; their CRC-32 and
+/// SHA-256 (hex), once the CRC-32 matched the parent's `digest` (`crc32:<decimal>`).
+async fn read_hashed(
+    sock: &mut TcpStream,
+    data: &mut [u8],
+    digest: &str,
+) -> Result<(u32, String), String> {
+    let len = data.len();
     let (mut crc, mut sha) = (crc32fast::Hasher::new(), Sha256::new());
     let mut at = 0;
     while at < len {
         let end = (at + HASH_STEP).min(len);
-        match sock.read(&mut data[at..end]).await {
+        let n = match sock.read(&mut data[at..end]).await {
             Ok(0) => {
-                super::buffers::PIECES.give(data);
-                return Err(what(format!(
+                return Err(format!(
                     "reading the bytes: the parent closed the connection after {at} of {len}"
-                )));
+                ))
             }
-            Ok(n) => {
-                crc.update(&data[at..at + n]);
-                sha.update(&data[at..at + n]);
-                at += n;
-            }
-            Err(e) => {
-                super::buffers::PIECES.give(data);
-                return Err(what(format!("reading the bytes: {e}")));
-            }
-        }
+            Ok(n) => n,
+            Err(e) => return Err(format!("reading the bytes: {e}")),
+        };
+        crc.update(&data[at..at + n]);
+        sha.update(&data[at..at + n]);
+        at += n;
     }
     // The parent's CRC-32 is required (dfdaemon always sends one).
     let got = crc.finalize();
-    let said = metadata
-        .digest
+    let said = digest
         .strip_prefix("crc32:")
         .and_then(|c| c.parse::<u32>().ok());
     if said != Some(got) {
-        super::buffers::PIECES.give(data);
-        return Err(what(format!(
-            "bytes with CRC-32 {got}, the parent's digest says {:?}",
-            metadata.digest
-        )));
+        return Err(format!(
+            "bytes with CRC-32 {got}, the parent's digest says {digest:?}"
+        ));
     }
-    Ok(Fetched {
-        metadata,
-        data,
-        crc32: got,
-        sha256: hex::encode(sha.finalize()),
-    })
+    Ok((got, hex::encode(sha.finalize())))
 }
