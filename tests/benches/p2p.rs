@@ -21,7 +21,8 @@
 //! another peer already has the blob, against the same read from the registry without
 //! a limit (see `nydusd_part`). `P2P_BENCH_WARM=1` also reads it again through the same
 //! peer once it holds the blob; `P2P_BENCH_PERF=<file>` records a system-wide `perf`
-//! profile of each read (`<file>.direct`, `<file>.peer`).
+//! profile of each read (`<file>.direct`, `<file>.peer`); `P2P_BENCH_LOGS=all` prints the
+//! node's whole log after each run (any other value, its download's summary).
 
 use rafs_e2e::*;
 use std::path::Path;
@@ -323,7 +324,12 @@ fn nydusd_part(root: &Path, runs: usize) {
             );
         }
         if std::env::var_os("P2P_BENCH_LOGS").is_some() {
-            for l in node.log().lines().filter(|l| l.contains("complete in")) {
+            let all = std::env::var("P2P_BENCH_LOGS").is_ok_and(|v| v == "all");
+            for l in node
+                .log()
+                .lines()
+                .filter(|l| all || l.contains("complete in"))
+            {
                 eprintln!("node{run}: {l}");
             }
         }

@@ -176,10 +176,7 @@ async fn run(config: Config, dynconfig: Option<PathBuf>) -> Result<(), String> {
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(service)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(upload),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(p2p_backend::scheduler::incoming(upload), shutdown)
         .await
         .map_err(|e| format!("the upload server: {e}"))
 }

@@ -93,6 +93,8 @@ pub async fn serve(listener: TcpListener, peer: Arc<PeerInner>) {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        // A body's last small write is not held back for the client's delayed ACK.
+        let _ = sock.set_nodelay(true);
         let (peer, rules) = (peer.clone(), rules.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {

@@ -600,6 +600,16 @@ impl Storage {
                     );
                     s.lock().insert(t.id.clone(), Arc::new(t));
                 }
+                // A task created and never recorded (the peer stopped before its
+                // first pieces were): nothing in it is known, and nothing else
+                // would ever remove it.
+                Err(e2)
+                    if e2.kind() == io::ErrorKind::NotFound
+                        && !e.path().join("meta.json").exists() =>
+                {
+                    tracing::info!("{}: never recorded; removed", e.path().display());
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
                 Err(e2) => tracing::warn!("{}: left out: {e2}", e.path().display()),
             }
         }
@@ -706,8 +716,10 @@ impl Storage {
             std::time::SystemTime::now(),
         );
         *t.lock() = vec![None; t.piece_count() as usize];
+        // Recorded with its first pieces (a sync here held a reader's first bytes back
+        // by tens of milliseconds); a task directory left without a record by a crash
+        // before then is removed at the next start.
         t.dirty.store(true, std::sync::atomic::Ordering::Release);
-        t.persist()?;
         let t = Arc::new(t);
         tasks.insert(id.to_string(), t.clone());
         Ok(t)
@@ -834,11 +846,25 @@ mod tests {
     fn the_record_on_disk_follows_the_bytes_and_drops_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let s = Storage::open(dir.path()).unwrap();
-        let t = s.create("abc", "http://x", 12, 4).unwrap();
+        s.create("abc", "http://x", 12, 4).unwrap();
         let on_disk = || {
             let again = Storage::open(dir.path()).unwrap();
             again.get("abc").map(|t| t.pieces().len())
         };
+        // Not recorded when created: a start now finds nothing it knows, and removes
+        // the task's directory.
+        drop(s);
+        let data = dir.path().join("tasks/abc/data");
+        assert!(data.exists());
+        assert_eq!(on_disk(), None);
+        assert!(
+            !data.exists(),
+            "the unrecorded task's directory is still there"
+        );
+        let s = Storage::open(dir.path()).unwrap();
+        let t = s.create("abc", "http://x", 12, 4).unwrap();
+        t.persist().unwrap();
+        assert_eq!(on_disk(), Some(0));
         // Stored, readable, not yet on record (the record was written under 1 s ago):
         // a crash now loses the record of the piece, never makes it lie.
         t.store(0, b"0123", None, true).unwrap();

@@ -194,41 +194,67 @@ async fn serve_conn(sock: &mut TcpStream, server: &Server) -> std::io::Result<()
             },
         };
         // The whole piece is asked of the disk at once (the slices below wait on one
-        // read-ahead, not on one disk read each when the page cache lacks it).
+        // read-ahead, not on one disk read each when the page cache lacks it), and the
+        // next one too: children mostly ask for pieces in order, and its disk read
+        // then overlaps this piece's transfer.
         let _ = nix::fcntl::posix_fadvise(
             std::os::fd::AsRawFd::as_raw_fd(task.file()),
             meta.offset as i64,
-            meta.length as i64,
+            (2 * meta.length) as i64,
             nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
         );
         let mut buf = BytesMut::with_capacity(HEADER_SIZE + content.encoded_len());
         content.encode_packet(&mut buf);
         sock.write_all(&buf).await?;
-        // The bytes go out a slice at a time: a piece (up to 64 MiB) is never all in
-        // memory.
-        let mut chunk = super::buffers::SLICES.take(SLICE.min(meta.length as usize));
+        // The bytes go from the page cache to the socket (`sendfile`), a slice at a
+        // time for the upload rate limit: they are never copied through this process
+        // (on two cores, copies are what a read through the swarm runs short of).
         let mut at = 0u64;
         while at < meta.length {
-            let n = (meta.length - at).min(SLICE as u64) as usize;
+            let n = (meta.length - at).min(SLICE as u64);
             if let Some(limit) = &server.limit {
-                limit.take(n as u64).await;
+                limit.take(n).await;
             }
-            // Read on a blocking thread: a cold page cache means disk waits.
-            let (t, offset) = (task.clone(), meta.offset + at);
-            let (back, read) = tokio::task::spawn_blocking(move || {
-                let r =
-                    std::os::unix::fs::FileExt::read_exact_at(t.file(), &mut chunk[..n], offset);
-                (chunk, r)
-            })
-            .await
-            .map_err(std::io::Error::other)?;
-            chunk = back;
-            read?;
-            sock.write_all(&chunk[..n]).await?;
-            at += n as u64;
+            send_file(sock, task.file(), meta.offset + at, n).await?;
+            at += n;
         }
-        super::buffers::SLICES.give(chunk);
         (server.served)(&task_id, meta.length);
+    }
+    Ok(())
+}
+
+/// Sends `len` bytes of `file` from `offset` on `sock` with `sendfile(2)`, waiting for
+/// room in the socket's buffer as a write would. The file's pages were asked of the disk
+/// beforehand (`WILLNEED`): a page still being read holds this thread up as long as the
+/// disk takes, as a `sendfile` web server's workers are.
+async fn send_file(
+    sock: &TcpStream,
+    file: &std::fs::File,
+    offset: u64,
+    len: u64,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (out, from) = (sock.as_raw_fd(), file.as_raw_fd());
+    let mut at = offset as nix::libc::off_t;
+    let end = (offset + len) as nix::libc::off_t;
+    while at < end {
+        sock.writable().await?;
+        let sent = sock.try_io(tokio::io::Interest::WRITABLE, || {
+            let left = (end - at) as usize;
+            nix::sys::sendfile::sendfile(out, from, Some(&mut at), left)
+                .map_err(std::io::Error::from)
+        });
+        match sent {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the task's file ends before the piece does",
+                ))
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }
