@@ -38,6 +38,9 @@ const BACKGROUND_PIECES: usize = CONCURRENT_PIECES - 1;
 const AHEAD_OF_READER: u32 = 4;
 /// ...and how many of them at once.
 const READER_BACKGROUND_PIECES: usize = 1;
+/// How long at most a complete task's check waits for a local reader that checks chunks
+/// itself to stop reading (see `check_whole`).
+const WHOLE_CHECK_WAIT: Duration = Duration::from_secs(30);
 /// A reader read within this long is reading.
 const READER_ACTIVE: Duration = Duration::from_millis(500);
 /// How long one piece may take from a parent.
@@ -490,6 +493,17 @@ impl Driver {
         if t.all_verified() {
             return Ok(());
         }
+        // Pieces stored without their SHA-256 while a reader that checks chunks itself
+        // read (see `lazy` in `via_parents`): the blob is hashed once that reader has
+        // stopped, so that the hashing does not take the CPU from it; at once when a
+        // reader waits for verified bytes, and at most `WHOLE_CHECK_WAIT` later.
+        let deadline = tokio::time::Instant::now() + WHOLE_CHECK_WAIT;
+        while t.verifying_reader(READER_ACTIVE)
+            && t.wanted_verified().is_empty()
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(READER_ACTIVE / 5).await;
+        }
         // Hashing the whole blob is kept off the threads that serve requests.
         let whole = t.clone();
         let got = tokio::task::spawn_blocking(move || {
@@ -677,6 +691,12 @@ impl Driver {
         ));
         let _poller = AbortOnDrop(poller);
         let mut job_pieces: HashMap<tokio::task::Id, (u32, String)> = HashMap::new();
+        // Checked whole once complete (see `check_whole`): pieces may wait for their
+        // SHA-256 while a reader that checks chunks itself reads.
+        let whole_checked = storage::blob_digest(&self.download.url).is_some();
+        // Pieces stored without their SHA-256 being hashed now, a reader that does not
+        // check what it reads waiting on them.
+        let (mut hashing, mut hash_jobs) = (HashSet::new(), tokio::task::JoinSet::new());
         let mut last_progress = tokio::time::Instant::now();
         loop {
             if t.complete() {
@@ -770,7 +790,15 @@ impl Driver {
                     // Pieces in memory, over all downloads, stay within the budget.
                     let mib = len.div_ceil(1 << 20).clamp(1, PIECE_MEMORY_MIB as u64) as u32;
                     let _held = budget.acquire_many_owned(mib).await;
-                    let r = super::vortex::fetch(&addr, &task_id, n, len, PIECE_TIMEOUT).await;
+                    // While a local reader that checks each chunk itself (nydusd)
+                    // reads the task, and the whole blob is checked against its digest
+                    // once complete, a piece's SHA-256 waits: the CPU goes to the
+                    // reader. Such a piece is stored unverified (never served to other
+                    // peers); it is hashed when a reader that does not check waits on
+                    // it, or checked with the whole blob.
+                    let lazy = whole_checked && t2.verifying_reader(READER_ACTIVE);
+                    let r =
+                        super::vortex::fetch(&addr, &task_id, (n, len), PIECE_TIMEOUT, !lazy).await;
                     let p2 = parent.clone();
                     // Writing a piece (up to 64 MiB) is kept off the threads that
                     // serve requests (it was hashed as it arrived).
@@ -783,7 +811,7 @@ impl Driver {
                                     f.data.len()
                                 ));
                             }
-                            if let Some(want) = sha.as_ref().filter(|w| **w != f.sha256) {
+                            if let Some(want) = sha.as_ref().filter(|w| !lazy && **w != f.sha256) {
                                 return Err(format!(
                                     "piece {n}: SHA-256 {}, the origin's is {want}",
                                     f.sha256
@@ -794,7 +822,8 @@ impl Driver {
                             // task sees its bytes counted.
                             metrics.from_peers(&task_id, f.data.len() as u64);
                             let digests = (f.sha256.clone(), f.crc32);
-                            t2.store_hashed(n, &f.data, Some(p2), sha.is_some(), digests)
+                            let verified = sha.is_some() && !lazy;
+                            t2.store_hashed(n, &f.data, Some(p2), verified, digests)
                                 .map_err(|e| format!("storing piece {n}: {e}"))
                         })();
                         // Kept or not, the bytes' buffer goes back for the next piece.
@@ -807,6 +836,17 @@ impl Driver {
                     (n, parent, r)
                 });
                 job_pieces.insert(job.id(), (n, job_parent));
+            }
+            // A reader that does not check what it reads waits on a piece stored without
+            // its SHA-256: it is hashed now and checked against our seed's digest.
+            for n in t.wanted_verified() {
+                let unhashed = t
+                    .piece(n)
+                    .is_some_and(|p| !p.verified && p.sha256.is_empty());
+                if unhashed && origin_sha.contains_key(&n) && hashing.insert(n) {
+                    let t2 = t.clone();
+                    hash_jobs.spawn_blocking(move || (n, t2.hash_piece(n)));
+                }
             }
             if held {
                 // Waiting for the reader is not the parents' fault.
@@ -831,6 +871,34 @@ impl Driver {
                             tracing::warn!("task {}: writing meta.json: {e}", t2.id);
                         }
                     });
+                }
+                Some(done) = hash_jobs.join_next(), if !hash_jobs.is_empty() => {
+                    let Ok((n, hashed)) = done else { continue };
+                    hashing.remove(&n);
+                    let got = match hashed {
+                        Ok(Some(got)) => got,
+                        // Dropped meanwhile: fetched again.
+                        Ok(None) => continue,
+                        Err(e) => {
+                            tracing::warn!("task {}: hashing piece {n}: {e}", self.task_id);
+                            continue;
+                        }
+                    };
+                    let (t2, want) = (t.clone(), origin_sha.get(&n).cloned().unwrap_or_default());
+                    if got == want {
+                        let _ = tokio::task::spawn_blocking(move || t2.verify(&[(n, got)])).await;
+                        continue;
+                    }
+                    tracing::warn!("task {}: piece {n} has SHA-256 {got}, the origin's is {want}", self.task_id);
+                    let parent = t.piece(n).and_then(|p| p.parent);
+                    let dropped = tokio::task::spawn_blocking(move || t2.drop_piece_if(n, &got))
+                        .await
+                        .unwrap_or(false);
+                    if let Some(parent) = parent.filter(|_| dropped) {
+                        self.peer.metrics.piece_failure("digest");
+                        self.peer.suspect(&self.task_id, std::slice::from_ref(&parent));
+                        self.exclude_bad(a, excluded, &parent).await;
+                    }
                 }
                 Some(d) = digest_rx.recv() => {
                     origin_sha.extend(d.digests);
@@ -1012,7 +1080,13 @@ async fn poll_seed_digests(
     loop {
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(5));
-        let unverified: Vec<PieceMeta> = t.pieces().into_iter().filter(|p| !p.verified).collect();
+        // A piece stored without its SHA-256 (see `lazy` in `via_parents`) is checked
+        // when hashed, or with the whole blob.
+        let unverified: Vec<PieceMeta> = t
+            .pieces()
+            .into_iter()
+            .filter(|p| !p.verified && !p.sha256.is_empty())
+            .collect();
         if unverified.is_empty() {
             if t.complete() {
                 return;
@@ -1301,7 +1375,7 @@ mod tests {
         let all: BTreeSet<u32> = (0..20).collect();
         // A proxy client reads piece 2 (stored): one piece nobody waits on at a time,
         // from it, and none past piece 2 + AHEAD_OF_READER; the rest is held.
-        t.reader_at(2);
+        t.reader_at(2, false);
         assert_eq!(pick(&t, &all, 0, true), (vec![(2, false)], true));
         assert_eq!(pick(&t, &all, 1, true), (vec![], true));
         let near: BTreeSet<u32> = (5..=6).chain(12..20).collect();

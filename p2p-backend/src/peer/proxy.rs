@@ -529,7 +529,7 @@ async fn next_chunk(
     let mut changes = t.subscribe();
     let mut _want = None;
     if paces {
-        t.reader_at(number);
+        t.reader_at(number, !verified_only);
     }
     loop {
         changes.borrow_and_update();
@@ -558,7 +558,11 @@ async fn next_chunk(
             return Err(format!("piece {number} of task {} did not come", t.id));
         }
         if urgent && _want.is_none() {
-            _want = Some(t.want(number));
+            _want = Some(if verified_only {
+                t.want_verified(number)
+            } else {
+                t.want(number)
+            });
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), changes.changed()).await;
     }

@@ -109,10 +109,15 @@ pub struct TaskData {
     /// Pieces that readers wait on now (a read a client waits on, not a prefetch), with
     /// how many wait on each: the download fetches them first.
     wanted: Mutex<BTreeMap<u32, u32>>,
+    /// Of those, the ones waited on by readers that take verified bytes only.
+    wanted_verified: Mutex<BTreeMap<u32, u32>>,
     /// The piece a reader last read or waited on, and when a local reader last read:
     /// the download goes on from there, and while local readers read it keeps close
     /// ahead of them.
     reader: Mutex<(u32, Option<std::time::Instant>)>,
+    /// When a local reader that checks what it reads itself (nydusd, which checks
+    /// each chunk's digest) last read.
+    verifying_reader: Mutex<Option<std::time::Instant>>,
     /// Told when a reader starts waiting on a piece.
     want_signal: tokio::sync::Notify,
     /// Held by a store from its write to its record, one of 16 by piece number: two
@@ -134,16 +139,23 @@ const PERSIST_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 pub struct Want {
     task: Arc<TaskData>,
     number: u32,
+    verified: bool,
 }
 
 impl Drop for Want {
     fn drop(&mut self) {
-        let mut wanted = self.task.wanted.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = wanted.get_mut(&self.number) {
-            *n -= 1;
-            if *n == 0 {
-                wanted.remove(&self.number);
+        let forget = |map: &Mutex<BTreeMap<u32, u32>>| {
+            let mut wanted = map.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = wanted.get_mut(&self.number) {
+                *n -= 1;
+                if *n == 0 {
+                    wanted.remove(&self.number);
+                }
             }
+        };
+        forget(&self.task.wanted);
+        if self.verified {
+            forget(&self.task.wanted_verified);
         }
     }
 }
@@ -170,7 +182,9 @@ impl TaskData {
             changed: watch::channel(0).0,
             accessed: Mutex::new(accessed),
             wanted: Mutex::new(BTreeMap::new()),
+            wanted_verified: Mutex::new(BTreeMap::new()),
             reader: Mutex::new((0, None)),
+            verifying_reader: Mutex::new(None),
             want_signal: tokio::sync::Notify::new(),
             storing: Default::default(),
             dirty: std::sync::atomic::AtomicBool::new(false),
@@ -193,6 +207,24 @@ impl TaskData {
     /// A reader waits on piece `number` until the returned guard is dropped: the
     /// download fetches it ahead of the pieces nobody waits on.
     pub fn want(self: &Arc<Self>, number: u32) -> Want {
+        self.want_as(number, false)
+    }
+
+    /// As [`TaskData::want`], for a reader that takes verified bytes only: a piece
+    /// stored unverified for want of its SHA-256 is hashed at once.
+    pub fn want_verified(self: &Arc<Self>, number: u32) -> Want {
+        self.want_as(number, true)
+    }
+
+    fn want_as(self: &Arc<Self>, number: u32, verified: bool) -> Want {
+        if verified {
+            *self
+                .wanted_verified
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(number)
+                .or_insert(0) += 1;
+        }
         *self
             .wanted
             .lock()
@@ -204,6 +236,7 @@ impl TaskData {
         Want {
             task: self.clone(),
             number,
+            verified,
         }
     }
 
@@ -213,9 +246,25 @@ impl TaskData {
         wanted.keys().copied().collect()
     }
 
+    /// The pieces readers that take verified bytes only wait on now, in order.
+    pub fn wanted_verified(&self) -> Vec<u32> {
+        let wanted = self
+            .wanted_verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        wanted.keys().copied().collect()
+    }
+
     /// A local reader (a range read of a proxy client) reads piece `number` now: the
     /// download keeps close ahead of it, and is woken when that moves it on.
-    pub fn reader_at(&self, number: u32) {
+    /// `verifies`: the reader checks what it reads itself.
+    pub fn reader_at(&self, number: u32, verifies: bool) {
+        if verifies {
+            *self
+                .verifying_reader
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
+        }
         let mut r = self.reader.lock().unwrap_or_else(|e| e.into_inner());
         let moved = r.0 != number || r.1.is_none();
         *r = (number, Some(std::time::Instant::now()));
@@ -230,6 +279,14 @@ impl TaskData {
     pub fn reader(&self, recent: std::time::Duration) -> (u32, bool) {
         let (n, at) = *self.reader.lock().unwrap_or_else(|e| e.into_inner());
         (n, at.is_some_and(|at| at.elapsed() < recent))
+    }
+
+    /// Whether a local reader that checks what it reads itself read within `recent`.
+    pub fn verifying_reader(&self, recent: std::time::Duration) -> bool {
+        self.verifying_reader
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|at| at.elapsed() < recent)
     }
 
     /// Returns once a reader has started waiting on a piece since the last call.
@@ -480,6 +537,39 @@ impl TaskData {
         }
         self.wake();
         self.changed_record(false);
+    }
+
+    /// The SHA-256 of stored piece `number`, hashed from the file now if it was stored
+    /// without one (see [`TaskData::store_hashed`]) and recorded with the piece;
+    /// `None` when the piece is not stored.
+    pub fn hash_piece(&self, number: u32) -> io::Result<Option<String>> {
+        let _one = self.storing(number);
+        let Some(p) = self.piece(number) else {
+            return Ok(None);
+        };
+        if !p.sha256.is_empty() {
+            return Ok(Some(p.sha256));
+        }
+        let mut h = Sha256::new();
+        let mut buf = super::buffers::SLICES.take((1 << 20).min(p.length as usize));
+        let mut at = 0;
+        while at < p.length {
+            let n = (p.length - at).min(buf.len() as u64) as usize;
+            if let Err(e) = self.file.read_exact_at(&mut buf[..n], p.offset + at) {
+                super::buffers::SLICES.give(buf);
+                return Err(e);
+            }
+            h.update(&buf[..n]);
+            at += n as u64;
+        }
+        super::buffers::SLICES.give(buf);
+        let sha = hex::encode(h.finalize());
+        // Stores of this piece wait on `_one`: the bytes hashed are the ones recorded.
+        if let Some(Some(held)) = self.lock().get_mut(number as usize) {
+            held.sha256 = sha.clone();
+        }
+        self.dirty.store(true, std::sync::atomic::Ordering::Release);
+        Ok(Some(sha))
     }
 
     /// Whether piece `number` is stored and verified.
@@ -796,6 +886,41 @@ mod tests {
         assert!(!t.drop_piece_if(0, &sha(&good)));
         let held = t.store(0, &bad, None, false).unwrap();
         assert_eq!(held.sha256, sha(&good));
+    }
+
+    #[test]
+    fn a_piece_stored_without_its_sha256_is_hashed_from_the_file_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(dir.path()).unwrap();
+        let t = Arc::new(s.create("t", "u", 8 << 20, 4 << 20).unwrap());
+        let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+        let sha = hex::encode(Sha256::digest(&data));
+        let crc = crc32fast::hash(&data);
+        t.store_hashed(1, &data, Some("p".into()), false, (String::new(), crc))
+            .unwrap();
+        // Unverified and unhashed: readers that take verified bytes only do not get it,
+        // and a digest check cannot verify it before it is hashed.
+        assert!(t.read(4 << 20, 16, true).unwrap().is_none());
+        t.verify(&[(1, sha.clone())]);
+        assert!(!t.verified(1));
+        assert_eq!(t.hash_piece(0).unwrap(), None, "piece 0 is not stored");
+        assert_eq!(t.hash_piece(1).unwrap().as_deref(), Some(sha.as_str()));
+        assert_eq!(t.piece(1).unwrap().sha256, sha, "the hash is not recorded");
+        t.verify(&[(1, sha.clone())]);
+        assert!(t.verified(1));
+        assert_eq!(t.read(4 << 20, 4, true).unwrap().unwrap(), &data[..4]);
+        // Which readers wait on what: all, and those that need verified bytes.
+        let (a, b) = (t.want(0), t.want_verified(1));
+        assert_eq!(t.wanted(), [0, 1]);
+        assert_eq!(t.wanted_verified(), [1]);
+        drop((a, b));
+        assert!(t.wanted().is_empty() && t.wanted_verified().is_empty());
+        // A local reader that checks chunks itself reads now.
+        assert!(!t.verifying_reader(std::time::Duration::from_secs(5)));
+        t.reader_at(0, false);
+        assert!(!t.verifying_reader(std::time::Duration::from_secs(5)));
+        t.reader_at(0, true);
+        assert!(t.verifying_reader(std::time::Duration::from_secs(5)));
     }
 
     #[test]

@@ -267,7 +267,7 @@ async fn ahead(
     number: u32,
     running: impl Fn() -> bool,
 ) -> Option<super::storage::PieceMeta> {
-    let _want = t.want(number);
+    let _want = t.want_verified(number);
     let mut changes = t.subscribe();
     let deadline = tokio::time::Instant::now() + AHEAD_WAIT;
     loop {
@@ -299,20 +299,22 @@ pub struct Fetched {
     pub data: Vec<u8>,
     /// Their CRC-32, checked against the parent's digest.
     pub crc32: u32,
-    /// Their SHA-256, hex (for the caller to check against our seeds' digest).
+    /// Their SHA-256, hex (for the caller to check against our seeds' digest); empty
+    /// when not asked for.
     pub sha256: String,
 }
 
 /// Fetches piece `number` of `task_id` from the parent at `addr` (`ip:port`), within
-/// `timeout`; the bytes' CRC-32 is checked against the parent's digest.
+/// `timeout`; the bytes' CRC-32 is checked against the parent's digest, and their
+/// SHA-256 computed if `sha256`.
 pub async fn fetch(
     addr: &str,
     task_id: &str,
-    number: u32,
-    max_len: u64,
+    (number, max_len): (u32, u64),
     timeout: Duration,
+    sha256: bool,
 ) -> Result<Fetched, String> {
-    tokio::time::timeout(timeout, fetch_inner(addr, task_id, number, max_len))
+    tokio::time::timeout(timeout, fetch_inner(addr, task_id, number, max_len, sha256))
         .await
         .map_err(|_| format!("piece {number} from {addr}: no answer within {timeout:?}"))?
 }
@@ -322,6 +324,7 @@ async fn fetch_inner(
     task_id: &str,
     number: u32,
     max_len: u64,
+    sha256: bool,
 ) -> Result<Fetched, String> {
     let what = |e: String| format!("piece {number} from {addr}: {e}");
     let mut sock = TcpStream::connect(addr)
@@ -358,7 +361,7 @@ async fn fetch_inner(
     // reads, no longer waits on its hashing after its transfer).
     let len = metadata.length as usize;
     let mut data = super::buffers::PIECES.take(len);
-    match read_hashed(&mut sock, &mut data, &metadata.digest).await {
+    match read_hashed(&mut sock, &mut data, &metadata.digest, sha256).await {
         Ok((crc32, sha256)) => Ok(Fetched {
             metadata,
             data,
@@ -373,14 +376,16 @@ async fn fetch_inner(
 }
 
 /// Reads `data.len()` bytes into `data`, hashing them as they come; their CRC-32 and
-/// SHA-256 (hex), once the CRC-32 matched the parent's `digest` (`crc32:<decimal>`).
+/// SHA-256 (hex; empty unless `sha256`), once the CRC-32 matched the parent's `digest`
+/// (`crc32:<decimal>`).
 async fn read_hashed(
     sock: &mut TcpStream,
     data: &mut [u8],
     digest: &str,
+    sha256: bool,
 ) -> Result<(u32, String), String> {
     let len = data.len();
-    let (mut crc, mut sha) = (crc32fast::Hasher::new(), Sha256::new());
+    let (mut crc, mut sha) = (crc32fast::Hasher::new(), sha256.then(Sha256::new));
     let mut at = 0;
     while at < len {
         let end = (at + HASH_STEP).min(len);
@@ -394,7 +399,9 @@ async fn read_hashed(
             Err(e) => return Err(format!("reading the bytes: {e}")),
         };
         crc.update(&data[at..at + n]);
-        sha.update(&data[at..at + n]);
+        if let Some(sha) = sha.as_mut() {
+            sha.update(&data[at..at + n]);
+        }
         at += n;
     }
     // The parent's CRC-32 is required (dfdaemon always sends one).
@@ -407,5 +414,8 @@ async fn read_hashed(
             "bytes with CRC-32 {got}, the parent's digest says {digest:?}"
         ));
     }
-    Ok((got, hex::encode(sha.finalize())))
+    Ok((
+        got,
+        sha.map(|s| hex::encode(s.finalize())).unwrap_or_default(),
+    ))
 }

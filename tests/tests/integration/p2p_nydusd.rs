@@ -16,6 +16,8 @@ struct Image {
     src: PathBuf,
     built: crate::nydusd::Image,
     blob_len: u64,
+    /// The blob's digest (hex): its task's id.
+    blob_hex: String,
     _registry: Registry,
     origin: FaultProxy,
 }
@@ -38,6 +40,7 @@ fn image(dir: &Path) -> Image {
     Image {
         src,
         blob_len: std::fs::metadata(&blob).unwrap().len(),
+        blob_hex: id,
         built,
         _registry: registry,
         origin,
@@ -141,6 +144,28 @@ fn two_nodes_read_through_their_peers_and_the_second_costs_the_origin_nothing() 
             after_a = img.origin.relayed_bytes();
         }
     }
+    // Node b's pieces came from peers while nydusd, which checks each chunk itself,
+    // read: their SHA-256 waited until it stopped (none hashed during the read), and
+    // the whole blob's digest then verified every one.
+    let b = &nodes[1];
+    b.wait_task_recorded(&img.blob_hex);
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            b.dir
+                .join("storage/tasks")
+                .join(&img.blob_hex)
+                .join("meta.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let pieces = meta["pieces"].as_array().unwrap();
+    let unhashed = pieces.iter().filter(|p| p["sha256"] == "").count();
+    assert!(
+        unhashed > 0 && pieces.iter().all(|p| p["verified"] == true),
+        "node b's pieces, {unhashed} of them stored unhashed: {pieces:?}\n{}",
+        b.log()
+    );
     let served = img.origin.relayed_bytes();
     assert_second_node_free(
         "our nydusd on two nodes through our peers",
