@@ -524,7 +524,8 @@ impl OurPeer {
     pub fn wait_task_recorded(&self, hex: &str) {
         let done = format!("task {hex}: complete in");
         assert!(
-            wait_until(Duration::from_secs(20), || self.log().contains(&done)),
+            // A blob read by nydusd is checked whole up to 30 s after it stops.
+            wait_until(Duration::from_secs(40), || self.log().contains(&done)),
             "{}'s download of {hex} did not end:\n{}",
             self.dir.display(),
             self.log()

@@ -454,7 +454,7 @@ impl Driver {
         }
         let failure = match failure {
             Some(e) => Some(e),
-            None => self.check_whole(&t).await.err(),
+            None => self.check_whole(&t, &HashMap::new()).await.err(),
         };
         if let Some(e) = failure {
             // dfdaemon's message for a download from the origin that failed (the
@@ -481,10 +481,14 @@ impl Driver {
 
     /// The whole task checked once complete: against its blob digest when the URL
     /// names one (every piece verified when it matches; when it does not, the pieces
-    /// not verified otherwise are dropped and their senders suspected); without one,
-    /// there is nothing but the senders' CRC-32 to go by, and the pieces count as
-    /// verified.
-    async fn check_whole(&self, t: &Arc<TaskData>) -> Result<(), String> {
+    /// not verified otherwise are dropped, and their senders suspected unless our
+    /// seeds' SHA-256 in `known` clears them); without one, there is nothing but the
+    /// senders' CRC-32 to go by, and the pieces count as verified.
+    async fn check_whole(
+        &self,
+        t: &Arc<TaskData>,
+        known: &HashMap<u32, String>,
+    ) -> Result<(), String> {
         let Some(want) = storage::blob_digest(&self.download.url) else {
             // No digest to check against: pieces from parents stay unverified (served to
             // this peer's clients, never to other peers).
@@ -524,10 +528,21 @@ impl Driver {
         .map_err(|e| format!("hashing the blob: {e}"))??;
         if got != want {
             // Dropping writes the record (a sync): off the threads that serve requests.
-            let t2 = t.clone();
+            // A piece our seeds have a digest of is hashed and judged by it (pieces
+            // stored unhashed while nydusd read are most of a blob: one bad sender does
+            // not make suspects of all); the others are all suspect.
+            let (t2, known) = (t.clone(), known.clone());
             let mut suspects = tokio::task::spawn_blocking(move || {
                 let mut suspects = Vec::new();
                 for p in t2.pieces().into_iter().filter(|p| !p.verified) {
+                    if let Some(want) = known.get(&p.number) {
+                        if let Ok(Some(got)) = t2.hash_piece(p.number) {
+                            if got == *want {
+                                t2.verify(&[(p.number, got)]);
+                                continue;
+                            }
+                        }
+                    }
                     t2.drop_piece(p.number);
                     suspects.extend(p.parent);
                 }
@@ -796,7 +811,9 @@ impl Driver {
                     // reader. Such a piece is stored unverified (never served to other
                     // peers); it is hashed when a reader that does not check waits on
                     // it, or checked with the whole blob.
-                    let lazy = whole_checked && t2.verifying_reader(READER_ACTIVE);
+                    let lazy = whole_checked
+                        && t2.verifying_reader(READER_ACTIVE)
+                        && !t2.wanted_verified().contains(&n);
                     let r =
                         super::vortex::fetch(&addr, &task_id, (n, len), PIECE_TIMEOUT, !lazy).await;
                     let p2 = parent.clone();
@@ -838,14 +855,18 @@ impl Driver {
                 job_pieces.insert(job.id(), (n, job_parent));
             }
             // A reader that does not check what it reads waits on a piece stored without
-            // its SHA-256: it is hashed now and checked against our seed's digest.
+            // its SHA-256: it is hashed now, and checked against our seeds' digest (now,
+            // or when it comes from the scheduler).
             for n in t.wanted_verified() {
                 let unhashed = t
                     .piece(n)
                     .is_some_and(|p| !p.verified && p.sha256.is_empty());
-                if unhashed && origin_sha.contains_key(&n) && hashing.insert(n) {
+                if unhashed && hashing.insert(n) {
                     let t2 = t.clone();
-                    hash_jobs.spawn_blocking(move || (n, t2.hash_piece(n)));
+                    hash_jobs.spawn(async move {
+                        let hashed = tokio::task::spawn_blocking(move || t2.hash_piece(n)).await;
+                        (n, hashed.unwrap_or_else(|e| Err(std::io::Error::other(e))))
+                    });
                 }
             }
             if held {
@@ -879,12 +900,18 @@ impl Driver {
                         Ok(Some(got)) => got,
                         // Dropped meanwhile: fetched again.
                         Ok(None) => continue,
+                        // Bytes that cannot be read back are fetched again.
                         Err(e) => {
-                            tracing::warn!("task {}: hashing piece {n}: {e}", self.task_id);
+                            tracing::warn!("task {}: hashing piece {n}: {e}; fetching it again", self.task_id);
+                            let t2 = t.clone();
+                            let _ = tokio::task::spawn_blocking(move || t2.drop_piece(n)).await;
                             continue;
                         }
                     };
-                    let (t2, want) = (t.clone(), origin_sha.get(&n).cloned().unwrap_or_default());
+                    // No digest of our seeds' yet: the scheduler's, when it has one, judges
+                    // the piece (`poll_seed_digests`).
+                    let Some(want) = origin_sha.get(&n).cloned() else { continue };
+                    let t2 = t.clone();
                     if got == want {
                         let _ = tokio::task::spawn_blocking(move || t2.verify(&[(n, got)])).await;
                         continue;
@@ -978,7 +1005,7 @@ impl Driver {
                 t.piece_count()
             ));
         }
-        if let Err(e) = self.check_whole(&t).await {
+        if let Err(e) = self.check_whole(&t, &origin_sha).await {
             // The senders of the dropped pieces are suspects: kept out of the next round.
             let suspects = self.peer.suspects_of(&self.task_id);
             for id in suspects {
@@ -1080,13 +1107,7 @@ async fn poll_seed_digests(
     loop {
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(5));
-        // A piece stored without its SHA-256 (see `lazy` in `via_parents`) is checked
-        // when hashed, or with the whole blob.
-        let unverified: Vec<PieceMeta> = t
-            .pieces()
-            .into_iter()
-            .filter(|p| !p.verified && !p.sha256.is_empty())
-            .collect();
+        let unverified: Vec<PieceMeta> = t.pieces().into_iter().filter(|p| !p.verified).collect();
         if unverified.is_empty() {
             if t.complete() {
                 return;
@@ -1124,7 +1145,9 @@ async fn poll_seed_digests(
             }
         }
         let (mut good, mut drop) = (Vec::new(), Vec::new());
-        for p in &unverified {
+        // A piece stored without its SHA-256 (see `lazy` in `via_parents`) is judged
+        // once hashed, or with the whole blob; its digest goes to the download for that.
+        for p in unverified.iter().filter(|p| !p.sha256.is_empty()) {
             match known.get(&p.number) {
                 Some(want) if *want == p.sha256 => good.push((p.number, want.clone())),
                 Some(want) => {

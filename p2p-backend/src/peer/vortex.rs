@@ -20,8 +20,11 @@ use vortex_protocol::{Header, Message, Vortex, HEADER_SIZE};
 
 /// Largest packet value taken (a request is 68 bytes; metadata well under this).
 const MAX_VALUE: u32 = 64 << 10;
-/// Bytes read and sent at a time when serving a piece.
+/// Bytes sent at a time when serving a piece (the upload rate limit takes them so).
 const SLICE: usize = 1 << 20;
+/// How long a piece's sending waits for room in a full socket buffer before it tries
+/// again (see [`send_file`]).
+const SEND_ROOM_WAIT: Duration = Duration::from_millis(5);
 /// Bytes of a fetched piece read (and hashed) at a time.
 const HASH_STEP: usize = 256 << 10;
 /// How long a connection may stay silent.
@@ -215,7 +218,7 @@ async fn serve_conn(sock: &mut TcpStream, server: &Server) -> std::io::Result<()
             if let Some(limit) = &server.limit {
                 limit.take(n).await;
             }
-            send_file(sock, task.file(), meta.offset + at, n).await?;
+            send_file(sock, &task, meta.offset + at, n).await?;
             at += n;
         }
         (server.served)(&task_id, meta.length);
@@ -223,27 +226,41 @@ async fn serve_conn(sock: &mut TcpStream, server: &Server) -> std::io::Result<()
     Ok(())
 }
 
-/// Sends `len` bytes of `file` from `offset` on `sock` with `sendfile(2)`, waiting for
-/// room in the socket's buffer as a write would. The file's pages were asked of the disk
-/// beforehand (`WILLNEED`): a page still being read holds this thread up as long as the
-/// disk takes, as a `sendfile` web server's workers are.
+/// Sends `len` bytes of `task`'s file from `offset` on `sock` with `sendfile(2)`, on a
+/// blocking thread (a page the cache lacks waits on the disk there, not on a thread that
+/// serves requests), waiting for room in the socket's buffer as a write would.
 async fn send_file(
     sock: &TcpStream,
-    file: &std::fs::File,
+    task: &Arc<super::storage::TaskData>,
     offset: u64,
     len: u64,
 ) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let (out, from) = (sock.as_raw_fd(), file.as_raw_fd());
+    use std::os::fd::{AsFd, AsRawFd};
     let mut at = offset as nix::libc::off_t;
     let end = (offset + len) as nix::libc::off_t;
     while at < end {
         sock.writable().await?;
-        let sent = sock.try_io(tokio::io::Interest::WRITABLE, || {
-            let left = (end - at) as usize;
-            nix::sys::sendfile::sendfile(out, from, Some(&mut at), left)
-                .map_err(std::io::Error::from)
-        });
+        // The thread sends on its own descriptor of the socket: should this future be
+        // dropped meanwhile, it never writes to a number reused by something else.
+        let (out, t) = (sock.as_fd().try_clone_to_owned()?, task.clone());
+        let (after, sent) = tokio::task::spawn_blocking(move || {
+            let mut at = at;
+            loop {
+                let left = (end - at) as usize;
+                match nix::sys::sendfile::sendfile(
+                    out.as_raw_fd(),
+                    t.file().as_raw_fd(),
+                    Some(&mut at),
+                    left,
+                ) {
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    r => return (at, r),
+                }
+            }
+        })
+        .await
+        .map_err(std::io::Error::other)?;
+        at = after;
         match sent {
             Ok(0) => {
                 return Err(std::io::Error::new(
@@ -252,8 +269,15 @@ async fn send_file(
                 ))
             }
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
+            // The socket's buffer is full: tokio is told (so that `writable` waits for
+            // room), and as that may swallow room made meanwhile, the wait is short.
+            Err(nix::errno::Errno::EAGAIN) => {
+                let _ = sock.try_io(tokio::io::Interest::WRITABLE, || {
+                    Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+                });
+                let _ = tokio::time::timeout(SEND_ROOM_WAIT, sock.writable()).await;
+            }
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())

@@ -145,8 +145,8 @@ fn two_nodes_read_through_their_peers_and_the_second_costs_the_origin_nothing() 
         }
     }
     // Node b's pieces came from peers while nydusd, which checks each chunk itself,
-    // read: their SHA-256 waited until it stopped (none hashed during the read), and
-    // the whole blob's digest then verified every one.
+    // read: the SHA-256 of those fetched while it read waited until it stopped (some
+    // are on record unhashed), and the whole blob's digest then verified every one.
     let b = &nodes[1];
     b.wait_task_recorded(&img.blob_hex);
     let meta: serde_json::Value = serde_json::from_slice(
