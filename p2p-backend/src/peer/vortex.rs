@@ -239,7 +239,6 @@ async fn send_file(
     let mut at = offset as nix::libc::off_t;
     let end = (offset + len) as nix::libc::off_t;
     while at < end {
-        sock.writable().await?;
         // The thread sends on its own descriptor of the socket: should this future be
         // dropped meanwhile, it never writes to a number reused by something else.
         let (out, t) = (sock.as_fd().try_clone_to_owned()?, task.clone());
@@ -270,7 +269,8 @@ async fn send_file(
             }
             Ok(_) => {}
             // The socket's buffer is full: tokio is told (so that `writable` waits for
-            // room), and as that may swallow room made meanwhile, the wait is short.
+            // room), and as that may swallow room made meanwhile, the wait is short and
+            // the only one (a `writable` without a bound could then wait for ever).
             Err(nix::errno::Errno::EAGAIN) => {
                 let _ = sock.try_io(tokio::io::Interest::WRITABLE, || {
                     Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
