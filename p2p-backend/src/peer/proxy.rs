@@ -38,7 +38,10 @@
 //! `{"url": URL, "offset": N, "length": N}`: the pieces holding them are dropped
 //! (unless verified: then `409`), their senders are not asked for the task again (and
 //! are reported to the scheduler when the download meets them as parents), and the
-//! pieces are fetched again; `204`.
+//! pieces are fetched again; `204`. While such a client reads a blob (its URL names
+//! the digest), the pieces fetched from parents are not hashed: the blob's digest
+//! verifies them once the client has stopped reading (see `check_whole` in
+//! `download.rs`), and until then none of them goes to another peer.
 
 use super::buffers;
 use super::storage::{self, TaskData};
