@@ -530,17 +530,16 @@ impl Driver {
             // Dropping writes the record (a sync): off the threads that serve requests.
             // A piece our seeds have a digest of is hashed and judged by it (pieces
             // stored unhashed while nydusd read are most of a blob: one bad sender does
-            // not make suspects of all); the others are all suspect.
+            // not make suspects of all); the others are all suspect. A piece that
+            // matches is kept, not verified: with the blob wrong, the next round
+            // checks it whole again rather than taking it as verified.
             let (t2, known) = (t.clone(), known.clone());
             let mut suspects = tokio::task::spawn_blocking(move || {
                 let mut suspects = Vec::new();
                 for p in t2.pieces().into_iter().filter(|p| !p.verified) {
                     if let Some(want) = known.get(&p.number) {
-                        if let Ok(Some(got)) = t2.hash_piece(p.number) {
-                            if got == *want {
-                                t2.verify(&[(p.number, got)]);
-                                continue;
-                            }
+                        if t2.hash_piece(p.number).ok().flatten().as_ref() == Some(want) {
+                            continue;
                         }
                     }
                     t2.drop_piece(p.number);
@@ -904,7 +903,7 @@ impl Driver {
                         Err(e) => {
                             tracing::warn!("task {}: hashing piece {n}: {e}; fetching it again", self.task_id);
                             let t2 = t.clone();
-                            let _ = tokio::task::spawn_blocking(move || t2.drop_piece(n)).await;
+                            let _ = tokio::task::spawn_blocking(move || t2.drop_unhashed(n)).await;
                             continue;
                         }
                     };

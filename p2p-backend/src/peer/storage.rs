@@ -588,6 +588,12 @@ impl TaskData {
         self.drop_where(number, |_| true);
     }
 
+    /// Forgets piece `number` if it is stored unverified and unhashed (as stored while
+    /// a reader that checks chunks itself read); true when it did.
+    pub fn drop_unhashed(&self, number: u32) -> bool {
+        self.drop_where(number, |p| !p.verified && p.sha256.is_empty())
+    }
+
     /// Forgets piece `number` if it is stored and `bad` says so, and writes the record
     /// without it at once (bad bytes are never left recorded); true when it did.
     fn drop_where(&self, number: u32, bad: impl Fn(&PieceMeta) -> bool) -> bool {

@@ -25,6 +25,9 @@ const SLICE: usize = 1 << 20;
 /// How long a piece's sending waits for room in a full socket buffer before it tries
 /// again (see [`send_file`]).
 const SEND_ROOM_WAIT: Duration = Duration::from_millis(5);
+/// How long a piece's sending waits for a child that takes nothing (as long as a child
+/// waits for a piece).
+const SEND_STALL: Duration = Duration::from_secs(30);
 /// Bytes of a fetched piece read (and hashed) at a time.
 const HASH_STEP: usize = 256 << 10;
 /// How long a connection may stay silent.
@@ -238,6 +241,7 @@ async fn send_file(
     use std::os::fd::{AsFd, AsRawFd};
     let mut at = offset as nix::libc::off_t;
     let end = (offset + len) as nix::libc::off_t;
+    let mut progress = tokio::time::Instant::now();
     while at < end {
         // The thread sends on its own descriptor of the socket: should this future be
         // dropped meanwhile, it never writes to a number reused by something else.
@@ -267,7 +271,14 @@ async fn send_file(
                     "the task's file ends before the piece does",
                 ))
             }
-            Ok(_) => {}
+            Ok(_) => progress = tokio::time::Instant::now(),
+            // A child that stopped reading is given up on.
+            Err(nix::errno::Errno::EAGAIN) if progress.elapsed() > SEND_STALL => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the child took nothing for {SEND_STALL:?}"),
+                ))
+            }
             // The socket's buffer is full: tokio is told (so that `writable` waits for
             // room), and as that may swallow room made meanwhile, the wait is short and
             // the only one (a `writable` without a bound could then wait for ever).
