@@ -17,7 +17,8 @@ pub struct Pool {
 
 /// Buffers of whole pieces fetched from parents (dfdaemon's usual 4 MiB pieces).
 pub static PIECES: Pool = Pool::new(4, 4 << 20);
-/// Buffers of the slices (up to 1 MiB) the proxy and the Vortex server read from disk.
+/// Buffers of the slices (up to 1 MiB) the proxy reads from disk for its clients, and
+/// a piece's hashing reads.
 pub static SLICES: Pool = Pool::new(16, 1 << 20);
 
 impl Pool {
