@@ -921,17 +921,13 @@ impl Driver {
                         .await
                         .unwrap_or(false);
                     if let Some(parent) = parent.filter(|_| dropped) {
-                        self.peer.metrics.piece_failure("digest");
-                        self.peer.suspect(&self.task_id, std::slice::from_ref(&parent));
-                        self.exclude_bad(a, excluded, &parent).await;
+                        self.sent_bad_bytes(a, excluded, &parent).await;
                     }
                 }
                 Some(d) = digest_rx.recv() => {
                     origin_sha.extend(d.digests);
                     for parent in d.bad {
-                        self.peer.metrics.piece_failure("digest");
-                        self.peer.suspect(&self.task_id, std::slice::from_ref(&parent));
-                        self.exclude_bad(a, excluded, &parent).await;
+                        self.sent_bad_bytes(a, excluded, &parent).await;
                     }
                 }
                 have = have_rx.recv(), if syncing => match have {
@@ -1028,6 +1024,14 @@ impl Driver {
             return None;
         }
         self.peer.prefetch_limit.clone()
+    }
+
+    /// `parent` sent a piece that failed our seeds' digest: counted, suspected for the
+    /// task, and kept out of this download (see [`Driver::exclude_bad`]).
+    async fn sent_bad_bytes(&self, a: &Announce, excluded: &mut HashSet<String>, parent: &str) {
+        self.peer.metrics.piece_failure("digest");
+        self.peer.suspect(&self.task_id, &[parent.to_string()]);
+        self.exclude_bad(a, excluded, parent).await;
     }
 
     /// Keeps `parent`, a sender of bad bytes, out of this download and, the first time,
