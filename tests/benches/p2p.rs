@@ -76,7 +76,7 @@ fn fetch_all(proxies: &[Option<String>], url: &str, hex: &str) -> f64 {
             Command::new("bash")
                 .arg("-c")
                 .arg(format!(
-                    "set -o pipefail; curl -sS --fail --max-time 1200 {via} '{url}' | sha256sum"
+                    "set -o pipefail; curl -sS --fail --max-time 1200 {via} '{url}' | openssl dgst -sha256 -r"
                 ))
                 .stdout(Stdio::piped())
                 .spawn()
@@ -151,6 +151,11 @@ fn run(kind: Kind, n: usize, dir: &Path, reg: &Registry, url: &str, hex: &str) -
             let proxies: Vec<_> = peers.iter().map(|p| Some(p.proxy())).collect();
             sample.secs = fetch_all(&proxies, url, hex);
             if std::env::var_os("P2P_BENCH_LOGS").is_some() {
+                for (i, p) in peers.iter().enumerate() {
+                    for l in p.log().lines().filter(|l| l.contains("complete in")) {
+                        eprintln!("peer{i}: {l}");
+                    }
+                }
                 for (what, log) in [("seed", seed.log()), ("peer0", peers[0].log())] {
                     for l in log.lines().filter(|l| l.contains("task")) {
                         eprintln!("{what}: {l}");

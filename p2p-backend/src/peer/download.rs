@@ -60,8 +60,16 @@ const NO_PROGRESS: Duration = Duration::from_secs(120);
 /// How often a download from parents asks the scheduler for our seeds' digests of
 /// pieces stored without one.
 const DIGEST_POLL: Duration = Duration::from_millis(200);
+/// How soon the scheduler is asked again after a piece came or a poll verified pieces
+/// (doubling from there while polls find nothing).
+const DIGEST_POLL_SOON: Duration = Duration::from_millis(20);
+/// The longest pause between polls (a swarm whose seed is a dfdaemon has no digests).
+const DIGEST_POLL_MAX: Duration = Duration::from_secs(5);
 /// Pieces asked of a seed ahead of its offer at once, per download.
 const AHEAD_JOBS: usize = 2;
+/// How long a download whose pieces are all stored waits for our seeds' digests of
+/// the last ones before it hashes the whole blob instead.
+const LAST_DIGESTS_WAIT: Duration = Duration::from_secs(2);
 /// How long a scheduler may take to answer a registration.
 const SCHEDULE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -509,18 +517,23 @@ impl Driver {
             tokio::time::sleep(READER_ACTIVE / 5).await;
         }
         // Hashing the whole blob is kept off the threads that serve requests.
+        self.peer.metrics.blob_hashes.inc();
         let whole = t.clone();
         let got = tokio::task::spawn_blocking(move || {
             let mut h = Sha256::new();
             let mut at = 0;
+            // 1 MiB at a time, into one buffer: the peer's memory stays small.
+            let mut buf = vec![0; 1 << 20];
             while at < whole.content_length {
-                let n = (whole.content_length - at).min(8 << 20);
-                let buf = whole
-                    .read(at, n, false)
+                let n = (whole.content_length - at).min(buf.len() as u64) as usize;
+                if !whole
+                    .read_into(at, &mut buf[..n], false)
                     .map_err(|e| e.to_string())?
-                    .ok_or_else(|| "a piece went missing".to_string())?;
-                h.update(&buf);
-                at += n;
+                {
+                    return Err("a piece went missing".to_string());
+                }
+                h.update(&buf[..n]);
+                at += n as u64;
             }
             Ok::<_, String>(hex::encode(h.finalize()))
         })
@@ -712,9 +725,27 @@ impl Driver {
         // check what it reads waiting on them.
         let (mut hashing, mut hash_jobs) = (HashSet::new(), tokio::task::JoinSet::new());
         let mut last_progress = tokio::time::Instant::now();
+        // Once every piece is stored: how long the last pieces, hashed, may wait for our
+        // seeds' digests of them (they may come just before those reach the scheduler;
+        // the poller asks again within tens of milliseconds). Without them the whole
+        // blob is hashed, about a second per 512 MiB.
+        let mut settle: Option<tokio::time::Instant> = None;
+        let mut verified_rx = t.subscribe();
         loop {
             if t.complete() {
-                break;
+                let now = tokio::time::Instant::now();
+                let unverified: Vec<PieceMeta> =
+                    t.pieces().into_iter().filter(|p| !p.verified).collect();
+                let wait = whole_checked
+                    && !origin_sha.is_empty()
+                    && !unverified.is_empty()
+                    && unverified.iter().all(|p| !p.sha256.is_empty())
+                    && *settle.get_or_insert(now + LAST_DIGESTS_WAIT) > now;
+                if !wait {
+                    break;
+                }
+            } else {
+                settle = None;
             }
             // Senders found bad (here, or by a client's report of a bad range while
             // this download runs) are not asked again.
@@ -871,10 +902,13 @@ impl Driver {
             if held {
                 // Waiting for the reader is not the parents' fault.
                 last_progress = tokio::time::Instant::now();
-            } else if inflight.is_empty() && !syncing {
+            } else if inflight.is_empty() && !syncing && settle.is_none() {
                 break;
             }
             tokio::select! {
+                // Waiting for the last pieces' digests: a piece verified, or time is up.
+                _ = verified_rx.changed(), if settle.is_some() => {}
+                _ = tokio::time::sleep_until(settle.unwrap_or_else(tokio::time::Instant::now)), if settle.is_some() => {}
                 // Nothing offered and nothing arriving for this long: the parents failed.
                 _ = tokio::time::sleep_until(last_progress + NO_PROGRESS) => {
                     tracing::warn!("task {}: no progress from the parents in {NO_PROGRESS:?}", self.task_id);
@@ -1094,9 +1128,9 @@ impl Drop for AbortOnDrop {
 /// Checks the pieces of `t` stored without a digest of our seeds' against the SHA-256s
 /// the scheduler at `scheduler` has by now (`StatTask`: our seeds report each piece's
 /// digest from the origin as they store it), while any stored piece is unverified: a
-/// match verifies the piece, a mismatch drops it. Every 200 ms while that verifies
-/// pieces, backing off to 5 s while it does not (a swarm whose seed is a dfdaemon has
-/// no such digests); each answer goes to `tx`.
+/// match verifies the piece, a mismatch drops it. At once when a hashed
+/// piece is stored, then 20 ms later, doubling while polls verify nothing, up to 5 s (a
+/// swarm whose seed is a dfdaemon has no such digests); each answer goes to `tx`.
 async fn poll_seed_digests(
     scheduler: String,
     host_id: String,
@@ -1107,17 +1141,40 @@ async fn poll_seed_digests(
     let mut delay = DIGEST_POLL;
     let mut client: Option<SchedulerClient<tonic::transport::Channel>> = None;
     let mut known: HashMap<u32, String> = HashMap::new();
+    let mut stored = t.subscribe();
+    let mut next = tokio::time::Instant::now() + delay;
     loop {
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(5));
+        let came = tokio::select! {
+            _ = tokio::time::sleep_until(next) => false,
+            r = stored.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                true
+            }
+        };
         let unverified: Vec<PieceMeta> = t.pieces().into_iter().filter(|p| !p.verified).collect();
         if unverified.is_empty() {
             if t.complete() {
                 return;
             }
             delay = DIGEST_POLL;
+            next = tokio::time::Instant::now() + delay;
             continue;
         }
+        if came {
+            // A piece came. If it is hashed, the seed's report of it is on its way or
+            // there already: ask now, and soon again (the last piece of a download
+            // would otherwise wait out a backed-off poll). Pieces stored unhashed are
+            // in no hurry.
+            if unverified.iter().all(|p| p.sha256.is_empty()) {
+                continue;
+            }
+            delay = DIGEST_POLL_SOON;
+        } else {
+            delay = (delay * 2).min(DIGEST_POLL_MAX);
+        }
+        next = tokio::time::Instant::now() + delay;
         if client.is_none() {
             let connect = SchedulerClient::connect(format!("http://{scheduler}"));
             client = tokio::time::timeout(limit, connect)
@@ -1178,7 +1235,7 @@ async fn poll_seed_digests(
         .await
         .unwrap_or_default();
         if !good.is_empty() {
-            delay = DIGEST_POLL;
+            delay = DIGEST_POLL_SOON;
             let t2 = t.clone();
             let _ = tokio::task::spawn_blocking(move || t2.verify(&good)).await;
         }

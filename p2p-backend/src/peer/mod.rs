@@ -57,6 +57,8 @@ pub struct PeerMetrics {
     served: Counter,
     served_task: Labeled,
     failures: Labeled,
+    /// Whole blobs hashed to verify pieces that no digest of our seeds' verified.
+    pub blob_hashes: Counter,
     tasks: Gauge,
     /// Children connected to the Vortex server now.
     pub children: Arc<std::sync::atomic::AtomicI64>,
@@ -82,6 +84,7 @@ impl Default for PeerMetrics {
             served: Counter::default(),
             served_task: Family::default(),
             failures: Family::default(),
+            blob_hashes: Counter::default(),
             tasks: Gauge::default(),
             children: Arc::default(),
             children_gauge: Gauge::default(),
@@ -122,6 +125,11 @@ impl Default for PeerMetrics {
             "piece_failures",
             "Pieces that failed, by reason (transfer, digest, blob-digest, origin)",
             m.failures.clone(),
+        );
+        r.register(
+            "blob_hashes",
+            "Whole blobs hashed to verify pieces that no digest of our seeds' verified",
+            m.blob_hashes.clone(),
         );
         r.register("tasks", "Tasks in storage", m.tasks.clone());
         r.register(

@@ -1175,6 +1175,16 @@ fn pieces_from_our_seed_are_verified_as_they_come_not_once_the_blob_is_whole() {
         "the first 64 KiB came after {first:?}, the whole blob after {total:?}\n{}",
         peer.log()
     );
+    // The last pieces too: they come from the seed as it stores them, before its
+    // digests of them reach the scheduler, and the download waits for those rather
+    // than hash the whole blob.
+    let hashes = metric_value(&peer.metrics(), "peer_blob_hashes_total");
+    assert_eq!(
+        hashes,
+        0.0,
+        "the peer hashed the whole blob to verify pieces\n{}",
+        peer.log()
+    );
 }
 
 /// A parent that claims pieces it lacks: its data file is emptied under it while it
