@@ -157,6 +157,7 @@ async fn run(config: Config, dynconfig: Option<PathBuf>) -> Result<(), String> {
             }
         }
     });
+    tokio::spawn(peer.clone().check_stored_tasks());
     tokio::spawn(peer.clone().announce_forever());
     let (health, health_service) = tonic_health::server::health_reporter();
     health

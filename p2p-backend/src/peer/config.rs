@@ -16,6 +16,9 @@
 //! proxy:
 //!   server:
 //!     port: 4001             # the HTTP proxy, on host.ip
+//!     basicAuth:             # when given, every request to the proxy (CONNECT too, all
+//!       username: node       # but GET /healthy) must carry these credentials
+//!       password: secret     # (Proxy-Authorization: Basic, or dfdaemon's Authorization)
 //!   rules:
 //!     - regex: 'blobs/sha256.*'   # GETs of matching URLs go through the swarm
 //!   registryMirror:
@@ -296,12 +299,77 @@ impl Default for StorageServerConfig {
     }
 }
 
+/// `proxy.server`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ProxyServerConfig {
+    /// `ip`: accepted as dfdaemon writes it; it must equal `host.ip` when given.
+    #[serde(default)]
+    pub ip: Option<IpAddr>,
+    /// `port`.
+    pub port: u16,
+    /// `basicAuth`: dfdaemon's field. When given, the proxy serves only requests that
+    /// carry these credentials; without it, anyone who reaches `host.ip` may use it
+    /// (to the origin and through `CONNECT` too), as dfdaemon's.
+    #[serde(default)]
+    pub basic_auth: Option<BasicAuth>,
+}
+
+/// `proxy.server.basicAuth`: the credentials a client of the proxy must send, as
+/// `Proxy-Authorization: Basic base64(username:password)` (what HTTP clients send to
+/// a proxy: curl's `--proxy-user`), or as `Authorization` with the same value (what
+/// dfdaemon checks). Neither goes on to the origin or to another peer.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BasicAuth {
+    /// `username` (no `:`).
+    pub username: String,
+    /// `password`.
+    pub password: String,
+}
+
+impl std::fmt::Debug for BasicAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BasicAuth")
+            .field("username", &self.username)
+            .field("password", &"<hidden>")
+            .finish()
+    }
+}
+
+impl BasicAuth {
+    /// Whether `value`, a header's, is `Basic` with these credentials.
+    pub fn admits(&self, value: &[u8]) -> bool {
+        use base64::Engine as _;
+        let Ok(v) = std::str::from_utf8(value) else {
+            return false;
+        };
+        let Some((scheme, encoded)) = v.trim().split_once(' ') else {
+            return false;
+        };
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return false;
+        }
+        let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(encoded.trim()) else {
+            return false;
+        };
+        let want = format!("{}:{}", self.username, self.password);
+        // Every byte looked at, whatever matches: no timing hint of how much did.
+        raw.len() == want.len()
+            && raw
+                .iter()
+                .zip(want.as_bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
+}
+
 /// `proxy`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct ProxyConfig {
     /// `server`.
-    pub server: PortConfig,
+    pub server: ProxyServerConfig,
     /// `rules`.
     pub rules: Vec<ProxyRule>,
     /// `prefetchRateLimit`: bytes per second, over all tasks, for the pieces of a task
@@ -327,9 +395,10 @@ pub struct RegistryMirrorConfig {
 impl Default for ProxyConfig {
     fn default() -> Self {
         ProxyConfig {
-            server: PortConfig {
+            server: ProxyServerConfig {
                 ip: None,
                 port: 4001,
+                basic_auth: None,
             },
             rules: vec![ProxyRule {
                 regex: "blobs/sha256.*".into(),
@@ -417,6 +486,13 @@ impl Config {
                 ));
             }
         }
+        if let Some(a) = &c.proxy.server.basic_auth {
+            if a.username.is_empty() || a.username.contains(':') || a.password.is_empty() {
+                return Err(
+                    "proxy.server.basicAuth needs a username (without ':') and a password".into(),
+                );
+            }
+        }
         for r in &c.proxy.rules {
             regex::Regex::new(&r.regex)
                 .map_err(|e| format!("proxy.rules regex {:?}: {e}", r.regex))?;
@@ -461,6 +537,37 @@ impl Dynconfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_proxys_credentials_admit_only_themselves() {
+        let c = Config::parse(
+            "proxy:\n  server:\n    port: 4001\n    basicAuth:\n      username: node\n      password: s3cret\n",
+        )
+        .unwrap();
+        let a = c.proxy.server.basic_auth.expect("basicAuth");
+        // base64("node:s3cret"), any case of the scheme.
+        assert!(a.admits(b"Basic bm9kZTpzM2NyZXQ="));
+        assert!(a.admits(b"basic  bm9kZTpzM2NyZXQ= "));
+        for bad in [
+            &b"Bearer bm9kZTpzM2NyZXQ="[..],
+            b"Basic bm9kZTpzM2NyZXQ",
+            b"Basic bm9kZTpzM2NyZXR4",
+            b"Basic bm9kZTo=",
+            b"Basic",
+            b"bm9kZTpzM2NyZXQ=",
+            b"\xff",
+        ] {
+            assert!(!a.admits(bad), "{:?}", String::from_utf8_lossy(bad));
+        }
+        assert!(!format!("{a:?}").contains("s3cret"));
+        for bad in [
+            "proxy:\n  server:\n    port: 1\n    basicAuth:\n      username: a:b\n      password: p\n",
+            "proxy:\n  server:\n    port: 1\n    basicAuth:\n      username: a\n      password: ''\n",
+        ] {
+            let e = Config::parse(bad).unwrap_err();
+            assert!(e.contains("proxy.server.basicAuth"), "{e}");
+        }
+    }
 
     #[test]
     fn dfdaemon_shaped_configs_parse_and_bad_ones_say_why() {

@@ -21,7 +21,6 @@ use dragonfly_api::scheduler::v2::announce_peer_request::Request as Req;
 use dragonfly_api::scheduler::v2::announce_peer_response::Response as Resp;
 use dragonfly_api::scheduler::v2::scheduler_client::SchedulerClient;
 use dragonfly_api::scheduler::v2::*;
-use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,19 +56,23 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// progress before the parents count as failed (dfdaemon's `collected_piece_timeout`
 /// is 360 s; loopback swarms move far faster).
 const NO_PROGRESS: Duration = Duration::from_secs(120);
-/// How often a download from parents asks the scheduler for our seeds' digests of
-/// pieces stored without one.
+/// When a download from parents first asks the scheduler for our seeds' digests of
+/// pieces stored without one (see [`poll_seed_digests`]).
 const DIGEST_POLL: Duration = Duration::from_millis(200);
-/// How soon the scheduler is asked again after a piece came or a poll verified pieces
-/// (doubling from there while polls find nothing).
+/// How soon the scheduler is asked again after a poll that verified pieces, and the
+/// least time between two polls.
 const DIGEST_POLL_SOON: Duration = Duration::from_millis(20);
 /// The longest pause between polls (a swarm whose seed is a dfdaemon has no digests).
 const DIGEST_POLL_MAX: Duration = Duration::from_secs(5);
 /// Pieces asked of a seed ahead of its offer at once, per download.
 const AHEAD_JOBS: usize = 2;
-/// How long a download whose pieces are all stored waits for our seeds' digests of
-/// the last ones before it hashes the whole blob instead.
-const LAST_DIGESTS_WAIT: Duration = Duration::from_secs(2);
+/// How long a download of `len` bytes whose pieces are all stored waits for our
+/// seeds' digests of the last ones before it hashes the whole blob instead: about as
+/// long as that hashing takes on a slow core (a second per 512 MiB), 0.5 s to 2 s.
+fn last_digests_wait(len: u64) -> Duration {
+    Duration::from_secs_f64(len as f64 / (512 << 20) as f64)
+        .clamp(Duration::from_millis(500), Duration::from_secs(2))
+}
 /// How long a scheduler may take to answer a registration.
 const SCHEDULE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -519,23 +522,10 @@ impl Driver {
         // Hashing the whole blob is kept off the threads that serve requests.
         self.peer.metrics.blob_hashes.inc();
         let whole = t.clone();
-        let got = tokio::task::spawn_blocking(move || {
-            let mut h = Sha256::new();
-            let mut at = 0;
-            // 1 MiB at a time, into one buffer: the peer's memory stays small.
-            let mut buf = vec![0; 1 << 20];
-            while at < whole.content_length {
-                let n = (whole.content_length - at).min(buf.len() as u64) as usize;
-                if !whole
-                    .read_into(at, &mut buf[..n], false)
-                    .map_err(|e| e.to_string())?
-                {
-                    return Err("a piece went missing".to_string());
-                }
-                h.update(&buf[..n]);
-                at += n as u64;
-            }
-            Ok::<_, String>(hex::encode(h.finalize()))
+        let got = tokio::task::spawn_blocking(move || match whole.blob_sha256() {
+            Ok(Some(hex)) => Ok(hex),
+            Ok(None) => Err("a piece went missing".to_string()),
+            Err(e) => Err(e.to_string()),
         })
         .await
         .map_err(|e| format!("hashing the blob: {e}"))??;
@@ -725,22 +715,25 @@ impl Driver {
         // check what it reads waiting on them.
         let (mut hashing, mut hash_jobs) = (HashSet::new(), tokio::task::JoinSet::new());
         let mut last_progress = tokio::time::Instant::now();
-        // Once every piece is stored: how long the last pieces, hashed, may wait for our
-        // seeds' digests of them (they may come just before those reach the scheduler;
-        // the poller asks again within tens of milliseconds). Without them the whole
-        // blob is hashed, about a second per 512 MiB.
+        // Once every piece is stored: until when the last pieces, hashed, may wait for
+        // our seeds' digests of them (they may come just before those reach the
+        // scheduler; the poller asks again within tens of milliseconds). Without them
+        // the whole blob is hashed (see `last_digests_wait`); a reader waiting on
+        // verified bytes waits for either.
         let mut settle: Option<tokio::time::Instant> = None;
         let mut verified_rx = t.subscribe();
+        let mut digests_open = true;
         loop {
             if t.complete() {
                 let now = tokio::time::Instant::now();
                 let unverified: Vec<PieceMeta> =
                     t.pieces().into_iter().filter(|p| !p.verified).collect();
                 let wait = whole_checked
+                    && digests_open
                     && !origin_sha.is_empty()
                     && !unverified.is_empty()
                     && unverified.iter().all(|p| !p.sha256.is_empty())
-                    && *settle.get_or_insert(now + LAST_DIGESTS_WAIT) > now;
+                    && *settle.get_or_insert(now + last_digests_wait(t.content_length)) > now;
                 if !wait {
                     break;
                 }
@@ -958,12 +951,16 @@ impl Driver {
                         self.sent_bad_bytes(a, excluded, &parent).await;
                     }
                 }
-                Some(d) = digest_rx.recv() => {
-                    origin_sha.extend(d.digests);
-                    for parent in d.bad {
-                        self.sent_bad_bytes(a, excluded, &parent).await;
+                d = digest_rx.recv(), if digests_open => match d {
+                    Some(d) => {
+                        origin_sha.extend(d.digests);
+                        for parent in d.bad {
+                            self.sent_bad_bytes(a, excluded, &parent).await;
+                        }
                     }
-                }
+                    // The poller stopped (the scheduler has no `StatTask`).
+                    None => digests_open = false,
+                },
                 have = have_rx.recv(), if syncing => match have {
                     Some((parent, u32::MAX, _)) => {
                         tracing::info!("task {}: parent {parent} could not say what it has", self.task_id);
@@ -1128,9 +1125,13 @@ impl Drop for AbortOnDrop {
 /// Checks the pieces of `t` stored without a digest of our seeds' against the SHA-256s
 /// the scheduler at `scheduler` has by now (`StatTask`: our seeds report each piece's
 /// digest from the origin as they store it), while any stored piece is unverified: a
-/// match verifies the piece, a mismatch drops it. At once when a hashed
-/// piece is stored, then 20 ms later, doubling while polls verify nothing, up to 5 s (a
-/// swarm whose seed is a dfdaemon has no such digests); each answer goes to `tx`.
+/// match verifies the piece, a mismatch drops it. Polls 200 ms after the start, then
+/// doubling up to 5 s while polls verify nothing (a swarm whose seed is a dfdaemon has
+/// no such digests), 20 ms after one that did; and once the scheduler has given
+/// digests of this task, also at once when a hashed piece not asked about yet is
+/// stored (its digest is on its way or there already; the last piece of a download
+/// would otherwise wait out a backed-off poll), at most one poll per 20 ms. Each
+/// answer goes to `tx`.
 async fn poll_seed_digests(
     scheduler: String,
     host_id: String,
@@ -1141,8 +1142,12 @@ async fn poll_seed_digests(
     let mut delay = DIGEST_POLL;
     let mut client: Option<SchedulerClient<tonic::transport::Channel>> = None;
     let mut known: HashMap<u32, String> = HashMap::new();
+    // Woken by stores and verifications.
     let mut stored = t.subscribe();
     let mut next = tokio::time::Instant::now() + delay;
+    // Hashed pieces a poll has asked about, and when the last poll was.
+    let mut asked: HashSet<u32> = HashSet::new();
+    let mut last_poll: Option<tokio::time::Instant> = None;
     loop {
         let came = tokio::select! {
             _ = tokio::time::sleep_until(next) => false,
@@ -1153,28 +1158,43 @@ async fn poll_seed_digests(
                 true
             }
         };
+        let now = tokio::time::Instant::now();
         let unverified: Vec<PieceMeta> = t.pieces().into_iter().filter(|p| !p.verified).collect();
         if unverified.is_empty() {
             if t.complete() {
                 return;
             }
-            delay = DIGEST_POLL;
-            next = tokio::time::Instant::now() + delay;
+            if !came {
+                delay = DIGEST_POLL;
+                next = now + delay;
+            }
             continue;
         }
         if came {
-            // A piece came. If it is hashed, the seed's report of it is on its way or
-            // there already: ask now, and soon again (the last piece of a download
-            // would otherwise wait out a backed-off poll). Pieces stored unhashed are
-            // in no hurry.
-            if unverified.iter().all(|p| p.sha256.is_empty()) {
+            // Pieces stored unhashed, or hashed ones already asked about, are in no
+            // hurry; nor is anything while the scheduler has no digests of ours.
+            let new_piece = unverified
+                .iter()
+                .any(|p| !p.sha256.is_empty() && !asked.contains(&p.number));
+            if !new_piece || known.is_empty() {
+                continue;
+            }
+            if let Some(gap) = last_poll.map(|l| l + DIGEST_POLL_SOON).filter(|g| *g > now) {
+                next = next.min(gap);
                 continue;
             }
             delay = DIGEST_POLL_SOON;
         } else {
             delay = (delay * 2).min(DIGEST_POLL_MAX);
         }
-        next = tokio::time::Instant::now() + delay;
+        next = now + delay;
+        last_poll = Some(now);
+        asked.extend(
+            unverified
+                .iter()
+                .filter(|p| !p.sha256.is_empty())
+                .map(|p| p.number),
+        );
         if client.is_none() {
             let connect = SchedulerClient::connect(format!("http://{scheduler}"));
             client = tokio::time::timeout(limit, connect)
@@ -1236,6 +1256,7 @@ async fn poll_seed_digests(
         .unwrap_or_default();
         if !good.is_empty() {
             delay = DIGEST_POLL_SOON;
+            next = tokio::time::Instant::now() + delay;
             let t2 = t.clone();
             let _ = tokio::task::spawn_blocking(move || t2.verify(&good)).await;
         }

@@ -464,6 +464,36 @@ impl PeerInner {
         removed
     }
 
+    /// Checks the tasks found complete at start but not all verified against their blob
+    /// digests (see [`TaskData::check_stored`]), one at a time, off the threads that
+    /// serve requests: pieces stored unhashed while nydusd read, before the peer
+    /// stopped, are served to other peers again once the blob matches.
+    pub async fn check_stored_tasks(self: Arc<Self>) {
+        for t in self.storage.tasks() {
+            if self.is_running(&t.id) || !t.complete() || t.all_verified() {
+                continue;
+            }
+            let t2 = t.clone();
+            match tokio::task::spawn_blocking(move || t2.check_stored()).await {
+                Ok(Ok(None)) => {}
+                Ok(Ok(Some(matched))) => {
+                    self.metrics.blob_hashes.inc();
+                    if matched {
+                        tracing::info!("task {}: the stored blob matches its digest", t.id);
+                    } else {
+                        tracing::warn!(
+                            "task {}: the stored blob does not match its digest: its \
+                             unverified pieces were dropped",
+                            t.id
+                        );
+                    }
+                }
+                Ok(Err(e)) => tracing::warn!("task {}: checking the stored blob: {e}", t.id),
+                Err(e) => tracing::warn!("task {}: checking the stored blob: {e}", t.id),
+            }
+        }
+    }
+
     /// Whether a download of `task_id` is under way.
     pub fn is_running(&self, task_id: &str) -> bool {
         self.running

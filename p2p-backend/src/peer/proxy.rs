@@ -12,6 +12,10 @@
 //! `GET /healthy` (origin-form, to the proxy's address) answers `200` while the proxy
 //! serves: point nydusd's `proxy.ping_url` at it.
 //!
+//! With `proxy.server.basicAuth`, every other request (`CONNECT` and
+//! `POST /api/v1/bad-range` too) without its credentials is answered `407` and goes
+//! nowhere (see [`super::config::BasicAuth`]).
+//!
 //! `CONNECT` opens a tunnel (HTTPS through the proxy); what goes through it is not
 //! looked into, so it never goes through the swarm: to share HTTPS registries' blobs,
 //! use mirror mode (`proxy.registryMirror.addr: https://...`) or nydusd's `use_http`.
@@ -266,11 +270,31 @@ async fn handle(
     rules: &[regex::Regex],
     req: Request<Incoming>,
 ) -> Response<Body> {
-    if req.method() == hyper::Method::CONNECT {
-        return tunnel(req).await;
-    }
     if req.uri().host().is_none() && req.uri().path() == "/healthy" {
         return full(StatusCode::OK, "OK".into());
+    }
+    if let Some(auth) = &peer.config.proxy.server.basic_auth {
+        let admitted = [
+            hyper::header::PROXY_AUTHORIZATION,
+            hyper::header::AUTHORIZATION,
+        ]
+        .iter()
+        .filter_map(|h| req.headers().get(h))
+        .any(|v| auth.admits(v.as_bytes()));
+        if !admitted {
+            let mut r = proxy_error(
+                StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+                "this proxy needs the credentials of proxy.server.basicAuth".into(),
+            );
+            r.headers_mut().insert(
+                hyper::header::PROXY_AUTHENTICATE,
+                "Basic realm=\"p2p-peer\"".parse().expect("a header value"),
+            );
+            return r;
+        }
+    }
+    if req.method() == hyper::Method::CONNECT {
+        return tunnel(req).await;
     }
     if req.uri().host().is_none() && req.uri().path() == "/api/v1/bad-range" {
         if req.method() != hyper::Method::POST {
@@ -344,10 +368,15 @@ async fn to_origin(peer: &PeerInner, url: &str, req: &Request<Incoming>) -> Resp
         Err(e) => return proxy_error(StatusCode::BAD_REQUEST, e.to_string()),
     };
     let mut out = peer.http.request(method, url);
+    let auth = peer.config.proxy.server.basic_auth.as_ref();
     for (k, v) in req.headers() {
-        let proxy_only = super::private_header(k.as_str())
-            && k != hyper::header::AUTHORIZATION
-            && k != hyper::header::COOKIE;
+        // The client's own credentials go on; this proxy's (dfdaemon's way) do not.
+        let ours =
+            k == hyper::header::AUTHORIZATION && auth.is_some_and(|a| a.admits(v.as_bytes()));
+        let proxy_only = ours
+            || super::private_header(k.as_str())
+                && k != hyper::header::AUTHORIZATION
+                && k != hyper::header::COOKIE;
         if proxy_only || k == hyper::header::HOST || k.as_str().starts_with("x-dragonfly-") {
             continue;
         }
@@ -405,7 +434,12 @@ async fn through_swarm(
     req: &Request<Incoming>,
 ) -> Result<Response<Body>, String> {
     let mut headers = std::collections::HashMap::new();
+    let auth = peer.config.proxy.server.basic_auth.as_ref();
     for (k, v) in req.headers() {
+        // This proxy's credentials (dfdaemon's way) are not the origin's.
+        if k == hyper::header::AUTHORIZATION && auth.is_some_and(|a| a.admits(v.as_bytes())) {
+            continue;
+        }
         if let Ok(v) = v.to_str() {
             headers.insert(k.as_str().to_string(), v.to_string());
         }

@@ -349,12 +349,12 @@ impl TaskData {
         self.pieces.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A receiver woken on every piece stored.
+    /// A receiver woken on every piece stored or verified (not on a piece dropped).
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
     }
 
-    /// Wakes the subscribers (the download ended).
+    /// Wakes the subscribers (the download ended, or pieces were verified).
     pub fn wake(&self) {
         self.changed.send_modify(|n| *n += 1);
     }
@@ -647,6 +647,48 @@ impl TaskData {
         Ok(true)
     }
 
+    /// The SHA-256 of the whole task's bytes as stored (verified or not), read 1 MiB at
+    /// a time into one buffer; `None` when a piece is missing.
+    pub fn blob_sha256(&self) -> io::Result<Option<String>> {
+        let mut h = Sha256::new();
+        let mut buf = vec![0; 1 << 20];
+        let mut at = 0;
+        while at < self.content_length {
+            let n = (self.content_length - at).min(buf.len() as u64) as usize;
+            if !self.read_into(at, &mut buf[..n], false)? {
+                return Ok(None);
+            }
+            h.update(&buf[..n]);
+            at += n as u64;
+        }
+        Ok(Some(hex::encode(h.finalize())))
+    }
+
+    /// Checks a task found complete but not all verified (pieces stored unhashed while a
+    /// client that verifies chunks itself read, recorded before the peer stopped)
+    /// against its blob digest: all verified when it matches, the unverified pieces
+    /// dropped when it does not (fetched again when asked for). Nothing to do without a
+    /// blob digest or with a piece missing; `Some(matched)` when checked.
+    pub fn check_stored(&self) -> io::Result<Option<bool>> {
+        let Some(want) = blob_digest(&self.url) else {
+            return Ok(None);
+        };
+        if !self.complete() || self.all_verified() {
+            return Ok(None);
+        }
+        let Some(got) = self.blob_sha256()? else {
+            return Ok(None);
+        };
+        if got == want {
+            self.verify_all();
+            return Ok(Some(true));
+        }
+        for p in self.pieces().into_iter().filter(|p| !p.verified) {
+            self.drop_piece(p.number);
+        }
+        Ok(Some(false))
+    }
+
     /// The data file (for serving without copies).
     pub fn file(&self) -> &File {
         &self.file
@@ -927,6 +969,37 @@ mod tests {
         assert!(!t.verifying_reader(std::time::Duration::from_secs(5)));
         t.reader_at(0, true);
         assert!(t.verifying_reader(std::time::Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn a_complete_task_of_unhashed_pieces_found_at_start_is_checked_by_its_blob_digest() {
+        let data: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+        let hex = hex::encode(Sha256::digest(&data));
+        for (named, matches) in [(hex.clone(), true), ("0".repeat(64), false)] {
+            let dir = tempfile::tempdir().unwrap();
+            let url = format!("http://r/v2/x/blobs/sha256:{named}");
+            {
+                let s = Storage::open(dir.path()).unwrap();
+                let t = s.create(&named, &url, 8 << 20, 4 << 20).unwrap();
+                for n in 0..2usize {
+                    let part = &data[n * (4 << 20)..(n + 1) * (4 << 20)];
+                    let digests = (String::new(), crc32fast::hash(part));
+                    t.store_hashed(n as u32, part, Some("p".into()), false, digests)
+                        .unwrap();
+                }
+                t.persist().unwrap();
+            }
+            let s = Storage::open(dir.path()).unwrap();
+            let t = s.get(&named).expect("the task is found again");
+            assert!(t.complete() && !t.all_verified());
+            assert_eq!(t.check_stored().unwrap(), Some(matches));
+            if matches {
+                assert!(t.ready(), "every piece verified by the blob's digest");
+            } else {
+                assert!(t.pieces().is_empty(), "the unverified pieces dropped");
+            }
+            assert_eq!(t.check_stored().unwrap(), None, "nothing left to check");
+        }
     }
 
     #[test]

@@ -1232,3 +1232,203 @@ fn a_parent_that_claims_pieces_it_lacks_is_left_for_the_origin() {
         "the child never went to the origin:\n{m}"
     );
 }
+
+/// An origin that answers every request `200 ok` and keeps each request's head
+/// (lowercase): what a proxy sent on.
+struct HeadSink {
+    addr: String,
+    heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl HeadSink {
+    fn start() -> HeadSink {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = heads.clone();
+        // Ends with the test process (it only ever blocks in accept).
+        std::thread::spawn(move || {
+            for s in listener.incoming() {
+                let Ok(mut s) = s else { continue };
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 65536 {
+                    match s.read(&mut b) {
+                        Ok(1) => head.push(b[0]),
+                        _ => break,
+                    }
+                }
+                kept.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&head).to_lowercase());
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                );
+            }
+        });
+        HeadSink { addr, heads }
+    }
+
+    fn last(&self) -> String {
+        self.heads
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// `proxy.server.basicAuth` (dfdaemon's field): without its credentials every request
+/// to the proxy is refused with `407` and goes nowhere (to the origin, through a
+/// `CONNECT` tunnel, or to the bad-range endpoint); with them (`Proxy-Authorization`,
+/// or dfdaemon's `Authorization`) it is served, and neither reaches the origin, while a
+/// client's own `Authorization` still does.
+#[test]
+fn a_proxy_with_basic_auth_serves_only_clients_with_its_credentials() {
+    let _swarm = require();
+    let t = tempfile::tempdir().unwrap();
+    let (origin, _) = Origin::start(t.path(), &[(8 << 20, 71)]);
+    let sched = Scheduler::start(t.path(), "scheduler", "");
+    let list = [sched.addr.clone()];
+    let _seed = OurPeer::start(t.path(), "seed", &list, true);
+    let auth = "    basicAuth:\n      username: node\n      password: s3cret\n";
+    let peer = OurPeer::start_with_proxy(t.path(), "peer", &list, false, auth);
+    wait_for_hosts(&sched, 2);
+    let url = origin.url();
+    let sink = HeadSink::start();
+    let outside = format!("http://{}/v2/", sink.addr);
+    // curl's answer head (the last one: a CONNECT's comes first) and its exit status.
+    let curl = |args: &[&str]| {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "30", "-o", "/dev/null", "-D", "-"])
+            .args(args)
+            .output()
+            .unwrap();
+        let all = String::from_utf8_lossy(&out.stdout).into_owned();
+        let last = all
+            .rsplit("HTTP/1.1 ")
+            .next()
+            .map(|h| format!("HTTP/1.1 {h}"))
+            .unwrap_or_default();
+        (last.to_lowercase(), out.status.success())
+    };
+    let proxy = peer.proxy();
+    let before = (origin.proxy.requests(), sink.heads.lock().unwrap().len());
+    let bad_range = format!("{proxy}/api/v1/bad-range");
+    for (what, args) in [
+        ("no credentials", vec!["-x", &proxy, &url]),
+        (
+            "wrong credentials",
+            vec!["-x", &proxy, "--proxy-user", "node:wrong", &url],
+        ),
+        (
+            "no credentials, to another host",
+            vec!["-x", &proxy, &outside],
+        ),
+        (
+            "a bad-range report",
+            vec!["-X", "POST", "-d", "{}", &bad_range],
+        ),
+    ] {
+        let (head, _) = curl(&args);
+        assert!(
+            head.starts_with("http/1.1 407") && head.contains("proxy-authenticate: basic"),
+            "{what}: {head}"
+        );
+    }
+    let tunnel = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "30", "-o", "/dev/null", "-p", "-x"])
+        .args([&proxy, &url])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&tunnel.stderr);
+    assert!(
+        !tunnel.status.success() && said.contains("407"),
+        "a CONNECT without credentials: {said}"
+    );
+    assert_eq!(
+        (origin.proxy.requests(), sink.heads.lock().unwrap().len()),
+        before,
+        "a refused request reached an origin"
+    );
+    let (head, ok) = curl(&[&format!("{proxy}/healthy")]);
+    assert!(ok && head.starts_with("http/1.1 200"), "/healthy: {head}");
+
+    // With the credentials: through the swarm, right bytes.
+    let got = t.path().join("got");
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--fail", "--max-time", "60", "-D", "-", "-x"])
+        .args([&proxy, "--proxy-user", "node:s3cret", "-o"])
+        .arg(&got)
+        .arg(&url)
+        .output()
+        .unwrap();
+    let head = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(
+        out.status.success() && head.contains("x-dragonfly-task-id"),
+        "with credentials: {head}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        peer.log()
+    );
+    assert_copy(&got, &origin.hex, "with credentials");
+    let tunneled = t.path().join("tunneled");
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--fail", "--max-time", "60", "-p", "-x"])
+        .args([&proxy, "--proxy-user", "node:s3cret", "-o"])
+        .arg(&tunneled)
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "a CONNECT with credentials: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_copy(
+        &tunneled,
+        &origin.hex,
+        "through a CONNECT tunnel with credentials",
+    );
+
+    // To the origin: the proxy's credentials stay here, the client's own go on.
+    let (head, ok) = curl(&[
+        "-x",
+        &proxy,
+        "-H",
+        "Authorization: Basic bm9kZTpzM2NyZXQ=",
+        "-H",
+        "X-Probe: 1",
+        &outside,
+    ]);
+    assert!(
+        ok && head.starts_with("http/1.1 200"),
+        "dfdaemon's way: {head}"
+    );
+    let sent = sink.last();
+    assert!(
+        sent.contains("x-probe: 1") && !sent.contains("authorization"),
+        "the origin was sent: {sent}"
+    );
+    let (head, ok) = curl(&[
+        "-x",
+        &proxy,
+        "--proxy-user",
+        "node:s3cret",
+        "-H",
+        "Authorization: Bearer origin-token",
+        &outside,
+    ]);
+    assert!(
+        ok && head.starts_with("http/1.1 200"),
+        "a client's own token: {head}"
+    );
+    let sent = sink.last();
+    assert!(
+        sent.contains("authorization: bearer origin-token")
+            && !sent.contains("proxy-authorization"),
+        "the origin was sent: {sent}"
+    );
+}
