@@ -519,51 +519,67 @@ impl Driver {
         {
             tokio::time::sleep(READER_ACTIVE / 5).await;
         }
-        // Hashing the whole blob is kept off the threads that serve requests.
-        self.peer.metrics.blob_hashes.inc();
-        let whole = t.clone();
-        let got = tokio::task::spawn_blocking(move || match whole.blob_sha256() {
-            Ok(Some(hex)) => Ok(hex),
-            Ok(None) => Err("a piece went missing".to_string()),
-            Err(e) => Err(e.to_string()),
-        })
-        .await
-        .map_err(|e| format!("hashing the blob: {e}"))??;
-        if got != want {
-            // Dropping writes the record (a sync): off the threads that serve requests.
-            // A piece our seeds have a digest of is hashed and judged by it (pieces
-            // stored unhashed while nydusd read are most of a blob: one bad sender does
-            // not make suspects of all); the others are all suspect. A piece that
-            // matches is kept, not verified: with the blob wrong, the next round
-            // checks it whole again rather than taking it as verified.
-            let (t2, known) = (t.clone(), known.clone());
-            let mut suspects = tokio::task::spawn_blocking(move || {
-                let mut suspects = Vec::new();
-                for p in t2.pieces().into_iter().filter(|p| !p.verified) {
-                    if let Some(want) = known.get(&p.number) {
-                        if t2.hash_piece(p.number).ok().flatten().as_ref() == Some(want) {
-                            continue;
-                        }
-                    }
-                    t2.drop_piece(p.number);
-                    suspects.extend(p.parent);
-                }
-                suspects
+        // Hashing the whole blob is kept off the threads that serve requests. Its verdict
+        // holds only for the bytes hashed: if a piece was stored or dropped meanwhile (a
+        // client's report of a bad range), it is hashed again.
+        let mut tries = 0;
+        let got = loop {
+            tries += 1;
+            self.peer.metrics.blob_hashes.inc();
+            let generation = t.generation();
+            let whole = t.clone();
+            let got = tokio::task::spawn_blocking(move || match whole.blob_sha256() {
+                Ok(Some(hex)) => Ok(hex),
+                Ok(None) => Err("a piece went missing".to_string()),
+                Err(e) => Err(e.to_string()),
             })
             .await
-            .map_err(|e| format!("dropping the pieces: {e}"))?;
-            suspects.sort();
-            suspects.dedup();
-            self.peer.metrics.piece_failure("blob-digest");
-            self.peer.suspect(&self.task_id, &suspects);
-            return Err(format!(
-                "the blob's bytes have digest {got}, not {want}: the pieces from {suspects:?} \
-                 were dropped"
-            ));
-        }
-        let t2 = t.clone();
-        let _ = tokio::task::spawn_blocking(move || t2.verify_all()).await;
-        Ok(())
+            .map_err(|e| format!("hashing the blob: {e}"))??;
+            if got == want {
+                let t2 = t.clone();
+                let verified = tokio::task::spawn_blocking(move || t2.verify_all_if(generation))
+                    .await
+                    .unwrap_or(false);
+                if verified {
+                    return Ok(());
+                }
+            } else if t.generation() == generation {
+                break got;
+            }
+            if tries == 3 {
+                return Err("the pieces kept changing while the blob was hashed".into());
+            }
+        };
+        // Dropping writes the record (a sync): off the threads that serve requests.
+        // A piece our seeds have a digest of is hashed and judged by it (pieces
+        // stored unhashed while nydusd read are most of a blob: one bad sender does
+        // not make suspects of all); the others are all suspect. A piece that
+        // matches is kept, not verified: with the blob wrong, the next round
+        // checks it whole again rather than taking it as verified.
+        let (t2, known) = (t.clone(), known.clone());
+        let mut suspects = tokio::task::spawn_blocking(move || {
+            let mut suspects = Vec::new();
+            for p in t2.pieces().into_iter().filter(|p| !p.verified) {
+                if let Some(want) = known.get(&p.number) {
+                    if t2.hash_piece(p.number).ok().flatten().as_ref() == Some(want) {
+                        continue;
+                    }
+                }
+                t2.drop_piece(p.number);
+                suspects.extend(p.parent);
+            }
+            suspects
+        })
+        .await
+        .map_err(|e| format!("dropping the pieces: {e}"))?;
+        suspects.sort();
+        suspects.dedup();
+        self.peer.metrics.piece_failure("blob-digest");
+        self.peer.suspect(&self.task_id, &suspects);
+        Err(format!(
+            "the blob's bytes have digest {got}, not {want}: the pieces from {suspects:?} \
+             were dropped"
+        ))
     }
 
     /// Fetches the missing pieces from `parents`; `Err` (with why) when they could not
@@ -1130,8 +1146,8 @@ impl Drop for AbortOnDrop {
 /// no such digests), 20 ms after one that did; and once the scheduler has given
 /// digests of this task, also at once when a hashed piece not asked about yet is
 /// stored (its digest is on its way or there already; the last piece of a download
-/// would otherwise wait out a backed-off poll), at most one poll per 20 ms. Each
-/// answer goes to `tx`.
+/// would otherwise wait out a backed-off poll), at most one poll per 20 ms, the pause
+/// after it starting again from 20 ms. Each answer goes to `tx`.
 async fn poll_seed_digests(
     scheduler: String,
     host_id: String,
@@ -1180,7 +1196,9 @@ async fn poll_seed_digests(
                 continue;
             }
             if let Some(gap) = last_poll.map(|l| l + DIGEST_POLL_SOON).filter(|g| *g > now) {
+                // That poll comes by the timer, which doubles this to `DIGEST_POLL_SOON`.
                 next = next.min(gap);
+                delay = DIGEST_POLL_SOON / 2;
                 continue;
             }
             delay = DIGEST_POLL_SOON;

@@ -12,9 +12,9 @@
 //! `GET /healthy` (origin-form, to the proxy's address) answers `200` while the proxy
 //! serves: point nydusd's `proxy.ping_url` at it.
 //!
-//! With `proxy.server.basicAuth`, every other request (`CONNECT` and
-//! `POST /api/v1/bad-range` too) without its credentials is answered `407` and goes
-//! nowhere (see [`super::config::BasicAuth`]).
+//! With `proxy.server.basicAuth`, every request but those for the proxy's own
+//! `/healthy` (`CONNECT` and `POST /api/v1/bad-range` too) without its credentials is
+//! answered `407` and goes nowhere (see [`super::config::BasicAuth`]).
 //!
 //! `CONNECT` opens a tunnel (HTTPS through the proxy); what goes through it is not
 //! looked into, so it never goes through the swarm: to share HTTPS registries' blobs,

@@ -125,6 +125,9 @@ pub struct TaskData {
     storing: [Mutex<()>; 16],
     /// The record in memory has changed since `meta.json` was last written.
     dirty: std::sync::atomic::AtomicBool,
+    /// Bumped whenever a piece's bytes are stored or dropped: a check that hashed the
+    /// stored bytes applies its verdict only if none changed meanwhile.
+    generation: std::sync::atomic::AtomicU64,
     /// Held while `meta.json` is written, with when it last was.
     persisting: Mutex<std::time::Instant>,
     /// The pieces `meta.json` records now (written after their bytes were synced).
@@ -188,6 +191,7 @@ impl TaskData {
             want_signal: tokio::sync::Notify::new(),
             storing: Default::default(),
             dirty: std::sync::atomic::AtomicBool::new(false),
+            generation: std::sync::atomic::AtomicU64::new(0),
             persisting: Mutex::new(std::time::Instant::now()),
             durable: Mutex::new(Vec::new()),
         }
@@ -431,6 +435,8 @@ impl TaskData {
             // later, after the bytes are synced (see [`TaskData::persist`]).
             self.lock()[number as usize] = Some(meta.clone());
             self.dirty.store(true, std::sync::atomic::Ordering::Release);
+            self.generation
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         }
         self.wake();
         // Now and then, once the readers were told: one sync for many pieces, not one
@@ -504,16 +510,27 @@ impl TaskData {
         }
     }
 
-    /// Marks every stored piece verified (the whole task matched its digest).
-    pub fn verify_all(&self) {
+    /// Where the stored bytes are at: see [`TaskData::verify_all_if`].
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Marks every stored piece verified (the whole task matched its digest), if no
+    /// piece was stored or dropped since [`TaskData::generation`] gave `generation`
+    /// (the bytes hashed are the bytes stored); true when it did.
+    pub fn verify_all_if(&self, generation: u64) -> bool {
         {
             let mut pieces = self.lock();
+            if self.generation() != generation {
+                return false;
+            }
             for p in pieces.iter_mut().flatten() {
                 p.verified = true;
             }
         }
         self.wake();
         self.changed_record(true);
+        true
     }
 
     /// Marks verified each piece `(number, sha256)` whose bytes stored now have that
@@ -606,6 +623,8 @@ impl TaskData {
                 Some(p @ Some(_)) if p.as_ref().is_some_and(&bad) => *p = None,
                 _ => return false,
             }
+            self.generation
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         }
         self.changed_record(true);
         true
@@ -676,12 +695,17 @@ impl TaskData {
         if !self.complete() || self.all_verified() {
             return Ok(None);
         }
+        let generation = self.generation();
         let Some(got) = self.blob_sha256()? else {
             return Ok(None);
         };
+        // Pieces stored or dropped meanwhile (a download started): its own check
+        // judges them.
         if got == want {
-            self.verify_all();
-            return Ok(Some(true));
+            return Ok(self.verify_all_if(generation).then_some(true));
+        }
+        if self.generation() != generation {
+            return Ok(None);
         }
         for p in self.pieces().into_iter().filter(|p| !p.verified) {
             self.drop_piece(p.number);
@@ -1114,7 +1138,11 @@ mod tests {
         assert_eq!(t.pieces().len(), 2);
         assert!(t.verified(2) && !t.verified(0));
         assert_eq!(t.read(8, 2, true).unwrap().unwrap(), b"89");
-        t.verify_all();
+        let generation = t.generation();
+        t.drop_piece(2);
+        assert!(!t.verify_all_if(generation), "a piece dropped since");
+        assert!(!t.verified(0));
+        assert!(t.verify_all_if(t.generation()));
         assert!(t.verified(0));
         assert!(s.create("../x", "u", 1, 1).is_err());
         assert!(s.delete("abc"));

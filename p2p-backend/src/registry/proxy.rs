@@ -74,12 +74,25 @@ pub struct PeerProxy {
     pub counters: Arc<ProxyCounters>,
 }
 
+/// `url` as it may be shown in messages and logs: a password in it (the proxy's
+/// `basicAuth`, as `http://user:password@host:port`) masked.
+fn shown(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
 impl PeerProxy {
     /// A proxy for `config`, each request bounded by `timeout` (connecting by
     /// `connect_timeout`); starts the health checks when there is a `ping_url`.
     pub fn new(config: ProxyConfig, timeout: Duration, connect_timeout: Duration) -> Result<Self> {
-        let bad =
-            |e: reqwest::Error| BackendError::Config(format!("proxy.url {}: {e}", config.url));
+        let bad = |e: reqwest::Error| {
+            BackendError::Config(format!("proxy.url {}: {e}", shown(&config.url)))
+        };
         let client = reqwest::Client::builder()
             .proxy(reqwest::Proxy::all(&config.url).map_err(bad)?)
             .connect_timeout(connect_timeout)
@@ -193,7 +206,12 @@ impl PeerProxy {
         prefetch: bool,
     ) -> Result<()> {
         let url = self.url(registry, digest);
-        let what = || format!("blob {digest} through the P2P proxy {}", self.config.url);
+        let what = || {
+            format!(
+                "blob {digest} through the P2P proxy {}",
+                shown(&self.config.url)
+            )
+        };
         let fail = |reason: String| BackendError::Remote {
             what: what(),
             reason,
@@ -330,14 +348,18 @@ impl PeerProxy {
             }
             Ok(r) => {
                 tracing::warn!(
-                    "blob {digest}: reporting bad bytes at {offset} to {endpoint}: status {}",
+                    "blob {digest}: reporting bad bytes at {offset} to {}: status {}",
+                    shown(&endpoint),
                     r.status()
                 );
                 false
             }
             Err(e) => {
+                // The error's own copy of the URL may hold the password.
+                let e = e.without_url();
                 tracing::warn!(
-                    "blob {digest}: reporting bad bytes to {endpoint}: {}",
+                    "blob {digest}: reporting bad bytes to {}: {}",
+                    shown(&endpoint),
                     chain(&e)
                 );
                 false
@@ -361,4 +383,17 @@ enum ReadError {
 
 fn chain(e: &reqwest::Error) -> String {
     crate::error_chain(e)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_password_in_the_proxy_url_is_never_shown() {
+        let s = super::shown("http://node:s3cret@127.0.0.1:4001/api/v1/bad-range");
+        assert_eq!(s, "http://node:***@127.0.0.1:4001/api/v1/bad-range");
+        assert_eq!(
+            super::shown("http://127.0.0.1:4001"),
+            "http://127.0.0.1:4001"
+        );
+    }
 }

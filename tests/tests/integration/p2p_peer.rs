@@ -1318,7 +1318,12 @@ fn a_proxy_with_basic_auth_serves_only_clients_with_its_credentials() {
     let proxy = peer.proxy();
     let before = (origin.proxy.requests(), sink.heads.lock().unwrap().len());
     let bad_range = format!("{proxy}/api/v1/bad-range");
+    let elsewhere = format!("http://{}/healthy", sink.addr);
     for (what, args) in [
+        (
+            "no credentials, to another host's /healthy",
+            vec!["-x", &proxy, &elsewhere],
+        ),
         ("no credentials", vec!["-x", &proxy, &url]),
         (
             "wrong credentials",
