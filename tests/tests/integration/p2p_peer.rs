@@ -1399,38 +1399,40 @@ fn a_proxy_with_basic_auth_serves_only_clients_with_its_credentials() {
     );
 
     // To the origin: the proxy's credentials stay here, the client's own go on.
-    let (head, ok) = curl(&[
-        "-x",
-        &proxy,
+    let sent_on = |what: &str, args: &[&str]| {
+        let (head, ok) = curl(args);
+        assert!(ok && head.starts_with("http/1.1 200"), "{what}: {head}");
+        sink.last()
+    };
+    let dfdaemons_way = [
         "-H",
         "Authorization: Basic bm9kZTpzM2NyZXQ=",
         "-H",
         "X-Probe: 1",
-        &outside,
-    ]);
-    assert!(
-        ok && head.starts_with("http/1.1 200"),
-        "dfdaemon's way: {head}"
+    ];
+    let sent = sent_on(
+        "dfdaemon's way",
+        &[
+            &["-x", proxy.as_str()][..],
+            &dfdaemons_way,
+            &[outside.as_str()],
+        ]
+        .concat(),
     );
-    let sent = sink.last();
     assert!(
         sent.contains("x-probe: 1") && !sent.contains("authorization"),
         "the origin was sent: {sent}"
     );
-    let (head, ok) = curl(&[
-        "-x",
-        &proxy,
+    let own = [
         "--proxy-user",
         "node:s3cret",
         "-H",
         "Authorization: Bearer origin-token",
-        &outside,
-    ]);
-    assert!(
-        ok && head.starts_with("http/1.1 200"),
-        "a client's own token: {head}"
+    ];
+    let sent = sent_on(
+        "a client's own token",
+        &[&["-x", proxy.as_str()][..], &own, &[outside.as_str()]].concat(),
     );
-    let sent = sink.last();
     assert!(
         sent.contains("authorization: bearer origin-token")
             && !sent.contains("proxy-authorization"),
