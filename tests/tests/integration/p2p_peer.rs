@@ -1100,20 +1100,7 @@ fn bad_input_gets_clear_answers_and_the_peer_serves_on() {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert_eq!(metric_value(&peer.metrics(), "peer_tasks"), tasks);
     let tunneled = t.path().join("tunneled");
-    let out = std::process::Command::new("curl")
-        .args(["-sS", "--fail", "--max-time", "20", "-p", "-x"])
-        .arg(peer.proxy())
-        .arg("-o")
-        .arg(&tunneled)
-        .arg(&url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_copy(&tunneled, &hex, "through a CONNECT tunnel");
+    fetch_tunneled(&peer.proxy(), &[], &url, &tunneled, &hex);
 
     // A peer whose scheduler is not there.
     let dead = ["127.0.0.1:9".to_string()];
@@ -1231,6 +1218,25 @@ fn a_parent_that_claims_pieces_it_lacks_is_left_for_the_origin() {
         metric_value(&m, "peer_origin_bytes_total") > 0.0,
         "the child never went to the origin:\n{m}"
     );
+}
+
+/// Fetches `url` into `to` through a `CONNECT` tunnel of the proxy at `proxy` (curl's
+/// `extra` arguments added) and checks its SHA-256 is `hex`.
+fn fetch_tunneled(proxy: &str, extra: &[&str], url: &str, to: &std::path::Path, hex: &str) {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--fail", "--max-time", "60", "-p", "-x", proxy])
+        .args(extra)
+        .arg("-o")
+        .arg(to)
+        .arg(url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "through a CONNECT tunnel ({extra:?}): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_copy(to, hex, "through a CONNECT tunnel");
 }
 
 /// An origin that answers every request `200 ok` and keeps each request's head
@@ -1380,23 +1386,8 @@ fn a_proxy_with_basic_auth_serves_only_clients_with_its_credentials() {
     );
     assert_copy(&got, &origin.hex, "with credentials");
     let tunneled = t.path().join("tunneled");
-    let out = std::process::Command::new("curl")
-        .args(["-sS", "--fail", "--max-time", "60", "-p", "-x"])
-        .args([&proxy, "--proxy-user", "node:s3cret", "-o"])
-        .arg(&tunneled)
-        .arg(&url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "a CONNECT with credentials: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_copy(
-        &tunneled,
-        &origin.hex,
-        "through a CONNECT tunnel with credentials",
-    );
+    let creds = ["--proxy-user", "node:s3cret"];
+    fetch_tunneled(&proxy, &creds, &url, &tunneled, &origin.hex);
 
     // To the origin: the proxy's credentials stay here, the client's own go on.
     let sent_on = |what: &str, args: &[&str]| {
