@@ -470,7 +470,7 @@ impl PeerInner {
     /// stopped, are served to other peers again once the blob matches.
     pub async fn check_stored_tasks(self: Arc<Self>) {
         for t in self.storage.tasks() {
-            if self.is_running(&t.id) || !t.complete() || t.all_verified() {
+            if self.is_running(&t.id) {
                 continue;
             }
             let t2 = t.clone();

@@ -85,6 +85,13 @@ fn proxy_error(status: StatusCode, text: String) -> Response<Body> {
     r
 }
 
+/// Whether `value`, a request's `Proxy-Authorization` or `Authorization`, carries this
+/// proxy's own credentials (`proxy.server.basicAuth`).
+fn proxys_credentials(peer: &PeerInner, value: &hyper::header::HeaderValue) -> bool {
+    let auth = peer.config.proxy.server.basic_auth.as_ref();
+    auth.is_some_and(|a| a.admits(value.as_bytes()))
+}
+
 /// Serves the proxy on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, peer: Arc<PeerInner>) {
     let rules: Vec<regex::Regex> = peer
@@ -273,14 +280,14 @@ async fn handle(
     if req.uri().host().is_none() && req.uri().path() == "/healthy" {
         return full(StatusCode::OK, "OK".into());
     }
-    if let Some(auth) = &peer.config.proxy.server.basic_auth {
+    if peer.config.proxy.server.basic_auth.is_some() {
         let admitted = [
             hyper::header::PROXY_AUTHORIZATION,
             hyper::header::AUTHORIZATION,
         ]
         .iter()
         .filter_map(|h| req.headers().get(h))
-        .any(|v| auth.admits(v.as_bytes()));
+        .any(|v| proxys_credentials(&peer, v));
         if !admitted {
             let mut r = proxy_error(
                 StatusCode::PROXY_AUTHENTICATION_REQUIRED,
@@ -368,11 +375,9 @@ async fn to_origin(peer: &PeerInner, url: &str, req: &Request<Incoming>) -> Resp
         Err(e) => return proxy_error(StatusCode::BAD_REQUEST, e.to_string()),
     };
     let mut out = peer.http.request(method, url);
-    let auth = peer.config.proxy.server.basic_auth.as_ref();
     for (k, v) in req.headers() {
         // The client's own credentials go on; this proxy's (dfdaemon's way) do not.
-        let ours =
-            k == hyper::header::AUTHORIZATION && auth.is_some_and(|a| a.admits(v.as_bytes()));
+        let ours = k == hyper::header::AUTHORIZATION && proxys_credentials(peer, v);
         let proxy_only = ours
             || super::private_header(k.as_str())
                 && k != hyper::header::AUTHORIZATION
@@ -434,10 +439,9 @@ async fn through_swarm(
     req: &Request<Incoming>,
 ) -> Result<Response<Body>, String> {
     let mut headers = std::collections::HashMap::new();
-    let auth = peer.config.proxy.server.basic_auth.as_ref();
     for (k, v) in req.headers() {
         // This proxy's credentials (dfdaemon's way) are not the origin's.
-        if k == hyper::header::AUTHORIZATION && auth.is_some_and(|a| a.admits(v.as_bytes())) {
+        if k == hyper::header::AUTHORIZATION && proxys_credentials(peer, v) {
             continue;
         }
         if let Ok(v) = v.to_str() {
