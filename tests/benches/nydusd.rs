@@ -22,6 +22,9 @@
 //! from memory on two threads; then the mixed image through 200 Mbit/s against curl
 //! (`RAFS_BENCH_SHAPED=0` skips that). Each daemon's peak RSS during its read is printed.
 //! The page cache is dropped and the registry's blobs read back into it before each read.
+//! `RAFS_BENCH_COLD=mixed|model` reads that image only; `RAFS_BENCH_QUICK=1` skips the
+//! tmpfs, prefetch and upstream rows; `RAFS_BENCH_PERF=<file>` records a system-wide
+//! `perf` profile of our daemon's cold read.
 //!
 //! Ours runs with digest validation on (its default); upstream 2.2 cannot validate RAFS v6
 //! and runs with it off. `RAFS_BENCH_DIR` (default `/var/tmp/rafs-bench`) holds the
@@ -532,6 +535,9 @@ struct Cold {
     rss: f64,
     /// Seconds of the same read again from the filled cache, the page cache dropped.
     warm_secs: f64,
+    /// The machine's busy CPU-seconds during the cold read (everything: the registry,
+    /// the kernel, the reader).
+    cpu: f64,
 }
 
 /// One cold read of the whole image `repo` (bootstrap `image/image.boot`) through a
@@ -545,11 +551,21 @@ fn cold_read(
     link: (&str, &str),
     reg_dir: &Path,
 ) -> Cold {
-    let (d, sock, upstream) = start_cold(daemon, image, dirs, link, reg_dir, "");
+    // `RAFS_BENCH_CONFIG=<json>`: added to our daemon's config (`,"key":value,...`).
+    let extra = std::env::var("RAFS_BENCH_CONFIG")
+        .ok()
+        .filter(|_| Some(daemon.to_path_buf()) != upstream_nydusd())
+        .unwrap_or_default();
+    let (d, sock, upstream) = start_cold(daemon, image, dirs, link, reg_dir, &extra);
     let rss = RssSampler::start(d.pid());
-    let t = Instant::now();
+    let perf = std::env::var("RAFS_BENCH_PERF")
+        .ok()
+        .filter(|_| !upstream)
+        .map(|out| PerfRecord::start(&out));
+    let (t, busy) = (Instant::now(), CpuBusy::now());
     let read = read_all(&d.mnt);
-    let secs = t.elapsed().as_secs_f64();
+    let (secs, cpu) = (t.elapsed().as_secs_f64(), busy.since());
+    drop(perf);
     let rss = rss.peak();
     let fetched = (!upstream).then(|| {
         let m = api_get(&sock, "/api/v1/metrics/backend");
@@ -573,6 +589,7 @@ fn cold_read(
         fetched,
         rss,
         warm_secs,
+        cpu,
     }
 }
 
@@ -760,10 +777,16 @@ fn cold(base: &Path) {
     let ns = NetNs::create("bench");
     let reg_dir = tempfile::tempdir_in(base).unwrap();
     let reg = Registry::start_in_netns(reg_dir.path(), &ns);
-    let images = [
-        ColdImage::new("mixed", &mixed_src, base.join("nydusd-mixed-img"), &reg),
-        ColdImage::new("model", &model_src, base.join("nydusd-model-img"), &reg),
-    ];
+    // `RAFS_BENCH_COLD=mixed` or `=model`: that image only (the shaped read is the
+    // mixed image's); `RAFS_BENCH_QUICK=1`: ours and its limit and curl only.
+    let only = std::env::var("RAFS_BENCH_COLD").ok();
+    let quick = std::env::var("RAFS_BENCH_QUICK").as_deref() == Ok("1");
+    let images: Vec<ColdImage> = [("mixed", &mixed_src), ("model", &model_src)]
+        .into_iter()
+        .filter(|(name, _)| only.as_deref().is_none_or(|o| o == *name))
+        .map(|(name, src)| ColdImage::new(name, src, base.join(format!("nydusd-{name}-img")), &reg))
+        .collect();
+    let upstream = upstream.filter(|_| !quick);
     let (work, cache) = (base.join("nydusd-cold"), base.join("nydusd-cold-cache"));
     let shm_cache = PathBuf::from("/dev/shm/rafs-bench-cold-cache");
     let (disk, shm) = (
@@ -775,8 +798,7 @@ fn cold(base: &Path) {
         "cold reads from docker-registry in a network namespace (rates in MiB/s of files read):"
     );
     let shaped = std::env::var("RAFS_BENCH_SHAPED").as_deref() != Ok("0");
-    if shaped {
-        let img = &images[0];
+    if let Some(img) = images.iter().find(|i| shaped && i.name == "mixed") {
         let link = (reg.addr.as_str(), img.repo.as_str());
         ns.shape(200);
         let curl_s = cold_curl(&reg.addr, &img.repo, &img.blobs);
@@ -793,14 +815,16 @@ fn cold(base: &Path) {
     }
     for img in &images {
         let link = (reg.addr.as_str(), img.repo.as_str());
-        let (limit_s, limit_bytes) =
+        let (limit_s, limit_bytes, decode_cpu) =
             decode_limit(&img.image.join("image.boot"), &img.image.join("blobs"), 2);
         drop_caches();
         warm_registry(reg_dir.path());
+        let busy = CpuBusy::now();
         let curl_s = cold_curl(&reg.addr, &img.repo, &img.blobs);
+        let wire_cpu = busy.since();
         let c = cold_read(&ours, &img.image, disk, link, reg_dir.path());
         assert_eq!(c.read, img.file_bytes, "bytes read through the mount");
-        let tmpfs = (img.name == "model").then(|| {
+        let tmpfs = (img.name == "model" && !quick).then(|| {
             let c = cold_read(&ours, &img.image, shm, link, reg_dir.path());
             assert_eq!(c.read, img.file_bytes, "bytes read through the mount");
             c
@@ -848,7 +872,19 @@ fn cold(base: &Path) {
             mib(img.blob_bytes) / curl_s,
             curl_s / c.secs
         );
-        if img.name == "model" {
+        // The registry shares the two cores: a cold read costs at least the wire's CPU
+        // (the registry, the kernel, a client's receive) and the decoder's, so two
+        // cores doing nothing else could read no faster than this.
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as f64;
+        let bound = cores * mib(limit_bytes) / (wire_cpu + decode_cpu);
+        println!(
+            "    cpu       {:>7.1} MiB/s  (the wire {wire_cpu:.1} CPU-s (registry and curl), decoding {decode_cpu:.1} CPU-s: their sum on {cores} cores) = {:.2}x the limit; ours took {:.1} CPU-s -> ours {:.2}x",
+            bound,
+            bound / (mib(limit_bytes) / limit_s),
+            c.cpu,
+            rate(c.secs) / bound
+        );
+        if img.name == "model" && !quick {
             let (done, during) = cold_prefetch(&ours, &img.image, disk, link, reg_dir.path(), true);
             let (_, idle) = cold_prefetch(&ours, &img.image, disk, link, reg_dir.path(), false);
             let stats = |v: &[f64]| (median(v.to_vec()), v.iter().cloned().fold(0.0, f64::max));

@@ -239,24 +239,13 @@ fn nydusd_cold(dir: &Path, boot: &Path, reg: &str, proxy: Option<&str>) -> (f64,
     // `P2P_BENCH_PERF=<file>`: a system-wide `perf record` of each read, to
     // `<file>.direct` and `<file>.peer`.
     let perf = std::env::var("P2P_BENCH_PERF").ok().map(|out| {
-        let out = format!("{out}.{}", if proxy_given { "peer" } else { "direct" });
-        let child = Command::new("perf")
-            .args(["record", "-a", "-g", "-F", "1999", "-o"])
-            .arg(out)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("perf");
-        std::thread::sleep(Duration::from_millis(500));
-        child
+        PerfRecord::start(&format!(
+            "{out}.{}",
+            if proxy_given { "peer" } else { "direct" }
+        ))
     });
     let r = read_all(&d.mnt);
-    if let Some(mut p) = perf {
-        let _ = Command::new("kill")
-            .args(["-INT", &p.id().to_string()])
-            .status();
-        let _ = p.wait();
-    }
+    drop(perf);
     drop(d);
     let _ = std::fs::remove_dir_all(dir);
     r

@@ -59,11 +59,11 @@ pub fn limit_loop(files: &[PathBuf], threads: usize) -> f64 {
 /// The cold-read limit of an image: every chunk of every blob (read into memory first,
 /// not timed) decompressed and digest-checked with [`rafs::read::decode_chunk`], on
 /// `threads` threads taking chunks in order, and nothing else. Returns (wall seconds,
-/// uncompressed bytes).
+/// uncompressed bytes, the machine's busy CPU-seconds meanwhile).
 ///
 /// # Panics
 /// When the bootstrap or a blob cannot be read, or a chunk fails to decode.
-pub fn decode_limit(bootstrap: &Path, blobs_dir: &Path, threads: usize) -> (f64, u64) {
+pub fn decode_limit(bootstrap: &Path, blobs_dir: &Path, threads: usize) -> (f64, u64, f64) {
     let bs = rafs::read::Bootstrap::open(bootstrap)
         .unwrap_or_else(|e| panic!("{}: {e}", bootstrap.display()));
     let mut blobs = Vec::new();
@@ -82,7 +82,7 @@ pub fn decode_limit(bootstrap: &Path, blobs_dir: &Path, threads: usize) -> (f64,
     }
     let bytes = work.iter().map(|(_, c)| c.uncompressed_size as u64).sum();
     let next = AtomicUsize::new(0);
-    let start = Instant::now();
+    let (start, busy) = (Instant::now(), CpuBusy::now());
     std::thread::scope(|s| {
         for _ in 0..threads.max(1) {
             s.spawn(|| {
@@ -96,7 +96,7 @@ pub fn decode_limit(bootstrap: &Path, blobs_dir: &Path, threads: usize) -> (f64,
             });
         }
     });
-    (start.elapsed().as_secs_f64(), bytes)
+    (start.elapsed().as_secs_f64(), bytes, busy.since())
 }
 
 /// The median of `v` (the upper middle value for an even count).
@@ -154,5 +154,68 @@ mod tests {
         let missing = d.path().join("missing");
         let r = std::panic::catch_unwind(|| limit_loop(&[b, missing], 1));
         assert!(r.is_err());
+    }
+}
+
+/// A system-wide `perf record -a -g` (software clock, 1999 Hz) running until dropped,
+/// which stops it with SIGINT so that it writes its profile: for a bench's
+/// `..._PERF=<file>` option.
+pub struct PerfRecord(std::process::Child);
+
+impl PerfRecord {
+    /// Starts recording to `out`, and gives perf half a second to start.
+    ///
+    /// # Panics
+    /// When `perf` cannot be started.
+    pub fn start(out: &str) -> PerfRecord {
+        let child = std::process::Command::new("perf")
+            .args(["record", "-a", "-g", "-F", "1999", "-o", out])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("perf");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        PerfRecord(child)
+    }
+}
+
+impl Drop for PerfRecord {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+/// The machine's busy CPU time (every process and the kernel, all cores) from
+/// `/proc/stat`, for what a part of a bench cost in CPU rather than in wall time.
+#[derive(Clone, Copy)]
+pub struct CpuBusy(u64);
+
+impl CpuBusy {
+    /// The busy ticks so far: user, nice, system, irq and softirq time (not idle,
+    /// iowait or steal).
+    ///
+    /// # Panics
+    /// When `/proc/stat` cannot be read.
+    pub fn now() -> CpuBusy {
+        let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()
+            .expect("the cpu line of /proc/stat")
+            .split_whitespace()
+            .skip(1)
+            .map(|f| f.parse().expect("a tick count"))
+            .collect();
+        // user nice system idle iowait irq softirq steal ...
+        CpuBusy(fields[0] + fields[1] + fields[2] + fields[5] + fields[6])
+    }
+
+    /// CPU-seconds of busy time since `self` (`/proc/stat` counts in USER_HZ, 100 on
+    /// Linux).
+    pub fn since(self) -> f64 {
+        (CpuBusy::now().0 - self.0) as f64 / 100.0
     }
 }

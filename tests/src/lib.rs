@@ -43,7 +43,9 @@ mod token_server;
 mod tree;
 mod vm;
 
-pub use bench::{decode_limit, limit_loop, median, python_images, LIMIT_CHUNK};
+pub use bench::{
+    decode_limit, limit_loop, median, python_images, CpuBusy, PerfRecord, LIMIT_CHUNK,
+};
 pub use bins::{bin, require_root_tools, upstream_bin, UPSTREAM_BIN_DEFAULT};
 pub use compare::{
     assert_same_tree, compare_trees, compare_trees_with, differences, sha256_file, CompareOptions,
