@@ -65,6 +65,8 @@ struct State {
     /// Requests being served now, and the most at once.
     serving: AtomicUsize,
     most_serving: AtomicUsize,
+    /// Every request head seen, lowercased.
+    heads: Mutex<Vec<String>>,
 }
 
 /// A running fault-injecting proxy; stopped when dropped.
@@ -101,6 +103,7 @@ impl FaultProxy {
             relayed: AtomicU64::new(0),
             serving: AtomicUsize::new(0),
             most_serving: AtomicUsize::new(0),
+            heads: Mutex::new(Vec::new()),
         });
         let stop = Arc::new(AtomicBool::new(false));
         let accept = {
@@ -175,6 +178,20 @@ impl FaultProxy {
     /// Requests seen so far (faulted or forwarded).
     pub fn requests(&self) -> usize {
         self.state.requests.load(Ordering::SeqCst)
+    }
+
+    /// The heads of the requests seen so far whose path contains `path_contains`,
+    /// lowercased: what clients sent the registry.
+    pub fn heads(&self, path_contains: &str) -> Vec<String> {
+        let needle = path_contains.to_lowercase();
+        self.state
+            .heads
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|h| h.lines().next().is_some_and(|l| l.contains(&needle)))
+            .cloned()
+            .collect()
     }
 
     /// Requests faulted so far.
@@ -297,6 +314,11 @@ fn serve(mut client: TcpStream, state: &State) -> io::Result<()> {
         return Ok(());
     };
     let number = state.requests.fetch_add(1, Ordering::SeqCst);
+    state
+        .heads
+        .lock()
+        .unwrap()
+        .push(String::from_utf8_lossy(&head).to_lowercase());
     let _serving = Serving::new(state);
     let path = String::from_utf8_lossy(&head)
         .split_whitespace()

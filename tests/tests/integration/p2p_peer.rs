@@ -1430,3 +1430,89 @@ fn a_proxy_with_basic_auth_serves_only_clients_with_its_credentials() {
         "the origin was sent: {sent}"
     );
 }
+
+/// With `basicAuth` and no seed, the peer itself goes to the origin for a read through
+/// the swarm: the proxy's credentials sent dfdaemon's way (`Authorization: Basic`) stay
+/// with the proxy, while a client's own `Authorization` (its registry token) goes on
+/// to the origin with the peer's requests, next to the client's other headers.
+#[test]
+fn a_peer_going_to_the_origin_itself_keeps_the_proxys_credentials_and_sends_the_clients_own() {
+    let _swarm = require();
+    let t = tempfile::tempdir().unwrap();
+    let (origin, urls) = Origin::start(t.path(), &[(4 << 20, 81), (4 << 20, 82)]);
+    let sched = Scheduler::start(t.path(), "scheduler", "");
+    let list = [sched.addr.clone()];
+    let auth = "    basicAuth:\n      username: node\n      password: s3cret\n";
+    let peer = OurPeer::start_with_proxy(t.path(), "peer", &list, false, auth);
+    wait_for_hosts(&sched, 1);
+    let proxy = peer.proxy();
+    let cases = [
+        (
+            "the proxy's credentials dfdaemon's way",
+            &urls[0],
+            vec![
+                "-H",
+                "Authorization: Basic bm9kZTpzM2NyZXQ=",
+                "-H",
+                "X-Probe: a",
+            ],
+        ),
+        (
+            "a client's own token",
+            &urls[1],
+            vec![
+                "--proxy-user",
+                "node:s3cret",
+                "-H",
+                "Authorization: Bearer origin-token",
+                "-H",
+                "X-Probe: b",
+            ],
+        ),
+    ];
+    for (what, url, args) in &cases {
+        let got = t.path().join("got");
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "--fail", "--max-time", "60", "-D", "-", "-x", &proxy])
+            .args(args)
+            .arg("-o")
+            .arg(&got)
+            .arg(url.as_str())
+            .output()
+            .unwrap();
+        let head = String::from_utf8_lossy(&out.stdout).to_lowercase();
+        assert!(
+            out.status.success() && head.contains("x-dragonfly-task-id"),
+            "{what}: not served through the swarm: {head}{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            peer.log()
+        );
+        let hex = url.rsplit(':').next().unwrap();
+        assert_copy(&got, hex, what);
+    }
+    let m = peer.metrics();
+    assert!(
+        metric_value(&m, "peer_origin_bytes_total") >= (8 << 20) as f64,
+        "the peer did not go to the origin itself:\n{m}"
+    );
+    let hex = |u: &str| u.rsplit(':').next().unwrap().to_string();
+    let (a, b) = (
+        origin.proxy.heads(&hex(&urls[0])),
+        origin.proxy.heads(&hex(&urls[1])),
+    );
+    assert!(
+        !a.is_empty() && a.iter().all(|h| h.contains("x-probe: a")),
+        "the client's headers did not reach the origin: {a:?}"
+    );
+    assert!(
+        a.iter().all(|h| !h.contains("authorization")),
+        "the proxy's credentials reached the origin: {a:?}"
+    );
+    assert!(
+        !b.is_empty()
+            && b.iter().all(|h| h.contains("x-probe: b")
+                && h.contains("authorization: bearer origin-token")
+                && !h.contains("proxy-authorization")),
+        "the origin was not sent the client's own token alone: {b:?}"
+    );
+}
