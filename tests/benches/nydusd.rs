@@ -538,6 +538,8 @@ struct Cold {
     /// The machine's busy CPU-seconds during the cold read (everything: the registry,
     /// the kernel, the reader).
     cpu: f64,
+    /// The same during the read from the filled cache.
+    warm_cpu: f64,
 }
 
 /// One cold read of the whole image `repo` (bootstrap `image/image.boot`) through a
@@ -577,9 +579,9 @@ fn cold_read(
     // Read again from the filled cache, the page cache dropped: the floor of the FUSE
     // path on this machine, with no network, decompression or verification.
     drop_caches();
-    let t = Instant::now();
+    let (t, busy) = (Instant::now(), CpuBusy::now());
     assert_eq!(read_all(&d.mnt), read);
-    let warm_secs = t.elapsed().as_secs_f64();
+    let (warm_secs, warm_cpu) = (t.elapsed().as_secs_f64(), busy.since());
     drop(d);
     let _ = std::fs::remove_dir_all(dirs.0);
     let _ = std::fs::remove_dir_all(dirs.1);
@@ -590,6 +592,7 @@ fn cold_read(
         rss,
         warm_secs,
         cpu,
+        warm_cpu,
     }
 }
 
@@ -876,13 +879,22 @@ fn cold(base: &Path) {
         // (the registry, the kernel, a client's receive) and the decoder's, so two
         // cores doing nothing else could read no faster than this.
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as f64;
+        // A daemon must also hand the bytes over: what reading them again from its
+        // filled cache cost (the kernel reading the cache files, passed through, with
+        // disk reads) tightens the bound.
+        let limit = mib(limit_bytes) / limit_s;
         let bound = cores * mib(limit_bytes) / (wire_cpu + decode_cpu);
+        let with_fuse = cores * mib(limit_bytes) / (wire_cpu + decode_cpu + c.warm_cpu);
         println!(
-            "    cpu       {:>7.1} MiB/s  (the wire {wire_cpu:.1} CPU-s (registry and curl), decoding {decode_cpu:.1} CPU-s: their sum on {cores} cores) = {:.2}x the limit; ours took {:.1} CPU-s -> ours {:.2}x",
+            "    cpu       {:>7.1} MiB/s  (the wire {wire_cpu:.1} CPU-s (registry and curl), decoding {decode_cpu:.1} CPU-s: their sum on {cores} cores) = {:.2}x the limit; with the read again from its cache ({:.1} CPU-s): {:.1} MiB/s = {:.2}x; ours took {:.1} CPU-s -> ours {:.2}x of the first, {:.2}x of the second",
             bound,
-            bound / (mib(limit_bytes) / limit_s),
+            bound / limit,
+            c.warm_cpu,
+            with_fuse,
+            with_fuse / limit,
             c.cpu,
-            rate(c.secs) / bound
+            rate(c.secs) / bound,
+            rate(c.secs) / with_fuse,
         );
         if img.name == "model" && !quick {
             let (done, during) = cold_prefetch(&ours, &img.image, disk, link, reg_dir.path(), true);
