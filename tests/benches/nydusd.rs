@@ -22,9 +22,13 @@
 //! from memory on two threads; then the mixed image through 200 Mbit/s against curl
 //! (`RAFS_BENCH_SHAPED=0` skips that). Each daemon's peak RSS during its read is printed.
 //! The page cache is dropped and the registry's blobs read back into it before each read.
+//! The `cpu` row is what the registry and curl cost the machine in CPU for the blobs,
+//! and the limit's decoding likewise (less the background's), and the rate two cores
+//! doing only those two could read at, against ours.
 //! `RAFS_BENCH_COLD=mixed|model` reads that image only; `RAFS_BENCH_QUICK=1` skips the
-//! tmpfs, prefetch and upstream rows; `RAFS_BENCH_PERF=<file>` records a system-wide
-//! `perf` profile of our daemon's cold read.
+//! tmpfs, prefetch and upstream rows; `RAFS_BENCH_CONFIG=',"key":value'` is added to
+//! our daemon's config; `RAFS_BENCH_PERF=<file>` records a system-wide `perf` profile of
+//! each cold read of ours to `<file>.<image>` (`.shaped`, `.model-tmpfs`), which slows it.
 //!
 //! Ours runs with digest validation on (its default); upstream 2.2 cannot validate RAFS v6
 //! and runs with it off. `RAFS_BENCH_DIR` (default `/var/tmp/rafs-bench`) holds the
@@ -536,10 +540,8 @@ struct Cold {
     /// Seconds of the same read again from the filled cache, the page cache dropped.
     warm_secs: f64,
     /// The machine's busy CPU-seconds during the cold read (everything: the registry,
-    /// the kernel, the reader).
+    /// the kernel, the reader), less the background's.
     cpu: f64,
-    /// The same during the read from the filled cache.
-    warm_cpu: f64,
 }
 
 /// One cold read of the whole image `repo` (bootstrap `image/image.boot`) through a
@@ -552,6 +554,7 @@ fn cold_read(
     dirs: (&Path, &Path),
     link: (&str, &str),
     reg_dir: &Path,
+    tag: &str,
 ) -> Cold {
     // `RAFS_BENCH_CONFIG=<json>`: added to our daemon's config (`,"key":value,...`).
     let extra = std::env::var("RAFS_BENCH_CONFIG")
@@ -563,10 +566,11 @@ fn cold_read(
     let perf = std::env::var("RAFS_BENCH_PERF")
         .ok()
         .filter(|_| !upstream)
-        .map(|out| PerfRecord::start(&out));
+        .map(|out| PerfRecord::start(&format!("{out}.{tag}")));
     let (t, busy) = (Instant::now(), CpuBusy::now());
     let read = read_all(&d.mnt);
-    let (secs, cpu) = (t.elapsed().as_secs_f64(), busy.since());
+    let secs = t.elapsed().as_secs_f64();
+    let cpu = busy.since() - background_cpu() * secs;
     drop(perf);
     let rss = rss.peak();
     let fetched = (!upstream).then(|| {
@@ -576,12 +580,12 @@ fn cold_read(
             m["read_count"].as_u64().unwrap_or(0),
         )
     });
-    // Read again from the filled cache, the page cache dropped: the floor of the FUSE
-    // path on this machine, with no network, decompression or verification.
+    // Read again from the filled cache, the page cache dropped (files wholly cached are
+    // passed through to the kernel): no network, decompression or verification.
     drop_caches();
-    let (t, busy) = (Instant::now(), CpuBusy::now());
+    let t = Instant::now();
     assert_eq!(read_all(&d.mnt), read);
-    let (warm_secs, warm_cpu) = (t.elapsed().as_secs_f64(), busy.since());
+    let warm_secs = t.elapsed().as_secs_f64();
     drop(d);
     let _ = std::fs::remove_dir_all(dirs.0);
     let _ = std::fs::remove_dir_all(dirs.1);
@@ -592,7 +596,6 @@ fn cold_read(
         rss,
         warm_secs,
         cpu,
-        warm_cpu,
     }
 }
 
@@ -773,20 +776,29 @@ fn cold(base: &Path) {
     require_root_tools(&["docker-registry", "curl", "ip", "tc"]);
     let ours = bin("nydusd");
     let upstream = upstream_nydusd();
-    let mixed_src = prepare_mixed(base);
-    let model_src = prepare_model(base);
+    // `RAFS_BENCH_COLD=mixed` or `=model`: that image only (the shaped read is the
+    // mixed image's); `RAFS_BENCH_QUICK=1`: ours and its limit and curl only.
+    let only = std::env::var("RAFS_BENCH_COLD").ok();
+    assert!(
+        only.as_deref().is_none_or(|o| o == "mixed" || o == "model"),
+        "RAFS_BENCH_COLD is mixed or model"
+    );
+    let wanted = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    let quick = std::env::var("RAFS_BENCH_QUICK").as_deref() == Ok("1");
+    let mut sources = Vec::new();
+    if wanted("mixed") {
+        sources.push(("mixed", prepare_mixed(base)));
+    }
+    if wanted("model") {
+        sources.push(("model", prepare_model(base)));
+    }
 
     // Guards in drop order: the daemons (inside cold_read), the registry, the namespace.
     let ns = NetNs::create("bench");
     let reg_dir = tempfile::tempdir_in(base).unwrap();
     let reg = Registry::start_in_netns(reg_dir.path(), &ns);
-    // `RAFS_BENCH_COLD=mixed` or `=model`: that image only (the shaped read is the
-    // mixed image's); `RAFS_BENCH_QUICK=1`: ours and its limit and curl only.
-    let only = std::env::var("RAFS_BENCH_COLD").ok();
-    let quick = std::env::var("RAFS_BENCH_QUICK").as_deref() == Ok("1");
-    let images: Vec<ColdImage> = [("mixed", &mixed_src), ("model", &model_src)]
-        .into_iter()
-        .filter(|(name, _)| only.as_deref().is_none_or(|o| o == *name))
+    let images: Vec<ColdImage> = sources
+        .iter()
         .map(|(name, src)| ColdImage::new(name, src, base.join(format!("nydusd-{name}-img")), &reg))
         .collect();
     let upstream = upstream.filter(|_| !quick);
@@ -805,7 +817,7 @@ fn cold(base: &Path) {
         let link = (reg.addr.as_str(), img.repo.as_str());
         ns.shape(200);
         let curl_s = cold_curl(&reg.addr, &img.repo, &img.blobs);
-        let c = cold_read(&ours, &img.image, disk, link, reg_dir.path());
+        let c = cold_read(&ours, &img.image, disk, link, reg_dir.path(), "shaped");
         assert_eq!(c.read, img.file_bytes, "bytes read through the mount");
         println!(
             "  {} through 200 Mbit/s: ours {:.1} MiB/s of blob vs curl {:.1} MiB/s -> {:.2}x curl",
@@ -820,20 +832,22 @@ fn cold(base: &Path) {
         let link = (reg.addr.as_str(), img.repo.as_str());
         let (limit_s, limit_bytes, decode_cpu) =
             decode_limit(&img.image.join("image.boot"), &img.image.join("blobs"), 2);
+        let decode_cpu = decode_cpu - background_cpu() * limit_s;
         drop_caches();
         warm_registry(reg_dir.path());
         let busy = CpuBusy::now();
         let curl_s = cold_curl(&reg.addr, &img.repo, &img.blobs);
-        let wire_cpu = busy.since();
-        let c = cold_read(&ours, &img.image, disk, link, reg_dir.path());
+        let wire_cpu = busy.since() - background_cpu() * curl_s;
+        let c = cold_read(&ours, &img.image, disk, link, reg_dir.path(), img.name);
         assert_eq!(c.read, img.file_bytes, "bytes read through the mount");
         let tmpfs = (img.name == "model" && !quick).then(|| {
-            let c = cold_read(&ours, &img.image, shm, link, reg_dir.path());
+            let tag = format!("{}-tmpfs", img.name);
+            let c = cold_read(&ours, &img.image, shm, link, reg_dir.path(), &tag);
             assert_eq!(c.read, img.file_bytes, "bytes read through the mount");
             c
         });
         let up = upstream.as_ref().map(|u| {
-            let c = cold_read(u, &img.image, disk, link, reg_dir.path());
+            let c = cold_read(u, &img.image, disk, link, reg_dir.path(), "");
             assert_eq!(
                 c.read, img.file_bytes,
                 "bytes read through upstream's mount"
@@ -877,24 +891,17 @@ fn cold(base: &Path) {
         );
         // The registry shares the two cores: a cold read costs at least the wire's CPU
         // (the registry, the kernel, a client's receive) and the decoder's, so two
-        // cores doing nothing else could read no faster than this.
+        // cores doing nothing else could read no faster than this (and a daemon must
+        // also hand the bytes over, which this leaves out).
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as f64;
-        // A daemon must also hand the bytes over: what reading them again from its
-        // filled cache cost (the kernel reading the cache files, passed through, with
-        // disk reads) tightens the bound.
         let limit = mib(limit_bytes) / limit_s;
         let bound = cores * mib(limit_bytes) / (wire_cpu + decode_cpu);
-        let with_fuse = cores * mib(limit_bytes) / (wire_cpu + decode_cpu + c.warm_cpu);
         println!(
-            "    cpu       {:>7.1} MiB/s  (the wire {wire_cpu:.1} CPU-s (registry and curl), decoding {decode_cpu:.1} CPU-s: their sum on {cores} cores) = {:.2}x the limit; with the read again from its cache ({:.1} CPU-s): {:.1} MiB/s = {:.2}x; ours took {:.1} CPU-s -> ours {:.2}x of the first, {:.2}x of the second",
+            "    cpu       {:>7.1} MiB/s  (the wire {wire_cpu:.1} CPU-s (registry and curl), decoding {decode_cpu:.1} CPU-s: their sum on {cores} cores) = {:.2}x the limit; the machine was busy {:.1} CPU-s during ours' read -> ours {:.2}x",
             bound,
             bound / limit,
-            c.warm_cpu,
-            with_fuse,
-            with_fuse / limit,
             c.cpu,
             rate(c.secs) / bound,
-            rate(c.secs) / with_fuse,
         );
         if img.name == "model" && !quick {
             let (done, during) = cold_prefetch(&ours, &img.image, disk, link, reg_dir.path(), true);
@@ -914,6 +921,7 @@ fn cold(base: &Path) {
                 u.rss,
                 u.secs / c.secs
             ),
+            None if quick => {}
             None => println!("    upstream  not installed (run tests/run.sh)"),
         }
     }

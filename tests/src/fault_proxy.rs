@@ -16,6 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
+/// Request heads kept for [`FaultProxy::heads`].
+pub const MAX_HEADS: usize = 4096;
+
 /// What the proxy does to a request it faults.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
@@ -65,8 +68,8 @@ struct State {
     /// Requests being served now, and the most at once.
     serving: AtomicUsize,
     most_serving: AtomicUsize,
-    /// Every request head seen, lowercased.
-    heads: Mutex<Vec<String>>,
+    /// The last [`MAX_HEADS`] request heads seen, lowercased, as clients sent them.
+    heads: Mutex<std::collections::VecDeque<String>>,
 }
 
 /// A running fault-injecting proxy; stopped when dropped.
@@ -103,7 +106,7 @@ impl FaultProxy {
             relayed: AtomicU64::new(0),
             serving: AtomicUsize::new(0),
             most_serving: AtomicUsize::new(0),
-            heads: Mutex::new(Vec::new()),
+            heads: Mutex::new(std::collections::VecDeque::new()),
         });
         let stop = Arc::new(AtomicBool::new(false));
         let accept = {
@@ -180,8 +183,9 @@ impl FaultProxy {
         self.state.requests.load(Ordering::SeqCst)
     }
 
-    /// The heads of the requests seen so far whose path contains `path_contains`,
-    /// lowercased: what clients sent the registry.
+    /// The heads of the last [`MAX_HEADS`] requests seen whose request line (method,
+    /// path, version) contains `path_contains`, lowercased, as the clients sent them
+    /// (before `Connection: close` replaced their own `Connection`).
     pub fn heads(&self, path_contains: &str) -> Vec<String> {
         let needle = path_contains.to_lowercase();
         self.state
@@ -314,11 +318,13 @@ fn serve(mut client: TcpStream, state: &State) -> io::Result<()> {
         return Ok(());
     };
     let number = state.requests.fetch_add(1, Ordering::SeqCst);
-    state
-        .heads
-        .lock()
-        .unwrap()
-        .push(String::from_utf8_lossy(&head).to_lowercase());
+    {
+        let mut heads = state.heads.lock().unwrap();
+        if heads.len() == MAX_HEADS {
+            heads.pop_front();
+        }
+        heads.push_back(String::from_utf8_lossy(&head).to_lowercase());
+    }
     let _serving = Serving::new(state);
     let path = String::from_utf8_lossy(&head)
         .split_whitespace()

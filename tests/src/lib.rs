@@ -44,7 +44,8 @@ mod tree;
 mod vm;
 
 pub use bench::{
-    decode_limit, limit_loop, median, python_images, CpuBusy, PerfRecord, LIMIT_CHUNK,
+    background_cpu, decode_limit, limit_loop, median, python_images, CpuBusy, PerfRecord,
+    LIMIT_CHUNK,
 };
 pub use bins::{bin, require_root_tools, upstream_bin, UPSTREAM_BIN_DEFAULT};
 pub use compare::{

@@ -1381,11 +1381,15 @@ fn pick(
 
 /// `d` as registered with the scheduler: no credentials, cookies or hop-by-hop headers
 /// (a seed fetches with its own; nothing of a client's reaches another peer), no range
-/// (the task is the whole blob), and the length when known.
+/// (the task is the whole blob) or conditionals (a seed must fetch it whatever the
+/// client had), and the length when known.
 fn registered(d: &Download, content_length: Option<u64>) -> Download {
     let mut d = d.clone();
-    d.request_header
-        .retain(|k, _| !super::private_header(k) && !k.eq_ignore_ascii_case("range"));
+    d.request_header.retain(|k, _| {
+        !super::private_header(k)
+            && !k.eq_ignore_ascii_case("range")
+            && !k.to_ascii_lowercase().starts_with("if-")
+    });
     d.range = None;
     d.output_path = None;
     if let Some(n) = content_length {

@@ -213,6 +213,18 @@ pub struct Running {
 
 type TaskSender = watch::Sender<Option<Arc<TaskData>>>;
 
+/// Whether a client's header `name` goes with a task's requests to the origin: not its
+/// range (a piece has its own), host, `X-Dragonfly-*` (for this proxy), nor a
+/// conditional (`If-*`: a piece request must bring the piece, never `304 Not
+/// Modified` or `412`).
+fn for_the_origin(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    !(lower == "range"
+        || lower == "host"
+        || lower.starts_with("x-dragonfly-")
+        || lower.starts_with("if-"))
+}
+
 /// Whether request header `name` is a client's own: its credentials (for the origin, or
 /// for this proxy), cookies, or a hop-by-hop header. Such headers never go to the
 /// scheduler, so they never reach another peer.
@@ -510,7 +522,7 @@ impl PeerInner {
             let hop = private_header(k)
                 && !k.eq_ignore_ascii_case("authorization")
                 && !k.eq_ignore_ascii_case("cookie");
-            if hop || k.eq_ignore_ascii_case("range") || k.eq_ignore_ascii_case("host") {
+            if hop || !for_the_origin(k) {
                 continue;
             }
             req = req.header(k, v);

@@ -1434,12 +1434,18 @@ fn a_proxy_with_basic_auth_serves_only_clients_with_its_credentials() {
 /// With `basicAuth` and no seed, the peer itself goes to the origin for a read through
 /// the swarm: the proxy's credentials sent dfdaemon's way (`Authorization: Basic`) stay
 /// with the proxy, while a client's own `Authorization` (its registry token) goes on
-/// to the origin with the peer's requests, next to the client's other headers.
+/// to the origin with the peer's requests, next to the client's other headers. A
+/// client's conditional (`If-None-Match` with the blob's ETag, which docker-registry
+/// would answer `304`) does not go with the pieces' requests: the blob comes whole.
 #[test]
 fn a_peer_going_to_the_origin_itself_keeps_the_proxys_credentials_and_sends_the_clients_own() {
     let _swarm = require();
     let t = tempfile::tempdir().unwrap();
-    let (origin, urls) = Origin::start(t.path(), &[(4 << 20, 81), (4 << 20, 82)]);
+    let (origin, urls) = Origin::start(t.path(), &[(4 << 20, 81), (4 << 20, 82), (4 << 20, 83)]);
+    let etag = format!(
+        "If-None-Match: \"sha256:{}\"",
+        urls[2].rsplit(':').next().unwrap()
+    );
     let sched = Scheduler::start(t.path(), "scheduler", "");
     let list = [sched.addr.clone()];
     let auth = "    basicAuth:\n      username: node\n      password: s3cret\n";
@@ -1469,6 +1475,18 @@ fn a_peer_going_to_the_origin_itself_keeps_the_proxys_credentials_and_sends_the_
                 "X-Probe: b",
             ],
         ),
+        (
+            "a client's conditional",
+            &urls[2],
+            vec![
+                "--proxy-user",
+                "node:s3cret",
+                "-H",
+                &etag,
+                "-H",
+                "X-Probe: c",
+            ],
+        ),
     ];
     for (what, url, args) in &cases {
         let got = t.path().join("got");
@@ -1492,7 +1510,7 @@ fn a_peer_going_to_the_origin_itself_keeps_the_proxys_credentials_and_sends_the_
     }
     let m = peer.metrics();
     assert!(
-        metric_value(&m, "peer_origin_bytes_total") >= (8 << 20) as f64,
+        metric_value(&m, "peer_origin_bytes_total") >= (12 << 20) as f64,
         "the peer did not go to the origin itself:\n{m}"
     );
     let hex = |u: &str| u.rsplit(':').next().unwrap().to_string();
@@ -1514,5 +1532,12 @@ fn a_peer_going_to_the_origin_itself_keeps_the_proxys_credentials_and_sends_the_
                 && h.contains("authorization: bearer origin-token")
                 && !h.contains("proxy-authorization")),
         "the origin was not sent the client's own token alone: {b:?}"
+    );
+    let c = origin.proxy.heads(&hex(&urls[2]));
+    assert!(
+        !c.is_empty()
+            && c.iter()
+                .all(|h| h.contains("x-probe: c") && !h.contains("if-")),
+        "a conditional went to the origin with the pieces' requests: {c:?}"
     );
 }
