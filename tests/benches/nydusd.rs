@@ -556,12 +556,7 @@ fn cold_read(
     reg_dir: &Path,
     tag: &str,
 ) -> Cold {
-    // `RAFS_BENCH_CONFIG=<json>`: added to our daemon's config (`,"key":value,...`).
-    let extra = std::env::var("RAFS_BENCH_CONFIG")
-        .ok()
-        .filter(|_| Some(daemon.to_path_buf()) != upstream_nydusd())
-        .unwrap_or_default();
-    let (d, sock, upstream) = start_cold(daemon, image, dirs, link, reg_dir, &extra);
+    let (d, sock, upstream) = start_cold(daemon, image, dirs, link, reg_dir, "");
     let rss = RssSampler::start(d.pid());
     let perf = std::env::var("RAFS_BENCH_PERF")
         .ok()
@@ -600,7 +595,7 @@ fn cold_read(
 }
 
 /// Starts `daemon` on `image` with the registry backend at `host`/`repo` and its cache in
-/// `cache` (both dirs emptied first), `extra` added to its config, after dropping the
+/// `cache` (both dirs emptied first), `extra` (and for ours `RAFS_BENCH_CONFIG`) added to its config, after dropping the
 /// page cache and reading the registry's blobs back into it. Returns the daemon, its API
 /// socket and whether it is upstream's.
 fn start_cold(
@@ -616,6 +611,11 @@ fn start_cold(
     std::fs::create_dir_all(work).unwrap();
     std::fs::create_dir_all(cache).unwrap();
     let upstream = Some(daemon.to_path_buf()) == upstream_nydusd();
+    // `RAFS_BENCH_CONFIG=<json>`: added to our daemon's config (`,"key":value,...`).
+    let extra = match std::env::var("RAFS_BENCH_CONFIG") {
+        Ok(more) if !upstream => format!("{extra}{more}"),
+        _ => extra.to_string(),
+    };
     let cfg = work.join("registry.json");
     std::fs::write(
         &cfg,

@@ -1385,11 +1385,8 @@ fn pick(
 /// client had), and the length when known.
 fn registered(d: &Download, content_length: Option<u64>) -> Download {
     let mut d = d.clone();
-    d.request_header.retain(|k, _| {
-        !super::private_header(k)
-            && !k.eq_ignore_ascii_case("range")
-            && !k.to_ascii_lowercase().starts_with("if-")
-    });
+    d.request_header
+        .retain(|k, _| !super::private_header(k) && !super::of_one_request(k));
     d.range = None;
     d.output_path = None;
     if let Some(n) = content_length {

@@ -213,16 +213,23 @@ pub struct Running {
 
 type TaskSender = watch::Sender<Option<Arc<TaskData>>>;
 
-/// Whether a client's header `name` goes with a task's requests to the origin: not its
-/// range (a piece has its own), host, `X-Dragonfly-*` (for this proxy), nor a
-/// conditional (`If-*`: a piece request must bring the piece, never `304 Not
-/// Modified` or `412`).
-fn for_the_origin(name: &str) -> bool {
+/// Whether a client's header `name` may go on to the origin: not a hop-by-hop header
+/// or this proxy's (`Proxy-Authorization`; see [`private_header`]), `Host` (the URL
+/// says where) or `X-Dragonfly-*` (for this proxy). Its own `Authorization` and
+/// `Cookie` do.
+pub(crate) fn for_the_origin(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
-    !(lower == "range"
-        || lower == "host"
-        || lower.starts_with("x-dragonfly-")
-        || lower.starts_with("if-"))
+    let hop = private_header(&lower) && lower != "authorization" && lower != "cookie";
+    !(hop || lower == "host" || lower.starts_with("x-dragonfly-"))
+}
+
+/// Whether a client's header `name` is about its one request, not the task: its range
+/// (a piece has its own) or a conditional (`If-*`: a piece must come whole, never as
+/// `304 Not Modified` or `412`). Such headers are neither registered with the scheduler
+/// nor sent with a task's requests to the origin.
+pub(crate) fn of_one_request(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    lower == "range" || lower.starts_with("if-")
 }
 
 /// Whether request header `name` is a client's own: its credentials (for the origin, or
@@ -518,11 +525,7 @@ impl PeerInner {
     fn origin_request(&self, d: &Download, range: &str) -> reqwest::RequestBuilder {
         let mut req = self.http.get(&d.url).header("Range", range);
         for (k, v) in &d.request_header {
-            // Its own credentials are for the origin; those for this proxy are not.
-            let hop = private_header(k)
-                && !k.eq_ignore_ascii_case("authorization")
-                && !k.eq_ignore_ascii_case("cookie");
-            if hop || !for_the_origin(k) {
+            if !for_the_origin(k) || of_one_request(k) {
                 continue;
             }
             req = req.header(k, v);

@@ -378,11 +378,7 @@ async fn to_origin(peer: &PeerInner, url: &str, req: &Request<Incoming>) -> Resp
     for (k, v) in req.headers() {
         // The client's own credentials go on; this proxy's (dfdaemon's way) do not.
         let ours = k == hyper::header::AUTHORIZATION && proxys_credentials(peer, v);
-        let proxy_only = ours
-            || super::private_header(k.as_str())
-                && k != hyper::header::AUTHORIZATION
-                && k != hyper::header::COOKIE;
-        if proxy_only || k == hyper::header::HOST || k.as_str().starts_with("x-dragonfly-") {
+        if ours || !super::for_the_origin(k.as_str()) {
             continue;
         }
         out = out.header(k.as_str(), v.as_bytes());

@@ -1220,6 +1220,29 @@ fn a_parent_that_claims_pieces_it_lacks_is_left_for_the_origin() {
     );
 }
 
+/// Fetches `url` into `to` through `peer`'s proxy (curl's `extra` arguments added) and
+/// checks it was served through the swarm (`X-Dragonfly-Task-Id`) and its SHA-256 is
+/// `hex`.
+fn fetch_through_swarm(peer: &OurPeer, extra: &[&str], url: &str, to: &std::path::Path, hex: &str) {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--fail", "--max-time", "60", "-D", "-", "-x"])
+        .arg(peer.proxy())
+        .args(extra)
+        .arg("-o")
+        .arg(to)
+        .arg(url)
+        .output()
+        .unwrap();
+    let head = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(
+        out.status.success() && head.contains("x-dragonfly-task-id"),
+        "{extra:?}: not served through the swarm: {head}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        peer.log()
+    );
+    assert_copy(to, hex, &format!("through the swarm with {extra:?}"));
+}
+
 /// Fetches `url` into `to` through a `CONNECT` tunnel of the proxy at `proxy` (curl's
 /// `extra` arguments added) and checks its SHA-256 is `hex`.
 fn fetch_tunneled(proxy: &str, extra: &[&str], url: &str, to: &std::path::Path, hex: &str) {
@@ -1369,24 +1392,9 @@ fn a_proxy_with_basic_auth_serves_only_clients_with_its_credentials() {
     assert!(ok && head.starts_with("http/1.1 200"), "/healthy: {head}");
 
     // With the credentials: through the swarm, right bytes.
-    let got = t.path().join("got");
-    let out = std::process::Command::new("curl")
-        .args(["-sS", "--fail", "--max-time", "60", "-D", "-", "-x"])
-        .args([&proxy, "--proxy-user", "node:s3cret", "-o"])
-        .arg(&got)
-        .arg(&url)
-        .output()
-        .unwrap();
-    let head = String::from_utf8_lossy(&out.stdout).to_lowercase();
-    assert!(
-        out.status.success() && head.contains("x-dragonfly-task-id"),
-        "with credentials: {head}{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        peer.log()
-    );
-    assert_copy(&got, &origin.hex, "with credentials");
-    let tunneled = t.path().join("tunneled");
     let creds = ["--proxy-user", "node:s3cret"];
+    fetch_through_swarm(&peer, &creds, &url, &t.path().join("got"), &origin.hex);
+    let tunneled = t.path().join("tunneled");
     fetch_tunneled(&proxy, &creds, &url, &tunneled, &origin.hex);
 
     // To the origin: the proxy's credentials stay here, the client's own go on.
@@ -1442,82 +1450,50 @@ fn a_peer_going_to_the_origin_itself_keeps_the_proxys_credentials_and_sends_the_
     let _swarm = require();
     let t = tempfile::tempdir().unwrap();
     let (origin, urls) = Origin::start(t.path(), &[(4 << 20, 81), (4 << 20, 82), (4 << 20, 83)]);
-    let etag = format!(
-        "If-None-Match: \"sha256:{}\"",
-        urls[2].rsplit(':').next().unwrap()
-    );
+    let hexes: Vec<&str> = urls.iter().map(|u| u.rsplit(':').next().unwrap()).collect();
+    let etag = format!("If-None-Match: \"sha256:{}\"", hexes[2]);
     let sched = Scheduler::start(t.path(), "scheduler", "");
     let list = [sched.addr.clone()];
     let auth = "    basicAuth:\n      username: node\n      password: s3cret\n";
     let peer = OurPeer::start_with_proxy(t.path(), "peer", &list, false, auth);
     wait_for_hosts(&sched, 1);
-    let proxy = peer.proxy();
     let cases = [
-        (
-            "the proxy's credentials dfdaemon's way",
-            &urls[0],
-            vec![
-                "-H",
-                "Authorization: Basic bm9kZTpzM2NyZXQ=",
-                "-H",
-                "X-Probe: a",
-            ],
-        ),
-        (
-            "a client's own token",
-            &urls[1],
-            vec![
-                "--proxy-user",
-                "node:s3cret",
-                "-H",
-                "Authorization: Bearer origin-token",
-                "-H",
-                "X-Probe: b",
-            ],
-        ),
-        (
-            "a client's conditional",
-            &urls[2],
-            vec![
-                "--proxy-user",
-                "node:s3cret",
-                "-H",
-                &etag,
-                "-H",
-                "X-Probe: c",
-            ],
-        ),
+        // The proxy's credentials dfdaemon's way.
+        vec![
+            "-H",
+            "Authorization: Basic bm9kZTpzM2NyZXQ=",
+            "-H",
+            "X-Probe: a",
+        ],
+        // A client's own token.
+        vec![
+            "--proxy-user",
+            "node:s3cret",
+            "-H",
+            "Authorization: Bearer origin-token",
+            "-H",
+            "X-Probe: b",
+        ],
+        // A client's conditional.
+        vec![
+            "--proxy-user",
+            "node:s3cret",
+            "-H",
+            &etag,
+            "-H",
+            "X-Probe: c",
+        ],
     ];
-    for (what, url, args) in &cases {
-        let got = t.path().join("got");
-        let out = std::process::Command::new("curl")
-            .args(["-sS", "--fail", "--max-time", "60", "-D", "-", "-x", &proxy])
-            .args(args)
-            .arg("-o")
-            .arg(&got)
-            .arg(url.as_str())
-            .output()
-            .unwrap();
-        let head = String::from_utf8_lossy(&out.stdout).to_lowercase();
-        assert!(
-            out.status.success() && head.contains("x-dragonfly-task-id"),
-            "{what}: not served through the swarm: {head}{}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            peer.log()
-        );
-        let hex = url.rsplit(':').next().unwrap();
-        assert_copy(&got, hex, what);
+    // The client's headers, for each blob in turn.
+    for (i, args) in cases.iter().enumerate() {
+        fetch_through_swarm(&peer, args, &urls[i], &t.path().join("got"), hexes[i]);
     }
     let m = peer.metrics();
     assert!(
         metric_value(&m, "peer_origin_bytes_total") >= (12 << 20) as f64,
         "the peer did not go to the origin itself:\n{m}"
     );
-    let hex = |u: &str| u.rsplit(':').next().unwrap().to_string();
-    let (a, b) = (
-        origin.proxy.heads(&hex(&urls[0])),
-        origin.proxy.heads(&hex(&urls[1])),
-    );
+    let (a, b) = (origin.proxy.heads(hexes[0]), origin.proxy.heads(hexes[1]));
     assert!(
         !a.is_empty() && a.iter().all(|h| h.contains("x-probe: a")),
         "the client's headers did not reach the origin: {a:?}"
@@ -1533,7 +1509,7 @@ fn a_peer_going_to_the_origin_itself_keeps_the_proxys_credentials_and_sends_the_
                 && !h.contains("proxy-authorization")),
         "the origin was not sent the client's own token alone: {b:?}"
     );
-    let c = origin.proxy.heads(&hex(&urls[2]));
+    let c = origin.proxy.heads(hexes[2]);
     assert!(
         !c.is_empty()
             && c.iter()
